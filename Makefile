@@ -1,0 +1,30 @@
+# dlpipe's entry points. `make demo` and `make test` are the README's quick start; both set up
+# what they need first (scripts/setup is idempotent and quick once done).
+SHELL := /bin/bash
+CARGO ?= cargo
+# One build profile for the demo, the tests and the benchmarks, so nothing is compiled twice.
+PROFILE_FLAGS := --release
+
+.PHONY: setup build demo test lint bench services-stop clean-data
+
+setup:
+	scripts/setup
+
+build: setup
+	$(CARGO) build $(PROFILE_FLAGS) --workspace --bins
+
+demo: build
+	scripts/kafka start
+	$(CARGO) run $(PROFILE_FLAGS) --quiet --bin dlpipe -- predict --model efficientnet_lite0 --top-k 3 data/samples
+
+test: setup
+	scripts/kafka start
+	$(CARGO) test $(PROFILE_FLAGS) --workspace -- --show-output
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy $(PROFILE_FLAGS) --workspace --all-targets -- -D warnings
+
+services-stop:
+	scripts/kafka stop
+	scripts/prometheus stop

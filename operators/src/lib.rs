@@ -1,0 +1,1 @@
+//! Timely dataflow operators of dlpipe.

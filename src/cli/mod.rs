@@ -1,0 +1,75 @@
+//! Subcommands, one file each, and what they share: configuration, logging, model loading.
+
+mod predict;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use dlpipe::config::Config;
+use dlpipe::model::{parse_device, resolve, Featurizer};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "dlpipe",
+    version,
+    about = "Deep learning on streams of images: Kafka → timely → TorchScript CNN → online logistic regression → Kafka"
+)]
+pub struct Cli {
+    /// Configuration file (TOML; see configs/local.toml for every key and its default).
+    #[arg(short = 'c', long, global = true, env = "DLPIPE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// More logging (-v debug, -vv trace). DLPIPE_LOG takes a full tracing filter.
+    #[arg(short = 'v', long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Name what is in images with a pretrained model's own classes (ImageNet top-k).
+    Predict(predict::PredictArgs),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = match &cli.config {
+        Some(path) => Config::load(path)?,
+        None => Config::from_env(),
+    };
+    match cli.command {
+        Command::Predict(args) => predict::run(&config, args),
+    }
+}
+
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DLPIPE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},rdkafka=warn")));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+/// Loads the model named on the command line (or in the config) onto a device.
+pub fn load_featurizer(config: &Config, model: Option<&str>, device: Option<&str>) -> anyhow::Result<Featurizer> {
+    if config.model.intra_op_threads > 0 {
+        tch::set_num_threads(config.model.intra_op_threads as i32);
+    }
+    let name = model.unwrap_or(&config.model.name);
+    let manifest = resolve(name, &config.model.dir)?;
+    let device_name = device.unwrap_or(&config.model.devices[0]);
+    let device = parse_device(device_name)?;
+    let started = Instant::now();
+    let featurizer =
+        Featurizer::load(&manifest, device).with_context(|| format!("loading model {name} on {device_name}"))?;
+    tracing::info!(
+        model = %featurizer.manifest().name,
+        device = device_name,
+        seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
+        "model loaded"
+    );
+    Ok(featurizer)
+}

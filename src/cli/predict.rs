@@ -1,0 +1,146 @@
+//! `dlpipe predict`: the pretrained model's own classes for each image, top-k with names.
+
+use super::load_featurizer;
+use dlpipe::batch::{run_files, FileOutcome};
+use dlpipe::config::Config;
+use dlpipe::image::list_images;
+use dlpipe::model::{top_k, OutputKind, WeightsSource};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct PredictArgs {
+    /// Model name (models/NAME.json) or manifest path [default: model.name of the config].
+    #[arg(long)]
+    model: Option<String>,
+    /// How many classes to show per image.
+    #[arg(long, default_value_t = 5)]
+    top_k: usize,
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Device: cpu, cuda, cuda:N [default: first of model.devices].
+    #[arg(long)]
+    device: Option<String>,
+    /// Images per forward pass [default: model.batch_size].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Image files, or folders to search for images.
+    #[arg(required = true, value_name = "IMAGES|DIR")]
+    inputs: Vec<PathBuf>,
+}
+
+#[derive(serde::Serialize)]
+struct JsonLine<'a> {
+    path: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_k: Option<Vec<dlpipe::model::ClassProbability>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_kind: Option<&'static str>,
+}
+
+pub fn run(config: &Config, args: PredictArgs) -> anyhow::Result<()> {
+    let paths = list_images(&args.inputs)?;
+    if paths.is_empty() {
+        anyhow::bail!(
+            "no images found in {:?} (looked for {})",
+            args.inputs,
+            dlpipe::image::IMAGE_EXTENSIONS.join(", ")
+        );
+    }
+    let featurizer = load_featurizer(config, args.model.as_deref(), args.device.as_deref())?;
+    let manifest = featurizer.manifest().clone();
+    if !manifest.has(OutputKind::Logits) {
+        anyhow::bail!(
+            "model {} outputs only features, no class logits; predict with a trained classifier instead",
+            manifest.name
+        );
+    }
+    if manifest.weights.source == WeightsSource::Untrained {
+        eprintln!("WARNING: model {} has UNTRAINED weights; these predictions are meaningless", manifest.name);
+    }
+    let progress = ProgressBar::new(paths.len() as u64).with_style(
+        ProgressStyle::with_template("{spinner} {pos}/{len} images [{elapsed_precise}] {per_sec}")
+            .expect("valid template"),
+    );
+    if paths.len() < 64 {
+        progress.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let started = Instant::now();
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut failed = 0usize;
+    let mut write_result: std::io::Result<()> = Ok(());
+    run_files(
+        &featurizer,
+        &config.image,
+        &paths,
+        args.batch_size.unwrap_or(config.model.batch_size),
+        |_, path, outcome| {
+            progress.inc(1);
+            let shown = path.display().to_string();
+            let line = match outcome {
+                FileOutcome::Done { outputs, row } => {
+                    let classes = top_k(
+                        outputs.logits_row(row).expect("logits checked above"),
+                        args.top_k,
+                        &manifest.class_names,
+                    );
+                    if args.json {
+                        serde_json::to_string(&JsonLine {
+                            path: &shown,
+                            top_k: Some(classes),
+                            error: None,
+                            error_kind: None,
+                        })
+                        .expect("serialisable")
+                    } else {
+                        let mut text = shown.clone();
+                        for c in classes {
+                            let name = c.name.as_deref().unwrap_or("");
+                            text.push_str(&format!("\n  {:>6.2}%  {name} [{}]", c.probability * 100.0, c.class));
+                        }
+                        text
+                    }
+                }
+                FileOutcome::Failed(error) => {
+                    failed += 1;
+                    if args.json {
+                        serde_json::to_string(&JsonLine {
+                            path: &shown,
+                            top_k: None,
+                            error: Some(error.to_string()),
+                            error_kind: Some(error.kind()),
+                        })
+                        .expect("serialisable")
+                    } else {
+                        progress.suspend(|| eprintln!("error: {error}"));
+                        return;
+                    }
+                }
+            };
+            if write_result.is_ok() {
+                write_result = progress.suspend(|| writeln!(out, "{line}"));
+            }
+        },
+    )?;
+    out.flush()?;
+    write_result?;
+    progress.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+    let done = paths.len() - failed;
+    tracing::info!(
+        "predicted {done} image(s) in {seconds:.2} s ({:.1} images/s) with {}{}",
+        done as f64 / seconds,
+        manifest.name,
+        if failed > 0 { format!("; {failed} failed") } else { String::new() }
+    );
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} input(s) could not be processed (see the errors above)", paths.len());
+    }
+    Ok(())
+}

@@ -1,0 +1,22 @@
+//! dlpipe: deep learning on streams of images.
+//!
+//! Image records flow from Kafka through a timely dataflow that fetches and decodes them,
+//! featurizes them with a TorchScript CNN on each worker's device, classifies them with an online
+//! logistic regression that keeps learning from labelled records, and publishes predictions back
+//! to Kafka. The same featurizer and learner serve the batch commands (train, evaluate,
+//! predict over folders of images).
+//!
+//! The library is layered so that each part is testable on its own:
+//! - [`image`]: bytes → pixels (decode with limits, EXIF, resize, crop, normalise); pure.
+//! - [`model`]: TorchScript models and their manifests, on CPU or CUDA devices.
+//! - [`batch`]: a model over many files, decoding overlapped with inference.
+//! - [`kafka`]: client configuration and topic administration.
+//! - [`config`]: the TOML configuration.
+//!
+//! The timely operators live in the `dlpipe-operators` crate.
+
+pub mod batch;
+pub mod config;
+pub mod image;
+pub mod kafka;
+pub mod model;

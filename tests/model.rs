@@ -1,0 +1,178 @@
+//! The exported TorchScript models through tch on CPU: a forward pass, the manifest checks, and
+//! `dlpipe predict` naming the sample photos.
+
+mod common;
+
+use dlpipe::image::{read_file, ImageLimits};
+use dlpipe::model::{top_k, Featurizer, ModelError};
+use fast_image_resize::Resizer;
+use tch::Device;
+
+#[test]
+fn forward_pass_on_cpu_gives_features_and_logits() {
+    let featurizer = Featurizer::load(&common::model_manifest("efficientnet_lite0"), Device::Cpu).unwrap();
+    let pre = featurizer.preprocess();
+    let mut batch = vec![0f32; 2 * pre.tensor_len()];
+    for (i, name) in ["chelsea_cat.jpg", "coffee.jpg"].iter().enumerate() {
+        let image = read_file(&common::sample(name), &ImageLimits::default()).unwrap();
+        pre.run(&image, &mut Resizer::new(), &mut batch[i * pre.tensor_len()..(i + 1) * pre.tensor_len()]).unwrap();
+    }
+    let out = featurizer.forward(&batch, 2).unwrap();
+    let features = out.features.as_ref().unwrap();
+    assert_eq!(features.len(), 2 * 1280);
+    assert!(features.iter().all(|f| f.is_finite() && *f >= 0.0), "pooled ReLU6 features are finite and non-negative");
+    let names = &featurizer.manifest().class_names;
+    let cat = top_k(out.logits_row(0).unwrap(), 1, names);
+    let coffee = top_k(out.logits_row(1).unwrap(), 1, names);
+    assert!((281..=285).contains(&cat[0].class), "the cat photo is a cat: {cat:?}");
+    assert_eq!(coffee[0].class, 967, "the coffee photo is espresso: {coffee:?}");
+    println!(
+        "forward pass (tch {}, CPU): cat -> {:?} {:.3}, coffee -> {:?} {:.3}",
+        featurizer.manifest().torch_version.as_deref().unwrap_or("?"),
+        cat[0].name,
+        cat[0].probability,
+        coffee[0].name,
+        coffee[0].probability
+    );
+}
+
+#[test]
+fn a_manifest_that_disagrees_with_its_model_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = common::model_manifest("mobilenet_v2");
+    let mut manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&source).unwrap()).unwrap();
+    std::fs::copy(source.with_extension("pt"), dir.path().join("mobilenet_v2.pt")).unwrap();
+
+    // Wrong feature dimension: found by the warm-up forward pass.
+    manifest["feature_dim"] = 1024.into();
+    let path = dir.path().join("wrong_dim.json");
+    std::fs::write(&path, manifest.to_string()).unwrap();
+    let err = Featurizer::load(&path, Device::Cpu).unwrap_err();
+    assert!(matches!(err, ModelError::Mismatch { .. }), "{err:?}");
+    assert!(err.to_string().contains("[1, 1280]") && err.to_string().contains("[1, 1024]"), "{err}");
+
+    // Another model's hash: the file is not the one the manifest describes.
+    manifest["feature_dim"] = 1280.into();
+    manifest["sha256"] = "0".repeat(64).into();
+    std::fs::write(&path, manifest.to_string()).unwrap();
+    let err = Featurizer::load(&path, Device::Cpu).unwrap_err();
+    assert!(err.to_string().contains("sha256"), "{err}");
+
+    // A manifest naming a missing file.
+    manifest["file"] = "nowhere.pt".into();
+    std::fs::write(&path, manifest.to_string()).unwrap();
+    let err = Featurizer::load(&path, Device::Cpu).unwrap_err();
+    assert!(err.to_string().contains("nowhere.pt"), "{err}");
+}
+
+#[test]
+fn an_unknown_model_name_says_what_exists() {
+    let out = common::dlpipe(&["predict", "--model", "alexnet9000", "data/samples"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("alexnet9000") && stderr.contains("efficientnet_lite0") && stderr.contains("export_model.py"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_missing_cuda_device_is_a_clear_error() {
+    if tch::Cuda::device_count() > 0 {
+        return; // the machine has a GPU: cuda:99 is still absent, checked below
+    }
+    let err = dlpipe::model::parse_device("cuda:0").unwrap_err();
+    assert!(err.to_string().contains("0 CUDA device"), "{err}");
+    assert!(dlpipe::model::parse_device("tpu").is_err());
+}
+
+fn predict_json(model: &str, files: &[&str]) -> (std::process::Output, Vec<serde_json::Value>) {
+    let mut args = vec!["predict", "--model", model, "--json", "--top-k", "3"];
+    args.extend_from_slice(files);
+    let out = common::dlpipe(&args);
+    let lines = String::from_utf8(out.stdout.clone())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    (out, lines)
+}
+
+fn top1(line: &serde_json::Value) -> u64 {
+    line["top_k"][0]["class"].as_u64().unwrap()
+}
+
+#[test]
+fn predict_names_the_cat_and_the_espresso_with_both_pretrained_models() {
+    for model in ["efficientnet_lite0", "mobilenet_v2"] {
+        let (out, lines) = predict_json(model, &["data/samples/chelsea_cat.jpg", "data/samples/coffee.jpg"]);
+        assert!(out.status.success(), "{model}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(lines.len(), 2);
+        assert!((281..=285).contains(&top1(&lines[0])), "{model}: cat photo -> {}", lines[0]);
+        assert_eq!(top1(&lines[1]), 967, "{model}: coffee photo -> {}", lines[1]);
+        assert_eq!(lines[1]["top_k"][0]["name"], "espresso");
+        println!("dlpipe predict --model {model}: {} / {}", lines[0]["top_k"][0]["name"], lines[1]["top_k"][0]["name"]);
+    }
+}
+
+#[test]
+fn bad_images_get_clear_errors_and_the_good_ones_still_get_predictions() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    std::fs::write(p("empty.jpg"), b"").unwrap();
+    std::fs::write(p("text.jpg"), b"this is a text file, not a JPEG\n").unwrap();
+    let coffee = std::fs::read(common::sample("coffee.jpg")).unwrap();
+    std::fs::write(p("truncated.jpg"), &coffee[..coffee.len() / 3]).unwrap();
+    // A real PNG whose header claims 60000 x 60000 pixels (a decompression bomb's shape).
+    let mut png = Vec::new();
+    image::DynamicImage::new_rgb8(1, 1).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+    png[16..24].copy_from_slice(&[0, 0, 0xea, 0x60, 0, 0, 0xea, 0x60]);
+    let crc = crc32(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.to_be_bytes());
+    std::fs::write(p("huge.png"), &png).unwrap();
+    std::fs::copy(common::sample("chelsea_cat.jpg"), p("cat.jpg")).unwrap();
+
+    let files: Vec<String> = ["cat.jpg", "empty.jpg", "huge.png", "missing.jpg", "text.jpg", "truncated.jpg"]
+        .iter()
+        .map(|n| p(n).display().to_string())
+        .collect();
+    let refs: Vec<&str> = files.iter().map(String::as_str).collect();
+    let (out, lines) = predict_json("efficientnet_lite0", &refs);
+    assert!(!out.status.success(), "bad inputs make the command fail overall");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("5 of 6 input(s) could not be processed"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let by_file: std::collections::HashMap<String, &serde_json::Value> = lines
+        .iter()
+        .map(|l| {
+            (std::path::Path::new(l["path"].as_str().unwrap()).file_name().unwrap().to_string_lossy().into_owned(), l)
+        })
+        .collect();
+    assert!((281..=285).contains(&top1(by_file["cat.jpg"])), "the good image is still predicted");
+    for (file, kind, says) in [
+        ("empty.jpg", "empty", "0 bytes"),
+        ("huge.png", "too_large", "60000x60000"),
+        ("missing.jpg", "not_found", "missing.jpg"),
+        ("text.jpg", "unsupported_format", "\"this is "),
+        ("truncated.jpg", "undecodable", "truncated.jpg"),
+    ] {
+        let line = by_file[file];
+        assert_eq!(line["error_kind"], kind, "{file}: {line}");
+        let error = line["error"].as_str().unwrap();
+        assert!(
+            error.contains(file) && error.contains(says),
+            "{file}: the error names the input and the cause: {error}"
+        );
+    }
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}

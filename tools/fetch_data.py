@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Write the offline datasets dlpipe's demo, tests and benchmarks use (idempotent).
+
+    .venv/bin/python tools/fetch_data.py [--out data] [--fashion-mnist DIR]
+
+- data/samples/: photos shipped inside scikit-image and scikit-learn wheels (a cat, coffee, an
+  astronaut, a rocket, a palace, a daisy...), as JPEG files.
+- data/fashion-mnist/{train,test}/<class>/<index>.png: all 70,000 Fashion-MNIST images from the
+  Debian package dataset-fashion-mnist (IDX files under /usr/share/datasets/fashion-mnist), one
+  folder per class, so the batch trainer and `dlpipe produce --labels-from-dirs` read them as is.
+
+Each part is skipped when its `.complete` marker exists, so a second run does nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import struct
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+FASHION_CLASSES = [
+    "tshirt_top", "trouser", "pullover", "dress", "coat",
+    "sandal", "shirt", "sneaker", "bag", "ankle_boot",
+]
+
+
+def write_samples(out: Path) -> None:
+    marker = out / ".complete"
+    if marker.exists():
+        print(f"samples: {out} already written")
+        return
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    out.mkdir(parents=True, exist_ok=True)
+    photos = {
+        "chelsea_cat": skimage.data.chelsea(),
+        "coffee": skimage.data.coffee(),
+        "astronaut": skimage.data.astronaut(),
+        "rocket": skimage.data.rocket(),
+        "motorcycle": skimage.data.stereo_motorcycle()[0],
+    }
+    sk = load_sample_images()
+    for name, image in zip(sk.filenames, sk.images):
+        photos[Path(name).stem] = image  # china (a palace), flower (a daisy)
+    for name, pixels in photos.items():
+        Image.fromarray(np.asarray(pixels)).convert("RGB").save(out / f"{name}.jpg", quality=92)
+    marker.touch()
+    print(f"samples: wrote {len(photos)} photos to {out}")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    _, dtype, ndim = struct.unpack(">HBB", data[:4])
+    if dtype != 0x08:
+        raise SystemExit(f"{path}: IDX element type {dtype:#x} is not unsigned bytes")
+    dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _write_pngs(job: tuple[Path, np.ndarray, np.ndarray, int]) -> int:
+    folder, images, labels, start = job
+    for i, (pixels, label) in enumerate(zip(images, labels)):
+        Image.fromarray(pixels, mode="L").save(folder / FASHION_CLASSES[label] / f"{start + i:05d}.png", optimize=False)
+    return len(images)
+
+
+def write_fashion_mnist(src: Path, out: Path) -> None:
+    marker = out / ".complete"
+    if marker.exists():
+        print(f"fashion-mnist: {out} already written")
+        return
+    if not (src / "train-images-idx3-ubyte.gz").exists():
+        raise SystemExit(
+            f"fashion-mnist: no IDX files in {src}; install the Debian package: apt-get install dataset-fashion-mnist"
+        )
+    jobs = []
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = read_idx(src / f"{prefix}-images-idx3-ubyte.gz")
+        labels = read_idx(src / f"{prefix}-labels-idx1-ubyte.gz")
+        assert len(images) == len(labels), f"{split}: {len(images)} images but {len(labels)} labels"
+        for name in FASHION_CLASSES:
+            (out / split / name).mkdir(parents=True, exist_ok=True)
+        chunk = 2500
+        jobs += [(out / split, images[i : i + chunk], labels[i : i + chunk], i) for i in range(0, len(images), chunk)]
+    with ProcessPoolExecutor() as pool:
+        written = sum(pool.map(_write_pngs, jobs))
+    marker.touch()
+    print(f"fashion-mnist: wrote {written} PNG files to {out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("data"))
+    parser.add_argument("--fashion-mnist", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
+    args = parser.parse_args()
+    write_samples(args.out / "samples")
+    write_fashion_mnist(args.fashion_mnist, args.out / "fashion-mnist")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
