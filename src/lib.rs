@@ -20,3 +20,4 @@ pub mod config;
 pub mod image;
 pub mod kafka;
 pub mod model;
+pub mod npy;

@@ -176,3 +176,71 @@ fn crc32(bytes: &[u8]) -> u32 {
     }
     !crc
 }
+
+#[test]
+fn the_bf16_export_still_sees_the_cat_and_the_espresso() {
+    let (out, lines) =
+        predict_json("efficientnet_lite0_bf16", &["data/samples/chelsea_cat.jpg", "data/samples/coffee.jpg"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!((281..=285).contains(&top1(&lines[0])), "{}", lines[0]);
+    assert_eq!(top1(&lines[1]), 967, "{}", lines[1]);
+}
+
+#[test]
+fn an_untrained_export_is_recorded_and_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let export = std::process::Command::new(common::python())
+        .arg(common::root().join("tools/export_model.py"))
+        .args(["resnet18", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
+    let manifest_path = dir.path().join("resnet18.json");
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
+    assert_eq!(manifest["weights"]["source"], "untrained");
+    assert_eq!(manifest["feature_dim"], 512);
+    let out = common::dlpipe(&["predict", "--model", manifest_path.to_str().unwrap(), "data/samples/coffee.jpg"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("UNTRAINED"), "{stderr}");
+}
+
+#[test]
+fn featurize_writes_a_npy_matrix_and_its_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let classes = dir.path().join("classes");
+    for (class, files) in [("cats", ["chelsea_cat.jpg"]), ("drinks", ["coffee.jpg"])] {
+        std::fs::create_dir_all(classes.join(class)).unwrap();
+        for f in files {
+            std::fs::copy(common::sample(f), classes.join(class).join(f)).unwrap();
+        }
+    }
+    let out_file = dir.path().join("features.npy");
+    let out = common::dlpipe(&[
+        "featurize",
+        "--model",
+        "mobilenet_v2",
+        "-o",
+        out_file.to_str().unwrap(),
+        classes.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (rows, cols, values) = dlpipe::npy::read_f32(&out_file).unwrap();
+    assert_eq!((rows, cols), (2, 1280));
+    // The rows are the model's features of those files: compare with a direct forward pass.
+    let featurizer = Featurizer::load(&common::model_manifest("mobilenet_v2"), Device::Cpu).unwrap();
+    let image = read_file(&common::sample("coffee.jpg"), &ImageLimits::default()).unwrap();
+    let mut input = vec![0f32; featurizer.preprocess().tensor_len()];
+    featurizer.preprocess().run(&image, &mut Resizer::new(), &mut input).unwrap();
+    let direct = featurizer.forward(&input, 1).unwrap();
+    let row1 = &values[1280..];
+    let max_diff = row1.iter().zip(direct.features_row(0).unwrap()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(max_diff < 1e-4, "row 1 is coffee.jpg's features (max diff {max_diff})");
+    let index = std::fs::read_to_string(dir.path().join("features.rows.jsonl")).unwrap();
+    let labels: Vec<String> = index
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["label"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(labels, ["cats", "drinks"]);
+}

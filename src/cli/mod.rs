@@ -1,5 +1,7 @@
 //! Subcommands, one file each, and what they share: configuration, logging, model loading.
 
+mod bench;
+mod featurize;
 mod predict;
 
 use anyhow::Context;
@@ -30,6 +32,10 @@ pub struct Cli {
 pub enum Command {
     /// Name what is in images with a pretrained model's own classes (ImageNet top-k).
     Predict(predict::PredictArgs),
+    /// Write the pooled CNN features of images to a .npy file (transfer learning's input).
+    Featurize(featurize::FeaturizeArgs),
+    /// Print throughput tables: decode + preprocess per core, forward pass per model and batch.
+    Bench(bench::BenchArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -39,6 +45,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     };
     match cli.command {
         Command::Predict(args) => predict::run(&config, args),
+        Command::Featurize(args) => featurize::run(&config, args),
+        Command::Bench(args) => bench::run(&config, args),
     }
 }
 

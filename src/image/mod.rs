@@ -80,15 +80,29 @@ pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "bmp", "ti
 /// Expands folders into the image files under them (recursively, sorted by path); files given
 /// explicitly are kept whatever their extension, since decoding sniffs the format.
 pub fn list_images(inputs: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
+    Ok(list_labelled_images(inputs)?.into_iter().map(|(path, _)| path).collect())
+}
+
+/// Like [`list_images`], with each file's label: the name of the sub-folder of the given folder
+/// that holds it (the one-folder-per-class layout), or None for files given directly or lying
+/// at a folder's top level.
+pub fn list_labelled_images(inputs: &[PathBuf]) -> std::io::Result<Vec<(PathBuf, Option<String>)>> {
     let mut out = Vec::new();
     for input in inputs {
         if input.is_dir() {
             let mut found = Vec::new();
             walk(input, &mut found)?;
             found.sort();
-            out.extend(found);
+            out.extend(found.into_iter().map(|path| {
+                let label = path.strip_prefix(input).ok().and_then(|rel| {
+                    let mut parts = rel.components();
+                    let first = parts.next()?;
+                    parts.next().map(|_| first.as_os_str().to_string_lossy().into_owned())
+                });
+                (path, label)
+            }));
         } else {
-            out.push(input.clone());
+            out.push((input.clone(), None));
         }
     }
     Ok(out)
