@@ -2,7 +2,10 @@
 //! default documented in `configs/local.toml`. Unknown keys are errors, so a typo never silently
 //! falls back to a default.
 
+use crate::fetch::FetchConfig;
 use crate::image::ImageLimits;
+use crate::learn::LearnerConfig;
+use dlpipe_operators::EpochPolicy;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,6 +16,90 @@ pub struct Config {
     pub model: ModelConfig,
     pub image: ImageLimits,
     pub kafka: KafkaConfig,
+    pub pipeline: PipelineConfig,
+    pub fetch: FetchConfig,
+    pub learner: LearnerConfig,
+}
+
+/// Which classifier produces the predictions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadKind {
+    /// Online logistic regression on the CNN's features, learning from labelled records.
+    OnlineLr,
+    /// The pretrained model's own (ImageNet) classes.
+    Imagenet,
+}
+
+/// Where records are read from: the committed offsets of the group, or an end of the topic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartFrom {
+    /// The group's committed offsets; the earliest offset for partitions without one.
+    Committed,
+    Earliest,
+    Latest,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Topic of image records (`{"id","uri","label"?}` or bare URIs).
+    pub input_topic: String,
+    /// Topic predictions are published to, keyed by record id.
+    pub predictions_topic: String,
+    /// Topic of inputs that could not be processed.
+    pub dead_letter_topic: String,
+    /// Compacted topic of classifier snapshots.
+    pub model_topic: String,
+    /// Consumer group whose offsets record what has been published.
+    pub group_id: String,
+    pub start_from: StartFrom,
+    /// Stop once every partition is read up to the end offset it had at start-up.
+    pub stop_at_end: bool,
+    /// Epochs: `{ by = "time", millis = 1000 }` or `{ by = "offsets", records = 64 }`.
+    pub epochs: EpochPolicy,
+    pub head: HeadKind,
+    /// Classes per prediction.
+    pub top_k: usize,
+    /// Records of one worker in the pipeline at once (read but not yet published).
+    pub max_backlog: usize,
+    /// Records of one worker being fetched and decoded at once.
+    pub max_decoding: usize,
+    /// Longest a record waits for its micro-batch to fill, in milliseconds.
+    pub max_batch_wait_ms: u64,
+    /// Create missing topics at start-up, with this many partitions (0: do not create).
+    pub create_topics_partitions: i32,
+    /// Write a classifier snapshot (file and model topic) every this many epochs with updates.
+    pub snapshot_every_epochs: u64,
+    /// Folder of classifier snapshot files.
+    pub snapshot_dir: PathBuf,
+    /// Seconds between one-line status logs.
+    pub status_interval_secs: u64,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            input_topic: "images".into(),
+            predictions_topic: "predictions".into(),
+            dead_letter_topic: "dead-letters".into(),
+            model_topic: "models".into(),
+            group_id: "dlpipe".into(),
+            start_from: StartFrom::Committed,
+            stop_at_end: false,
+            epochs: EpochPolicy::Time { millis: 1000 },
+            head: HeadKind::OnlineLr,
+            top_k: 3,
+            max_backlog: 1024,
+            max_decoding: 64,
+            max_batch_wait_ms: 20,
+            create_topics_partitions: 4,
+            snapshot_every_epochs: 10,
+            snapshot_dir: "out/snapshots".into(),
+            status_interval_secs: 10,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -102,7 +189,7 @@ impl Config {
         self
     }
 
-    fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), String> {
         if self.model.batch_size == 0 {
             return Err("model.batch_size must be at least 1".into());
         }
@@ -112,6 +199,15 @@ impl Config {
         if self.kafka.brokers.trim().is_empty() {
             return Err("kafka.brokers is empty".into());
         }
+        match self.pipeline.epochs {
+            EpochPolicy::Time { millis: 0 } => return Err("pipeline.epochs.millis must be at least 1".into()),
+            EpochPolicy::Offsets { records: 0 } => return Err("pipeline.epochs.records must be at least 1".into()),
+            _ => {}
+        }
+        if self.pipeline.max_backlog == 0 || self.pipeline.max_decoding == 0 {
+            return Err("pipeline.max_backlog and pipeline.max_decoding must be at least 1".into());
+        }
+        self.learner.validate().map_err(|e| e.to_string())?;
         Ok(())
     }
 }

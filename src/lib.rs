@@ -17,7 +17,10 @@
 
 pub mod batch;
 pub mod config;
+pub mod fetch;
 pub mod image;
 pub mod kafka;
+pub mod learn;
 pub mod model;
 pub mod npy;
+pub mod pipeline;

@@ -1,1 +1,36 @@
-//! Timely dataflow operators of dlpipe.
+//! Timely dataflow operators of dlpipe, one per file:
+//!
+//! | operator | in | out |
+//! |---|---|---|
+//! | [`kafka_source()`] | Kafka partitions | `ImageRecord` or `DeadLetter` |
+//! | [`fetch_decode()`] | `ImageRecord` | `Decoded` or `DeadLetter` |
+//! | [`featurize()`] | `Decoded` | `Featured` or `DeadLetter` |
+//! | [`learn_predict()`] | `Featured`, broadcast `LabelledExample` | `Prediction` |
+//! | [`kafka_sink()`] | `Outcome` | acknowledged progress; commits offsets |
+//!
+//! Operators are generic over the work they schedule (closures and the [`Head`] trait): the
+//! image, model and learning code lives in the `dlpipe` library, which builds the dataflow from
+//! these pieces. Timestamps are epochs (`u64`); each operator's docs say how it moves progress.
+
+pub mod featurize;
+pub mod fetch_decode;
+pub mod kafka_sink;
+pub mod kafka_source;
+pub mod learn_predict;
+pub mod records;
+
+pub use featurize::{featurize, Batching, ModelRow};
+pub use fetch_decode::{fetch_decode, PrepareError};
+pub use kafka_sink::{kafka_sink, Fatal, SinkContext, SinkSpec};
+pub use kafka_source::{kafka_source, EpochPolicy, PartitionRange, SourceSpec};
+pub use learn_predict::{learn_predict, Head};
+pub use records::{
+    ClassScore, DeadLetter, Decoded, Epoch, Featured, ImageRecord, LabelledExample, Outcome, Prediction,
+};
+
+/// Records of one worker read from Kafka and not yet published: the source pauses at a limit.
+/// Shared by the source and the sink of the same worker (one thread).
+pub type Backlog = std::rc::Rc<std::cell::Cell<usize>>;
+
+/// What the source emits: a record, or a dead letter for a payload that is not one.
+pub type RecordOrDead = Result<ImageRecord, DeadLetter>;

@@ -3,6 +3,9 @@
 mod bench;
 mod featurize;
 mod predict;
+mod produce;
+mod run;
+mod tail;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -36,6 +39,12 @@ pub enum Command {
     Featurize(featurize::FeaturizeArgs),
     /// Print throughput tables: decode + preprocess per core, forward pass per model and batch.
     Bench(bench::BenchArgs),
+    /// Run the streaming pipeline: Kafka → fetch/decode → featurize → learn/predict → Kafka.
+    Run(run::RunArgs),
+    /// Publish image records for files (or class folders) to a topic.
+    Produce(produce::ProduceArgs),
+    /// Print predictions or dead letters from a topic.
+    Tail(tail::TailArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -47,6 +56,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Predict(args) => predict::run(&config, args),
         Command::Featurize(args) => featurize::run(&config, args),
         Command::Bench(args) => bench::run(&config, args),
+        Command::Run(args) => run::run(config, args),
+        Command::Produce(args) => produce::run(&config, args),
+        Command::Tail(args) => tail::run(&config, args),
     }
 }
 

@@ -1,0 +1,175 @@
+//! `kafka_sink`: predictions and dead letters out to Kafka, and input offsets committed once
+//! everything below them is acknowledged.
+//!
+//! **In:** one `Outcome` per input record (a prediction or a dead letter), from the partitions
+//! this worker reads. **Out:** nothing but progress: the operator's output frontier is the
+//! *acknowledged* frontier. It keeps a capability for every epoch that still has messages
+//! unacknowledged by the broker, so a probe on its output says which epochs are fully
+//! published, and the dataflow only completes when every output is acknowledged.
+//! **Commits:** when an epoch and every epoch before it are acknowledged and the input frontier
+//! has passed them, the next offset of each partition seen in them is committed for the
+//! consumer group (at-least-once: a crash replays from the last commit, never skips).
+//!
+//! The producer is polled with a zero timeout; delivery reports arrive in those polls.
+
+use crate::records::{Epoch, Outcome};
+use crate::Backlog;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::StreamVec;
+
+/// One delivery report: the message's epoch, and why it was not delivered, if it was not.
+type Report = (Epoch, Result<(), String>);
+
+/// Delivery reports, collected by the producer's callbacks during `poll`.
+#[derive(Clone, Default)]
+pub struct SinkContext {
+    reports: Arc<Mutex<Vec<Report>>>,
+}
+
+impl ClientContext for SinkContext {}
+
+impl ProducerContext for SinkContext {
+    type DeliveryOpaque = Box<Epoch>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, epoch: Box<Epoch>) {
+        let outcome = match result {
+            Ok(_) => Ok(()),
+            Err((error, message)) => Err(format!("delivery to topic {} failed: {error}", message.topic())),
+        };
+        self.reports.lock().expect("not poisoned").push((*epoch, outcome));
+    }
+}
+
+/// Topics the sink writes and commits for.
+#[derive(Clone, Debug)]
+pub struct SinkSpec {
+    pub input_topic: String,
+    pub predictions_topic: String,
+    pub dead_letter_topic: String,
+}
+
+/// A fatal error the worker loop must stop on (a message the broker refused for good: dropping
+/// it would lose a record, committing past it would lie).
+pub type Fatal = Rc<RefCell<Option<String>>>;
+
+struct EpochState {
+    /// Held, never read: it keeps this epoch open on the output until it is acknowledged.
+    _hold: Capability<Epoch>,
+    unacked: usize,
+    /// Highest offset per partition among this epoch's records.
+    offsets: BTreeMap<i32, i64>,
+}
+
+pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
+    outcomes: StreamVec<'scope, Epoch, Outcome>,
+    producer: BaseProducer<SinkContext>,
+    committer: Option<Rc<BaseConsumer<C>>>,
+    spec: SinkSpec,
+    backlog: Backlog,
+    fatal: Fatal,
+) -> StreamVec<'scope, Epoch, ()> {
+    let scope = outcomes.scope();
+    outcomes.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
+        Pipeline,
+        "KafkaSink",
+        move |_default_cap, info| {
+            let activator = scope.activator_for(info.address);
+            let reports = Arc::clone(&producer.context().reports);
+            let mut epochs: BTreeMap<Epoch, EpochState> = BTreeMap::new();
+            // Encoded messages not yet accepted by the producer's queue: (epoch, topic, key, payload).
+            let mut unsent: VecDeque<(Epoch, bool, String, String)> = VecDeque::new();
+            move |(input, frontier), _output| {
+                input.for_each_stamp(|cap, data| {
+                    let Some(cap) = cap.retain_least(0) else { return };
+                    let epoch = *cap.time();
+                    let state = epochs.entry(epoch).or_insert_with(|| EpochState {
+                        _hold: cap,
+                        unacked: 0,
+                        offsets: BTreeMap::new(),
+                    });
+                    for batch in data {
+                        for outcome in batch.drain(..) {
+                            let (partition, offset) = outcome.partition_offset();
+                            let max = state.offsets.entry(partition).or_insert(offset);
+                            *max = (*max).max(offset);
+                            state.unacked += 1;
+                            let (dead, key, payload) = match outcome {
+                                Outcome::Predicted(p) => (false, p.record.id.clone(), p.to_json()),
+                                Outcome::Dead(d) => (true, d.id.clone().unwrap_or_default(), d.to_json()),
+                            };
+                            unsent.push_back((epoch, dead, key, payload));
+                        }
+                    }
+                });
+                while let Some((epoch, dead, key, payload)) = unsent.pop_front() {
+                    let topic = if dead { &spec.dead_letter_topic } else { &spec.predictions_topic };
+                    let record = BaseRecord::with_opaque_to(topic, Box::new(epoch)).key(&key).payload(&payload);
+                    match producer.send(record) {
+                        Ok(()) => {}
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                            unsent.push_front((epoch, dead, key, payload));
+                            break;
+                        }
+                        Err((error, _)) => {
+                            *fatal.borrow_mut() = Some(format!("cannot produce to {topic}: {error}"));
+                            return;
+                        }
+                    }
+                }
+                producer.poll(Duration::ZERO);
+                for (epoch, result) in reports.lock().expect("not poisoned").drain(..) {
+                    if let Err(error) = result {
+                        *fatal.borrow_mut() = Some(error);
+                    }
+                    if let Some(state) = epochs.get_mut(&epoch) {
+                        state.unacked -= 1;
+                    }
+                    backlog.set(backlog.get().saturating_sub(1));
+                }
+                // Retire epochs from the oldest while each is complete: fully acknowledged, and
+                // no more records for it can arrive.
+                let mut commit: BTreeMap<i32, i64> = BTreeMap::new();
+                while let Some(entry) = epochs.first_entry() {
+                    if entry.get().unacked > 0 || frontier.frontier().less_equal(entry.key()) {
+                        break;
+                    }
+                    for (partition, offset) in entry.remove().offsets {
+                        let max = commit.entry(partition).or_insert(offset);
+                        *max = (*max).max(offset);
+                    }
+                }
+                if let (Some(consumer), false) = (&committer, commit.is_empty()) {
+                    let mut list = TopicPartitionList::new();
+                    for (partition, offset) in &commit {
+                        list.add_partition_offset(&spec.input_topic, *partition, Offset::Offset(offset + 1))
+                            .expect("valid offset");
+                    }
+                    // At the very end nothing else will commit after us: make that one synchronous.
+                    let mode = if frontier.frontier().is_empty() && epochs.is_empty() {
+                        CommitMode::Sync
+                    } else {
+                        CommitMode::Async
+                    };
+                    if let Err(error) = consumer.commit(&list, mode) {
+                        tracing::warn!(%error, "offset commit failed; it is retried with the next epoch");
+                    }
+                }
+                if !epochs.is_empty() || !unsent.is_empty() {
+                    activator.activate_after(Duration::from_millis(2));
+                }
+            }
+        },
+    )
+}

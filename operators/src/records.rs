@@ -1,0 +1,281 @@
+//! The records that flow between operators, and their Kafka encodings.
+//!
+//! Every record keeps the Kafka coordinates (partition, offset) of the input it came from: the
+//! learner orders updates by them, the sink commits offsets by them, and users join predictions
+//! back to inputs by them.
+
+use serde::{Deserialize, Serialize};
+
+/// Timely timestamps of the pipeline: epochs, closed by wall-clock time or by offset count.
+pub type Epoch = u64;
+
+/// One image record from the input topic.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub id: String,
+    pub uri: String,
+    pub label: Option<String>,
+    pub partition: i32,
+    pub offset: i64,
+    /// The Kafka record's timestamp (ms since the Unix epoch), when it has one.
+    pub kafka_ts_ms: Option<i64>,
+}
+
+/// The JSON an input record may carry; `id` and `label` are optional.
+#[derive(Deserialize)]
+struct InputJson {
+    id: Option<serde_json::Value>,
+    uri: Option<String>,
+    label: Option<serde_json::Value>,
+}
+
+impl ImageRecord {
+    /// Parses a Kafka payload: JSON `{"id": "...", "uri": "...", "label": "..."}` (id and label
+    /// optional; numbers are accepted for both) or a bare URI string.
+    ///
+    /// The error is the dead letter itself (it travels on as data, so boxing it would only
+    /// add an allocation). Without an id, the
+    /// message key is the id, and without a key `"<partition>-<offset>"`.
+    #[allow(clippy::result_large_err)]
+    pub fn parse(
+        payload: Option<&[u8]>,
+        key: Option<&[u8]>,
+        partition: i32,
+        offset: i64,
+        kafka_ts_ms: Option<i64>,
+    ) -> Result<ImageRecord, DeadLetter> {
+        let raw = payload.unwrap_or_default();
+        let dead = |kind: &str, error: String| DeadLetter {
+            id: key.map(|k| String::from_utf8_lossy(k).into_owned()),
+            uri: None,
+            raw: String::from_utf8_lossy(raw).chars().take(4096).collect(),
+            error_kind: kind.into(),
+            error,
+            partition,
+            offset,
+        };
+        let text = std::str::from_utf8(raw)
+            .map_err(|e| dead("malformed_record", format!("payload at {partition}:{offset} is not UTF-8: {e}")))?
+            .trim();
+        let default_id =
+            || key.map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or(format!("{partition}-{offset}"));
+        let (id, uri, label) = if text.starts_with('{') {
+            let json: InputJson = serde_json::from_str(text).map_err(|e| {
+                dead("malformed_json", format!("record at {partition}:{offset} is not valid JSON of the form {{\"id\",\"uri\",\"label\"?}}: {e}"))
+            })?;
+            let uri = json
+                .uri
+                .filter(|u| !u.trim().is_empty())
+                .ok_or_else(|| dead("missing_uri", format!("record at {partition}:{offset} has no \"uri\" field")))?;
+            (json.id.map(value_to_string).unwrap_or_else(default_id), uri, json.label.map(value_to_string))
+        } else if text.is_empty() {
+            return Err(dead("missing_uri", format!("record at {partition}:{offset} is empty")));
+        } else if text.chars().any(char::is_whitespace) || text.starts_with('[') || text.starts_with('"') {
+            return Err(dead(
+                "malformed_record",
+                format!("record at {partition}:{offset} is neither a JSON object nor a bare URI"),
+            ));
+        } else {
+            (default_id(), text.to_owned(), None)
+        };
+        Ok(ImageRecord { id, uri, label, partition, offset, kafka_ts_ms })
+    }
+
+    /// A dead letter for this record.
+    pub fn dead_letter(&self, error_kind: &str, error: String) -> DeadLetter {
+        DeadLetter {
+            id: Some(self.id.clone()),
+            uri: Some(self.uri.clone()),
+            raw: serde_json::json!({"id": self.id, "uri": self.uri, "label": self.label}).to_string(),
+            error_kind: error_kind.into(),
+            error,
+            partition: self.partition,
+            offset: self.offset,
+        }
+    }
+}
+
+fn value_to_string(v: serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s,
+        other => other.to_string(),
+    }
+}
+
+/// A record with its preprocessed pixels (the model's input layout, f32).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Decoded {
+    pub record: ImageRecord,
+    pub pixels: Vec<f32>,
+}
+
+/// A record with the model's outputs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Featured {
+    pub record: ImageRecord,
+    pub features: Vec<f32>,
+    pub logits: Option<Vec<f32>>,
+}
+
+/// What the learner needs of a labelled record; broadcast to every worker.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LabelledExample {
+    pub partition: i32,
+    pub offset: i64,
+    pub label: String,
+    pub features: Vec<f32>,
+}
+
+impl LabelledExample {
+    pub fn of(featured: &Featured) -> Option<LabelledExample> {
+        let label = featured.record.label.clone()?;
+        Some(LabelledExample {
+            partition: featured.record.partition,
+            offset: featured.record.offset,
+            label,
+            features: featured.features.clone(),
+        })
+    }
+}
+
+/// One class of a prediction.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClassScore {
+    /// The class's name (the label for online classes, the ImageNet name for the imagenet head).
+    pub class: String,
+    pub probability: f32,
+}
+
+/// A prediction for one record.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Prediction {
+    pub record: ImageRecord,
+    pub top_k: Vec<ClassScore>,
+    /// Updates the classifier had applied when it predicted this record.
+    pub model_version: u64,
+    /// When the prediction was made (ms since the Unix epoch).
+    pub predicted_at_ms: i64,
+}
+
+impl Prediction {
+    /// The output topic's JSON: `{"id","uri","label"?,"top_k":[{"class","probability"}],
+    /// "model_version","latency_ms","partition","offset"}`. Latency runs from the input
+    /// record's Kafka timestamp to the prediction.
+    pub fn to_json(&self) -> String {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            id: &'a str,
+            uri: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            label: Option<&'a str>,
+            top_k: &'a [ClassScore],
+            model_version: u64,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            latency_ms: Option<i64>,
+            partition: i32,
+            offset: i64,
+        }
+        let r = &self.record;
+        serde_json::to_string(&Out {
+            id: &r.id,
+            uri: &r.uri,
+            label: r.label.as_deref(),
+            top_k: &self.top_k,
+            model_version: self.model_version,
+            latency_ms: r.kafka_ts_ms.map(|ts| (self.predicted_at_ms - ts).max(0)),
+            partition: r.partition,
+            offset: r.offset,
+        })
+        .expect("serialisable")
+    }
+}
+
+/// An input that could not be processed, and why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub id: Option<String>,
+    pub uri: Option<String>,
+    /// The input as received (truncated to 4 KiB), or the record re-encoded.
+    pub raw: String,
+    /// A short cause: `malformed_json`, `not_found`, `undecodable`, `too_large`, ...
+    pub error_kind: String,
+    pub error: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl DeadLetter {
+    /// The dead-letter topic's JSON: `{"id"?,"uri"?,"raw","error_kind","error","partition","offset"}`.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("serialisable")
+    }
+}
+
+/// What the sink publishes for one input record: exactly one of these per record.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Outcome {
+    Predicted(Prediction),
+    Dead(DeadLetter),
+}
+
+impl Outcome {
+    pub fn partition_offset(&self) -> (i32, i64) {
+        match self {
+            Outcome::Predicted(p) => (p.record.partition, p.record.offset),
+            Outcome::Dead(d) => (d.partition, d.offset),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_json_bare_uris_and_rejects_the_rest() {
+        let r = ImageRecord::parse(Some(br#"{"id":"a1","uri":"file:///x.png","label":"cat"}"#), None, 2, 7, Some(5))
+            .unwrap();
+        assert_eq!((r.id.as_str(), r.uri.as_str(), r.label.as_deref()), ("a1", "file:///x.png", Some("cat")));
+        let r = ImageRecord::parse(Some(br#"{"uri":"/img/1.png","label":3}"#), Some(b"k9"), 0, 1, None).unwrap();
+        assert_eq!((r.id.as_str(), r.label.as_deref()), ("k9", Some("3")));
+        let r = ImageRecord::parse(Some(b"  /data/a.jpg\n"), None, 1, 4, None).unwrap();
+        assert_eq!((r.id.as_str(), r.uri.as_str(), r.label), ("1-4", "/data/a.jpg", None));
+        let d = ImageRecord::parse(Some(b"{\"uri\": "), None, 0, 3, None).unwrap_err();
+        assert_eq!(d.error_kind, "malformed_json");
+        assert!(d.error.contains("0:3"), "{}", d.error);
+        assert_eq!(ImageRecord::parse(Some(br#"{"id":"x"}"#), None, 0, 0, None).unwrap_err().error_kind, "missing_uri");
+        assert_eq!(
+            ImageRecord::parse(Some(b"two words"), None, 0, 0, None).unwrap_err().error_kind,
+            "malformed_record"
+        );
+        assert_eq!(
+            ImageRecord::parse(Some(&[0xff, 0xfe]), None, 0, 0, None).unwrap_err().error_kind,
+            "malformed_record"
+        );
+        assert_eq!(ImageRecord::parse(None, None, 0, 0, None).unwrap_err().error_kind, "missing_uri");
+    }
+
+    #[test]
+    fn prediction_json_has_the_documented_fields() {
+        let record =
+            ImageRecord::parse(Some(br#"{"id":"a","uri":"u","label":"cat"}"#), None, 1, 2, Some(1000)).unwrap();
+        let p = Prediction {
+            record,
+            top_k: vec![ClassScore { class: "cat".into(), probability: 0.75 }],
+            model_version: 9,
+            predicted_at_ms: 1250,
+        };
+        let v: serde_json::Value = serde_json::from_str(&p.to_json()).unwrap();
+        assert_eq!(v["id"], "a");
+        assert_eq!(v["label"], "cat");
+        assert_eq!(v["top_k"][0]["class"], "cat");
+        assert_eq!(v["model_version"], 9);
+        assert_eq!(v["latency_ms"], 250);
+        assert_eq!((v["partition"].as_i64(), v["offset"].as_i64()), (Some(1), Some(2)));
+    }
+}

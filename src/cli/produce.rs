@@ -1,0 +1,140 @@
+//! `dlpipe produce`: publish image records (`{"id","uri","label"?}`) for files to a topic.
+
+use anyhow::Context;
+use dlpipe::config::Config;
+use dlpipe::image::list_labelled_images;
+use dlpipe::kafka::{client_config, ensure_topic};
+use indicatif::{ProgressBar, ProgressStyle};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::producer::{DeliveryResult, ProducerContext};
+use rdkafka::ClientContext;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args, Debug)]
+pub struct ProduceArgs {
+    /// Topic to publish to [default: pipeline.input_topic].
+    #[arg(long)]
+    topic: Option<String>,
+    /// Label each record with the name of its class sub-folder.
+    #[arg(long)]
+    labels_from_dirs: bool,
+    /// Records per second (0: as fast as the broker takes them).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Shuffle the records with this seed (class folders otherwise arrive one after another).
+    #[arg(long, value_name = "SEED")]
+    shuffle: Option<u64>,
+    /// Publish at most this many records.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Partitions of the topic if it has to be created.
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+    /// Image files, or folders (searched recursively).
+    #[arg(required = true, value_name = "DIR|FILES")]
+    inputs: Vec<PathBuf>,
+}
+
+#[derive(Clone, Default)]
+struct Counts {
+    acked: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+}
+
+impl ClientContext for Counts {}
+
+impl ProducerContext for Counts {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => self.acked.fetch_add(1, Ordering::Relaxed),
+            Err((error, _)) => {
+                tracing::error!(%error, "record not delivered");
+                self.failed.fetch_add(1, Ordering::Relaxed)
+            }
+        };
+    }
+}
+
+/// A small deterministic generator for `--shuffle` (splitmix64), so a seed always gives the same order.
+fn shuffle<T>(items: &mut [T], seed: u64) {
+    let mut state = seed;
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    for i in (1..items.len()).rev() {
+        items.swap(i, (next() % (i as u64 + 1)) as usize);
+    }
+}
+
+pub fn run(config: &Config, args: ProduceArgs) -> anyhow::Result<()> {
+    let topic = args.topic.unwrap_or_else(|| config.pipeline.input_topic.clone());
+    let mut files = list_labelled_images(&args.inputs)?;
+    if let Some(seed) = args.shuffle {
+        shuffle(&mut files, seed);
+    }
+    if let Some(limit) = args.limit {
+        files.truncate(limit);
+    }
+    if files.is_empty() {
+        anyhow::bail!("no images found in {:?}", args.inputs);
+    }
+    ensure_topic(&config.kafka, &topic, args.partitions, 1, &[])?;
+    let counts = Counts::default();
+    let producer: ThreadedProducer<Counts> = client_config(&config.kafka)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "10")
+        .create_with_context(counts.clone())?;
+    let progress = ProgressBar::new(files.len() as u64).with_style(
+        ProgressStyle::with_template("producing {bar:40} {pos}/{len} [{elapsed_precise}] {per_sec}").expect("valid"),
+    );
+    let started = Instant::now();
+    for (i, (path, label)) in files.iter().enumerate() {
+        let absolute = std::fs::canonicalize(path).with_context(|| format!("{}", path.display()))?;
+        let id = path.display().to_string();
+        let mut record = serde_json::json!({ "id": id, "uri": format!("file://{}", absolute.display()) });
+        if args.labels_from_dirs {
+            match label {
+                Some(label) => record["label"] = label.clone().into(),
+                None => anyhow::bail!("{} is not inside a class sub-folder (--labels-from-dirs)", path.display()),
+            }
+        }
+        let payload = record.to_string();
+        let mut message = BaseRecord::to(&topic).key(&id).payload(&payload);
+        loop {
+            match producer.send(message) {
+                Ok(()) => break,
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                    m,
+                )) => {
+                    message = m;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((error, _)) => return Err(error).context(format!("producing to {topic}")),
+            }
+        }
+        progress.inc(1);
+        if args.rate > 0.0 {
+            let due = started + Duration::from_secs_f64((i + 1) as f64 / args.rate);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(60))?;
+    progress.finish_and_clear();
+    let (acked, failed) = (counts.acked.load(Ordering::Relaxed), counts.failed.load(Ordering::Relaxed));
+    eprintln!("published {acked} record(s) to {topic} in {:.1} s", started.elapsed().as_secs_f64());
+    if failed > 0 {
+        anyhow::bail!("{failed} record(s) were not delivered");
+    }
+    Ok(())
+}

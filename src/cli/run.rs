@@ -1,0 +1,62 @@
+//! `dlpipe run`: the streaming pipeline (see `dlpipe::pipeline`).
+
+use dlpipe::config::Config;
+use dlpipe::pipeline::{run as run_pipeline, RunOptions};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+#[derive(clap::Args, Debug)]
+#[command(disable_help_flag = true)]
+pub struct RunArgs {
+    /// Worker threads per process (timely's -w).
+    #[arg(short = 'w', long, default_value_t = 1)]
+    workers: usize,
+    /// Number of processes (timely's -n).
+    #[arg(short = 'n', long, default_value_t = 1)]
+    processes: usize,
+    /// This process's index, 0..n (timely's -p).
+    #[arg(short = 'p', long, default_value_t = 0)]
+    process: usize,
+    /// File of host:port lines, one per process (timely's -h).
+    #[arg(short = 'h', long, value_name = "HOSTFILE")]
+    hostfile: Option<PathBuf>,
+    /// Start the online classifier from a classifier file or snapshot.
+    #[arg(long, value_name = "FILE")]
+    init_model: Option<PathBuf>,
+    /// Read each partition up to its end offset at start-up, publish, commit, and exit.
+    #[arg(long)]
+    stop_at_end: bool,
+    /// Print help.
+    #[arg(long, action = clap::ArgAction::Help)]
+    help: Option<bool>,
+}
+
+pub fn run(mut config: Config, args: RunArgs) -> anyhow::Result<()> {
+    if args.stop_at_end {
+        config.pipeline.stop_at_end = true;
+    }
+    let mut timely_args = vec!["-w".to_string(), args.workers.to_string()];
+    if args.processes > 1 {
+        timely_args.extend(["-n".into(), args.processes.to_string(), "-p".into(), args.process.to_string()]);
+        match &args.hostfile {
+            Some(h) => timely_args.extend(["-h".into(), h.display().to_string()]),
+            None => anyhow::bail!("-n {} needs -h HOSTFILE with one host:port line per process", args.processes),
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))?;
+    }
+    let summaries = run_pipeline(RunOptions { config, timely_args, init_model: args.init_model, stop })?;
+    for s in summaries {
+        tracing::info!(
+            worker = s.worker,
+            partitions = ?s.partitions,
+            updates = s.updates,
+            accuracy = ?s.accuracy.map(|a| format!("{a:.4}")),
+            "worker finished"
+        );
+    }
+    Ok(())
+}

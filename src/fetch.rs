@@ -1,0 +1,977 @@
+//! Fetching the bytes behind an image URI.
+//!
+//! In: a URI taken from an image record, and the largest number of bytes the caller accepts (the
+//! decoder's encoded-size limit). Out: the raw, still-encoded bytes, or a [`FetchError`] whose
+//! [`kind`](FetchError::kind) is a short label for dead-letter records and metrics.
+//!
+//! Supported URIs:
+//! - `http://` and `https://`: fetched with [`ureq`] under the configured timeouts and a body
+//!   size limit, with bounded, exponentially backed-off retries of transient failures (timeouts,
+//!   connection errors, HTTP 5xx and 429). Proxies are taken from the usual environment variables
+//!   (`HTTP_PROXY`, `HTTPS_PROXY`, `NO_PROXY`, ...).
+//! - `file:///abs/path` and `file://localhost/abs/path` (percent-encoded), and plain paths (any
+//!   string without a `scheme:` prefix), unless [`FetchConfig::allow_file`] is off.
+//!
+//! A [`Fetcher`] is cheap to clone and safe to share: the decode threads of a worker all use one,
+//! so they share its pool of keep-alive connections.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::debug;
+
+/// How URIs are fetched. Every field is optional in configuration files.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FetchConfig {
+    /// Limit on one whole HTTP request, from DNS lookup to the last body byte, in milliseconds.
+    /// Each retry gets the full limit again. 0 disables it (not recommended: a stalled server
+    /// would then hold a decode thread forever). Default 10000.
+    pub timeout_ms: u64,
+    /// Limit on establishing a connection (TCP and TLS handshakes), in milliseconds; 0 disables
+    /// it, leaving only `timeout_ms`. Default 3000.
+    pub connect_timeout_ms: u64,
+    /// Retries after a failed HTTP request, for timeouts, connection errors, 5xx and 429 only;
+    /// other failures are final at once. 0 disables retries. Default 3.
+    pub max_retries: u32,
+    /// Wait before the first retry, in milliseconds; it doubles for each further retry. The
+    /// actual wait is randomised between half and all of it, so that many threads failing
+    /// together do not retry in lockstep. Default 100.
+    pub backoff_initial_ms: u64,
+    /// Cap on the wait between retries, in milliseconds; also caps how long a server's
+    /// `Retry-After` header is honoured. Default 2000.
+    pub backoff_max_ms: u64,
+    /// `User-Agent` header sent with HTTP requests. Default `dlpipe/<version>`.
+    pub user_agent: String,
+    /// Whether `file://` URIs and plain paths may be read. A deployment that takes URIs from
+    /// untrusted producers should turn this off, or any readable file on the machine could be
+    /// requested. Default true.
+    pub allow_file: bool,
+    /// Folder that relative plain paths resolve against; unset, they resolve against the current
+    /// directory. This is a base, not a sandbox: absolute paths and `..` still reach outside it.
+    /// Default unset.
+    pub file_root: Option<PathBuf>,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        FetchConfig {
+            timeout_ms: 10_000,
+            connect_timeout_ms: 3_000,
+            max_retries: 3,
+            backoff_initial_ms: 100,
+            backoff_max_ms: 2_000,
+            user_agent: concat!("dlpipe/", env!("CARGO_PKG_VERSION")).to_owned(),
+            allow_file: true,
+            file_root: None,
+        }
+    }
+}
+
+/// Why a URI could not be fetched. Every message names the URI; [`kind`](FetchError::kind) gives
+/// the cause as a label.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FetchError {
+    /// `unsupported_scheme`: a scheme other than http, https or file.
+    #[error("{uri}: unsupported URI scheme `{scheme}:`; supported: {supported}")]
+    UnsupportedScheme { uri: String, scheme: String, supported: &'static str },
+
+    /// `invalid_uri`: empty, unparsable, or a file URI naming a remote host.
+    #[error("{uri} is not a valid URI: {reason}")]
+    InvalidUri { uri: String, reason: String },
+
+    /// `forbidden_local_file`: a file URI or path while [`FetchConfig::allow_file`] is off.
+    #[error("{uri}: local files are disabled (allow_file = false); send http:// or https:// URIs instead")]
+    ForbiddenLocalFile { uri: String },
+
+    /// `not_found`: no file at the path.
+    #[error("{uri}: no such file {}{}", path.display(), relative_hint(path))]
+    FileNotFound { uri: String, path: PathBuf },
+
+    /// `not_found`: HTTP 404 or 410.
+    #[error("{uri}: the server has no such resource (HTTP {}); check the URI", status_text(*status))]
+    HttpNotFound { uri: String, status: u16 },
+
+    /// `unreadable`: the path exists but cannot be read (permissions, a directory, I/O error).
+    #[error("{uri}: cannot read {}: {source}", path.display())]
+    Unreadable {
+        uri: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    /// `too_large`: more than the caller's `max_bytes`.
+    #[error("{}", too_large_message(uri, *size, *limit))]
+    TooLarge {
+        uri: String,
+        /// The size announced (`Content-Length`) or found (file metadata); `None` when the data
+        /// ran past the limit while being read.
+        size: Option<u64>,
+        limit: u64,
+    },
+
+    /// `http_status`: any other non-success status, including 5xx and 429 still failing after
+    /// all retries, and a redirect chain longer than ureq follows.
+    #[error("{uri}: the server answered HTTP {}{}", status_text(*status), after_attempts(*attempts))]
+    HttpStatus { uri: String, status: u16, attempts: u32 },
+
+    /// `timeout`: the connect or whole-request limit ran out, on every attempt.
+    #[error(
+        "{uri}: {} within {limit_ms} ms{}; if the server is merely slow, raise {setting}",
+        if *phase == "connect" { "could not connect" } else { "no complete response" },
+        after_attempts(*attempts)
+    )]
+    Timeout {
+        uri: String,
+        /// `"connect"` or `"request"` (anything after connecting, up to the last body byte).
+        phase: &'static str,
+        limit_ms: u64,
+        /// The configuration key that set the limit.
+        setting: &'static str,
+        attempts: u32,
+    },
+
+    /// `network`: DNS, refused or reset connections, TLS, malformed HTTP.
+    #[error("{uri}: network error{}: {source}; check that the host is reachable from here", after_attempts(*attempts))]
+    Network {
+        uri: String,
+        attempts: u32,
+        #[source]
+        source: ureq::Error,
+    },
+}
+
+impl FetchError {
+    /// A short, stable label of the cause, for dead-letter records and metric labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            FetchError::UnsupportedScheme { .. } => "unsupported_scheme",
+            FetchError::InvalidUri { .. } => "invalid_uri",
+            FetchError::ForbiddenLocalFile { .. } => "forbidden_local_file",
+            FetchError::FileNotFound { .. } | FetchError::HttpNotFound { .. } => "not_found",
+            FetchError::Unreadable { .. } => "unreadable",
+            FetchError::TooLarge { .. } => "too_large",
+            FetchError::HttpStatus { .. } => "http_status",
+            FetchError::Timeout { .. } => "timeout",
+            FetchError::Network { .. } => "network",
+        }
+    }
+
+    /// The URI that failed.
+    pub fn uri(&self) -> &str {
+        match self {
+            FetchError::UnsupportedScheme { uri, .. }
+            | FetchError::InvalidUri { uri, .. }
+            | FetchError::ForbiddenLocalFile { uri }
+            | FetchError::FileNotFound { uri, .. }
+            | FetchError::HttpNotFound { uri, .. }
+            | FetchError::Unreadable { uri, .. }
+            | FetchError::TooLarge { uri, .. }
+            | FetchError::HttpStatus { uri, .. }
+            | FetchError::Timeout { uri, .. }
+            | FetchError::Network { uri, .. } => uri,
+        }
+    }
+}
+
+/// "503 Service Unavailable", or just the code when it has no standard reason phrase.
+fn status_text(status: u16) -> String {
+    match ureq::http::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()) {
+        Some(reason) => format!("{status} {reason}"),
+        None => status.to_string(),
+    }
+}
+
+/// Mentions the attempts only when there were retries, where it tells the user that retrying
+/// by hand soon is unlikely to help.
+fn after_attempts(attempts: u32) -> String {
+    if attempts > 1 {
+        format!(" after {attempts} attempts")
+    } else {
+        String::new()
+    }
+}
+
+/// Relative paths resolve against the current directory, which is easily not the one expected.
+fn relative_hint(path: &Path) -> &'static str {
+    if path.is_relative() {
+        " (relative to the current directory; set file_root to resolve relative paths elsewhere)"
+    } else {
+        ""
+    }
+}
+
+fn too_large_message(uri: &str, size: Option<u64>, limit: u64) -> String {
+    match size {
+        Some(size) => format!(
+            "{uri} is {size} bytes, over the limit of {limit} bytes; raise the limit if images this large are expected"
+        ),
+        None => format!(
+            "{uri} is over the limit of {limit} bytes (reading stopped there); raise the limit if images this large \
+             are expected"
+        ),
+    }
+}
+
+/// A fetch's result together with the number of attempts it took, for retry metrics.
+#[derive(Debug)]
+pub struct FetchOutcome {
+    pub result: Result<Vec<u8>, FetchError>,
+    /// HTTP requests sent, including retries; 1 for a local file; 0 when the URI was rejected
+    /// before any I/O (unsupported scheme, invalid URI, local files disabled).
+    pub attempts: u32,
+}
+
+impl FetchOutcome {
+    /// Attempts beyond the first.
+    pub fn retries(&self) -> u32 {
+        self.attempts.saturating_sub(1)
+    }
+}
+
+/// Fetches URIs; see the [module documentation](self). Clones share one connection pool.
+#[derive(Clone, Debug)]
+pub struct Fetcher {
+    agent: ureq::Agent,
+    config: Arc<FetchConfig>,
+}
+
+impl Fetcher {
+    /// A fetcher with its own connection pool; create one per process and clone it.
+    pub fn new(config: FetchConfig) -> Fetcher {
+        let agent = agent_config(&config).build().into();
+        Fetcher { agent, config: Arc::new(config) }
+    }
+
+    /// The configuration it was created with.
+    pub fn config(&self) -> &FetchConfig {
+        &self.config
+    }
+
+    /// The bytes behind `uri`, refusing more than `max_bytes`. Blocks for up to
+    /// `(max_retries + 1) × timeout_ms` plus backoffs: call it from a thread that may wait.
+    pub fn fetch(&self, uri: &str, max_bytes: u64) -> Result<Vec<u8>, FetchError> {
+        self.fetch_with_attempts(uri, max_bytes).result
+    }
+
+    /// Like [`fetch`](Self::fetch), also reporting how many attempts it took.
+    pub fn fetch_with_attempts(&self, uri: &str, max_bytes: u64) -> FetchOutcome {
+        match self.target(uri) {
+            Ok(Target::Http) => self.fetch_http(uri, max_bytes),
+            Ok(Target::File(path)) => FetchOutcome { result: read_file(uri, &path, max_bytes), attempts: 1 },
+            Err(error) => FetchOutcome { result: Err(error), attempts: 0 },
+        }
+    }
+
+    /// Decides from the URI alone what to do with it, so that refused URIs cost no I/O.
+    fn target(&self, uri: &str) -> Result<Target, FetchError> {
+        if uri.is_empty() {
+            return Err(FetchError::InvalidUri { uri: uri.into(), reason: "the URI is empty".into() });
+        }
+        let scheme = scheme(uri);
+        match scheme {
+            Some(s) if s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https") => return Ok(Target::Http),
+            Some(s) if !s.eq_ignore_ascii_case("file") => {
+                let supported = if self.config.allow_file {
+                    "http://, https://, file:// and plain file paths"
+                } else {
+                    "http:// and https:// (local files are disabled)"
+                };
+                return Err(FetchError::UnsupportedScheme { uri: uri.into(), scheme: s.into(), supported });
+            }
+            _ => {}
+        }
+        if !self.config.allow_file {
+            return Err(FetchError::ForbiddenLocalFile { uri: uri.into() });
+        }
+        let path = match scheme {
+            Some(_) => file_uri_path(uri).map_err(|reason| FetchError::InvalidUri { uri: uri.into(), reason })?,
+            None => match &self.config.file_root {
+                Some(root) if Path::new(uri).is_relative() => root.join(uri),
+                _ => PathBuf::from(uri),
+            },
+        };
+        Ok(Target::File(path))
+    }
+
+    fn fetch_http(&self, uri: &str, max_bytes: u64) -> FetchOutcome {
+        let max_attempts = self.config.max_retries.saturating_add(1);
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let failure = match self.http_attempt(uri, max_bytes) {
+                Ok(bytes) => return FetchOutcome { result: Ok(bytes), attempts },
+                Err(failure) => failure,
+            };
+            if attempts >= max_attempts || !failure.is_transient() {
+                let error = failure.into_error(uri, attempts, &self.config);
+                // ureq refuses a malformed URI before sending anything: no attempt was made.
+                let attempts = if matches!(error, FetchError::InvalidUri { .. }) { attempts - 1 } else { attempts };
+                return FetchOutcome { result: Err(error), attempts };
+            }
+            let delay = retry_delay(&self.config, attempts - 1, failure.retry_after(), jitter());
+            debug!(uri, attempt = attempts, ?delay, failure = %failure, "retrying fetch");
+            std::thread::sleep(delay);
+        }
+    }
+
+    fn http_attempt(&self, uri: &str, max_bytes: u64) -> Result<Vec<u8>, HttpFailure> {
+        let mut response = self.agent.get(uri).call().map_err(HttpFailure::from)?;
+        let status = response.status().as_u16();
+        if !response.status().is_success() {
+            let retry_after = response
+                .headers()
+                .get(ureq::http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            // The response is dropped unread: the connection is closed rather than pooled,
+            // which is cheaper than draining an error page we do not need.
+            return Err(HttpFailure::Status { status, retry_after });
+        }
+        // ureq reports no length for compressed bodies, whose Content-Length is not the size
+        // of the data we get; those, and chunked bodies, are caught by the read limit below.
+        if let Some(size) = response.body().content_length() {
+            if size > max_bytes {
+                return Err(HttpFailure::TooLarge { size: Some(size), limit: max_bytes });
+            }
+        }
+        response.body_mut().with_config().limit(max_bytes).read_to_vec().map_err(HttpFailure::from)
+    }
+}
+
+/// Agent settings from a [`FetchConfig`]; separate so tests can adjust them (e.g. the proxy).
+fn agent_config(config: &FetchConfig) -> ureq::config::ConfigBuilder<ureq::typestate::AgentScope> {
+    let limit = |ms: u64| (ms > 0).then(|| Duration::from_millis(ms));
+    ureq::Agent::config_builder()
+        .timeout_global(limit(config.timeout_ms))
+        .timeout_connect(limit(config.connect_timeout_ms))
+        .user_agent(config.user_agent.as_str())
+        // Statuses are classified here (retry or not, not_found or http_status).
+        .http_status_as_error(false)
+        // A redirect loop then ends as an ordinary `http_status` error naming the 3xx status.
+        .max_redirects_will_error(false)
+}
+
+enum Target {
+    Http,
+    File(PathBuf),
+}
+
+/// The scheme of `uri` per RFC 3986 (a letter, then letters, digits, `+`, `-` or `.`, then
+/// `:`), or `None` for a plain path.
+fn scheme(uri: &str) -> Option<&str> {
+    let end = uri.find(':')?;
+    let candidate = &uri[..end];
+    let mut chars = candidate.chars();
+    let first = chars.next()?;
+    (first.is_ascii_alphabetic() && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+        .then_some(candidate)
+}
+
+/// The local path of a `file:` URI (RFC 8089): `file:///p`, `file://localhost/p` or `file:/p`.
+/// `?` and `#` are kept as part of the path: file URIs have no use for queries or fragments,
+/// while file names do contain these characters.
+fn file_uri_path(uri: &str) -> Result<PathBuf, String> {
+    let rest = &uri["file:".len()..];
+    let path = match rest.strip_prefix("//") {
+        Some(authority_and_path) => {
+            let split = authority_and_path.find('/').unwrap_or(authority_and_path.len());
+            let (host, path) = authority_and_path.split_at(split);
+            if !host.is_empty() && !host.eq_ignore_ascii_case("localhost") {
+                return Err(format!(
+                    "file URIs can only name local files (file:///path or file://localhost/path), not files on host \
+                     `{host}`"
+                ));
+            }
+            path
+        }
+        None => rest,
+    };
+    if !path.starts_with('/') {
+        return Err("a file URI needs an absolute path, e.g. file:///data/cat.jpg".into());
+    }
+    let bytes = percent_decode(path)?;
+    if bytes.contains(&0) {
+        return Err("the path contains a NUL byte (%00)".into());
+    }
+    path_from_bytes(bytes)
+}
+
+fn percent_decode(text: &str) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut bytes = text.bytes();
+    while let Some(b) = bytes.next() {
+        if b != b'%' {
+            out.push(b);
+            continue;
+        }
+        let hex = |b: Option<u8>| b.and_then(|b| (b as char).to_digit(16));
+        match (hex(bytes.next()), hex(bytes.next())) {
+            (Some(hi), Some(lo)) => out.push((hi * 16 + lo) as u8),
+            _ => return Err("`%` must be followed by two hex digits (write a literal % as %25)".into()),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(unix)]
+fn path_from_bytes(bytes: Vec<u8>) -> Result<PathBuf, String> {
+    use std::os::unix::ffi::OsStringExt;
+    // Unix file names are bytes, so any decoded sequence is a valid name.
+    Ok(PathBuf::from(std::ffi::OsString::from_vec(bytes)))
+}
+
+#[cfg(not(unix))]
+fn path_from_bytes(bytes: Vec<u8>) -> Result<PathBuf, String> {
+    String::from_utf8(bytes).map(PathBuf::from).map_err(|_| "the percent-decoded path is not UTF-8".into())
+}
+
+fn read_file(uri: &str, path: &Path, max_bytes: u64) -> Result<Vec<u8>, FetchError> {
+    let io_error = |source: io::Error| match source.kind() {
+        // NotADirectory: a path like `cat.jpg/x`, which is simply absent.
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory => {
+            FetchError::FileNotFound { uri: uri.into(), path: path.into() }
+        }
+        _ => FetchError::Unreadable { uri: uri.into(), path: path.into(), source },
+    };
+    // Checked before opening: opening a FIFO would block until a writer appears, and the size
+    // check spares reading a huge file only to refuse it.
+    let metadata = std::fs::metadata(path).map_err(io_error)?;
+    if !metadata.is_file() {
+        let what = if metadata.is_dir() { "it is a directory" } else { "it is not a regular file" };
+        return Err(io_error(io::Error::new(io::ErrorKind::InvalidInput, what)));
+    }
+    if metadata.len() > max_bytes {
+        return Err(FetchError::TooLarge { uri: uri.into(), size: Some(metadata.len()), limit: max_bytes });
+    }
+    // The file may have grown since: read at most one byte past the limit to notice.
+    let mut bytes = Vec::with_capacity(metadata.len() as usize);
+    File::open(path)
+        .and_then(|file| file.take(max_bytes.saturating_add(1)).read_to_end(&mut bytes))
+        .map_err(io_error)?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(FetchError::TooLarge { uri: uri.into(), size: None, limit: max_bytes });
+    }
+    Ok(bytes)
+}
+
+/// One failed HTTP attempt, before it is known whether it is retried.
+enum HttpFailure {
+    Status { status: u16, retry_after: Option<Duration> },
+    TooLarge { size: Option<u64>, limit: u64 },
+    Ureq(ureq::Error),
+}
+
+impl From<ureq::Error> for HttpFailure {
+    fn from(error: ureq::Error) -> Self {
+        match error {
+            ureq::Error::BodyExceedsLimit(limit) => HttpFailure::TooLarge { size: None, limit },
+            error => HttpFailure::Ureq(error),
+        }
+    }
+}
+
+impl fmt::Display for HttpFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HttpFailure::Status { status, .. } => write!(f, "HTTP {}", status_text(*status)),
+            HttpFailure::TooLarge { .. } => f.write_str("body over the size limit"),
+            HttpFailure::Ureq(error) => error.fmt(f),
+        }
+    }
+}
+
+impl HttpFailure {
+    /// Whether a later attempt may succeed. Other 4xx statuses, TLS, protocol and URI errors
+    /// would fail the same way again.
+    fn is_transient(&self) -> bool {
+        match self {
+            HttpFailure::Status { status, .. } => *status == 429 || (500..=599).contains(status),
+            HttpFailure::TooLarge { .. } => false,
+            HttpFailure::Ureq(error) => matches!(
+                error,
+                ureq::Error::Timeout(_)
+                    | ureq::Error::Io(_)
+                    | ureq::Error::HostNotFound
+                    | ureq::Error::ConnectionFailed
+            ),
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            HttpFailure::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    fn into_error(self, uri: &str, attempts: u32, config: &FetchConfig) -> FetchError {
+        let uri = uri.to_owned();
+        match self {
+            HttpFailure::Status { status: status @ (404 | 410), .. } => FetchError::HttpNotFound { uri, status },
+            HttpFailure::Status { status, .. } => FetchError::HttpStatus { uri, status, attempts },
+            HttpFailure::TooLarge { size, limit } => FetchError::TooLarge { uri, size, limit },
+            HttpFailure::Ureq(ureq::Error::Timeout(timeout)) => {
+                let (phase, limit_ms, setting) = match timeout {
+                    ureq::Timeout::Connect => ("connect", config.connect_timeout_ms, "connect_timeout_ms"),
+                    _ => ("request", config.timeout_ms, "timeout_ms"),
+                };
+                FetchError::Timeout { uri, phase, limit_ms, setting, attempts }
+            }
+            HttpFailure::Ureq(error @ (ureq::Error::BadUri(_) | ureq::Error::Http(_))) => {
+                FetchError::InvalidUri { uri, reason: error.to_string() }
+            }
+            HttpFailure::Ureq(source) => FetchError::Network { uri, attempts, source },
+        }
+    }
+}
+
+/// The wait before retry number `retry` (0 for the first): exponential from
+/// `backoff_initial_ms`, capped at `backoff_max_ms`, then scaled into [½, 1] by `jitter`
+/// (in [0, 1)). A server's `Retry-After`, capped the same way, is a floor.
+fn retry_delay(config: &FetchConfig, retry: u32, retry_after: Option<Duration>, jitter: f64) -> Duration {
+    let cap = Duration::from_millis(config.backoff_max_ms);
+    let factor = 1u64.checked_shl(retry).unwrap_or(u64::MAX);
+    let base = Duration::from_millis(config.backoff_initial_ms.saturating_mul(factor)).min(cap);
+    let delay = base.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0));
+    delay.max(retry_after.unwrap_or_default().min(cap))
+}
+
+/// A random number in [0, 1) without a dependency on a random number crate: each `RandomState`
+/// is freshly keyed, so the hash of nothing is unpredictable.
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let bits = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    /// What the test server does with one request.
+    enum Reply {
+        /// Write these bytes (a whole HTTP response) and close.
+        Raw(Vec<u8>),
+        /// Say nothing for this long, then close.
+        Stall(Duration),
+    }
+
+    /// An HTTP/1.1 response with `Connection: close` and a Content-Length.
+    fn response(status: &str, headers: &[&str], body: &[u8]) -> Reply {
+        let mut head = format!("HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+        for header in headers {
+            head.push_str(header);
+            head.push_str("\r\n");
+        }
+        head.push_str("\r\n");
+        let mut bytes = head.into_bytes();
+        bytes.extend_from_slice(body);
+        Reply::Raw(bytes)
+    }
+
+    /// A 200 response with a chunked body of `chunks` chunks of `chunk_len` bytes.
+    fn chunked(chunks: usize, chunk_len: usize) -> Reply {
+        let mut bytes = b"HTTP/1.1 200 OK\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for _ in 0..chunks {
+            bytes.extend_from_slice(format!("{chunk_len:x}\r\n").as_bytes());
+            bytes.extend(std::iter::repeat_n(b'x', chunk_len));
+            bytes.extend_from_slice(b"\r\n");
+        }
+        bytes.extend_from_slice(b"0\r\n\r\n");
+        Reply::Raw(bytes)
+    }
+
+    /// A scripted HTTP server on 127.0.0.1: `reply(n)` answers the n-th request (from 0).
+    /// Its threads are left running; they end with the test process.
+    struct Server {
+        addr: SocketAddr,
+        hits: Arc<AtomicUsize>,
+        requests: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Server {
+        fn start(reply: impl Fn(usize) -> Reply + Send + Sync + 'static) -> Server {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let hits = Arc::new(AtomicUsize::new(0));
+            let requests = Arc::new(Mutex::new(Vec::new()));
+            let reply = Arc::new(reply);
+            let (thread_hits, thread_requests) = (hits.clone(), requests.clone());
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    let Ok(stream) = stream else { continue };
+                    let (hits, requests, reply) = (thread_hits.clone(), thread_requests.clone(), reply.clone());
+                    // A thread per connection, so that a stalled reply does not hold up retries.
+                    std::thread::spawn(move || serve(stream, &hits, &requests, &*reply));
+                }
+            });
+            Server { addr, hits, requests }
+        }
+
+        fn url(&self, path: &str) -> String {
+            format!("http://{}{path}", self.addr)
+        }
+
+        fn hits(&self) -> usize {
+            self.hits.load(Ordering::SeqCst)
+        }
+    }
+
+    fn serve(mut stream: TcpStream, hits: &AtomicUsize, requests: &Mutex<Vec<String>>, reply: &dyn Fn(usize) -> Reply) {
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // Read the whole request head before answering: closing with unread data would reset
+        // the connection instead of delivering the response.
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        requests.lock().unwrap().push(String::from_utf8_lossy(&head).into_owned());
+        let n = hits.fetch_add(1, Ordering::SeqCst);
+        match reply(n) {
+            Reply::Raw(bytes) => {
+                let _ = stream.write_all(&bytes);
+            }
+            Reply::Stall(duration) => std::thread::sleep(duration),
+        }
+    }
+
+    /// Settings that keep the suite fast: tiny backoffs, short timeouts.
+    fn fast_config() -> FetchConfig {
+        FetchConfig {
+            timeout_ms: 2_000,
+            connect_timeout_ms: 1_000,
+            max_retries: 3,
+            backoff_initial_ms: 1,
+            backoff_max_ms: 5,
+            ..FetchConfig::default()
+        }
+    }
+
+    /// A fetcher that ignores proxy environment variables, which would otherwise send requests
+    /// for the local test server to a proxy.
+    fn fetcher(config: FetchConfig) -> Fetcher {
+        let agent = agent_config(&config).proxy(None).build().into();
+        Fetcher { agent, config: Arc::new(config) }
+    }
+
+    fn fetch_err(fetcher: &Fetcher, uri: &str, max_bytes: u64) -> (FetchError, u32) {
+        let outcome = fetcher.fetch_with_attempts(uri, max_bytes);
+        let error = outcome.result.expect_err("the fetch should fail");
+        assert!(error.to_string().contains(uri), "message does not name the URI: {error}");
+        assert_eq!(error.uri(), uri);
+        (error, outcome.attempts)
+    }
+
+    #[test]
+    fn http_200_returns_the_body_and_sends_the_user_agent() {
+        let server = Server::start(|_| response("200 OK", &["Content-Type: image/jpeg"], b"jpeg bytes"));
+        let outcome = fetcher(fast_config()).fetch_with_attempts(&server.url("/cat.jpg"), 1024);
+        assert_eq!((outcome.attempts, outcome.retries()), (1, 0));
+        assert_eq!(outcome.result.unwrap(), b"jpeg bytes");
+        let request = server.requests.lock().unwrap()[0].to_ascii_lowercase();
+        assert!(request.starts_with("get /cat.jpg http/1.1"), "{request}");
+        assert!(request.contains(concat!("user-agent: dlpipe/", env!("CARGO_PKG_VERSION"))), "{request}");
+    }
+
+    #[test]
+    fn http_body_exactly_at_the_limit_is_accepted() {
+        let server = Server::start(|_| response("200 OK", &[], &[7; 100]));
+        assert_eq!(fetcher(fast_config()).fetch(&server.url("/"), 100).unwrap(), vec![7; 100]);
+        let server = Server::start(|_| chunked(4, 25));
+        assert_eq!(fetcher(fast_config()).fetch(&server.url("/"), 100).unwrap(), vec![b'x'; 100]);
+    }
+
+    #[test]
+    fn http_404_and_410_are_not_found_without_retry() {
+        for status in ["404 Not Found", "410 Gone"] {
+            let server = Server::start(move |_| response(status, &[], b"no such image"));
+            let (error, attempts) = fetch_err(&fetcher(fast_config()), &server.url("/missing.jpg"), 1024);
+            assert_eq!(error.kind(), "not_found");
+            assert!(error.to_string().contains(status), "{error}");
+            assert_eq!((attempts, server.hits()), (1, 1));
+        }
+    }
+
+    #[test]
+    fn other_4xx_fail_at_once_with_the_status() {
+        let server = Server::start(|_| response("403 Forbidden", &[], b""));
+        let (error, attempts) = fetch_err(&fetcher(fast_config()), &server.url("/secret.jpg"), 1024);
+        assert_eq!(error.kind(), "http_status");
+        assert!(error.to_string().contains("HTTP 403 Forbidden"), "{error}");
+        assert!(matches!(error, FetchError::HttpStatus { status: 403, attempts: 1, .. }));
+        assert_eq!((attempts, server.hits()), (1, 1));
+    }
+
+    #[test]
+    fn http_5xx_is_retried_until_success() {
+        let server = Server::start(|n| match n {
+            0 | 1 => response("500 Internal Server Error", &[], b"oops"),
+            _ => response("200 OK", &[], b"finally"),
+        });
+        let outcome = fetcher(fast_config()).fetch_with_attempts(&server.url("/flaky.jpg"), 1024);
+        assert_eq!((outcome.attempts, outcome.retries()), (3, 2));
+        assert_eq!(outcome.result.unwrap(), b"finally");
+        assert_eq!(server.hits(), 3);
+    }
+
+    #[test]
+    fn http_429_is_retried_honouring_retry_after_up_to_the_cap() {
+        let server = Server::start(|n| match n {
+            0 => response("429 Too Many Requests", &["Retry-After: 60"], b""),
+            _ => response("200 OK", &[], b"ok"),
+        });
+        let started = Instant::now();
+        let outcome = fetcher(fast_config()).fetch_with_attempts(&server.url("/"), 1024);
+        assert_eq!(outcome.result.unwrap(), b"ok");
+        assert_eq!(outcome.attempts, 2);
+        // Retry-After: 60 is capped at backoff_max_ms (5 ms).
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    }
+
+    #[test]
+    fn persistent_5xx_gives_http_status_after_all_attempts() {
+        let server = Server::start(|_| response("503 Service Unavailable", &[], b""));
+        let config = FetchConfig { max_retries: 2, ..fast_config() };
+        let (error, attempts) = fetch_err(&fetcher(config), &server.url("/down.jpg"), 1024);
+        assert_eq!(error.kind(), "http_status");
+        assert!(matches!(error, FetchError::HttpStatus { status: 503, attempts: 3, .. }));
+        let message = error.to_string();
+        assert!(message.contains("HTTP 503 Service Unavailable after 3 attempts"), "{message}");
+        assert_eq!((attempts, server.hits()), (3, 3));
+    }
+
+    #[test]
+    fn stalled_response_times_out() {
+        let server = Server::start(|_| Reply::Stall(Duration::from_secs(3)));
+        let config = FetchConfig { timeout_ms: 200, max_retries: 1, ..fast_config() };
+        let started = Instant::now();
+        let (error, attempts) = fetch_err(&fetcher(config), &server.url("/slow.jpg"), 1024);
+        assert_eq!(error.kind(), "timeout");
+        assert!(error.to_string().contains("200 ms"), "{error}");
+        assert_eq!(attempts, 2);
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    }
+
+    #[test]
+    fn content_length_over_the_limit_is_refused_unread() {
+        let server = Server::start(|_| response("200 OK", &[], &[0; 1000]));
+        let (error, attempts) = fetch_err(&fetcher(fast_config()), &server.url("/huge.jpg"), 100);
+        assert_eq!(error.kind(), "too_large");
+        assert!(matches!(error, FetchError::TooLarge { size: Some(1000), limit: 100, .. }), "{error:?}");
+        assert_eq!((attempts, server.hits()), (1, 1));
+    }
+
+    #[test]
+    fn chunked_body_over_the_limit_is_cut_off() {
+        let server = Server::start(|_| chunked(10, 50));
+        let (error, attempts) = fetch_err(&fetcher(fast_config()), &server.url("/huge.jpg"), 100);
+        assert_eq!(error.kind(), "too_large");
+        assert!(matches!(error, FetchError::TooLarge { size: None, limit: 100, .. }), "{error:?}");
+        assert_eq!((attempts, server.hits()), (1, 1));
+    }
+
+    #[test]
+    fn connection_refused_is_a_network_error_after_retries() {
+        let addr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        // The listener is dropped: nothing listens on that port any more.
+        let uri = format!("http://{addr}/cat.jpg");
+        let config = FetchConfig { max_retries: 2, ..fast_config() };
+        let (error, attempts) = fetch_err(&fetcher(config), &uri, 1024);
+        assert_eq!(error.kind(), "network");
+        assert!(matches!(error, FetchError::Network { attempts: 3, .. }), "{error:?}");
+        assert_eq!(attempts, 3);
+    }
+
+    #[test]
+    fn malformed_http_uri_is_invalid_without_a_request() {
+        for uri in ["http://", "http://exa mple.com/cat.jpg", "https://[::1/cat.jpg"] {
+            let (error, attempts) = fetch_err(&fetcher(fast_config()), uri, 1024);
+            assert_eq!(error.kind(), "invalid_uri", "{uri}: {error}");
+            assert_eq!(attempts, 0);
+        }
+    }
+
+    #[test]
+    fn plain_paths_absolute_and_relative_to_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cat.jpg"), b"meow").unwrap();
+        let absolute = dir.path().join("cat.jpg");
+        let outcome = fetcher(fast_config()).fetch_with_attempts(absolute.to_str().unwrap(), 4);
+        assert_eq!(outcome.result.unwrap(), b"meow");
+        assert_eq!(outcome.attempts, 1);
+
+        let rooted = fetcher(FetchConfig { file_root: Some(dir.path().into()), ..fast_config() });
+        assert_eq!(rooted.fetch("cat.jpg", 1024).unwrap(), b"meow");
+        assert_eq!(rooted.fetch("./cat.jpg", 1024).unwrap(), b"meow");
+    }
+
+    #[test]
+    fn file_uris_are_percent_decoded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a cat#1.jpg");
+        std::fs::write(&path, b"meow").unwrap();
+        let dir_text = dir.path().to_str().unwrap();
+        assert!(dir_text.starts_with('/'));
+        let fetcher = fetcher(fast_config());
+        for uri in [
+            format!("file://{dir_text}/a%20cat%231.jpg"),
+            format!("FILE://localhost{dir_text}/a%20cat#1.jpg"),
+            format!("file:{dir_text}/a cat#1.jpg"),
+        ] {
+            assert_eq!(fetcher.fetch(&uri, 1024).unwrap(), b"meow", "{uri}");
+        }
+    }
+
+    #[test]
+    fn bad_file_uris_are_invalid() {
+        let fetcher = fetcher(fast_config());
+        for uri in ["file://fileserver/share/cat.jpg", "file://", "file:cat.jpg", "file:///cat%2.jpg", "file:///a%00b"]
+        {
+            let (error, attempts) = fetch_err(&fetcher, uri, 1024);
+            assert_eq!(error.kind(), "invalid_uri", "{uri}: {error}");
+            assert_eq!(attempts, 0);
+        }
+        let (error, _) = fetch_err(&fetcher, "", 1024);
+        assert_eq!(error.kind(), "invalid_uri");
+    }
+
+    #[test]
+    fn missing_file_is_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let fetcher = fetcher(fast_config());
+        for missing in [dir.path().join("nope.jpg"), dir.path().join("nope/deeper.jpg")] {
+            let uri = missing.to_str().unwrap();
+            let (error, _) = fetch_err(&fetcher, uri, 1024);
+            assert_eq!(error.kind(), "not_found", "{error}");
+            let (error, _) = fetch_err(&fetcher, &format!("file://{uri}"), 1024);
+            assert_eq!(error.kind(), "not_found", "{error}");
+        }
+        let (error, _) = fetch_err(&fetcher, "no-such-dir-dlpipe/cat.jpg", 1024);
+        assert_eq!(error.kind(), "not_found");
+        assert!(error.to_string().contains("relative to the current directory"), "{error}");
+        // A path below a file (ENOTDIR) is just as absent.
+        std::fs::write(dir.path().join("cat.jpg"), b"meow").unwrap();
+        let below_a_file = dir.path().join("cat.jpg/x");
+        let (error, _) = fetch_err(&fetcher, below_a_file.to_str().unwrap(), 1024);
+        assert_eq!(error.kind(), "not_found", "{error}");
+    }
+
+    #[test]
+    fn oversized_file_is_refused_before_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.jpg");
+        std::fs::write(&path, [0u8; 101]).unwrap();
+        let (error, _) = fetch_err(&fetcher(fast_config()), path.to_str().unwrap(), 100);
+        assert_eq!(error.kind(), "too_large");
+        assert!(matches!(error, FetchError::TooLarge { size: Some(101), limit: 100, .. }));
+        assert_eq!(fetcher(fast_config()).fetch(path.to_str().unwrap(), 101).unwrap().len(), 101);
+    }
+
+    #[test]
+    fn directory_is_unreadable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (error, _) = fetch_err(&fetcher(fast_config()), dir.path().to_str().unwrap(), 1024);
+        assert_eq!(error.kind(), "unreadable");
+        assert!(error.to_string().contains("directory"), "{error}");
+    }
+
+    #[test]
+    fn local_files_can_be_forbidden() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cat.jpg");
+        std::fs::write(&path, b"meow").unwrap();
+        let fetcher = fetcher(FetchConfig { allow_file: false, ..fast_config() });
+        let path = path.to_str().unwrap();
+        for uri in [path.to_owned(), format!("file://{path}"), "relative/cat.jpg".to_owned()] {
+            let (error, attempts) = fetch_err(&fetcher, &uri, 1024);
+            assert_eq!(error.kind(), "forbidden_local_file", "{uri}");
+            assert_eq!(attempts, 0);
+        }
+        let (error, _) = fetch_err(&fetcher, "s3://bucket/cat.jpg", 1024);
+        assert!(error.to_string().contains("local files are disabled"), "{error}");
+    }
+
+    #[test]
+    fn unknown_schemes_are_unsupported() {
+        let fetcher = fetcher(fast_config());
+        for (uri, scheme) in
+            [("s3://bucket/cat.jpg", "s3"), ("ftp://host/cat.jpg", "ftp"), ("data:image/png;base64,AAAA", "data")]
+        {
+            let (error, attempts) = fetch_err(&fetcher, uri, 1024);
+            assert_eq!(error.kind(), "unsupported_scheme");
+            assert!(matches!(&error, FetchError::UnsupportedScheme { scheme: s, .. } if s == scheme));
+            assert!(error.to_string().contains("http://, https://, file://"), "{error}");
+            assert_eq!(attempts, 0);
+        }
+    }
+
+    #[test]
+    fn scheme_detection_follows_rfc_3986() {
+        assert_eq!(scheme("https://x/y"), Some("https"));
+        assert_eq!(scheme("svn+ssh://x"), Some("svn+ssh"));
+        assert_eq!(scheme("/abs/a:b.jpg"), None);
+        assert_eq!(scheme("images/a:b.jpg"), None);
+        assert_eq!(scheme("1x:y"), None);
+        assert_eq!(scheme(":x"), None);
+        assert_eq!(scheme("plain.jpg"), None);
+    }
+
+    #[test]
+    fn backoff_doubles_is_capped_and_jittered() {
+        let config = FetchConfig { backoff_initial_ms: 100, backoff_max_ms: 1_000, ..FetchConfig::default() };
+        let ms = |retry, jitter| retry_delay(&config, retry, None, jitter).as_millis();
+        assert_eq!([ms(0, 1.0), ms(1, 1.0), ms(2, 1.0), ms(3, 1.0), ms(4, 1.0)], [100, 200, 400, 800, 1_000]);
+        assert_eq!([ms(0, 0.0), ms(3, 0.0), ms(40, 0.0), ms(u32::MAX, 0.0)], [50, 400, 500, 500]);
+        let floor = |secs| retry_delay(&config, 0, Some(Duration::from_secs(secs)), 0.0).as_millis();
+        assert_eq!([floor(0), floor(1), floor(60)], [50, 1_000, 1_000]);
+        for _ in 0..100 {
+            let j = jitter();
+            assert!((0.0..1.0).contains(&j), "{j}");
+        }
+    }
+
+    #[test]
+    fn config_defaults_and_unknown_keys() {
+        let config: FetchConfig = serde_json::from_str(r#"{"max_retries": 5, "file_root": "/data"}"#).unwrap();
+        assert_eq!(config, FetchConfig { max_retries: 5, file_root: Some("/data".into()), ..FetchConfig::default() });
+        let defaults = FetchConfig::default();
+        assert_eq!((defaults.timeout_ms, defaults.connect_timeout_ms, defaults.max_retries), (10_000, 3_000, 3));
+        assert_eq!((defaults.backoff_initial_ms, defaults.backoff_max_ms), (100, 2_000));
+        assert!(defaults.allow_file && defaults.file_root.is_none());
+        assert!(defaults.user_agent.starts_with("dlpipe/"));
+        let error = serde_json::from_str::<FetchConfig>(r#"{"timeout": 5}"#).unwrap_err();
+        assert!(error.to_string().contains("unknown field `timeout`"), "{error}");
+    }
+
+    #[test]
+    fn fetcher_is_shareable_across_threads() {
+        fn assert_send_sync_clone<T: Send + Sync + Clone>() {}
+        assert_send_sync_clone::<Fetcher>();
+        let server = Server::start(|_| response("200 OK", &[], b"ok"));
+        let fetcher = fetcher(fast_config());
+        let url = server.url("/");
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| assert_eq!(fetcher.clone().fetch(&url, 16).unwrap(), b"ok"));
+            }
+        });
+        assert_eq!(server.hits(), 4);
+    }
+}

@@ -1,0 +1,437 @@
+//! The learner's hot loops: dot products, axpys, the optimizers' per-weight updates, softmax, and
+//! the choice of instruction set they run with.
+//!
+//! Every kernel is written once, in portable Rust, and marked `#[inline(always)]` so that it is
+//! compiled into its caller. The model has two entry points for each hot operation: a baseline
+//! one and one compiled with `#[target_feature(enable = "avx2")]`, chosen once at run time
+//! ([`SimdPath::detect`]). Inlined into the AVX2 entry point, the same code becomes 256-bit
+//! vector code; in the baseline one, 128-bit SSE2 code (or whatever the target offers).
+//!
+//! **Both paths compute bit-identical results**, so that workers on different CPUs that learn
+//! the same examples hold the same model, and a snapshot made on one machine continues learning
+//! identically on another:
+//! - reductions accumulate into [`LANES`] independent partial sums, lane `l` taking elements
+//!   `l, l + LANES, ...` in order, and combine the lanes in a fixed tree; any vector width that
+//!   divides `LANES` performs exactly these operations;
+//! - multiplies and adds are never fused: Rust does not contract `a * b + c` into an FMA, and
+//!   no kernel asks for one. This is also why the fast path enables AVX2 but not FMA: an FMA
+//!   rounds once where the portable code rounds twice, so its results would differ;
+//! - `exp` is computed here ([`exp`]) from IEEE-exact operations rather than by the platform's
+//!   libm, whose results may differ in the last bit between libm versions;
+//! - division and square root are exactly rounded by IEEE 754 at every width.
+
+use std::fmt;
+
+/// Partial sums per reduction. 16 lanes are two AVX2 registers or four SSE registers per
+/// accumulator, enough independent additions to hide the adder's latency.
+pub(crate) const LANES: usize = 16;
+
+/// The instruction set the learner's hot loops run with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SimdPath {
+    /// 256-bit AVX2 vectors (x86-64 CPUs that have AVX2).
+    Avx2,
+    /// The compilation target's baseline (SSE2 on x86-64).
+    Portable,
+}
+
+impl SimdPath {
+    /// The fastest path this CPU supports.
+    pub fn detect() -> SimdPath {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            return SimdPath::Avx2;
+        }
+        SimdPath::Portable
+    }
+
+    /// A short name for logs and benchmark reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            SimdPath::Avx2 => "avx2",
+            SimdPath::Portable => {
+                if cfg!(target_arch = "x86_64") {
+                    "sse2"
+                } else {
+                    "portable"
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Display for SimdPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Sums the lanes in a fixed tree: `(a[0] + a[8]) + (a[4] + a[12]) + ...`, the same at any width.
+#[inline(always)]
+fn reduce(mut acc: [f32; LANES]) -> f32 {
+    let mut width = LANES / 2;
+    while width > 0 {
+        for i in 0..width {
+            acc[i] += acc[i + width];
+        }
+        width /= 2;
+    }
+    acc[0]
+}
+
+/// `out[r] = dot(matrix row r, x)` for the row-major `out.len() x x.len()` `matrix`.
+///
+/// Rows are processed four at a time so that each chunk of `x` is loaded once for four rows;
+/// each row's sum is computed exactly as [`dot`] computes it, whatever block it falls in.
+#[inline(always)]
+pub(crate) fn matvec(matrix: &[f32], x: &[f32], out: &mut [f32]) {
+    let d = x.len();
+    assert_eq!(matrix.len(), d * out.len(), "matrix shape does not match x and out");
+    if d == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let mut blocks = matrix.chunks_exact(4 * d);
+    let mut outs = out.chunks_exact_mut(4);
+    for (rows, o) in (&mut blocks).zip(&mut outs) {
+        let sums = dot_rows::<4>(rows, x);
+        o.copy_from_slice(&sums);
+    }
+    for (row, o) in blocks.remainder().chunks_exact(d).zip(outs.into_remainder()) {
+        *o = dot(row, x);
+    }
+}
+
+/// The dot product of `a` and `b` (equal lengths), in the lane order described in the module
+/// documentation.
+#[inline(always)]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot of slices of different lengths");
+    dot_rows::<1>(a, b)[0]
+}
+
+/// Dot products of the `R` consecutive rows in `rows` (each `x.len()` long) with `x`.
+#[inline(always)]
+fn dot_rows<const R: usize>(rows: &[f32], x: &[f32]) -> [f32; R] {
+    let d = x.len();
+    debug_assert_eq!(rows.len(), R * d);
+    let row: [&[f32]; R] = std::array::from_fn(|r| &rows[r * d..(r + 1) * d]);
+    let mut acc = [[0.0f32; LANES]; R];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for (c, xs) in chunks.enumerate() {
+        let xs: &[f32; LANES] = xs.try_into().expect("chunks_exact yields LANES elements");
+        for r in 0..R {
+            let ws: &[f32; LANES] = row[r][c * LANES..][..LANES].try_into().expect("row has d elements");
+            for l in 0..LANES {
+                acc[r][l] += ws[l] * xs[l];
+            }
+        }
+    }
+    let full = d - tail.len();
+    std::array::from_fn(|r| {
+        let mut rest = 0.0f32;
+        for (w, x) in row[r][full..].iter().zip(tail) {
+            rest += w * x;
+        }
+        reduce(acc[r]) + rest
+    })
+}
+
+/// Whether every element of `x` is finite. `v * 0` is zero for finite `v` and NaN for
+/// infinities and NaN, so the lane sums are zero exactly when all elements are finite; unlike
+/// an early-exit search this vectorises.
+#[inline(always)]
+pub(crate) fn all_finite(x: &[f32]) -> bool {
+    let mut acc = [0.0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for xs in chunks {
+        let xs: &[f32; LANES] = xs.try_into().expect("chunks_exact yields LANES elements");
+        for l in 0..LANES {
+            acc[l] += xs[l] * 0.0;
+        }
+    }
+    reduce(acc) == 0.0 && tail.iter().all(|v| v.is_finite())
+}
+
+/// `y += a * x`.
+#[inline(always)]
+pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    assert_eq!(y.len(), x.len(), "axpy of slices of different lengths");
+    let mut ys = y.chunks_exact_mut(LANES);
+    let mut xs = x.chunks_exact(LANES);
+    for (yc, xc) in (&mut ys).zip(&mut xs) {
+        let yc: &mut [f32; LANES] = yc.try_into().expect("chunks_exact yields LANES elements");
+        let xc: &[f32; LANES] = xc.try_into().expect("chunks_exact yields LANES elements");
+        for l in 0..LANES {
+            yc[l] += a * xc[l];
+        }
+    }
+    for (y, x) in ys.into_remainder().iter_mut().zip(xs.remainder()) {
+        *y += a * x;
+    }
+}
+
+/// `y = s * y + a * x`: an SGD step with L2 weight decay folded into the factor `s`.
+#[inline(always)]
+pub(crate) fn scale_axpy(y: &mut [f32], s: f32, a: f32, x: &[f32]) {
+    assert_eq!(y.len(), x.len(), "scale_axpy of slices of different lengths");
+    let mut ys = y.chunks_exact_mut(LANES);
+    let mut xs = x.chunks_exact(LANES);
+    for (yc, xc) in (&mut ys).zip(&mut xs) {
+        let yc: &mut [f32; LANES] = yc.try_into().expect("chunks_exact yields LANES elements");
+        let xc: &[f32; LANES] = xc.try_into().expect("chunks_exact yields LANES elements");
+        for l in 0..LANES {
+            yc[l] = s * yc[l] + a * xc[l];
+        }
+    }
+    for (y, x) in ys.into_remainder().iter_mut().zip(xs.remainder()) {
+        *y = s * *y + a * x;
+    }
+}
+
+/// One AdaGrad step on one row: with gradient `g = c * x + l2 * w`, `G += g²` and
+/// `w -= lr * g / (sqrt(G) + eps)`.
+#[inline(always)]
+pub(crate) fn adagrad_row(w: &mut [f32], sum_sq: &mut [f32], x: &[f32], c: f32, lr: f32, eps: f32, l2: f32) {
+    assert!(w.len() == x.len() && sum_sq.len() == x.len(), "adagrad_row of slices of different lengths");
+    // A plain element-wise loop: no reduction, so LLVM vectorises it as it stands.
+    for ((w, g2), x) in w.iter_mut().zip(sum_sq.iter_mut()).zip(x) {
+        let g = c * x + l2 * *w;
+        *g2 += g * g;
+        *w -= lr * g / (g2.sqrt() + eps);
+    }
+}
+
+/// The hyperparameters of one FTRL-Proximal coordinate update.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FtrlParams {
+    pub inv_alpha: f32,
+    pub beta: f32,
+    pub l1: f32,
+    pub l2: f32,
+}
+
+/// FTRL-Proximal's closed-form weight for accumulators `z` and `n` (McMahan et al. 2013,
+/// algorithm 1): zero while `|z| <= l1`, else `-(z - sign(z) l1) / ((beta + sqrt(n)) / alpha + l2)`.
+#[inline(always)]
+pub(crate) fn ftrl_weight(z: f32, n: f32, p: FtrlParams) -> f32 {
+    // Written as a select over both arms, which LLVM vectorises; the division is harmless
+    // when its result is discarded.
+    let w = (p.l1.copysign(z) - z) / ((p.beta + n.sqrt()) * p.inv_alpha + p.l2);
+    if z.abs() > p.l1 {
+        w
+    } else {
+        0.0
+    }
+}
+
+/// One FTRL-Proximal step on one row, for gradient `g = c * x`: updates the accumulators `z`
+/// and `n` of every coordinate and recomputes its weight, so that `w` is ready for prediction.
+#[inline(always)]
+pub(crate) fn ftrl_row(w: &mut [f32], z: &mut [f32], n: &mut [f32], x: &[f32], c: f32, p: FtrlParams) {
+    assert!(w.len() == x.len() && z.len() == x.len() && n.len() == x.len(), "ftrl_row of slices of different lengths");
+    for (((w, z), n), x) in w.iter_mut().zip(z.iter_mut()).zip(n.iter_mut()).zip(x) {
+        let g = c * x;
+        let n_new = *n + g * g;
+        let sigma = (n_new.sqrt() - n.sqrt()) * p.inv_alpha;
+        *z += g - sigma * *w;
+        *n = n_new;
+        *w = ftrl_weight(*z, n_new, p);
+    }
+}
+
+/// Above `ln(f32::MAX)` the exponential overflows to infinity.
+const EXP_MAX: f32 = 88.722_84;
+/// Below `ln(2^-150)`, half the smallest subnormal, the exponential rounds to zero.
+const EXP_MIN: f32 = -103.972_08;
+
+/// `e^x` in f32 from IEEE-exact operations only, so that every platform computes the same bits
+/// (the platform libm's `expf` may differ between versions). Cody-Waite range reduction to
+/// `x = k ln 2 + r`, `|r| <= ln 2 / 2`, and Cephes' minimax polynomial for `e^r`; the error is
+/// within about 1 ulp.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    // ln 2 split so that k * LN2_HI is exact for the k that occur.
+    const LN2_HI: f32 = 0.693_359_375;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer (ties to even), exactly.
+    const ROUND: f32 = 12_582_912.0;
+    if x.is_nan() {
+        return x;
+    }
+    if x > EXP_MAX {
+        return f32::INFINITY;
+    }
+    if x < EXP_MIN {
+        return 0.0;
+    }
+    let k = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = (x - k * LN2_HI) - k * LN2_LO;
+    let r2 = r * r;
+    let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r
+        + 5.000_000_1e-1;
+    let er = (p * r2 + r) + 1.0;
+    // 2^k in two factors, each a normal f32 for every k that occurs (-150..=128): the first
+    // product is exact, so only the last one rounds, also where the result is subnormal.
+    let k = k as i32;
+    let half = k / 2;
+    er * pow2(half) * pow2(k - half)
+}
+
+/// `2^k` for `-126 <= k <= 127`, built from its bits.
+#[inline(always)]
+fn pow2(k: i32) -> f32 {
+    debug_assert!((-126..=127).contains(&k));
+    f32::from_bits(((k + 127) as u32) << 23)
+}
+
+/// Turns `logits` into probabilities in place and returns `(max, ln(sum of e^(logit - max)))`,
+/// whose sum is the log normaliser: the log-loss of class `y` is `ln_sum - (logit_y - max)`.
+/// An empty slice returns `(0, 0)`.
+#[inline(always)]
+pub(crate) fn softmax_in_place(logits: &mut [f32]) -> (f32, f32) {
+    if logits.is_empty() {
+        return (0.0, 0.0);
+    }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f32;
+    for v in logits.iter_mut() {
+        *v = exp(*v - max);
+        sum += *v;
+    }
+    for v in logits.iter_mut() {
+        *v /= sum;
+    }
+    (max, sum.ln())
+}
+
+/// The index of the largest value, the first one on ties; `None` for an empty slice.
+pub fn argmax(values: &[f32]) -> Option<usize> {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &v) in values.iter().enumerate() {
+        if best.is_none_or(|(_, b)| v > b) {
+            best = Some((i, v));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::learn::testutil::Rng;
+
+    fn random_vec(rng: &mut Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.normal()).collect()
+    }
+
+    #[test]
+    fn dot_and_matvec_match_f64_reference() {
+        let mut rng = Rng::new(1);
+        for d in [0, 1, 5, 15, 16, 17, 33, 100, 1280] {
+            for k in [1, 3, 4, 5, 9, 10] {
+                let m = random_vec(&mut rng, k * d);
+                let x = random_vec(&mut rng, d);
+                let mut out = vec![f32::NAN; k];
+                matvec(&m, &x, &mut out);
+                for r in 0..k {
+                    let row = &m[r * d..(r + 1) * d];
+                    let exact: f64 = row.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    let scale: f64 = row.iter().zip(&x).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
+                    assert!((out[r] as f64 - exact).abs() <= 1e-6 * (scale + 1.0), "d={d} k={k} r={r}");
+                    // A row's sum does not depend on the block it was computed in.
+                    assert_eq!(out[r].to_bits(), dot(row, &x).to_bits(), "d={d} k={k} r={r}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn all_finite_finds_every_kind_of_non_finite_value() {
+        let mut x = vec![1.5f32; 37];
+        assert!(all_finite(&x));
+        assert!(all_finite(&[]));
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for pos in [0, 15, 16, 31, 32, 36] {
+                let keep = x[pos];
+                x[pos] = bad;
+                assert!(!all_finite(&x), "{bad} at {pos}");
+                x[pos] = keep;
+            }
+        }
+        // Huge but finite values must not overflow the check.
+        assert!(all_finite(&[f32::MAX; 40]));
+    }
+
+    #[test]
+    fn axpy_kernels_match_scalar_formulas() {
+        let mut rng = Rng::new(2);
+        for d in [0, 3, 16, 37] {
+            let x = random_vec(&mut rng, d);
+            let y0 = random_vec(&mut rng, d);
+            let mut y = y0.clone();
+            axpy(&mut y, 0.25, &x);
+            for i in 0..d {
+                assert_eq!(y[i].to_bits(), (y0[i] + 0.25 * x[i]).to_bits());
+            }
+            let mut y = y0.clone();
+            scale_axpy(&mut y, 0.9, -0.5, &x);
+            for i in 0..d {
+                assert_eq!(y[i].to_bits(), (0.9 * y0[i] + -0.5 * x[i]).to_bits());
+            }
+        }
+    }
+
+    #[test]
+    fn exp_is_accurate_over_its_whole_range() {
+        let mut worst_ulps = 0.0f64;
+        let mut x = -110.0f32;
+        while x < 90.0 {
+            let got = exp(x);
+            let want = (x as f64).exp();
+            if want > f32::MAX as f64 {
+                assert_eq!(got, f32::INFINITY, "exp({x})");
+            } else if want >= f32::MIN_POSITIVE as f64 {
+                // Relative error in units of f32's epsilon.
+                let ulps = ((got as f64 - want) / want).abs() / f32::EPSILON as f64;
+                worst_ulps = worst_ulps.max(ulps);
+            } else {
+                // Subnormal range: absolute error within one subnormal step.
+                assert!((got as f64 - want).abs() <= 1.5e-45, "exp({x}) = {got}, want {want}");
+            }
+            x += 0.001_3;
+        }
+        assert!(worst_ulps < 2.0, "worst error {worst_ulps} ulp");
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(f32::INFINITY), f32::INFINITY);
+        assert!(exp(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn softmax_normalises_and_reports_the_log_normaliser() {
+        let mut v = vec![1.0f32, 2.0, 3.0, -1000.0];
+        let (max, ln_sum) = softmax_in_place(&mut v);
+        let exact: Vec<f64> = {
+            let e: Vec<f64> = [1.0f64, 2.0, 3.0, -1000.0].iter().map(|l| (l - 3.0).exp()).collect();
+            let s: f64 = e.iter().sum();
+            e.iter().map(|x| x / s).collect()
+        };
+        for (p, q) in v.iter().zip(&exact) {
+            assert!((*p as f64 - q).abs() < 1e-6);
+        }
+        assert_eq!(max, 3.0);
+        let lse = (1.0f64.exp() + 2.0f64.exp() + 3.0f64.exp()).ln();
+        assert!(((max + ln_sum) as f64 - lse).abs() < 1e-6);
+        assert_eq!(softmax_in_place(&mut []), (0.0, 0.0));
+    }
+
+    #[test]
+    fn argmax_takes_the_first_maximum() {
+        assert_eq!(argmax(&[]), None);
+        assert_eq!(argmax(&[0.1, 0.7, 0.7, 0.2]), Some(1));
+        assert_eq!(argmax(&[-3.0]), Some(0));
+    }
+}

@@ -1,0 +1,64 @@
+//! Online multinomial logistic regression on feature vectors: the classifier that learns from
+//! labelled records on top of the CNN's pooled features (transfer learning, one example at a
+//! time).
+//!
+//! - [`SoftmaxRegression`]: the model, with classes discovered from labels or fixed by config,
+//!   running feature standardisation ([`RunningStandardizer`]), SGD, AdaGrad or FTRL-Proximal
+//!   ([`OptimizerConfig`]), test-then-train updates that report how well the example was
+//!   predicted ([`UpdateOutcome`]), and safetensors snapshots (files or bytes).
+//! - [`Prequential`]: accuracy and log-loss of those predictions, in total and over a window.
+//!
+//! The module is pure computation: no I/O beyond snapshots, no threads, no randomness. An
+//! update costs a few microseconds for 1280 features and 10 classes (`cargo bench --bench
+//! learner`), so the learner keeps up with any CNN.
+
+mod config;
+mod kernels;
+mod metrics;
+mod model;
+mod optimizer;
+mod snapshot;
+mod standardize;
+#[cfg(test)]
+mod testutil;
+
+pub use config::{AdagradConfig, FtrlConfig, LearnerConfig, LearningRateSchedule, OptimizerConfig, SgdConfig};
+pub use kernels::{argmax, SimdPath};
+pub use metrics::Prequential;
+pub use model::{SoftmaxRegression, UpdateOutcome};
+pub use snapshot::{SnapshotError, FORMAT_VERSION, RESERVED_PREFIX};
+pub use standardize::{RunningStandardizer, VARIANCE_EPSILON};
+
+use std::path::PathBuf;
+
+/// Why the learner refused an input, a config or a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum LearnError {
+    #[error("label {label:?} would be a new class, but the learner already has max_classes = {max_classes}")]
+    TooManyClasses { label: String, max_classes: usize },
+    #[error("label {label:?} is not one of the {classes} classes fixed by the learner config")]
+    UnknownLabel { label: String, classes: usize },
+    #[error("class index {index} is out of range: the model has {classes} classes")]
+    ClassIndex { index: usize, classes: usize },
+    #[error("feature vector has {got} values, the model expects {expected}")]
+    Dimension { expected: usize, got: usize },
+    #[error("feature {index} of the feature vector is {value}; features must be finite")]
+    NonFinite { index: usize, value: f32 },
+    #[error("probability buffer has {got} slots, the model has {expected} classes")]
+    OutputLength { expected: usize, got: usize },
+    #[error("invalid learner config: {field} {reason}")]
+    Config { field: &'static str, reason: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("model snapshot {origin}: {source}")]
+    Snapshot {
+        /// The file, or "(in-memory snapshot)".
+        origin: String,
+        #[source]
+        source: SnapshotError,
+    },
+}

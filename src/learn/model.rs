@@ -1,0 +1,662 @@
+//! [`SoftmaxRegression`]: the online multinomial logistic regression.
+
+use super::config::LearnerConfig;
+use super::kernels::{self, SimdPath};
+use super::optimizer::OptimizerState;
+use super::standardize::RunningStandardizer;
+use super::LearnError;
+use std::collections::HashMap;
+use std::fmt;
+
+/// What one [`SoftmaxRegression::update`] observed, about the prediction it made *before*
+/// learning from the example (test-then-train, "prequential" evaluation).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct UpdateOutcome {
+    /// The log-loss `-ln p(label)` of the prediction.
+    pub loss: f32,
+    /// Whether the most probable class (the first one on ties) was the label.
+    pub correct: bool,
+}
+
+/// A multinomial logistic regression over `dim` features that learns one example at a time.
+///
+/// Classes are either fixed by the config or discovered as labels arrive (up to
+/// `max_classes`); a new class starts with zero weights. The weights are a row-major
+/// `K x D` matrix (one row per class) and a bias per class. With `standardize` on, each
+/// feature vector is standardised with the running statistics of the vectors learned before
+/// it, for prediction and learning alike.
+///
+/// The model after a sequence of updates depends only on that sequence: the arithmetic is f32
+/// in a fixed order, identical on every CPU (see [`kernels`](super::kernels)), with no
+/// randomness and no parallelism. [`updates`](Self::updates) counts the updates, and serves as
+/// the model's version.
+#[derive(Clone)]
+pub struct SoftmaxRegression {
+    pub(super) dim: usize,
+    pub(super) config: LearnerConfig,
+    pub(super) classes: Vec<String>,
+    pub(super) class_ids: HashMap<String, usize>,
+    /// `K x D`, row-major.
+    pub(super) weights: Vec<f32>,
+    pub(super) bias: Vec<f32>,
+    pub(super) optimizer: OptimizerState,
+    pub(super) standardizer: Option<RunningStandardizer>,
+    pub(super) updates: u64,
+    pub(super) simd: SimdPath,
+    /// The standardised features of the example being learned (`D`), reused so that an update
+    /// allocates nothing.
+    pub(super) scratch_features: Vec<f32>,
+    /// The logits, then probabilities, then gradient coefficients of the example being
+    /// learned (`K`).
+    pub(super) scratch_classes: Vec<f32>,
+}
+
+impl SoftmaxRegression {
+    /// A model of `dim` features with the config's classes (or none, to discover them), zero
+    /// weights and no standardisation statistics.
+    pub fn new(dim: usize, config: LearnerConfig) -> Result<SoftmaxRegression, LearnError> {
+        if dim == 0 {
+            return Err(LearnError::Config { field: "dim", reason: "the model needs at least one feature".into() });
+        }
+        config.validate()?;
+        let optimizer = OptimizerState::new(&config.optimizer, 0, dim);
+        let mut model = SoftmaxRegression {
+            dim,
+            classes: Vec::new(),
+            class_ids: HashMap::new(),
+            weights: Vec::new(),
+            bias: Vec::new(),
+            optimizer,
+            standardizer: config.standardize.then(|| RunningStandardizer::new(dim)),
+            updates: 0,
+            simd: SimdPath::detect(),
+            scratch_features: vec![0.0; if config.standardize { dim } else { 0 }],
+            scratch_classes: Vec::new(),
+            config,
+        };
+        for class in model.config.classes.clone() {
+            model.add_class(class);
+        }
+        Ok(model)
+    }
+
+    /// The number of features.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// The config the model was created with.
+    pub fn config(&self) -> &LearnerConfig {
+        &self.config
+    }
+
+    /// The classes, in index order.
+    pub fn classes(&self) -> &[String] {
+        &self.classes
+    }
+
+    /// The number of classes.
+    pub fn num_classes(&self) -> usize {
+        self.classes.len()
+    }
+
+    /// The index of class `label`, if the model has it.
+    pub fn find_class(&self, label: &str) -> Option<usize> {
+        self.class_ids.get(label).copied()
+    }
+
+    /// The index of class `label`, adding it (with zero weights) if the model discovers classes
+    /// and has fewer than `max_classes`.
+    pub fn class_index(&mut self, label: &str) -> Result<usize, LearnError> {
+        if let Some(index) = self.find_class(label) {
+            return Ok(index);
+        }
+        if !self.config.classes.is_empty() {
+            return Err(LearnError::UnknownLabel { label: label.to_owned(), classes: self.classes.len() });
+        }
+        if self.classes.len() >= self.config.max_classes {
+            return Err(LearnError::TooManyClasses { label: label.to_owned(), max_classes: self.config.max_classes });
+        }
+        self.add_class(label.to_owned());
+        Ok(self.classes.len() - 1)
+    }
+
+    fn add_class(&mut self, label: String) {
+        debug_assert!(!self.class_ids.contains_key(&label));
+        self.class_ids.insert(label.clone(), self.classes.len());
+        self.classes.push(label);
+        self.weights.resize(self.weights.len() + self.dim, 0.0);
+        self.bias.push(0.0);
+        self.optimizer.add_class(self.dim);
+        self.scratch_classes.push(0.0);
+    }
+
+    /// Updates applied so far: the model's version.
+    pub fn updates(&self) -> u64 {
+        self.updates
+    }
+
+    /// The weights, a row-major `num_classes x dim` matrix, in standardised feature space when
+    /// standardisation is on.
+    pub fn weights(&self) -> &[f32] {
+        &self.weights
+    }
+
+    /// The bias of each class.
+    pub fn bias(&self) -> &[f32] {
+        &self.bias
+    }
+
+    /// The running feature statistics, when standardisation is on.
+    pub fn standardizer(&self) -> Option<&RunningStandardizer> {
+        self.standardizer.as_ref()
+    }
+
+    /// The instruction set the hot loops run with.
+    pub fn simd_path(&self) -> SimdPath {
+        self.simd
+    }
+
+    /// Runs the hot loops with the target's baseline instructions even where the CPU has
+    /// faster ones (`true`), or with the fastest the CPU has (`false`, the default). The
+    /// results are the same bits either way; this is for benchmarks and tests.
+    pub fn set_portable_kernels(&mut self, portable: bool) {
+        self.simd = if portable { SimdPath::Portable } else { SimdPath::detect() };
+    }
+
+    /// Checks that `x` is a finite feature vector of the model's dimension.
+    #[inline(always)]
+    fn check_features(&self, x: &[f32]) -> Result<(), LearnError> {
+        if x.len() != self.dim {
+            return Err(LearnError::Dimension { expected: self.dim, got: x.len() });
+        }
+        if !kernels::all_finite(x) {
+            let index = x.iter().position(|v| !v.is_finite()).expect("a value is not finite");
+            return Err(LearnError::NonFinite { index, value: x[index] });
+        }
+        Ok(())
+    }
+
+    /// Writes the probability of each class for features `x` into `out` (one slot per class).
+    /// Allocates a `dim` buffer for the standardised features when standardisation is on.
+    pub fn predict_proba_into(&self, x: &[f32], out: &mut [f32]) -> Result<(), LearnError> {
+        if out.len() != self.classes.len() {
+            return Err(LearnError::OutputLength { expected: self.classes.len(), got: out.len() });
+        }
+        match self.simd {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `simd` is Avx2 only where `SimdPath::detect` found AVX2 on this CPU.
+            SimdPath::Avx2 => unsafe { predict_avx2(self, x, out) },
+            _ => self.predict_kernel(x, out),
+        }
+    }
+
+    /// The probability of each class for features `x`; empty while the model has no classes.
+    pub fn predict_proba(&self, x: &[f32]) -> Result<Vec<f32>, LearnError> {
+        let mut out = vec![0.0; self.classes.len()];
+        self.predict_proba_into(x, &mut out)?;
+        Ok(out)
+    }
+
+    /// The `k` most probable classes for features `x` with their probabilities, most probable
+    /// first (lower index first on ties).
+    pub fn top_k(&self, x: &[f32], k: usize) -> Result<Vec<(usize, f32)>, LearnError> {
+        let probs = self.predict_proba(x)?;
+        let mut ranked: Vec<(usize, f32)> = probs.into_iter().enumerate().collect();
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        ranked.truncate(k);
+        Ok(ranked)
+    }
+
+    #[inline(always)]
+    fn predict_kernel(&self, x: &[f32], out: &mut [f32]) -> Result<(), LearnError> {
+        self.check_features(x)?;
+        let standardized;
+        let features = match &self.standardizer {
+            Some(s) => {
+                let mut z = vec![0.0; self.dim];
+                s.transform(x, &mut z);
+                standardized = z;
+                &standardized[..]
+            }
+            None => x,
+        };
+        logits(&self.weights, &self.bias, features, out);
+        kernels::softmax_in_place(out);
+        Ok(())
+    }
+
+    /// Learns one example of class index `label` (see [`class_index`](Self::class_index)),
+    /// after predicting it: the outcome describes that prediction. On error the model is
+    /// unchanged.
+    pub fn update(&mut self, x: &[f32], label: usize) -> Result<UpdateOutcome, LearnError> {
+        match self.simd {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `simd` is Avx2 only where `SimdPath::detect` found AVX2 on this CPU.
+            SimdPath::Avx2 => unsafe { update_avx2(self, x, label) },
+            _ => self.update_kernel(x, label),
+        }
+    }
+
+    /// [`class_index`](Self::class_index) and [`update`](Self::update) in one: learns one
+    /// example labelled `label`. An invalid feature vector adds no class.
+    pub fn learn(&mut self, x: &[f32], label: &str) -> Result<UpdateOutcome, LearnError> {
+        self.check_features(x)?;
+        let index = self.class_index(label)?;
+        self.update(x, index)
+    }
+
+    #[inline(always)]
+    fn update_kernel(&mut self, x: &[f32], label: usize) -> Result<UpdateOutcome, LearnError> {
+        self.check_features(x)?;
+        if label >= self.classes.len() {
+            return Err(LearnError::ClassIndex { index: label, classes: self.classes.len() });
+        }
+        let SoftmaxRegression {
+            config,
+            weights,
+            bias,
+            optimizer,
+            standardizer,
+            updates,
+            scratch_features,
+            scratch_classes,
+            ..
+        } = self;
+        let features: &[f32] = match standardizer {
+            Some(s) => {
+                s.transform_and_observe(x, scratch_features);
+                scratch_features
+            }
+            None => x,
+        };
+        let probs = scratch_classes;
+        logits(weights, bias, features, probs);
+        let logit = probs[label];
+        let (max, ln_sum) = kernels::softmax_in_place(probs);
+        // -ln p(label) from the logits rather than from p, which may have underflowed to 0.
+        // Mathematically non-negative; rounding may leave a tiny negative.
+        let loss = (ln_sum - (logit - max)).max(0.0);
+        let correct = kernels::argmax(probs) == Some(label);
+        // The gradient of the cross-entropy wrt logit k is p_k - [k == label].
+        probs[label] -= 1.0;
+        optimizer.step(&config.optimizer, *updates, weights, bias, features, probs);
+        *updates += 1;
+        Ok(UpdateOutcome { loss, correct })
+    }
+}
+
+/// `out = weights · x + bias`.
+#[inline(always)]
+fn logits(weights: &[f32], bias: &[f32], x: &[f32], out: &mut [f32]) {
+    kernels::matvec(weights, x, out);
+    for (o, b) in out.iter_mut().zip(bias) {
+        *o += b;
+    }
+}
+
+/// [`SoftmaxRegression::predict_kernel`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn predict_avx2(model: &SoftmaxRegression, x: &[f32], out: &mut [f32]) -> Result<(), LearnError> {
+    model.predict_kernel(x, out)
+}
+
+/// [`SoftmaxRegression::update_kernel`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn update_avx2(model: &mut SoftmaxRegression, x: &[f32], label: usize) -> Result<UpdateOutcome, LearnError> {
+    model.update_kernel(x, label)
+}
+
+impl fmt::Debug for SoftmaxRegression {
+    /// The shape and state, without the weights.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SoftmaxRegression")
+            .field("dim", &self.dim)
+            .field("classes", &self.classes)
+            .field("updates", &self.updates)
+            .field("config", &self.config)
+            .field("simd", &self.simd)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::learn::config::{AdagradConfig, FtrlConfig, OptimizerConfig, SgdConfig};
+    use crate::learn::testutil::{Rng, Separable};
+    use crate::learn::{LearningRateSchedule, Prequential};
+
+    fn config(optimizer: OptimizerConfig, standardize: bool) -> LearnerConfig {
+        LearnerConfig { optimizer, standardize, ..LearnerConfig::default() }
+    }
+
+    fn sgd() -> OptimizerConfig {
+        OptimizerConfig::Sgd(SgdConfig::default())
+    }
+
+    fn all_optimizers() -> Vec<OptimizerConfig> {
+        vec![
+            sgd(),
+            OptimizerConfig::Sgd(SgdConfig {
+                learning_rate: 0.5,
+                schedule: LearningRateSchedule::InverseScaling { power_t: 0.25 },
+                l2: 1e-4,
+            }),
+            OptimizerConfig::Adagrad(AdagradConfig::default()),
+            OptimizerConfig::Ftrl(FtrlConfig::default()),
+        ]
+    }
+
+    /// Learns `n` examples prequentially; returns the metrics over the last `tail` of them.
+    fn run(model: &mut SoftmaxRegression, data: &mut Separable, n: usize, tail: usize) -> Prequential {
+        let mut metrics = Prequential::new(tail);
+        for _ in 0..n {
+            let (x, y) = data.sample();
+            let index = model.class_index(&format!("class{y}")).unwrap();
+            metrics.record(model.update(&x, index).unwrap());
+        }
+        metrics
+    }
+
+    #[test]
+    fn every_optimizer_learns_a_separable_problem() {
+        for optimizer in all_optimizers() {
+            let mut model = SoftmaxRegression::new(20, config(optimizer.clone(), true)).unwrap();
+            let mut data = Separable::new(11, 20, 3, 20);
+            let metrics = run(&mut model, &mut data, 6000, 2000);
+            let accuracy = metrics.window_accuracy().unwrap();
+            assert!(accuracy > 0.95, "{optimizer:?}: accuracy {accuracy} on the last 2000");
+            // Learning shows in the loss too: far below chance's ln 3 = 1.1.
+            let loss = metrics.window_mean_log_loss().unwrap();
+            assert!(loss < 0.2, "{optimizer:?}: mean log-loss {loss} on the last 2000");
+            assert_eq!(model.updates(), 6000);
+            assert_eq!(model.num_classes(), 3);
+        }
+    }
+
+    #[test]
+    fn learns_without_standardisation_on_unscaled_features() {
+        for optimizer in all_optimizers() {
+            let mut model = SoftmaxRegression::new(20, config(optimizer.clone(), false)).unwrap();
+            let mut data = Separable::new(12, 20, 3, 20).unscaled();
+            let accuracy = run(&mut model, &mut data, 6000, 2000).window_accuracy().unwrap();
+            assert!(accuracy > 0.95, "{optimizer:?}: accuracy {accuracy} on the last 2000");
+        }
+    }
+
+    #[test]
+    fn standardisation_is_what_copes_with_badly_scaled_features() {
+        // The same stream, features scaled by up to 20x and shifted: plain SGD at the default
+        // learning rate diverges or crawls without standardisation.
+        let accuracy = |standardize| {
+            let mut model = SoftmaxRegression::new(20, config(sgd(), standardize)).unwrap();
+            run(&mut model, &mut Separable::new(13, 20, 3, 20), 3000, 1000).window_accuracy().unwrap()
+        };
+        let (with, without) = (accuracy(true), accuracy(false));
+        assert!(with > 0.9 && with > without + 0.05, "with {with}, without {without}");
+    }
+
+    /// -ln softmax(W x + b)[y] in f64.
+    fn reference_loss(w: &[f64], b: &[f64], x: &[f64], y: usize) -> f64 {
+        let logits: Vec<f64> = b
+            .iter()
+            .enumerate()
+            .map(|(k, bk)| bk + w[k * x.len()..][..x.len()].iter().zip(x).map(|(a, c)| a * c).sum::<f64>())
+            .collect();
+        let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f64>().ln();
+        lse - logits[y]
+    }
+
+    #[test]
+    fn sgd_step_follows_the_numerical_gradient_of_the_log_loss() {
+        let (k, d) = (4, 7);
+        // lr = 1: the step is minus the gradient.
+        let optimizer = OptimizerConfig::Sgd(SgdConfig { learning_rate: 1.0, ..SgdConfig::default() });
+        let mut model = SoftmaxRegression::new(d, config(optimizer, false)).unwrap();
+        for c in 0..k {
+            model.class_index(&c.to_string()).unwrap();
+        }
+        let mut rng = Rng::new(3);
+        model.weights.iter_mut().for_each(|w| *w = rng.normal());
+        model.bias.iter_mut().for_each(|b| *b = rng.normal());
+        let x: Vec<f32> = (0..d).map(|_| rng.normal()).collect();
+        let y = 2;
+
+        let w0: Vec<f64> = model.weights.iter().map(|&v| v as f64).collect();
+        let b0: Vec<f64> = model.bias.iter().map(|&v| v as f64).collect();
+        let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        let outcome = model.update(&x, y).unwrap();
+        let loss = reference_loss(&w0, &b0, &x64, y);
+        assert!((outcome.loss as f64 - loss).abs() < 1e-5 * (1.0 + loss), "{} vs {loss}", outcome.loss);
+
+        let h = 1e-5;
+        for i in 0..k * d {
+            let (mut plus, mut minus) = (w0.clone(), w0.clone());
+            plus[i] += h;
+            minus[i] -= h;
+            let numeric = (reference_loss(&plus, &b0, &x64, y) - reference_loss(&minus, &b0, &x64, y)) / (2.0 * h);
+            let analytic = w0[i] - model.weights[i] as f64;
+            assert!((numeric - analytic).abs() < 1e-5, "weight {i}: numeric {numeric}, step {analytic}");
+        }
+        for c in 0..k {
+            let (mut plus, mut minus) = (b0.clone(), b0.clone());
+            plus[c] += h;
+            minus[c] -= h;
+            let numeric = (reference_loss(&w0, &plus, &x64, y) - reference_loss(&w0, &minus, &x64, y)) / (2.0 * h);
+            let analytic = b0[c] - model.bias[c] as f64;
+            assert!((numeric - analytic).abs() < 1e-5, "bias {c}: numeric {numeric}, step {analytic}");
+        }
+    }
+
+    #[test]
+    fn update_reports_the_prediction_made_before_learning() {
+        let mut model = SoftmaxRegression::new(20, LearnerConfig::default()).unwrap();
+        let mut data = Separable::new(4, 20, 3, 20);
+        for _ in 0..3 {
+            model.class_index(&data.sample().1.to_string()).unwrap();
+        }
+        for step in 0..500 {
+            let (x, _) = data.sample();
+            let y = step % model.num_classes();
+            let p = model.predict_proba(&x).unwrap();
+            assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+            let outcome = model.update(&x, y).unwrap();
+            assert_eq!(outcome.correct, argmax_is(&p, y), "step {step}");
+            assert!((outcome.loss - -p[y].ln()).abs() < 1e-4 * (1.0 + outcome.loss), "step {step}");
+        }
+    }
+
+    fn argmax_is(p: &[f32], y: usize) -> bool {
+        crate::learn::argmax(p) == Some(y)
+    }
+
+    #[test]
+    fn classes_are_discovered_up_to_max_classes() {
+        let cfg = LearnerConfig {
+            optimizer: OptimizerConfig::Adagrad(AdagradConfig::default()),
+            max_classes: 3,
+            ..LearnerConfig::default()
+        };
+        let mut model = SoftmaxRegression::new(4, cfg).unwrap();
+        assert!(model.predict_proba(&[1.0, 2.0, 3.0, 4.0]).unwrap().is_empty());
+        assert_eq!(model.class_index("cat").unwrap(), 0);
+        assert_eq!(model.class_index("dog").unwrap(), 1);
+        assert_eq!(model.class_index("cat").unwrap(), 0);
+        model.update(&[1.0, 2.0, 3.0, 4.0], 1).unwrap();
+        assert_eq!(model.class_index("eel").unwrap(), 2);
+        // The new class starts from zero weights and fresh optimizer state.
+        assert_eq!(model.weights().len(), 3 * 4);
+        assert!(model.weights()[8..].iter().all(|&w| w == 0.0));
+        assert_eq!(model.bias()[2], 0.0);
+        let OptimizerState::Adagrad { sum_sq_weight, sum_sq_bias } = &model.optimizer else { panic!("not adagrad") };
+        assert_eq!((sum_sq_weight.len(), sum_sq_bias.len()), (12, 3));
+        assert!(sum_sq_weight[8..].iter().all(|&g| g == 0.0));
+        assert_eq!(model.predict_proba(&[0.0; 4]).unwrap().len(), 3);
+
+        let err = model.class_index("fox").unwrap_err();
+        assert!(matches!(&err, LearnError::TooManyClasses { label, max_classes: 3 } if label == "fox"), "{err:?}");
+        assert!(err.to_string().contains("\"fox\""), "{err}");
+        assert_eq!(model.classes(), ["cat", "dog", "eel"]);
+        // `learn` discovers too, and fails the same way.
+        assert!(model.learn(&[0.0; 4], "fox").is_err());
+        assert_eq!(model.learn(&[0.0; 4], "eel").map(|_| model.updates()).unwrap(), 2);
+    }
+
+    #[test]
+    fn fixed_classes_reject_other_labels() {
+        let cfg = LearnerConfig { classes: vec!["no".into(), "yes".into()], ..LearnerConfig::default() };
+        let mut model = SoftmaxRegression::new(2, cfg).unwrap();
+        assert_eq!(model.num_classes(), 2);
+        assert_eq!(model.predict_proba(&[0.5, 0.5]).unwrap(), [0.5, 0.5]);
+        assert_eq!(model.class_index("yes").unwrap(), 1);
+        let err = model.class_index("maybe").unwrap_err();
+        assert!(matches!(&err, LearnError::UnknownLabel { label, classes: 2 } if label == "maybe"), "{err:?}");
+    }
+
+    #[test]
+    fn invalid_inputs_are_errors_that_leave_the_model_unchanged() {
+        let mut model = SoftmaxRegression::new(3, LearnerConfig::default()).unwrap();
+        model.learn(&[1.0, 2.0, 3.0], "a").unwrap();
+        let before = model.clone();
+        let err = model.update(&[1.0, 2.0], 0).unwrap_err();
+        assert!(matches!(err, LearnError::Dimension { expected: 3, got: 2 }), "{err:?}");
+        assert!(matches!(model.predict_proba(&[1.0; 4]), Err(LearnError::Dimension { expected: 3, got: 4 })));
+        let err = model.update(&[1.0, f32::NAN, 3.0], 0).unwrap_err();
+        assert!(matches!(err, LearnError::NonFinite { index: 1, .. }), "{err:?}");
+        let err = model.learn(&[f32::INFINITY, 0.0, 0.0], "b").unwrap_err();
+        assert!(matches!(err, LearnError::NonFinite { index: 0, .. }), "{err:?}");
+        let err = model.update(&[1.0, 2.0, 3.0], 1).unwrap_err();
+        assert!(matches!(err, LearnError::ClassIndex { index: 1, classes: 1 }), "{err:?}");
+        let err = model.predict_proba_into(&[1.0, 2.0, 3.0], &mut [0.0; 2]).unwrap_err();
+        assert!(matches!(err, LearnError::OutputLength { expected: 1, got: 2 }), "{err:?}");
+        assert_eq!(model.classes(), ["a"]);
+        assert_eq!(model.updates(), 1);
+        assert_eq!(model.weights, before.weights);
+        assert_eq!(model.standardizer, before.standardizer);
+        assert!(SoftmaxRegression::new(0, LearnerConfig::default()).is_err());
+    }
+
+    /// A model's complete state, as bits.
+    fn state_bits(model: &SoftmaxRegression) -> Vec<u32> {
+        let mut bits: Vec<u32> = model.weights.iter().chain(&model.bias).map(|v| v.to_bits()).collect();
+        for (_, data, _) in model.optimizer.tensors() {
+            bits.extend(data.iter().map(|v| v.to_bits()));
+        }
+        if let Some(s) = &model.standardizer {
+            bits.extend(s.mean().iter().chain(s.m2()).map(|v| v.to_bits()));
+        }
+        bits
+    }
+
+    /// Feeds the same random stream (odd dimension, for the kernels' tails) to `model`.
+    fn feed(model: &mut SoftmaxRegression, n: usize) -> Vec<(u32, bool)> {
+        let mut rng = Rng::new(99);
+        (0..n)
+            .map(|_| {
+                let x: Vec<f32> = (0..model.dim()).map(|i| rng.normal() * (1 + i % 7) as f32 + i as f32).collect();
+                let label = format!("c{}", rng.below(6));
+                let outcome = model.learn(&x, &label).unwrap();
+                (outcome.loss.to_bits(), outcome.correct)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_same_sequence_gives_bit_identical_models() {
+        for optimizer in all_optimizers() {
+            for standardize in [true, false] {
+                let cfg = config(optimizer.clone(), standardize);
+                let mut a = SoftmaxRegression::new(101, cfg.clone()).unwrap();
+                let mut b = SoftmaxRegression::new(101, cfg).unwrap();
+                assert_eq!(feed(&mut a, 300), feed(&mut b, 300));
+                assert_eq!(state_bits(&a), state_bits(&b), "{optimizer:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn portable_and_vector_kernels_give_bit_identical_models() {
+        if SimdPath::detect() == SimdPath::Portable {
+            eprintln!("this CPU has no vector path beyond the baseline; comparing the baseline with itself");
+        }
+        for optimizer in all_optimizers() {
+            for standardize in [true, false] {
+                let cfg = config(optimizer.clone(), standardize);
+                let mut fast = SoftmaxRegression::new(101, cfg.clone()).unwrap();
+                let mut portable = SoftmaxRegression::new(101, cfg).unwrap();
+                portable.set_portable_kernels(true);
+                assert_eq!(portable.simd_path(), SimdPath::Portable);
+                assert_eq!(feed(&mut fast, 300), feed(&mut portable, 300), "{optimizer:?}");
+                assert_eq!(state_bits(&fast), state_bits(&portable), "{optimizer:?} standardize={standardize}");
+                let x: Vec<f32> = (0..101).map(|i| i as f32 * 0.1).collect();
+                let (p, q) = (fast.predict_proba(&x).unwrap(), portable.predict_proba(&x).unwrap());
+                assert_eq!(
+                    p.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    q.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn ftrl_l1_sets_uninformative_weights_exactly_to_zero() {
+        let ftrl = |l1| OptimizerConfig::Ftrl(FtrlConfig { l1, ..FtrlConfig::default() });
+        let informative = 5;
+        let train = |l1| {
+            let mut model = SoftmaxRegression::new(20, config(ftrl(l1), true)).unwrap();
+            let metrics = run(&mut model, &mut Separable::new(21, 20, 3, informative), 4000, 1000);
+            let zeros = |keep: fn(usize) -> bool| {
+                model.weights().iter().enumerate().filter(|&(i, &w)| keep(i % 20) && w == 0.0).count()
+            };
+            (zeros(|i| i < 5), zeros(|i| i >= 5), metrics.window_accuracy().unwrap())
+        };
+        let (zero_informative, zero_noise, accuracy) = train(0.0);
+        assert_eq!((zero_informative, zero_noise), (0, 0), "without L1 no weight is exactly zero");
+        assert!(accuracy > 0.95, "accuracy {accuracy} without L1");
+        let (zero_informative, zero_noise, accuracy) = train(20.0);
+        // 3 classes x 15 noise features.
+        assert!(zero_noise >= 36, "{zero_noise} of 45 noise weights are zero");
+        assert!(zero_informative <= 3, "{zero_informative} of 15 informative weights are zero");
+        assert!(accuracy > 0.9, "accuracy {accuracy} with L1");
+        // An L1 beyond any accumulated gradient zeroes every weight; the bias still learns.
+        let mut model = SoftmaxRegression::new(20, config(ftrl(1e9), true)).unwrap();
+        run(&mut model, &mut Separable::new(22, 20, 3, 20), 500, 1);
+        assert!(model.weights().iter().all(|&w| w == 0.0));
+        assert!(model.bias().iter().any(|&b| b != 0.0));
+    }
+
+    #[test]
+    fn sgd_l2_shrinks_the_weights() {
+        let norm = |l2| {
+            let optimizer = OptimizerConfig::Sgd(SgdConfig { l2, ..SgdConfig::default() });
+            let mut model = SoftmaxRegression::new(20, config(optimizer, true)).unwrap();
+            run(&mut model, &mut Separable::new(5, 20, 3, 20), 2000, 1);
+            model.weights().iter().map(|w| w * w).sum::<f32>().sqrt()
+        };
+        let (plain, decayed) = (norm(0.0), norm(0.1));
+        assert!(decayed < 0.7 * plain, "l2: {decayed}, none: {plain}");
+    }
+
+    #[test]
+    fn top_k_ranks_classes_by_probability() {
+        let mut model = SoftmaxRegression::new(20, config(sgd(), true)).unwrap();
+        let mut data = Separable::new(6, 20, 3, 20);
+        run(&mut model, &mut data, 2000, 1);
+        let (x, y) = data.sample();
+        let top = model.top_k(&x, 2).unwrap();
+        assert_eq!(top.len(), 2);
+        assert_eq!(model.classes()[top[0].0], format!("class{y}"));
+        assert!(top[0].1 >= top[1].1);
+        assert_eq!(model.top_k(&x, 10).unwrap().len(), 3);
+    }
+}
