@@ -244,3 +244,22 @@ fn featurize_writes_a_npy_matrix_and_its_index() {
         .collect();
     assert_eq!(labels, ["cats", "drinks"]);
 }
+
+#[test]
+fn features_do_not_depend_on_how_images_are_batched() {
+    let featurizer = Featurizer::load(&common::model_manifest("efficientnet_lite0"), Device::Cpu).unwrap();
+    let pre = featurizer.preprocess();
+    let len = pre.tensor_len();
+    let names = ["chelsea_cat.jpg", "coffee.jpg", "rocket.jpg"];
+    let mut batch = vec![0f32; names.len() * len];
+    for (i, name) in names.iter().enumerate() {
+        let image = read_file(&common::sample(name), &ImageLimits::default()).unwrap();
+        pre.run(&image, &mut Resizer::new(), &mut batch[i * len..(i + 1) * len]).unwrap();
+    }
+    let together = featurizer.forward(&batch, 3).unwrap();
+    for i in 0..3 {
+        let alone = featurizer.forward(&batch[i * len..(i + 1) * len], 1).unwrap();
+        assert!(alone.features_row(0) == together.features_row(i), "{}: bit-identical alone and in a batch", names[i]);
+        assert!(alone.logits_row(0) == together.logits_row(i));
+    }
+}

@@ -1,11 +1,14 @@
-//! The learner's hot loops: dot products, axpys, the optimizers' per-weight updates, softmax, and
-//! the choice of instruction set they run with.
+//! The learner's hot loops: dot products, standardisation, the optimizers' per-weight updates,
+//! softmax, and the choice of instruction set they run with.
 //!
-//! Every kernel is written once, in portable Rust, and marked `#[inline(always)]` so that it is
-//! compiled into its caller. The model has two entry points for each hot operation: a baseline
-//! one and one compiled with `#[target_feature(enable = "avx2")]`, chosen once at run time
-//! ([`SimdPath::detect`]). Inlined into the AVX2 entry point, the same code becomes 256-bit
-//! vector code; in the baseline one, 128-bit SSE2 code (or whatever the target offers).
+//! Every kernel is written once, in portable Rust over fixed-width lane arrays, and compiled
+//! twice by the [`kernels!`] macro: for the target's baseline (SSE2 on x86-64) and with
+//! `#[target_feature(enable = "avx2")]`, where the same code becomes 256-bit vector code.
+//! [`SimdPath`] picks one at run time. Each kernel is a function of its own, taking its arrays as
+//! separate slice arguments: that is what tells LLVM that they do not overlap (references passed
+//! as arguments are `noalias`), without which it cannot vectorise a loop that stores into one
+//! array and loads from another. The same code inlined into a method that reaches the arrays
+//! through `self` stays scalar.
 //!
 //! **Both paths compute bit-identical results**, so that workers on different CPUs that learn
 //! the same examples hold the same model, and a snapshot made on one machine continues learning
@@ -66,6 +69,187 @@ impl fmt::Display for SimdPath {
     }
 }
 
+/// Declares kernels once and compiles each twice: `portable::NAME` for the target's baseline
+/// and `avx2::NAME` for AVX2, with a dispatching method `SimdPath::NAME`. The bodies call the
+/// `#[inline(always)]` helpers below, which are inlined into each version.
+macro_rules! kernels {
+    ($(
+        $(#[doc = $doc:literal])*
+        fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block
+    )*) => {
+        /// The kernels compiled for the target's baseline instruction set.
+        mod portable {
+            use super::*;
+            $(
+                // Never inlined: the arrays must stay `noalias` arguments (see the module
+                // documentation).
+                #[inline(never)]
+                pub(super) fn $name($($arg: $ty),*) $(-> $ret)? $body
+            )*
+        }
+
+        /// The kernels compiled for AVX2.
+        #[cfg(target_arch = "x86_64")]
+        mod avx2 {
+            use super::*;
+            $(
+                /// # Safety
+                /// The CPU must support AVX2.
+                #[inline(never)]
+                #[target_feature(enable = "avx2")]
+                pub(super) unsafe fn $name($($arg: $ty),*) $(-> $ret)? $body
+            )*
+        }
+
+        impl SimdPath {
+            $(
+                $(#[doc = $doc])*
+                #[inline]
+                pub(crate) fn $name(self, $($arg: $ty),*) $(-> $ret)? {
+                    match self {
+                        // The detection result is cached by std: one load and a branch per call.
+                        #[cfg(target_arch = "x86_64")]
+                        SimdPath::Avx2 if std::is_x86_feature_detected!("avx2") => {
+                            // SAFETY: AVX2 was detected on this CPU just above.
+                            unsafe { avx2::$name($($arg),*) }
+                        }
+                        _ => portable::$name($($arg),*),
+                    }
+                }
+            )*
+        }
+    };
+}
+
+kernels! {
+    /// `out[r] = dot(matrix row r, x)` for the row-major `out.len() x x.len()` `matrix`.
+    ///
+    /// Rows are processed four at a time so that each chunk of `x` is loaded once for four
+    /// rows; each row's sum is computed exactly as [`dot`] computes it, whatever block it is in.
+    fn matvec(matrix: &[f32], x: &[f32], out: &mut [f32]) {
+        let d = x.len();
+        assert_eq!(matrix.len(), d * out.len(), "matrix shape does not match x and out");
+        if d == 0 {
+            out.fill(0.0);
+            return;
+        }
+        let mut blocks = matrix.chunks_exact(4 * d);
+        let mut outs = out.chunks_exact_mut(4);
+        for (rows, o) in (&mut blocks).zip(&mut outs) {
+            o.copy_from_slice(&dot_rows::<4>(rows, x));
+        }
+        for (row, o) in blocks.remainder().chunks_exact(d).zip(outs.into_remainder()) {
+            *o = dot(row, x);
+        }
+    }
+
+    /// Whether every element of `x` is finite. `v * 0` is zero for finite `v` and NaN for
+    /// infinities and NaN, so the lane sums are zero exactly when all elements are finite;
+    /// unlike an early-exit search this vectorises.
+    fn all_finite(x: &[f32]) -> bool {
+        let mut acc = [0.0f32; LANES];
+        let chunks = x.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for xs in chunks {
+            let xs: &[f32; LANES] = xs.try_into().expect("chunks_exact yields LANES elements");
+            for l in 0..LANES {
+                acc[l] += xs[l] * 0.0;
+            }
+        }
+        reduce(acc) == 0.0 && tail.iter().all(|v| v.is_finite())
+    }
+
+    /// Writes `x` standardised with the statistics `mean`, `m2` and `inv_n` (`1 / count`, 0
+    /// before any observation) into `out`.
+    fn standardize(x: &[f32], mean: &[f32], m2: &[f32], inv_n: f32, out: &mut [f32]) {
+        assert!(
+            mean.len() == x.len() && m2.len() == x.len() && out.len() == x.len(),
+            "standardize of slices of different lengths"
+        );
+        for (((out, x), mean), m2) in out.iter_mut().zip(x).zip(mean).zip(m2) {
+            *out = standardize_one(*x, *mean, *m2, inv_n);
+        }
+    }
+
+    /// [`standardize`](Self::standardize), then Welford's update of the statistics with `x`,
+    /// `inv_n1` being `1 / (count + 1)`: one pass over the features.
+    fn standardize_observe(x: &[f32], mean: &mut [f32], m2: &mut [f32], inv_n: f32, inv_n1: f32, out: &mut [f32]) {
+        assert!(
+            mean.len() == x.len() && m2.len() == x.len() && out.len() == x.len(),
+            "standardize_observe of slices of different lengths"
+        );
+        // Element-wise, no reduction: LLVM vectorises the loop as it stands. The square root and
+        // division, once per feature, are the expensive part.
+        for (((out, x), mean), m2) in out.iter_mut().zip(x).zip(mean).zip(m2) {
+            *out = standardize_one(*x, *mean, *m2, inv_n);
+            observe_one(*x, mean, m2, inv_n1);
+        }
+    }
+
+    /// Welford's update of the statistics with `x`, `inv_n1` being `1 / (count + 1)`.
+    fn observe(x: &[f32], mean: &mut [f32], m2: &mut [f32], inv_n1: f32) {
+        assert!(mean.len() == x.len() && m2.len() == x.len(), "observe of slices of different lengths");
+        for ((x, mean), m2) in x.iter().zip(mean).zip(m2) {
+            observe_one(*x, mean, m2, inv_n1);
+        }
+    }
+
+    /// SGD on the weights (`coeffs.len() x x.len()`, row-major): `w_k = decay * w_k - lr * c_k * x`,
+    /// `decay` being `1 - lr * l2`.
+    fn sgd_step(weights: &mut [f32], x: &[f32], coeffs: &[f32], lr: f32, decay: f32) {
+        assert_eq!(weights.len(), x.len() * coeffs.len(), "weights shape does not match x and coeffs");
+        if x.is_empty() {
+            return;
+        }
+        for (w, &c) in weights.chunks_exact_mut(x.len()).zip(coeffs) {
+            // Without decay, skip its multiply (by 1, which would not change the result).
+            if decay == 1.0 {
+                axpy(w, -lr * c, x);
+            } else {
+                scale_axpy(w, decay, -lr * c, x);
+            }
+        }
+    }
+
+    /// AdaGrad on the weights, with `sum_sq` the accumulated squared gradients (both
+    /// `coeffs.len() x x.len()`): see [`adagrad_coordinate`], with gradient `c_k x_i + l2 w`.
+    fn adagrad_step(weights: &mut [f32], sum_sq: &mut [f32], x: &[f32], coeffs: &[f32], lr: f32, epsilon: f32, l2: f32) {
+        assert!(
+            weights.len() == x.len() * coeffs.len() && sum_sq.len() == weights.len(),
+            "adagrad_step of slices of different shapes"
+        );
+        if x.is_empty() {
+            return;
+        }
+        let rows = weights.chunks_exact_mut(x.len()).zip(sum_sq.chunks_exact_mut(x.len()));
+        for ((w, g2), &c) in rows.zip(coeffs) {
+            for ((w, g2), x) in w.iter_mut().zip(g2).zip(x) {
+                let g = c * x + l2 * *w;
+                adagrad_coordinate(w, g2, g, lr, epsilon);
+            }
+        }
+    }
+
+    /// FTRL-Proximal on the weights, with accumulators `z` and `n` (all `coeffs.len() x x.len()`):
+    /// see [`ftrl_coordinate`], with gradient `c_k x_i`.
+    fn ftrl_step(weights: &mut [f32], z: &mut [f32], n: &mut [f32], x: &[f32], coeffs: &[f32], params: FtrlParams) {
+        assert!(
+            weights.len() == x.len() * coeffs.len() && z.len() == weights.len() && n.len() == weights.len(),
+            "ftrl_step of slices of different shapes"
+        );
+        if x.is_empty() {
+            return;
+        }
+        let d = x.len();
+        let rows = weights.chunks_exact_mut(d).zip(z.chunks_exact_mut(d)).zip(n.chunks_exact_mut(d));
+        for (((w, z), n), &c) in rows.zip(coeffs) {
+            for (((w, z), n), x) in w.iter_mut().zip(z).zip(n).zip(x) {
+                ftrl_coordinate(w, z, n, c * x, params);
+            }
+        }
+    }
+}
+
 /// Sums the lanes in a fixed tree: `(a[0] + a[8]) + (a[4] + a[12]) + ...`, the same at any width.
 #[inline(always)]
 fn reduce(mut acc: [f32; LANES]) -> f32 {
@@ -77,29 +261,6 @@ fn reduce(mut acc: [f32; LANES]) -> f32 {
         width /= 2;
     }
     acc[0]
-}
-
-/// `out[r] = dot(matrix row r, x)` for the row-major `out.len() x x.len()` `matrix`.
-///
-/// Rows are processed four at a time so that each chunk of `x` is loaded once for four rows;
-/// each row's sum is computed exactly as [`dot`] computes it, whatever block it falls in.
-#[inline(always)]
-pub(crate) fn matvec(matrix: &[f32], x: &[f32], out: &mut [f32]) {
-    let d = x.len();
-    assert_eq!(matrix.len(), d * out.len(), "matrix shape does not match x and out");
-    if d == 0 {
-        out.fill(0.0);
-        return;
-    }
-    let mut blocks = matrix.chunks_exact(4 * d);
-    let mut outs = out.chunks_exact_mut(4);
-    for (rows, o) in (&mut blocks).zip(&mut outs) {
-        let sums = dot_rows::<4>(rows, x);
-        o.copy_from_slice(&sums);
-    }
-    for (row, o) in blocks.remainder().chunks_exact(d).zip(outs.into_remainder()) {
-        *o = dot(row, x);
-    }
 }
 
 /// The dot product of `a` and `b` (equal lengths), in the lane order described in the module
@@ -138,26 +299,9 @@ fn dot_rows<const R: usize>(rows: &[f32], x: &[f32]) -> [f32; R] {
     })
 }
 
-/// Whether every element of `x` is finite. `v * 0` is zero for finite `v` and NaN for
-/// infinities and NaN, so the lane sums are zero exactly when all elements are finite; unlike
-/// an early-exit search this vectorises.
-#[inline(always)]
-pub(crate) fn all_finite(x: &[f32]) -> bool {
-    let mut acc = [0.0f32; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for xs in chunks {
-        let xs: &[f32; LANES] = xs.try_into().expect("chunks_exact yields LANES elements");
-        for l in 0..LANES {
-            acc[l] += xs[l] * 0.0;
-        }
-    }
-    reduce(acc) == 0.0 && tail.iter().all(|v| v.is_finite())
-}
-
 /// `y += a * x`.
 #[inline(always)]
-pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     assert_eq!(y.len(), x.len(), "axpy of slices of different lengths");
     let mut ys = y.chunks_exact_mut(LANES);
     let mut xs = x.chunks_exact(LANES);
@@ -173,9 +317,9 @@ pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
-/// `y = s * y + a * x`: an SGD step with L2 weight decay folded into the factor `s`.
+/// `y = s * y + a * x`.
 #[inline(always)]
-pub(crate) fn scale_axpy(y: &mut [f32], s: f32, a: f32, x: &[f32]) {
+fn scale_axpy(y: &mut [f32], s: f32, a: f32, x: &[f32]) {
     assert_eq!(y.len(), x.len(), "scale_axpy of slices of different lengths");
     let mut ys = y.chunks_exact_mut(LANES);
     let mut xs = x.chunks_exact(LANES);
@@ -191,17 +335,35 @@ pub(crate) fn scale_axpy(y: &mut [f32], s: f32, a: f32, x: &[f32]) {
     }
 }
 
-/// One AdaGrad step on one row: with gradient `g = c * x + l2 * w`, `G += g²` and
-/// `w -= lr * g / (sqrt(G) + eps)`.
+/// Variances at or below this are treated as zero: such a feature has been (numerically)
+/// constant so far, and is centred but not scaled, as scikit-learn's `StandardScaler` does.
+/// A floor added to the variance instead would turn the first deviation of a feature that was
+/// constant until then (and, after one example, every feature) into a huge value.
+pub const VARIANCE_EPSILON: f32 = 1e-12;
+
+/// One standardised feature, given the statistics before it (`inv_n` = `1 / count`).
 #[inline(always)]
-pub(crate) fn adagrad_row(w: &mut [f32], sum_sq: &mut [f32], x: &[f32], c: f32, lr: f32, eps: f32, l2: f32) {
-    assert!(w.len() == x.len() && sum_sq.len() == x.len(), "adagrad_row of slices of different lengths");
-    // A plain element-wise loop: no reduction, so LLVM vectorises it as it stands.
-    for ((w, g2), x) in w.iter_mut().zip(sum_sq.iter_mut()).zip(x) {
-        let g = c * x + l2 * *w;
-        *g2 += g * g;
-        *w -= lr * g / (g2.sqrt() + eps);
-    }
+pub(crate) fn standardize_one(x: f32, mean: f32, m2: f32, inv_n: f32) -> f32 {
+    let var = m2 * inv_n;
+    let std = if var > VARIANCE_EPSILON { var.sqrt() } else { 1.0 };
+    (x - mean) / std
+}
+
+/// Welford's update of one feature's mean and sum of squared deviations with `x`
+/// (`inv_n1` = `1 / (count + 1)`).
+#[inline(always)]
+pub(crate) fn observe_one(x: f32, mean: &mut f32, m2: &mut f32, inv_n1: f32) {
+    let delta = x - *mean;
+    let new_mean = *mean + delta * inv_n1;
+    *m2 += delta * (x - new_mean);
+    *mean = new_mean;
+}
+
+/// One AdaGrad coordinate with gradient `g`: `G += g²`, `w -= lr * g / (sqrt(G) + eps)`.
+#[inline(always)]
+pub(crate) fn adagrad_coordinate(w: &mut f32, sum_sq: &mut f32, g: f32, lr: f32, epsilon: f32) {
+    *sum_sq += g * g;
+    *w -= lr * g / (sum_sq.sqrt() + epsilon);
 }
 
 /// The hyperparameters of one FTRL-Proximal coordinate update.
@@ -227,19 +389,15 @@ pub(crate) fn ftrl_weight(z: f32, n: f32, p: FtrlParams) -> f32 {
     }
 }
 
-/// One FTRL-Proximal step on one row, for gradient `g = c * x`: updates the accumulators `z`
-/// and `n` of every coordinate and recomputes its weight, so that `w` is ready for prediction.
+/// One FTRL-Proximal coordinate with gradient `g`: updates the accumulators `z` and `n` and
+/// recomputes the weight `w` from them, so that it is ready for prediction.
 #[inline(always)]
-pub(crate) fn ftrl_row(w: &mut [f32], z: &mut [f32], n: &mut [f32], x: &[f32], c: f32, p: FtrlParams) {
-    assert!(w.len() == x.len() && z.len() == x.len() && n.len() == x.len(), "ftrl_row of slices of different lengths");
-    for (((w, z), n), x) in w.iter_mut().zip(z.iter_mut()).zip(n.iter_mut()).zip(x) {
-        let g = c * x;
-        let n_new = *n + g * g;
-        let sigma = (n_new.sqrt() - n.sqrt()) * p.inv_alpha;
-        *z += g - sigma * *w;
-        *n = n_new;
-        *w = ftrl_weight(*z, n_new, p);
-    }
+pub(crate) fn ftrl_coordinate(w: &mut f32, z: &mut f32, n: &mut f32, g: f32, p: FtrlParams) {
+    let n_new = *n + g * g;
+    let sigma = (n_new.sqrt() - n.sqrt()) * p.inv_alpha;
+    *z += g - sigma * *w;
+    *n = n_new;
+    *w = ftrl_weight(*z, n_new, p);
 }
 
 /// Above `ln(f32::MAX)` the exponential overflows to infinity.
@@ -327,15 +485,25 @@ mod tests {
         (0..n).map(|_| rng.normal()).collect()
     }
 
+    /// Both instruction sets (the same one twice where the CPU has only the baseline).
+    fn paths() -> [SimdPath; 2] {
+        [SimdPath::detect(), SimdPath::Portable]
+    }
+
     #[test]
-    fn dot_and_matvec_match_f64_reference() {
+    fn dot_and_matvec_match_f64_reference_on_every_path() {
         let mut rng = Rng::new(1);
         for d in [0, 1, 5, 15, 16, 17, 33, 100, 1280] {
             for k in [1, 3, 4, 5, 9, 10] {
                 let m = random_vec(&mut rng, k * d);
                 let x = random_vec(&mut rng, d);
-                let mut out = vec![f32::NAN; k];
-                matvec(&m, &x, &mut out);
+                let results = paths().map(|path| {
+                    let mut out = vec![f32::NAN; k];
+                    path.matvec(&m, &x, &mut out);
+                    out
+                });
+                let out = &results[0];
+                assert_eq!(bits(out), bits(&results[1]), "d={d} k={k}: paths differ");
                 for r in 0..k {
                     let row = &m[r * d..(r + 1) * d];
                     let exact: f64 = row.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
@@ -348,40 +516,85 @@ mod tests {
         }
     }
 
-    #[test]
-    fn all_finite_finds_every_kind_of_non_finite_value() {
-        let mut x = vec![1.5f32; 37];
-        assert!(all_finite(&x));
-        assert!(all_finite(&[]));
-        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-            for pos in [0, 15, 16, 31, 32, 36] {
-                let keep = x[pos];
-                x[pos] = bad;
-                assert!(!all_finite(&x), "{bad} at {pos}");
-                x[pos] = keep;
-            }
-        }
-        // Huge but finite values must not overflow the check.
-        assert!(all_finite(&[f32::MAX; 40]));
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
     }
 
     #[test]
-    fn axpy_kernels_match_scalar_formulas() {
-        let mut rng = Rng::new(2);
-        for d in [0, 3, 16, 37] {
-            let x = random_vec(&mut rng, d);
-            let y0 = random_vec(&mut rng, d);
-            let mut y = y0.clone();
-            axpy(&mut y, 0.25, &x);
-            for i in 0..d {
-                assert_eq!(y[i].to_bits(), (y0[i] + 0.25 * x[i]).to_bits());
+    fn all_finite_finds_every_kind_of_non_finite_value() {
+        for path in paths() {
+            let mut x = vec![1.5f32; 37];
+            assert!(path.all_finite(&x));
+            assert!(path.all_finite(&[]));
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                for pos in [0, 15, 16, 31, 32, 36] {
+                    let keep = x[pos];
+                    x[pos] = bad;
+                    assert!(!path.all_finite(&x), "{bad} at {pos}");
+                    x[pos] = keep;
+                }
             }
-            let mut y = y0.clone();
-            scale_axpy(&mut y, 0.9, -0.5, &x);
-            for i in 0..d {
-                assert_eq!(y[i].to_bits(), (0.9 * y0[i] + -0.5 * x[i]).to_bits());
+            // Huge but finite values must not overflow the check.
+            assert!(path.all_finite(&[f32::MAX; 40]));
+        }
+    }
+
+    #[test]
+    fn sgd_step_matches_the_scalar_formula_on_every_path() {
+        let mut rng = Rng::new(2);
+        for d in [1, 3, 16, 37] {
+            let x = random_vec(&mut rng, d);
+            let w0 = random_vec(&mut rng, 3 * d);
+            let coeffs = [0.25, -0.5, 0.125];
+            for path in paths() {
+                for decay in [1.0, 0.9] {
+                    let mut w = w0.clone();
+                    path.sgd_step(&mut w, &x, &coeffs, 0.1, decay);
+                    for (i, w) in w.iter().enumerate() {
+                        let (k, j) = (i / d, i % d);
+                        let a = -0.1f32 * coeffs[k];
+                        let want = if decay == 1.0 { w0[i] + a * x[j] } else { decay * w0[i] + a * x[j] };
+                        assert_eq!(w.to_bits(), want.to_bits(), "d={d} decay={decay} i={i}");
+                    }
+                }
             }
         }
+    }
+
+    #[test]
+    fn adaptive_steps_match_their_coordinate_formulas_on_every_path() {
+        let mut rng = Rng::new(3);
+        let d = 37;
+        let x = random_vec(&mut rng, d);
+        let coeffs = [0.3, -0.7];
+        let w0 = random_vec(&mut rng, 2 * d);
+        let acc0: Vec<f32> = random_vec(&mut rng, 2 * d).iter().map(|v| v.abs()).collect();
+        let params = FtrlParams { inv_alpha: 10.0, beta: 1.0, l1: 0.2, l2: 0.1 };
+        for path in paths() {
+            let (mut w, mut g2) = (w0.clone(), acc0.clone());
+            path.adagrad_step(&mut w, &mut g2, &x, &coeffs, 0.1, 1e-8, 0.01);
+            let (mut fw, mut z, mut n) = (w0.clone(), w0.clone(), acc0.clone());
+            path.ftrl_step(&mut fw, &mut z, &mut n, &x, &coeffs, params);
+            for i in 0..2 * d {
+                let (k, j) = (i / d, i % d);
+                let (mut w1, mut g21) = (w0[i], acc0[i]);
+                adagrad_coordinate(&mut w1, &mut g21, coeffs[k] * x[j] + 0.01 * w0[i], 0.1, 1e-8);
+                assert_eq!((w[i].to_bits(), g2[i].to_bits()), (w1.to_bits(), g21.to_bits()), "adagrad {i}");
+                let (mut fw1, mut z1, mut n1) = (w0[i], w0[i], acc0[i]);
+                ftrl_coordinate(&mut fw1, &mut z1, &mut n1, coeffs[k] * x[j], params);
+                assert_eq!([fw[i], z[i], n[i]].map(f32::to_bits), [fw1, z1, n1].map(f32::to_bits), "ftrl {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn ftrl_weight_is_zero_within_l1_and_shrunk_beyond() {
+        let p = FtrlParams { inv_alpha: 2.0, beta: 1.0, l1: 1.0, l2: 0.5 };
+        assert_eq!(ftrl_weight(0.9, 4.0, p), 0.0);
+        assert_eq!(ftrl_weight(-1.0, 4.0, p), 0.0);
+        // -(3 - 1) / ((1 + 2) * 2 + 0.5)
+        assert_eq!(ftrl_weight(3.0, 4.0, p), -2.0 / 6.5);
+        assert_eq!(ftrl_weight(-3.0, 4.0, p), 2.0 / 6.5);
     }
 
     #[test]

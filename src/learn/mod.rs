@@ -23,11 +23,11 @@ mod standardize;
 mod testutil;
 
 pub use config::{AdagradConfig, FtrlConfig, LearnerConfig, LearningRateSchedule, OptimizerConfig, SgdConfig};
-pub use kernels::{argmax, SimdPath};
+pub use kernels::{argmax, SimdPath, VARIANCE_EPSILON};
 pub use metrics::Prequential;
 pub use model::{SoftmaxRegression, UpdateOutcome};
 pub use snapshot::{SnapshotError, FORMAT_VERSION, RESERVED_PREFIX};
-pub use standardize::{RunningStandardizer, VARIANCE_EPSILON};
+pub use standardize::RunningStandardizer;
 
 use std::path::PathBuf;
 

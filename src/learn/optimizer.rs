@@ -1,7 +1,7 @@
 //! The optimizers' per-weight state and their update step.
 
-use super::config::{AdagradConfig, FtrlConfig, OptimizerConfig, SgdConfig};
-use super::kernels::{self, FtrlParams};
+use super::config::{AdagradConfig, FtrlConfig, OptimizerConfig};
+use super::kernels::{self, FtrlParams, SimdPath};
 
 /// What an optimizer remembers between updates, laid out like the weights: a `K x D` row-major
 /// matrix for the weights and a `K` vector for the bias.
@@ -94,67 +94,45 @@ impl OptimizerState {
 
     /// Applies one update. `coeffs[k]` is `p_k - y_k`, so class `k`'s weight gradient is
     /// `coeffs[k] * x` and its bias gradient `coeffs[k]`; `t` is the number of updates before
-    /// this one. The state must have been created for `config`.
-    #[inline(always)]
+    /// this one. The state must have been created for `config`. No optimizer regularises the
+    /// bias.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn step(
         &mut self,
         config: &OptimizerConfig,
+        simd: SimdPath,
         t: u64,
         weights: &mut [f32],
         bias: &mut [f32],
         x: &[f32],
         coeffs: &[f32],
     ) {
-        let d = x.len();
-        debug_assert!(d > 0 && weights.len() == d * coeffs.len() && bias.len() == coeffs.len());
         match (config, self) {
-            (OptimizerConfig::Sgd(c), OptimizerState::Sgd) => sgd_step(c, t, weights, bias, x, coeffs),
+            (OptimizerConfig::Sgd(c), OptimizerState::Sgd) => {
+                let lr = c.schedule.learning_rate(c.learning_rate, t);
+                // L2 as weight decay: w <- (1 - lr * l2) w - lr * c_k x.
+                simd.sgd_step(weights, x, coeffs, lr, 1.0 - lr * c.l2);
+                for (b, &ck) in bias.iter_mut().zip(coeffs) {
+                    *b -= lr * ck;
+                }
+            }
             (OptimizerConfig::Adagrad(c), OptimizerState::Adagrad { sum_sq_weight, sum_sq_bias }) => {
                 let AdagradConfig { learning_rate, epsilon, l2 } = *c;
-                let rows = weights.chunks_exact_mut(d).zip(sum_sq_weight.chunks_exact_mut(d));
-                for (((w, g2), b), (b2, &ck)) in rows.zip(bias.iter_mut()).zip(sum_sq_bias.iter_mut().zip(coeffs)) {
-                    kernels::adagrad_row(w, g2, x, ck, learning_rate, epsilon, l2);
-                    *b2 += ck * ck;
-                    *b -= learning_rate * ck / (b2.sqrt() + epsilon);
+                simd.adagrad_step(weights, sum_sq_weight, x, coeffs, learning_rate, epsilon, l2);
+                for ((b, g2), &ck) in bias.iter_mut().zip(sum_sq_bias).zip(coeffs) {
+                    kernels::adagrad_coordinate(b, g2, ck, learning_rate, epsilon);
                 }
             }
             (OptimizerConfig::Ftrl(c), OptimizerState::Ftrl { z_weight, n_weight, z_bias, n_bias }) => {
                 let FtrlConfig { alpha, beta, l1, l2 } = *c;
                 let params = FtrlParams { inv_alpha: 1.0 / alpha, beta, l1, l2 };
-                let rows =
-                    weights.chunks_exact_mut(d).zip(z_weight.chunks_exact_mut(d)).zip(n_weight.chunks_exact_mut(d));
-                for (((w, z), n), &ck) in rows.zip(coeffs) {
-                    kernels::ftrl_row(w, z, n, x, ck, params);
-                }
-                // The bias is one more coordinate, unregularised.
+                simd.ftrl_step(weights, z_weight, n_weight, x, coeffs, params);
                 let bias_params = FtrlParams { l1: 0.0, l2: 0.0, ..params };
-                for (((b, z), n), &ck) in bias.iter_mut().zip(z_bias.iter_mut()).zip(n_bias.iter_mut()).zip(coeffs) {
-                    kernels::ftrl_row(
-                        std::slice::from_mut(b),
-                        std::slice::from_mut(z),
-                        std::slice::from_mut(n),
-                        &[1.0],
-                        ck,
-                        bias_params,
-                    );
+                for (((b, z), n), &ck) in bias.iter_mut().zip(z_bias).zip(n_bias).zip(coeffs) {
+                    kernels::ftrl_coordinate(b, z, n, ck, bias_params);
                 }
             }
             (config, state) => unreachable!("optimizer state {state:?} was not made for {config:?}"),
         }
-    }
-}
-
-#[inline(always)]
-fn sgd_step(c: &SgdConfig, t: u64, weights: &mut [f32], bias: &mut [f32], x: &[f32], coeffs: &[f32]) {
-    let lr = c.schedule.learning_rate(c.learning_rate, t);
-    // L2 is weight decay: w <- (1 - lr * l2) w - lr * c_k x. Without it, skip the multiply.
-    let decay = 1.0 - lr * c.l2;
-    for ((w, b), &ck) in weights.chunks_exact_mut(x.len()).zip(bias.iter_mut()).zip(coeffs) {
-        if c.l2 == 0.0 {
-            kernels::axpy(w, -lr * ck, x);
-        } else {
-            kernels::scale_axpy(w, decay, -lr * ck, x);
-        }
-        *b -= lr * ck;
     }
 }

@@ -1,11 +1,7 @@
 //! Running feature standardisation: `(x - mean) / std` per feature, with the mean and variance
 //! of the features seen so far (Welford's algorithm).
 
-/// Variances at or below this are treated as zero: such a feature has been (numerically)
-/// constant so far, and is centred but not scaled, as scikit-learn's `StandardScaler` does.
-/// A floor added to the variance instead would turn the first deviation of a feature that was
-/// constant until then (and, after one example, every feature) into a huge value.
-pub const VARIANCE_EPSILON: f32 = 1e-12;
+use super::kernels::SimdPath;
 
 /// Per-feature running mean and variance of the feature vectors observed, and the
 /// standardisation they define.
@@ -71,17 +67,18 @@ impl RunningStandardizer {
         }
     }
 
-    /// Writes the standardised `x` into `out` without observing it.
+    /// Writes the standardised `x` into `out` without observing it. Features whose variance
+    /// is at most [`VARIANCE_EPSILON`](super::VARIANCE_EPSILON) are only centred.
     ///
     /// # Panics
     /// If `x` or `out` is not [`dim`](Self::dim) long.
-    #[inline(always)]
     pub fn transform(&self, x: &[f32], out: &mut [f32]) {
+        self.transform_with(SimdPath::detect(), x, out);
+    }
+
+    pub(crate) fn transform_with(&self, simd: SimdPath, x: &[f32], out: &mut [f32]) {
         assert!(x.len() == self.dim() && out.len() == self.dim(), "feature vector length differs from dim");
-        let inv_n = self.inv_count();
-        for (((out, x), mean), m2) in out.iter_mut().zip(x).zip(&self.mean).zip(&self.m2) {
-            *out = standardize_one(*x, *mean, *m2, inv_n);
-        }
+        simd.standardize(x, &self.mean, &self.m2, self.inv_count(), out);
     }
 
     /// Updates the statistics with `x`.
@@ -90,10 +87,7 @@ impl RunningStandardizer {
     /// If `x` is not [`dim`](Self::dim) long.
     pub fn observe(&mut self, x: &[f32]) {
         assert_eq!(x.len(), self.dim(), "feature vector length differs from dim");
-        let inv_n1 = self.inv_next_count();
-        for ((x, mean), m2) in x.iter().zip(&mut self.mean).zip(&mut self.m2) {
-            observe_one(*x, mean, m2, inv_n1);
-        }
+        SimdPath::detect().observe(x, &mut self.mean, &mut self.m2, self.inv_next_count());
         self.count += 1;
     }
 
@@ -102,17 +96,14 @@ impl RunningStandardizer {
     ///
     /// # Panics
     /// If `x` or `out` is not [`dim`](Self::dim) long.
-    #[inline(always)]
     pub fn transform_and_observe(&mut self, x: &[f32], out: &mut [f32]) {
+        self.transform_and_observe_with(SimdPath::detect(), x, out);
+    }
+
+    pub(crate) fn transform_and_observe_with(&mut self, simd: SimdPath, x: &[f32], out: &mut [f32]) {
         assert!(x.len() == self.dim() && out.len() == self.dim(), "feature vector length differs from dim");
-        let inv_n = self.inv_count();
-        let inv_n1 = self.inv_next_count();
-        // One element-wise loop (no reduction), which LLVM vectorises; the square root and
-        // division are the expensive part, once per feature.
-        for (((out, x), mean), m2) in out.iter_mut().zip(x).zip(&mut self.mean).zip(&mut self.m2) {
-            *out = standardize_one(*x, *mean, *m2, inv_n);
-            observe_one(*x, mean, m2, inv_n1);
-        }
+        let (inv_n, inv_n1) = (self.inv_count(), self.inv_next_count());
+        simd.standardize_observe(x, &mut self.mean, &mut self.m2, inv_n, inv_n1, out);
         self.count += 1;
     }
 
@@ -120,23 +111,6 @@ impl RunningStandardizer {
     fn inv_next_count(&self) -> f32 {
         (1.0 / (self.count as f64 + 1.0)) as f32
     }
-}
-
-/// One standardised feature, given the statistics before it.
-#[inline(always)]
-fn standardize_one(x: f32, mean: f32, m2: f32, inv_n: f32) -> f32 {
-    let var = m2 * inv_n;
-    let std = if var > VARIANCE_EPSILON { var.sqrt() } else { 1.0 };
-    (x - mean) / std
-}
-
-/// Welford's update of one feature's mean and sum of squared deviations with `x`.
-#[inline(always)]
-fn observe_one(x: f32, mean: &mut f32, m2: &mut f32, inv_n1: f32) {
-    let delta = x - *mean;
-    let new_mean = *mean + delta * inv_n1;
-    *m2 += delta * (x - new_mean);
-    *mean = new_mean;
 }
 
 #[cfg(test)]

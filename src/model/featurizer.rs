@@ -149,9 +149,20 @@ impl Featurizer {
         assert_eq!(batch.len(), n * self.preprocess.tensor_len(), "batch length does not match n images");
         let model = &self.manifest.name;
         let forward_err = |source| ModelError::Forward { model: model.clone(), source };
+        // libtorch's CPU convolutions take a different path for a batch of one, whose results
+        // differ from the same image's in any larger batch in the last bits. Features must not
+        // depend on how records happened to be batched (the stream's learner is deterministic
+        // across worker counts only if its inputs are), so a single image runs as a pair.
+        let padded;
+        let (batch, rows) = if n == 1 {
+            padded = [batch, batch].concat();
+            (&padded[..], 2)
+        } else {
+            (batch, n)
+        };
         let out = tch::no_grad(|| -> Result<Vec<Tensor>, ModelError> {
             let input = Tensor::from_slice(batch)
-                .view([n as i64, 3, i64::from(h), i64::from(w)])
+                .view([rows as i64, 3, i64::from(h), i64::from(w)])
                 .to_device(self.device)
                 .to_kind(self.manifest.input.dtype.kind());
             let result = self.module.forward_is(&[IValue::Tensor(input)]).map_err(forward_err)?;
@@ -178,12 +189,12 @@ impl Featurizer {
         }
         let mut outputs = Outputs { n, features: None, logits: None };
         for (kind, tensor) in self.manifest.outputs.iter().zip(out) {
-            let want = [n as i64, self.manifest.dim(*kind) as i64];
+            let want = [rows as i64, self.manifest.dim(*kind) as i64];
             let got = tensor.size();
             if got != want {
                 return Err(self.mismatch(format!("{kind:?} output has shape {got:?}, the manifest implies {want:?}")));
             }
-            let host = tensor.to_kind(tch::Kind::Float).to_device(Device::Cpu).contiguous();
+            let host = tensor.narrow(0, 0, n as i64).to_kind(tch::Kind::Float).to_device(Device::Cpu).contiguous();
             let len = n * self.manifest.dim(*kind);
             let mut values = vec![0f32; len];
             host.copy_data(&mut values, len);

@@ -71,9 +71,9 @@ impl OnlineLrHead {
             return;
         }
         let mut metadata = s.metadata.clone();
-        metadata.insert("dlpipe.source".into(), "stream".into());
+        metadata.insert("trained_by".into(), "stream".into());
         if let Some(acc) = self.metrics.accuracy() {
-            metadata.insert("dlpipe.prequential_accuracy".into(), format!("{acc:.6}"));
+            metadata.insert("prequential_accuracy".into(), format!("{acc:.6}"));
         }
         let bytes = match self.model.to_bytes(&metadata) {
             Ok(bytes) => bytes,

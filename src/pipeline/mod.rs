@@ -149,8 +149,8 @@ fn run_worker(
             let snapshots = (index == 0 && p.snapshot_every_epochs > 0)
                 .then(|| -> anyhow::Result<Snapshots> {
                     let mut metadata = std::collections::BTreeMap::new();
-                    metadata.insert("dlpipe.featurizer".into(), manifest.name.clone());
-                    metadata.insert("dlpipe.featurizer_sha256".into(), manifest.sha256.clone().unwrap_or_default());
+                    metadata.insert("featurizer.name".into(), manifest.name.clone());
+                    metadata.insert("featurizer.sha256".into(), manifest.sha256.clone().unwrap_or_default());
                     Ok(Snapshots {
                         every_epochs: p.snapshot_every_epochs,
                         dir: p.snapshot_dir.clone(),

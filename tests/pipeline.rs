@@ -1,0 +1,339 @@
+//! The streaming pipeline end to end against the real broker: `dlpipe run` reads image records
+//! from a topic, and predictions and dead letters are read back from the output topics.
+
+mod common;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::Message;
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const CLASSES: [&str; 10] =
+    ["tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot"];
+
+/// `n` Fashion-MNIST training images, classes interleaved (image i is of class i mod 10).
+fn fashion(n: usize, skip: usize) -> Vec<(PathBuf, &'static str)> {
+    let root = common::root().join("data/fashion-mnist/train");
+    let lists: Vec<Vec<PathBuf>> = CLASSES
+        .iter()
+        .map(|c| {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(root.join(c))
+                .unwrap_or_else(|e| panic!("{}: {e} (run `make setup`)", root.join(c).display()))
+                .map(|e| e.unwrap().path())
+                .collect();
+            files.sort();
+            files
+        })
+        .collect();
+    (skip..skip + n).map(|i| (lists[i % 10][i / 10].clone(), CLASSES[i % 10])).collect()
+}
+
+fn record(id: &str, path: &Path, label: Option<&str>) -> String {
+    let mut v = serde_json::json!({"id": id, "uri": format!("file://{}", path.display())});
+    if let Some(label) = label {
+        v["label"] = label.into();
+    }
+    v.to_string()
+}
+
+/// Publishes `(partition, key, payload)` messages in order and waits for their acknowledgement.
+fn produce(topic: &str, partitions: i32, messages: &[(i32, String, String)]) {
+    let kafka = common::kafka_config();
+    dlpipe::kafka::ensure_topic(&kafka, topic, partitions, 1, &[]).unwrap();
+    let producer: BaseProducer =
+        dlpipe::kafka::client_config(&kafka).set("enable.idempotence", "true").create().unwrap();
+    for (partition, key, payload) in messages {
+        producer.send(BaseRecord::to(topic).partition(*partition).key(key).payload(payload)).unwrap();
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+}
+
+/// Reads a topic from the beginning until `want` messages arrived or `idle` passed without one.
+fn read_topic(topic: &str, want: usize, idle: Duration) -> Vec<Value> {
+    let consumer: BaseConsumer = dlpipe::kafka::client_config(&common::kafka_config())
+        .set("group.id", common::unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut out = Vec::new();
+    let mut last = Instant::now();
+    while out.len() < want && last.elapsed() < idle {
+        if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+            // The pipeline creates its output topics at start-up; until then there is nothing to read.
+            let Ok(message) = message else { continue };
+            out.push(serde_json::from_slice(message.payload().unwrap()).unwrap());
+            last = Instant::now();
+        }
+    }
+    out
+}
+
+/// A config for one test run: its own topics and group, the given extra TOML appended.
+struct Run {
+    dir: tempfile::TempDir,
+    predictions: String,
+    dead: String,
+}
+
+impl Run {
+    fn new(name: &str, input: &str, extra: &str) -> Run {
+        let dir = tempfile::tempdir().unwrap();
+        let (predictions, dead) = (common::unique(&format!("{name}-pred")), common::unique(&format!("{name}-dead")));
+        let toml = format!(
+            "[model]\ndir = \"{models}\"\nbatch_size = 16\n\n[kafka]\nbrokers = \"{brokers}\"\n\n[pipeline]\n\
+             input_topic = \"{input}\"\npredictions_topic = \"{predictions}\"\ndead_letter_topic = \"{dead}\"\n\
+             model_topic = \"{models_topic}\"\ngroup_id = \"{group}\"\nsnapshot_dir = \"{snapshots}\"\n\
+             create_topics_partitions = 2\nstatus_interval_secs = 2\n{extra}\n",
+            models = common::root().join("models").display(),
+            brokers = common::kafka_brokers(),
+            models_topic = common::unique(&format!("{name}-models")),
+            group = common::unique(&format!("{name}-group")),
+            snapshots = dir.path().join("snapshots").display(),
+        );
+        std::fs::write(dir.path().join("config.toml"), toml).unwrap();
+        Run { dir, predictions, dead }
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_dlpipe"));
+        command.arg("-c").arg(self.config()).arg("run").args(args).current_dir(common::root());
+        command
+    }
+
+    /// Runs to the end of the input and checks the exit status.
+    fn to_end(&self, args: &[&str]) {
+        let out = self.command(&[&["--stop-at-end"], args].concat()).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "dlpipe run failed:\n{stderr}");
+        eprintln!("{}", stderr.lines().filter(|l| l.contains("worker finished")).collect::<Vec<_>>().join("\n"));
+    }
+
+    fn latest_snapshot(&self) -> PathBuf {
+        self.dir.path().join("snapshots/latest.safetensors")
+    }
+}
+
+/// A one-request-at-a-time HTTP server on loopback that answers 404 to everything.
+fn http_404_server() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(16) {
+            let Ok(mut stream) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let _ =
+                stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\nConnection: close\r\n\r\nnot found");
+        }
+    });
+    format!("http://{address}/missing.jpg")
+}
+
+#[test]
+fn one_prediction_per_good_record_and_one_dead_letter_per_bad_input() {
+    let input = common::unique("dl-images");
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("text.png");
+    std::fs::write(&text, b"just some text, named like an image").unwrap();
+    let coffee = std::fs::read(common::sample("coffee.jpg")).unwrap();
+    let truncated = dir.path().join("truncated.jpg");
+    std::fs::write(&truncated, &coffee[..coffee.len() / 3]).unwrap();
+    let oversized = dir.path().join("oversized.png");
+    image::RgbImage::new(1300, 1000).save(&oversized).unwrap();
+
+    let good = fashion(12, 0);
+    let mut messages: Vec<(i32, String, String)> = good
+        .iter()
+        .enumerate()
+        .map(|(i, (path, label))| {
+            let id = format!("good-{i}");
+            // Every third good record is unlabelled: it is predicted, not learned from.
+            let payload = record(&id, path, (i % 3 != 0).then_some(*label));
+            ((i % 2) as i32, id, payload)
+        })
+        .collect();
+    let bad = [
+        ("missing", record("missing", Path::new("/no/such/image.png"), None), "not_found"),
+        ("text", record("text", &text, None), "unsupported_format"),
+        ("truncated", record("truncated", &truncated, None), "undecodable"),
+        ("badjson", "{\"id\": \"badjson\", \"uri\": ".to_string(), "malformed_json"),
+        ("scheme", serde_json::json!({"id": "scheme", "uri": "s3://bucket/cat.jpg"}).to_string(), "unsupported_scheme"),
+        ("oversized", record("oversized", &oversized, None), "too_large"),
+        ("http404", serde_json::json!({"id": "http404", "uri": http_404_server()}).to_string(), "not_found"),
+    ];
+    for (i, (id, payload, _)) in bad.iter().enumerate() {
+        let at = (2 * i + 1).min(messages.len());
+        messages.insert(at, ((i % 2) as i32, id.to_string(), payload.clone()));
+    }
+    produce(&input, 2, &messages);
+
+    let run = Run::new("dl", &input, "[image]\nmax_pixels = 1000000\n");
+    run.to_end(&[]);
+
+    let predictions = read_topic(&run.predictions, good.len() + 1, Duration::from_secs(5));
+    let ids: Vec<&str> = predictions.iter().map(|p| p["id"].as_str().unwrap()).collect();
+    let unique: BTreeSet<&str> = ids.iter().copied().collect();
+    assert_eq!(ids.len(), good.len(), "exactly one prediction per good record: {ids:?}");
+    assert_eq!(
+        unique,
+        (0..good.len()).map(|i| format!("good-{i}")).collect::<BTreeSet<_>>().iter().map(String::as_str).collect()
+    );
+    for p in &predictions {
+        assert!(p["partition"].is_i64() && p["offset"].is_i64() && p["model_version"].is_u64(), "{p}");
+    }
+    let dead = read_topic(&run.dead, bad.len() + 1, Duration::from_secs(5));
+    let kinds: BTreeMap<&str, &str> =
+        dead.iter().map(|d| (d["id"].as_str().unwrap_or("?"), d["error_kind"].as_str().unwrap())).collect();
+    assert_eq!(dead.len(), bad.len(), "one dead letter per bad input: {dead:?}");
+    for (id, _, kind) in &bad {
+        assert_eq!(kinds.get(id), Some(kind), "{id}: {dead:?}");
+    }
+    let scheme = dead.iter().find(|d| d["id"] == "scheme").unwrap();
+    assert!(scheme["error"].as_str().unwrap().contains("s3://bucket/cat.jpg"), "the error names the input: {scheme}");
+    assert!(dead.iter().all(|d| d["raw"].is_string() && d["error"].is_string()));
+}
+
+fn predictions_by_id(topic: &str, n: usize) -> BTreeMap<String, (String, u64)> {
+    read_topic(topic, n, Duration::from_secs(5))
+        .into_iter()
+        .map(|p| (p["id"].as_str().unwrap().to_owned(), (p["top_k"].to_string(), p["model_version"].as_u64().unwrap())))
+        .collect()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn one_worker_two_workers_and_two_processes_learn_and_predict_the_same() {
+    let input = common::unique("det-images");
+    let images = fashion(60, 100);
+    let messages: Vec<(i32, String, String)> = images
+        .iter()
+        .enumerate()
+        .map(|(i, (path, label))| {
+            let id = format!("r{i}");
+            ((i % 4) as i32, id.clone(), record(&id, path, (i % 5 != 4).then_some(*label)))
+        })
+        .collect();
+    produce(&input, 4, &messages);
+    let extra = "epochs = { by = \"offsets\", records = 3 }\nsnapshot_every_epochs = 1\n";
+
+    let one = Run::new("det1", &input, extra);
+    one.to_end(&["-w", "1"]);
+    let two = Run::new("det2", &input, extra);
+    two.to_end(&["-w", "2"]);
+
+    let procs = Run::new("detp", &input, extra);
+    let hostfile = procs.dir.path().join("hosts");
+    std::fs::write(&hostfile, format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port())).unwrap();
+    let hosts = hostfile.to_str().unwrap();
+    let children: Vec<Child> = (0..2)
+        .map(|p| {
+            procs
+                .command(&["--stop-at-end", "-w", "1", "-n", "2", "-p", &p.to_string(), "-h", hosts])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "process failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    let reference = predictions_by_id(&one.predictions, images.len());
+    assert_eq!(reference.len(), images.len());
+    assert!(reference.values().any(|(_, v)| *v > 0), "later records are predicted by a model that has learned");
+    for run in [&two, &procs] {
+        assert_eq!(
+            predictions_by_id(&run.predictions, images.len()),
+            reference,
+            "{}: same predictions",
+            run.predictions
+        );
+    }
+    let (model, _) = dlpipe::learn::SoftmaxRegression::load(&one.latest_snapshot()).unwrap();
+    assert_eq!(model.updates(), 48, "every labelled record learned once");
+    for run in [&two, &procs] {
+        let (other, _) = dlpipe::learn::SoftmaxRegression::load(&run.latest_snapshot()).unwrap();
+        assert_eq!(other.classes(), model.classes());
+        assert_eq!(other.updates(), model.updates());
+        assert!(other.weights() == model.weights() && other.bias() == model.bias(), "bit-identical final model");
+    }
+}
+
+#[test]
+fn online_accuracy_on_fashion_mnist_is_far_above_chance() {
+    const N: usize = 1000;
+    let input = common::unique("fm-images");
+    let images = fashion(N, 1000);
+    let messages: Vec<(i32, String, String)> = images
+        .iter()
+        .enumerate()
+        .map(|(i, (path, label))| ((i % 2) as i32, format!("f{i}"), record(&format!("f{i}"), path, Some(label))))
+        .collect();
+    produce(&input, 2, &messages);
+    let run = Run::new("fm", &input, "epochs = { by = \"offsets\", records = 10 }\n");
+    run.to_end(&["-w", "2"]);
+    let predictions = read_topic(&run.predictions, N, Duration::from_secs(5));
+    assert_eq!(predictions.len(), N);
+    let mut late: Vec<&Value> =
+        predictions.iter().filter(|p| p["offset"].as_i64().unwrap() >= (N / 2 - N / 5) as i64).collect();
+    late.sort_by_key(|p| (p["offset"].as_i64(), p["partition"].as_i64()));
+    let correct = late.iter().filter(|p| p["top_k"][0]["class"] == p["label"]).count();
+    let accuracy = correct as f64 / late.len() as f64;
+    println!("online accuracy on the last {} of {N} Fashion-MNIST records: {accuracy:.3} (chance 0.1)", late.len());
+    assert!(accuracy > 0.6, "online accuracy {accuracy:.3} on the later records");
+}
+
+#[test]
+fn a_killed_pipeline_restarts_and_leaves_no_record_without_a_prediction() {
+    const N: usize = 200;
+    let input = common::unique("kill-images");
+    let images = fashion(N, 3000);
+    let messages: Vec<(i32, String, String)> = images
+        .iter()
+        .enumerate()
+        .map(|(i, (path, label))| ((i % 2) as i32, format!("k{i}"), record(&format!("k{i}"), path, Some(label))))
+        .collect();
+    produce(&input, 2, &messages);
+    let run = Run::new("kill", &input, "epochs = { by = \"time\", millis = 100 }\n");
+    let mut child = run.command(&[]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    // Kill it (no graceful shutdown) once some predictions are out and some are not.
+    let started = Instant::now();
+    loop {
+        let seen = read_topic(&run.predictions, 30, Duration::from_millis(500)).len();
+        if seen >= 30 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "no predictions within 120 s");
+        assert!(child.try_wait().unwrap().is_none(), "the pipeline exited on its own");
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before = read_topic(&run.predictions, N, Duration::from_secs(2)).len();
+    assert!(before < N, "the pipeline was killed mid-stream ({before} of {N} predicted)");
+
+    run.to_end(&[]);
+    let ids: BTreeSet<String> = read_topic(&run.predictions, 2 * N, Duration::from_secs(5))
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_owned())
+        .collect();
+    let missing: Vec<String> = (0..N).map(|i| format!("k{i}")).filter(|id| !ids.contains(id)).collect();
+    assert!(missing.is_empty(), "records without a prediction after the restart: {missing:?}");
+    println!("killed after {before} of {N} predictions; after the restart all {N} have one");
+}
