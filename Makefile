@@ -14,8 +14,7 @@ build: setup
 	$(CARGO) build $(PROFILE_FLAGS) --workspace --bins
 
 demo: build
-	scripts/kafka start
-	$(CARGO) run $(PROFILE_FLAGS) --quiet --bin dlpipe -- predict --model efficientnet_lite0 --top-k 3 data/samples
+	scripts/demo
 
 test: setup
 	scripts/kafka start

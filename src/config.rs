@@ -123,7 +123,7 @@ impl Default for ModelConfig {
             name: "efficientnet_lite0".into(),
             dir: "models".into(),
             devices: vec!["cpu".into()],
-            batch_size: 32,
+            batch_size: 8,
             intra_op_threads: 0,
         }
     }
@@ -222,6 +222,10 @@ mod tests {
         let local = Config::from_toml(&std::fs::read_to_string(dir.join("local.toml")).unwrap()).unwrap();
         // local.toml spells out every default, so that it doubles as the reference.
         assert_eq!(local, Config::default());
+        for name in ["gpu.toml", "cluster.toml"] {
+            let config = Config::from_toml(&std::fs::read_to_string(dir.join(name)).unwrap()).unwrap();
+            config.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
     }
 
     #[test]

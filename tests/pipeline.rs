@@ -212,6 +212,16 @@ fn predictions_by_id(topic: &str, n: usize) -> BTreeMap<String, (String, u64)> {
         .collect()
 }
 
+/// A child process that a failing test does not leave running.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -240,18 +250,23 @@ fn one_worker_two_workers_and_two_processes_learn_and_predict_the_same() {
     let hostfile = procs.dir.path().join("hosts");
     std::fs::write(&hostfile, format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port())).unwrap();
     let hosts = hostfile.to_str().unwrap();
-    let children: Vec<Child> = (0..2)
+    let mut children: Vec<KillOnDrop> = (0..2)
         .map(|p| {
-            procs
-                .command(&["--stop-at-end", "-w", "1", "-n", "2", "-p", &p.to_string(), "-h", hosts])
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
+            KillOnDrop(
+                procs
+                    .command(&["--stop-at-end", "-w", "1", "-n", "2", "-p", &p.to_string(), "-h", hosts])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap(),
+            )
         })
         .collect();
-    for child in children {
-        let out = child.wait_with_output().unwrap();
+    for child in &mut children {
+        let mut stderr = String::new();
+        child.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+        let status = child.0.wait().unwrap();
+        let out = std::process::Output { status, stdout: Vec::new(), stderr: stderr.into_bytes() };
         assert!(out.status.success(), "process failed:\n{}", String::from_utf8_lossy(&out.stderr));
     }
 
@@ -312,7 +327,8 @@ fn a_killed_pipeline_restarts_and_leaves_no_record_without_a_prediction() {
         .collect();
     produce(&input, 2, &messages);
     let run = Run::new("kill", &input, "epochs = { by = \"time\", millis = 100 }\n");
-    let mut child = run.command(&[]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = KillOnDrop(run.command(&[]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    let child = &mut child.0;
     // Kill it (no graceful shutdown) once some predictions are out and some are not.
     let started = Instant::now();
     loop {

@@ -3,10 +3,15 @@
 //! enter the numbers.
 
 use super::load_featurizer;
-use dlpipe::config::Config;
+use dlpipe::config::{Config, HeadKind, StartFrom};
 use dlpipe::image::{decode, list_images, Preprocess};
+use dlpipe::kafka::{ensure_topic, Publisher};
+use dlpipe::pipeline::{run as run_pipeline, RunOptions};
+use dlpipe_operators::EpochPolicy;
 use fast_image_resize::Resizer;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Debug)]
@@ -32,6 +37,13 @@ pub struct BenchArgs {
     /// Skip the forward-pass table.
     #[arg(long)]
     no_forward: bool,
+    /// Also time the whole stream: this many records (the photos, repeated) through real Kafka
+    /// and `dlpipe run`'s pipeline, against the model's own forward pass at model.batch_size.
+    #[arg(long, value_name = "RECORDS")]
+    pipeline: Option<usize>,
+    /// Timely workers of the pipeline benchmark.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
 }
 
 /// Runs `f` until at least `min` has passed and at least `min_runs` runs; returns runs per second.
@@ -80,9 +92,16 @@ pub fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
             sets_per_s * encoded.len() as f64
         );
     }
-    if args.no_forward {
-        return Ok(());
+    if !args.no_forward {
+        forward_table(config, &args, min)?;
     }
+    if let Some(records) = args.pipeline {
+        pipeline_table(config, &args, records)?;
+    }
+    Ok(())
+}
+
+fn forward_table(config: &Config, args: &BenchArgs, min: Duration) -> anyhow::Result<()> {
     println!("\n## forward pass (images/s; libtorch {} thread(s))\n", tch::get_num_threads());
     let header: Vec<String> = args.batch_sizes.iter().map(|b| format!("batch {b}")).collect();
     println!("| model | device | {} |", header.join(" | "));
@@ -107,5 +126,66 @@ pub fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
         }
         println!("| {model} | {:?} | {} |", featurizer.device(), cells.join(" | "));
     }
+    Ok(())
+}
+
+/// End-to-end images/s through real Kafka (publish is not timed; reading, decoding, the model,
+/// the classifier, publishing predictions and committing are), next to the forward pass alone.
+fn pipeline_table(config: &Config, args: &BenchArgs, records: usize) -> anyhow::Result<()> {
+    let photos = list_images(std::slice::from_ref(&args.photos))?;
+    anyhow::ensure!(!photos.is_empty(), "no photos in {} (run make setup)", args.photos.display());
+    let run_id = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis()
+    );
+    let mut config = config.clone();
+    let p = &mut config.pipeline;
+    p.input_topic = format!("bench-images-{run_id}");
+    p.predictions_topic = format!("bench-predictions-{run_id}");
+    p.dead_letter_topic = format!("bench-dead-letters-{run_id}");
+    p.group_id = format!("bench-{run_id}");
+    p.head = HeadKind::Imagenet;
+    p.stop_at_end = true;
+    p.start_from = StartFrom::Earliest;
+    p.epochs = EpochPolicy::Offsets { records: 64 };
+    let partitions = (2 * args.workers).max(2) as i32;
+    ensure_topic(&config.kafka, &p.input_topic, partitions, 1, &[])?;
+    let publisher = Publisher::new(&config.kafka)?;
+    for i in 0..records {
+        let path = std::fs::canonicalize(&photos[i % photos.len()])?;
+        let record = serde_json::json!({"id": format!("b{i}"), "uri": format!("file://{}", path.display())});
+        publisher.send(&p.input_topic, &format!("b{i}"), &record.to_string())?;
+    }
+    publisher.finish(Duration::from_secs(60))?;
+
+    let batch = config.model.batch_size;
+    let featurizer = load_featurizer(&config, None, args.device.as_deref())?;
+    let len = featurizer.preprocess().tensor_len();
+    let input: Vec<f32> = (0..batch * len).map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0).collect();
+    featurizer.forward(&input, batch)?;
+    let forward = batch as f64
+        * measure(Duration::from_secs(5), 3, || {
+            featurizer.forward(&input, batch).expect("forward ran in warm-up");
+        });
+    drop(featurizer);
+
+    let started = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    run_pipeline(RunOptions {
+        config,
+        timely_args: vec!["-w".into(), args.workers.to_string()],
+        init_model: None,
+        stop,
+    })?;
+    let end_to_end = records as f64 / started.elapsed().as_secs_f64();
+    println!(
+        "\n## end to end through Kafka ({records} photos, {} worker(s), batch {batch}, imagenet head)\n",
+        args.workers
+    );
+    println!("| forward pass alone | pipeline, Kafka to Kafka | ratio |");
+    println!("|---:|---:|---:|");
+    println!("| {forward:.1} images/s | {end_to_end:.1} images/s | {:.0}% |", 100.0 * end_to_end / forward);
+    println!("\n(The pipeline's time includes loading the model and joining the topic: about a second.)");
     Ok(())
 }

@@ -3,14 +3,9 @@
 use anyhow::Context;
 use dlpipe::config::Config;
 use dlpipe::image::list_labelled_images;
-use dlpipe::kafka::{client_config, ensure_topic};
+use dlpipe::kafka::{ensure_topic, Publisher};
 use indicatif::{ProgressBar, ProgressStyle};
-use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
-use rdkafka::producer::{DeliveryResult, ProducerContext};
-use rdkafka::ClientContext;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Debug)]
@@ -36,27 +31,6 @@ pub struct ProduceArgs {
     /// Image files, or folders (searched recursively).
     #[arg(required = true, value_name = "DIR|FILES")]
     inputs: Vec<PathBuf>,
-}
-
-#[derive(Clone, Default)]
-struct Counts {
-    acked: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-}
-
-impl ClientContext for Counts {}
-
-impl ProducerContext for Counts {
-    type DeliveryOpaque = ();
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        match result {
-            Ok(_) => self.acked.fetch_add(1, Ordering::Relaxed),
-            Err((error, _)) => {
-                tracing::error!(%error, "record not delivered");
-                self.failed.fetch_add(1, Ordering::Relaxed)
-            }
-        };
-    }
 }
 
 /// A small deterministic generator for `--shuffle` (splitmix64), so a seed always gives the same order.
@@ -87,11 +61,7 @@ pub fn run(config: &Config, args: ProduceArgs) -> anyhow::Result<()> {
         anyhow::bail!("no images found in {:?}", args.inputs);
     }
     ensure_topic(&config.kafka, &topic, args.partitions, 1, &[])?;
-    let counts = Counts::default();
-    let producer: ThreadedProducer<Counts> = client_config(&config.kafka)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "10")
-        .create_with_context(counts.clone())?;
+    let publisher = Publisher::new(&config.kafka)?;
     let progress = ProgressBar::new(files.len() as u64).with_style(
         ProgressStyle::with_template("producing {bar:40} {pos}/{len} [{elapsed_precise}] {per_sec}").expect("valid"),
     );
@@ -106,21 +76,7 @@ pub fn run(config: &Config, args: ProduceArgs) -> anyhow::Result<()> {
                 None => anyhow::bail!("{} is not inside a class sub-folder (--labels-from-dirs)", path.display()),
             }
         }
-        let payload = record.to_string();
-        let mut message = BaseRecord::to(&topic).key(&id).payload(&payload);
-        loop {
-            match producer.send(message) {
-                Ok(()) => break,
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                    m,
-                )) => {
-                    message = m;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err((error, _)) => return Err(error).context(format!("producing to {topic}")),
-            }
-        }
+        publisher.send(&topic, &id, &record.to_string())?;
         progress.inc(1);
         if args.rate > 0.0 {
             let due = started + Duration::from_secs_f64((i + 1) as f64 / args.rate);
@@ -129,12 +85,8 @@ pub fn run(config: &Config, args: ProduceArgs) -> anyhow::Result<()> {
             }
         }
     }
-    producer.flush(Duration::from_secs(60))?;
+    let acked = publisher.finish(Duration::from_secs(60))?;
     progress.finish_and_clear();
-    let (acked, failed) = (counts.acked.load(Ordering::Relaxed), counts.failed.load(Ordering::Relaxed));
     eprintln!("published {acked} record(s) to {topic} in {:.1} s", started.elapsed().as_secs_f64());
-    if failed > 0 {
-        anyhow::bail!("{failed} record(s) were not delivered");
-    }
     Ok(())
 }

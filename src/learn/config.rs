@@ -125,7 +125,7 @@ impl OptimizerConfig {
 }
 
 /// Stochastic gradient descent's hyperparameters.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SgdConfig {
     /// The initial learning rate `lr0`. Default: 0.05.
@@ -187,7 +187,7 @@ impl LearningRateSchedule {
 }
 
 /// AdaGrad's hyperparameters.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdagradConfig {
     /// The base learning rate. Default: 0.1.
@@ -206,7 +206,7 @@ impl Default for AdagradConfig {
 
 /// FTRL-Proximal's hyperparameters; the per-coordinate learning rate is
 /// `alpha / (beta + sqrt(sum of squared gradients))`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FtrlConfig {
     /// Default: 0.1.

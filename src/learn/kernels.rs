@@ -23,6 +23,7 @@
 //!   libm, whose results may differ in the last bit between libm versions;
 //! - division and square root are exactly rounded by IEEE 754 at every width.
 
+use super::config::AdagradConfig;
 use std::fmt;
 
 /// Partial sums per reduction. 16 lanes are two AVX2 registers or four SSE registers per
@@ -122,98 +123,75 @@ macro_rules! kernels {
 }
 
 kernels! {
-    /// `out[r] = dot(matrix row r, x)` for the row-major `out.len() x x.len()` `matrix`.
-    ///
-    /// Rows are processed four at a time so that each chunk of `x` is loaded once for four
-    /// rows; each row's sum is computed exactly as [`dot`] computes it, whatever block it is in.
-    fn matvec(matrix: &[f32], x: &[f32], out: &mut [f32]) {
-        let d = x.len();
-        assert_eq!(matrix.len(), d * out.len(), "matrix shape does not match x and out");
-        if d == 0 {
-            out.fill(0.0);
-            return;
-        }
-        let mut blocks = matrix.chunks_exact(4 * d);
-        let mut outs = out.chunks_exact_mut(4);
-        for (rows, o) in (&mut blocks).zip(&mut outs) {
-            o.copy_from_slice(&dot_rows::<4>(rows, x));
-        }
-        for (row, o) in blocks.remainder().chunks_exact(d).zip(outs.into_remainder()) {
-            *o = dot(row, x);
-        }
-    }
-
-    /// Whether every element of `x` is finite. `v * 0` is zero for finite `v` and NaN for
-    /// infinities and NaN, so the lane sums are zero exactly when all elements are finite;
-    /// unlike an early-exit search this vectorises.
+    /// Whether every element of `x` is finite. Counted without an early exit, as an integer
+    /// reduction, which LLVM vectorises (a float reduction it may not reorder).
     fn all_finite(x: &[f32]) -> bool {
-        let mut acc = [0.0f32; LANES];
-        let chunks = x.chunks_exact(LANES);
-        let tail = chunks.remainder();
-        for xs in chunks {
-            let xs: &[f32; LANES] = xs.try_into().expect("chunks_exact yields LANES elements");
-            for l in 0..LANES {
-                acc[l] += xs[l] * 0.0;
-            }
-        }
-        reduce(acc) == 0.0 && tail.iter().all(|v| v.is_finite())
+        x.iter().fold(0u32, |bad, v| bad | u32::from(!v.is_finite())) == 0
     }
 
-    /// Writes `x` standardised with the statistics `mean`, `m2` and `inv_n` (`1 / count`, 0
-    /// before any observation) into `out`.
-    fn standardize(x: &[f32], mean: &[f32], m2: &[f32], inv_n: f32, out: &mut [f32]) {
-        assert!(
-            mean.len() == x.len() && m2.len() == x.len() && out.len() == x.len(),
-            "standardize of slices of different lengths"
-        );
+    /// Writes `x` standardised with `stats` (`x.len()` means, then as many `m2`) and `inv_n`
+    /// (`1 / count`, 0 before any observation) into `out`.
+    fn standardize(x: &[f32], stats: &[f32], out: &mut [f32], inv_n: f32) {
+        let (mean, m2) = stats.split_at(x.len());
+        assert!(m2.len() == x.len() && out.len() == x.len(), "standardize of slices of different lengths");
         for (((out, x), mean), m2) in out.iter_mut().zip(x).zip(mean).zip(m2) {
             *out = standardize_one(*x, *mean, *m2, inv_n);
         }
     }
 
-    /// [`standardize`](Self::standardize), then Welford's update of the statistics with `x`,
-    /// `inv_n1` being `1 / (count + 1)`: one pass over the features.
-    fn standardize_observe(x: &[f32], mean: &mut [f32], m2: &mut [f32], inv_n: f32, inv_n1: f32, out: &mut [f32]) {
+    /// [`standardize`](Self::standardize), and Welford's update of `stats` with `x` written to
+    /// `next` (`inv_n1` being `1 / (count + 1)`), in one pass. Returns whether every element of
+    /// `x` is finite (if not, `next` is garbage).
+    fn standardize_observe(x: &[f32], stats: &[f32], next: &mut [f32], out: &mut [f32], inv_n: f32, inv_n1: f32) -> bool {
+        let (mean, m2) = stats.split_at(x.len());
+        let (next_mean, next_m2) = next.split_at_mut(x.len());
         assert!(
-            mean.len() == x.len() && m2.len() == x.len() && out.len() == x.len(),
+            m2.len() == x.len() && next_m2.len() == x.len() && out.len() == x.len(),
             "standardize_observe of slices of different lengths"
         );
-        // Element-wise, no reduction: LLVM vectorises the loop as it stands. The square root and
-        // division, once per feature, are the expensive part.
-        for (((out, x), mean), m2) in out.iter_mut().zip(x).zip(mean).zip(m2) {
+        // Element-wise, with an integer reduction for the check: LLVM vectorises the loop as it
+        // stands. The square root and division, once per feature, are the expensive part.
+        let mut bad = 0u32;
+        let next = next_mean.iter_mut().zip(next_m2);
+        for ((((out, x), mean), m2), (next_mean, next_m2)) in out.iter_mut().zip(x).zip(mean).zip(m2).zip(next) {
             *out = standardize_one(*x, *mean, *m2, inv_n);
-            observe_one(*x, mean, m2, inv_n1);
+            (*next_mean, *next_m2) = observe_one(*x, *mean, *m2, inv_n1);
+            bad |= u32::from(!x.is_finite());
         }
+        bad == 0
     }
 
-    /// Welford's update of the statistics with `x`, `inv_n1` being `1 / (count + 1)`.
-    fn observe(x: &[f32], mean: &mut [f32], m2: &mut [f32], inv_n1: f32) {
-        assert!(mean.len() == x.len() && m2.len() == x.len(), "observe of slices of different lengths");
-        for ((x, mean), m2) in x.iter().zip(mean).zip(m2) {
-            observe_one(*x, mean, m2, inv_n1);
+    /// Welford's update of `stats` with `x` written to `next` (`inv_n1` being
+    /// `1 / (count + 1)`). Returns whether every element of `x` is finite.
+    fn observe(x: &[f32], stats: &[f32], next: &mut [f32], inv_n1: f32) -> bool {
+        let (mean, m2) = stats.split_at(x.len());
+        let (next_mean, next_m2) = next.split_at_mut(x.len());
+        assert!(m2.len() == x.len() && next_m2.len() == x.len(), "observe of slices of different lengths");
+        let mut bad = 0u32;
+        let next = next_mean.iter_mut().zip(next_m2);
+        for (((x, mean), m2), (next_mean, next_m2)) in x.iter().zip(mean).zip(m2).zip(next) {
+            (*next_mean, *next_m2) = observe_one(*x, *mean, *m2, inv_n1);
+            bad |= u32::from(!x.is_finite());
         }
+        bad == 0
     }
 
-    /// SGD on the weights (`coeffs.len() x x.len()`, row-major): `w_k = decay * w_k - lr * c_k * x`,
-    /// `decay` being `1 - lr * l2`.
-    fn sgd_step(weights: &mut [f32], x: &[f32], coeffs: &[f32], lr: f32, decay: f32) {
-        assert_eq!(weights.len(), x.len() * coeffs.len(), "weights shape does not match x and coeffs");
-        if x.is_empty() {
+    /// Applies an SGD step to the weights (`steps.len() x features.len()`, row-major):
+    /// `w_k = decay * w_k + steps[k] * features` (`w_k + steps[k] * features` when `decay` is 1).
+    fn sgd_apply(weights: &mut [f32], features: &[f32], steps: &[f32], decay: f32) {
+        assert_eq!(weights.len(), features.len() * steps.len(), "weights shape does not match the step");
+        if features.is_empty() {
             return;
         }
-        for (w, &c) in weights.chunks_exact_mut(x.len()).zip(coeffs) {
-            // Without decay, skip its multiply (by 1, which would not change the result).
-            if decay == 1.0 {
-                axpy(w, -lr * c, x);
-            } else {
-                scale_axpy(w, decay, -lr * c, x);
-            }
+        for (w, &a) in weights.chunks_exact_mut(features.len()).zip(steps) {
+            apply_step(w, a, decay, features);
         }
     }
 
     /// AdaGrad on the weights, with `sum_sq` the accumulated squared gradients (both
     /// `coeffs.len() x x.len()`): see [`adagrad_coordinate`], with gradient `c_k x_i + l2 w`.
-    fn adagrad_step(weights: &mut [f32], sum_sq: &mut [f32], x: &[f32], coeffs: &[f32], lr: f32, epsilon: f32, l2: f32) {
+    fn adagrad_step(weights: &mut [f32], sum_sq: &mut [f32], x: &[f32], coeffs: &[f32], config: AdagradConfig) {
+        let AdagradConfig { learning_rate: lr, epsilon, l2 } = config;
         assert!(
             weights.len() == x.len() * coeffs.len() && sum_sq.len() == weights.len(),
             "adagrad_step of slices of different shapes"
@@ -250,6 +228,492 @@ kernels! {
     }
 }
 
+/// An SGD step not yet applied to the weights: `w_k <- decay * w_k + steps[k] * features`, or
+/// `w_k + steps[k] * features` when `decay` is 1 (see [`apply_step_one`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SgdStep<'a> {
+    pub steps: &'a [f32],
+    pub decay: f32,
+    pub features: &'a [f32],
+}
+
+/// A feature standardisation to fuse into a forward pass: `x` is standardised with `stats`
+/// (the means, then the `m2`s) into `features`, and the statistics updated with `x` are written
+/// to `next`, as [`SimdPath::standardize_observe`] does.
+#[derive(Debug)]
+pub(crate) struct FusedStandardize<'a> {
+    pub stats: &'a [f32],
+    pub next: &'a mut [f32],
+    pub features: &'a mut [f32],
+    /// `1 / count`, 0 before any observation.
+    pub inv_n: f32,
+    /// `1 / (count + 1)`.
+    pub inv_n1: f32,
+}
+
+/// The forward pass's matrix-vector products: `out[r] = dot(matrix row r, x)` for the
+/// row-major `out.len() x x.len()` matrix, each row's sum computed exactly as [`dot`] computes
+/// it; optionally after applying a pending SGD step to the rows, and optionally on `x`
+/// standardised on the way, all in one pass over the weights. The weights of 1280 features and
+/// 10 classes (51 KB) do not fit in L1, so each pass over them counts; the standardisation's
+/// square roots and divisions overlap with the weights' loads and stores.
+///
+/// Written by hand rather than with [`kernels!`] because their AVX2 versions use intrinsics
+/// (see [`avx2_rows`]).
+impl SimdPath {
+    /// `out = matrix · x`.
+    pub(crate) fn matvec(self, matrix: &[f32], x: &[f32], out: &mut [f32]) {
+        check_matvec(matrix.len(), x, out, None);
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            SimdPath::Avx2 if std::is_x86_feature_detected!("avx2") => {
+                // SAFETY: AVX2 was detected just above; the shapes were checked. The matrix is
+                // only read (STORE is false), so casting away const is sound.
+                unsafe { avx2_rows::rows::<false, false, false>(matrix.as_ptr().cast_mut(), x, None, out, None) };
+            }
+            _ => portable_rows::matvec(matrix, x, out),
+        }
+    }
+
+    /// Applies `step` to `weights`, then `out = weights · x`, in one pass over the weights.
+    pub(crate) fn apply_step_matvec(self, weights: &mut [f32], step: SgdStep<'_>, x: &[f32], out: &mut [f32]) {
+        check_matvec(weights.len(), x, out, Some(step));
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            SimdPath::Avx2 if std::is_x86_feature_detected!("avx2") => {
+                // SAFETY: AVX2 was detected just above; the shapes were checked; the pointer
+                // comes from an exclusive borrow that outlives the call.
+                unsafe { avx2_rows::dispatch(weights.as_mut_ptr(), x, Some(step), out, None) };
+            }
+            _ => portable_rows::apply_step_matvec(weights, step, x, out),
+        }
+    }
+
+    /// `out = (weights after step) · x`, leaving `weights` as they are: what
+    /// [`apply_step_matvec`](Self::apply_step_matvec) computes, for a shared model.
+    pub(crate) fn matvec_after_step(self, weights: &[f32], step: SgdStep<'_>, x: &[f32], out: &mut [f32]) {
+        check_matvec(weights.len(), x, out, Some(step));
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            SimdPath::Avx2 if std::is_x86_feature_detected!("avx2") => {
+                let w = weights.as_ptr().cast_mut();
+                // SAFETY: AVX2 was detected just above; the shapes were checked. The weights
+                // are only read (STORE is false), so casting away const is sound.
+                unsafe {
+                    if step.decay == 1.0 {
+                        avx2_rows::rows::<true, false, false>(w, x, Some(step), out, None)
+                    } else {
+                        avx2_rows::rows::<true, true, false>(w, x, Some(step), out, None)
+                    }
+                };
+            }
+            _ => portable_rows::matvec_after_step(weights, step, x, out),
+        }
+    }
+
+    /// Standardises `x` as `std` says, then applies `step` (if any) to `weights` and computes
+    /// `out = weights · standardised x`, in one pass over the weights. Returns whether every
+    /// element of `x` is finite; if not, `std.next` and `out` are garbage, but the step was
+    /// applied as it would have been.
+    pub(crate) fn standardize_forward(
+        self,
+        weights: &mut [f32],
+        step: Option<SgdStep<'_>>,
+        x: &[f32],
+        std: FusedStandardize<'_>,
+        out: &mut [f32],
+    ) -> bool {
+        check_matvec(weights.len(), x, out, step);
+        assert!(
+            std.stats.len() == 2 * x.len() && std.next.len() == 2 * x.len() && std.features.len() == x.len(),
+            "standardisation shapes do not match x"
+        );
+        match self {
+            // The AVX2 kernel standardises along with the first rows: it needs some.
+            #[cfg(target_arch = "x86_64")]
+            SimdPath::Avx2 if std::is_x86_feature_detected!("avx2") && !out.is_empty() => {
+                // SAFETY: AVX2 was detected just above; the shapes were checked; the pointer
+                // comes from an exclusive borrow that outlives the call.
+                unsafe { avx2_rows::dispatch(weights.as_mut_ptr(), x, step, out, Some(std)) }
+            }
+            _ => {
+                let finite = self.standardize_observe(x, std.stats, std.next, std.features, std.inv_n, std.inv_n1);
+                match step {
+                    Some(step) => portable_rows::apply_step_matvec(weights, step, std.features, out),
+                    None => portable_rows::matvec(weights, std.features, out),
+                }
+                finite
+            }
+        }
+    }
+}
+
+/// Panics unless the matrix is `out.len() x x.len()` (and the step, if any, fits it). The AVX2
+/// kernels rely on this for the bounds of their pointer arithmetic.
+fn check_matvec(matrix_len: usize, x: &[f32], out: &[f32], step: Option<SgdStep<'_>>) {
+    assert_eq!(matrix_len, x.len() * out.len(), "matrix shape does not match x and out");
+    if let Some(step) = step {
+        assert!(
+            step.steps.len() == out.len() && step.features.len() == x.len(),
+            "SGD step shape does not match the matrix"
+        );
+    }
+}
+
+/// The baseline versions of the matrix-vector products.
+mod portable_rows {
+    use super::{apply_step, apply_step_one, dot, finish, SgdStep, LANES};
+
+    #[inline(never)]
+    pub(super) fn matvec(matrix: &[f32], x: &[f32], out: &mut [f32]) {
+        if x.is_empty() {
+            return out.fill(0.0);
+        }
+        for (row, o) in matrix.chunks_exact(x.len()).zip(out) {
+            *o = dot(row, x);
+        }
+    }
+
+    #[inline(never)]
+    pub(super) fn apply_step_matvec(weights: &mut [f32], step: SgdStep<'_>, x: &[f32], out: &mut [f32]) {
+        if x.is_empty() {
+            return out.fill(0.0);
+        }
+        for ((row, o), &a) in weights.chunks_exact_mut(x.len()).zip(out).zip(step.steps) {
+            apply_step(row, a, step.decay, step.features);
+            *o = dot(row, x);
+        }
+    }
+
+    #[inline(never)]
+    pub(super) fn matvec_after_step(weights: &[f32], step: SgdStep<'_>, x: &[f32], out: &mut [f32]) {
+        if x.is_empty() {
+            return out.fill(0.0);
+        }
+        for ((row, o), &a) in weights.chunks_exact(x.len()).zip(out).zip(step.steps) {
+            // `dot` of the stepped row, the stepped lanes computed on the fly.
+            let mut acc = [0.0f32; LANES];
+            let (wc, zc, xc) = (row.chunks_exact(LANES), step.features.chunks_exact(LANES), x.chunks_exact(LANES));
+            let (w_tail, z_tail, x_tail) = (wc.remainder(), zc.remainder(), xc.remainder());
+            for ((w, z), x) in wc.zip(zc).zip(xc) {
+                for l in 0..LANES {
+                    acc[l] += apply_step_one(w[l], a, step.decay, z[l]) * x[l];
+                }
+            }
+            let mut rest = 0.0f32;
+            for ((w, z), x) in w_tail.iter().zip(z_tail).zip(x_tail) {
+                rest += apply_step_one(*w, a, step.decay, *z) * x;
+            }
+            *o = finish(acc, rest);
+        }
+    }
+}
+
+/// The AVX2 forward pass, with intrinsics that perform exactly the operations of the portable
+/// code: two 8-wide accumulators are [`dot`]'s 16 lanes, the reduction follows the same tree,
+/// the step is [`apply_step_one`]'s multiply and add, and the standardisation is
+/// [`standardize_one`]'s and [`observe_one`]'s operations. Written by hand because LLVM's
+/// vectorisation of the portable reductions is fragile: depending on the surrounding code it
+/// vectorised across rows, or two lanes at a time.
+#[cfg(target_arch = "x86_64")]
+mod avx2_rows {
+    use super::{apply_step_one, observe_one, standardize_one, FusedStandardize, SgdStep, LANES, VARIANCE_EPSILON};
+    use std::arch::x86_64::*;
+
+    const _: () = assert!(LANES == 16, "the accumulators below are two registers of 8 lanes");
+
+    /// The standardisation's arrays as pointers, for [`block`].
+    #[derive(Clone, Copy)]
+    struct Std {
+        /// The raw features.
+        x: *const f32,
+        mean: *const f32,
+        m2: *const f32,
+        next_mean: *mut f32,
+        next_m2: *mut f32,
+        /// Where the standardised features go.
+        out: *mut f32,
+        inv_n: f32,
+        inv_n1: f32,
+    }
+
+    /// [`rows`] with or without a step, and with the step's decay or not.
+    ///
+    /// # Safety
+    /// As [`rows`], with STORE.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn dispatch(
+        w: *mut f32,
+        x: &[f32],
+        step: Option<SgdStep<'_>>,
+        out: &mut [f32],
+        std: Option<FusedStandardize<'_>>,
+    ) -> bool {
+        match step {
+            None => rows::<false, false, true>(w, x, None, out, std),
+            Some(s) if s.decay == 1.0 => rows::<true, false, true>(w, x, step, out, std),
+            Some(_) => rows::<true, true, true>(w, x, step, out, std),
+        }
+    }
+
+    /// `out[r] = dot(row r, v)` over the `out.len() x x.len()` row-major matrix at `w`, where
+    /// `v` is `x`, or with `std` `x` standardised (into `std.features`, the first rows' pass
+    /// doing it); with `APPLY`, of each row after `step` (with `DECAY` unless its decay is 1),
+    /// which `STORE` writes back. Returns whether `x` is finite (always true without `std`).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; `w` must point to `out.len() * x.len()` floats, writable if
+    /// `STORE`, overlapping none of the slices; `step` is `Some` and matches the shape if
+    /// `APPLY`; with `std`, `out` is not empty and its slices match `x`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn rows<const APPLY: bool, const DECAY: bool, const STORE: bool>(
+        w: *mut f32,
+        x: &[f32],
+        step: Option<SgdStep<'_>>,
+        out: &mut [f32],
+        std: Option<FusedStandardize<'_>>,
+    ) -> bool {
+        let d = x.len();
+        let k = out.len();
+        let (steps, decay, z): (&[f32], f32, *const f32) = match step {
+            Some(s) => (s.steps, s.decay, s.features.as_ptr()),
+            None => (&[], 1.0, x.as_ptr()),
+        };
+        let a = |r: usize| if APPLY { steps[r] } else { 0.0 };
+        let mut r = 0;
+        let mut finite = true;
+        let mut v = x.as_ptr();
+        if let Some(std) = std {
+            // The first (up to) four rows standardise x on the way; the others read the result.
+            let (mean, m2) = std.stats.split_at(d);
+            let (next_mean, next_m2) = std.next.split_at_mut(d);
+            let s = Std {
+                x: x.as_ptr(),
+                mean: mean.as_ptr(),
+                m2: m2.as_ptr(),
+                next_mean: next_mean.as_mut_ptr(),
+                next_m2: next_m2.as_mut_ptr(),
+                out: std.features.as_mut_ptr(),
+                inv_n: std.inv_n,
+                inv_n1: std.inv_n1,
+            };
+            r = k.min(4);
+            finite = match r {
+                1 => block::<1, APPLY, DECAY, STORE, true>(
+                    w,
+                    d,
+                    v,
+                    &mut out[..1],
+                    RowsStep { steps: [a(0)], decay, z },
+                    s,
+                ),
+                2 => block::<2, APPLY, DECAY, STORE, true>(
+                    w,
+                    d,
+                    v,
+                    &mut out[..2],
+                    RowsStep { steps: [a(0), a(1)], decay, z },
+                    s,
+                ),
+                3 => block::<3, APPLY, DECAY, STORE, true>(
+                    w,
+                    d,
+                    v,
+                    &mut out[..3],
+                    RowsStep { steps: [a(0), a(1), a(2)], decay, z },
+                    s,
+                ),
+                _ => block::<4, APPLY, DECAY, STORE, true>(
+                    w,
+                    d,
+                    v,
+                    &mut out[..4],
+                    RowsStep { steps: [a(0), a(1), a(2), a(3)], decay, z },
+                    s,
+                ),
+            };
+            v = std.features.as_ptr();
+        }
+        let none = Std {
+            x: v,
+            mean: v,
+            m2: v,
+            next_mean: std::ptr::null_mut(),
+            next_m2: std::ptr::null_mut(),
+            out: std::ptr::null_mut(),
+            inv_n: 0.0,
+            inv_n1: 0.0,
+        };
+        // Four rows at a time: each chunk of v (and of the step's features) is loaded once for
+        // four rows, and the eight independent accumulators hide the adder's latency.
+        while r + 4 <= k {
+            let wr = w.add(r * d);
+            let o = &mut out[r..r + 4];
+            block::<4, APPLY, DECAY, STORE, false>(
+                wr,
+                d,
+                v,
+                o,
+                RowsStep { steps: [a(r), a(r + 1), a(r + 2), a(r + 3)], decay, z },
+                none,
+            );
+            r += 4;
+        }
+        // The last one to three rows together too: a lone row's two accumulators would wait on
+        // the adder's latency.
+        let wr = w.add(r * d);
+        let o = &mut out[r..];
+        match k - r {
+            0 => true,
+            1 => block::<1, APPLY, DECAY, STORE, false>(wr, d, v, o, RowsStep { steps: [a(r)], decay, z }, none),
+            2 => block::<2, APPLY, DECAY, STORE, false>(
+                wr,
+                d,
+                v,
+                o,
+                RowsStep { steps: [a(r), a(r + 1)], decay, z },
+                none,
+            ),
+            _ => block::<3, APPLY, DECAY, STORE, false>(
+                wr,
+                d,
+                v,
+                o,
+                RowsStep { steps: [a(r), a(r + 1), a(r + 2)], decay, z },
+                none,
+            ),
+        };
+        finite
+    }
+
+    /// The pending step's part for `R` rows.
+    #[derive(Clone, Copy)]
+    struct RowsStep<const R: usize> {
+        steps: [f32; R],
+        decay: f32,
+        /// The step's features.
+        z: *const f32,
+    }
+
+    /// `R` rows from `w` into `out` (`R <= 4`): see [`rows`]. With `STD`, computes `v` from
+    /// `std` first, chunk by chunk, and returns whether `std.x` is finite.
+    #[target_feature(enable = "avx2")]
+    unsafe fn block<const R: usize, const APPLY: bool, const DECAY: bool, const STORE: bool, const STD: bool>(
+        w: *mut f32,
+        d: usize,
+        v: *const f32,
+        out: &mut [f32],
+        step: RowsStep<R>,
+        std: Std,
+    ) -> bool {
+        let RowsStep { steps, decay, z } = step;
+        let full = d - d % LANES;
+        let v = if STD { std.out.cast_const() } else { v };
+        let dv = _mm256_set1_ps(decay);
+        let mut a = [_mm256_setzero_ps(); R];
+        for k in 0..R {
+            a[k] = _mm256_set1_ps(steps[k]);
+        }
+        let mut lo = [_mm256_setzero_ps(); R];
+        let mut hi = [_mm256_setzero_ps(); R];
+        let mut bad = _mm256_setzero_ps();
+        let mut i = 0;
+        while i < full {
+            let (va, vb) = if STD {
+                (standardize8(std, i, &mut bad), standardize8(std, i + 8, &mut bad))
+            } else {
+                (_mm256_loadu_ps(v.add(i)), _mm256_loadu_ps(v.add(i + 8)))
+            };
+            let (za, zb) = if APPLY { (_mm256_loadu_ps(z.add(i)), _mm256_loadu_ps(z.add(i + 8))) } else { (va, vb) };
+            for k in 0..R {
+                let row = w.add(k * d + i);
+                let wa = weights8::<APPLY, DECAY, STORE>(row, a[k], dv, za);
+                let wb = weights8::<APPLY, DECAY, STORE>(row.add(8), a[k], dv, zb);
+                lo[k] = _mm256_add_ps(lo[k], _mm256_mul_ps(wa, va));
+                hi[k] = _mm256_add_ps(hi[k], _mm256_mul_ps(wb, vb));
+            }
+            i += LANES;
+        }
+        let mut finite = _mm256_movemask_ps(bad) == 0;
+        if STD {
+            for j in full..d {
+                let (x, mean, m2) = (*std.x.add(j), *std.mean.add(j), *std.m2.add(j));
+                *std.out.add(j) = standardize_one(x, mean, m2, std.inv_n);
+                (*std.next_mean.add(j), *std.next_m2.add(j)) = observe_one(x, mean, m2, std.inv_n1);
+                finite &= x.is_finite();
+            }
+        }
+        for k in 0..R {
+            let mut rest = 0.0f32;
+            for j in full..d {
+                let wj = w.add(k * d + j);
+                let value = if APPLY { apply_step_one(*wj, steps[k], decay, *z.add(j)) } else { *wj };
+                if STORE {
+                    *wj = value;
+                }
+                rest += value * *v.add(j);
+            }
+            out[k] = reduce(lo[k], hi[k]) + rest;
+        }
+        finite
+    }
+
+    /// Eight standardised features from `at`, with their next statistics stored; marks
+    /// non-finite features in `bad`.
+    #[inline(always)]
+    unsafe fn standardize8(s: Std, at: usize, bad: &mut __m256) -> __m256 {
+        let x = _mm256_loadu_ps(s.x.add(at));
+        let mean = _mm256_loadu_ps(s.mean.add(at));
+        let m2 = _mm256_loadu_ps(s.m2.add(at));
+        // standardize_one
+        let var = _mm256_mul_ps(m2, _mm256_set1_ps(s.inv_n));
+        let use_sqrt = _mm256_cmp_ps::<_CMP_GT_OQ>(var, _mm256_set1_ps(VARIANCE_EPSILON));
+        let std = _mm256_blendv_ps(_mm256_set1_ps(1.0), _mm256_sqrt_ps(var), use_sqrt);
+        let delta = _mm256_sub_ps(x, mean);
+        let out = _mm256_div_ps(delta, std);
+        _mm256_storeu_ps(s.out.add(at), out);
+        // observe_one
+        let next_mean = _mm256_add_ps(mean, _mm256_mul_ps(delta, _mm256_set1_ps(s.inv_n1)));
+        let next_m2 = _mm256_add_ps(m2, _mm256_mul_ps(delta, _mm256_sub_ps(x, next_mean)));
+        _mm256_storeu_ps(s.next_mean.add(at), next_mean);
+        _mm256_storeu_ps(s.next_m2.add(at), next_m2);
+        // Non-finite exactly when the exponent bits are all ones: masked, that is +inf.
+        let exponent = _mm256_and_ps(x, _mm256_set1_ps(f32::INFINITY));
+        *bad = _mm256_or_ps(*bad, _mm256_cmp_ps::<_CMP_EQ_OQ>(exponent, _mm256_set1_ps(f32::INFINITY)));
+        out
+    }
+
+    /// Eight weights at `w`, after the step if `APPLY` (stored back if `STORE`).
+    #[inline(always)]
+    unsafe fn weights8<const APPLY: bool, const DECAY: bool, const STORE: bool>(
+        w: *mut f32,
+        a: __m256,
+        decay: __m256,
+        z: __m256,
+    ) -> __m256 {
+        let v = _mm256_loadu_ps(w);
+        if !APPLY {
+            return v;
+        }
+        let step = _mm256_mul_ps(a, z);
+        let v = if DECAY { _mm256_add_ps(_mm256_mul_ps(decay, v), step) } else { _mm256_add_ps(v, step) };
+        if STORE {
+            _mm256_storeu_ps(w, v);
+        }
+        v
+    }
+
+    /// The lanes `lo[0..8] ++ hi[0..8]` summed in the portable `reduce`'s tree.
+    #[inline(always)]
+    unsafe fn reduce(lo: __m256, hi: __m256) -> f32 {
+        let s8 = _mm256_add_ps(lo, hi); // lane i + lane i+8
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8)); // i + i+4
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4)); // i + i+2
+        let s1 = _mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)); // 0 + 1
+        _mm_cvtss_f32(s1)
+    }
+}
+
 /// Sums the lanes in a fixed tree: `(a[0] + a[8]) + (a[4] + a[12]) + ...`, the same at any width.
 #[inline(always)]
 fn reduce(mut acc: [f32; LANES]) -> f32 {
@@ -268,70 +732,53 @@ fn reduce(mut acc: [f32; LANES]) -> f32 {
 #[inline(always)]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "dot of slices of different lengths");
-    dot_rows::<1>(a, b)[0]
-}
-
-/// Dot products of the `R` consecutive rows in `rows` (each `x.len()` long) with `x`.
-#[inline(always)]
-fn dot_rows<const R: usize>(rows: &[f32], x: &[f32]) -> [f32; R] {
-    let d = x.len();
-    debug_assert_eq!(rows.len(), R * d);
-    let row: [&[f32]; R] = std::array::from_fn(|r| &rows[r * d..(r + 1) * d]);
-    let mut acc = [[0.0f32; LANES]; R];
-    let chunks = x.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for (c, xs) in chunks.enumerate() {
-        let xs: &[f32; LANES] = xs.try_into().expect("chunks_exact yields LANES elements");
-        for r in 0..R {
-            let ws: &[f32; LANES] = row[r][c * LANES..][..LANES].try_into().expect("row has d elements");
-            for l in 0..LANES {
-                acc[r][l] += ws[l] * xs[l];
-            }
-        }
-    }
-    let full = d - tail.len();
-    std::array::from_fn(|r| {
-        let mut rest = 0.0f32;
-        for (w, x) in row[r][full..].iter().zip(tail) {
-            rest += w * x;
-        }
-        reduce(acc[r]) + rest
-    })
-}
-
-/// `y += a * x`.
-#[inline(always)]
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    assert_eq!(y.len(), x.len(), "axpy of slices of different lengths");
-    let mut ys = y.chunks_exact_mut(LANES);
-    let mut xs = x.chunks_exact(LANES);
-    for (yc, xc) in (&mut ys).zip(&mut xs) {
-        let yc: &mut [f32; LANES] = yc.try_into().expect("chunks_exact yields LANES elements");
-        let xc: &[f32; LANES] = xc.try_into().expect("chunks_exact yields LANES elements");
+    let mut acc = [0.0f32; LANES];
+    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (a_tail, b_tail) = (ac.remainder(), bc.remainder());
+    for (a, b) in ac.zip(bc) {
+        let a: &[f32; LANES] = a.try_into().expect("chunks_exact yields LANES elements");
+        let b: &[f32; LANES] = b.try_into().expect("chunks_exact yields LANES elements");
         for l in 0..LANES {
-            yc[l] += a * xc[l];
+            acc[l] += a[l] * b[l];
         }
     }
-    for (y, x) in ys.into_remainder().iter_mut().zip(xs.remainder()) {
-        *y += a * x;
+    let mut rest = 0.0f32;
+    for (a, b) in a_tail.iter().zip(b_tail) {
+        rest += a * b;
+    }
+    finish(acc, rest)
+}
+
+/// The lanes' sum plus the sum of the elements past the last full chunk.
+#[inline(always)]
+fn finish(acc: [f32; LANES], rest: f32) -> f32 {
+    reduce(acc) + rest
+}
+
+/// One weight after an SGD step: `decay * w + a * z`, or `w + a * z` when `decay` is 1 (the
+/// multiply by 1 would not change the result, and costs a pass's worth of multiplies).
+#[inline(always)]
+pub(crate) fn apply_step_one(w: f32, a: f32, decay: f32, z: f32) -> f32 {
+    if decay == 1.0 {
+        w + a * z
+    } else {
+        decay * w + a * z
     }
 }
 
-/// `y = s * y + a * x`.
+/// Applies an SGD step to one row: `w = apply_step_one(w, a, decay, z)` element-wise. The
+/// branch is hoisted so that each loop is a plain element-wise loop, which LLVM vectorises.
 #[inline(always)]
-fn scale_axpy(y: &mut [f32], s: f32, a: f32, x: &[f32]) {
-    assert_eq!(y.len(), x.len(), "scale_axpy of slices of different lengths");
-    let mut ys = y.chunks_exact_mut(LANES);
-    let mut xs = x.chunks_exact(LANES);
-    for (yc, xc) in (&mut ys).zip(&mut xs) {
-        let yc: &mut [f32; LANES] = yc.try_into().expect("chunks_exact yields LANES elements");
-        let xc: &[f32; LANES] = xc.try_into().expect("chunks_exact yields LANES elements");
-        for l in 0..LANES {
-            yc[l] = s * yc[l] + a * xc[l];
+fn apply_step(w: &mut [f32], a: f32, decay: f32, z: &[f32]) {
+    assert_eq!(w.len(), z.len(), "apply_step of slices of different lengths");
+    if decay == 1.0 {
+        for (w, z) in w.iter_mut().zip(z) {
+            *w += a * z;
         }
-    }
-    for (y, x) in ys.into_remainder().iter_mut().zip(xs.remainder()) {
-        *y = s * *y + a * x;
+    } else {
+        for (w, z) in w.iter_mut().zip(z) {
+            *w = decay * *w + a * z;
+        }
     }
 }
 
@@ -350,13 +797,12 @@ pub(crate) fn standardize_one(x: f32, mean: f32, m2: f32, inv_n: f32) -> f32 {
 }
 
 /// Welford's update of one feature's mean and sum of squared deviations with `x`
-/// (`inv_n1` = `1 / (count + 1)`).
+/// (`inv_n1` = `1 / (count + 1)`): the new `(mean, m2)`.
 #[inline(always)]
-pub(crate) fn observe_one(x: f32, mean: &mut f32, m2: &mut f32, inv_n1: f32) {
-    let delta = x - *mean;
-    let new_mean = *mean + delta * inv_n1;
-    *m2 += delta * (x - new_mean);
-    *mean = new_mean;
+pub(crate) fn observe_one(x: f32, mean: f32, m2: f32, inv_n1: f32) -> (f32, f32) {
+    let delta = x - mean;
+    let new_mean = mean + delta * inv_n1;
+    (new_mean, m2 + delta * (x - new_mean))
 }
 
 /// One AdaGrad coordinate with gradient `g`: `G += g²`, `w -= lr * g / (sqrt(G) + eps)`.
@@ -543,18 +989,102 @@ mod tests {
     fn sgd_step_matches_the_scalar_formula_on_every_path() {
         let mut rng = Rng::new(2);
         for d in [1, 3, 16, 37] {
-            let x = random_vec(&mut rng, d);
+            let z = random_vec(&mut rng, d);
             let w0 = random_vec(&mut rng, 3 * d);
-            let coeffs = [0.25, -0.5, 0.125];
+            let steps = [0.025, -0.05, 0.0125];
             for path in paths() {
                 for decay in [1.0, 0.9] {
                     let mut w = w0.clone();
-                    path.sgd_step(&mut w, &x, &coeffs, 0.1, decay);
+                    path.sgd_apply(&mut w, &z, &steps, decay);
                     for (i, w) in w.iter().enumerate() {
                         let (k, j) = (i / d, i % d);
-                        let a = -0.1f32 * coeffs[k];
-                        let want = if decay == 1.0 { w0[i] + a * x[j] } else { decay * w0[i] + a * x[j] };
+                        let want = if decay == 1.0 { w0[i] + steps[k] * z[j] } else { decay * w0[i] + steps[k] * z[j] };
                         assert_eq!(w.to_bits(), want.to_bits(), "d={d} decay={decay} i={i}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fused_step_and_matvec_equal_the_step_then_the_matvec() {
+        let mut rng = Rng::new(5);
+        for d in [1, 15, 16, 17, 40, 1280] {
+            for k in [1, 3, 4, 6, 10] {
+                let w0 = random_vec(&mut rng, k * d);
+                let (z, x) = (random_vec(&mut rng, d), random_vec(&mut rng, d));
+                let steps = random_vec(&mut rng, k);
+                for decay in [1.0, 0.999] {
+                    let step = SgdStep { steps: &steps, decay, features: &z };
+                    // The reference: the step, then the product, on the baseline path.
+                    let mut stepped = w0.clone();
+                    SimdPath::Portable.sgd_apply(&mut stepped, &z, &steps, decay);
+                    let mut want = vec![0.0; k];
+                    SimdPath::Portable.matvec(&stepped, &x, &mut want);
+                    for path in paths() {
+                        let mut out = vec![f32::NAN; k];
+                        path.matvec_after_step(&w0, step, &x, &mut out);
+                        assert_eq!(bits(&out), bits(&want), "{path} read-only d={d} k={k}");
+                        let mut w = w0.clone();
+                        let mut out = vec![f32::NAN; k];
+                        path.apply_step_matvec(&mut w, step, &x, &mut out);
+                        assert_eq!(bits(&out), bits(&want), "{path} fused d={d} k={k}");
+                        assert_eq!(bits(&w), bits(&stepped), "{path} fused weights d={d} k={k}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fused_standardisation_equals_the_separate_passes() {
+        let mut rng = Rng::new(6);
+        for d in [1, 15, 16, 17, 40, 1280] {
+            for k in [1, 2, 3, 4, 5, 10] {
+                let w0 = random_vec(&mut rng, k * d);
+                let x: Vec<f32> = random_vec(&mut rng, d).iter().map(|v| 3.0 * v + 1.0).collect();
+                // Statistics with some zero variances, which are only centred.
+                let mut stats = random_vec(&mut rng, 2 * d);
+                stats[d..]
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(i, m2)| *m2 = if i % 5 == 0 { 0.0 } else { m2.abs() * 10.0 });
+                let (z, steps) = (random_vec(&mut rng, d), random_vec(&mut rng, k));
+                let (inv_n, inv_n1) = (1.0 / 7.0, 1.0 / 8.0);
+                for with_step in [false, true] {
+                    let step = with_step.then_some(SgdStep { steps: &steps, decay: 0.99, features: &z });
+                    // The reference: standardise, then the forward pass, on the baseline path.
+                    let (mut want_next, mut want_features) = (vec![0.0; 2 * d], vec![0.0; d]);
+                    let p = SimdPath::Portable;
+                    assert!(p.standardize_observe(&x, &stats, &mut want_next, &mut want_features, inv_n, inv_n1));
+                    let (mut want_w, mut want_out) = (w0.clone(), vec![0.0; k]);
+                    match step {
+                        Some(step) => p.apply_step_matvec(&mut want_w, step, &want_features, &mut want_out),
+                        None => p.matvec(&want_w, &want_features, &mut want_out),
+                    }
+                    for path in paths() {
+                        let (mut next, mut features, mut w, mut out) =
+                            (vec![0.0; 2 * d], vec![0.0; d], w0.clone(), vec![0.0; k]);
+                        let fused =
+                            FusedStandardize { stats: &stats, next: &mut next, features: &mut features, inv_n, inv_n1 };
+                        assert!(path.standardize_forward(&mut w, step, &x, fused, &mut out));
+                        let case = format!("{path} d={d} k={k} step={with_step}");
+                        assert_eq!(bits(&features), bits(&want_features), "{case}");
+                        assert_eq!(bits(&next), bits(&want_next), "{case}");
+                        assert_eq!(bits(&w), bits(&want_w), "{case}");
+                        assert_eq!(bits(&out), bits(&want_out), "{case}");
+                    }
+                }
+                // A non-finite feature anywhere is reported.
+                for bad in [0, d / 2, d - 1] {
+                    let mut x = x.clone();
+                    x[bad] = if bad % 2 == 0 { f32::NAN } else { f32::NEG_INFINITY };
+                    for path in paths() {
+                        let (mut next, mut features, mut w, mut out) =
+                            (vec![0.0; 2 * d], vec![0.0; d], w0.clone(), vec![0.0; k]);
+                        let fused =
+                            FusedStandardize { stats: &stats, next: &mut next, features: &mut features, inv_n, inv_n1 };
+                        assert!(!path.standardize_forward(&mut w, None, &x, fused, &mut out), "{path} d={d} at {bad}");
                     }
                 }
             }
@@ -572,7 +1102,13 @@ mod tests {
         let params = FtrlParams { inv_alpha: 10.0, beta: 1.0, l1: 0.2, l2: 0.1 };
         for path in paths() {
             let (mut w, mut g2) = (w0.clone(), acc0.clone());
-            path.adagrad_step(&mut w, &mut g2, &x, &coeffs, 0.1, 1e-8, 0.01);
+            path.adagrad_step(
+                &mut w,
+                &mut g2,
+                &x,
+                &coeffs,
+                AdagradConfig { learning_rate: 0.1, epsilon: 1e-8, l2: 0.01 },
+            );
             let (mut fw, mut z, mut n) = (w0.clone(), w0.clone(), acc0.clone());
             path.ftrl_step(&mut fw, &mut z, &mut n, &x, &coeffs, params);
             for i in 0..2 * d {

@@ -44,7 +44,7 @@ pub enum LearnError {
     Dimension { expected: usize, got: usize },
     #[error("feature {index} of the feature vector is {value}; features must be finite")]
     NonFinite { index: usize, value: f32 },
-    #[error("probability buffer has {got} slots, the model has {expected} classes")]
+    #[error("output buffer has {got} slots for {expected} values")]
     OutputLength { expected: usize, got: usize },
     #[error("invalid learner config: {field} {reason}")]
     Config { field: &'static str, reason: String },
@@ -61,4 +61,12 @@ pub enum LearnError {
         #[source]
         source: SnapshotError,
     },
+}
+
+impl LearnError {
+    /// The error for the first non-finite value of `x`, which must have one.
+    pub(crate) fn non_finite(x: &[f32]) -> LearnError {
+        let index = x.iter().position(|v| !v.is_finite()).expect("x has a non-finite value");
+        LearnError::NonFinite { index, value: x[index] }
+    }
 }

@@ -1,34 +1,35 @@
-//! The optimizers' per-weight state and their update step.
+//! The optimizers: their hyperparameters, per-weight state and update step.
 
-use super::config::{AdagradConfig, FtrlConfig, OptimizerConfig};
+use super::config::{AdagradConfig, FtrlConfig, OptimizerConfig, SgdConfig};
 use super::kernels::{self, FtrlParams, SimdPath};
 
-/// What an optimizer remembers between updates, laid out like the weights: a `K x D` row-major
-/// matrix for the weights and a `K` vector for the bias.
+/// An optimizer with its hyperparameters and what it remembers between updates, laid out like
+/// the weights: a `K x D` row-major matrix for the weights and a `K` vector for the bias.
 #[derive(Clone, Debug, PartialEq)]
-pub(crate) enum OptimizerState {
+pub(crate) enum Optimizer {
     /// Plain SGD keeps nothing; its learning rate depends only on the update count.
-    Sgd,
+    Sgd(SgdConfig),
     /// Accumulated squared gradients.
-    Adagrad { sum_sq_weight: Vec<f32>, sum_sq_bias: Vec<f32> },
+    Adagrad { config: AdagradConfig, sum_sq_weight: Vec<f32>, sum_sq_bias: Vec<f32> },
     /// FTRL-Proximal's `z` (adjusted accumulated gradients) and `n` (accumulated squared
     /// gradients); the weights are a function of them, kept materialised for prediction.
-    Ftrl { z_weight: Vec<f32>, n_weight: Vec<f32>, z_bias: Vec<f32>, n_bias: Vec<f32> },
+    Ftrl { config: FtrlConfig, z_weight: Vec<f32>, n_weight: Vec<f32>, z_bias: Vec<f32>, n_bias: Vec<f32> },
 }
 
 /// The name of one state tensor in snapshots, its data, and whether it is `K x D` (else `K`).
 pub(crate) type StateTensor<'a> = (&'static str, &'a [f32], bool);
 
-impl OptimizerState {
-    /// Fresh state for `classes` classes of `dim` features.
-    pub(crate) fn new(config: &OptimizerConfig, classes: usize, dim: usize) -> OptimizerState {
+impl Optimizer {
+    /// A fresh optimizer for `classes` classes of `dim` features.
+    pub(crate) fn new(config: &OptimizerConfig, classes: usize, dim: usize) -> Optimizer {
         let zeros = |n: usize| vec![0.0f32; n];
         match config {
-            OptimizerConfig::Sgd(_) => OptimizerState::Sgd,
-            OptimizerConfig::Adagrad(_) => {
-                OptimizerState::Adagrad { sum_sq_weight: zeros(classes * dim), sum_sq_bias: zeros(classes) }
+            OptimizerConfig::Sgd(c) => Optimizer::Sgd(*c),
+            OptimizerConfig::Adagrad(c) => {
+                Optimizer::Adagrad { config: *c, sum_sq_weight: zeros(classes * dim), sum_sq_bias: zeros(classes) }
             }
-            OptimizerConfig::Ftrl(_) => OptimizerState::Ftrl {
+            OptimizerConfig::Ftrl(c) => Optimizer::Ftrl {
+                config: *c,
                 z_weight: zeros(classes * dim),
                 n_weight: zeros(classes * dim),
                 z_bias: zeros(classes),
@@ -41,12 +42,12 @@ impl OptimizerState {
     pub(crate) fn add_class(&mut self, dim: usize) {
         let grow = |v: &mut Vec<f32>, n: usize| v.resize(v.len() + n, 0.0);
         match self {
-            OptimizerState::Sgd => {}
-            OptimizerState::Adagrad { sum_sq_weight, sum_sq_bias } => {
+            Optimizer::Sgd(_) => {}
+            Optimizer::Adagrad { sum_sq_weight, sum_sq_bias, .. } => {
                 grow(sum_sq_weight, dim);
                 grow(sum_sq_bias, 1);
             }
-            OptimizerState::Ftrl { z_weight, n_weight, z_bias, n_bias } => {
+            Optimizer::Ftrl { z_weight, n_weight, z_bias, n_bias, .. } => {
                 grow(z_weight, dim);
                 grow(n_weight, dim);
                 grow(z_bias, 1);
@@ -58,11 +59,11 @@ impl OptimizerState {
     /// The state's tensors, named as in snapshots.
     pub(crate) fn tensors(&self) -> Vec<StateTensor<'_>> {
         match self {
-            OptimizerState::Sgd => Vec::new(),
-            OptimizerState::Adagrad { sum_sq_weight, sum_sq_bias } => {
+            Optimizer::Sgd(_) => Vec::new(),
+            Optimizer::Adagrad { sum_sq_weight, sum_sq_bias, .. } => {
                 vec![("optimizer.sum_sq_weight", sum_sq_weight, true), ("optimizer.sum_sq_bias", sum_sq_bias, false)]
             }
-            OptimizerState::Ftrl { z_weight, n_weight, z_bias, n_bias } => vec![
+            Optimizer::Ftrl { z_weight, n_weight, z_bias, n_bias, .. } => vec![
                 ("optimizer.z_weight", z_weight, true),
                 ("optimizer.n_weight", n_weight, true),
                 ("optimizer.z_bias", z_bias, false),
@@ -71,19 +72,21 @@ impl OptimizerState {
         }
     }
 
-    /// Rebuilds the state of `config`'s optimizer from tensors fetched by name (in the order
-    /// [`tensors`](Self::tensors) lists them); `fetch` checks their shapes.
+    /// Rebuilds `config`'s optimizer from its state tensors, fetched by name (the names
+    /// [`tensors`](Self::tensors) lists); `fetch` checks their shapes.
     pub(crate) fn from_tensors<E>(
         config: &OptimizerConfig,
         mut fetch: impl FnMut(&'static str, bool) -> Result<Vec<f32>, E>,
-    ) -> Result<OptimizerState, E> {
+    ) -> Result<Optimizer, E> {
         Ok(match config {
-            OptimizerConfig::Sgd(_) => OptimizerState::Sgd,
-            OptimizerConfig::Adagrad(_) => OptimizerState::Adagrad {
+            OptimizerConfig::Sgd(c) => Optimizer::Sgd(*c),
+            OptimizerConfig::Adagrad(c) => Optimizer::Adagrad {
+                config: *c,
                 sum_sq_weight: fetch("optimizer.sum_sq_weight", true)?,
                 sum_sq_bias: fetch("optimizer.sum_sq_bias", false)?,
             },
-            OptimizerConfig::Ftrl(_) => OptimizerState::Ftrl {
+            OptimizerConfig::Ftrl(c) => Optimizer::Ftrl {
+                config: *c,
                 z_weight: fetch("optimizer.z_weight", true)?,
                 n_weight: fetch("optimizer.n_weight", true)?,
                 z_bias: fetch("optimizer.z_bias", false)?,
@@ -92,47 +95,48 @@ impl OptimizerState {
         })
     }
 
-    /// Applies one update. `coeffs[k]` is `p_k - y_k`, so class `k`'s weight gradient is
-    /// `coeffs[k] * x` and its bias gradient `coeffs[k]`; `t` is the number of updates before
-    /// this one. The state must have been created for `config`. No optimizer regularises the
-    /// bias.
-    #[allow(clippy::too_many_arguments)]
+    /// Applies one update, except for SGD's step on the weights, which it returns for the caller
+    /// to apply (fused with the next forward pass, see the model). `coeffs[k]` is `p_k - y_k`, so
+    /// class `k`'s weight gradient is `coeffs[k] * x` and its bias gradient `coeffs[k]`; `t` is
+    /// the number of updates before this one. For SGD, `coeffs` is turned into the step,
+    /// `-lr * coeffs[k]`, and the weight decay factor is returned. No optimizer regularises
+    /// the bias.
     pub(crate) fn step(
         &mut self,
-        config: &OptimizerConfig,
         simd: SimdPath,
         t: u64,
         weights: &mut [f32],
         bias: &mut [f32],
         x: &[f32],
-        coeffs: &[f32],
-    ) {
-        match (config, self) {
-            (OptimizerConfig::Sgd(c), OptimizerState::Sgd) => {
+        coeffs: &mut [f32],
+    ) -> Option<f32> {
+        match self {
+            Optimizer::Sgd(c) => {
                 let lr = c.schedule.learning_rate(c.learning_rate, t);
+                for (b, ck) in bias.iter_mut().zip(coeffs.iter_mut()) {
+                    *b -= lr * *ck;
+                    *ck *= -lr;
+                }
                 // L2 as weight decay: w <- (1 - lr * l2) w - lr * c_k x.
-                simd.sgd_step(weights, x, coeffs, lr, 1.0 - lr * c.l2);
-                for (b, &ck) in bias.iter_mut().zip(coeffs) {
-                    *b -= lr * ck;
-                }
+                Some(1.0 - lr * c.l2)
             }
-            (OptimizerConfig::Adagrad(c), OptimizerState::Adagrad { sum_sq_weight, sum_sq_bias }) => {
-                let AdagradConfig { learning_rate, epsilon, l2 } = *c;
-                simd.adagrad_step(weights, sum_sq_weight, x, coeffs, learning_rate, epsilon, l2);
-                for ((b, g2), &ck) in bias.iter_mut().zip(sum_sq_bias).zip(coeffs) {
-                    kernels::adagrad_coordinate(b, g2, ck, learning_rate, epsilon);
+            Optimizer::Adagrad { config, sum_sq_weight, sum_sq_bias } => {
+                simd.adagrad_step(weights, sum_sq_weight, x, coeffs, *config);
+                for ((b, g2), &ck) in bias.iter_mut().zip(sum_sq_bias).zip(coeffs.iter()) {
+                    kernels::adagrad_coordinate(b, g2, ck, config.learning_rate, config.epsilon);
                 }
+                None
             }
-            (OptimizerConfig::Ftrl(c), OptimizerState::Ftrl { z_weight, n_weight, z_bias, n_bias }) => {
-                let FtrlConfig { alpha, beta, l1, l2 } = *c;
+            Optimizer::Ftrl { config, z_weight, n_weight, z_bias, n_bias } => {
+                let FtrlConfig { alpha, beta, l1, l2 } = *config;
                 let params = FtrlParams { inv_alpha: 1.0 / alpha, beta, l1, l2 };
                 simd.ftrl_step(weights, z_weight, n_weight, x, coeffs, params);
                 let bias_params = FtrlParams { l1: 0.0, l2: 0.0, ..params };
-                for (((b, z), n), &ck) in bias.iter_mut().zip(z_bias).zip(n_bias).zip(coeffs) {
+                for (((b, z), n), &ck) in bias.iter_mut().zip(z_bias).zip(n_bias).zip(coeffs.iter()) {
                     kernels::ftrl_coordinate(b, z, n, ck, bias_params);
                 }
+                None
             }
-            (config, state) => unreachable!("optimizer state {state:?} was not made for {config:?}"),
         }
     }
 }

@@ -17,8 +17,8 @@
 
 use super::config::LearnerConfig;
 use super::kernels::SimdPath;
-use super::model::SoftmaxRegression;
-use super::optimizer::OptimizerState;
+use super::model::{PendingStep, SoftmaxRegression};
+use super::optimizer::Optimizer;
 use super::standardize::RunningStandardizer;
 use super::LearnError;
 use safetensors::tensor::TensorView;
@@ -119,7 +119,8 @@ impl SoftmaxRegression {
 
         let (k, d) = (self.classes.len(), self.dim);
         let mut tensors: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = vec![
-            ("weight", Dtype::F32, vec![k, d], f32_bytes(&self.weights)),
+            // With any pending SGD step applied.
+            ("weight", Dtype::F32, vec![k, d], f32_bytes(&self.weights())),
             ("bias", Dtype::F32, vec![k], f32_bytes(&self.bias)),
         ];
         for (name, data, matrix) in self.optimizer.tensors() {
@@ -205,7 +206,7 @@ fn deserialize(bytes: &[u8]) -> Result<(SoftmaxRegression, BTreeMap<String, Stri
     };
     let weights = f32_tensor("weight", vec![k, d])?;
     let bias = f32_tensor("bias", vec![k])?;
-    let optimizer = OptimizerState::from_tensors(&config.optimizer, |name, matrix| {
+    let optimizer = Optimizer::from_tensors(&config.optimizer, |name, matrix| {
         f32_tensor(name, if matrix { vec![k, d] } else { vec![k] })
     })?;
     let standardizer = if config.standardize {
@@ -233,6 +234,7 @@ fn deserialize(bytes: &[u8]) -> Result<(SoftmaxRegression, BTreeMap<String, Stri
         classes,
         class_ids,
         weights,
+        pending: PendingStep::with_classes(d, k),
         bias,
         optimizer,
         scratch_features: vec![0.0; if standardizer.is_some() { d } else { 0 }],
@@ -317,7 +319,7 @@ mod tests {
             let (oa, ob) = (a.learn(&x, &label).unwrap(), b.learn(&x, &label).unwrap());
             assert_eq!((oa.loss.to_bits(), oa.correct), (ob.loss.to_bits(), ob.correct));
         }
-        assert_eq!(bits(a.weights()), bits(b.weights()));
+        assert_eq!(bits(&a.weights()), bits(&b.weights()));
         assert_eq!(bits(a.bias()), bits(b.bias()));
         assert_eq!(a.optimizer, b.optimizer);
         assert_eq!(a.standardizer(), b.standardizer());

@@ -1,7 +1,8 @@
 //! Running feature standardisation: `(x - mean) / std` per feature, with the mean and variance
 //! of the features seen so far (Welford's algorithm).
 
-use super::kernels::SimdPath;
+use super::kernels::{FusedStandardize, SgdStep, SimdPath};
+use super::LearnError;
 
 /// Per-feature running mean and variance of the feature vectors observed, and the
 /// standardisation they define.
@@ -9,18 +10,27 @@ use super::kernels::SimdPath;
 /// A learner standardises each example with the statistics of the examples *before* it and then
 /// observes it ([`RunningStandardizer::transform_and_observe`]), so the features it predicts on
 /// and the features it learns from are the same, and the result depends only on the sequence.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct RunningStandardizer {
     count: u64,
-    mean: Vec<f32>,
-    /// Welford's sum of squared deviations from the mean.
-    m2: Vec<f32>,
+    /// The mean of each feature, then Welford's sum of squared deviations from the mean (`m2`).
+    stats: Vec<f32>,
+    /// Where an observation writes the next `stats`. They replace `stats` only once the whole
+    /// feature vector has proven finite, so the check costs no pass of its own and a rejected
+    /// vector leaves the statistics untouched.
+    next: Vec<f32>,
+}
+
+impl PartialEq for RunningStandardizer {
+    fn eq(&self, other: &Self) -> bool {
+        self.count == other.count && self.stats == other.stats
+    }
 }
 
 impl RunningStandardizer {
     /// No observations yet: every feature is passed through unchanged until the first one.
     pub fn new(dim: usize) -> RunningStandardizer {
-        RunningStandardizer { count: 0, mean: vec![0.0; dim], m2: vec![0.0; dim] }
+        RunningStandardizer { count: 0, stats: vec![0.0; 2 * dim], next: vec![0.0; 2 * dim] }
     }
 
     /// Restores a standardiser from its state, as returned by the getters.
@@ -29,12 +39,14 @@ impl RunningStandardizer {
     /// If `mean` and `m2` differ in length.
     pub fn from_parts(count: u64, mean: Vec<f32>, m2: Vec<f32>) -> RunningStandardizer {
         assert_eq!(mean.len(), m2.len(), "mean and m2 must have one value per feature");
-        RunningStandardizer { count, mean, m2 }
+        let mut stats = mean;
+        stats.extend_from_slice(&m2);
+        RunningStandardizer { count, next: vec![0.0; stats.len()], stats }
     }
 
     /// The number of features.
     pub fn dim(&self) -> usize {
-        self.mean.len()
+        self.stats.len() / 2
     }
 
     /// The number of feature vectors observed.
@@ -44,72 +56,115 @@ impl RunningStandardizer {
 
     /// The running mean of each feature.
     pub fn mean(&self) -> &[f32] {
-        &self.mean
+        &self.stats[..self.dim()]
     }
 
     /// The running sum of squared deviations of each feature (variance times count).
     pub fn m2(&self) -> &[f32] {
-        &self.m2
+        &self.stats[self.dim()..]
     }
 
     /// The population variance of each feature (zero before two observations).
     pub fn variance(&self) -> Vec<f32> {
-        let inv_n = self.inv_count();
-        self.m2.iter().map(|m2| m2 * inv_n).collect()
-    }
-
-    /// `1 / count`, or 0 before the first observation (which makes every variance 0).
-    fn inv_count(&self) -> f32 {
-        if self.count == 0 {
-            0.0
-        } else {
-            (1.0 / self.count as f64) as f32
-        }
+        let inv_n = inv_count(self.count);
+        self.m2().iter().map(|m2| m2 * inv_n).collect()
     }
 
     /// Writes the standardised `x` into `out` without observing it. Features whose variance
     /// is at most [`VARIANCE_EPSILON`](super::VARIANCE_EPSILON) are only centred.
-    ///
-    /// # Panics
-    /// If `x` or `out` is not [`dim`](Self::dim) long.
-    pub fn transform(&self, x: &[f32], out: &mut [f32]) {
+    pub fn transform(&self, x: &[f32], out: &mut [f32]) -> Result<(), LearnError> {
+        self.check(x, Some(out))?;
         self.transform_with(SimdPath::detect(), x, out);
+        Ok(())
     }
 
+    /// [`transform`](Self::transform) on a given path; the lengths must be right.
     pub(crate) fn transform_with(&self, simd: SimdPath, x: &[f32], out: &mut [f32]) {
-        assert!(x.len() == self.dim() && out.len() == self.dim(), "feature vector length differs from dim");
-        simd.standardize(x, &self.mean, &self.m2, self.inv_count(), out);
+        simd.standardize(x, &self.stats, out, inv_count(self.count));
     }
 
-    /// Updates the statistics with `x`.
-    ///
-    /// # Panics
-    /// If `x` is not [`dim`](Self::dim) long.
-    pub fn observe(&mut self, x: &[f32]) {
-        assert_eq!(x.len(), self.dim(), "feature vector length differs from dim");
-        SimdPath::detect().observe(x, &mut self.mean, &mut self.m2, self.inv_next_count());
-        self.count += 1;
+    /// Updates the statistics with `x`. A non-finite feature is an error, and leaves the
+    /// statistics as they were.
+    pub fn observe(&mut self, x: &[f32]) -> Result<(), LearnError> {
+        self.check(x, None)?;
+        let finite = SimdPath::detect().observe(x, &self.stats, &mut self.next, inv_count(self.count + 1));
+        self.commit(x, finite)
     }
 
     /// [`transform`](Self::transform) then [`observe`](Self::observe), in one pass over the
     /// features: the learner's hot path. `out` receives exactly what `transform` would write.
-    ///
-    /// # Panics
-    /// If `x` or `out` is not [`dim`](Self::dim) long.
-    pub fn transform_and_observe(&mut self, x: &[f32], out: &mut [f32]) {
-        self.transform_and_observe_with(SimdPath::detect(), x, out);
+    /// A non-finite feature is an error, and leaves the statistics as they were.
+    pub fn transform_and_observe(&mut self, x: &[f32], out: &mut [f32]) -> Result<(), LearnError> {
+        self.check(x, Some(out))?;
+        self.transform_and_observe_with(SimdPath::detect(), x, out)
     }
 
-    pub(crate) fn transform_and_observe_with(&mut self, simd: SimdPath, x: &[f32], out: &mut [f32]) {
-        assert!(x.len() == self.dim() && out.len() == self.dim(), "feature vector length differs from dim");
-        let (inv_n, inv_n1) = (self.inv_count(), self.inv_next_count());
-        simd.standardize_observe(x, &mut self.mean, &mut self.m2, inv_n, inv_n1, out);
+    /// [`transform_and_observe`](Self::transform_and_observe) on a given path; the lengths must
+    /// be right.
+    pub(crate) fn transform_and_observe_with(
+        &mut self,
+        simd: SimdPath,
+        x: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), LearnError> {
+        let (inv_n, inv_n1) = (inv_count(self.count), inv_count(self.count + 1));
+        let finite = simd.standardize_observe(x, &self.stats, &mut self.next, out, inv_n, inv_n1);
+        self.commit(x, finite)
+    }
+
+    /// [`transform_and_observe`](Self::transform_and_observe) fused with a model's forward
+    /// pass: standardises `x` into `features` and computes `out = weights · features`, after
+    /// applying `step` to the weights (see [`SimdPath::standardize_forward`]). The lengths must
+    /// be right. On a non-finite feature the statistics are unchanged, and the step applied.
+    pub(crate) fn transform_observe_forward(
+        &mut self,
+        simd: SimdPath,
+        x: &[f32],
+        features: &mut [f32],
+        weights: &mut [f32],
+        step: Option<SgdStep<'_>>,
+        out: &mut [f32],
+    ) -> Result<(), LearnError> {
+        let fused = FusedStandardize {
+            stats: &self.stats,
+            next: &mut self.next,
+            features,
+            inv_n: inv_count(self.count),
+            inv_n1: inv_count(self.count + 1),
+        };
+        let finite = simd.standardize_forward(weights, step, x, fused, out);
+        self.commit(x, finite)
+    }
+
+    /// Makes the statistics computed into `next` current if `x` was finite.
+    fn commit(&mut self, x: &[f32], finite: bool) -> Result<(), LearnError> {
+        if !finite {
+            return Err(LearnError::non_finite(x));
+        }
+        std::mem::swap(&mut self.stats, &mut self.next);
         self.count += 1;
+        Ok(())
     }
 
-    /// `1 / (count + 1)`, the weight of the next observation in the mean.
-    fn inv_next_count(&self) -> f32 {
-        (1.0 / (self.count as f64 + 1.0)) as f32
+    fn check(&self, x: &[f32], out: Option<&mut [f32]>) -> Result<(), LearnError> {
+        if x.len() != self.dim() {
+            return Err(LearnError::Dimension { expected: self.dim(), got: x.len() });
+        }
+        match out {
+            Some(out) if out.len() != self.dim() => {
+                Err(LearnError::OutputLength { expected: self.dim(), got: out.len() })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `1 / n`, or 0 for no observations (which makes every variance 0).
+fn inv_count(n: u64) -> f32 {
+    if n == 0 {
+        0.0
+    } else {
+        (1.0 / n as f64) as f32
     }
 }
 
@@ -130,7 +185,7 @@ mod tests {
         let data: Vec<Vec<f32>> = (0..5000).map(|_| sample(&mut rng, dim)).collect();
         let mut s = RunningStandardizer::new(dim);
         for x in &data {
-            s.observe(x);
+            s.observe(x).unwrap();
         }
         assert_eq!(s.count(), 5000);
         let var = s.variance();
@@ -154,9 +209,9 @@ mod tests {
             let x = sample(&mut rng, dim);
             let mut z_fused = vec![0.0; dim];
             let mut z_separate = vec![0.0; dim];
-            fused.transform_and_observe(&x, &mut z_fused);
-            separate.transform(&x, &mut z_separate);
-            separate.observe(&x);
+            fused.transform_and_observe(&x, &mut z_fused).unwrap();
+            separate.transform(&x, &mut z_separate).unwrap();
+            separate.observe(&x).unwrap();
             for i in 0..dim {
                 assert_eq!(z_fused[i].to_bits(), z_separate[i].to_bits(), "step {step} feature {i}");
             }
@@ -178,18 +233,35 @@ mod tests {
         let mut s = RunningStandardizer::new(2);
         let mut z = vec![0.0; 2];
         // Nothing observed: passed through.
-        s.transform_and_observe(&[3.0, 7.0], &mut z);
+        s.transform_and_observe(&[3.0, 7.0], &mut z).unwrap();
         assert_eq!(z, [3.0, 7.0]);
         // One observation: zero variance, so only centred.
-        s.transform_and_observe(&[5.0, 7.0], &mut z);
+        s.transform_and_observe(&[5.0, 7.0], &mut z).unwrap();
         assert_eq!(z, [2.0, 0.0]);
         for _ in 0..10 {
-            s.transform_and_observe(&[4.0, 7.0], &mut z);
+            s.transform_and_observe(&[4.0, 7.0], &mut z).unwrap();
             assert!(z.iter().all(|v| v.is_finite()));
         }
         // Feature 1 has been exactly constant: its deviation is passed through unscaled.
-        s.transform(&[4.0, 7.5], &mut z);
+        s.transform(&[4.0, 7.5], &mut z).unwrap();
         assert_eq!(z[1], 0.5);
         assert_eq!(s.m2()[1], 0.0);
+    }
+
+    #[test]
+    fn rejected_vectors_leave_the_statistics_unchanged() {
+        let mut s = RunningStandardizer::new(3);
+        s.observe(&[1.0, 2.0, 3.0]).unwrap();
+        s.observe(&[2.0, 4.0, 8.0]).unwrap();
+        let before = s.clone();
+        let mut z = [0.0; 3];
+        let err = s.transform_and_observe(&[1.0, f32::NAN, 0.0], &mut z).unwrap_err();
+        assert!(matches!(err, LearnError::NonFinite { index: 1, .. }), "{err:?}");
+        let err = s.observe(&[1.0, 0.0, f32::NEG_INFINITY]).unwrap_err();
+        assert!(matches!(err, LearnError::NonFinite { index: 2, .. }), "{err:?}");
+        assert!(matches!(s.observe(&[1.0]), Err(LearnError::Dimension { expected: 3, got: 1 })));
+        assert!(matches!(s.transform(&[1.0; 3], &mut [0.0; 2]), Err(LearnError::OutputLength { expected: 3, got: 2 })));
+        assert_eq!(s, before);
+        assert_eq!((s.count(), s.mean()), (2, &[1.5, 3.0, 5.5][..]));
     }
 }
