@@ -237,26 +237,11 @@ pub(crate) struct SgdStep<'a> {
     pub features: &'a [f32],
 }
 
-/// A feature standardisation to fuse into a forward pass: `x` is standardised with `stats`
-/// (the means, then the `m2`s) into `features`, and the statistics updated with `x` are written
-/// to `next`, as [`SimdPath::standardize_observe`] does.
-#[derive(Debug)]
-pub(crate) struct FusedStandardize<'a> {
-    pub stats: &'a [f32],
-    pub next: &'a mut [f32],
-    pub features: &'a mut [f32],
-    /// `1 / count`, 0 before any observation.
-    pub inv_n: f32,
-    /// `1 / (count + 1)`.
-    pub inv_n1: f32,
-}
-
 /// The forward pass's matrix-vector products: `out[r] = dot(matrix row r, x)` for the
 /// row-major `out.len() x x.len()` matrix, each row's sum computed exactly as [`dot`] computes
-/// it; optionally after applying a pending SGD step to the rows, and optionally on `x`
-/// standardised on the way, all in one pass over the weights. The weights of 1280 features and
-/// 10 classes (51 KB) do not fit in L1, so each pass over them counts; the standardisation's
-/// square roots and divisions overlap with the weights' loads and stores.
+/// it; optionally after applying a pending SGD step to the rows, in the same pass over the
+/// weights. The weights of 1280 features and 10 classes (51 KB) do not fit in L1, so each pass
+/// over them counts.
 ///
 /// Written by hand rather than with [`kernels!`] because their AVX2 versions use intrinsics
 /// (see [`avx2_rows`]).
@@ -269,7 +254,7 @@ impl SimdPath {
             SimdPath::Avx2 if std::is_x86_feature_detected!("avx2") => {
                 // SAFETY: AVX2 was detected just above; the shapes were checked. The matrix is
                 // only read (STORE is false), so casting away const is sound.
-                unsafe { avx2_rows::rows::<false, false, false>(matrix.as_ptr().cast_mut(), x, None, out, None) };
+                unsafe { avx2_rows::rows::<false, false, false>(matrix.as_ptr().cast_mut(), x, None, out) }
             }
             _ => portable_rows::matvec(matrix, x, out),
         }
@@ -283,7 +268,7 @@ impl SimdPath {
             SimdPath::Avx2 if std::is_x86_feature_detected!("avx2") => {
                 // SAFETY: AVX2 was detected just above; the shapes were checked; the pointer
                 // comes from an exclusive borrow that outlives the call.
-                unsafe { avx2_rows::dispatch(weights.as_mut_ptr(), x, Some(step), out, None) };
+                unsafe { avx2_rows::apply_step(weights.as_mut_ptr(), x, step, out) }
             }
             _ => portable_rows::apply_step_matvec(weights, step, x, out),
         }
@@ -301,49 +286,13 @@ impl SimdPath {
                 // are only read (STORE is false), so casting away const is sound.
                 unsafe {
                     if step.decay == 1.0 {
-                        avx2_rows::rows::<true, false, false>(w, x, Some(step), out, None)
+                        avx2_rows::rows::<true, false, false>(w, x, Some(step), out)
                     } else {
-                        avx2_rows::rows::<true, true, false>(w, x, Some(step), out, None)
+                        avx2_rows::rows::<true, true, false>(w, x, Some(step), out)
                     }
                 };
             }
             _ => portable_rows::matvec_after_step(weights, step, x, out),
-        }
-    }
-
-    /// Standardises `x` as `std` says, then applies `step` (if any) to `weights` and computes
-    /// `out = weights · standardised x`, in one pass over the weights. Returns whether every
-    /// element of `x` is finite; if not, `std.next` and `out` are garbage, but the step was
-    /// applied as it would have been.
-    pub(crate) fn standardize_forward(
-        self,
-        weights: &mut [f32],
-        step: Option<SgdStep<'_>>,
-        x: &[f32],
-        std: FusedStandardize<'_>,
-        out: &mut [f32],
-    ) -> bool {
-        check_matvec(weights.len(), x, out, step);
-        assert!(
-            std.stats.len() == 2 * x.len() && std.next.len() == 2 * x.len() && std.features.len() == x.len(),
-            "standardisation shapes do not match x"
-        );
-        match self {
-            // The AVX2 kernel standardises along with the first rows: it needs some.
-            #[cfg(target_arch = "x86_64")]
-            SimdPath::Avx2 if std::is_x86_feature_detected!("avx2") && !out.is_empty() => {
-                // SAFETY: AVX2 was detected just above; the shapes were checked; the pointer
-                // comes from an exclusive borrow that outlives the call.
-                unsafe { avx2_rows::dispatch(weights.as_mut_ptr(), x, step, out, Some(std)) }
-            }
-            _ => {
-                let finite = self.standardize_observe(x, std.stats, std.next, std.features, std.inv_n, std.inv_n1);
-                match step {
-                    Some(step) => portable_rows::apply_step_matvec(weights, step, std.features, out),
-                    None => portable_rows::matvec(weights, std.features, out),
-                }
-                finite
-            }
         }
     }
 }
@@ -411,204 +360,93 @@ mod portable_rows {
 
 /// The AVX2 forward pass, with intrinsics that perform exactly the operations of the portable
 /// code: two 8-wide accumulators are [`dot`]'s 16 lanes, the reduction follows the same tree,
-/// the step is [`apply_step_one`]'s multiply and add, and the standardisation is
-/// [`standardize_one`]'s and [`observe_one`]'s operations. Written by hand because LLVM's
+/// and the step is [`apply_step_one`]'s multiply and add. Written by hand because LLVM's
 /// vectorisation of the portable reductions is fragile: depending on the surrounding code it
 /// vectorised across rows, or two lanes at a time.
 #[cfg(target_arch = "x86_64")]
 mod avx2_rows {
-    use super::{apply_step_one, observe_one, standardize_one, FusedStandardize, SgdStep, LANES, VARIANCE_EPSILON};
+    use super::{apply_step_one, SgdStep, LANES};
     use std::arch::x86_64::*;
 
     const _: () = assert!(LANES == 16, "the accumulators below are two registers of 8 lanes");
 
-    /// The standardisation's arrays as pointers, for [`block`].
-    #[derive(Clone, Copy)]
-    struct Std {
-        /// The raw features.
-        x: *const f32,
-        mean: *const f32,
-        m2: *const f32,
-        next_mean: *mut f32,
-        next_m2: *mut f32,
-        /// Where the standardised features go.
-        out: *mut f32,
-        inv_n: f32,
-        inv_n1: f32,
-    }
-
-    /// [`rows`] with or without a step, and with the step's decay or not.
+    /// [`rows`] applying and storing `step`, with its decay or not.
     ///
     /// # Safety
-    /// As [`rows`], with STORE.
+    /// As [`rows`].
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn dispatch(
-        w: *mut f32,
-        x: &[f32],
-        step: Option<SgdStep<'_>>,
-        out: &mut [f32],
-        std: Option<FusedStandardize<'_>>,
-    ) -> bool {
-        match step {
-            None => rows::<false, false, true>(w, x, None, out, std),
-            Some(s) if s.decay == 1.0 => rows::<true, false, true>(w, x, step, out, std),
-            Some(_) => rows::<true, true, true>(w, x, step, out, std),
+    pub(super) unsafe fn apply_step(w: *mut f32, x: &[f32], step: SgdStep<'_>, out: &mut [f32]) {
+        if step.decay == 1.0 {
+            rows::<true, false, true>(w, x, Some(step), out)
+        } else {
+            rows::<true, true, true>(w, x, Some(step), out)
         }
     }
 
-    /// `out[r] = dot(row r, v)` over the `out.len() x x.len()` row-major matrix at `w`, where
-    /// `v` is `x`, or with `std` `x` standardised (into `std.features`, the first rows' pass
-    /// doing it); with `APPLY`, of each row after `step` (with `DECAY` unless its decay is 1),
-    /// which `STORE` writes back. Returns whether `x` is finite (always true without `std`).
+    /// `out[r] = dot(row r, x)` over the `out.len() x x.len()` row-major matrix at `w`; with
+    /// `APPLY`, of each row after `step` (with `DECAY` unless its decay is 1), which `STORE`
+    /// writes back.
     ///
     /// # Safety
     /// The CPU must support AVX2; `w` must point to `out.len() * x.len()` floats, writable if
-    /// `STORE`, overlapping none of the slices; `step` is `Some` and matches the shape if
-    /// `APPLY`; with `std`, `out` is not empty and its slices match `x`.
+    /// `STORE`, overlapping none of the slices; `step` must be `Some` and match the shape if
+    /// `APPLY`.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn rows<const APPLY: bool, const DECAY: bool, const STORE: bool>(
         w: *mut f32,
         x: &[f32],
         step: Option<SgdStep<'_>>,
         out: &mut [f32],
-        std: Option<FusedStandardize<'_>>,
-    ) -> bool {
-        let d = x.len();
-        let k = out.len();
+    ) {
+        let (d, k) = (x.len(), out.len());
         let (steps, decay, z): (&[f32], f32, *const f32) = match step {
             Some(s) => (s.steps, s.decay, s.features.as_ptr()),
             None => (&[], 1.0, x.as_ptr()),
         };
         let a = |r: usize| if APPLY { steps[r] } else { 0.0 };
+        let rows_step = |r: usize, n: usize| RowsStep { steps: [a(r), a(r + 1), a(r + 2), a(r + 3)], n, decay, z };
         let mut r = 0;
-        let mut finite = true;
-        let mut v = x.as_ptr();
-        if let Some(std) = std {
-            // The first (up to) four rows standardise x on the way; the others read the result.
-            let (mean, m2) = std.stats.split_at(d);
-            let (next_mean, next_m2) = std.next.split_at_mut(d);
-            let s = Std {
-                x: x.as_ptr(),
-                mean: mean.as_ptr(),
-                m2: m2.as_ptr(),
-                next_mean: next_mean.as_mut_ptr(),
-                next_m2: next_m2.as_mut_ptr(),
-                out: std.features.as_mut_ptr(),
-                inv_n: std.inv_n,
-                inv_n1: std.inv_n1,
-            };
-            r = k.min(4);
-            finite = match r {
-                1 => block::<1, APPLY, DECAY, STORE, true>(
-                    w,
-                    d,
-                    v,
-                    &mut out[..1],
-                    RowsStep { steps: [a(0)], decay, z },
-                    s,
-                ),
-                2 => block::<2, APPLY, DECAY, STORE, true>(
-                    w,
-                    d,
-                    v,
-                    &mut out[..2],
-                    RowsStep { steps: [a(0), a(1)], decay, z },
-                    s,
-                ),
-                3 => block::<3, APPLY, DECAY, STORE, true>(
-                    w,
-                    d,
-                    v,
-                    &mut out[..3],
-                    RowsStep { steps: [a(0), a(1), a(2)], decay, z },
-                    s,
-                ),
-                _ => block::<4, APPLY, DECAY, STORE, true>(
-                    w,
-                    d,
-                    v,
-                    &mut out[..4],
-                    RowsStep { steps: [a(0), a(1), a(2), a(3)], decay, z },
-                    s,
-                ),
-            };
-            v = std.features.as_ptr();
-        }
-        let none = Std {
-            x: v,
-            mean: v,
-            m2: v,
-            next_mean: std::ptr::null_mut(),
-            next_m2: std::ptr::null_mut(),
-            out: std::ptr::null_mut(),
-            inv_n: 0.0,
-            inv_n1: 0.0,
-        };
-        // Four rows at a time: each chunk of v (and of the step's features) is loaded once for
+        // Four rows at a time: each chunk of x (and of the step's features) is loaded once for
         // four rows, and the eight independent accumulators hide the adder's latency.
         while r + 4 <= k {
-            let wr = w.add(r * d);
-            let o = &mut out[r..r + 4];
-            block::<4, APPLY, DECAY, STORE, false>(
-                wr,
-                d,
-                v,
-                o,
-                RowsStep { steps: [a(r), a(r + 1), a(r + 2), a(r + 3)], decay, z },
-                none,
-            );
+            block::<4, APPLY, DECAY, STORE>(w.add(r * d), x, &mut out[r..r + 4], rows_step(r, 4));
             r += 4;
         }
         // The last one to three rows together too: a lone row's two accumulators would wait on
         // the adder's latency.
-        let wr = w.add(r * d);
-        let o = &mut out[r..];
+        let (wr, o) = (w.add(r * d), &mut out[r..]);
         match k - r {
-            0 => true,
-            1 => block::<1, APPLY, DECAY, STORE, false>(wr, d, v, o, RowsStep { steps: [a(r)], decay, z }, none),
-            2 => block::<2, APPLY, DECAY, STORE, false>(
-                wr,
-                d,
-                v,
-                o,
-                RowsStep { steps: [a(r), a(r + 1)], decay, z },
-                none,
-            ),
-            _ => block::<3, APPLY, DECAY, STORE, false>(
-                wr,
-                d,
-                v,
-                o,
-                RowsStep { steps: [a(r), a(r + 1), a(r + 2)], decay, z },
-                none,
-            ),
-        };
-        finite
+            0 => {}
+            1 => block::<1, APPLY, DECAY, STORE>(wr, x, o, rows_step(r, 1)),
+            2 => block::<2, APPLY, DECAY, STORE>(wr, x, o, rows_step(r, 2)),
+            _ => block::<3, APPLY, DECAY, STORE>(wr, x, o, rows_step(r, 3)),
+        }
     }
 
-    /// The pending step's part for `R` rows.
+    /// The pending step's part for a block of rows.
     #[derive(Clone, Copy)]
-    struct RowsStep<const R: usize> {
-        steps: [f32; R],
+    struct RowsStep {
+        /// The first `n` are the block's rows' steps.
+        steps: [f32; 4],
+        n: usize,
         decay: f32,
         /// The step's features.
         z: *const f32,
     }
 
-    /// `R` rows from `w` into `out` (`R <= 4`): see [`rows`]. With `STD`, computes `v` from
-    /// `std` first, chunk by chunk, and returns whether `std.x` is finite.
+    /// `R` rows from `w` into `out` (`R <= 4`): see [`rows`].
     #[target_feature(enable = "avx2")]
-    unsafe fn block<const R: usize, const APPLY: bool, const DECAY: bool, const STORE: bool, const STD: bool>(
+    unsafe fn block<const R: usize, const APPLY: bool, const DECAY: bool, const STORE: bool>(
         w: *mut f32,
-        d: usize,
-        v: *const f32,
+        x: &[f32],
         out: &mut [f32],
-        step: RowsStep<R>,
-        std: Std,
-    ) -> bool {
-        let RowsStep { steps, decay, z } = step;
+        step: RowsStep,
+    ) {
+        debug_assert!(step.n == R && out.len() == R);
+        let RowsStep { steps, decay, z, .. } = step;
+        let d = x.len();
         let full = d - d % LANES;
-        let v = if STD { std.out.cast_const() } else { v };
+        let xp = x.as_ptr();
         let dv = _mm256_set1_ps(decay);
         let mut a = [_mm256_setzero_ps(); R];
         for k in 0..R {
@@ -616,32 +454,18 @@ mod avx2_rows {
         }
         let mut lo = [_mm256_setzero_ps(); R];
         let mut hi = [_mm256_setzero_ps(); R];
-        let mut bad = _mm256_setzero_ps();
         let mut i = 0;
         while i < full {
-            let (va, vb) = if STD {
-                (standardize8(std, i, &mut bad), standardize8(std, i + 8, &mut bad))
-            } else {
-                (_mm256_loadu_ps(v.add(i)), _mm256_loadu_ps(v.add(i + 8)))
-            };
-            let (za, zb) = if APPLY { (_mm256_loadu_ps(z.add(i)), _mm256_loadu_ps(z.add(i + 8))) } else { (va, vb) };
+            let (xa, xb) = (_mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(xp.add(i + 8)));
+            let (za, zb) = if APPLY { (_mm256_loadu_ps(z.add(i)), _mm256_loadu_ps(z.add(i + 8))) } else { (xa, xb) };
             for k in 0..R {
                 let row = w.add(k * d + i);
                 let wa = weights8::<APPLY, DECAY, STORE>(row, a[k], dv, za);
                 let wb = weights8::<APPLY, DECAY, STORE>(row.add(8), a[k], dv, zb);
-                lo[k] = _mm256_add_ps(lo[k], _mm256_mul_ps(wa, va));
-                hi[k] = _mm256_add_ps(hi[k], _mm256_mul_ps(wb, vb));
+                lo[k] = _mm256_add_ps(lo[k], _mm256_mul_ps(wa, xa));
+                hi[k] = _mm256_add_ps(hi[k], _mm256_mul_ps(wb, xb));
             }
             i += LANES;
-        }
-        let mut finite = _mm256_movemask_ps(bad) == 0;
-        if STD {
-            for j in full..d {
-                let (x, mean, m2) = (*std.x.add(j), *std.mean.add(j), *std.m2.add(j));
-                *std.out.add(j) = standardize_one(x, mean, m2, std.inv_n);
-                (*std.next_mean.add(j), *std.next_m2.add(j)) = observe_one(x, mean, m2, std.inv_n1);
-                finite &= x.is_finite();
-            }
         }
         for k in 0..R {
             let mut rest = 0.0f32;
@@ -651,36 +475,10 @@ mod avx2_rows {
                 if STORE {
                     *wj = value;
                 }
-                rest += value * *v.add(j);
+                rest += value * x[j];
             }
             out[k] = reduce(lo[k], hi[k]) + rest;
         }
-        finite
-    }
-
-    /// Eight standardised features from `at`, with their next statistics stored; marks
-    /// non-finite features in `bad`.
-    #[inline(always)]
-    unsafe fn standardize8(s: Std, at: usize, bad: &mut __m256) -> __m256 {
-        let x = _mm256_loadu_ps(s.x.add(at));
-        let mean = _mm256_loadu_ps(s.mean.add(at));
-        let m2 = _mm256_loadu_ps(s.m2.add(at));
-        // standardize_one
-        let var = _mm256_mul_ps(m2, _mm256_set1_ps(s.inv_n));
-        let use_sqrt = _mm256_cmp_ps::<_CMP_GT_OQ>(var, _mm256_set1_ps(VARIANCE_EPSILON));
-        let std = _mm256_blendv_ps(_mm256_set1_ps(1.0), _mm256_sqrt_ps(var), use_sqrt);
-        let delta = _mm256_sub_ps(x, mean);
-        let out = _mm256_div_ps(delta, std);
-        _mm256_storeu_ps(s.out.add(at), out);
-        // observe_one
-        let next_mean = _mm256_add_ps(mean, _mm256_mul_ps(delta, _mm256_set1_ps(s.inv_n1)));
-        let next_m2 = _mm256_add_ps(m2, _mm256_mul_ps(delta, _mm256_sub_ps(x, next_mean)));
-        _mm256_storeu_ps(s.next_mean.add(at), next_mean);
-        _mm256_storeu_ps(s.next_m2.add(at), next_m2);
-        // Non-finite exactly when the exponent bits are all ones: masked, that is +inf.
-        let exponent = _mm256_and_ps(x, _mm256_set1_ps(f32::INFINITY));
-        *bad = _mm256_or_ps(*bad, _mm256_cmp_ps::<_CMP_EQ_OQ>(exponent, _mm256_set1_ps(f32::INFINITY)));
-        out
     }
 
     /// Eight weights at `w`, after the step if `APPLY` (stored back if `STORE`).
@@ -1030,61 +828,6 @@ mod tests {
                         path.apply_step_matvec(&mut w, step, &x, &mut out);
                         assert_eq!(bits(&out), bits(&want), "{path} fused d={d} k={k}");
                         assert_eq!(bits(&w), bits(&stepped), "{path} fused weights d={d} k={k}");
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn fused_standardisation_equals_the_separate_passes() {
-        let mut rng = Rng::new(6);
-        for d in [1, 15, 16, 17, 40, 1280] {
-            for k in [1, 2, 3, 4, 5, 10] {
-                let w0 = random_vec(&mut rng, k * d);
-                let x: Vec<f32> = random_vec(&mut rng, d).iter().map(|v| 3.0 * v + 1.0).collect();
-                // Statistics with some zero variances, which are only centred.
-                let mut stats = random_vec(&mut rng, 2 * d);
-                stats[d..]
-                    .iter_mut()
-                    .enumerate()
-                    .for_each(|(i, m2)| *m2 = if i % 5 == 0 { 0.0 } else { m2.abs() * 10.0 });
-                let (z, steps) = (random_vec(&mut rng, d), random_vec(&mut rng, k));
-                let (inv_n, inv_n1) = (1.0 / 7.0, 1.0 / 8.0);
-                for with_step in [false, true] {
-                    let step = with_step.then_some(SgdStep { steps: &steps, decay: 0.99, features: &z });
-                    // The reference: standardise, then the forward pass, on the baseline path.
-                    let (mut want_next, mut want_features) = (vec![0.0; 2 * d], vec![0.0; d]);
-                    let p = SimdPath::Portable;
-                    assert!(p.standardize_observe(&x, &stats, &mut want_next, &mut want_features, inv_n, inv_n1));
-                    let (mut want_w, mut want_out) = (w0.clone(), vec![0.0; k]);
-                    match step {
-                        Some(step) => p.apply_step_matvec(&mut want_w, step, &want_features, &mut want_out),
-                        None => p.matvec(&want_w, &want_features, &mut want_out),
-                    }
-                    for path in paths() {
-                        let (mut next, mut features, mut w, mut out) =
-                            (vec![0.0; 2 * d], vec![0.0; d], w0.clone(), vec![0.0; k]);
-                        let fused =
-                            FusedStandardize { stats: &stats, next: &mut next, features: &mut features, inv_n, inv_n1 };
-                        assert!(path.standardize_forward(&mut w, step, &x, fused, &mut out));
-                        let case = format!("{path} d={d} k={k} step={with_step}");
-                        assert_eq!(bits(&features), bits(&want_features), "{case}");
-                        assert_eq!(bits(&next), bits(&want_next), "{case}");
-                        assert_eq!(bits(&w), bits(&want_w), "{case}");
-                        assert_eq!(bits(&out), bits(&want_out), "{case}");
-                    }
-                }
-                // A non-finite feature anywhere is reported.
-                for bad in [0, d / 2, d - 1] {
-                    let mut x = x.clone();
-                    x[bad] = if bad % 2 == 0 { f32::NAN } else { f32::NEG_INFINITY };
-                    for path in paths() {
-                        let (mut next, mut features, mut w, mut out) =
-                            (vec![0.0; 2 * d], vec![0.0; d], w0.clone(), vec![0.0; k]);
-                        let fused =
-                            FusedStandardize { stats: &stats, next: &mut next, features: &mut features, inv_n, inv_n1 };
-                        assert!(!path.standardize_forward(&mut w, None, &x, fused, &mut out), "{path} d={d} at {bad}");
                     }
                 }
             }

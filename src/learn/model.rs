@@ -267,28 +267,22 @@ impl SoftmaxRegression {
             scratch_classes,
             ..
         } = self;
-        // The forward pass, which checks that x is finite before anything observable changes:
-        // the standardiser in its pass over x (fused with the forward pass), without one a
-        // pass of its own. An error may leave the pending step applied, which changes nothing
-        // observable.
-        let probs = scratch_classes;
+        // Checks that x is finite before anything changes: the standardiser in its pass over x,
+        // without one a pass of its own.
         let features: &[f32] = match standardizer {
             Some(s) => {
-                let result = s.transform_observe_forward(*simd, x, scratch_features, weights, pending.step(), probs);
-                pending.active = false;
-                result?;
+                s.transform_and_observe_with(*simd, x, scratch_features)?;
                 scratch_features
             }
-            None if simd.all_finite(x) => {
-                match pending.step() {
-                    None => simd.matvec(weights, x, probs),
-                    Some(step) => simd.apply_step_matvec(weights, step, x, probs),
-                }
-                pending.active = false;
-                x
-            }
+            None if simd.all_finite(x) => x,
             None => return Err(LearnError::non_finite(x)),
         };
+        let probs = scratch_classes;
+        match pending.step() {
+            None => simd.matvec(weights, features, probs),
+            Some(step) => simd.apply_step_matvec(weights, step, features, probs),
+        }
+        pending.active = false;
         add_bias(probs, bias);
         let logit = probs[label];
         let (max, ln_sum) = kernels::softmax_in_place(probs);

@@ -1,7 +1,7 @@
 //! Running feature standardisation: `(x - mean) / std` per feature, with the mean and variance
 //! of the features seen so far (Welford's algorithm).
 
-use super::kernels::{FusedStandardize, SgdStep, SimdPath};
+use super::kernels::SimdPath;
 use super::LearnError;
 
 /// Per-feature running mean and variance of the feature vectors observed, and the
@@ -109,30 +109,6 @@ impl RunningStandardizer {
     ) -> Result<(), LearnError> {
         let (inv_n, inv_n1) = (inv_count(self.count), inv_count(self.count + 1));
         let finite = simd.standardize_observe(x, &self.stats, &mut self.next, out, inv_n, inv_n1);
-        self.commit(x, finite)
-    }
-
-    /// [`transform_and_observe`](Self::transform_and_observe) fused with a model's forward
-    /// pass: standardises `x` into `features` and computes `out = weights · features`, after
-    /// applying `step` to the weights (see [`SimdPath::standardize_forward`]). The lengths must
-    /// be right. On a non-finite feature the statistics are unchanged, and the step applied.
-    pub(crate) fn transform_observe_forward(
-        &mut self,
-        simd: SimdPath,
-        x: &[f32],
-        features: &mut [f32],
-        weights: &mut [f32],
-        step: Option<SgdStep<'_>>,
-        out: &mut [f32],
-    ) -> Result<(), LearnError> {
-        let fused = FusedStandardize {
-            stats: &self.stats,
-            next: &mut self.next,
-            features,
-            inv_n: inv_count(self.count),
-            inv_n1: inv_count(self.count + 1),
-        };
-        let finite = simd.standardize_forward(weights, step, x, fused, out);
         self.commit(x, finite)
     }
 
