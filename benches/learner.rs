@@ -13,9 +13,15 @@ use std::time::{Duration, Instant};
 
 const DIM: usize = 1280;
 const CLASSES: usize = 10;
-/// Distinct examples, cycled: 20 MiB of features, more than the caches hold, as a stream is.
+/// Distinct examples, cycled: 20 MiB of features, more than the caches hold, so every example
+/// comes from memory as a stream's would.
 const EXAMPLES: usize = 4096;
-const _: () = assert!(EXAMPLES % 512 == 0, "batches of 512 cycle through the examples");
+/// For SGD also a set that stays in cache (320 KiB), as a batch fresh from the CNN would: the
+/// difference is the cost of fetching features from memory.
+const EXAMPLES_IN_CACHE: usize = 64;
+/// Examples between two looks at the clock.
+const BATCH: usize = 64;
+const _: () = assert!(EXAMPLES % BATCH == 0 && EXAMPLES_IN_CACHE % BATCH == 0, "batches cycle through the examples");
 const WARM_UP: Duration = Duration::from_millis(300);
 const MEASURE: Duration = Duration::from_secs(2);
 /// The wall-clock measurement is split into this many slices, and reports their median.
@@ -60,7 +66,7 @@ fn thread_cpu_ns() -> Option<u64> {
     std::fs::read_to_string("/proc/thread-self/schedstat").ok()?.split_whitespace().next()?.parse().ok()
 }
 
-/// Throughput of `model` learning the examples in a loop for [`MEASURE`].
+/// Throughput of a model learning examples in a loop for [`MEASURE`].
 struct Throughput {
     /// Updates per wall-clock second, the median of [`SLICES`] slices.
     wall: f64,
@@ -68,8 +74,8 @@ struct Throughput {
     cpu: Option<f64>,
 }
 
-fn measure(model: &mut SoftmaxRegression, features: &[f32], labels: &[usize]) -> Throughput {
-    const BATCH: usize = 512;
+/// Runs `model` over the first `examples` of `features` and `labels`, cycling.
+fn measure(model: &mut SoftmaxRegression, features: &[f32], labels: &[usize], examples: usize) -> Throughput {
     let mut next = 0;
     let mut run = |duration: Duration| {
         let start = Instant::now();
@@ -80,7 +86,7 @@ fn measure(model: &mut SoftmaxRegression, features: &[f32], labels: &[usize]) ->
             for (x, &label) in batch.chunks_exact(DIM).zip(&labels[next..next + BATCH]) {
                 black_box(model.update(black_box(x), label).expect("valid example"));
             }
-            next = (next + BATCH) % EXAMPLES;
+            next = (next + BATCH) % examples;
             updates += BATCH as u64;
             let elapsed = start.elapsed();
             if elapsed >= duration {
@@ -98,46 +104,72 @@ fn measure(model: &mut SoftmaxRegression, features: &[f32], labels: &[usize]) ->
     Throughput { wall: rates[SLICES / 2], cpu: cpu_ns.map(|ns| updates as f64 / (ns as f64 * 1e-9)) }
 }
 
+/// One row of the table.
+struct Case {
+    optimizer: OptimizerConfig,
+    standardize: bool,
+    portable: bool,
+    examples: usize,
+}
+
 fn main() {
     // cargo passes `--bench`; any other argument filters the optimizers by name.
     let filter = std::env::args().skip(1).find(|a| !a.starts_with("--")).unwrap_or_default();
     let (features, labels) = examples();
+    let detected = SimdPath::detect();
     let optimizers = [
         OptimizerConfig::Sgd(SgdConfig::default()),
         OptimizerConfig::Adagrad(AdagradConfig::default()),
         OptimizerConfig::Ftrl(FtrlConfig { l1: 0.1, ..FtrlConfig::default() }),
     ];
-    let detected = SimdPath::detect();
+    let mut cases = Vec::new();
+    for optimizer in optimizers.into_iter().filter(|o| o.name().contains(&filter)) {
+        let sgd = matches!(optimizer, OptimizerConfig::Sgd(_));
+        for standardize in [true, false] {
+            let case = |portable, examples| Case { optimizer: optimizer.clone(), standardize, portable, examples };
+            cases.push(case(false, EXAMPLES));
+            if sgd {
+                cases.push(case(false, EXAMPLES_IN_CACHE));
+                // The baseline kernels too, to show what the vector path buys.
+                if detected != SimdPath::Portable {
+                    cases.push(case(true, EXAMPLES));
+                }
+            }
+        }
+    }
+
     println!("SIMD path: {detected} (detected); D = {DIM} features, K = {CLASSES} classes, one thread");
     println!(
         "updates/s (wall): median of {SLICES} slices of {:?}; (on CPU): over the time the thread ran\n",
         MEASURE / SLICES as u32
     );
-    println!("| optimizer | standardize | kernels | updates/s (wall) | updates/s (on CPU) | ns/update (on CPU) |");
-    println!("|---|---|---|---:|---:|---:|");
-    for optimizer in optimizers.into_iter().filter(|o| o.name().contains(&filter)) {
-        for standardize in [true, false] {
-            // SGD also with the baseline kernels, to show what the vector path buys.
-            let portable_too = matches!(optimizer, OptimizerConfig::Sgd(_)) && detected != SimdPath::Portable;
-            for portable in [false, true].into_iter().filter(|&p| !p || portable_too) {
-                let config = LearnerConfig { optimizer: optimizer.clone(), standardize, ..LearnerConfig::default() };
-                let mut model = SoftmaxRegression::new(DIM, config).expect("valid config");
-                for class in 0..CLASSES {
-                    model.class_index(&format!("class {class}")).expect("within max_classes");
-                }
-                model.set_portable_kernels(portable);
-                let t = measure(&mut model, &features, &labels);
-                let cpu = |f: fn(f64) -> f64| t.cpu.map_or("n/a".to_string(), |r| format!("{:.0}", f(r)));
-                println!(
-                    "| {} | {} | {} | {:.0} | {} | {} |",
-                    optimizer.name(),
-                    if standardize { "on" } else { "off" },
-                    model.simd_path(),
-                    t.wall,
-                    cpu(|r| r),
-                    cpu(|r| 1e9 / r),
-                );
-            }
+    println!(
+        "| optimizer | standardize | kernels | examples | updates/s (wall) | updates/s (on CPU) | ns/update (on CPU) |"
+    );
+    println!("|---|---|---|---|---:|---:|---:|");
+    for case in cases {
+        let config = LearnerConfig {
+            optimizer: case.optimizer.clone(),
+            standardize: case.standardize,
+            ..LearnerConfig::default()
+        };
+        let mut model = SoftmaxRegression::new(DIM, config).expect("valid config");
+        for class in 0..CLASSES {
+            model.class_index(&format!("class {class}")).expect("within max_classes");
         }
+        model.set_portable_kernels(case.portable);
+        let t = measure(&mut model, &features, &labels, case.examples);
+        let cpu = |f: fn(f64) -> f64| t.cpu.map_or("n/a".to_string(), |r| format!("{:.0}", f(r)));
+        let examples = if case.examples == EXAMPLES { "4096, from memory" } else { "64, in cache" };
+        println!(
+            "| {} | {} | {} | {} | {:.0} | {} | {} |",
+            case.optimizer.name(),
+            if case.standardize { "on" } else { "off" },
+            model.simd_path(),
+            examples,
+            t.wall,
+            cpu(|r| r),
+            cpu(|r| 1e9 / r),
+        );
     }
 }

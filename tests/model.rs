@@ -263,3 +263,51 @@ fn features_do_not_depend_on_how_images_are_batched() {
         assert!(alone.logits_row(0) == together.logits_row(i));
     }
 }
+
+/// Writes an image with PIL (the reference library), so the test covers files as cameras and
+/// other tools write them rather than as `image` writes them.
+fn pil_write(script: &str, path: &std::path::Path) {
+    let out = std::process::Command::new(common::python()).arg("-c").arg(script).arg(path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn exif_orientation_is_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rotated.jpg");
+    // Stored 40 wide x 20 high, left half red, right half blue; EXIF orientation 6 says
+    // "rotate 90 degrees clockwise to display", so upright it is 20 x 40 with red on top.
+    pil_write(
+        "import sys; from PIL import Image\n\
+         im = Image.new('RGB', (40, 20), (0, 0, 255)); im.paste((255, 0, 0), (0, 0, 20, 20))\n\
+         exif = Image.Exif(); exif[0x0112] = 6\n\
+         im.save(sys.argv[1], quality=95, exif=exif.tobytes())",
+        &path,
+    );
+    let image = read_file(&path, &ImageLimits::default()).unwrap();
+    assert_eq!(image.dimensions(), (20, 40), "upright dimensions");
+    let (top, bottom) = (image.get_pixel(10, 5), image.get_pixel(10, 35));
+    assert!(top[0] > 200 && top[2] < 60, "red on top after rotation: {top:?}");
+    assert!(bottom[2] > 200 && bottom[0] < 60, "blue at the bottom: {bottom:?}");
+}
+
+#[test]
+fn cmyk_jpeg_and_palette_gif_become_rgb() {
+    let dir = tempfile::tempdir().unwrap();
+    let cmyk = dir.path().join("cmyk.jpg");
+    // Pure cyan in CMYK is (0, 255, 255) in RGB.
+    pil_write(
+        "import sys; from PIL import Image\nImage.new('CMYK', (16, 16), (255, 0, 0, 0)).save(sys.argv[1], quality=95)",
+        &cmyk,
+    );
+    let image = read_file(&cmyk, &ImageLimits::default()).unwrap();
+    let p = image.get_pixel(8, 8);
+    assert!(p[0] < 40 && p[1] > 215 && p[2] > 215, "cyan: {p:?}");
+    let gif = dir.path().join("palette.gif");
+    pil_write(
+        "import sys; from PIL import Image\nImage.new('RGB', (16, 16), (0, 255, 0)).convert('P').save(sys.argv[1])",
+        &gif,
+    );
+    let p = *read_file(&gif, &ImageLimits::default()).unwrap().get_pixel(3, 3);
+    assert!(p[1] > 215 && p[0] < 40 && p[2] < 40, "green: {p:?}");
+}

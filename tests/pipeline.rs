@@ -353,3 +353,37 @@ fn a_killed_pipeline_restarts_and_leaves_no_record_without_a_prediction() {
     assert!(missing.is_empty(), "records without a prediction after the restart: {missing:?}");
     println!("killed after {before} of {N} predictions; after the restart all {N} have one");
 }
+
+#[test]
+fn init_model_warm_starts_the_classifier_from_a_snapshot() {
+    let input = common::unique("warm-a");
+    let images = fashion(30, 5000);
+    let labelled: Vec<(i32, String, String)> = images
+        .iter()
+        .enumerate()
+        .map(|(i, (path, label))| (0, format!("w{i}"), record(&format!("w{i}"), path, Some(label))))
+        .collect();
+    produce(&input, 1, &labelled);
+    let first = Run::new("warm1", &input, "epochs = { by = \"offsets\", records = 10 }\nsnapshot_every_epochs = 1\n");
+    first.to_end(&[]);
+    let snapshot = first.latest_snapshot();
+    let (learned, _) = dlpipe::learn::SoftmaxRegression::load(&snapshot).unwrap();
+    assert_eq!(learned.updates(), 30);
+
+    // A new stream of unlabelled records: without a warm start nothing could be predicted.
+    let fresh = common::unique("warm-b");
+    let unlabelled: Vec<(i32, String, String)> = fashion(5, 6000)
+        .iter()
+        .enumerate()
+        .map(|(i, (path, _))| (0, format!("u{i}"), record(&format!("u{i}"), path, None)))
+        .collect();
+    produce(&fresh, 1, &unlabelled);
+    let second = Run::new("warm2", &fresh, "");
+    second.to_end(&["--init-model", snapshot.to_str().unwrap()]);
+    let predictions = read_topic(&second.predictions, 5, Duration::from_secs(5));
+    assert_eq!(predictions.len(), 5);
+    for p in &predictions {
+        assert_eq!(p["model_version"], 30, "predicted by the warm-started classifier: {p}");
+        assert!(CLASSES.contains(&p["top_k"][0]["class"].as_str().unwrap()), "{p}");
+    }
+}

@@ -403,8 +403,12 @@ mod avx2_rows {
             Some(s) => (s.steps, s.decay, s.features.as_ptr()),
             None => (&[], 1.0, x.as_ptr()),
         };
-        let a = |r: usize| if APPLY { steps[r] } else { 0.0 };
-        let rows_step = |r: usize, n: usize| RowsStep { steps: [a(r), a(r + 1), a(r + 2), a(r + 3)], n, decay, z };
+        let rows_step = |r: usize, n: usize| RowsStep {
+            steps: std::array::from_fn(|i| if APPLY && i < n { steps[r + i] } else { 0.0 }),
+            n,
+            decay,
+            z,
+        };
         let mut r = 0;
         // Four rows at a time: each chunk of x (and of the step's features) is loaded once for
         // four rows, and the eight independent accumulators hide the adder's latency.
