@@ -9,7 +9,7 @@ use std::collections::HashSet;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LearnerConfig {
-    /// The optimizer and its hyperparameters. Default: SGD with its defaults.
+    /// The optimizer and its hyperparameters. Default: AdaGrad with its defaults.
     pub optimizer: OptimizerConfig,
     /// Standardise each feature with its running mean and variance before learning and
     /// predicting. Default: true.
@@ -71,9 +71,14 @@ pub enum OptimizerConfig {
     Ftrl(FtrlConfig),
 }
 
+/// AdaGrad is the default: on EfficientNet-Lite0 features of a Fashion-MNIST stream (3,000
+/// records, standardised) its prequential accuracy was 0.79-0.82 for learning rates from 0.005 to
+/// 0.1, while SGD's was 0.45-0.55 for rates from 0.0005 to 0.05: with 1280 standardised
+/// features a single global step size is either too large for some weights or too small for
+/// others.
 impl Default for OptimizerConfig {
     fn default() -> Self {
-        OptimizerConfig::Sgd(SgdConfig::default())
+        OptimizerConfig::Adagrad(AdagradConfig::default())
     }
 }
 
@@ -257,8 +262,10 @@ mod tests {
         assert!(c.standardize);
         assert_eq!(c.max_classes, 1000);
         assert!(c.classes.is_empty());
+        assert_eq!(c.optimizer, OptimizerConfig::Adagrad(AdagradConfig { learning_rate: 0.1, epsilon: 1e-8, l2: 0.0 }));
+        let sgd: OptimizerConfig = serde_json::from_str(r#"{"kind": "sgd"}"#).unwrap();
         assert_eq!(
-            c.optimizer,
+            sgd,
             OptimizerConfig::Sgd(SgdConfig { learning_rate: 0.05, schedule: LearningRateSchedule::Constant, l2: 0.0 })
         );
         c.validate().unwrap();

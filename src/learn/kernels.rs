@@ -1,14 +1,17 @@
-//! The learner's hot loops: dot products, standardisation, the optimizers' per-weight updates,
-//! softmax, and the choice of instruction set they run with.
+//! The learner's hot loops: matrix-vector products, standardisation, the optimizers' per-weight
+//! updates, softmax, and the choice of instruction set they run with.
 //!
-//! Every kernel is written once, in portable Rust over fixed-width lane arrays, and compiled
-//! twice by the [`kernels!`] macro: for the target's baseline (SSE2 on x86-64) and with
-//! `#[target_feature(enable = "avx2")]`, where the same code becomes 256-bit vector code.
-//! [`SimdPath`] picks one at run time. Each kernel is a function of its own, taking its arrays as
-//! separate slice arguments: that is what tells LLVM that they do not overlap (references passed
-//! as arguments are `noalias`), without which it cannot vectorise a loop that stores into one
-//! array and loads from another. The same code inlined into a method that reaches the arrays
-//! through `self` stays scalar.
+//! [`SimdPath`] picks, once at run time, between the target's baseline (SSE2 on x86-64) and
+//! AVX2. The element-wise kernels are written once, as plain loops that LLVM's loop vectoriser
+//! handles reliably, and compiled twice by the `kernels!` macro: as they are, and with
+//! `#[target_feature(enable = "avx2")]`, which makes the same code 256-bit vector code. Each is
+//! a function of its own taking its arrays as separate slice arguments: that is what tells LLVM
+//! that they do not overlap (references passed as arguments are `noalias`), without which it
+//! cannot vectorise a loop that stores into one array and loads from another; the same loop
+//! inlined into a method that reaches the arrays through `self` stays scalar. The forward pass's
+//! matrix-vector products are reductions, which LLVM may not reorder and vectorised badly here;
+//! their portable versions accumulate in explicit lanes, and their AVX2 versions are written
+//! with intrinsics that perform the same operations ([`avx2_rows`]).
 //!
 //! **Both paths compute bit-identical results**, so that workers on different CPUs that learn
 //! the same examples hold the same model, and a snapshot made on one machine continues learning
@@ -18,7 +21,9 @@
 //!   divides `LANES` performs exactly these operations;
 //! - multiplies and adds are never fused: Rust does not contract `a * b + c` into an FMA, and
 //!   no kernel asks for one. This is also why the fast path enables AVX2 but not FMA: an FMA
-//!   rounds once where the portable code rounds twice, so its results would differ;
+//!   rounds once where the portable code rounds twice, so its results would differ. Nor would
+//!   it be faster: SGD's update is bound by the traffic to the weights, which do not fit in L1,
+//!   and AdaGrad's and FTRL's by their square roots and divisions;
 //! - `exp` is computed here ([`exp`]) from IEEE-exact operations rather than by the platform's
 //!   libm, whose results may differ in the last bit between libm versions;
 //! - division and square root are exactly rounded by IEEE 754 at every width.
@@ -238,13 +243,13 @@ pub(crate) struct SgdStep<'a> {
 }
 
 /// The forward pass's matrix-vector products: `out[r] = dot(matrix row r, x)` for the
-/// row-major `out.len() x x.len()` matrix, each row's sum computed exactly as [`dot`] computes
+/// row-major `out.len() x x.len()` matrix, each row's sum computed exactly as `dot` computes
 /// it; optionally after applying a pending SGD step to the rows, in the same pass over the
 /// weights. The weights of 1280 features and 10 classes (51 KB) do not fit in L1, so each pass
 /// over them counts.
 ///
-/// Written by hand rather than with [`kernels!`] because their AVX2 versions use intrinsics
-/// (see [`avx2_rows`]).
+/// Written by hand rather than with `kernels!` because their AVX2 versions use intrinsics
+/// (see `avx2_rows`).
 impl SimdPath {
     /// `out = matrix · x`.
     pub(crate) fn matvec(self, matrix: &[f32], x: &[f32], out: &mut [f32]) {
@@ -473,13 +478,13 @@ mod avx2_rows {
         }
         for k in 0..R {
             let mut rest = 0.0f32;
-            for j in full..d {
+            for (j, xj) in x.iter().enumerate().skip(full) {
                 let wj = w.add(k * d + j);
                 let value = if APPLY { apply_step_one(*wj, steps[k], decay, *z.add(j)) } else { *wj };
                 if STORE {
                     *wj = value;
                 }
-                rest += value * x[j];
+                rest += value * xj;
             }
             out[k] = reduce(lo[k], hi[k]) + rest;
         }
@@ -660,7 +665,7 @@ const EXP_MIN: f32 = -103.972_08;
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
     // ln 2 split so that k * LN2_HI is exact for the k that occur.
-    const LN2_HI: f32 = 0.693_359_375;
+    const LN2_HI: f32 = 0.693_359_4; // exactly 0.693359375 = 355 / 512
     const LN2_LO: f32 = -2.121_944_4e-4;
     // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer (ties to even), exactly.
     const ROUND: f32 = 12_582_912.0;
@@ -676,8 +681,8 @@ pub(crate) fn exp(x: f32) -> f32 {
     let k = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
     let r = (x - k * LN2_HI) - k * LN2_LO;
     let r2 = r * r;
-    let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r
-        + 5.000_000_1e-1;
+    let p =
+        ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_6e-1) * r + 0.5;
     let er = (p * r2 + r) + 1.0;
     // 2^k in two factors, each a normal f32 for every k that occurs (-150..=128): the first
     // product is exact, so only the last one rounds, also where the result is subnormal.

@@ -46,6 +46,11 @@ pub enum LearnError {
     NonFinite { index: usize, value: f32 },
     #[error("output buffer has {got} slots for {expected} values")]
     OutputLength { expected: usize, got: usize },
+    #[error(
+        "the model diverged after {updates} updates (its logits are no longer finite): the learning rate is too \
+         high for these features; lower it, or turn on standardize"
+    )]
+    Diverged { updates: u64 },
     #[error("invalid learner config: {field} {reason}")]
     Config { field: &'static str, reason: String },
     #[error("{path}: {source}")]

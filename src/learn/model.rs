@@ -28,7 +28,7 @@ pub struct UpdateOutcome {
 /// it, for prediction and learning alike.
 ///
 /// The model after a sequence of updates depends only on that sequence: the arithmetic is f32
-/// in a fixed order, identical on every CPU (see [`kernels`](super::kernels)), with no
+/// in a fixed order, identical on every CPU (see the `kernels` module), with no
 /// randomness and no parallelism. [`updates`](Self::updates) counts the updates, and serves as
 /// the model's version.
 ///
@@ -224,7 +224,10 @@ impl SoftmaxRegression {
             Some(step) => self.simd.matvec_after_step(&self.weights, step, features, out),
         }
         add_bias(out, &self.bias);
-        kernels::softmax_in_place(out);
+        let (_, ln_sum) = kernels::softmax_in_place(out);
+        if !ln_sum.is_finite() {
+            return Err(LearnError::Diverged { updates: self.updates });
+        }
         Ok(())
     }
 
@@ -247,7 +250,7 @@ impl SoftmaxRegression {
 
     /// Learns one example of class index `label` (see [`class_index`](Self::class_index)),
     /// after predicting it: the outcome describes that prediction. On error the model is
-    /// unchanged.
+    /// unchanged, except after [`LearnError::Diverged`], when it is beyond use.
     pub fn update(&mut self, x: &[f32], label: usize) -> Result<UpdateOutcome, LearnError> {
         if x.len() != self.dim {
             return Err(LearnError::Dimension { expected: self.dim, got: x.len() });
@@ -286,6 +289,11 @@ impl SoftmaxRegression {
         add_bias(probs, bias);
         let logit = probs[label];
         let (max, ln_sum) = kernels::softmax_in_place(probs);
+        // A NaN or infinite logit makes the normaliser NaN. Learning from it would spread NaN
+        // through every weight; the model is beyond repair, say so.
+        if !ln_sum.is_finite() {
+            return Err(LearnError::Diverged { updates: *updates });
+        }
         // -ln p(label) from the logits rather than from p, which may have underflowed to 0.
         // Mathematically non-negative; rounding may leave a tiny negative.
         let loss = (ln_sum - (logit - max)).max(0.0);
@@ -587,6 +595,23 @@ mod tests {
         assert_eq!(model.weights(), before.weights());
         assert_eq!(model.standardizer, before.standardizer);
         assert!(SoftmaxRegression::new(0, LearnerConfig::default()).is_err());
+    }
+
+    #[test]
+    fn divergence_is_reported_rather_than_spread() {
+        let optimizer = OptimizerConfig::Sgd(SgdConfig { learning_rate: 1e30, ..SgdConfig::default() });
+        let mut model = SoftmaxRegression::new(3, config(optimizer, false)).unwrap();
+        let x = [1e10, -1e10, 1e10];
+        let mut result = Ok(());
+        for step in 0..10 {
+            if let Err(e) = model.learn(&x, if step % 2 == 0 { "a" } else { "b" }) {
+                result = Err(e);
+                break;
+            }
+        }
+        let err = result.unwrap_err();
+        assert!(matches!(err, LearnError::Diverged { .. }), "{err:?}");
+        assert!(matches!(model.predict_proba(&x), Err(LearnError::Diverged { .. })));
     }
 
     /// A model's complete state, as bits.

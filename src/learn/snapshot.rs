@@ -24,6 +24,7 @@ use super::LearnError;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
 use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
 use std::path::Path;
 
 /// The version of the snapshot layout this build writes and reads.
@@ -72,8 +73,9 @@ impl SoftmaxRegression {
         self.serialize(extra_metadata).map_err(|source| LearnError::Snapshot { origin: IN_MEMORY.into(), source })
     }
 
-    /// Writes the model to a safetensors file at `path`, atomically: it is written next to
-    /// `path` and renamed over it, so readers never see a partial snapshot.
+    /// Writes the model to a safetensors file at `path`, atomically: it is written and synced
+    /// next to `path`, then renamed over it, so that neither readers nor a crash leave a partial
+    /// snapshot behind.
     pub fn save(&self, path: &Path, extra_metadata: &BTreeMap<String, String>) -> Result<(), LearnError> {
         let bytes = self
             .serialize(extra_metadata)
@@ -82,12 +84,18 @@ impl SoftmaxRegression {
         tmp_name.push(format!(".tmp{}", std::process::id()));
         let tmp = path.with_file_name(tmp_name);
         let io = |source, path: &Path| LearnError::Io { path: path.to_path_buf(), source };
-        std::fs::write(&tmp, &bytes).map_err(|e| io(e, &tmp))?;
-        std::fs::rename(&tmp, path).map_err(|e| {
-            // Best effort: the temporary file is useless now, and the rename error is the news.
+        let write = || -> std::io::Result<()> {
+            let mut file = std::fs::File::create(&tmp)?;
+            file.write_all(&bytes)?;
+            file.sync_all()
+        };
+        let renamed =
+            write().map_err(|e| io(e, &tmp)).and_then(|()| std::fs::rename(&tmp, path).map_err(|e| io(e, path)));
+        if renamed.is_err() {
+            // Best effort: the temporary file is useless now, and the error above is the news.
             let _ = std::fs::remove_file(&tmp);
-            io(e, path)
-        })
+        }
+        renamed
     }
 
     /// A model from safetensors bytes made by [`to_bytes`](Self::to_bytes) or
@@ -359,7 +367,11 @@ mod tests {
     fn file_round_trip_and_metadata_layout() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("model.safetensors");
-        let mut model = SoftmaxRegression::new(5, LearnerConfig::default()).unwrap();
+        let mut model = SoftmaxRegression::new(
+            5,
+            LearnerConfig { optimizer: OptimizerConfig::Sgd(SgdConfig::default()), ..LearnerConfig::default() },
+        )
+        .unwrap();
         for (x, label) in examples(3, 5, 50) {
             model.learn(&x, &label).unwrap();
         }
@@ -436,7 +448,12 @@ mod tests {
 
     #[test]
     fn snapshots_whose_parts_disagree_are_refused() {
-        let mut model = SoftmaxRegression::new(3, LearnerConfig::default()).unwrap();
+        // SGD: a snapshot with no optimizer state tensors.
+        let mut model = SoftmaxRegression::new(
+            3,
+            LearnerConfig { optimizer: OptimizerConfig::Sgd(SgdConfig::default()), ..LearnerConfig::default() },
+        )
+        .unwrap();
         model.learn(&[1.0, 2.0, 3.0], "x").unwrap();
         // Rewrites the snapshot's metadata, keeping its tensors.
         let with_metadata = |edit: &dyn Fn(&mut HashMap<String, String>)| {
@@ -457,7 +474,11 @@ mod tests {
         );
         // The config says no standardisation, but the tensors have its statistics.
         let err = with_metadata(&|m| {
-            let config = LearnerConfig { standardize: false, ..LearnerConfig::default() };
+            let config = LearnerConfig {
+                standardize: false,
+                optimizer: OptimizerConfig::Sgd(SgdConfig::default()),
+                ..LearnerConfig::default()
+            };
             m.insert(KEY_CONFIG.into(), serde_json::to_string(&config).unwrap());
         });
         assert!(matches!(&err, LearnError::Snapshot { source: SnapshotError::UnexpectedTensor { .. }, .. }), "{err:?}");

@@ -55,7 +55,7 @@ impl Separable {
         let mut rng = Rng::new(seed);
         let hidden = (0..classes * dim).map(|i| if i % dim < informative { rng.normal() } else { 0.0 }).collect();
         let offset = (0..dim).map(|_| 5.0 * rng.normal()).collect();
-        let scale = (0..dim).map(|_| (3.0 * rng.normal()).exp() as f32).map(|s: f32| s.clamp(0.05, 20.0)).collect();
+        let scale = (0..dim).map(|_| (3.0 * rng.normal()).exp().clamp(0.05, 20.0)).collect();
         Separable { rng, dim, hidden, classes, margin: 0.5, offset, scale }
     }
 
