@@ -3,32 +3,13 @@
 
 mod common;
 
+use dlpipe::kafka::DeliveryCounts;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::ClientContext;
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-
-#[derive(Clone, Default)]
-struct Acks {
-    delivered: Arc<AtomicUsize>,
-    failed: Arc<AtomicUsize>,
-}
-
-impl ClientContext for Acks {}
-
-impl ProducerContext for Acks {
-    type DeliveryOpaque = ();
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        match result {
-            Ok(_) => self.delivered.fetch_add(1, Ordering::SeqCst),
-            Err(_) => self.failed.fetch_add(1, Ordering::SeqCst),
-        };
-    }
-}
 
 #[test]
 fn thousand_messages_all_arrive() {
@@ -39,8 +20,8 @@ fn thousand_messages_all_arrive() {
     // Creating it again is not an error.
     dlpipe::kafka::ensure_topic(&kafka, &topic, 3, 1, &[]).expect("create topic twice");
 
-    let acks = Acks::default();
-    let producer: ThreadedProducer<Acks> = dlpipe::kafka::client_config(&kafka)
+    let acks = DeliveryCounts::default();
+    let producer: ThreadedProducer<DeliveryCounts> = dlpipe::kafka::client_config(&kafka)
         .set("acks", "all")
         .set("linger.ms", "5")
         .create_with_context(acks.clone())
@@ -52,7 +33,7 @@ fn thousand_messages_all_arrive() {
     }
     producer.flush(Duration::from_secs(30)).expect("flush");
     assert_eq!(acks.failed.load(Ordering::SeqCst), 0, "delivery failures");
-    assert_eq!(acks.delivered.load(Ordering::SeqCst), N, "every message acknowledged by the broker");
+    assert_eq!(acks.acked.load(Ordering::SeqCst), N as u64, "every message acknowledged by the broker");
 
     let consumer: BaseConsumer = dlpipe::kafka::client_config(&kafka)
         .set("group.id", common::unique("roundtrip-group"))
