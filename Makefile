@@ -18,7 +18,7 @@ demo: build
 
 test: setup
 	scripts/kafka start
-	$(CARGO) test $(PROFILE_FLAGS) --workspace -- --show-output
+	$(CARGO) test $(PROFILE_FLAGS) --workspace --no-fail-fast -- --show-output
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -49,7 +49,7 @@ fn a_manifest_that_disagrees_with_its_model_is_refused() {
     std::fs::write(&path, manifest.to_string()).unwrap();
     let err = Featurizer::load(&path, Device::Cpu).unwrap_err();
     assert!(matches!(err, ModelError::Mismatch { .. }), "{err:?}");
-    assert!(err.to_string().contains("[1, 1280]") && err.to_string().contains("[1, 1024]"), "{err}");
+    assert!(err.to_string().contains("[1280] per image") && err.to_string().contains("says 1024"), "{err}");
 
     // Another model's hash: the file is not the one the manifest describes.
     manifest["feature_dim"] = 1280.into();

@@ -120,14 +120,17 @@ impl Featurizer {
     fn warm_up(&self) -> Result<(), ModelError> {
         let zeros = vec![0f32; self.preprocess.tensor_len()];
         let input = &self.manifest.input;
-        self.forward(&zeros, 1).map_err(|e| ModelError::Mismatch {
-            path: self.path.clone(),
-            reason: format!(
-                "a 1x3x{}x{} {:?} input, as the manifest describes, does not run: {e}",
-                input.height, input.width, input.dtype
-            ),
-        })?;
-        Ok(())
+        match self.forward(&zeros, 1) {
+            Ok(_) => Ok(()),
+            Err(mismatch @ ModelError::Mismatch { .. }) => Err(mismatch),
+            Err(e) => Err(ModelError::Mismatch {
+                path: self.path.clone(),
+                reason: format!(
+                    "a 3x{}x{} {:?} image, as the manifest describes its input, does not run: {e}",
+                    input.height, input.width, input.dtype
+                ),
+            }),
+        }
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -189,10 +192,14 @@ impl Featurizer {
         }
         let mut outputs = Outputs { n, features: None, logits: None };
         for (kind, tensor) in self.manifest.outputs.iter().zip(out) {
-            let want = [rows as i64, self.manifest.dim(*kind) as i64];
+            let dim = self.manifest.dim(*kind);
             let got = tensor.size();
-            if got != want {
-                return Err(self.mismatch(format!("{kind:?} output has shape {got:?}, the manifest implies {want:?}")));
+            if got != [rows as i64, dim as i64] {
+                let per_image = got.get(1..).map(|d| format!("{d:?}")).unwrap_or_default();
+                return Err(self.mismatch(format!(
+                    "its {kind:?} output has shape {per_image} per image, the manifest says {dim} values \
+                     (feature_dim / num_classes)"
+                )));
             }
             let host = tensor.narrow(0, 0, n as i64).to_kind(tch::Kind::Float).to_device(Device::Cpu).contiguous();
             let len = n * self.manifest.dim(*kind);
