@@ -317,7 +317,7 @@ fn online_accuracy_on_fashion_mnist_is_far_above_chance() {
 
 #[test]
 fn a_killed_pipeline_restarts_and_leaves_no_record_without_a_prediction() {
-    const N: usize = 200;
+    const N: usize = 300;
     let input = common::unique("kill-images");
     let images = fashion(N, 3000);
     let messages: Vec<(i32, String, String)> = images
