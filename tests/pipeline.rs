@@ -41,6 +41,25 @@ fn record(id: &str, path: &Path, label: Option<&str>) -> String {
     v.to_string()
 }
 
+/// One record per image: id `{prefix}{i}`, partition i mod `partitions`, labelled where
+/// `labelled(i)`; as `(partition, key, payload)` for [`produce`].
+fn messages(
+    images: &[(PathBuf, &str)],
+    prefix: &str,
+    partitions: i32,
+    labelled: impl Fn(usize) -> bool,
+) -> Vec<(i32, String, String)> {
+    images
+        .iter()
+        .enumerate()
+        .map(|(i, (path, label))| {
+            let id = format!("{prefix}{i}");
+            let payload = record(&id, path, labelled(i).then_some(*label));
+            (i as i32 % partitions, id, payload)
+        })
+        .collect()
+}
+
 /// Publishes `(partition, key, payload)` messages in order and waits for their acknowledgement.
 fn produce(topic: &str, partitions: i32, messages: &[(i32, String, String)]) {
     let kafka = common::kafka_config();
@@ -154,16 +173,8 @@ fn one_prediction_per_good_record_and_one_dead_letter_per_bad_input() {
     image::RgbImage::new(1300, 1000).save(&oversized).unwrap();
 
     let good = fashion(12, 0);
-    let mut messages: Vec<(i32, String, String)> = good
-        .iter()
-        .enumerate()
-        .map(|(i, (path, label))| {
-            let id = format!("good-{i}");
-            // Every third good record is unlabelled: it is predicted, not learned from.
-            let payload = record(&id, path, (i % 3 != 0).then_some(*label));
-            ((i % 2) as i32, id, payload)
-        })
-        .collect();
+    // Every third good record is unlabelled: it is predicted, not learned from.
+    let mut messages = messages(&good, "good-", 2, |i| i % 3 != 0);
     let bad = [
         ("missing", record("missing", Path::new("/no/such/image.png"), None), "not_found"),
         ("text", record("text", &text, None), "unsupported_format"),
@@ -230,14 +241,7 @@ fn free_port() -> u16 {
 fn one_worker_two_workers_and_two_processes_learn_and_predict_the_same() {
     let input = common::unique("det-images");
     let images = fashion(60, 100);
-    let messages: Vec<(i32, String, String)> = images
-        .iter()
-        .enumerate()
-        .map(|(i, (path, label))| {
-            let id = format!("r{i}");
-            ((i % 4) as i32, id.clone(), record(&id, path, (i % 5 != 4).then_some(*label)))
-        })
-        .collect();
+    let messages = messages(&images, "r", 4, |i| i % 5 != 4);
     produce(&input, 4, &messages);
     let extra = "epochs = { by = \"offsets\", records = 3 }\nsnapshot_every_epochs = 1\n";
 
@@ -296,11 +300,7 @@ fn online_accuracy_on_fashion_mnist_is_far_above_chance() {
     const N: usize = 1000;
     let input = common::unique("fm-images");
     let images = fashion(N, 1000);
-    let messages: Vec<(i32, String, String)> = images
-        .iter()
-        .enumerate()
-        .map(|(i, (path, label))| ((i % 2) as i32, format!("f{i}"), record(&format!("f{i}"), path, Some(label))))
-        .collect();
+    let messages = messages(&images, "f", 2, |_| true);
     produce(&input, 2, &messages);
     let run = Run::new("fm", &input, "epochs = { by = \"offsets\", records = 10 }\n");
     run.to_end(&["-w", "2"]);
@@ -320,11 +320,7 @@ fn a_killed_pipeline_restarts_and_leaves_no_record_without_a_prediction() {
     const N: usize = 300;
     let input = common::unique("kill-images");
     let images = fashion(N, 3000);
-    let messages: Vec<(i32, String, String)> = images
-        .iter()
-        .enumerate()
-        .map(|(i, (path, label))| ((i % 2) as i32, format!("k{i}"), record(&format!("k{i}"), path, Some(label))))
-        .collect();
+    let messages = messages(&images, "k", 2, |_| true);
     produce(&input, 2, &messages);
     let run = Run::new("kill", &input, "epochs = { by = \"time\", millis = 100 }\n");
     let mut child = KillOnDrop(run.command(&[]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
@@ -358,11 +354,7 @@ fn a_killed_pipeline_restarts_and_leaves_no_record_without_a_prediction() {
 fn init_model_warm_starts_the_classifier_from_a_snapshot() {
     let input = common::unique("warm-a");
     let images = fashion(30, 5000);
-    let labelled: Vec<(i32, String, String)> = images
-        .iter()
-        .enumerate()
-        .map(|(i, (path, label))| (0, format!("w{i}"), record(&format!("w{i}"), path, Some(label))))
-        .collect();
+    let labelled = messages(&images, "w", 1, |_| true);
     produce(&input, 1, &labelled);
     let first = Run::new("warm1", &input, "epochs = { by = \"offsets\", records = 10 }\nsnapshot_every_epochs = 1\n");
     first.to_end(&[]);
@@ -372,11 +364,7 @@ fn init_model_warm_starts_the_classifier_from_a_snapshot() {
 
     // A new stream of unlabelled records: without a warm start nothing could be predicted.
     let fresh = common::unique("warm-b");
-    let unlabelled: Vec<(i32, String, String)> = fashion(5, 6000)
-        .iter()
-        .enumerate()
-        .map(|(i, (path, _))| (0, format!("u{i}"), record(&format!("u{i}"), path, None)))
-        .collect();
+    let unlabelled = messages(&fashion(5, 6000), "u", 1, |_| false);
     produce(&fresh, 1, &unlabelled);
     let second = Run::new("warm2", &fresh, "");
     second.to_end(&["--init-model", snapshot.to_str().unwrap()]);

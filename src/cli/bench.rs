@@ -151,10 +151,13 @@ fn pipeline_table(config: &Config, args: &BenchArgs, records: usize) -> anyhow::
     p.epochs = EpochPolicy::Offsets { records: 64 };
     let partitions = (2 * args.workers).max(2) as i32;
     ensure_topic(&config.kafka, &p.input_topic, partitions, 1, &[])?;
+    let uris: Vec<String> = photos
+        .iter()
+        .map(|p| Ok(format!("file://{}", std::fs::canonicalize(p)?.display())))
+        .collect::<std::io::Result<_>>()?;
     let publisher = Publisher::new(&config.kafka)?;
     for i in 0..records {
-        let path = std::fs::canonicalize(&photos[i % photos.len()])?;
-        let record = serde_json::json!({"id": format!("b{i}"), "uri": format!("file://{}", path.display())});
+        let record = serde_json::json!({"id": format!("b{i}"), "uri": uris[i % uris.len()]});
         publisher.send(&p.input_topic, &format!("b{i}"), &record.to_string())?;
     }
     publisher.finish(Duration::from_secs(60))?;
