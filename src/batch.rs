@@ -2,8 +2,9 @@
 //! while the model runs batch i, and hand every file's outcome, in input order, to the caller.
 //! Shared by `dlpipe predict`, `dlpipe featurize` and the batch trainer.
 
-use crate::image::{read_file, FileError, ImageLimits};
+use crate::image::{read_file, FileError, ImageLimits, Preprocess, PreprocessError};
 use crate::model::{Featurizer, ModelError, Outputs};
+use ::image::RgbImage;
 use fast_image_resize::Resizer;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -18,10 +19,18 @@ pub enum FileOutcome<'a> {
     Failed(FileError),
 }
 
-/// A batch of prepared inputs: which files made it, and their pixels back to back.
-struct Prepared {
-    /// For each file of the batch, its position among the good ones, or why it failed.
-    slots: Vec<Result<usize, FileError>>,
+/// What happened to one input of [`run_inputs`].
+pub enum Outcome<'a, E> {
+    /// The model ran on it: its row `row` of `outputs`.
+    Done { outputs: &'a Outputs, row: usize },
+    /// It never reached the model: the error of `prepare`.
+    Failed(E),
+}
+
+/// A batch of prepared inputs: which inputs made it, and their pixels back to back.
+struct Prepared<E> {
+    /// For each input of the batch, its position among the good ones, or why it failed.
+    slots: Vec<Result<usize, E>>,
     pixels: Vec<f32>,
     good: usize,
 }
@@ -31,8 +40,7 @@ thread_local! {
 }
 
 /// Runs `featurizer` over `paths` in batches of `batch_size`, calling `on_file(index, path,
-/// outcome)` once per path, in order. Decoding overlaps the forward pass: one batch is prepared
-/// ahead on rayon's pool while the model runs on the calling thread.
+/// outcome)` once per path, in order. See [`run_inputs`].
 pub fn run_files(
     featurizer: &Featurizer,
     limits: &ImageLimits,
@@ -40,26 +48,55 @@ pub fn run_files(
     batch_size: usize,
     mut on_file: impl FnMut(usize, &PathBuf, FileOutcome<'_>),
 ) -> Result<(), ModelError> {
-    let batch_size = batch_size.max(1);
     let preprocess = featurizer.preprocess();
-    let len = preprocess.tensor_len();
+    let prepare = |i: usize, out: &mut [f32]| -> Result<(), FileError> {
+        let path = &paths[i];
+        let image = read_file(path, limits)?;
+        preprocess_into(preprocess, &image, out).map_err(|source| FileError::Preprocess { path: path.clone(), source })
+    };
+    run_inputs(featurizer, paths.len(), batch_size, prepare, |i, outcome| {
+        let outcome = match outcome {
+            Outcome::Done { outputs, row } => FileOutcome::Done { outputs, row },
+            Outcome::Failed(e) => FileOutcome::Failed(e),
+        };
+        on_file(i, &paths[i], outcome)
+    })
+}
+
+/// Resizes, crops and normalises `image` into `out` with this thread's resizer.
+pub fn preprocess_into(preprocess: &Preprocess, image: &RgbImage, out: &mut [f32]) -> Result<(), PreprocessError> {
+    RESIZER.with(|r| preprocess.run(image, &mut r.borrow_mut(), out))
+}
+
+/// Runs `featurizer` over inputs `0..count` in batches of `batch_size`, calling
+/// `on_input(index, outcome)` once per input, in order. `prepare(index, pixels)` fills an
+/// input's model-ready pixels (read, decode, preprocess) or says why it cannot; it runs on
+/// rayon's pool, one batch ahead, while the model runs the previous batch on the calling thread.
+pub fn run_inputs<E: Send>(
+    featurizer: &Featurizer,
+    count: usize,
+    batch_size: usize,
+    prepare: impl Fn(usize, &mut [f32]) -> Result<(), E> + Sync,
+    mut on_input: impl FnMut(usize, Outcome<'_, E>),
+) -> Result<(), ModelError> {
+    let batch_size = batch_size.max(1);
+    let len = featurizer.preprocess().tensor_len();
     // A channel of one: at most one batch waits, prepared, while the model runs another.
-    let (tx, rx) = mpsc::sync_channel::<Prepared>(1);
+    let (tx, rx) = mpsc::sync_channel::<Prepared<E>>(1);
+    let prepare = &prepare;
     std::thread::scope(|scope| {
         scope.spawn(move || {
-            for chunk in paths.chunks(batch_size) {
-                let prepared: Vec<Result<Vec<f32>, FileError>> = chunk
-                    .par_iter()
-                    .map(|path| {
-                        let image = read_file(path, limits)?;
+            let mut start = 0;
+            while start < count {
+                let end = (start + batch_size).min(count);
+                let prepared: Vec<Result<Vec<f32>, E>> = (start..end)
+                    .into_par_iter()
+                    .map(|i| {
                         let mut out = vec![0f32; len];
-                        RESIZER
-                            .with(|r| preprocess.run(&image, &mut r.borrow_mut(), &mut out))
-                            .map_err(|source| FileError::Preprocess { path: path.clone(), source })?;
-                        Ok(out)
+                        prepare(i, &mut out).map(|_| out)
                     })
                     .collect();
-                let mut pixels = Vec::with_capacity(chunk.len() * len);
+                let mut pixels = Vec::with_capacity((end - start) * len);
                 let mut good = 0;
                 let slots = prepared
                     .into_iter()
@@ -74,6 +111,7 @@ pub fn run_files(
                 if tx.send(Prepared { slots, pixels, good }).is_err() {
                     return; // the consumer stopped on an error
                 }
+                start = end;
             }
         });
         let mut index = 0;
@@ -81,12 +119,10 @@ pub fn run_files(
             let outputs = if batch.good > 0 { Some(featurizer.forward(&batch.pixels, batch.good)?) } else { None };
             for slot in batch.slots {
                 let outcome = match slot {
-                    Ok(row) => {
-                        FileOutcome::Done { outputs: outputs.as_ref().expect("a good row implies outputs"), row }
-                    }
-                    Err(e) => FileOutcome::Failed(e),
+                    Ok(row) => Outcome::Done { outputs: outputs.as_ref().expect("a good row implies outputs"), row },
+                    Err(e) => Outcome::Failed(e),
                 };
-                on_file(index, &paths[index], outcome);
+                on_input(index, outcome);
                 index += 1;
             }
         }

@@ -4,7 +4,7 @@
 
 use crate::fetch::FetchConfig;
 use crate::image::ImageLimits;
-use crate::learn::LearnerConfig;
+use crate::learn::{AdagradConfig, LearnerConfig, OptimizerConfig};
 use dlpipe_operators::EpochPolicy;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -19,6 +19,41 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     pub fetch: FetchConfig,
     pub learner: LearnerConfig,
+    pub train: TrainConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// Defaults of `dlpipe train` (each has a command-line flag too).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Share of each class held out for testing, in [0, 1).
+    pub test_split: f64,
+    /// Seed of the split and of the epochs' shuffles.
+    pub seed: u64,
+    /// Passes over the training set.
+    pub epochs: usize,
+    /// The optimizer `dlpipe train` uses in place of `learner.optimizer` (the rest of
+    /// `[learner]` applies as it is). Many passes over a fixed set want smaller steps than one
+    /// pass over a stream.
+    pub optimizer: OptimizerConfig,
+    /// "none", "balanced" (n / (classes × n_c)), or "class=weight,class=weight".
+    pub class_weights: String,
+    /// Folder of the feature cache; empty turns it off.
+    pub feature_cache: PathBuf,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            test_split: 0.2,
+            seed: 42,
+            epochs: 10,
+            optimizer: OptimizerConfig::Adagrad(AdagradConfig { learning_rate: 0.01, ..AdagradConfig::default() }),
+            class_weights: "none".into(),
+            feature_cache: ".cache/features".into(),
+        }
+    }
 }
 
 /// Which classifier produces the predictions.
@@ -147,6 +182,21 @@ impl Default for KafkaConfig {
     }
 }
 
+/// The Prometheus endpoint of `dlpipe run` (`/metrics`, `/healthz`, `/readyz`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// host:port to listen on; process N of a multi-process run listens on port + N. Port 0
+    /// picks a free port (logged at start-up); an empty string serves no metrics.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { listen: "127.0.0.1:9898".into() }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -208,6 +258,23 @@ impl Config {
             return Err("pipeline.max_backlog and pipeline.max_decoding must be at least 1".into());
         }
         self.learner.validate().map_err(|e| e.to_string())?;
+        let listen = self.metrics.listen.trim();
+        let host_port =
+            listen.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !listen.is_empty() && !host_port {
+            return Err(format!("metrics.listen {listen:?} is not host:port (or \"\" to serve no metrics)"));
+        }
+        if !(0.0..1.0).contains(&self.train.test_split) {
+            return Err(format!("train.test_split must be in [0, 1), got {}", self.train.test_split));
+        }
+        self.train.optimizer.validate().map_err(|e| format!("train.{}", e.to_string().trim_start_matches("invalid learner config: ")))?;
+        if self.train.epochs == 0 {
+            return Err("train.epochs must be at least 1".into());
+        }
+        self.train
+            .class_weights
+            .parse::<crate::transfer::ClassWeights>()
+            .map_err(|e| format!("train.class_weights: {e}"))?;
         Ok(())
     }
 }

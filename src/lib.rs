@@ -12,6 +12,8 @@
 //! - [`batch`]: a model over many files, decoding overlapped with inference.
 //! - [`kafka`]: client configuration and topic administration.
 //! - [`config`]: the TOML configuration.
+//! - [`metrics`]: Prometheus metrics of the streaming pipeline and their HTTP endpoint.
+//! - [`transfer`]: batch transfer learning: featurize (cached), train, evaluate, plot.
 //!
 //! The timely operators live in the `dlpipe-operators` crate.
 
@@ -21,6 +23,8 @@ pub mod fetch;
 pub mod image;
 pub mod kafka;
 pub mod learn;
+pub mod metrics;
 pub mod model;
 pub mod npy;
 pub mod pipeline;
+pub mod transfer;

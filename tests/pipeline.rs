@@ -3,35 +3,15 @@
 
 mod common;
 
+use common::{fashion, free_port, produce, KillOnDrop, FASHION_CLASSES as CLASSES};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::Message;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-const CLASSES: [&str; 10] =
-    ["tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot"];
-
-/// `n` Fashion-MNIST training images, classes interleaved (image i is of class i mod 10).
-fn fashion(n: usize, skip: usize) -> Vec<(PathBuf, &'static str)> {
-    let root = common::root().join("data/fashion-mnist/train");
-    let lists: Vec<Vec<PathBuf>> = CLASSES
-        .iter()
-        .map(|c| {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(root.join(c))
-                .unwrap_or_else(|e| panic!("{}: {e} (run `make setup`)", root.join(c).display()))
-                .map(|e| e.unwrap().path())
-                .collect();
-            files.sort();
-            files
-        })
-        .collect();
-    (skip..skip + n).map(|i| (lists[i % 10][i / 10].clone(), CLASSES[i % 10])).collect()
-}
 
 fn record(id: &str, path: &Path, label: Option<&str>) -> String {
     let mut v = serde_json::json!({"id": id, "uri": format!("file://{}", path.display())});
@@ -58,19 +38,6 @@ fn messages(
             (i as i32 % partitions, id, payload)
         })
         .collect()
-}
-
-/// Publishes `(partition, key, payload)` messages in order and waits for their acknowledgement.
-fn produce(topic: &str, partitions: i32, messages: &[(i32, String, String)]) {
-    let kafka = common::kafka_config();
-    dlpipe::kafka::ensure_topic(&kafka, topic, partitions, 1, &[]).unwrap();
-    let producer: BaseProducer =
-        dlpipe::kafka::client_config(&kafka).set("enable.idempotence", "true").create().unwrap();
-    for (partition, key, payload) in messages {
-        producer.send(BaseRecord::to(topic).partition(*partition).key(key).payload(payload)).unwrap();
-        producer.poll(Duration::ZERO);
-    }
-    producer.flush(Duration::from_secs(30)).unwrap();
 }
 
 /// Reads a topic from the beginning until `want` messages arrived or `idle` passed without one.
@@ -107,7 +74,8 @@ impl Run {
         let dir = tempfile::tempdir().unwrap();
         let (predictions, dead) = (common::unique(&format!("{name}-pred")), common::unique(&format!("{name}-dead")));
         let toml = format!(
-            "[model]\ndir = \"{models}\"\nbatch_size = 16\n\n[kafka]\nbrokers = \"{brokers}\"\n\n[pipeline]\n\
+            "[model]\ndir = \"{models}\"\nbatch_size = 16\n\n[kafka]\nbrokers = \"{brokers}\"\n\n\
+             [metrics]\nlisten = \"127.0.0.1:0\"\n\n[pipeline]\n\
              input_topic = \"{input}\"\npredictions_topic = \"{predictions}\"\ndead_letter_topic = \"{dead}\"\n\
              model_topic = \"{models_topic}\"\ngroup_id = \"{group}\"\nsnapshot_dir = \"{snapshots}\"\n\
              create_topics_partitions = 2\nstatus_interval_secs = 2\n{extra}\n",
@@ -221,20 +189,6 @@ fn predictions_by_id(topic: &str, n: usize) -> BTreeMap<String, (String, u64)> {
         .into_iter()
         .map(|p| (p["id"].as_str().unwrap().to_owned(), (p["top_k"].to_string(), p["model_version"].as_u64().unwrap())))
         .collect()
-}
-
-/// A child process that a failing test does not leave running.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 #[test]
@@ -361,6 +315,27 @@ fn init_model_warm_starts_the_classifier_from_a_snapshot() {
     let snapshot = first.latest_snapshot();
     let (learned, _) = dlpipe::learn::SoftmaxRegression::load(&snapshot).unwrap();
     assert_eq!(learned.updates(), 30);
+
+    // `dlpipe evaluate` reads the stream's snapshot: it records its featurizer.
+    let list = first.dir.path().join("eval.csv");
+    let rows: Vec<String> = fashion(20, 7000).iter().map(|(p, label)| format!("{},{label}", p.display())).collect();
+    std::fs::write(&list, format!("uri,label\n{}\n", rows.join("\n"))).unwrap();
+    let json = first.dir.path().join("eval.json");
+    let out = common::dlpipe(&[
+        "evaluate",
+        "--data",
+        list.to_str().unwrap(),
+        "--classifier",
+        snapshot.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+        "--no-cache",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let evaluation: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(evaluation["examples"], 20);
+    // Three examples a class so far; chance is 0.1.
+    assert!(evaluation["accuracy"].as_f64().unwrap() > 0.25, "{evaluation}");
 
     // A new stream of unlabelled records: without a warm start nothing could be predicted.
     let fresh = common::unique("warm-b");

@@ -11,6 +11,7 @@
 //! The model runs on the worker thread: it is the work the pipeline exists to do, and the one
 //! model instance per worker is bound to that worker's device.
 
+use crate::metrics::FeaturizeMetrics;
 use crate::records::{DeadLetter, Decoded, Epoch, Featured};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -29,10 +30,13 @@ pub struct Batching {
     pub max_wait: Duration,
 }
 
+/// `model` gets the batch's pixels, concatenated, and the number of images; `metrics` gauges
+/// the records waiting for a batch.
 pub fn featurize<'scope, M>(
     decoded: StreamVec<'scope, Epoch, Decoded>,
     batching: Batching,
     mut model: M,
+    metrics: FeaturizeMetrics,
 ) -> StreamVec<'scope, Epoch, Result<Featured, DeadLetter>>
 where
     M: FnMut(&[f32], usize) -> Result<Vec<ModelRow>, String> + 'static,
@@ -94,6 +98,7 @@ where
                 }
                 caps.retain(|epoch, _| waiting.iter().any(|(e, _)| e == epoch));
             }
+            metrics.waiting.set(waiting.len() as i64);
         }
     })
 }

@@ -11,6 +11,7 @@
 //! on one batch, the pool fetches and decodes the next. At most `max_in_flight` records are
 //! on the pool at once; the rest wait here, in arrival order.
 
+use crate::metrics::FetchDecodeMetrics;
 use crate::records::{DeadLetter, Decoded, Epoch, ImageRecord};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::mpsc;
@@ -23,10 +24,12 @@ use timely::dataflow::StreamVec;
 /// A failed preparation: a short kind (`not_found`, `undecodable`, ...) and the message.
 pub type PrepareError = (String, String);
 
+/// `metrics` gauges the records queued here and those on the pool.
 pub fn fetch_decode<'scope, F>(
     records: StreamVec<'scope, Epoch, ImageRecord>,
     max_in_flight: usize,
     prepare: Arc<F>,
+    metrics: FetchDecodeMetrics,
 ) -> StreamVec<'scope, Epoch, Result<Decoded, DeadLetter>>
 where
     F: Fn(&ImageRecord) -> Result<Vec<f32>, PrepareError> + Send + Sync + 'static,
@@ -73,6 +76,8 @@ where
                     pending.remove(&epoch);
                 }
             }
+            metrics.queued.set(queue.len() as i64);
+            metrics.in_flight.set(in_flight as i64);
         }
     })
 }

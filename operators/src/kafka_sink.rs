@@ -11,8 +11,12 @@
 //! consumer group (at-least-once: a crash replays from the last commit, never skips).
 //!
 //! The producer is polled with a zero timeout; delivery reports arrive in those polls.
+//! **Metrics:** dead letters by kind as they are handed to the producer; acknowledged messages
+//! by topic; the time from send to acknowledgement; for predictions, the time from the input
+//! record's Kafka timestamp to the acknowledgement (end-to-end latency).
 
-use crate::records::{Epoch, Outcome};
+use crate::metrics::SinkMetrics;
+use crate::records::{now_ms, Epoch, Outcome};
 use crate::Backlog;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -22,15 +26,32 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
-/// One delivery report: the message's epoch, and why it was not delivered, if it was not.
-type Report = (Epoch, Result<(), String>);
+/// What the sink attaches to each message it sends, and gets back with its delivery report.
+pub struct Delivery {
+    epoch: Epoch,
+    sent: Instant,
+    /// The input record's Kafka timestamp, for predictions (not for dead letters).
+    input_ts_ms: Option<i64>,
+}
+
+/// One delivery report.
+struct Report {
+    epoch: Epoch,
+    /// Why the message was not delivered, if it was not.
+    outcome: Result<(), String>,
+    topic: String,
+    /// Seconds from send to acknowledgement.
+    produce_seconds: f64,
+    /// Seconds from the input record's Kafka timestamp to acknowledgement (predictions only).
+    end_to_end_seconds: Option<f64>,
+}
 
 /// Delivery reports, collected by the producer's callbacks during `poll`.
 #[derive(Clone, Default)]
@@ -41,14 +62,23 @@ pub struct SinkContext {
 impl ClientContext for SinkContext {}
 
 impl ProducerContext for SinkContext {
-    type DeliveryOpaque = Box<Epoch>;
+    type DeliveryOpaque = Box<Delivery>;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, epoch: Box<Epoch>) {
-        let outcome = match result {
-            Ok(_) => Ok(()),
-            Err((error, message)) => Err(format!("delivery to topic {} failed: {error}", message.topic())),
+    fn delivery(&self, result: &DeliveryResult<'_>, delivery: Box<Delivery>) {
+        let (outcome, topic) = match result {
+            Ok(message) => (Ok(()), message.topic().to_owned()),
+            Err((error, message)) => {
+                (Err(format!("delivery to topic {} failed: {error}", message.topic())), message.topic().to_owned())
+            }
         };
-        self.reports.lock().expect("not poisoned").push((*epoch, outcome));
+        let report = Report {
+            epoch: delivery.epoch,
+            outcome,
+            topic,
+            produce_seconds: delivery.sent.elapsed().as_secs_f64(),
+            end_to_end_seconds: delivery.input_ts_ms.map(|ts| (now_ms() - ts).max(0) as f64 / 1000.0),
+        };
+        self.reports.lock().expect("not poisoned").push(report);
     }
 }
 
@@ -79,6 +109,7 @@ pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
     spec: SinkSpec,
     backlog: Backlog,
     fatal: Fatal,
+    mut metrics: SinkMetrics,
 ) -> StreamVec<'scope, Epoch, ()> {
     let scope = outcomes.scope();
     outcomes.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
@@ -88,8 +119,10 @@ pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
             let activator = scope.activator_for(info.address);
             let reports = Arc::clone(&producer.context().reports);
             let mut epochs: BTreeMap<Epoch, EpochState> = BTreeMap::new();
-            // Encoded messages not yet accepted by the producer's queue: (epoch, topic, key, payload).
-            let mut unsent: VecDeque<(Epoch, bool, String, String)> = VecDeque::new();
+            // Encoded messages not yet accepted by the producer's queue:
+            // (epoch, the input's Kafka timestamp for a prediction or None for a dead letter, key, payload).
+            let mut unsent: VecDeque<(Epoch, Option<Option<i64>>, String, String)> = VecDeque::new();
+            let mut unacked = 0i64;
             move |(input, frontier), _output| {
                 input.for_each_stamp(|cap, data| {
                     let Some(cap) = cap.retain_least(0) else { return };
@@ -105,21 +138,26 @@ pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
                             let max = state.offsets.entry(partition).or_insert(offset);
                             *max = (*max).max(offset);
                             state.unacked += 1;
-                            let (dead, key, payload) = match outcome {
-                                Outcome::Predicted(p) => (false, p.record.id.clone(), p.to_json()),
-                                Outcome::Dead(d) => (true, d.id.clone().unwrap_or_default(), d.to_json()),
+                            unacked += 1;
+                            let (ts, key, payload) = match outcome {
+                                Outcome::Predicted(p) => (Some(p.record.kafka_ts_ms), p.record.id.clone(), p.to_json()),
+                                Outcome::Dead(d) => {
+                                    metrics.dead_lettered.with(&d.error_kind).inc();
+                                    (None, d.id.clone().unwrap_or_default(), d.to_json())
+                                }
                             };
-                            unsent.push_back((epoch, dead, key, payload));
+                            unsent.push_back((epoch, ts, key, payload));
                         }
                     }
                 });
-                while let Some((epoch, dead, key, payload)) = unsent.pop_front() {
-                    let topic = if dead { &spec.dead_letter_topic } else { &spec.predictions_topic };
-                    let record = BaseRecord::with_opaque_to(topic, Box::new(epoch)).key(&key).payload(&payload);
+                while let Some((epoch, ts, key, payload)) = unsent.pop_front() {
+                    let topic = if ts.is_none() { &spec.dead_letter_topic } else { &spec.predictions_topic };
+                    let delivery = Delivery { epoch, sent: Instant::now(), input_ts_ms: ts.flatten() };
+                    let record = BaseRecord::with_opaque_to(topic, Box::new(delivery)).key(&key).payload(&payload);
                     match producer.send(record) {
                         Ok(()) => {}
                         Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                            unsent.push_front((epoch, dead, key, payload));
+                            unsent.push_front((epoch, ts, key, payload));
                             break;
                         }
                         Err((error, _)) => {
@@ -129,15 +167,27 @@ pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
                     }
                 }
                 producer.poll(Duration::ZERO);
-                for (epoch, result) in reports.lock().expect("not poisoned").drain(..) {
-                    if let Err(error) = result {
-                        *fatal.borrow_mut() = Some(error);
+                for report in reports.lock().expect("not poisoned").drain(..) {
+                    match report.outcome {
+                        Ok(()) => {
+                            metrics.published.with(&report.topic).inc();
+                            metrics.produce_seconds.observe(report.produce_seconds);
+                            if let Some(seconds) = report.end_to_end_seconds {
+                                metrics.end_to_end_seconds.observe(seconds);
+                            }
+                        }
+                        Err(error) => {
+                            metrics.failed.inc();
+                            *fatal.borrow_mut() = Some(error);
+                        }
                     }
-                    if let Some(state) = epochs.get_mut(&epoch) {
+                    if let Some(state) = epochs.get_mut(&report.epoch) {
                         state.unacked -= 1;
                     }
+                    unacked -= 1;
                     backlog.set(backlog.get().saturating_sub(1));
                 }
+                metrics.unacked.set(unacked);
                 // Retire epochs from the oldest while each is complete: fully acknowledged, and
                 // no more records for it can arrive.
                 let mut commit: BTreeMap<i32, i64> = BTreeMap::new();

@@ -16,6 +16,7 @@
 //! worker thread never blocks on Kafka. Polling pauses while the worker's backlog (records
 //! read but not yet published) is at its limit: that is the pipeline's backpressure.
 
+use crate::metrics::SourceMetrics;
 use crate::records::{Epoch, ImageRecord};
 use crate::{Backlog, RecordOrDead};
 use rdkafka::consumer::{BaseConsumer, ConsumerContext};
@@ -76,12 +77,14 @@ impl PartitionState {
 ///
 /// Setting `stop` makes the source drop its capability and read no more: the dataflow then
 /// drains what is in flight, publishes it, commits, and completes (a graceful shutdown).
+/// `metrics.consumed` counts the messages taken, by partition.
 pub fn kafka_source<'scope, C: ConsumerContext + 'static>(
     scope: Scope<'scope, Epoch>,
     consumer: Rc<BaseConsumer<C>>,
     spec: SourceSpec,
     backlog: Backlog,
     stop: Arc<AtomicBool>,
+    mut metrics: SourceMetrics,
 ) -> StreamVec<'scope, Epoch, RecordOrDead> {
     source(scope, "KafkaSource", move |capability, info| {
         let activator = scope.activator_for(info.address);
@@ -120,6 +123,7 @@ pub fn kafka_source<'scope, C: ConsumerContext + 'static>(
                             continue; // beyond the stop offset, or a re-delivery after a seek
                         }
                         state.next = offset + 1;
+                        metrics.consumed.with(&partition.to_string()).inc();
                         let epoch = match epochs {
                             EpochPolicy::Offsets { records } => offset.max(0) as u64 / records,
                             EpochPolicy::Time { .. } => *cap.time(),

@@ -12,8 +12,10 @@
 //! on which worker read which partition, or on timing. Records of epoch e are held (with a
 //! capability) only until the frontier of the labelled input reaches e.
 
+use crate::metrics::LearnPredictMetrics;
 use crate::records::{ClassScore, Epoch, Featured, LabelledExample, Prediction};
 use std::collections::BTreeMap;
+use std::time::Instant;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
@@ -30,11 +32,14 @@ pub trait Head: 'static {
     fn version(&self) -> u64;
 }
 
+/// `metrics` counts predictions, times each epoch's predictions and learning, and gauges the
+/// records held for their epoch's labels.
 pub fn learn_predict<'scope, H: Head>(
     featured: StreamVec<'scope, Epoch, Featured>,
     labelled: StreamVec<'scope, Epoch, LabelledExample>,
     mut head: H,
     top_k: usize,
+    metrics: LearnPredictMetrics,
 ) -> StreamVec<'scope, Epoch, Prediction> {
     featured.binary_frontier(labelled, Pipeline, Pipeline, "LearnPredict", move |_default_cap, _info| {
         let mut records: BTreeMap<Epoch, (Capability<Epoch>, Vec<Featured>)> = BTreeMap::new();
@@ -65,6 +70,8 @@ pub fn learn_predict<'scope, H: Head>(
                 if let Some(e) = next_records {
                     if e <= labels_done && next_examples.is_none_or(|l| l >= e) {
                         let (cap, batch) = records.remove(&e).expect("key exists");
+                        let started = Instant::now();
+                        metrics.predicted.inc_by(batch.len() as u64);
                         let version = head.version();
                         let now = crate::records::now_ms();
                         let mut session = output.session(&cap);
@@ -77,6 +84,7 @@ pub fn learn_predict<'scope, H: Head>(
                                 predicted_at_ms: now,
                             });
                         }
+                        metrics.predict_seconds.observe(started.elapsed().as_secs_f64());
                         continue;
                     }
                 }
@@ -86,12 +94,15 @@ pub fn learn_predict<'scope, H: Head>(
                     if l < labels_done && l < records_done && next_records.is_none_or(|e| e > l) {
                         let mut batch = examples.remove(&l).expect("key exists");
                         batch.sort_by_key(|x| (x.partition, x.offset));
+                        let started = Instant::now();
                         head.learn(l, &batch);
+                        metrics.learn_seconds.observe(started.elapsed().as_secs_f64());
                         continue;
                     }
                 }
                 break;
             }
+            metrics.waiting.set(records.values().map(|(_, r)| r.len() as i64).sum());
         }
     })
 }

@@ -11,12 +11,15 @@
 //! Operators are generic over the work they schedule (closures and the [`Head`] trait): the
 //! image, model and learning code lives in the `dlpipe` library, which builds the dataflow from
 //! these pieces. Timestamps are epochs (`u64`); each operator's docs say how it moves progress.
+//! Each operator also takes a struct of [`metrics`] handles, which it updates and the caller
+//! exports.
 
 pub mod featurize;
 pub mod fetch_decode;
 pub mod kafka_sink;
 pub mod kafka_source;
 pub mod learn_predict;
+pub mod metrics;
 pub mod records;
 
 pub use featurize::{featurize, Batching, ModelRow};
@@ -24,6 +27,9 @@ pub use fetch_decode::{fetch_decode, PrepareError};
 pub use kafka_sink::{kafka_sink, Fatal, SinkContext, SinkSpec};
 pub use kafka_source::{kafka_source, EpochPolicy, PartitionRange, SourceSpec};
 pub use learn_predict::{learn_predict, Head};
+pub use metrics::{
+    CounterByLabel, FeaturizeMetrics, FetchDecodeMetrics, LearnPredictMetrics, SinkMetrics, SourceMetrics,
+};
 pub use records::{
     ClassScore, DeadLetter, Decoded, Epoch, Featured, ImageRecord, LabelledExample, Outcome, Prediction,
 };

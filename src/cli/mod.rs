@@ -1,11 +1,14 @@
 //! Subcommands, one file each, and what they share: configuration, logging, model loading.
 
 mod bench;
+mod evaluate;
 mod featurize;
 mod predict;
 mod produce;
 mod run;
 mod tail;
+mod train;
+mod transfer;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -41,6 +44,10 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Run the streaming pipeline: Kafka → fetch/decode → featurize → learn/predict → Kafka.
     Run(run::RunArgs),
+    /// Train a classifier on a pretrained model's features of labelled images (transfer learning).
+    Train(train::TrainArgs),
+    /// Score a classifier on labelled images: accuracy, per-class F1, log-loss, confusion matrix.
+    Evaluate(evaluate::EvaluateArgs),
     /// Publish image records for files (or class folders) to a topic.
     Produce(produce::ProduceArgs),
     /// Print predictions or dead letters from a topic.
@@ -57,6 +64,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Featurize(args) => featurize::run(&config, args),
         Command::Bench(args) => bench::run(&config, args),
         Command::Run(args) => run::run(config, args),
+        Command::Train(args) => train::run(&config, args),
+        Command::Evaluate(args) => evaluate::run(&config, args),
         Command::Produce(args) => produce::run(&config, args),
         Command::Tail(args) => tail::run(&config, args),
     }

@@ -1,10 +1,14 @@
-//! `dlpipe predict`: the pretrained model's own classes for each image, top-k with names.
+//! `dlpipe predict`: for each image, the top-k classes with names: the pretrained model's own
+//! (ImageNet) classes, or with `--classifier` those of a classifier trained on its features.
 
 use super::load_featurizer;
+use super::transfer::{featurize_uris, load_featurizers, FeaturizeFlags};
 use dlpipe::batch::{run_files, FileOutcome};
 use dlpipe::config::Config;
 use dlpipe::image::list_images;
+use dlpipe::model::ClassProbability;
 use dlpipe::model::{top_k, OutputKind, WeightsSource};
+use dlpipe::transfer::Classifier;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
 use std::path::PathBuf;
@@ -27,6 +31,10 @@ pub struct PredictArgs {
     /// Images per forward pass [default: model.batch_size].
     #[arg(long)]
     batch_size: Option<usize>,
+    /// A classifier trained by `dlpipe train` (or a stream snapshot): predict its classes
+    /// from the model's features instead of the model's own classes.
+    #[arg(long, value_name = "FILE")]
+    classifier: Option<PathBuf>,
     /// Image files, or folders to search for images.
     #[arg(required = true, value_name = "IMAGES|DIR")]
     inputs: Vec<PathBuf>,
@@ -51,6 +59,9 @@ pub fn run(config: &Config, args: PredictArgs) -> anyhow::Result<()> {
             args.inputs,
             dlpipe::image::IMAGE_EXTENSIONS.join(", ")
         );
+    }
+    if let Some(classifier) = &args.classifier {
+        return with_classifier(config, &args, classifier, &paths);
     }
     let featurizer = load_featurizer(config, args.model.as_deref(), args.device.as_deref())?;
     let manifest = featurizer.manifest().clone();
@@ -139,6 +150,71 @@ pub fn run(config: &Config, args: PredictArgs) -> anyhow::Result<()> {
         manifest.name,
         if failed > 0 { format!("; {failed} failed") } else { String::new() }
     );
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} input(s) could not be processed (see the errors above)", paths.len());
+    }
+    Ok(())
+}
+
+/// Predicts with a trained classifier on the features of the model it records.
+fn with_classifier(
+    config: &Config,
+    args: &PredictArgs,
+    path: &std::path::Path,
+    paths: &[PathBuf],
+) -> anyhow::Result<()> {
+    let classifier = Classifier::load(path)?;
+    let flags = FeaturizeFlags {
+        devices: args.device.iter().cloned().collect(),
+        batch_size: args.batch_size,
+        feature_cache: None,
+        // New images: nothing to gain from hashing them against the cache.
+        no_cache: true,
+    };
+    let model_name = classifier.featurizer_model(args.model.as_deref())?.to_string();
+    let featurizers = load_featurizers(config, &model_name, &flags)?;
+    classifier.check_featurizer(featurizers[0].manifest())?;
+    let uris: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    let features = featurize_uris(config, featurizers, &uris, &flags)?;
+    let classes = classifier.model.classes();
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut probs = vec![0f32; classes.len()];
+    for (i, uri) in uris.iter().enumerate() {
+        let line = match (&features.rows[i], features.get(i)) {
+            (_, Some(x)) => {
+                classifier.model.predict_proba_into(x, &mut probs)?;
+                let mut order: Vec<usize> = (0..probs.len()).collect();
+                order.sort_by(|a, b| probs[*b].total_cmp(&probs[*a]).then(a.cmp(b)));
+                let top: Vec<ClassProbability> = order
+                    .into_iter()
+                    .take(args.top_k)
+                    .map(|c| ClassProbability { class: c, name: Some(classes[c].clone()), probability: probs[c] })
+                    .collect();
+                if args.json {
+                    serde_json::to_string(&JsonLine { path: uri, top_k: Some(top), error: None, error_kind: None })
+                        .expect("serialisable")
+                } else {
+                    let mut text = uri.clone();
+                    for c in top {
+                        text.push_str(&format!("\n  {:>6.2}%  {}", c.probability * 100.0, classes[c.class]));
+                    }
+                    text
+                }
+            }
+            (Err(error), None) if args.json => serde_json::to_string(&JsonLine {
+                path: uri,
+                top_k: None,
+                error: Some(error.to_string()),
+                error_kind: Some(error.kind()),
+            })
+            .expect("serialisable"),
+            _ => continue, // reported by featurize_uris
+        };
+        writeln!(out, "{line}")?;
+    }
+    out.flush()?;
+    let failed = features.failures().count();
     if failed > 0 {
         anyhow::bail!("{failed} of {} input(s) could not be processed (see the errors above)", paths.len());
     }

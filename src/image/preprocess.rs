@@ -138,7 +138,7 @@ fn resized_size(w: u32, h: u32, size: u32) -> (u32, u32) {
 fn center_offset(size: u32, crop: u32) -> u32 {
     let diff = size - crop;
     let half = diff / 2;
-    if diff % 2 == 0 || half % 2 == 0 {
+    if diff.is_multiple_of(2) || half.is_multiple_of(2) {
         half
     } else {
         half + 1

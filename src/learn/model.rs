@@ -174,6 +174,17 @@ impl SoftmaxRegression {
         &self.bias
     }
 
+    /// Adds `x` to the standardisation statistics without learning from it (nothing happens
+    /// without standardisation). The batch trainer shows it the whole training set first, so
+    /// that the first epoch's updates already see settled statistics.
+    pub fn observe_features(&mut self, x: &[f32]) -> Result<(), LearnError> {
+        self.check_features(x)?;
+        match &mut self.standardizer {
+            Some(s) => s.observe(x),
+            None => Ok(()),
+        }
+    }
+
     /// The running feature statistics, when standardisation is on.
     pub fn standardizer(&self) -> Option<&RunningStandardizer> {
         self.standardizer.as_ref()
@@ -252,6 +263,19 @@ impl SoftmaxRegression {
     /// after predicting it: the outcome describes that prediction. On error the model is
     /// unchanged, except after [`LearnError::Diverged`], when it is beyond use.
     pub fn update(&mut self, x: &[f32], label: usize) -> Result<UpdateOutcome, LearnError> {
+        self.update_weighted(x, label, 1.0)
+    }
+
+    /// [`update`](Self::update) with the example's gradient scaled by `weight` (class weights,
+    /// importance weights): a weight of 2 moves the model as two copies of the example would to
+    /// first order. The outcome is unweighted. `weight` must be finite and non-negative.
+    pub fn update_weighted(&mut self, x: &[f32], label: usize, weight: f32) -> Result<UpdateOutcome, LearnError> {
+        if !(weight.is_finite() && weight >= 0.0) {
+            return Err(LearnError::Config {
+                field: "example weight",
+                reason: format!("must be finite and non-negative, got {weight}"),
+            });
+        }
         if x.len() != self.dim {
             return Err(LearnError::Dimension { expected: self.dim, got: x.len() });
         }
@@ -300,6 +324,9 @@ impl SoftmaxRegression {
         let correct = kernels::argmax(probs) == Some(label);
         // The gradient of the cross-entropy wrt logit k is p_k - [k == label].
         probs[label] -= 1.0;
+        if weight != 1.0 {
+            probs.iter_mut().for_each(|g| *g *= weight);
+        }
         if let Some(decay) = optimizer.step(*simd, *updates, weights, bias, features, probs) {
             // SGD: keep the step, to apply with the next forward pass.
             pending.steps.copy_from_slice(probs);
@@ -405,6 +432,32 @@ mod tests {
             OptimizerConfig::Adagrad(AdagradConfig::default()),
             OptimizerConfig::Ftrl(FtrlConfig::default()),
         ]
+    }
+
+    #[test]
+    fn a_weight_of_two_is_a_doubled_sgd_step_and_zero_is_no_step() {
+        let mut data = Separable::new(7, 16, 3, 8).unscaled();
+        let examples: Vec<(Vec<f32>, usize)> = (0..50).map(|_| data.sample()).collect();
+        let lr = |learning_rate| {
+            OptimizerConfig::Sgd(SgdConfig { learning_rate, schedule: LearningRateSchedule::Constant, l2: 0.0 })
+        };
+        let classes: Vec<String> = (0..3).map(|c| c.to_string()).collect();
+        let fixed = |opt| LearnerConfig { classes: classes.clone(), ..config(opt, false) };
+        let mut weighted = SoftmaxRegression::new(16, fixed(lr(0.05))).unwrap();
+        let mut doubled = SoftmaxRegression::new(16, fixed(lr(0.1))).unwrap();
+        let mut unweighted =
+            SoftmaxRegression::new(16, fixed(OptimizerConfig::Adagrad(AdagradConfig::default()))).unwrap();
+        for (x, label) in &examples {
+            weighted.update_weighted(x, *label, 2.0).unwrap();
+            doubled.update(x, *label).unwrap();
+            unweighted.update_weighted(x, *label, 0.0).unwrap();
+        }
+        assert_eq!(weighted.weights(), doubled.weights());
+        assert_eq!(weighted.bias(), doubled.bias());
+        assert!(unweighted.weights().iter().chain(unweighted.bias()).all(|w| *w == 0.0));
+        for bad in [-1.0, f32::NAN, f32::INFINITY] {
+            assert!(matches!(weighted.update_weighted(&examples[0].0, 0, bad), Err(LearnError::Config { .. })));
+        }
     }
 
     /// Learns `n` examples prequentially; returns the metrics over the last `tail` of them.

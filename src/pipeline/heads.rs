@@ -1,6 +1,7 @@
 //! The classifiers behind the `learn_predict` operator.
 
 use crate::learn::{LearnError, Prequential, SoftmaxRegression};
+use crate::metrics::LearnerMetrics;
 use crate::model::top_k;
 use dlpipe_operators::{ClassScore, Epoch, Featured, Head, LabelledExample};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -48,6 +49,8 @@ pub struct OnlineLrHead {
     last_snapshot_version: u64,
     /// Labels refused (too many classes, wrong dimension), counted and logged once each.
     pub refused: u64,
+    /// Per-class Prometheus counters of what is learned, when the pipeline exports metrics.
+    pub counters: Option<LearnerMetrics>,
 }
 
 impl OnlineLrHead {
@@ -60,6 +63,7 @@ impl OnlineLrHead {
             epochs_since_snapshot: 0,
             last_snapshot_version: version,
             refused: 0,
+            counters: None,
         }
     }
 
@@ -122,9 +126,22 @@ impl Head for OnlineLrHead {
     fn learn(&mut self, _epoch: Epoch, examples: &[LabelledExample]) {
         for example in examples {
             match self.model.learn(&example.features, &example.label) {
-                Ok(outcome) => self.metrics.record(outcome),
+                Ok(outcome) => {
+                    self.metrics.record(outcome);
+                    if let Some(c) = &mut self.counters {
+                        c.examples.with(&example.label).inc();
+                        // Touched for every class, so per-class accuracy exists from the first example.
+                        let correct = c.correct.with(&example.label);
+                        if outcome.correct {
+                            correct.inc();
+                        }
+                    }
+                }
                 Err(error) => {
                     self.refused += 1;
+                    if let Some(c) = &self.counters {
+                        c.refused.inc();
+                    }
                     if self.refused <= 10 || matches!(error, LearnError::Dimension { .. }) {
                         tracing::warn!(%error, partition = example.partition, offset = example.offset, "label not learned");
                     }

@@ -6,6 +6,10 @@
 //! workers round-robin), predicts with a classifier that every worker holds identically, and
 //! publishes predictions and dead letters for the partitions it reads, committing their offsets
 //! once published.
+//!
+//! Each process serves its Prometheus metrics (`crate::metrics`) while it runs: the operators
+//! update the handles they are given, and every worker refreshes its gauges (in-flight records,
+//! frontier lag, classifier quality) about once a second.
 
 mod heads;
 
@@ -16,24 +20,31 @@ use crate::fetch::Fetcher;
 use crate::image::{decode, Preprocess};
 use crate::kafka::{client_config, ensure_topic};
 use crate::learn::SoftmaxRegression;
+use crate::metrics::kafka::{LagContext, STATISTICS_INTERVAL_MS};
+use crate::metrics::{Metrics, Readiness};
 use crate::model::{parse_device, resolve, Featurizer, OutputKind};
+use crate::transfer::classifier::{featurizer_metadata, Classifier};
 use dlpipe_operators::{
-    featurize, fetch_decode, kafka_sink, kafka_source, learn_predict, Backlog, Batching, DeadLetter, Epoch, Fatal,
-    Featured, ImageRecord, LabelledExample, ModelRow, Outcome, PartitionRange, PrepareError, SinkContext, SinkSpec,
-    SourceSpec,
+    featurize, fetch_decode, kafka_sink, kafka_source, learn_predict, Backlog, Batching, DeadLetter, Epoch,
+    EpochPolicy, Fatal, Featured, ImageRecord, LabelledExample, ModelRow, Outcome, PartitionRange, PrepareError,
+    SinkContext, SinkSpec, SourceSpec,
 };
 use fast_image_resize::Resizer;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use prometheus::core::Collector;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::producer::BaseProducer;
 use rdkafka::{Offset, TopicPartitionList};
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::operators::vec::{Broadcast, Filter, Map};
 use timely::dataflow::operators::{Concat, OkErr, Probe};
+use timely::CommunicationConfig;
 
 /// What one worker did, reported when the pipeline stops.
 #[derive(Debug, Clone, Default)]
@@ -67,8 +78,22 @@ pub fn run(options: RunOptions) -> anyhow::Result<Vec<WorkerSummary>> {
     }
     let config = Arc::new(config);
     let timely_config = timely::Config::from_args(timely_args.into_iter()).map_err(anyhow::Error::msg)?;
+    let (process, local_workers) = match &timely_config.communication {
+        CommunicationConfig::Thread => (0, 1),
+        CommunicationConfig::Process(n) | CommunicationConfig::ProcessBinary(n) => (0, *n),
+        CommunicationConfig::Cluster { threads, process, .. } => (*process, *threads),
+    };
+    let metrics = Arc::new(Metrics::new());
+    let readiness = Arc::new(Readiness::new(local_workers, Arc::clone(&stop)));
+    if !config.metrics.listen.trim().is_empty() {
+        let address = crate::metrics::server::address_for(config.metrics.listen.trim(), process)?;
+        let bound = crate::metrics::serve(address, Arc::clone(&metrics), Arc::clone(&readiness))?;
+        tracing::info!(address = %bound, "serving /metrics, /healthz and /readyz");
+    }
+    crate::metrics::devices::spawn_poller(Arc::clone(&metrics), &config.model.devices, Duration::from_secs(5));
     let guards = timely::execute(timely_config, move |worker| {
-        run_worker(worker, &config, init_model.as_deref(), &stop).map_err(|e| format!("{e:#}"))
+        let shared = Shared { metrics: &metrics, readiness: &readiness, local_workers };
+        run_worker(worker, &config, init_model.as_deref(), &stop, shared).map_err(|e| format!("{e:#}"))
     })
     .map_err(anyhow::Error::msg)?;
     let mut summaries = Vec::new();
@@ -78,6 +103,13 @@ pub fn run(options: RunOptions) -> anyhow::Result<Vec<WorkerSummary>> {
     Ok(summaries)
 }
 
+/// What the workers of one process share.
+struct Shared<'a> {
+    metrics: &'a Arc<Metrics>,
+    readiness: &'a Arc<Readiness>,
+    local_workers: usize,
+}
+
 // Dead letters travel through the dataflow as data, in `Result`s; boxing them buys nothing.
 #[allow(clippy::result_large_err)]
 fn run_worker(
@@ -85,8 +117,12 @@ fn run_worker(
     config: &Config,
     init_model: Option<&std::path::Path>,
     stop: &Arc<AtomicBool>,
+    shared: Shared,
 ) -> anyhow::Result<WorkerSummary> {
     let (index, peers) = (worker.index(), worker.peers());
+    let metrics = shared.metrics;
+    let mut handles = metrics.for_worker(index, &config.pipeline.input_topic);
+    let worker_label = index.to_string();
     let p = &config.pipeline;
     if index == 0 && p.create_topics_partitions > 0 {
         for topic in [&p.input_topic, &p.predictions_topic, &p.dead_letter_topic] {
@@ -96,11 +132,14 @@ fn run_worker(
     }
 
     // Kafka: this worker's partitions, where to start and (with stop_at_end) where to end.
-    let consumer: BaseConsumer = client_config(&config.kafka)
+    let lag =
+        LagContext { lag: metrics.consumer_lag.clone(), worker: worker_label.clone(), topic: p.input_topic.clone() };
+    let consumer: BaseConsumer<LagContext> = client_config(&config.kafka)
         .set("group.id", &p.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .create()?;
+        .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
+        .create_with_context(lag)?;
     let consumer = Rc::new(consumer);
     let partitions = wait_for_partitions(&consumer, &p.input_topic)?;
     let mine: Vec<i32> = partitions.into_iter().filter(|p| *p as usize % peers == index).collect();
@@ -132,25 +171,17 @@ fn run_worker(
             }
             let model = match init_model {
                 Some(path) => {
-                    let (model, _) = SoftmaxRegression::load(path)?;
-                    if model.dim() != manifest.feature_dim {
-                        anyhow::bail!(
-                            "classifier {} has {} features, model {} gives {}",
-                            path.display(),
-                            model.dim(),
-                            manifest.name,
-                            manifest.feature_dim
-                        );
-                    }
-                    model
+                    // A classifier file from `dlpipe train` or a snapshot of an earlier run:
+                    // its features must be this model's.
+                    let classifier = Classifier::load(path)?;
+                    classifier.check_featurizer(&manifest)?;
+                    classifier.model
                 }
                 None => SoftmaxRegression::new(manifest.feature_dim, config.learner.clone())?,
             };
             let snapshots = (index == 0 && p.snapshot_every_epochs > 0)
                 .then(|| -> anyhow::Result<Snapshots> {
-                    let mut metadata = std::collections::BTreeMap::new();
-                    metadata.insert("featurizer.name".into(), manifest.name.clone());
-                    metadata.insert("featurizer.sha256".into(), manifest.sha256.clone().unwrap_or_default());
+                    let metadata = featurizer_metadata(&manifest);
                     Ok(Snapshots {
                         every_epochs: p.snapshot_every_epochs,
                         dir: p.snapshot_dir.clone(),
@@ -160,7 +191,9 @@ fn run_worker(
                     })
                 })
                 .transpose()?;
-            Some(Rc::new(RefCell::new(OnlineLrHead::new(model, 1000, snapshots))))
+            let mut head = OnlineLrHead::new(model, 1000, snapshots);
+            head.counters = Some(handles.learner.clone());
+            Some(Rc::new(RefCell::new(head)))
         }
         HeadKind::Imagenet => {
             if !manifest.has(OutputKind::Logits) || manifest.class_names.is_empty() {
@@ -174,21 +207,35 @@ fn run_worker(
     let fetcher = Fetcher::new(config.fetch.clone());
     let limits = config.image;
     let preprocess: Preprocess = featurizer.preprocess().clone();
+    let fetch_seconds = metrics.fetch_seconds.with_label_values(&[&worker_label]);
+    let decode_seconds = metrics.decode_seconds.with_label_values(&[&worker_label]);
+    let fetched_bytes = metrics.fetched_bytes.with_label_values(&[&worker_label]);
     let prepare = Arc::new(move |record: &ImageRecord| -> Result<Vec<f32>, PrepareError> {
         thread_local! {
             static RESIZER: RefCell<Resizer> = RefCell::new(Resizer::new());
         }
-        let bytes =
-            fetcher.fetch(&record.uri, limits.max_encoded_bytes).map_err(|e| (e.kind().to_owned(), e.to_string()))?;
+        let started = Instant::now();
+        let bytes = fetcher.fetch(&record.uri, limits.max_encoded_bytes);
+        fetch_seconds.observe(started.elapsed().as_secs_f64());
+        let bytes = bytes.map_err(|e| (e.kind().to_owned(), e.to_string()))?;
+        fetched_bytes.inc_by(bytes.len() as u64);
+        let started = Instant::now();
         let image = decode(&bytes, &limits).map_err(|e| (e.kind().to_owned(), format!("{}: {e}", record.uri)))?;
         let mut pixels = vec![0f32; preprocess.tensor_len()];
         RESIZER
             .with(|r| preprocess.run(&image, &mut r.borrow_mut(), &mut pixels))
             .map_err(|e| ("unprocessable".to_owned(), format!("{}: {e}", record.uri)))?;
+        decode_seconds.observe(started.elapsed().as_secs_f64());
         Ok(pixels)
     });
+    let labels = [worker_label.as_str(), device_name.as_str(), manifest.name.as_str()];
+    let forward_seconds = metrics.featurize_seconds.with_label_values(&labels);
+    let batch_records = metrics.featurize_batch.with_label_values(&labels);
     let model = move |pixels: &[f32], n: usize| -> Result<Vec<ModelRow>, String> {
+        let started = Instant::now();
         let out = featurizer.forward(pixels, n).map_err(|e| e.to_string())?;
+        forward_seconds.observe(started.elapsed().as_secs_f64());
+        batch_records.observe(n as f64);
         Ok((0..n)
             .map(|i| {
                 (out.features_row(i).map(<[f32]>::to_vec).unwrap_or_default(), out.logits_row(i).map(<[f32]>::to_vec))
@@ -215,24 +262,51 @@ fn run_worker(
     let (top_k, max_decoding) = (p.top_k, p.max_decoding);
     let class_names = manifest.class_names.clone();
     let online_head = online.clone();
+    // One probe per operator's output, for the frontier lag metric; the last one (the sink's
+    // acknowledged frontier) also says when the dataflow is done.
+    let probes: Vec<(&str, ProbeHandle<Epoch>)> = Vec::new();
+    let probes = RefCell::new(probes);
+    let (source_metrics, fetch_metrics, featurize_metrics, learn_metrics, sink_metrics) = (
+        handles.source.clone(),
+        handles.fetch_decode.clone(),
+        handles.featurize.clone(),
+        handles.learn_predict.clone(),
+        std::mem::take(&mut handles.sink),
+    );
     let probe = worker.dataflow::<Epoch, _, _>(|scope| {
-        let raw = kafka_source(scope, Rc::clone(&consumer), source_spec, Rc::clone(&backlog), Arc::clone(stop));
+        let mut probes = probes.borrow_mut();
+        let raw = kafka_source(
+            scope,
+            Rc::clone(&consumer),
+            source_spec,
+            Rc::clone(&backlog),
+            Arc::clone(stop),
+            source_metrics,
+        );
+        let (handle, raw) = raw.probe();
+        probes.push(("kafka_source", handle));
         let (records, unreadable) = raw.ok_err::<Vec<ImageRecord>, _, Vec<DeadLetter>, _, _>(|r| r);
-        let decoded = fetch_decode(records, max_decoding, prepare);
+        let decoded = fetch_decode(records, max_decoding, prepare, fetch_metrics);
+        let (handle, decoded) = decoded.probe();
+        probes.push(("fetch_decode", handle));
         let (decoded, undecodable) = decoded.ok_err::<Vec<_>, _, Vec<DeadLetter>, _, _>(|r| r);
-        let featured = featurize(decoded, batching, model);
+        let featured = featurize(decoded, batching, model, featurize_metrics);
+        let (handle, featured) = featured.probe();
+        probes.push(("featurize", handle));
         let (featured, unfeaturized) = featured.ok_err::<Vec<Featured>, _, Vec<DeadLetter>, _, _>(|r| r);
         let predictions = match online_head {
             Some(head) => {
                 let labelled = featured.clone().flat_map(|f| LabelledExample::of(&f)).broadcast();
-                learn_predict(featured, labelled, head, top_k)
+                learn_predict(featured, labelled, head, top_k, learn_metrics)
             }
             None => {
                 let nothing =
                     featured.clone().filter(|_| false).map(|f| LabelledExample::of(&f).expect("filtered out"));
-                learn_predict(featured, nothing, ImagenetHead { class_names }, top_k)
+                learn_predict(featured, nothing, ImagenetHead { class_names }, top_k, learn_metrics)
             }
         };
+        let (handle, predictions) = predictions.probe();
+        probes.push(("learn_predict", handle));
         let dead = unreadable.concat(undecodable).concat(unfeaturized).map(Outcome::Dead);
         let outcomes = predictions.map(Outcome::Predicted).concat(dead);
         let acked = kafka_sink(
@@ -242,26 +316,58 @@ fn run_worker(
             sink_spec,
             Rc::clone(&backlog),
             Rc::clone(&fatal),
+            sink_metrics,
         );
-        acked.probe().0
+        let (handle, _acked) = acked.probe();
+        probes.push(("kafka_sink", handle.clone()));
+        handle
     });
+    let probes = probes.into_inner();
+    shared.readiness.worker_ready();
 
+    let mut frontier_clock = FrontierClock::new(p.epochs);
+    let in_flight = metrics.in_flight.with_label_values(&[&worker_label]);
+    let model_version = metrics.model_version.with_label_values(&[&worker_label, &manifest.name]);
     let status_every = Duration::from_secs(config.pipeline.status_interval_secs.max(1));
     let mut last_status = Instant::now();
+    let mut last_refresh = Instant::now() - Duration::from_secs(1);
+    // The first worker of each process logs the process's status line.
+    let logs_status = index % shared.local_workers.max(1) == 0;
+    let mut published_at_last_status = 0.0;
     while !probe.done() {
         worker.step_or_park(Some(Duration::from_millis(20)));
         if let Some(error) = fatal.borrow().clone() {
             anyhow::bail!("worker {index}: {error}");
         }
-        if index == 0 && last_status.elapsed() >= status_every {
+        if last_refresh.elapsed() >= Duration::from_secs(1) {
+            last_refresh = Instant::now();
+            in_flight.set(backlog.get() as i64);
+            let frontiers: Vec<(&str, Option<Epoch>)> =
+                probes.iter().map(|(name, probe)| (*name, probe.with_frontier(|f| f.first().copied()))).collect();
+            for (name, lag) in frontier_clock.lags(&frontiers, dlpipe_operators::records::now_ms()) {
+                metrics.frontier_lag.with_label_values(&[&worker_label, name]).set(lag);
+            }
+            if let Some(head) = &online {
+                export_learner(metrics, &worker_label, &head.borrow());
+            }
+            model_version.set(online.as_ref().map_or(0, |h| h.borrow().model.updates()) as i64);
+        }
+        if logs_status && last_status.elapsed() >= status_every {
+            let seconds = last_status.elapsed().as_secs_f64();
             last_status = Instant::now();
             let acked = probe.with_frontier(|f| f.first().copied());
+            let published = sum_of(&metrics.messages_published);
+            let throughput = format!("{:.1}/s", (published - published_at_last_status) / seconds);
+            published_at_last_status = published;
+            let lag = sum_of(&metrics.consumer_lag) as i64;
             match &online {
                 Some(head) => {
                     let head = head.borrow();
                     tracing::info!(
                         acked_epoch = ?acked,
-                        backlog = backlog.get(),
+                        throughput,
+                        lag,
+                        in_flight = sum_of(&metrics.in_flight) as i64,
                         updates = head.model.updates(),
                         classes = head.model.num_classes(),
                         accuracy = ?head.metrics.accuracy().map(|a| format!("{a:.3}")),
@@ -269,9 +375,18 @@ fn run_worker(
                         "status"
                     );
                 }
-                None => tracing::info!(acked_epoch = ?acked, backlog = backlog.get(), "status"),
+                None => tracing::info!(
+                    acked_epoch = ?acked,
+                    throughput,
+                    lag,
+                    in_flight = sum_of(&metrics.in_flight) as i64,
+                    "status"
+                ),
             }
         }
+    }
+    for (name, _) in &probes {
+        metrics.frontier_lag.with_label_values(&[worker_label.as_str(), name]).set(0.0);
     }
     let mut summary = WorkerSummary { worker: index, partitions: mine, ..Default::default() };
     if let Some(head) = &online {
@@ -283,8 +398,77 @@ fn run_worker(
     Ok(summary)
 }
 
+/// Exports the online classifier's quality and size.
+fn export_learner(metrics: &Metrics, worker: &str, head: &OnlineLrHead) {
+    let windows = [
+        ("prequential", head.metrics.accuracy(), head.metrics.mean_log_loss()),
+        ("recent", head.metrics.window_accuracy(), head.metrics.window_mean_log_loss()),
+    ];
+    for (window, accuracy, loss) in windows {
+        if let Some(a) = accuracy {
+            metrics.online_accuracy.with_label_values(&[worker, window]).set(a);
+        }
+        if let Some(l) = loss {
+            metrics.online_log_loss.with_label_values(&[worker, window]).set(l);
+        }
+    }
+    metrics.learner_classes.with_label_values(&[worker]).set(head.model.num_classes() as i64);
+}
+
+/// The sum of every series of a counter or gauge family (this process's share).
+fn sum_of(family: &impl Collector) -> f64 {
+    family
+        .collect()
+        .iter()
+        .flat_map(|f| f.get_metric())
+        // Metrics hold a default (zero) value of the types they are not.
+        .map(|m| m.get_counter().get_value() + m.get_gauge().get_value())
+        .sum()
+}
+
+/// Maps operator frontiers to wall-clock lag. With time epochs an epoch starts at
+/// `epoch × millis`; with offset epochs, at the moment the source's frontier first reached it
+/// (so on an idle offset-epoch stream the lag grows: such epochs have no wall-clock meaning).
+struct FrontierClock {
+    policy: EpochPolicy,
+    first_seen: BTreeMap<Epoch, i64>,
+}
+
+impl FrontierClock {
+    fn new(policy: EpochPolicy) -> FrontierClock {
+        FrontierClock { policy, first_seen: BTreeMap::new() }
+    }
+
+    /// Seconds each operator's frontier trails `now_ms`; the first frontier is the source's.
+    fn lags<'a>(&mut self, frontiers: &[(&'a str, Option<Epoch>)], now_ms: i64) -> Vec<(&'a str, f64)> {
+        if let Some((_, Some(source))) = frontiers.first() {
+            self.first_seen.entry(*source).or_insert(now_ms);
+        }
+        let lags = frontiers
+            .iter()
+            .map(|(name, frontier)| {
+                let started_ms = match (frontier, self.policy) {
+                    (None, _) => now_ms,
+                    (Some(e), EpochPolicy::Time { millis }) => (*e).saturating_mul(millis) as i64,
+                    (Some(e), EpochPolicy::Offsets { .. }) => {
+                        // The newest epoch seen at or before e (e itself unless the source skipped past it).
+                        self.first_seen.range(..=*e).next_back().map_or(now_ms, |(_, t)| *t)
+                    }
+                };
+                (*name, (now_ms - started_ms).max(0) as f64 / 1000.0)
+            })
+            .collect();
+        // Epochs below every frontier are of no more use.
+        if let Some(least) = frontiers.iter().filter_map(|(_, f)| *f).min() {
+            let keep = self.first_seen.range(..=least).next_back().map(|(e, _)| *e);
+            self.first_seen.retain(|e, _| Some(*e) >= keep);
+        }
+        lags
+    }
+}
+
 /// The input topic's partitions; waits a little for a topic that is being created.
-fn wait_for_partitions(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<Vec<i32>> {
+fn wait_for_partitions<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str) -> anyhow::Result<Vec<i32>> {
     let deadline = Instant::now() + TIMEOUT;
     loop {
         let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT)?;
@@ -305,8 +489,8 @@ fn wait_for_partitions(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<V
 
 /// Start offsets (the group's commits, else the chosen end) and, with stop-at-end, the high
 /// watermarks as end offsets.
-fn partition_ranges(
-    consumer: &BaseConsumer,
+fn partition_ranges<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
     topic: &str,
     partitions: &[i32],
     start: StartFrom,
@@ -333,4 +517,28 @@ fn partition_ranges(
             Ok(PartitionRange { partition, start, end: stop_at_end.then_some(high) })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frontier_lag_counts_from_the_epochs_start_or_from_when_the_source_reached_it() {
+        // Time epochs of 1 s: epoch 100 starts at 100 000 ms; a done operator trails by nothing.
+        let mut clock = FrontierClock::new(EpochPolicy::Time { millis: 1000 });
+        let lags = clock.lags(&[("kafka_source", Some(102)), ("featurize", Some(100)), ("kafka_sink", None)], 102_500);
+        assert_eq!(lags, vec![("kafka_source", 0.5), ("featurize", 2.5), ("kafka_sink", 0.0)]);
+
+        // Offset epochs: from when the source's frontier first reached the epoch.
+        let mut clock = FrontierClock::new(EpochPolicy::Offsets { records: 10 });
+        clock.lags(&[("kafka_source", Some(3)), ("featurize", Some(3))], 1_000);
+        clock.lags(&[("kafka_source", Some(5)), ("featurize", Some(3))], 4_000);
+        let lags = clock.lags(&[("kafka_source", Some(5)), ("featurize", Some(4))], 6_000);
+        // featurize at 4: the source never stood at 4; epoch 3, reached at 1 s, is the newest before it.
+        assert_eq!(lags, vec![("kafka_source", 2.0), ("featurize", 5.0)]);
+        // Once every frontier passed epoch 3, only what is still needed is kept.
+        clock.lags(&[("kafka_source", Some(5)), ("featurize", Some(5))], 7_000);
+        assert_eq!(clock.first_seen.keys().copied().collect::<Vec<_>>(), vec![5]);
+    }
 }

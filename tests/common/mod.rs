@@ -65,3 +65,55 @@ pub fn dlpipe(args: &[&str]) -> std::process::Output {
         .output()
         .expect("run dlpipe")
 }
+
+/// The ten Fashion-MNIST classes, as named by the class folders of data/fashion-mnist.
+pub const FASHION_CLASSES: [&str; 10] =
+    ["tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot"];
+
+/// `n` Fashion-MNIST training images from the `skip`-th on, classes interleaved (image i is of
+/// class i mod 10), with their class.
+pub fn fashion(n: usize, skip: usize) -> Vec<(PathBuf, &'static str)> {
+    let root = root().join("data/fashion-mnist/train");
+    let lists: Vec<Vec<PathBuf>> = FASHION_CLASSES
+        .iter()
+        .map(|c| {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(root.join(c))
+                .unwrap_or_else(|e| panic!("{}: {e} (run `make setup`)", root.join(c).display()))
+                .map(|e| e.unwrap().path())
+                .collect();
+            files.sort();
+            files
+        })
+        .collect();
+    (skip..skip + n).map(|i| (lists[i % 10][i / 10].clone(), FASHION_CLASSES[i % 10])).collect()
+}
+
+/// Publishes `(partition, key, payload)` messages in order (creating the topic with
+/// `partitions` if needed) and waits for their acknowledgement.
+pub fn produce(topic: &str, partitions: i32, messages: &[(i32, String, String)]) {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let kafka = kafka_config();
+    dlpipe::kafka::ensure_topic(&kafka, topic, partitions, 1, &[]).unwrap();
+    let producer: BaseProducer =
+        dlpipe::kafka::client_config(&kafka).set("enable.idempotence", "true").create().unwrap();
+    for (partition, key, payload) in messages {
+        producer.send(BaseRecord::to(topic).partition(*partition).key(key).payload(payload)).unwrap();
+        producer.poll(std::time::Duration::ZERO);
+    }
+    producer.flush(std::time::Duration::from_secs(30)).unwrap();
+}
+
+/// A free TCP port on loopback (free when asked; another process could take it before use).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A child process that a failing test does not leave running.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

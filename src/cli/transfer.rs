@@ -1,0 +1,89 @@
+//! What `train`, `evaluate`, `featurize` and `predict --classifier` share: loading the model on
+//! every device, featurizing a dataset (cached), reporting images without features.
+
+use anyhow::Context;
+use dlpipe::config::Config;
+use dlpipe::fetch::Fetcher;
+use dlpipe::model::{parse_device, resolve, Featurizer};
+use dlpipe::transfer::{featurize, Features, FeaturizeOptions};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Flags for featurizing, shared by the batch commands.
+#[derive(clap::Args, Debug, Clone)]
+pub struct FeaturizeFlags {
+    /// Device(s): cpu, cuda, cuda:N; repeat for several [default: every one of model.devices].
+    #[arg(long = "device")]
+    pub devices: Vec<String>,
+    /// Images per forward pass [default: model.batch_size].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Feature cache folder [default: train.feature_cache].
+    #[arg(long, value_name = "DIR")]
+    pub feature_cache: Option<PathBuf>,
+    /// Featurize every image, neither reading nor writing the feature cache.
+    #[arg(long)]
+    pub no_cache: bool,
+}
+
+/// Loads model `name` once per device (the flags' devices, or all of the config's).
+pub fn load_featurizers(config: &Config, name: &str, flags: &FeaturizeFlags) -> anyhow::Result<Vec<Featurizer>> {
+    if config.model.intra_op_threads > 0 {
+        tch::set_num_threads(config.model.intra_op_threads as i32);
+    }
+    let manifest = resolve(name, &config.model.dir)?;
+    let devices = if flags.devices.is_empty() { &config.model.devices } else { &flags.devices };
+    let started = Instant::now();
+    let featurizers = devices
+        .iter()
+        .map(|d| Featurizer::load(&manifest, parse_device(d)?).with_context(|| format!("loading model {name} on {d}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    tracing::info!(
+        model = %featurizers[0].manifest().name,
+        devices = ?devices,
+        seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
+        "model loaded"
+    );
+    Ok(featurizers)
+}
+
+/// The features of `uris` with the command's flags, logging a summary and every image that
+/// has none (those are left out of what follows, never silently).
+pub fn featurize_uris(
+    config: &Config,
+    featurizers: Vec<Featurizer>,
+    uris: &[String],
+    flags: &FeaturizeFlags,
+) -> anyhow::Result<Features> {
+    let cache_dir = flags.feature_cache.clone().unwrap_or_else(|| config.train.feature_cache.clone());
+    let cache_dir: Option<&Path> = (!flags.no_cache && !cache_dir.as_os_str().is_empty()).then_some(&cache_dir);
+    let fetcher = Fetcher::new(config.fetch.clone());
+    let options = FeaturizeOptions {
+        fetcher: &fetcher,
+        limits: config.image,
+        batch_size: flags.batch_size.unwrap_or(config.model.batch_size),
+        cache_dir,
+        progress: true,
+    };
+    let features = featurize(featurizers, uris, &options)?;
+    let failed: Vec<_> = features.failures().collect();
+    for (_, error) in failed.iter().take(20) {
+        eprintln!("error: {error}");
+    }
+    if failed.len() > 20 {
+        eprintln!("error: ... and {} more image(s) without features", failed.len() - 20);
+    }
+    eprintln!(
+        "features of {} image(s) in {:.1} s: {} from the cache, {} computed ({:.1} images/s){}",
+        uris.len() - failed.len(),
+        features.seconds,
+        features.cached,
+        features.computed,
+        features.computed as f64 / features.seconds.max(1e-9),
+        if failed.is_empty() { String::new() } else { format!("; {} failed (see above)", failed.len()) }
+    );
+    if failed.len() == uris.len() {
+        anyhow::bail!("none of the {} image(s) could be featurized", uris.len());
+    }
+    Ok(features)
+}

@@ -1,0 +1,472 @@
+//! Prometheus metrics of `dlpipe run`: their definitions, the process's registry, the handles
+//! the pipeline and its operators update, and (in [`server`]) the HTTP endpoint that serves
+//! `/metrics`, `/healthz` and `/readyz`.
+//!
+//! Every metric is defined once, in [`DEFINITIONS`]: name, type, labels and meaning. The
+//! registry is built from that table, `docs/metrics.md` documents exactly that table (a test
+//! compares the two), and the dashboards and alerts in `grafana/` only use names from it (another
+//! test checks). Names follow Prometheus' conventions: a `dlpipe_` prefix, `_total` for
+//! counters, base units (`_seconds`, `_bytes`, `_ratio`) in the name.
+//!
+//! Label cardinality is bounded by the deployment, never by the data: `worker` by the number of
+//! timely workers, `partition` by the input topic's partitions, `reason` by the fixed list of
+//! dead-letter kinds, `class` by `learner.max_classes`, `device` by `model.devices`.
+
+pub mod devices;
+pub mod kafka;
+pub mod server;
+
+use dlpipe_operators::{
+    CounterByLabel, FeaturizeMetrics, FetchDecodeMetrics, LearnPredictMetrics, SinkMetrics, SourceMetrics,
+};
+use prometheus::core::Collector;
+use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+
+pub use server::{serve, Readiness, ServeError};
+
+/// The Prometheus type of a metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl Kind {
+    /// The name Prometheus' text format uses (`# TYPE name counter`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+/// Bucket layouts of the histograms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Buckets {
+    None,
+    /// 1 ms to about 33 s, doubling: per-record and per-batch work.
+    Seconds,
+    /// 10 ms to about 20 min, doubling: latencies that include waiting in Kafka.
+    LongSeconds,
+    /// 1 to 1024 records, doubling: batch sizes.
+    Records,
+}
+
+impl Buckets {
+    fn bounds(self) -> Vec<f64> {
+        let doubling = |start: f64, count: usize| (0..count).map(|i| start * 2f64.powi(i as i32)).collect();
+        match self {
+            Buckets::None => Vec::new(),
+            Buckets::Seconds => doubling(0.001, 16),
+            Buckets::LongSeconds => doubling(0.01, 18),
+            Buckets::Records => doubling(1.0, 11),
+        }
+    }
+}
+
+/// One metric: what `docs/metrics.md` documents and the registry exports.
+#[derive(Clone, Copy, Debug)]
+pub struct MetricDef {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub labels: &'static [&'static str],
+    pub buckets: Buckets,
+    pub help: &'static str,
+}
+
+const fn def(
+    name: &'static str,
+    kind: Kind,
+    labels: &'static [&'static str],
+    buckets: Buckets,
+    help: &'static str,
+) -> MetricDef {
+    MetricDef { name, kind, labels, buckets, help }
+}
+
+use Buckets as B;
+use Kind::{Counter as C, Gauge as G, Histogram as H};
+
+/// Every metric dlpipe exports.
+pub const DEFINITIONS: &[MetricDef] = &[
+    def("dlpipe_build_info", G, &["version"], B::None, "Always 1; the version of the running dlpipe."),
+    def(
+        "dlpipe_records_consumed_total",
+        C,
+        &["worker", "topic", "partition"],
+        B::None,
+        "Input messages read from Kafka.",
+    ),
+    def(
+        "dlpipe_records_predicted_total",
+        C,
+        &["worker"],
+        B::None,
+        "Records predicted by the classifier (before publishing).",
+    ),
+    def(
+        "dlpipe_records_dead_lettered_total",
+        C,
+        &["worker", "reason"],
+        B::None,
+        "Inputs sent to the dead-letter topic, by error kind (`not_found`, `malformed_json`, ...).",
+    ),
+    def(
+        "dlpipe_messages_published_total",
+        C,
+        &["worker", "topic"],
+        B::None,
+        "Predictions and dead letters acknowledged by the broker, by output topic.",
+    ),
+    def(
+        "dlpipe_messages_failed_total",
+        C,
+        &["worker"],
+        B::None,
+        "Messages the broker refused for good; the worker stops on the first one.",
+    ),
+    def("dlpipe_fetched_bytes_total", C, &["worker"], B::None, "Encoded image bytes fetched (file and http)."),
+    def(
+        "dlpipe_fetch_duration_seconds",
+        H,
+        &["worker"],
+        B::Seconds,
+        "Fetching one image (file read or http request, with retries), successful or not.",
+    ),
+    def(
+        "dlpipe_decode_duration_seconds",
+        H,
+        &["worker"],
+        B::Seconds,
+        "Decoding, resizing and normalising one fetched image.",
+    ),
+    def(
+        "dlpipe_featurize_duration_seconds",
+        H,
+        &["worker", "device", "model"],
+        B::Seconds,
+        "One forward pass of the CNN over a micro-batch.",
+    ),
+    def(
+        "dlpipe_featurize_batch_records",
+        H,
+        &["worker", "device", "model"],
+        B::Records,
+        "Images per forward pass; its `_sum` counts the images featurized.",
+    ),
+    def(
+        "dlpipe_predict_duration_seconds",
+        H,
+        &["worker"],
+        B::Seconds,
+        "Classifying the records of one epoch on one worker.",
+    ),
+    def(
+        "dlpipe_learn_duration_seconds",
+        H,
+        &["worker"],
+        B::Seconds,
+        "Learning the labelled examples of one epoch (every worker learns every example).",
+    ),
+    def(
+        "dlpipe_produce_duration_seconds",
+        H,
+        &["worker"],
+        B::Seconds,
+        "From handing a prediction or dead letter to the producer to the broker's acknowledgement.",
+    ),
+    def(
+        "dlpipe_end_to_end_latency_seconds",
+        H,
+        &["worker"],
+        B::LongSeconds,
+        "From the input record's Kafka timestamp to the acknowledgement of its prediction.",
+    ),
+    def(
+        "dlpipe_in_flight_records",
+        G,
+        &["worker"],
+        B::None,
+        "Records read from Kafka and not yet acknowledged on an output topic (bounded by pipeline.max_backlog).",
+    ),
+    def(
+        "dlpipe_queue_depth_records",
+        G,
+        &["worker", "stage"],
+        B::None,
+        "Records waiting or working in one stage: `decode_queue`, `decoding`, `featurize_batch`, `learn_wait`, \
+         `produce_unacked`.",
+    ),
+    def(
+        "dlpipe_consumer_lag_records",
+        G,
+        &["worker", "topic", "partition"],
+        B::None,
+        "High watermark minus the group's committed offset: records not yet published and committed.",
+    ),
+    def(
+        "dlpipe_frontier_lag_seconds",
+        G,
+        &["worker", "operator"],
+        B::None,
+        "How far an operator's output frontier trails wall-clock time (0 once the operator is done).",
+    ),
+    def(
+        "dlpipe_model_version",
+        G,
+        &["worker", "model"],
+        B::None,
+        "Labelled examples the worker's classifier has learned.",
+    ),
+    def("dlpipe_learner_classes", G, &["worker"], B::None, "Classes the online classifier knows."),
+    def(
+        "dlpipe_learner_examples_total",
+        C,
+        &["worker", "class"],
+        B::None,
+        "Labelled examples learned, by label; `rate()` of their sum is the model's update rate.",
+    ),
+    def(
+        "dlpipe_learner_correct_total",
+        C,
+        &["worker", "class"],
+        B::None,
+        "Labelled examples the classifier predicted right before learning them (prequential), by label.",
+    ),
+    def(
+        "dlpipe_learner_refused_total",
+        C,
+        &["worker"],
+        B::None,
+        "Labels not learned (beyond learner.max_classes, or features of the wrong dimension).",
+    ),
+    def(
+        "dlpipe_online_accuracy_ratio",
+        G,
+        &["worker", "window"],
+        B::None,
+        "Prequential accuracy: over the whole run (`window=\"prequential\"`) and the last 1000 examples \
+         (`window=\"recent\"`).",
+    ),
+    def(
+        "dlpipe_online_log_loss",
+        G,
+        &["worker", "window"],
+        B::None,
+        "Mean prequential log-loss (nats), with the same two windows as the accuracy.",
+    ),
+    def(
+        "dlpipe_device_memory_used_bytes",
+        G,
+        &["device"],
+        B::None,
+        "GPU memory in use on a CUDA device the pipeline runs on (nvidia-smi; absent on CPU).",
+    ),
+    def(
+        "dlpipe_device_memory_total_bytes",
+        G,
+        &["device"],
+        B::None,
+        "GPU memory of a CUDA device the pipeline runs on (nvidia-smi; absent on CPU).",
+    ),
+    def(
+        "dlpipe_device_utilization_ratio",
+        G,
+        &["device"],
+        B::None,
+        "Fraction of time a CUDA device was busy over nvidia-smi's last sample period (absent on CPU).",
+    ),
+];
+
+/// The definition of `name`; panics for a name not in [`DEFINITIONS`] (a programming error the
+/// unit tests catch).
+pub fn definition(name: &str) -> &'static MetricDef {
+    DEFINITIONS.iter().find(|d| d.name == name).unwrap_or_else(|| panic!("metric {name} is not in DEFINITIONS"))
+}
+
+/// Every metric of one process, registered in its own registry.
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub build_info: IntGaugeVec,
+    pub records_consumed: IntCounterVec,
+    pub records_predicted: IntCounterVec,
+    pub records_dead_lettered: IntCounterVec,
+    pub messages_published: IntCounterVec,
+    pub messages_failed: IntCounterVec,
+    pub fetched_bytes: IntCounterVec,
+    pub fetch_seconds: HistogramVec,
+    pub decode_seconds: HistogramVec,
+    pub featurize_seconds: HistogramVec,
+    pub featurize_batch: HistogramVec,
+    pub predict_seconds: HistogramVec,
+    pub learn_seconds: HistogramVec,
+    pub produce_seconds: HistogramVec,
+    pub end_to_end_seconds: HistogramVec,
+    pub in_flight: IntGaugeVec,
+    pub queue_depth: IntGaugeVec,
+    pub consumer_lag: IntGaugeVec,
+    pub frontier_lag: GaugeVec,
+    pub model_version: IntGaugeVec,
+    pub learner_classes: IntGaugeVec,
+    pub learner_examples: IntCounterVec,
+    pub learner_correct: IntCounterVec,
+    pub learner_refused: IntCounterVec,
+    pub online_accuracy: GaugeVec,
+    pub online_log_loss: GaugeVec,
+    pub device_memory_used: IntGaugeVec,
+    pub device_memory_total: IntGaugeVec,
+    pub device_utilization: GaugeVec,
+    /// Names registered, in registration order (the tests compare them with DEFINITIONS).
+    pub registered: Vec<&'static str>,
+}
+
+/// Creates and registers the metrics of [`DEFINITIONS`], checking each against its kind.
+struct Builder {
+    registry: Registry,
+    registered: Vec<&'static str>,
+}
+
+impl Builder {
+    fn add<M: Collector + Clone + 'static>(
+        &mut self,
+        name: &'static str,
+        kind: Kind,
+        make: impl FnOnce(&MetricDef) -> M,
+    ) -> M {
+        let def = definition(name);
+        assert_eq!(def.kind, kind, "{name} is defined as a {}", def.kind.as_str());
+        let metric = make(def);
+        self.registry.register(Box::new(metric.clone())).unwrap_or_else(|e| panic!("registering {name}: {e}"));
+        self.registered.push(name);
+        metric
+    }
+
+    fn counter(&mut self, name: &'static str) -> IntCounterVec {
+        self.add(name, Kind::Counter, |d| IntCounterVec::new(Opts::new(d.name, d.help), d.labels).expect("valid"))
+    }
+
+    fn int_gauge(&mut self, name: &'static str) -> IntGaugeVec {
+        self.add(name, Kind::Gauge, |d| IntGaugeVec::new(Opts::new(d.name, d.help), d.labels).expect("valid"))
+    }
+
+    fn gauge(&mut self, name: &'static str) -> GaugeVec {
+        self.add(name, Kind::Gauge, |d| GaugeVec::new(Opts::new(d.name, d.help), d.labels).expect("valid"))
+    }
+
+    fn histogram(&mut self, name: &'static str) -> HistogramVec {
+        self.add(name, Kind::Histogram, |d| {
+            HistogramVec::new(HistogramOpts::new(d.name, d.help).buckets(d.buckets.bounds()), d.labels).expect("valid")
+        })
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut b = Builder { registry: Registry::new(), registered: Vec::new() };
+        let metrics = Metrics {
+            build_info: b.int_gauge("dlpipe_build_info"),
+            records_consumed: b.counter("dlpipe_records_consumed_total"),
+            records_predicted: b.counter("dlpipe_records_predicted_total"),
+            records_dead_lettered: b.counter("dlpipe_records_dead_lettered_total"),
+            messages_published: b.counter("dlpipe_messages_published_total"),
+            messages_failed: b.counter("dlpipe_messages_failed_total"),
+            fetched_bytes: b.counter("dlpipe_fetched_bytes_total"),
+            fetch_seconds: b.histogram("dlpipe_fetch_duration_seconds"),
+            decode_seconds: b.histogram("dlpipe_decode_duration_seconds"),
+            featurize_seconds: b.histogram("dlpipe_featurize_duration_seconds"),
+            featurize_batch: b.histogram("dlpipe_featurize_batch_records"),
+            predict_seconds: b.histogram("dlpipe_predict_duration_seconds"),
+            learn_seconds: b.histogram("dlpipe_learn_duration_seconds"),
+            produce_seconds: b.histogram("dlpipe_produce_duration_seconds"),
+            end_to_end_seconds: b.histogram("dlpipe_end_to_end_latency_seconds"),
+            in_flight: b.int_gauge("dlpipe_in_flight_records"),
+            queue_depth: b.int_gauge("dlpipe_queue_depth_records"),
+            consumer_lag: b.int_gauge("dlpipe_consumer_lag_records"),
+            frontier_lag: b.gauge("dlpipe_frontier_lag_seconds"),
+            model_version: b.int_gauge("dlpipe_model_version"),
+            learner_classes: b.int_gauge("dlpipe_learner_classes"),
+            learner_examples: b.counter("dlpipe_learner_examples_total"),
+            learner_correct: b.counter("dlpipe_learner_correct_total"),
+            learner_refused: b.counter("dlpipe_learner_refused_total"),
+            online_accuracy: b.gauge("dlpipe_online_accuracy_ratio"),
+            online_log_loss: b.gauge("dlpipe_online_log_loss"),
+            device_memory_used: b.int_gauge("dlpipe_device_memory_used_bytes"),
+            device_memory_total: b.int_gauge("dlpipe_device_memory_total_bytes"),
+            device_utilization: b.gauge("dlpipe_device_utilization_ratio"),
+            registry: b.registry,
+            registered: b.registered,
+        };
+        metrics.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        metrics
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out).expect("text encoding");
+        out
+    }
+
+    /// Handles of one worker's operators.
+    pub fn for_worker(&self, worker: usize, input_topic: &str) -> WorkerMetrics {
+        let w = worker.to_string();
+        let stage = |s: &str| self.queue_depth.with_label_values(&[&w, s]);
+        WorkerMetrics {
+            source: SourceMetrics {
+                consumed: CounterByLabel::new(self.records_consumed.clone(), vec![w.clone(), input_topic.to_owned()]),
+            },
+            fetch_decode: FetchDecodeMetrics { queued: stage("decode_queue"), in_flight: stage("decoding") },
+            featurize: FeaturizeMetrics { waiting: stage("featurize_batch") },
+            learn_predict: LearnPredictMetrics {
+                predicted: self.records_predicted.with_label_values(&[&w]),
+                predict_seconds: self.predict_seconds.with_label_values(&[&w]),
+                learn_seconds: self.learn_seconds.with_label_values(&[&w]),
+                waiting: stage("learn_wait"),
+            },
+            sink: SinkMetrics {
+                dead_lettered: CounterByLabel::new(self.records_dead_lettered.clone(), vec![w.clone()]),
+                published: CounterByLabel::new(self.messages_published.clone(), vec![w.clone()]),
+                failed: self.messages_failed.with_label_values(&[&w]),
+                produce_seconds: self.produce_seconds.with_label_values(&[&w]),
+                end_to_end_seconds: self.end_to_end_seconds.with_label_values(&[&w]),
+                unacked: stage("produce_unacked"),
+            },
+            learner: LearnerMetrics {
+                examples: CounterByLabel::new(self.learner_examples.clone(), vec![w.clone()]),
+                correct: CounterByLabel::new(self.learner_correct.clone(), vec![w.clone()]),
+                refused: self.learner_refused.with_label_values(&[&w]),
+            },
+        }
+    }
+}
+
+/// What one worker hands its operators and its classifier.
+pub struct WorkerMetrics {
+    pub source: SourceMetrics,
+    pub fetch_decode: FetchDecodeMetrics,
+    pub featurize: FeaturizeMetrics,
+    pub learn_predict: LearnPredictMetrics,
+    pub sink: SinkMetrics,
+    pub learner: LearnerMetrics,
+}
+
+/// Per-class counters of the online classifier.
+#[derive(Clone)]
+pub struct LearnerMetrics {
+    pub examples: CounterByLabel,
+    pub correct: CounterByLabel,
+    pub refused: prometheus::IntCounter,
+}
+
+#[cfg(test)]
+mod tests;

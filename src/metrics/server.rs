@@ -1,0 +1,127 @@
+//! The metrics endpoint: a small HTTP/1.1 server on a std thread (no async runtime) that
+//! answers `GET /metrics` (Prometheus text format), `GET /healthz` (the process is up) and
+//! `GET /readyz` (every local worker has built its dataflow and is consuming, and no stop was
+//! requested).
+//!
+//! Each connection gets a short-lived thread, reads one request and closes: Prometheus scrapes
+//! and probes are a handful per second at most, so nothing more elaborate is needed.
+
+use super::Metrics;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("metrics.listen {0:?} is not a host:port address: {1}")]
+    Address(String, String),
+    #[error(
+        "cannot listen for metrics on {0}: {1} (set [metrics] listen to a free address, \"127.0.0.1:0\" for any \
+         port, or \"\" to serve no metrics)"
+    )]
+    Bind(SocketAddr, std::io::Error),
+}
+
+/// When `/readyz` says ready: once `workers` local workers have called [`worker_ready`], until
+/// a stop is requested.
+///
+/// [`worker_ready`]: Readiness::worker_ready
+pub struct Readiness {
+    ready: AtomicUsize,
+    workers: usize,
+    stop: Arc<AtomicBool>,
+}
+
+impl Readiness {
+    pub fn new(workers: usize, stop: Arc<AtomicBool>) -> Readiness {
+        Readiness { ready: AtomicUsize::new(0), workers, stop }
+    }
+
+    /// One local worker has built its dataflow and assigned its partitions.
+    pub fn worker_ready(&self) {
+        self.ready.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst) >= self.workers && !self.stop.load(Ordering::Relaxed)
+    }
+}
+
+/// The address to listen on for process `process` of a run: `listen` with its port raised by
+/// the process index (port 0 stays 0: any free port).
+pub fn address_for(listen: &str, process: usize) -> Result<SocketAddr, ServeError> {
+    let mut address = listen
+        .to_socket_addrs()
+        .map_err(|e| ServeError::Address(listen.into(), e.to_string()))?
+        .next()
+        .ok_or_else(|| ServeError::Address(listen.into(), "it resolves to no address".into()))?;
+    if address.port() != 0 {
+        let port = u16::try_from(address.port() as usize + process)
+            .map_err(|_| ServeError::Address(listen.into(), format!("port + process index {process} exceeds 65535")))?;
+        address.set_port(port);
+    }
+    Ok(address)
+}
+
+/// Starts serving on `address`; returns the bound address (the real port when it was 0).
+pub fn serve(address: SocketAddr, metrics: Arc<Metrics>, readiness: Arc<Readiness>) -> Result<SocketAddr, ServeError> {
+    let listener = TcpListener::bind(address).map_err(|e| ServeError::Bind(address, e))?;
+    let bound = listener.local_addr().map_err(|e| ServeError::Bind(address, e))?;
+    std::thread::Builder::new()
+        .name("metrics-http".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let (metrics, readiness) = (Arc::clone(&metrics), Arc::clone(&readiness));
+                let _ = std::thread::Builder::new().name("metrics-conn".into()).spawn(move || {
+                    if let Err(error) = answer(stream, &metrics, &readiness) {
+                        tracing::debug!(%error, "metrics request failed");
+                    }
+                });
+            }
+        })
+        .map_err(|e| ServeError::Bind(address, e))?;
+    Ok(bound)
+}
+
+fn answer(stream: TcpStream, metrics: &Metrics, readiness: &Readiness) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    // Read (and ignore) the headers, up to the blank line.
+    let mut header = String::new();
+    while reader.read_line(&mut header)? > 2 {
+        header.clear();
+    }
+    let mut parts = request_line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    let (status, content_type, body) = match (method, path) {
+        ("GET" | "HEAD", "/metrics") => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics.encode()),
+        ("GET" | "HEAD", "/healthz") => ("200 OK", "text/plain; charset=utf-8", "ok\n".to_owned()),
+        ("GET" | "HEAD", "/readyz") if readiness.is_ready() => {
+            ("200 OK", "text/plain; charset=utf-8", "ready\n".to_owned())
+        }
+        ("GET" | "HEAD", "/readyz") => {
+            ("503 Service Unavailable", "text/plain; charset=utf-8", "not ready\n".to_owned())
+        }
+        ("GET" | "HEAD", _) => {
+            ("404 Not Found", "text/plain; charset=utf-8", "dlpipe serves /metrics, /healthz and /readyz\n".to_owned())
+        }
+        _ => ("405 Method Not Allowed", "text/plain; charset=utf-8", "GET only\n".to_owned()),
+    };
+    let mut stream = stream;
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    if method != "HEAD" {
+        stream.write_all(body.as_bytes())?;
+    }
+    stream.flush()
+}
