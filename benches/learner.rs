@@ -21,7 +21,10 @@ const EXAMPLES: usize = 4096;
 const EXAMPLES_IN_CACHE: usize = 64;
 /// Examples between two looks at the clock.
 const BATCH: usize = 64;
-const _: () = assert!(EXAMPLES.is_multiple_of(BATCH) && EXAMPLES_IN_CACHE.is_multiple_of(BATCH), "batches cycle through the examples");
+const _: () = assert!(
+    EXAMPLES.is_multiple_of(BATCH) && EXAMPLES_IN_CACHE.is_multiple_of(BATCH),
+    "batches cycle through the examples"
+);
 const WARM_UP: Duration = Duration::from_millis(300);
 const MEASURE: Duration = Duration::from_secs(2);
 /// The wall-clock measurement is split into this many slices, and reports their median.

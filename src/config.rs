@@ -267,7 +267,10 @@ impl Config {
         if !(0.0..1.0).contains(&self.train.test_split) {
             return Err(format!("train.test_split must be in [0, 1), got {}", self.train.test_split));
         }
-        self.train.optimizer.validate().map_err(|e| format!("train.{}", e.to_string().trim_start_matches("invalid learner config: ")))?;
+        self.train
+            .optimizer
+            .validate()
+            .map_err(|e| format!("train.{}", e.to_string().trim_start_matches("invalid learner config: ")))?;
         if self.train.epochs == 0 {
             return Err("train.epochs must be at least 1".into());
         }
