@@ -59,8 +59,8 @@ def render(dashboard_path: Path, base: str, minutes: float, out: Path) -> Path:
     rows = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in panels)
     # Grafana's grid: 24 columns, rows of 30 px.
     fig = plt.figure(figsize=(18, rows * 0.42 + 1.0), dpi=80)
-    fig.suptitle(f"{dashboard['title']} — last {minutes:g} min from {base}", fontsize=14)
-    grid = fig.add_gridspec(rows, 24, hspace=2.2, wspace=1.2, top=1 - 0.9 / (rows * 0.42 + 1.0), bottom=0.03)
+    fig.suptitle(f"{dashboard['title']}: the last {minutes:g} minutes (x axis: minutes ago) from {base}", fontsize=14)
+    grid = fig.add_gridspec(rows, 24, hspace=4.0, wspace=1.5, top=1 - 0.9 / (rows * 0.42 + 1.0), bottom=0.03)
     for panel in panels:
         g = panel["gridPos"]
         ax = fig.add_subplot(grid[g["y"] : g["y"] + g["h"], g["x"] : g["x"] + g["w"]])
@@ -87,7 +87,6 @@ def render(dashboard_path: Path, base: str, minutes: float, out: Path) -> Path:
                     ax.plot(xs, ys, linewidth=1.2, label=legend(t.get("legendFormat", ""), series["metric"]))
                     drew = True
             ax.set_xlim(-minutes, 0)
-            ax.set_xlabel("minutes", fontsize=7)
             ax.grid(alpha=0.3)
             if drew:
                 handles, labels = ax.get_legend_handles_labels()

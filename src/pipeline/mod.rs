@@ -432,15 +432,19 @@ fn sum_of(family: &impl Collector) -> f64 {
 struct FrontierClock {
     policy: EpochPolicy,
     first_seen: BTreeMap<Epoch, i64>,
+    /// When the clock was first read: no frontier trails by more than the run has lasted (at
+    /// start-up every frontier is still at epoch 0, which time epochs would date to 1970).
+    origin_ms: Option<i64>,
 }
 
 impl FrontierClock {
     fn new(policy: EpochPolicy) -> FrontierClock {
-        FrontierClock { policy, first_seen: BTreeMap::new() }
+        FrontierClock { policy, first_seen: BTreeMap::new(), origin_ms: None }
     }
 
     /// Seconds each operator's frontier trails `now_ms`; the first frontier is the source's.
     fn lags<'a>(&mut self, frontiers: &[(&'a str, Option<Epoch>)], now_ms: i64) -> Vec<(&'a str, f64)> {
+        let origin_ms = *self.origin_ms.get_or_insert(now_ms);
         if let Some((_, Some(source))) = frontiers.first() {
             self.first_seen.entry(*source).or_insert(now_ms);
         }
@@ -449,7 +453,7 @@ impl FrontierClock {
             .map(|(name, frontier)| {
                 let started_ms = match (frontier, self.policy) {
                     (None, _) => now_ms,
-                    (Some(e), EpochPolicy::Time { millis }) => (*e).saturating_mul(millis) as i64,
+                    (Some(e), EpochPolicy::Time { millis }) => ((*e).saturating_mul(millis) as i64).max(origin_ms),
                     (Some(e), EpochPolicy::Offsets { .. }) => {
                         // The newest epoch seen at or before e (e itself unless the source skipped past it).
                         self.first_seen.range(..=*e).next_back().map_or(now_ms, |(_, t)| *t)
@@ -527,6 +531,11 @@ mod tests {
     fn frontier_lag_counts_from_the_epochs_start_or_from_when_the_source_reached_it() {
         // Time epochs of 1 s: epoch 100 starts at 100 000 ms; a done operator trails by nothing.
         let mut clock = FrontierClock::new(EpochPolicy::Time { millis: 1000 });
+        // At start-up every frontier is at epoch 0: the lag counts from the start, not 1970.
+        let lags = clock.lags(&[("kafka_source", Some(0)), ("featurize", Some(0))], 98_000);
+        assert_eq!(lags, vec![("kafka_source", 0.0), ("featurize", 0.0)]);
+        let lags = clock.lags(&[("kafka_source", Some(0)), ("featurize", Some(0))], 99_000);
+        assert_eq!(lags, vec![("kafka_source", 1.0), ("featurize", 1.0)]);
         let lags = clock.lags(&[("kafka_source", Some(102)), ("featurize", Some(100)), ("kafka_sink", None)], 102_500);
         assert_eq!(lags, vec![("kafka_source", 0.5), ("featurize", 2.5), ("kafka_sink", 0.0)]);
 
