@@ -73,13 +73,16 @@ pub fn featurize_uris(
     if failed.len() > 20 {
         eprintln!("error: ... and {} more image(s) without features", failed.len() - 20);
     }
+    let rate = match features.computed {
+        0 => String::new(),
+        n => format!(" ({:.1} images/s)", n as f64 / features.seconds.max(1e-9)),
+    };
     eprintln!(
-        "features of {} image(s) in {:.1} s: {} from the cache, {} computed ({:.1} images/s){}",
+        "features of {} image(s) in {:.1} s: {} from the cache, {} computed{rate}{}",
         uris.len() - failed.len(),
         features.seconds,
         features.cached,
         features.computed,
-        features.computed as f64 / features.seconds.max(1e-9),
         if failed.is_empty() { String::new() } else { format!("; {} failed (see above)", failed.len()) }
     );
     if failed.len() == uris.len() {

@@ -138,11 +138,12 @@ pub fn training_curve(curve: &[EpochStats], title: &str, path: &Path) -> Result<
         let (left, right) = root.split_horizontally(550);
         let epochs = curve.len().max(2) as f64;
         type Pick = fn(&EpochStats) -> Option<f64>;
-        let panels: [(&DrawingArea<_, _>, &str, Pick, Pick); 2] = [
-            (&left, "log-loss", |s| Some(s.train_log_loss), |s| s.test_log_loss),
-            (&right, "accuracy", |s| Some(s.train_accuracy), |s| s.test_accuracy),
+        // Losses fall and accuracies rise: their legends go where the curves are not.
+        let panels: [(&DrawingArea<_, _>, &str, Pick, Pick, SeriesLabelPosition); 2] = [
+            (&left, "log-loss", |s| Some(s.train_log_loss), |s| s.test_log_loss, SeriesLabelPosition::UpperRight),
+            (&right, "accuracy", |s| Some(s.train_accuracy), |s| s.test_accuracy, SeriesLabelPosition::LowerRight),
         ];
-        for (area, name, train, test) in panels {
+        for (area, name, train, test, legend_at) in panels {
             let values: Vec<f64> = curve.iter().flat_map(|s| [train(s), test(s)]).flatten().collect();
             let (lo, hi) = values.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
             let pad = ((hi - lo) * 0.1).max(1e-3);
@@ -176,6 +177,7 @@ pub fn training_curve(curve: &[EpochStats], title: &str, path: &Path) -> Result<
             }
             chart
                 .configure_series_labels()
+                .position(legend_at)
                 .border_style(BLACK)
                 .background_style(WHITE.mix(0.8))
                 .label_font(("sans-serif", 13))
