@@ -99,11 +99,30 @@ impl Run {
         command
     }
 
-    /// Runs to the end of the input and checks the exit status.
+    /// Runs to the end of the input and checks the exit status. A run that has not ended after
+    /// five minutes (a stalled dataflow) is killed and fails the test, rather than hanging it.
     fn to_end(&self, args: &[&str]) {
-        let out = self.command(&[&["--stop-at-end"], args].concat()).output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "dlpipe run failed:\n{stderr}");
+        let log = self.dir.path().join(format!("run-{}.log", common::unique("to-end")));
+        let mut child = self
+            .command(&[&["--stop-at-end"], args].concat())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                panic!("dlpipe run did not finish within 300 s:\n{}", std::fs::read_to_string(&log).unwrap());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let stderr = std::fs::read_to_string(&log).unwrap();
+        assert!(status.success(), "dlpipe run failed:\n{stderr}");
         eprintln!("{}", stderr.lines().filter(|l| l.contains("worker finished")).collect::<Vec<_>>().join("\n"));
     }
 

@@ -52,6 +52,20 @@ where
                     pending.entry(epoch).or_insert_with(|| (cap.clone(), 0)).1 += n;
                 }
             });
+            while let Ok((epoch, result)) = done_rx.try_recv() {
+                in_flight -= 1;
+                let entry = pending.get_mut(&epoch).expect("an epoch with work has a capability");
+                output.session(&entry.0).give(result);
+                entry.1 -= 1;
+                if entry.1 == 0 {
+                    pending.remove(&epoch);
+                }
+            }
+            // Results first, then new work: the slots they free are filled in this same call.
+            // (The other order could empty the pool here and leave records queued with nothing
+            // left to activate the operator: a stalled dataflow.) Whatever is queued after this
+            // has `max_in_flight` records on the pool ahead of it, each of which activates the
+            // operator when done.
             while in_flight < max_in_flight {
                 let Some((epoch, record)) = queue.pop_front() else { break };
                 in_flight += 1;
@@ -66,15 +80,6 @@ where
                         let _ = activator.activate();
                     }
                 });
-            }
-            while let Ok((epoch, result)) = done_rx.try_recv() {
-                in_flight -= 1;
-                let entry = pending.get_mut(&epoch).expect("an epoch with work has a capability");
-                output.session(&entry.0).give(result);
-                entry.1 -= 1;
-                if entry.1 == 0 {
-                    pending.remove(&epoch);
-                }
             }
             metrics.queued.set(queue.len() as i64);
             metrics.in_flight.set(in_flight as i64);
