@@ -46,6 +46,10 @@ pub fn run(mut config: Config, args: RunArgs) -> anyhow::Result<()> {
     }
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // The first signal asks for a graceful stop (publish what is in flight, commit); a
+        // second one, while that is under way, exits at once (status 1): an operator's way out
+        // when the graceful stop cannot finish. Uncommitted records are read again next time.
+        signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&stop))?;
         signal_hook::flag::register(signal, Arc::clone(&stop))?;
     }
     let summaries = run_pipeline(RunOptions { config, timely_args, init_model: args.init_model, stop })?;
