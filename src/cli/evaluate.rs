@@ -100,13 +100,8 @@ pub fn run(config: &Config, args: EvaluateArgs) -> anyhow::Result<()> {
     classifier.check_featurizer(featurizers[0].manifest())?;
     let uris: Vec<String> = examples.iter().map(|e| e.uri.clone()).collect();
     let features = featurize_uris(config, featurizers, &uris, &args.featurize)?;
-    let (mut x, mut labels) = (Vec::new(), Vec::new());
-    for (i, e) in examples.iter().enumerate() {
-        if let Some(row) = features.get(i) {
-            x.extend_from_slice(row);
-            labels.push(classifier.model.find_class(&e.label).expect("labels checked above"));
-        }
-    }
+    let (x, labels) = features
+        .select(0..examples.len(), |i| classifier.model.find_class(&examples[i].label).expect("labels checked above"));
     let evaluation = evaluate::evaluate(&classifier.model, &x, &labels)?;
     println!("{}", evaluation.table());
     if let Some(path) = &args.json {

@@ -10,12 +10,10 @@ mod tail;
 mod train;
 mod transfer;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use dlpipe::config::Config;
-use dlpipe::model::{parse_device, resolve, Featurizer};
+use dlpipe::model::Featurizer;
 use std::path::PathBuf;
-use std::time::Instant;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -82,23 +80,15 @@ pub fn init_logging(verbose: u8) {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 }
 
-/// Loads the model named on the command line (or in the config) onto a device.
+/// Loads the model named on the command line (or in the config) onto one device (the given
+/// one, or the first of `model.devices`).
 pub fn load_featurizer(config: &Config, model: Option<&str>, device: Option<&str>) -> anyhow::Result<Featurizer> {
-    if config.model.intra_op_threads > 0 {
-        tch::set_num_threads(config.model.intra_op_threads as i32);
-    }
-    let name = model.unwrap_or(&config.model.name);
-    let manifest = resolve(name, &config.model.dir)?;
-    let device_name = device.unwrap_or(&config.model.devices[0]);
-    let device = parse_device(device_name)?;
-    let started = Instant::now();
-    let featurizer =
-        Featurizer::load(&manifest, device).with_context(|| format!("loading model {name} on {device_name}"))?;
-    tracing::info!(
-        model = %featurizer.manifest().name,
-        device = device_name,
-        seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
-        "model loaded"
-    );
-    Ok(featurizer)
+    let flags = transfer::FeaturizeFlags {
+        devices: vec![device.unwrap_or(&config.model.devices[0]).to_owned()],
+        batch_size: None,
+        feature_cache: None,
+        no_cache: true,
+    };
+    let mut featurizers = transfer::load_featurizers(config, model.unwrap_or(&config.model.name), &flags)?;
+    Ok(featurizers.remove(0))
 }

@@ -179,17 +179,14 @@ fn with_classifier(
     let classes = classifier.model.classes();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let mut probs = vec![0f32; classes.len()];
     for (i, uri) in uris.iter().enumerate() {
         let line = match (&features.rows[i], features.get(i)) {
             (_, Some(x)) => {
-                classifier.model.predict_proba_into(x, &mut probs)?;
-                let mut order: Vec<usize> = (0..probs.len()).collect();
-                order.sort_by(|a, b| probs[*b].total_cmp(&probs[*a]).then(a.cmp(b)));
-                let top: Vec<ClassProbability> = order
+                let top: Vec<ClassProbability> = classifier
+                    .model
+                    .top_k(x, args.top_k)?
                     .into_iter()
-                    .take(args.top_k)
-                    .map(|c| ClassProbability { class: c, name: Some(classes[c].clone()), probability: probs[c] })
+                    .map(|(c, probability)| ClassProbability { class: c, name: Some(classes[c].clone()), probability })
                     .collect();
                 if args.json {
                     serde_json::to_string(&JsonLine { path: uri, top_k: Some(top), error: None, error_kind: None })

@@ -121,18 +121,11 @@ pub fn run(config: &Config, args: TrainArgs) -> anyhow::Result<()> {
     let uris: Vec<String> = examples.iter().map(|e| e.uri.clone()).collect();
     let features = featurize_uris(config, featurizers, &uris, &args.featurize)?;
 
-    let gather = |indices: &[usize]| {
-        let (mut x, mut labels) = (Vec::new(), Vec::new());
-        for &i in indices {
-            if let Some(row) = features.get(i) {
-                x.extend_from_slice(row);
-                labels.push(classes.iter().position(|c| *c == examples[i].label).expect("classes cover the data"));
-            }
-        }
-        (x, labels)
-    };
-    let (train_x, train_labels) = gather(&split.train);
-    let (test_x, test_labels) = gather(&split.test);
+    let class_ids: std::collections::HashMap<&str, usize> =
+        classes.iter().enumerate().map(|(i, c)| (c.as_str(), i)).collect();
+    let label = |i: usize| class_ids[examples[i].label.as_str()];
+    let (train_x, train_labels) = features.select(split.train.iter().copied(), label);
+    let (test_x, test_labels) = features.select(split.test.iter().copied(), label);
     if train_labels.is_empty() {
         anyhow::bail!("no training example has features");
     }

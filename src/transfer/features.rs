@@ -76,6 +76,23 @@ impl Features {
         }
     }
 
+    /// The features of `inputs` that have them, row-major, with `label(input)` for each: a
+    /// training or evaluation set. Inputs without features are left out (reported earlier).
+    pub fn select(
+        &self,
+        inputs: impl IntoIterator<Item = usize>,
+        mut label: impl FnMut(usize) -> usize,
+    ) -> (Vec<f32>, Vec<usize>) {
+        let (mut x, mut labels) = (Vec::new(), Vec::new());
+        for i in inputs {
+            if let Some(row) = self.get(i) {
+                x.extend_from_slice(row);
+                labels.push(label(i));
+            }
+        }
+        (x, labels)
+    }
+
     /// The inputs that have no features, with the reason.
     pub fn failures(&self) -> impl Iterator<Item = (usize, &ImageError)> {
         self.rows.iter().enumerate().filter_map(|(i, r)| r.as_ref().err().map(|e| (i, e)))

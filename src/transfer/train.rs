@@ -2,6 +2,7 @@
 //! labelled examples, with class weights, tracking loss and accuracy per epoch.
 
 use super::dataset::{shuffle, SplitMix64};
+use super::evaluate::evaluate;
 use crate::learn::{LearnError, LearnerConfig, SoftmaxRegression};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -144,8 +145,8 @@ pub fn train(
         let n = order.len().max(1) as f64;
         let (test_log_loss, test_accuracy) = match test {
             Some(test) if !test.labels.is_empty() => {
-                let (l, a) = loss_and_accuracy(&model, test, dim)?;
-                (Some(l), Some(a))
+                let scores = evaluate(&model, test.x, test.labels)?;
+                (Some(scores.log_loss), Some(scores.accuracy))
             }
             _ => (None, None),
         };
@@ -161,24 +162,6 @@ pub fn train(
         curve.push(stats);
     }
     Ok((model, curve))
-}
-
-/// Mean log-loss (probabilities clipped to 1e-15, as scikit-learn's) and accuracy of `model`
-/// on `examples`.
-pub fn loss_and_accuracy(
-    model: &SoftmaxRegression,
-    examples: &Examples<'_>,
-    dim: usize,
-) -> Result<(f64, f64), LearnError> {
-    let mut probs = vec![0f32; model.num_classes()];
-    let (mut loss, mut correct) = (0f64, 0usize);
-    for (i, &label) in examples.labels.iter().enumerate() {
-        model.predict_proba_into(examples.row(i, dim), &mut probs)?;
-        loss -= (probs[label] as f64).clamp(1e-15, 1.0).ln();
-        correct += (crate::learn::argmax(&probs) == Some(label)) as usize;
-    }
-    let n = examples.labels.len().max(1) as f64;
-    Ok((loss / n, correct as f64 / n))
 }
 
 #[cfg(test)]
