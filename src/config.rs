@@ -103,8 +103,15 @@ pub struct PipelineConfig {
     pub max_decoding: usize,
     /// Longest a record waits for its micro-batch to fill, in milliseconds.
     pub max_batch_wait_ms: u64,
-    /// Create missing topics at start-up, with this many partitions (0: do not create).
-    pub create_topics_partitions: i32,
+    /// Create missing topics (input, outputs, model) at start-up. Off for clusters whose topics
+    /// are managed elsewhere: then a missing (say, misspelt) input topic is an error, never a
+    /// new empty topic.
+    pub create_topics: bool,
+    /// Partitions of the topics dlpipe creates (not the model topic: it has one).
+    pub topic_partitions: i32,
+    /// Replication factor of the topics dlpipe creates: 1 for the local single broker, 3 for a
+    /// production cluster.
+    pub topic_replication_factor: i32,
     /// Write a classifier snapshot (file and model topic) every this many epochs with updates.
     pub snapshot_every_epochs: u64,
     /// Folder of classifier snapshot files.
@@ -129,7 +136,9 @@ impl Default for PipelineConfig {
             max_backlog: 1024,
             max_decoding: 64,
             max_batch_wait_ms: 20,
-            create_topics_partitions: 4,
+            create_topics: true,
+            topic_partitions: 4,
+            topic_replication_factor: 1,
             snapshot_every_epochs: 10,
             snapshot_dir: "out/snapshots".into(),
             status_interval_secs: 10,
@@ -164,22 +173,109 @@ impl Default for ModelConfig {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Bootstrap servers. The environment variable DLPIPE_KAFKA_BROKERS overrides it.
     pub brokers: String,
     /// client.id sent to the brokers (visible in broker logs and quotas).
     pub client_id: String,
-    /// Any other librdkafka property, e.g. `"security.protocol" = "SSL"`, applied to every
-    /// client dlpipe creates.
+    /// How long start-up calls wait out retriable errors (broker starting, coordinator loading,
+    /// leader election) before giving up, in seconds.
+    pub retry_timeout_secs: u64,
+    /// Any other librdkafka property, e.g. `"security.protocol" = "SASL_SSL"`, applied to every
+    /// client dlpipe creates. Values may name environment variables as `${NAME}`, and the
+    /// variable `DLPIPE_KAFKA__SASL_PASSWORD` sets `sasl.password` (any property likewise:
+    /// upper case, dots as underscores), so secrets need not be in the file.
     pub properties: BTreeMap<String, String>,
 }
 
 impl Default for KafkaConfig {
     fn default() -> Self {
-        KafkaConfig { brokers: "127.0.0.1:9092".into(), client_id: "dlpipe".into(), properties: BTreeMap::new() }
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            client_id: "dlpipe".into(),
+            retry_timeout_secs: 120,
+            properties: BTreeMap::new(),
+        }
     }
+}
+
+/// Whether a librdkafka property holds a secret (never logged).
+pub fn is_secret_property(key: &str) -> bool {
+    ["password", "secret", "token", "key.pem", "keystore", ".key"].iter().any(|word| key.contains(word))
+        || key == "sasl.oauthbearer.config"
+}
+
+// Written out so that a config printed with `{:?}` never shows a password.
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let properties: BTreeMap<&str, &str> = self
+            .properties
+            .iter()
+            .map(|(k, v)| (k.as_str(), if is_secret_property(k) { "<redacted>" } else { v.as_str() }))
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("client_id", &self.client_id)
+            .field("retry_timeout_secs", &self.retry_timeout_secs)
+            .field("properties", &properties)
+            .finish()
+    }
+}
+
+/// Environment variables that set librdkafka properties: `DLPIPE_KAFKA__SASL_PASSWORD` is
+/// `sasl.password`.
+pub const KAFKA_PROPERTY_ENV_PREFIX: &str = "DLPIPE_KAFKA__";
+
+impl KafkaConfig {
+    /// Applies `DLPIPE_KAFKA_BROKERS` and `DLPIPE_KAFKA__*` from `env`, then expands `${NAME}`
+    /// in brokers and property values. An unset variable is an error naming it.
+    pub fn resolve_env(&mut self, env: impl IntoIterator<Item = (String, String)>) -> Result<(), String> {
+        let env: BTreeMap<String, String> = env.into_iter().collect();
+        if let Some(brokers) = env.get("DLPIPE_KAFKA_BROKERS").filter(|b| !b.trim().is_empty()) {
+            self.brokers = brokers.clone();
+        }
+        for (name, value) in &env {
+            if let Some(property) = name.strip_prefix(KAFKA_PROPERTY_ENV_PREFIX) {
+                if !property.is_empty() {
+                    self.properties.insert(property.to_ascii_lowercase().replace('_', "."), value.clone());
+                }
+            }
+        }
+        self.brokers = expand_env(&self.brokers, &env).map_err(|e| format!("kafka.brokers: {e}"))?;
+        for (key, value) in self.properties.iter_mut() {
+            *value = expand_env(value, &env).map_err(|e| format!("kafka.properties.{key:?}: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Replaces every `${NAME}` in `text` with the variable's value; `$$` is a literal `$`.
+fn expand_env(text: &str, env: &BTreeMap<String, String>) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        if let Some(after) = rest.strip_prefix("$$") {
+            out.push('$');
+            rest = after;
+        } else if let Some(after) = rest.strip_prefix("${") {
+            let end = after.find('}').ok_or_else(|| format!("unclosed ${{ in {text:?}"))?;
+            let name = &after[..end];
+            let value = env.get(name).ok_or_else(|| {
+                format!("environment variable {name} is not set (the value refers to it as ${{{name}}})")
+            })?;
+            out.push_str(value);
+            rest = &after[end + 1..];
+        } else {
+            out.push('$');
+            rest = &rest[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 /// The Prometheus endpoint of `dlpipe run` (`/metrics`, `/healthz`, `/readyz`).
@@ -212,31 +308,29 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// Reads a TOML file, then applies environment overrides (DLPIPE_KAFKA_BROKERS).
+    /// Reads a TOML file, then applies the environment (see [`KafkaConfig::resolve_env`]).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        let config = Config::from_toml(&text).map_err(|message| ConfigError::Parse { path: path.into(), message })?;
-        config.validate().map_err(|message| ConfigError::Invalid { path: path.into(), message })?;
-        Ok(config.with_env())
+        let mut config =
+            Config::from_toml(&text).map_err(|message| ConfigError::Parse { path: path.into(), message })?;
+        let invalid = |message| ConfigError::Invalid { path: path.into(), message };
+        config.kafka.resolve_env(std::env::vars()).map_err(invalid)?;
+        config.validate().map_err(invalid)?;
+        Ok(config)
     }
 
-    /// Defaults plus environment overrides: what dlpipe uses without `-c`.
-    pub fn from_env() -> Config {
-        Config::default().with_env()
+    /// Defaults plus the environment: what dlpipe uses without `-c`.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        let mut config = Config::default();
+        let invalid = |message| ConfigError::Invalid { path: "(defaults)".into(), message };
+        config.kafka.resolve_env(std::env::vars()).map_err(invalid)?;
+        config.validate().map_err(invalid)?;
+        Ok(config)
     }
 
     pub fn from_toml(text: &str) -> Result<Config, String> {
         // toml's message names the line, the column and the offending key.
         toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
-    }
-
-    fn with_env(mut self) -> Config {
-        if let Ok(brokers) = std::env::var("DLPIPE_KAFKA_BROKERS") {
-            if !brokers.trim().is_empty() {
-                self.kafka.brokers = brokers;
-            }
-        }
-        self
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -248,6 +342,16 @@ impl Config {
         }
         if self.kafka.brokers.trim().is_empty() {
             return Err("kafka.brokers is empty".into());
+        }
+        if self.kafka.retry_timeout_secs == 0 {
+            return Err("kafka.retry_timeout_secs must be at least 1".into());
+        }
+        let p = &self.pipeline;
+        if p.topic_partitions < 1 || p.topic_replication_factor < 1 {
+            return Err(format!(
+                "pipeline.topic_partitions ({}) and pipeline.topic_replication_factor ({}) must be at least 1",
+                p.topic_partitions, p.topic_replication_factor
+            ));
         }
         match self.pipeline.epochs {
             EpochPolicy::Time { millis: 0 } => return Err("pipeline.epochs.millis must be at least 1".into()),
@@ -296,6 +400,39 @@ mod tests {
             let config = Config::from_toml(&std::fs::read_to_string(dir.join(name)).unwrap()).unwrap();
             config.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
         }
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn secrets_come_from_the_environment_and_never_print() {
+        let mut kafka = Config::from_toml(
+            "[kafka]\nbrokers = \"${CLUSTER}:9093\"\n[kafka.properties]\n\"sasl.username\" = \"dlpipe\"\n\
+             \"sasl.oauthbearer.config\" = \"principal=${USER_ID} cost=$$5\"\n",
+        )
+        .unwrap()
+        .kafka;
+        kafka
+            .resolve_env(env(&[
+                ("CLUSTER", "kafka.example"),
+                ("USER_ID", "u1"),
+                ("DLPIPE_KAFKA__SASL_PASSWORD", "s3cret"),
+                ("DLPIPE_KAFKA__SECURITY_PROTOCOL", "SASL_SSL"),
+            ]))
+            .unwrap();
+        assert_eq!(kafka.brokers, "kafka.example:9093");
+        assert_eq!(kafka.properties["sasl.password"], "s3cret");
+        assert_eq!(kafka.properties["security.protocol"], "SASL_SSL");
+        assert_eq!(kafka.properties["sasl.oauthbearer.config"], "principal=u1 cost=$5");
+        let printed = format!("{kafka:?}");
+        assert!(!printed.contains("s3cret") && printed.contains("<redacted>"), "{printed}");
+
+        let mut missing = KafkaConfig::default();
+        missing.properties.insert("sasl.password".into(), "${NOT_SET_ANYWHERE}".into());
+        let err = missing.resolve_env(env(&[])).unwrap_err();
+        assert!(err.contains("NOT_SET_ANYWHERE") && err.contains("sasl.password"), "{err}");
     }
 
     #[test]

@@ -16,9 +16,10 @@ fn thousand_messages_all_arrive() {
     const N: usize = 1000;
     let kafka = common::kafka_config();
     let topic = common::unique("roundtrip");
-    dlpipe::kafka::ensure_topic(&kafka, &topic, 3, 1, &[]).expect("create topic");
+    let spec = dlpipe::kafka::TopicSpec { partitions: 3, replication_factor: 1, configs: &[] };
+    dlpipe::kafka::ensure_topic(&kafka, &topic, spec).expect("create topic");
     // Creating it again is not an error.
-    dlpipe::kafka::ensure_topic(&kafka, &topic, 3, 1, &[]).expect("create topic twice");
+    dlpipe::kafka::ensure_topic(&kafka, &topic, spec).expect("create topic twice");
 
     let acks = DeliveryCounts::default();
     let producer: ThreadedProducer<DeliveryCounts> = dlpipe::kafka::client_config(&kafka)
@@ -65,7 +66,13 @@ fn thousand_messages_all_arrive() {
 #[test]
 fn an_unreachable_cluster_is_a_clear_error() {
     let kafka = dlpipe::config::KafkaConfig { brokers: "127.0.0.1:1".into(), ..Default::default() };
-    let err = dlpipe::kafka::metadata(&kafka, None, Duration::from_secs(2)).unwrap_err();
+    // Nothing listens there: a retriable error, waited out for retry_timeout_secs, then an
+    // error that names the address, what was awaited, and how to start or point at a broker.
+    let kafka = dlpipe::config::KafkaConfig { retry_timeout_secs: 3, ..kafka };
+    let started = Instant::now();
+    let err = dlpipe::kafka::metadata(&kafka, None).unwrap_err();
     let message = err.to_string();
     assert!(message.contains("127.0.0.1:1") && message.contains("scripts/kafka start"), "{message}");
+    assert!(message.contains("metadata") && message.contains("retry_timeout_secs"), "{message}");
+    assert!(started.elapsed() < Duration::from_secs(15), "gave up after {:?}", started.elapsed());
 }

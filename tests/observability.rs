@@ -267,7 +267,7 @@ fn every_dashboard_panel_has_data_and_every_alert_evaluates_against_a_real_prome
             "[model]\ndir = \"{models}\"\n\n[kafka]\nbrokers = \"{brokers}\"\n\n[metrics]\nlisten = \"{metrics_address}\"\n\n\
              [pipeline]\ninput_topic = \"{input}\"\npredictions_topic = \"{input}-pred\"\n\
              dead_letter_topic = \"{input}-dead\"\nmodel_topic = \"{input}-models\"\ngroup_id = \"{input}-group\"\n\
-             snapshot_dir = \"{snapshots}\"\ncreate_topics_partitions = 2\nstatus_interval_secs = 2\n\
+             snapshot_dir = \"{snapshots}\"\ntopic_partitions = 2\nstatus_interval_secs = 2\n\
              epochs = {{ by = \"time\", millis = 500 }}\n",
             models = common::root().join("models").display(),
             snapshots = dir.path().join("snapshots").display(),

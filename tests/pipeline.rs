@@ -78,7 +78,7 @@ impl Run {
              [metrics]\nlisten = \"127.0.0.1:0\"\n\n[pipeline]\n\
              input_topic = \"{input}\"\npredictions_topic = \"{predictions}\"\ndead_letter_topic = \"{dead}\"\n\
              model_topic = \"{models_topic}\"\ngroup_id = \"{group}\"\nsnapshot_dir = \"{snapshots}\"\n\
-             create_topics_partitions = 2\nstatus_interval_secs = 2\n{extra}\n",
+             topic_partitions = 2\nstatus_interval_secs = 2\n{extra}\n",
             models = common::root().join("models").display(),
             brokers = common::kafka_brokers(),
             models_topic = common::unique(&format!("{name}-models")),

@@ -206,13 +206,11 @@ pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
                         list.add_partition_offset(&spec.input_topic, *partition, Offset::Offset(offset + 1))
                             .expect("valid offset");
                     }
-                    // At the very end nothing else will commit after us: make that one synchronous.
-                    let mode = if frontier.frontier().is_empty() && epochs.is_empty() {
-                        CommitMode::Sync
-                    } else {
-                        CommitMode::Async
-                    };
-                    if let Err(error) = consumer.commit(&list, mode) {
+                    if frontier.frontier().is_empty() && epochs.is_empty() {
+                        // At the very end nothing else will commit after us: commit synchronously,
+                        // waiting out a coordinator that moves or loads meanwhile.
+                        commit_finally(consumer, &list);
+                    } else if let Err(error) = consumer.commit(&list, CommitMode::Async) {
                         tracing::warn!(%error, "offset commit failed; it is retried with the next epoch");
                     }
                 }
@@ -222,4 +220,26 @@ pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
             }
         },
     )
+}
+
+/// The last commit of a run, retried for up to a minute while the group coordinator is
+/// unavailable (moving, loading, or the broker restarting). Giving up only means the records
+/// after the previous commit are read again by the next run (at-least-once), so it warns.
+fn commit_finally<C: ConsumerContext>(consumer: &BaseConsumer<C>, list: &TopicPartitionList) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let error = match consumer.commit(list, CommitMode::Sync) {
+            Ok(()) => return,
+            Err(error) => error,
+        };
+        let retriable = error.rdkafka_error_code().is_some_and(crate::retriable::is_retriable_code);
+        if !retriable || Instant::now() + backoff > deadline {
+            tracing::warn!(%error, "the final offset commit failed: the next run reads the last records again");
+            return;
+        }
+        tracing::info!(%error, "waiting for the group coordinator to commit the final offsets");
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
 }

@@ -21,6 +21,7 @@ pub mod kafka_source;
 pub mod learn_predict;
 pub mod metrics;
 pub mod records;
+pub mod retriable;
 
 pub use featurize::{featurize, Batching, ModelRow};
 pub use fetch_decode::{fetch_decode, PrepareError};

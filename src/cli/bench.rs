@@ -5,7 +5,7 @@
 use super::load_featurizer;
 use dlpipe::config::{Config, HeadKind, StartFrom};
 use dlpipe::image::{decode, list_images, Preprocess};
-use dlpipe::kafka::{ensure_topic, Publisher};
+use dlpipe::kafka::{ensure_topic, Publisher, TopicSpec};
 use dlpipe::pipeline::{run as run_pipeline, RunOptions};
 use dlpipe_operators::EpochPolicy;
 use fast_image_resize::Resizer;
@@ -150,7 +150,8 @@ fn pipeline_table(config: &Config, args: &BenchArgs, records: usize) -> anyhow::
     p.start_from = StartFrom::Earliest;
     p.epochs = EpochPolicy::Offsets { records: 64 };
     let partitions = (2 * args.workers).max(2) as i32;
-    ensure_topic(&config.kafka, &p.input_topic, partitions, 1, &[])?;
+    let spec = TopicSpec { partitions, replication_factor: p.topic_replication_factor, configs: &[] };
+    ensure_topic(&config.kafka, &p.input_topic, spec)?;
     let uris: Vec<String> = photos
         .iter()
         .map(|p| Ok(format!("file://{}", std::fs::canonicalize(p)?.display())))

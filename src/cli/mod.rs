@@ -55,7 +55,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let config = match &cli.config {
         Some(path) => Config::load(path)?,
-        None => Config::from_env(),
+        None => Config::from_env()?,
     };
     match cli.command {
         Command::Predict(args) => predict::run(&config, args),
@@ -77,7 +77,14 @@ pub fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("DLPIPE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},rdkafka=warn")));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    // Colours only for a terminal: logs captured to files or CI stay plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(ansi)
+        .init();
 }
 
 /// Loads the model named on the command line (or in the config) onto one device (the given

@@ -3,7 +3,7 @@
 use anyhow::Context;
 use dlpipe::config::Config;
 use dlpipe::image::list_labelled_images;
-use dlpipe::kafka::{ensure_topic, Publisher};
+use dlpipe::kafka::{client_config, ensure_topic, topic_partitions, wait_for_cluster, Publisher, TopicSpec};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -25,9 +25,9 @@ pub struct ProduceArgs {
     /// Publish at most this many records.
     #[arg(long)]
     limit: Option<usize>,
-    /// Partitions of the topic if it has to be created.
-    #[arg(long, default_value_t = 4)]
-    partitions: i32,
+    /// Partitions of the topic if it has to be created [default: pipeline.topic_partitions].
+    #[arg(long)]
+    partitions: Option<i32>,
     /// Image files, or folders (searched recursively).
     #[arg(required = true, value_name = "DIR|FILES")]
     inputs: Vec<PathBuf>,
@@ -60,7 +60,19 @@ pub fn run(config: &Config, args: ProduceArgs) -> anyhow::Result<()> {
     if files.is_empty() {
         anyhow::bail!("no images found in {:?}", args.inputs);
     }
-    ensure_topic(&config.kafka, &topic, args.partitions, 1, &[])?;
+    wait_for_cluster(&config.kafka)?;
+    let p = &config.pipeline;
+    if p.create_topics {
+        let partitions = args.partitions.unwrap_or(p.topic_partitions);
+        ensure_topic(
+            &config.kafka,
+            &topic,
+            TopicSpec { partitions, replication_factor: p.topic_replication_factor, configs: &[] },
+        )?;
+    } else {
+        let consumer: rdkafka::consumer::BaseConsumer = client_config(&config.kafka).create()?;
+        topic_partitions(&consumer, &config.kafka, &topic, false)?;
+    }
     let publisher = Publisher::new(&config.kafka)?;
     let progress = ProgressBar::new(files.len() as u64).with_style(
         ProgressStyle::with_template("producing {bar:40} {pos}/{len} [{elapsed_precise}] {per_sec}").expect("valid"),

@@ -1,9 +1,9 @@
 //! `dlpipe tail`: print predictions (or dead letters) from a topic, for people.
 
 use dlpipe::config::Config;
-use dlpipe::kafka::client_config;
+use dlpipe::kafka::{client_config, is_retriable, topic_partitions, wait_for_cluster};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::Message;
+use rdkafka::{Message, Offset, TopicPartitionList};
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Debug)]
@@ -20,6 +20,9 @@ pub struct TailArgs {
     /// Stop after this many seconds without a message.
     #[arg(long)]
     idle_timeout: Option<f64>,
+    /// Fail (exit 1) unless this many messages arrive before the idle timeout; stop once they have.
+    #[arg(long, value_name = "N", conflicts_with = "max")]
+    expect: Option<usize>,
     /// Print the raw JSON.
     #[arg(long)]
     json: bool,
@@ -27,21 +30,34 @@ pub struct TailArgs {
 
 pub fn run(config: &Config, args: TailArgs) -> anyhow::Result<()> {
     let topic = args.topic.unwrap_or_else(|| config.pipeline.predictions_topic.clone());
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
-    let consumer: BaseConsumer = client_config(&config.kafka)
-        .set("group.id", format!("dlpipe-tail-{}-{nanos}", std::process::id()))
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", if args.from_beginning { "earliest" } else { "latest" })
-        .create()?;
-    consumer.subscribe(&[&topic])?;
+    wait_for_cluster(&config.kafka)?;
+    // Every partition, assigned directly: a reader needs no consumer group (and so no group
+    // coordinator, which a broker that just started may still be loading).
+    let consumer: BaseConsumer =
+        client_config(&config.kafka).set("group.id", "dlpipe-tail").set("enable.auto.commit", "false").create()?;
+    let partitions = topic_partitions(&consumer, &config.kafka, &topic, true)?;
+    let start = if args.from_beginning { Offset::Beginning } else { Offset::End };
+    let mut assignment = TopicPartitionList::new();
+    for partition in partitions {
+        assignment.add_partition_offset(&topic, partition, start)?;
+    }
+    consumer.assign(&assignment)?;
+    let max = args.max.or(args.expect);
     let mut seen = 0usize;
     let mut last = Instant::now();
     loop {
-        if args.max.is_some_and(|m| seen >= m) || args.idle_timeout.is_some_and(|t| last.elapsed().as_secs_f64() > t) {
-            return Ok(());
+        if max.is_some_and(|m| seen >= m) || args.idle_timeout.is_some_and(|t| last.elapsed().as_secs_f64() > t) {
+            break;
         }
-        let Some(message) = consumer.poll(Duration::from_millis(200)) else { continue };
-        let message = message?;
+        let message = match consumer.poll(Duration::from_millis(200)) {
+            None => continue,
+            Some(Ok(message)) => message,
+            Some(Err(error)) if is_retriable(&error) => {
+                tracing::warn!(topic, %error, "waiting for Kafka (a retriable error; the client retries)");
+                continue;
+            }
+            Some(Err(error)) => return Err(error.into()),
+        };
         last = Instant::now();
         seen += 1;
         let text = String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned();
@@ -80,4 +96,14 @@ pub fn run(config: &Config, args: TailArgs) -> anyhow::Result<()> {
             v["model_version"]
         );
     }
+    if let Some(expected) = args.expect {
+        if seen < expected {
+            anyhow::bail!(
+                "expected {expected} messages on topic {topic}, got {seen} before {:.0} s without a new one",
+                args.idle_timeout.unwrap_or(f64::INFINITY)
+            );
+        }
+        eprintln!("tail: {seen} of {expected} expected messages on {topic}");
+    }
+    Ok(())
 }

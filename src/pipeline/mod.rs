@@ -18,7 +18,7 @@ pub use heads::{ImagenetHead, OnlineLrHead, Snapshots};
 use crate::config::{Config, HeadKind, StartFrom};
 use crate::fetch::Fetcher;
 use crate::image::{decode, Preprocess};
-use crate::kafka::{client_config, ensure_topic};
+use crate::kafka::{client_config, ensure_topic, topic_partitions, with_retry, TopicSpec};
 use crate::learn::SoftmaxRegression;
 use crate::metrics::kafka::{LagContext, STATISTICS_INTERVAL_MS};
 use crate::metrics::{Metrics, Readiness};
@@ -76,6 +76,9 @@ pub fn run(options: RunOptions) -> anyhow::Result<Vec<WorkerSummary>> {
     if config.model.intra_op_threads > 0 {
         tch::set_num_threads(config.model.intra_op_threads as i32);
     }
+    // One clear error, before any worker starts, for a cluster that cannot be reached or
+    // refuses dlpipe; a cluster that is still starting is waited for.
+    crate::kafka::wait_for_cluster(&config.kafka)?;
     let config = Arc::new(config);
     let timely_config = timely::Config::from_args(timely_args.into_iter()).map_err(anyhow::Error::msg)?;
     let (process, local_workers) = match &timely_config.communication {
@@ -124,11 +127,14 @@ fn run_worker(
     let mut handles = metrics.for_worker(index, &config.pipeline.input_topic);
     let worker_label = index.to_string();
     let p = &config.pipeline;
-    if index == 0 && p.create_topics_partitions > 0 {
+    if index == 0 && p.create_topics {
+        let spec =
+            TopicSpec { partitions: p.topic_partitions, replication_factor: p.topic_replication_factor, configs: &[] };
         for topic in [&p.input_topic, &p.predictions_topic, &p.dead_letter_topic] {
-            ensure_topic(&config.kafka, topic, p.create_topics_partitions, 1, &[])?;
+            ensure_topic(&config.kafka, topic, spec)?;
         }
-        ensure_topic(&config.kafka, &p.model_topic, 1, 1, &[("cleanup.policy", "compact")])?;
+        let compacted = [("cleanup.policy", "compact")];
+        ensure_topic(&config.kafka, &p.model_topic, TopicSpec { partitions: 1, configs: &compacted, ..spec })?;
     }
 
     // Kafka: this worker's partitions, where to start and (with stop_at_end) where to end.
@@ -141,9 +147,16 @@ fn run_worker(
         .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
         .create_with_context(lag)?;
     let consumer = Rc::new(consumer);
-    let partitions = wait_for_partitions(&consumer, &p.input_topic)?;
+    // Topics that worker 0 is creating may take a moment to appear; with create_topics off
+    // every topic must already exist (checked here, not at the first send).
+    let partitions = topic_partitions(&consumer, &config.kafka, &p.input_topic, p.create_topics)?;
+    if index == 0 && !p.create_topics {
+        for topic in [&p.predictions_topic, &p.dead_letter_topic, &p.model_topic] {
+            topic_partitions(&consumer, &config.kafka, topic, false)?;
+        }
+    }
     let mine: Vec<i32> = partitions.into_iter().filter(|p| *p as usize % peers == index).collect();
-    let ranges = partition_ranges(&consumer, &p.input_topic, &mine, p.start_from, p.stop_at_end)?;
+    let ranges = partition_ranges(&consumer, config, &mine)?;
     let mut assignment = TopicPartitionList::new();
     for r in &ranges {
         assignment.add_partition_offset(&p.input_topic, r.partition, Offset::Offset(r.start))?;
@@ -471,54 +484,37 @@ impl FrontierClock {
     }
 }
 
-/// The input topic's partitions; waits a little for a topic that is being created.
-fn wait_for_partitions<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str) -> anyhow::Result<Vec<i32>> {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT)?;
-        if let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) {
-            if t.error().is_none() && !t.partitions().is_empty() {
-                return Ok(t.partitions().iter().map(|p| p.id()).collect());
-            }
-        }
-        if Instant::now() > deadline {
-            anyhow::bail!(
-                "input topic {topic:?} does not exist (or has no partitions) on the cluster; create it, \
-                 or set pipeline.create_topics_partitions"
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// Start offsets (the group's commits, else the chosen end) and, with stop-at-end, the high
-/// watermarks as end offsets.
+/// watermarks as end offsets. Both calls wait out a cluster that is still loading the group
+/// coordinator or electing leaders.
 fn partition_ranges<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
-    topic: &str,
+    config: &Config,
     partitions: &[i32],
-    start: StartFrom,
-    stop_at_end: bool,
 ) -> anyhow::Result<Vec<PartitionRange>> {
+    let (kafka, p) = (&config.kafka, &config.pipeline);
+    let topic = p.input_topic.as_str();
     let mut list = TopicPartitionList::new();
-    for p in partitions {
-        list.add_partition(topic, *p);
+    for partition in partitions {
+        list.add_partition(topic, *partition);
     }
-    let committed = consumer.committed_offsets(list, TIMEOUT)?;
+    let awaiting = format!("the committed offsets of group {:?} (its group coordinator)", p.group_id);
+    let committed = with_retry(kafka, &awaiting, || consumer.committed_offsets(list.clone(), TIMEOUT))?;
     partitions
         .iter()
         .map(|&partition| {
-            let (low, high) = consumer.fetch_watermarks(topic, partition, TIMEOUT)?;
+            let awaiting = format!("the offsets of partition {partition} of topic {topic} (its leader)");
+            let (low, high) = with_retry(kafka, &awaiting, || consumer.fetch_watermarks(topic, partition, TIMEOUT))?;
             let committed = committed.find_partition(topic, partition).and_then(|e| match e.offset() {
                 Offset::Offset(o) => Some(o),
                 _ => None,
             });
-            let start = match (start, committed) {
+            let start = match (p.start_from, committed) {
                 (StartFrom::Committed, Some(o)) => o.clamp(low, high),
                 (StartFrom::Committed | StartFrom::Earliest, _) => low,
                 (StartFrom::Latest, _) => high,
             };
-            Ok(PartitionRange { partition, start, end: stop_at_end.then_some(high) })
+            Ok(PartitionRange { partition, start, end: p.stop_at_end.then_some(high) })
         })
         .collect()
 }

@@ -93,7 +93,8 @@ pub fn fashion(n: usize, skip: usize) -> Vec<(PathBuf, &'static str)> {
 pub fn produce(topic: &str, partitions: i32, messages: &[(i32, String, String)]) {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
     let kafka = kafka_config();
-    dlpipe::kafka::ensure_topic(&kafka, topic, partitions, 1, &[]).unwrap();
+    let spec = dlpipe::kafka::TopicSpec { partitions, replication_factor: 1, configs: &[] };
+    dlpipe::kafka::ensure_topic(&kafka, topic, spec).unwrap();
     let producer: BaseProducer =
         dlpipe::kafka::client_config(&kafka).set("enable.idempotence", "true").create().unwrap();
     for (partition, key, payload) in messages {
