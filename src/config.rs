@@ -361,6 +361,38 @@ impl Config {
         if self.pipeline.max_backlog == 0 || self.pipeline.max_decoding == 0 {
             return Err("pipeline.max_backlog and pipeline.max_decoding must be at least 1".into());
         }
+        if p.top_k == 0 {
+            return Err("pipeline.top_k must be at least 1".into());
+        }
+        if p.group_id.trim().is_empty() {
+            return Err("pipeline.group_id is empty: name the consumer group whose offsets record progress".into());
+        }
+        let topics = [
+            ("input_topic", &p.input_topic),
+            ("predictions_topic", &p.predictions_topic),
+            ("dead_letter_topic", &p.dead_letter_topic),
+            ("model_topic", &p.model_topic),
+        ];
+        for (i, (key, topic)) in topics.iter().enumerate() {
+            if topic.trim().is_empty() {
+                return Err(format!("pipeline.{key} is empty"));
+            }
+            if let Some((other, _)) = topics[..i].iter().find(|(_, t)| t == topic) {
+                // Reading its own output would feed predictions back in as input, forever.
+                return Err(format!(
+                    "pipeline.{key} and pipeline.{other} are the same topic {topic:?}: give each its own"
+                ));
+            }
+        }
+        let image = &self.image;
+        if image.max_encoded_bytes == 0 || image.max_pixels == 0 || image.max_side == 0 || image.max_aspect_ratio == 0 {
+            return Err("image.max_encoded_bytes, max_pixels, max_side and max_aspect_ratio must be at least 1".into());
+        }
+        if self.fetch.timeout_ms == 0 || self.fetch.connect_timeout_ms == 0 {
+            return Err("fetch.timeout_ms and fetch.connect_timeout_ms must be at least 1: without them one stalled \
+                 server holds a fetch thread forever"
+                .into());
+        }
         self.learner.validate().map_err(|e| e.to_string())?;
         let listen = self.metrics.listen.trim();
         let host_port =
@@ -433,6 +465,27 @@ mod tests {
         missing.properties.insert("sasl.password".into(), "${NOT_SET_ANYWHERE}".into());
         let err = missing.resolve_env(env(&[])).unwrap_err();
         assert!(err.contains("NOT_SET_ANYWHERE") && err.contains("sasl.password"), "{err}");
+    }
+
+    #[test]
+    fn configs_that_cannot_work_are_refused_at_start_up_naming_the_key() {
+        let cases = [
+            ("[pipeline]\npredictions_topic = \"images\"\n", "predictions_topic and pipeline.input_topic"),
+            ("[pipeline]\ndead_letter_topic = \"predictions\"\n", "dead_letter_topic and pipeline.predictions_topic"),
+            ("[pipeline]\ninput_topic = \"\"\n", "pipeline.input_topic is empty"),
+            ("[pipeline]\ngroup_id = \" \"\n", "pipeline.group_id is empty"),
+            ("[pipeline]\ntop_k = 0\n", "pipeline.top_k"),
+            ("[pipeline]\nmax_decoding = 0\n", "pipeline.max_decoding"),
+            ("[pipeline]\ntopic_replication_factor = 0\n", "topic_replication_factor"),
+            ("[fetch]\ntimeout_ms = 0\n", "fetch.timeout_ms"),
+            ("[image]\nmax_aspect_ratio = 0\n", "max_aspect_ratio"),
+            ("[model]\nbatch_size = 0\n", "model.batch_size"),
+            ("[kafka]\nretry_timeout_secs = 0\n", "kafka.retry_timeout_secs"),
+        ];
+        for (toml, expected) in cases {
+            let err = Config::from_toml(toml).unwrap().validate().unwrap_err();
+            assert!(err.contains(expected), "{toml:?}: {err}");
+        }
     }
 
     #[test]

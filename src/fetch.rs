@@ -29,11 +29,11 @@ use tracing::debug;
 #[serde(default, deny_unknown_fields)]
 pub struct FetchConfig {
     /// Limit on one whole HTTP request, from DNS lookup to the last body byte, in milliseconds.
-    /// Each retry gets the full limit again. 0 disables it (not recommended: a stalled server
-    /// would then hold a decode thread forever). Default 10000.
+    /// Each retry gets the full limit again. At least 1 (without it a stalled server would hold
+    /// a fetch thread forever). Default 10000.
     pub timeout_ms: u64,
-    /// Limit on establishing a connection (TCP and TLS handshakes), in milliseconds; 0 disables
-    /// it, leaving only `timeout_ms`. Default 3000.
+    /// Limit on establishing a connection (TCP and TLS handshakes), in milliseconds; at least 1.
+    /// Default 3000.
     pub connect_timeout_ms: u64,
     /// Retries after a failed HTTP request, for timeouts, connection errors, 5xx and 429 only;
     /// other failures are final at once. 0 disables retries. Default 3.

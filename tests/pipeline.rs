@@ -67,12 +67,14 @@ struct Run {
     dir: tempfile::TempDir,
     predictions: String,
     dead: String,
+    group: String,
 }
 
 impl Run {
     fn new(name: &str, input: &str, extra: &str) -> Run {
         let dir = tempfile::tempdir().unwrap();
         let (predictions, dead) = (common::unique(&format!("{name}-pred")), common::unique(&format!("{name}-dead")));
+        let group = common::unique(&format!("{name}-group"));
         let toml = format!(
             "[model]\ndir = \"{models}\"\nbatch_size = 16\n\n[kafka]\nbrokers = \"{brokers}\"\n\n\
              [metrics]\nlisten = \"127.0.0.1:0\"\n\n[pipeline]\n\
@@ -82,11 +84,11 @@ impl Run {
             models = common::root().join("models").display(),
             brokers = common::kafka_brokers(),
             models_topic = common::unique(&format!("{name}-models")),
-            group = common::unique(&format!("{name}-group")),
+            group = group,
             snapshots = dir.path().join("snapshots").display(),
         );
         std::fs::write(dir.path().join("config.toml"), toml).unwrap();
-        Run { dir, predictions, dead }
+        Run { dir, predictions, dead, group }
     }
 
     fn config(&self) -> PathBuf {
@@ -382,4 +384,121 @@ fn init_model_warm_starts_the_classifier_from_a_snapshot() {
         assert_eq!(p["model_version"], 30, "predicted by the warm-started classifier: {p}");
         assert!(CLASSES.contains(&p["top_k"][0]["class"].as_str().unwrap()), "{p}");
     }
+}
+
+/// Creates `topic` with a broker-side limit on message size, as a cluster's administrator might.
+fn topic_with_max_message_bytes(topic: &str, bytes: &str) {
+    let configs = [("max.message.bytes", bytes)];
+    let spec = dlpipe::kafka::TopicSpec { partitions: 2, replication_factor: 1, configs: &configs };
+    dlpipe::kafka::ensure_topic(&common::kafka_config(), topic, spec).unwrap();
+}
+
+/// One record per message batch: the broker's size limit then applies to each output alone
+/// (it applies to whole batches, which small outputs could otherwise exceed together).
+const ONE_MESSAGE_PER_BATCH: &str = "[kafka.properties]\n\"batch.num.messages\" = \"1\"\n";
+
+#[test]
+fn outputs_the_broker_refuses_as_too_large_become_small_dead_letters_and_crafted_fields_are_refused() {
+    let input = common::unique("big-images");
+    let good = fashion(8, 40);
+    let mut messages = messages(&good, "good-", 2, |_| true);
+    // Ids of ~1000 bytes (within the 1024-byte limit): key and prediction together are over
+    // the predictions topic's 1200-byte limit, so the broker refuses each of these outputs.
+    let long_id = |i: usize| format!("{}-{i}", "x".repeat(995));
+    for (i, (path, label)) in good.iter().take(3).enumerate() {
+        messages.push(((i % 2) as i32, long_id(i), record(&long_id(i), path, Some(label))));
+    }
+    let image = good[0].0.display().to_string();
+    let crafted = [
+        ("huge-id", serde_json::json!({"id": "i".repeat(600_000), "uri": image}).to_string(), "id_too_long"),
+        (
+            "long-label",
+            serde_json::json!({"id": "long-label", "uri": image, "label": "l".repeat(300)}).to_string(),
+            "invalid_label",
+        ),
+        (
+            "empty-label",
+            serde_json::json!({"id": "empty-label", "uri": image, "label": ""}).to_string(),
+            "invalid_label",
+        ),
+    ];
+    for (key, payload, _) in &crafted {
+        messages.push((1, key.to_string(), payload.clone()));
+    }
+    let run = Run::new("big", &input, ONE_MESSAGE_PER_BATCH);
+    topic_with_max_message_bytes(&run.predictions, "1200");
+    produce(&input, 2, &messages);
+    run.to_end(&[]);
+
+    let predictions = read_topic(&run.predictions, good.len() + 1, Duration::from_secs(5));
+    assert_eq!(predictions.len(), good.len(), "{predictions:?}");
+    let dead = read_topic(&run.dead, 7, Duration::from_secs(5));
+    let mut kinds: Vec<&str> = dead.iter().map(|d| d["error_kind"].as_str().unwrap()).collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        ["id_too_long", "invalid_label", "invalid_label", "output_too_large", "output_too_large", "output_too_large"]
+    );
+    for d in &dead {
+        let bytes = d.to_string().len();
+        // raw (4 KiB at most) and the other capped fields: far below any broker's limit.
+        assert!(bytes < 16 * 1024, "a dead letter of {bytes} bytes: {}", &d.to_string()[..200]);
+        if d["error_kind"] == "output_too_large" {
+            assert!(
+                d["id"].as_str().unwrap().starts_with("xxxx") && d["error"].as_str().unwrap().contains("too large"),
+                "{d}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_refused_output_stops_the_process_promptly_and_nothing_past_it_is_committed() {
+    let input = common::unique("refused-images");
+    let good = fashion(10, 60);
+    // The first record of partition 0 has an output the predictions topic refuses, and the
+    // dead-letter topic refuses even the small dead letter that would replace it.
+    let long_id = format!("{}-refused", "x".repeat(995));
+    let mut messages = vec![(0, long_id.clone(), record(&long_id, &good[0].0, None))];
+    messages.extend(self::messages(&good[1..], "good-", 2, |_| true));
+    let run = Run::new("refused", &input, ONE_MESSAGE_PER_BATCH);
+    topic_with_max_message_bytes(&run.predictions, "1200");
+    topic_with_max_message_bytes(&run.dead, "300");
+    produce(&input, 2, &messages);
+
+    let log = run.dir.path().join("run.log");
+    let mut child = run
+        .command(&["--stop-at-end", "-w", "2"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("dlpipe run kept running after an output was refused:\n{}", std::fs::read_to_string(&log).unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "a refused output must fail the run:\n{stderr}");
+    assert!(stderr.contains("was not delivered") && stderr.contains("0:0"), "{stderr}");
+    assert!(!stderr.contains("another worker of this process failed\n"), "the first error is reported:\n{stderr}");
+
+    // Nothing at or past the refused record was committed for partition 0.
+    let consumer: BaseConsumer =
+        dlpipe::kafka::client_config(&common::kafka_config()).set("group.id", &run.group).create().unwrap();
+    let mut list = rdkafka::TopicPartitionList::new();
+    list.add_partition(&input, 0);
+    let committed = consumer.committed_offsets(list, Duration::from_secs(10)).unwrap();
+    let offset = committed.find_partition(&input, 0).unwrap().offset();
+    assert!(
+        matches!(offset, rdkafka::Offset::Invalid | rdkafka::Offset::Offset(0)),
+        "partition 0 committed at {offset:?}, past the refused record at offset 0"
+    );
 }

@@ -1,8 +1,13 @@
 //! `featurize`: preprocessed records in, model outputs out, in micro-batches on this worker's
 //! device.
 //!
-//! **In:** `Decoded` records. **Out:** per record, `Ok(Featured)`, or `Err(DeadLetter)` for
-//! every record of a batch the model failed on (kind `model_error`), at the record's epoch.
+//! **In:** `Decoded` records. **Out:** per record, `Ok(Featured)` at the record's epoch.
+//! **Failures:** a forward pass that fails (or panics: tch panics on some libtorch errors) is
+//! never the records' fault (their pixels are already checked and shaped), and it is often
+//! transient (a CUDA out-of-memory while another process holds the device). So the batch is run
+//! again, up to `MODEL_ATTEMPTS` times with growing pauses; if it still fails, the operator sets
+//! `fatal` and stops: the worker exits, nothing past the batch is committed, and the records are
+//! read again after a restart. Good records are never dead-lettered for a model failure.
 //! **Progress:** records wait here, with a capability for their epoch, until a batch runs:
 //! when `max_batch` records are waiting, when the oldest has waited `max_wait`, or when the
 //! input frontier has passed the epoch of a waiting record (nothing more will join that epoch,
@@ -13,7 +18,9 @@
 
 use crate::metrics::FeaturizeMetrics;
 use crate::records::{DeadLetter, Decoded, Epoch, Featured};
+use crate::Fatal;
 use std::collections::BTreeMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
@@ -30,12 +37,47 @@ pub struct Batching {
     pub max_wait: Duration,
 }
 
+/// Forward passes tried on one batch before the worker gives up.
+pub const MODEL_ATTEMPTS: u32 = 4;
+
+/// Runs `model` on one batch, retrying failures and panics; the last error if all attempts fail.
+fn forward_with_retries<M>(model: &mut M, pixels: &[f32], n: usize) -> Result<Vec<ModelRow>, String>
+where
+    M: FnMut(&[f32], usize) -> Result<Vec<ModelRow>, String>,
+{
+    let mut pause = Duration::from_millis(100);
+    let mut attempt = 1;
+    loop {
+        let result = catch_unwind(AssertUnwindSafe(|| model(pixels, n)))
+            .unwrap_or_else(|panic| Err(format!("panicked: {}", crate::fetch_decode::panic_message(panic.as_ref()))))
+            .and_then(|rows| {
+                if rows.len() == n {
+                    Ok(rows)
+                } else {
+                    Err(format!("the model returned {} rows for {n} images", rows.len()))
+                }
+            });
+        match result {
+            Ok(rows) => return Ok(rows),
+            Err(error) if attempt < MODEL_ATTEMPTS => {
+                tracing::warn!(%error, attempt, images = n, "forward pass failed; trying the batch again");
+                std::thread::sleep(pause);
+                pause *= 4;
+                attempt += 1;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
 /// `model` gets the batch's pixels, concatenated, and the number of images; `metrics` gauges
-/// the records waiting for a batch.
+/// the records waiting for a batch. The output's error side is kept for records the operator
+/// may one day refuse itself; today it carries nothing.
 pub fn featurize<'scope, M>(
     decoded: StreamVec<'scope, Epoch, Decoded>,
     batching: Batching,
     mut model: M,
+    fatal: Fatal,
     metrics: FeaturizeMetrics,
 ) -> StreamVec<'scope, Epoch, Result<Featured, DeadLetter>>
 where
@@ -75,25 +117,22 @@ where
                 for (_, d) in &batch {
                     pixels.extend_from_slice(&d.pixels);
                 }
-                let result = model(&pixels, batch.len());
-                let result = result.and_then(|rows| {
-                    if rows.len() == batch.len() {
-                        Ok(rows)
-                    } else {
-                        Err(format!("the model returned {} rows for {} images", rows.len(), batch.len()))
-                    }
-                });
-                match result {
+                match forward_with_retries(&mut model, &pixels, batch.len()) {
                     Ok(rows) => {
                         for ((epoch, d), (features, logits)) in batch.into_iter().zip(rows) {
                             output.session(&caps[&epoch]).give(Ok(Featured { record: d.record, features, logits }));
                         }
                     }
                     Err(error) => {
-                        tracing::error!(%error, images = batch.len(), "forward pass failed; the batch goes to the dead-letter topic");
-                        for (epoch, d) in batch {
-                            output.session(&caps[&epoch]).give(Err(d.record.dead_letter("model_error", error.clone())));
-                        }
+                        // Keep the batch's capabilities: nothing of it, or after it, is
+                        // published or committed; the worker stops on `fatal`.
+                        tracing::error!(%error, images = batch.len(), attempts = MODEL_ATTEMPTS, "the model keeps failing; stopping");
+                        *fatal.borrow_mut() = Some(format!(
+                            "the model failed {MODEL_ATTEMPTS} times on a batch of {} images: {error}",
+                            batch.len()
+                        ));
+                        waiting.splice(0..0, batch);
+                        return;
                     }
                 }
                 caps.retain(|epoch, _| waiting.iter().any(|(e, _)| e == epoch));
@@ -101,4 +140,102 @@ where
             metrics.waiting.set(waiting.len() as i64);
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::ImageRecord;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use timely::dataflow::operators::capture::{Capture, Event};
+    use timely::dataflow::operators::probe::Handle;
+    use timely::dataflow::operators::vec::ToStream;
+    use timely::dataflow::operators::Probe;
+
+    fn decoded(i: i64) -> Decoded {
+        let record = ImageRecord {
+            id: format!("r{i}"),
+            uri: "u".into(),
+            label: None,
+            partition: 0,
+            offset: i,
+            kafka_ts_ms: None,
+        };
+        Decoded { record, pixels: vec![i as f32] }
+    }
+
+    /// Runs 10 records through `featurize` with `model`, stepping until the dataflow is done or
+    /// `fatal` is set; returns the outputs and the fatal error.
+    fn run<M>(model: M) -> (Vec<Result<Featured, DeadLetter>>, Option<String>)
+    where
+        M: FnMut(&[f32], usize) -> Result<Vec<ModelRow>, String> + Send + Sync + 'static,
+    {
+        timely::execute_directly(move |worker| {
+            let fatal: Fatal = Rc::new(RefCell::new(None));
+            let (tx, rx) = std::sync::mpsc::channel();
+            let probe = Handle::new();
+            let batching = Batching { max_batch: 4, max_wait: Duration::from_millis(1) };
+            let f = Rc::clone(&fatal);
+            worker.dataflow::<Epoch, _, _>(|scope| {
+                let out = featurize(
+                    (0..10).map(decoded).collect::<Vec<_>>().to_stream(scope),
+                    batching,
+                    model,
+                    f,
+                    Default::default(),
+                );
+                out.probe_with(&probe).capture_into(tx);
+            });
+            while !probe.done() && fatal.borrow().is_none() {
+                worker.step();
+            }
+            for dataflow in worker.installed_dataflows() {
+                worker.drop_dataflow(dataflow);
+            }
+            let out = rx
+                .try_iter()
+                .flat_map(|e| match e {
+                    Event::Messages(_, data) => data,
+                    Event::Progress(_) => Vec::new(),
+                })
+                .collect();
+            let fatal = fatal.borrow().clone();
+            (out, fatal)
+        })
+    }
+
+    fn rows(pixels: &[f32]) -> Vec<ModelRow> {
+        pixels.iter().map(|p| (vec![*p * 2.0], None)).collect()
+    }
+
+    #[test]
+    fn a_failing_or_panicking_forward_pass_is_retried_and_no_record_is_dead_lettered() {
+        // The first batch fails, then panics, then works; the later batches work.
+        let calls = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::clone(&calls);
+        let (out, fatal) = run(move |pixels, _n| match seen.fetch_add(1, Ordering::SeqCst) {
+            0 => Err("CUDA out of memory".into()),
+            1 => panic!("libtorch threw"),
+            _ => Ok(rows(pixels)),
+        });
+        assert_eq!(fatal, None);
+        assert_eq!(out.len(), 10);
+        assert!(
+            out.iter().all(|r| r.as_ref().is_ok_and(|f| f.features == vec![f.record.offset as f32 * 2.0])),
+            "{out:?}"
+        );
+        // At least 3 batches of at most 4, the first one tried three times.
+        assert!(calls.load(Ordering::SeqCst) >= 3 + 2);
+    }
+
+    #[test]
+    fn a_model_that_keeps_failing_stops_the_worker_without_dead_letters() {
+        let (out, fatal) = run(|_, _| Err("device lost".into()));
+        let fatal = fatal.expect("fatal is set");
+        assert!(fatal.contains("device lost") && fatal.contains(&MODEL_ATTEMPTS.to_string()), "{fatal}");
+        assert!(out.is_empty(), "nothing may be published for records the model never saw: {out:?}");
+    }
 }

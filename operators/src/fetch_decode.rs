@@ -1,21 +1,28 @@
-//! `fetch_decode`: records in, model-ready pixels out, the work done on a thread pool.
+//! `fetch_decode`: records in, model-ready pixels out; fetching on the operator's own threads,
+//! decoding on rayon's pool.
 //!
 //! **In:** `ImageRecord`s. **Out:** per record, `Ok(Decoded)` or `Err(DeadLetter)` when it
-//! could not be fetched, decoded or preprocessed (the caller's `prepare` says why), at the
+//! could not be fetched, decoded or preprocessed (the caller's closures say why), at the
 //! record's epoch.
 //! **Progress:** for every epoch with records still being prepared the operator keeps a
 //! capability, and releases it when the last of them is out; so the output frontier trails
 //! the input frontier only by work in flight.
 //!
-//! `prepare` runs on rayon's pool, never on the worker thread: while the worker runs the model
-//! on one batch, the pool fetches and decodes the next. At most `max_in_flight` records are
-//! on the pool at once; the rest wait here, in arrival order.
+//! Fetching blocks on the network or the disk, so it runs on a pool of `max_in_flight` threads
+//! that belongs to this operator: a slow server holds one of them, never a decoding thread or
+//! another worker's fetch. Decoding is CPU work and goes to rayon's pool (one thread per core).
+//! Neither runs on the worker thread: while the worker runs the model on one batch, the next is
+//! fetched and decoded. At most `max_in_flight` records are being prepared at once; the rest
+//! wait here, in arrival order.
+//!
+//! A panic in either closure (an image decoder's bug met by a crafted file) is caught and
+//! becomes that record's dead letter, kind `internal_error`; the pipeline goes on.
 
 use crate::metrics::FetchDecodeMetrics;
 use crate::records::{DeadLetter, Decoded, Epoch, ImageRecord};
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::mpsc;
-use std::sync::Arc;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{mpsc, Arc, Mutex};
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
@@ -24,21 +31,34 @@ use timely::dataflow::StreamVec;
 /// A failed preparation: a short kind (`not_found`, `undecodable`, ...) and the message.
 pub type PrepareError = (String, String);
 
-/// `metrics` gauges the records queued here and those on the pool.
-pub fn fetch_decode<'scope, F>(
+/// The work behind `fetch_decode`: bytes for a record, then pixels from the bytes.
+pub struct Prepare<F, D> {
+    /// Blocking I/O: runs on the operator's fetch threads.
+    pub fetch: F,
+    /// CPU work: runs on rayon's pool.
+    pub decode: D,
+}
+
+/// `metrics` gauges the records queued here and those being prepared.
+pub fn fetch_decode<'scope, F, D>(
     records: StreamVec<'scope, Epoch, ImageRecord>,
     max_in_flight: usize,
-    prepare: Arc<F>,
+    prepare: Prepare<F, D>,
     metrics: FetchDecodeMetrics,
 ) -> StreamVec<'scope, Epoch, Result<Decoded, DeadLetter>>
 where
-    F: Fn(&ImageRecord) -> Result<Vec<f32>, PrepareError> + Send + Sync + 'static,
+    F: Fn(&ImageRecord) -> Result<Vec<u8>, PrepareError> + Send + Sync + 'static,
+    D: Fn(&ImageRecord, &[u8]) -> Result<Vec<f32>, PrepareError> + Send + Sync + 'static,
 {
     let worker = records.scope().worker();
+    let index = worker.index();
+    let fetch = Arc::new(prepare.fetch);
+    let decode = Arc::new(prepare.decode);
     records.unary_frontier(Pipeline, "FetchDecode", move |_default_cap, info| {
         let activator = Arc::new(worker.sync_activator_for(info.address.to_vec()));
         let (done_tx, done_rx) = mpsc::channel::<(Epoch, Result<Decoded, DeadLetter>)>();
-        // Per epoch: its capability and how many of its records are queued or on the pool.
+        let pool = FetchPool::new(max_in_flight.max(1), index);
+        // Per epoch: its capability and how many of its records are queued or being prepared.
         let mut pending: BTreeMap<Epoch, (Capability<Epoch>, usize)> = BTreeMap::new();
         let mut queue: VecDeque<(Epoch, ImageRecord)> = VecDeque::new();
         let mut in_flight = 0usize;
@@ -64,25 +84,211 @@ where
             // Results first, then new work: the slots they free are filled in this same call.
             // (The other order could empty the pool here and leave records queued with nothing
             // left to activate the operator: a stalled dataflow.) Whatever is queued after this
-            // has `max_in_flight` records on the pool ahead of it, each of which activates the
-            // operator when done.
+            // has `max_in_flight` records in preparation ahead of it, each of which activates
+            // the operator when done.
             while in_flight < max_in_flight {
                 let Some((epoch, record)) = queue.pop_front() else { break };
                 in_flight += 1;
-                let (tx, prepare, activator) = (done_tx.clone(), Arc::clone(&prepare), Arc::clone(&activator));
-                rayon::spawn(move || {
-                    let result = match prepare(&record) {
-                        Ok(pixels) => Ok(Decoded { record, pixels }),
-                        Err((kind, error)) => Err(record.dead_letter(&kind, error)),
+                let (tx, fetch, decode, activator) =
+                    (done_tx.clone(), Arc::clone(&fetch), Arc::clone(&decode), Arc::clone(&activator));
+                pool.submit(Box::new(move || {
+                    let done = move |result| {
+                        // The operator may be gone at shutdown; then nobody needs the result.
+                        if tx.send((epoch, result)).is_ok() {
+                            let _ = activator.activate();
+                        }
                     };
-                    // The operator may be gone at shutdown; then nobody needs the result.
-                    if tx.send((epoch, result)).is_ok() {
-                        let _ = activator.activate();
-                    }
-                });
+                    let bytes = match guarded("fetching", &record, || fetch(&record)) {
+                        Ok(bytes) => bytes,
+                        Err((kind, error)) => return done(Err(record.dead_letter(&kind, error))),
+                    };
+                    rayon::spawn(move || {
+                        let result = match guarded("decoding", &record, || decode(&record, &bytes)) {
+                            Ok(pixels) => Ok(Decoded { record, pixels }),
+                            Err((kind, error)) => Err(record.dead_letter(&kind, error)),
+                        };
+                        done(result)
+                    });
+                }));
             }
             metrics.queued.set(queue.len() as i64);
             metrics.in_flight.set(in_flight as i64);
         }
     })
+}
+
+/// Runs `work` for `record`, turning a panic into an `internal_error`.
+fn guarded<T>(
+    stage: &str,
+    record: &ImageRecord,
+    work: impl FnOnce() -> Result<T, PrepareError>,
+) -> Result<T, PrepareError> {
+    catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|payload| {
+        let message = panic_message(payload.as_ref());
+        tracing::error!(id = %record.id, partition = record.partition, offset = record.offset, stage, message, "panic while preparing a record; it goes to the dead-letter topic");
+        Err(("internal_error".into(), format!("panicked while {stage} {}: {message}", record.uri)))
+    })
+}
+
+/// The message of a caught panic.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    match (payload.downcast_ref::<&str>(), payload.downcast_ref::<String>()) {
+        (Some(s), _) => (*s).to_owned(),
+        (_, Some(s)) => s.clone(),
+        _ => "a panic without a message".into(),
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Threads that run fetches: as many as records may be in flight, so a slow URI holds only its
+/// own thread. They end when the operator (the sender) is dropped and their job is done.
+struct FetchPool {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl FetchPool {
+    fn new(threads: usize, worker: usize) -> FetchPool {
+        let (jobs, receiver) = mpsc::channel::<Job>();
+        let receiver = Arc::new(Mutex::new(receiver));
+        for i in 0..threads {
+            let receiver = Arc::clone(&receiver);
+            std::thread::Builder::new()
+                .name(format!("dlpipe-fetch-{worker}-{i}"))
+                .spawn(move || loop {
+                    // The lock is held only while waiting for the next job, not while running it.
+                    let job = receiver.lock().map(|r| r.recv());
+                    match job {
+                        Ok(Ok(job)) => job(),
+                        _ => return,
+                    }
+                })
+                .expect("spawn a fetch thread");
+        }
+        FetchPool { jobs }
+    }
+
+    fn submit(&self, job: Job) {
+        self.jobs.send(job).expect("fetch threads outlive the operator");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::FetchDecodeMetrics;
+    use std::time::{Duration, Instant};
+    use timely::dataflow::operators::capture::{Capture, Event};
+    use timely::dataflow::operators::vec::ToStream;
+
+    fn record(i: i64, uri: &str) -> ImageRecord {
+        ImageRecord { id: format!("r{i}"), uri: uri.into(), label: None, partition: 0, offset: i, kafka_ts_ms: None }
+    }
+
+    /// Runs `records` through `fetch_decode` on one worker and returns its outputs in offset order.
+    fn run<F, D>(
+        records: Vec<ImageRecord>,
+        max_in_flight: usize,
+        fetch: F,
+        decode: D,
+    ) -> Vec<Result<Decoded, DeadLetter>>
+    where
+        F: Fn(&ImageRecord) -> Result<Vec<u8>, PrepareError> + Send + Sync + 'static,
+        D: Fn(&ImageRecord, &[u8]) -> Result<Vec<f32>, PrepareError> + Send + Sync + 'static,
+    {
+        let captured = timely::execute_directly(move |worker| {
+            let (tx, rx) = mpsc::channel();
+            worker.dataflow::<Epoch, _, _>(|scope| {
+                let prepare = Prepare { fetch, decode };
+                fetch_decode(records.to_stream(scope), max_in_flight, prepare, FetchDecodeMetrics::default())
+                    .capture_into(tx);
+            });
+            rx
+        });
+        let mut out: Vec<_> = captured
+            .into_iter()
+            .flat_map(|event| match event {
+                Event::Messages(_, data) => data,
+                Event::Progress(_) => Vec::new(),
+            })
+            .collect();
+        out.sort_by_key(|r| match r {
+            Ok(d) => d.record.offset,
+            Err(d) => d.offset,
+        });
+        out
+    }
+
+    #[test]
+    fn a_panicking_decoder_or_fetch_dead_letters_its_record_and_the_rest_go_on() {
+        let records: Vec<_> = (0..20)
+            .map(|i| {
+                record(
+                    i,
+                    if i == 3 {
+                        "panic-fetch"
+                    } else if i == 7 {
+                        "panic-decode"
+                    } else {
+                        "ok"
+                    },
+                )
+            })
+            .collect();
+        let out = run(
+            records,
+            4,
+            |r| if r.uri == "panic-fetch" { panic!("fetch bug") } else { Ok(r.uri.clone().into_bytes()) },
+            |_, bytes| {
+                if bytes == b"panic-decode" {
+                    panic!("decoder bug {}", 42)
+                } else {
+                    Ok(vec![bytes.len() as f32])
+                }
+            },
+        );
+        assert_eq!(out.len(), 20, "one output per record");
+        for (i, r) in out.iter().enumerate() {
+            match (i, r) {
+                (3, Err(d)) => assert!(d.error_kind == "internal_error" && d.error.contains("fetch bug"), "{d:?}"),
+                (7, Err(d)) => {
+                    assert!(d.error_kind == "internal_error" && d.error.contains("decoder bug 42"), "{d:?}")
+                }
+                (_, Ok(d)) => assert_eq!(d.pixels, vec![2.0]),
+                (i, other) => panic!("record {i}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn slow_fetches_hold_only_their_own_threads() {
+        // Two fetches that hang for a while, more than rayon has threads on a small machine,
+        // and 30 quick ones: the quick ones must not queue behind the slow ones.
+        let hang = Duration::from_secs(3);
+        let started = Instant::now();
+        let quick_done = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&quick_done);
+        let records: Vec<_> = (0..32)
+            .map(|i| record(i, if i < rayon::current_num_threads() as i64 + 1 { "slow" } else { "quick" }))
+            .collect();
+        let slow = records.iter().filter(|r| r.uri == "slow").count();
+        let out = run(
+            records,
+            64,
+            move |r| {
+                if r.uri == "slow" {
+                    std::thread::sleep(hang);
+                } else {
+                    seen.lock().unwrap().push(started.elapsed());
+                }
+                Ok(vec![0])
+            },
+            |_, _| Ok(vec![0.0]),
+        );
+        assert_eq!(out.len(), 32);
+        let quick = quick_done.lock().unwrap();
+        assert_eq!(quick.len(), 32 - slow);
+        let last_quick = quick.iter().max().unwrap();
+        assert!(*last_quick < hang / 2, "a quick fetch waited {last_quick:?} behind {slow} slow ones");
+    }
 }

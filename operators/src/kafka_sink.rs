@@ -10,19 +10,25 @@
 //! has passed them, the next offset of each partition seen in them is committed for the
 //! consumer group (at-least-once: a crash replays from the last commit, never skips).
 //!
+//! **Refusals:** an output the producer or the broker refuses as too large (a topic's
+//! `max.message.bytes` below what a record produced) is replaced, in its epoch, by a small
+//! dead letter of kind `output_too_large`; the stream goes on. Any other refusal, or a
+//! replacement refused too, sets `fatal`, and from then on nothing is committed: the worker
+//! stops, and the refused record is read again after a restart. No offset is ever committed
+//! past an output that was not acknowledged.
+//!
 //! The producer is polled with a zero timeout; delivery reports arrive in those polls.
 //! **Metrics:** dead letters by kind as they are handed to the producer; acknowledged messages
 //! by topic; the time from send to acknowledgement; for predictions, the time from the input
 //! record's Kafka timestamp to the acknowledgement (end-to-end latency).
 
 use crate::metrics::SinkMetrics;
-use crate::records::{now_ms, Epoch, Outcome};
-use crate::Backlog;
+use crate::records::{now_ms, DeadLetter, Epoch, Outcome};
+use crate::{Backlog, Fatal};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
-use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
@@ -33,24 +39,50 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
+/// One message for the producer: a prediction or a dead letter, encoded, with what the sink
+/// needs to know of it again when its delivery report comes back.
+struct Outgoing {
+    epoch: Epoch,
+    /// The input record's Kafka timestamp, for predictions (`None` for dead letters).
+    input_ts_ms: Option<Option<i64>>,
+    key: String,
+    payload: String,
+    partition: i32,
+    offset: i64,
+    /// A small dead letter standing in for an output the broker refused as too large.
+    replacement: bool,
+}
+
+impl Outgoing {
+    /// The small dead letter that replaces this message when the broker refuses its size.
+    fn replaced(&self, error: &str) -> Outgoing {
+        let dead = DeadLetter::output_too_large(&self.key, self.partition, self.offset, error);
+        Outgoing {
+            epoch: self.epoch,
+            input_ts_ms: None,
+            key: dead.id.clone().unwrap_or_default(),
+            payload: dead.to_json(),
+            partition: self.partition,
+            offset: self.offset,
+            replacement: true,
+        }
+    }
+}
+
 /// What the sink attaches to each message it sends, and gets back with its delivery report.
 pub struct Delivery {
-    epoch: Epoch,
     sent: Instant,
-    /// The input record's Kafka timestamp, for predictions (not for dead letters).
-    input_ts_ms: Option<i64>,
+    message: Outgoing,
 }
 
 /// One delivery report.
 struct Report {
-    epoch: Epoch,
-    /// Why the message was not delivered, if it was not.
-    outcome: Result<(), String>,
+    /// Why the message was not delivered, if it was not: the error code and the message.
+    outcome: Result<(), (Option<RDKafkaErrorCode>, String)>,
     topic: String,
     /// Seconds from send to acknowledgement.
     produce_seconds: f64,
-    /// Seconds from the input record's Kafka timestamp to acknowledgement (predictions only).
-    end_to_end_seconds: Option<f64>,
+    message: Outgoing,
 }
 
 /// Delivery reports, collected by the producer's callbacks during `poll`.
@@ -67,19 +99,27 @@ impl ProducerContext for SinkContext {
     fn delivery(&self, result: &DeliveryResult<'_>, delivery: Box<Delivery>) {
         let (outcome, topic) = match result {
             Ok(message) => (Ok(()), message.topic().to_owned()),
-            Err((error, message)) => {
-                (Err(format!("delivery to topic {} failed: {error}", message.topic())), message.topic().to_owned())
-            }
+            Err((error, message)) => (
+                Err((error.rdkafka_error_code(), format!("delivery to topic {} failed: {error}", message.topic()))),
+                message.topic().to_owned(),
+            ),
         };
-        let report = Report {
-            epoch: delivery.epoch,
-            outcome,
-            topic,
-            produce_seconds: delivery.sent.elapsed().as_secs_f64(),
-            end_to_end_seconds: delivery.input_ts_ms.map(|ts| (now_ms() - ts).max(0) as f64 / 1000.0),
-        };
+        let Delivery { sent, message } = *delivery;
+        let report = Report { outcome, topic, produce_seconds: sent.elapsed().as_secs_f64(), message };
         self.reports.lock().expect("not poisoned").push(report);
     }
+}
+
+/// Whether the broker (or the producer's own check) refused a message for its size.
+fn too_large(code: Option<RDKafkaErrorCode>) -> bool {
+    matches!(
+        code,
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::MessageBatchTooLarge
+        )
+    )
 }
 
 /// Topics the sink writes and commits for.
@@ -89,10 +129,6 @@ pub struct SinkSpec {
     pub predictions_topic: String,
     pub dead_letter_topic: String,
 }
-
-/// A fatal error the worker loop must stop on (a message the broker refused for good: dropping
-/// it would lose a record, committing past it would lie).
-pub type Fatal = Rc<RefCell<Option<String>>>;
 
 struct EpochState {
     /// Held, never read: it keeps this epoch open on the output until it is acknowledged.
@@ -121,8 +157,11 @@ pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
             let mut epochs: BTreeMap<Epoch, EpochState> = BTreeMap::new();
             // Encoded messages not yet accepted by the producer's queue:
             // (epoch, the input's Kafka timestamp for a prediction or None for a dead letter, key, payload).
-            let mut unsent: VecDeque<(Epoch, Option<Option<i64>>, String, String)> = VecDeque::new();
+            let mut unsent: VecDeque<Outgoing> = VecDeque::new();
             let mut unacked = 0i64;
+            // Set once a message is refused for good: from then on nothing is committed (the
+            // worker stops on `fatal`), so the refused record is read again after a restart.
+            let mut failed = false;
             move |(input, frontier), _output| {
                 input.for_each_stamp(|cap, data| {
                     let Some(cap) = cap.retain_least(0) else { return };
@@ -139,49 +178,80 @@ pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
                             *max = (*max).max(offset);
                             state.unacked += 1;
                             unacked += 1;
-                            let (ts, key, payload) = match outcome {
+                            let (input_ts_ms, key, payload) = match outcome {
                                 Outcome::Predicted(p) => (Some(p.record.kafka_ts_ms), p.record.id.clone(), p.to_json()),
                                 Outcome::Dead(d) => {
                                     metrics.dead_lettered.with(&d.error_kind).inc();
                                     (None, d.id.clone().unwrap_or_default(), d.to_json())
                                 }
                             };
-                            unsent.push_back((epoch, ts, key, payload));
+                            let replacement = false;
+                            unsent.push_back(Outgoing { epoch, input_ts_ms, key, payload, partition, offset, replacement });
                         }
                     }
                 });
-                while let Some((epoch, ts, key, payload)) = unsent.pop_front() {
-                    let topic = if ts.is_none() { &spec.dead_letter_topic } else { &spec.predictions_topic };
-                    let delivery = Delivery { epoch, sent: Instant::now(), input_ts_ms: ts.flatten() };
-                    let record = BaseRecord::with_opaque_to(topic, Box::new(delivery)).key(&key).payload(&payload);
+                while let Some(message) = unsent.pop_front() {
+                    let topic =
+                        if message.input_ts_ms.is_none() { &spec.dead_letter_topic } else { &spec.predictions_topic };
+                    let delivery = Box::new(Delivery { sent: Instant::now(), message });
+                    let (key, payload) = (delivery.message.key.clone(), delivery.message.payload.clone());
+                    let record = BaseRecord::with_opaque_to(topic, delivery).key(&key).payload(&payload);
                     match producer.send(record) {
                         Ok(()) => {}
-                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                            unsent.push_front((epoch, ts, key, payload));
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), record)) => {
+                            unsent.push_front(record.delivery_opaque.message);
                             break;
                         }
-                        Err((error, _)) => {
-                            *fatal.borrow_mut() = Some(format!("cannot produce to {topic}: {error}"));
+                        Err((error, record)) => {
+                            let message = record.delivery_opaque.message;
+                            if too_large(error.rdkafka_error_code()) && !message.replacement {
+                                tracing::warn!(id = %crate::records::truncate(&message.key, 64), partition = message.partition, offset = message.offset, %error, "an output is larger than the producer accepts; a small dead letter replaces it");
+                                unsent.push_front(message.replaced(&error.to_string()));
+                                metrics.dead_lettered.with("output_too_large").inc();
+                                continue;
+                            }
+                            failed = true;
+                            *fatal.borrow_mut() = Some(format!(
+                                "cannot produce the output of record {}:{} to {topic}: {error}",
+                                message.partition, message.offset
+                            ));
                             return;
                         }
                     }
                 }
                 producer.poll(Duration::ZERO);
-                for report in reports.lock().expect("not poisoned").drain(..) {
+                let delivered: Vec<Report> = std::mem::take(&mut *reports.lock().expect("not poisoned"));
+                for report in delivered {
+                    let epoch = report.message.epoch;
                     match report.outcome {
                         Ok(()) => {
                             metrics.published.with(&report.topic).inc();
                             metrics.produce_seconds.observe(report.produce_seconds);
-                            if let Some(seconds) = report.end_to_end_seconds {
-                                metrics.end_to_end_seconds.observe(seconds);
+                            if let Some(Some(ts)) = report.message.input_ts_ms {
+                                metrics.end_to_end_seconds.observe((now_ms() - ts).max(0) as f64 / 1000.0);
                             }
                         }
-                        Err(error) => {
+                        Err((code, error)) if too_large(code) && !report.message.replacement => {
+                            // The broker's limit (max.message.bytes of the topic) is below the
+                            // producer's: a small dead letter takes the refused message's place
+                            // in its epoch, which stays unacknowledged until that is delivered.
+                            let m = &report.message;
+                            tracing::warn!(id = %crate::records::truncate(&m.key, 64), partition = m.partition, offset = m.offset, error, "the broker refused an output as too large; a small dead letter replaces it");
+                            unsent.push_back(report.message.replaced(&error));
+                            metrics.dead_lettered.with("output_too_large").inc();
+                            continue;
+                        }
+                        Err((_, error)) => {
+                            // The epoch stays unacknowledged, and `failed` stops all commits.
                             metrics.failed.inc();
-                            *fatal.borrow_mut() = Some(error);
+                            failed = true;
+                            let m = &report.message;
+                            *fatal.borrow_mut() =
+                                Some(format!("the output of record {}:{} was not delivered: {error}", m.partition, m.offset));
+                            continue;
                         }
                     }
-                    if let Some(state) = epochs.get_mut(&report.epoch) {
+                    if let Some(state) = epochs.get_mut(&epoch) {
                         state.unacked -= 1;
                     }
                     unacked -= 1;
@@ -191,7 +261,7 @@ pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
                 // Retire epochs from the oldest while each is complete: fully acknowledged, and
                 // no more records for it can arrive.
                 let mut commit: BTreeMap<i32, i64> = BTreeMap::new();
-                while let Some(entry) = epochs.first_entry() {
+                while let Some(entry) = epochs.first_entry().filter(|_| !failed) {
                     if entry.get().unacked > 0 || frontier.frontier().less_equal(entry.key()) {
                         break;
                     }

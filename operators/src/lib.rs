@@ -24,8 +24,8 @@ pub mod records;
 pub mod retriable;
 
 pub use featurize::{featurize, Batching, ModelRow};
-pub use fetch_decode::{fetch_decode, PrepareError};
-pub use kafka_sink::{kafka_sink, Fatal, SinkContext, SinkSpec};
+pub use fetch_decode::{fetch_decode, Prepare, PrepareError};
+pub use kafka_sink::{kafka_sink, SinkContext, SinkSpec};
 pub use kafka_source::{kafka_source, EpochPolicy, PartitionRange, SourceSpec};
 pub use learn_predict::{learn_predict, Head};
 pub use metrics::{
@@ -38,6 +38,11 @@ pub use records::{
 /// Records of one worker read from Kafka and not yet published: the source pauses at a limit.
 /// Shared by the source and the sink of the same worker (one thread).
 pub type Backlog = std::rc::Rc<std::cell::Cell<usize>>;
+
+/// A fatal error the worker loop must stop on: a message the broker refused for good (dropping
+/// it would lose a record, committing past it would lie), a model that keeps failing. Set by
+/// an operator, read by the loop that steps the worker (one thread).
+pub type Fatal = std::rc::Rc<std::cell::RefCell<Option<String>>>;
 
 /// What the source emits: a record, or a dead letter for a payload that is not one.
 pub type RecordOrDead = Result<ImageRecord, DeadLetter>;

@@ -9,6 +9,29 @@ use serde::{Deserialize, Serialize};
 /// Timely timestamps of the pipeline: epochs, closed by wall-clock time or by offset count.
 pub type Epoch = u64;
 
+/// Longest record id accepted, in bytes: ids are copied into every output and used as keys.
+pub const MAX_ID_BYTES: usize = 1024;
+/// Longest URI accepted, in bytes.
+pub const MAX_URI_BYTES: usize = 8192;
+/// Longest label accepted, in bytes: labels become class names.
+pub const MAX_LABEL_BYTES: usize = 256;
+/// Most of an input's raw payload a dead letter carries, in bytes.
+pub const MAX_RAW_BYTES: usize = 4096;
+/// Longest error message a dead letter carries, in bytes.
+pub const MAX_ERROR_BYTES: usize = 2048;
+
+/// `text` cut to at most `max` bytes at a character boundary, marked with "…" when cut.
+pub fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max.saturating_sub(3);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
 /// One image record from the input topic.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ImageRecord {
@@ -46,11 +69,11 @@ impl ImageRecord {
     ) -> Result<ImageRecord, DeadLetter> {
         let raw = payload.unwrap_or_default();
         let dead = |kind: &str, error: String| DeadLetter {
-            id: key.map(|k| String::from_utf8_lossy(k).into_owned()),
+            id: key.map(|k| truncate(&String::from_utf8_lossy(k), MAX_ID_BYTES)),
             uri: None,
-            raw: String::from_utf8_lossy(raw).chars().take(4096).collect(),
+            raw: truncate(&String::from_utf8_lossy(&raw[..raw.len().min(MAX_RAW_BYTES + 4)]), MAX_RAW_BYTES),
             error_kind: kind.into(),
-            error,
+            error: truncate(&error, MAX_ERROR_BYTES),
             partition,
             offset,
         };
@@ -78,6 +101,27 @@ impl ImageRecord {
         } else {
             (default_id(), text.to_owned(), None)
         };
+        // Every field is copied into the outputs: one that could make them larger than the
+        // broker accepts would stop the pipeline on this record again after every restart.
+        let at = format!("record at {partition}:{offset}");
+        if id.len() > MAX_ID_BYTES {
+            return Err(dead("id_too_long", format!("{at}: id is {} bytes, over {MAX_ID_BYTES}", id.len())));
+        }
+        if uri.len() > MAX_URI_BYTES {
+            return Err(dead("uri_too_long", format!("{at}: uri is {} bytes, over {MAX_URI_BYTES}", uri.len())));
+        }
+        match &label {
+            Some(l) if l.len() > MAX_LABEL_BYTES => {
+                return Err(dead("invalid_label", format!("{at}: label is {} bytes, over {MAX_LABEL_BYTES}", l.len())))
+            }
+            Some(l) if l.trim().is_empty() => {
+                return Err(dead(
+                    "invalid_label",
+                    format!("{at}: label is empty; leave it out for an unlabelled record"),
+                ))
+            }
+            _ => {}
+        }
         Ok(ImageRecord { id, uri, label, partition, offset, kafka_ts_ms })
     }
 
@@ -86,9 +130,12 @@ impl ImageRecord {
         DeadLetter {
             id: Some(self.id.clone()),
             uri: Some(self.uri.clone()),
-            raw: serde_json::json!({"id": self.id, "uri": self.uri, "label": self.label}).to_string(),
+            raw: truncate(
+                &serde_json::json!({"id": self.id, "uri": self.uri, "label": self.label}).to_string(),
+                MAX_RAW_BYTES,
+            ),
             error_kind: error_kind.into(),
-            error,
+            error: truncate(&error, MAX_ERROR_BYTES),
             partition: self.partition,
             offset: self.offset,
         }
@@ -209,6 +256,20 @@ impl DeadLetter {
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("serialisable")
     }
+
+    /// The smallest dead letter for an output the broker refused as too large: the record's
+    /// coordinates, its id cut short, no raw input.
+    pub fn output_too_large(id: &str, partition: i32, offset: i64, error: &str) -> DeadLetter {
+        DeadLetter {
+            id: Some(truncate(id, 256)),
+            uri: None,
+            raw: String::new(),
+            error_kind: "output_too_large".into(),
+            error: truncate(&format!("the output for this record was refused by the broker: {error}"), 512),
+            partition,
+            offset,
+        }
+    }
 }
 
 /// What the sink publishes for one input record: exactly one of these per record.
@@ -258,6 +319,37 @@ mod tests {
             "malformed_record"
         );
         assert_eq!(ImageRecord::parse(None, None, 0, 0, None).unwrap_err().error_kind, "missing_uri");
+    }
+
+    #[test]
+    fn oversized_fields_are_refused_and_what_a_dead_letter_copies_is_capped() {
+        let long_id = "i".repeat(600_000);
+        let payload = format!(r#"{{"id":"{long_id}","uri":"file:///x.png"}}"#);
+        let d = ImageRecord::parse(Some(payload.as_bytes()), None, 0, 9, None).unwrap_err();
+        assert_eq!(d.error_kind, "id_too_long");
+        assert!(d.to_json().len() < 8 * 1024, "dead letter of {} bytes", d.to_json().len());
+        let payload = format!(r#"{{"uri":"file:///{}"}}"#, "u".repeat(600_000));
+        let d = ImageRecord::parse(Some(payload.as_bytes()), Some(b"k"), 0, 10, None).unwrap_err();
+        assert_eq!(d.error_kind, "uri_too_long");
+        assert!(d.to_json().len() < 8 * 1024, "dead letter of {} bytes", d.to_json().len());
+        // A key used as the id counts as the id; the dead letter copies only its start.
+        let d = ImageRecord::parse(Some(b"a.png"), Some(long_id.as_bytes()), 0, 11, None).unwrap_err();
+        assert_eq!(d.error_kind, "id_too_long");
+        assert!(d.to_json().len() < 8 * 1024, "dead letter of {} bytes", d.to_json().len());
+        let payload = format!(r#"{{"uri":"a.png","label":"{}"}}"#, "l".repeat(300));
+        assert_eq!(
+            ImageRecord::parse(Some(payload.as_bytes()), None, 0, 11, None).unwrap_err().error_kind,
+            "invalid_label"
+        );
+        let d = ImageRecord::parse(Some(br#"{"uri":"a.png","label":"  "}"#), None, 0, 12, None).unwrap_err();
+        assert_eq!(d.error_kind, "invalid_label");
+        // At the limits, accepted.
+        let payload = format!(r#"{{"id":"{}","uri":"a.png","label":"{}"}}"#, "i".repeat(MAX_ID_BYTES), "é".repeat(128));
+        assert!(ImageRecord::parse(Some(payload.as_bytes()), None, 0, 13, None).is_ok());
+        // Multi-byte text is cut at a character boundary.
+        assert_eq!(truncate("ééé", 5), "é…");
+        assert_eq!(truncate("ééé", 6), "ééé");
+        assert_eq!(truncate("éééé", 7), "éé…");
     }
 
     #[test]

@@ -33,6 +33,17 @@ pub struct RunArgs {
 }
 
 pub fn run(mut config: Config, args: RunArgs) -> anyhow::Result<()> {
+    if args.workers == 0 || args.processes == 0 {
+        anyhow::bail!("-w (workers per process) and -n (processes) must be at least 1");
+    }
+    if args.process >= args.processes {
+        anyhow::bail!(
+            "-p {} is not a process index of -n {} (0 to {})",
+            args.process,
+            args.processes,
+            args.processes - 1
+        );
+    }
     if args.stop_at_end {
         config.pipeline.stop_at_end = true;
     }

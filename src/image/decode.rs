@@ -20,11 +20,16 @@ pub struct ImageLimits {
     pub max_pixels: u64,
     /// Largest width or height accepted, in pixels. Default 20000.
     pub max_side: u32,
+    /// Largest ratio of the longer side to the shorter one. Resizing the shorter side to the
+    /// model's size scales the longer one by the same factor, so a tiny 20000x1 image would
+    /// become 5,120,000x256 pixels (3.9 GB); real photos, panoramas included, stay far below
+    /// this. Default 32.
+    pub max_aspect_ratio: u32,
 }
 
 impl Default for ImageLimits {
     fn default() -> Self {
-        ImageLimits { max_encoded_bytes: 32 << 20, max_pixels: 64_000_000, max_side: 20_000 }
+        ImageLimits { max_encoded_bytes: 32 << 20, max_pixels: 64_000_000, max_side: 20_000, max_aspect_ratio: 32 }
     }
 }
 
@@ -40,6 +45,8 @@ pub enum DecodeError {
     UnknownFormat { magic: String },
     #[error("{width}x{height} image exceeds the limits ({max_pixels} pixels, {max_side} per side; image.max_pixels, image.max_side)")]
     TooLarge { width: u32, height: u32, max_pixels: u64, max_side: u32 },
+    #[error("{width}x{height} image is too elongated: its sides differ by more than {max}:1 (image.max_aspect_ratio), and resizing it would make it huge")]
+    AspectRatio { width: u32, height: u32, max: u32 },
     #[error("{format} data is truncated: {detail}")]
     Truncated { format: &'static str, detail: &'static str },
     #[error("cannot decode {format} data: {source}")]
@@ -78,6 +85,10 @@ pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage, DecodeErro
     let (width, height) = decoder.dimensions();
     if width > limits.max_side || height > limits.max_side || u64::from(width) * u64::from(height) > limits.max_pixels {
         return Err(DecodeError::TooLarge { width, height, max_pixels: limits.max_pixels, max_side: limits.max_side });
+    }
+    let (short, long) = (width.min(height), width.max(height));
+    if short == 0 || u64::from(long) > u64::from(short) * u64::from(limits.max_aspect_ratio) {
+        return Err(DecodeError::AspectRatio { width, height, max: limits.max_aspect_ratio });
     }
     // A broken EXIF block is not a reason to lose the image: fall back to "as stored".
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
@@ -214,5 +225,34 @@ mod tests {
             }
         }
         !crc
+    }
+
+    #[test]
+    fn a_tiny_elongated_image_is_refused_before_it_is_decoded_or_resized() {
+        // A 20000x1 PNG is a few hundred bytes, within max_side and max_pixels; resized to a shorter side
+        // of 256 it would be 5,120,000x256 RGB: 3.9 GB. Its header alone must refuse it.
+        let bomb = encode(&DynamicImage::ImageRgb8(RgbImage::new(20_000, 1)), ImageFormat::Png);
+        assert!(bomb.len() < 1024, "{} bytes", bomb.len());
+        let err = decode(&bomb, &ImageLimits::default()).unwrap_err();
+        assert!(matches!(err, DecodeError::AspectRatio { width: 20_000, height: 1, max: 32 }), "{err}");
+        assert_eq!(err.kind(), "too_large");
+        assert!(err.to_string().contains("image.max_aspect_ratio"), "{err}");
+        // A long panorama within the ratio still decodes.
+        let panorama = encode(&DynamicImage::ImageRgb8(RgbImage::new(3200, 100)), ImageFormat::Png);
+        assert_eq!(decode(&panorama, &ImageLimits::default()).unwrap().dimensions(), (3200, 100));
+    }
+
+    #[test]
+    fn preprocessing_refuses_what_would_be_huge_after_resizing_whatever_the_limits_let_through() {
+        // With the aspect-ratio limit lifted, the preprocessing's own guard still refuses the
+        // image before allocating the resized copy.
+        let limits = ImageLimits { max_aspect_ratio: u32::MAX, ..ImageLimits::default() };
+        let image =
+            decode(&encode(&DynamicImage::ImageRgb8(RgbImage::new(20_000, 1)), ImageFormat::Png), &limits).unwrap();
+        let preprocess = crate::image::Preprocess::new(224, 224, 256, [0.5; 3], [0.5; 3]).unwrap();
+        let mut out = vec![0f32; preprocess.tensor_len()];
+        let err = preprocess.run(&image, &mut fast_image_resize::Resizer::new(), &mut out).unwrap_err();
+        assert_eq!(err.kind(), "too_large", "{err}");
+        assert!(err.to_string().contains("5120000x256"), "{err}");
     }
 }

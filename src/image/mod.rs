@@ -42,7 +42,17 @@ impl FileError {
             FileError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => "not_found",
             FileError::Read { .. } => "unreadable",
             FileError::Decode { source, .. } => source.kind(),
-            FileError::Preprocess { .. } => "unprocessable",
+            FileError::Preprocess { source, .. } => source.kind(),
+        }
+    }
+}
+
+impl PreprocessError {
+    /// See [`FileError::kind`]: `too_large` or `unprocessable`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PreprocessError::TooLarge { .. } => "too_large",
+            PreprocessError::Invalid(_) | PreprocessError::Resize(_) => "unprocessable",
         }
     }
 }
@@ -52,7 +62,9 @@ impl DecodeError {
     pub fn kind(&self) -> &'static str {
         match self {
             DecodeError::Empty => "empty",
-            DecodeError::TooManyBytes { .. } | DecodeError::TooLarge { .. } => "too_large",
+            DecodeError::TooManyBytes { .. } | DecodeError::TooLarge { .. } | DecodeError::AspectRatio { .. } => {
+                "too_large"
+            }
             DecodeError::UnknownFormat { .. } => "unsupported_format",
             DecodeError::Corrupt { .. } | DecodeError::Truncated { .. } => "undecodable",
         }

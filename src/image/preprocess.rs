@@ -17,7 +17,13 @@ pub enum PreprocessError {
     Invalid(String),
     #[error("resize failed: {0}")]
     Resize(String),
+    #[error("{width}x{height} image would be {resized_width}x{resized_height} after resizing, over {MAX_RESIZED_PIXELS} pixels")]
+    TooLarge { width: u32, height: u32, resized_width: u32, resized_height: u32 },
 }
+
+/// The most pixels an image may have after resizing, whatever got it there: a guard behind
+/// `image.max_aspect_ratio`, checked before the resized image is allocated.
+pub const MAX_RESIZED_PIXELS: u64 = 16 << 20;
 
 /// One model's input preparation: resize the shorter side, centre-crop, scale to [0, 1],
 /// subtract the mean and divide by the std per channel, lay out as CHW.
@@ -84,6 +90,9 @@ impl Preprocess {
             return Err(PreprocessError::Invalid(format!("image is {w}x{h}")));
         }
         let (new_w, new_h) = resized_size(w, h, self.resize_shorter_side);
+        if u64::from(new_w) * u64::from(new_h) > MAX_RESIZED_PIXELS {
+            return Err(PreprocessError::TooLarge { width: w, height: h, resized_width: new_w, resized_height: new_h });
+        }
         let resized;
         let (pixels, pw, ph): (&[u8], u32, u32) = if (new_w, new_h) == (w, h) {
             (image.as_raw(), w, h)
@@ -125,7 +134,8 @@ impl Preprocess {
 /// aspect ratio, truncated (`int(size * long / short)`).
 fn resized_size(w: u32, h: u32, size: u32) -> (u32, u32) {
     let (short, long) = if w <= h { (w, h) } else { (h, w) };
-    let new_long = (u64::from(size) * u64::from(long) / u64::from(short)) as u32;
+    // Saturates rather than wraps: the caller refuses sizes this large.
+    let new_long = (u64::from(size) * u64::from(long) / u64::from(short)).min(u64::from(u32::MAX)) as u32;
     if w <= h {
         (size, new_long)
     } else {

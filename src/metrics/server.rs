@@ -32,11 +32,12 @@ pub struct Readiness {
     ready: AtomicUsize,
     workers: usize,
     stop: Arc<AtomicBool>,
+    failed: AtomicBool,
 }
 
 impl Readiness {
     pub fn new(workers: usize, stop: Arc<AtomicBool>) -> Readiness {
-        Readiness { ready: AtomicUsize::new(0), workers, stop }
+        Readiness { ready: AtomicUsize::new(0), workers, stop, failed: AtomicBool::new(false) }
     }
 
     /// One local worker has built its dataflow and assigned its partitions.
@@ -44,8 +45,15 @@ impl Readiness {
         self.ready.fetch_add(1, Ordering::SeqCst);
     }
 
+    /// A worker hit a fatal error: not ready from now on, while the process winds down.
+    pub fn fail(&self) {
+        self.failed.store(true, Ordering::SeqCst);
+    }
+
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst) >= self.workers && !self.stop.load(Ordering::Relaxed)
+        self.ready.load(Ordering::SeqCst) >= self.workers
+            && !self.stop.load(Ordering::Relaxed)
+            && !self.failed.load(Ordering::SeqCst)
     }
 }
 

@@ -26,8 +26,8 @@ use crate::model::{parse_device, resolve, Featurizer, OutputKind};
 use crate::transfer::classifier::{featurizer_metadata, Classifier};
 use dlpipe_operators::{
     featurize, fetch_decode, kafka_sink, kafka_source, learn_predict, Backlog, Batching, DeadLetter, Epoch,
-    EpochPolicy, Fatal, Featured, ImageRecord, LabelledExample, ModelRow, Outcome, PartitionRange, PrepareError,
-    SinkContext, SinkSpec, SourceSpec,
+    EpochPolicy, Fatal, Featured, ImageRecord, LabelledExample, ModelRow, Outcome, PartitionRange, Prepare,
+    PrepareError, SinkContext, SinkSpec, SourceSpec,
 };
 use fast_image_resize::Resizer;
 use prometheus::core::Collector;
@@ -38,7 +38,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
@@ -94,23 +94,48 @@ pub fn run(options: RunOptions) -> anyhow::Result<Vec<WorkerSummary>> {
         tracing::info!(address = %bound, "serving /metrics, /healthz and /readyz");
     }
     crate::metrics::devices::spawn_poller(Arc::clone(&metrics), &config.model.devices, Duration::from_secs(5));
+    // Set when any local worker fails: the others stop too, rather than wait for its progress.
+    let failed = Arc::new(AtomicBool::new(false));
     let guards = timely::execute(timely_config, move |worker| {
-        let shared = Shared { metrics: &metrics, readiness: &readiness, local_workers };
-        run_worker(worker, &config, init_model.as_deref(), &stop, shared).map_err(|e| format!("{e:#}"))
+        let shared = Shared { metrics: &metrics, readiness: &readiness, local_workers, failed: &failed };
+        let result = run_worker(worker, &config, init_model.as_deref(), &stop, shared);
+        if result.is_err() {
+            // Not ready from now on; the other workers see `failed` within one step. Dropping
+            // the dataflow lets this worker end (timely would otherwise keep stepping it,
+            // waiting for progress that will never come).
+            readiness.fail();
+            failed.store(true, Ordering::SeqCst);
+            for dataflow in worker.installed_dataflows() {
+                worker.drop_dataflow(dataflow);
+            }
+        }
+        result.map_err(|e| format!("{e:#}"))
     })
     .map_err(anyhow::Error::msg)?;
     let mut summaries = Vec::new();
+    let mut errors = Vec::new();
     for result in guards.join() {
-        summaries.push(result.map_err(anyhow::Error::msg)?.map_err(anyhow::Error::msg)?);
+        match result.map_err(anyhow::Error::msg).and_then(|r| r.map_err(anyhow::Error::msg)) {
+            Ok(summary) => summaries.push(summary),
+            Err(error) => errors.push(error),
+        }
     }
-    Ok(summaries)
+    // The error that stopped the run, not the "another worker failed" of the workers it stopped.
+    errors.sort_by_key(|e| e.to_string().contains(ANOTHER_WORKER_FAILED));
+    match errors.into_iter().next() {
+        Some(error) => Err(error),
+        None => Ok(summaries),
+    }
 }
+
+const ANOTHER_WORKER_FAILED: &str = "stopped because another worker of this process failed";
 
 /// What the workers of one process share.
 struct Shared<'a> {
     metrics: &'a Arc<Metrics>,
     readiness: &'a Arc<Readiness>,
     local_workers: usize,
+    failed: &'a Arc<AtomicBool>,
 }
 
 // Dead letters travel through the dataflow as data, in `Result`s; boxing them buys nothing.
@@ -223,24 +248,28 @@ fn run_worker(
     let fetch_seconds = metrics.fetch_seconds.with_label_values(&[&worker_label]);
     let decode_seconds = metrics.decode_seconds.with_label_values(&[&worker_label]);
     let fetched_bytes = metrics.fetched_bytes.with_label_values(&[&worker_label]);
-    let prepare = Arc::new(move |record: &ImageRecord| -> Result<Vec<f32>, PrepareError> {
+    let max_encoded_bytes = limits.max_encoded_bytes;
+    let fetch = move |record: &ImageRecord| -> Result<Vec<u8>, PrepareError> {
+        let started = Instant::now();
+        let bytes = fetcher.fetch(&record.uri, max_encoded_bytes);
+        fetch_seconds.observe(started.elapsed().as_secs_f64());
+        let bytes = bytes.map_err(|e| (e.kind().to_owned(), e.to_string()))?;
+        fetched_bytes.inc_by(bytes.len() as u64);
+        Ok(bytes)
+    };
+    let decode_record = move |record: &ImageRecord, bytes: &[u8]| -> Result<Vec<f32>, PrepareError> {
         thread_local! {
             static RESIZER: RefCell<Resizer> = RefCell::new(Resizer::new());
         }
         let started = Instant::now();
-        let bytes = fetcher.fetch(&record.uri, limits.max_encoded_bytes);
-        fetch_seconds.observe(started.elapsed().as_secs_f64());
-        let bytes = bytes.map_err(|e| (e.kind().to_owned(), e.to_string()))?;
-        fetched_bytes.inc_by(bytes.len() as u64);
-        let started = Instant::now();
-        let image = decode(&bytes, &limits).map_err(|e| (e.kind().to_owned(), format!("{}: {e}", record.uri)))?;
+        let image = decode(bytes, &limits).map_err(|e| (e.kind().to_owned(), format!("{}: {e}", record.uri)))?;
         let mut pixels = vec![0f32; preprocess.tensor_len()];
         RESIZER
             .with(|r| preprocess.run(&image, &mut r.borrow_mut(), &mut pixels))
-            .map_err(|e| ("unprocessable".to_owned(), format!("{}: {e}", record.uri)))?;
+            .map_err(|e| (e.kind().to_owned(), format!("{}: {e}", record.uri)))?;
         decode_seconds.observe(started.elapsed().as_secs_f64());
         Ok(pixels)
-    });
+    };
     let labels = [worker_label.as_str(), device_name.as_str(), manifest.name.as_str()];
     let forward_seconds = metrics.featurize_seconds.with_label_values(&labels);
     let batch_records = metrics.featurize_batch.with_label_values(&labels);
@@ -299,11 +328,11 @@ fn run_worker(
         let (handle, raw) = raw.probe();
         probes.push(("kafka_source", handle));
         let (records, unreadable) = raw.ok_err::<Vec<ImageRecord>, _, Vec<DeadLetter>, _, _>(|r| r);
-        let decoded = fetch_decode(records, max_decoding, prepare, fetch_metrics);
+        let decoded = fetch_decode(records, max_decoding, Prepare { fetch, decode: decode_record }, fetch_metrics);
         let (handle, decoded) = decoded.probe();
         probes.push(("fetch_decode", handle));
         let (decoded, undecodable) = decoded.ok_err::<Vec<_>, _, Vec<DeadLetter>, _, _>(|r| r);
-        let featured = featurize(decoded, batching, model, featurize_metrics);
+        let featured = featurize(decoded, batching, model, Rc::clone(&fatal), featurize_metrics);
         let (handle, featured) = featured.probe();
         probes.push(("featurize", handle));
         let (featured, unfeaturized) = featured.ok_err::<Vec<Featured>, _, Vec<DeadLetter>, _, _>(|r| r);
@@ -351,6 +380,9 @@ fn run_worker(
         worker.step_or_park(Some(Duration::from_millis(20)));
         if let Some(error) = fatal.borrow().clone() {
             anyhow::bail!("worker {index}: {error}");
+        }
+        if shared.failed.load(Ordering::SeqCst) {
+            anyhow::bail!("worker {index}: {ANOTHER_WORKER_FAILED}");
         }
         if last_refresh.elapsed() >= Duration::from_secs(1) {
             last_refresh = Instant::now();

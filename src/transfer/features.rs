@@ -36,7 +36,7 @@ impl ImageError {
         match self {
             ImageError::Fetch(e) => e.kind(),
             ImageError::Decode { source, .. } => source.kind(),
-            ImageError::Preprocess { .. } => "unprocessable",
+            ImageError::Preprocess { source, .. } => source.kind(),
         }
     }
 }
