@@ -77,7 +77,7 @@ impl Run {
         let group = common::unique(&format!("{name}-group"));
         let toml = format!(
             "[model]\ndir = \"{models}\"\nbatch_size = 16\n\n[kafka]\nbrokers = \"{brokers}\"\n\n\
-             [metrics]\nlisten = \"127.0.0.1:0\"\n\n[pipeline]\n\
+             [metrics]\nlisten = \"127.0.0.1:0\"\n\n[fetch]\nallowed_networks = [\"127.0.0.0/8\"]\n\n[pipeline]\n\
              input_topic = \"{input}\"\npredictions_topic = \"{predictions}\"\ndead_letter_topic = \"{dead}\"\n\
              model_topic = \"{models_topic}\"\ngroup_id = \"{group}\"\nsnapshot_dir = \"{snapshots}\"\n\
              topic_partitions = 2\nstatus_interval_secs = 2\n{extra}\n",
@@ -172,6 +172,13 @@ fn one_prediction_per_good_record_and_one_dead_letter_per_bad_input() {
         ("scheme", serde_json::json!({"id": "scheme", "uri": "s3://bucket/cat.jpg"}).to_string(), "unsupported_scheme"),
         ("oversized", record("oversized", &oversized, None), "too_large"),
         ("http404", serde_json::json!({"id": "http404", "uri": http_404_server()}).to_string(), "not_found"),
+        // Server-side request forgery: the cloud metadata address is refused, not fetched.
+        (
+            "metadata",
+            serde_json::json!({"id": "metadata", "uri": "http://169.254.169.254/latest/meta-data/iam"}).to_string(),
+            "forbidden_address",
+        ),
+        ("proc", record("proc", Path::new("/proc/self/environ"), None), "forbidden_local_file"),
     ];
     for (i, (id, payload, _)) in bad.iter().enumerate() {
         let at = (2 * i + 1).min(messages.len());

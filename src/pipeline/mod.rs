@@ -242,7 +242,7 @@ fn run_worker(
     };
 
     // Preparation on the pool: fetch, decode, preprocess.
-    let fetcher = Fetcher::new(config.fetch.clone());
+    let fetcher = Fetcher::new(config.fetch.clone()).map_err(anyhow::Error::msg)?;
     let limits = config.image;
     let preprocess: Preprocess = featurizer.preprocess().clone();
     let fetch_seconds = metrics.fetch_seconds.with_label_values(&[&worker_label]);

@@ -24,6 +24,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::debug;
 
+pub mod address;
+
 /// How URIs are fetched. Every field is optional in configuration files.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -52,9 +54,17 @@ pub struct FetchConfig {
     /// requested. Default true.
     pub allow_file: bool,
     /// Folder that relative plain paths resolve against; unset, they resolve against the current
-    /// directory. This is a base, not a sandbox: absolute paths and `..` still reach outside it.
-    /// Default unset.
+    /// directory. A base, not a sandbox: `file_roots` confines. Default unset.
     pub file_root: Option<PathBuf>,
+    /// Folders that local files must be in, after resolving `..` and symbolic links; empty
+    /// allows any regular file except under /proc, /sys and /dev (always refused). Set it
+    /// whenever the input topic is not fully trusted. Default empty.
+    pub file_roots: Vec<PathBuf>,
+    /// Internal networks (CIDR, e.g. `"10.1.0.0/16"`, or single addresses) that http(s) URIs
+    /// may reach. Loopback, private, link-local (169.254.169.254: cloud metadata), CGNAT,
+    /// multicast and reserved addresses are otherwise refused, so a URI cannot turn dlpipe
+    /// into a probe of the network it runs in. Default empty.
+    pub allowed_networks: Vec<String>,
 }
 
 impl Default for FetchConfig {
@@ -68,6 +78,8 @@ impl Default for FetchConfig {
             user_agent: concat!("dlpipe/", env!("CARGO_PKG_VERSION")).to_owned(),
             allow_file: true,
             file_root: None,
+            file_roots: Vec::new(),
+            allowed_networks: Vec::new(),
         }
     }
 }
@@ -85,9 +97,15 @@ pub enum FetchError {
     #[error("{uri} is not a valid URI: {reason}")]
     InvalidUri { uri: String, reason: String },
 
-    /// `forbidden_local_file`: a file URI or path while [`FetchConfig::allow_file`] is off.
-    #[error("{uri}: local files are disabled (allow_file = false); send http:// or https:// URIs instead")]
-    ForbiddenLocalFile { uri: String },
+    /// `forbidden_local_file`: a file URI or path while [`FetchConfig::allow_file`] is off, or
+    /// one outside [`FetchConfig::file_roots`] (the message says no more about the file: whether
+    /// it exists, or how large it is, is nobody's business outside the roots).
+    #[error("{uri}: {reason}")]
+    ForbiddenLocalFile { uri: String, reason: String },
+
+    /// `forbidden_address`: an http(s) host that resolves to an internal address.
+    #[error("{uri}: refused: {reason}")]
+    ForbiddenAddress { uri: String, reason: String },
 
     /// `not_found`: no file at the path.
     #[error("{uri}: no such file {}{}", path.display(), relative_hint(path))]
@@ -154,6 +172,7 @@ impl FetchError {
             FetchError::UnsupportedScheme { .. } => "unsupported_scheme",
             FetchError::InvalidUri { .. } => "invalid_uri",
             FetchError::ForbiddenLocalFile { .. } => "forbidden_local_file",
+            FetchError::ForbiddenAddress { .. } => "forbidden_address",
             FetchError::FileNotFound { .. } | FetchError::HttpNotFound { .. } => "not_found",
             FetchError::Unreadable { .. } => "unreadable",
             FetchError::TooLarge { .. } => "too_large",
@@ -168,7 +187,8 @@ impl FetchError {
         match self {
             FetchError::UnsupportedScheme { uri, .. }
             | FetchError::InvalidUri { uri, .. }
-            | FetchError::ForbiddenLocalFile { uri }
+            | FetchError::ForbiddenLocalFile { uri, .. }
+            | FetchError::ForbiddenAddress { uri, .. }
             | FetchError::FileNotFound { uri, .. }
             | FetchError::HttpNotFound { uri, .. }
             | FetchError::Unreadable { uri, .. }
@@ -240,13 +260,66 @@ impl FetchOutcome {
 pub struct Fetcher {
     agent: ureq::Agent,
     config: Arc<FetchConfig>,
+    /// `config.file_roots`, canonicalised once.
+    roots: Arc<Vec<PathBuf>>,
 }
 
+/// Folders no image is read from, whatever `file_roots` says: kernel and device files.
+const SYSTEM_DIRS: [&str; 3] = ["/proc", "/sys", "/dev"];
+
 impl Fetcher {
-    /// A fetcher with its own connection pool; create one per process and clone it.
-    pub fn new(config: FetchConfig) -> Fetcher {
-        let agent = agent_config(&config).build().into();
-        Fetcher { agent, config: Arc::new(config) }
+    /// A fetcher with its own connection pool; create one per process and clone it. Fails on
+    /// a `file_roots` folder that does not exist or an `allowed_networks` entry that is not
+    /// a network.
+    pub fn new(config: FetchConfig) -> Result<Fetcher, String> {
+        Fetcher::with_agent_config(config, |builder| builder)
+    }
+
+    fn with_agent_config(
+        config: FetchConfig,
+        adjust: impl FnOnce(
+            ureq::config::ConfigBuilder<ureq::typestate::AgentScope>,
+        ) -> ureq::config::ConfigBuilder<ureq::typestate::AgentScope>,
+    ) -> Result<Fetcher, String> {
+        let allowed = config
+            .allowed_networks
+            .iter()
+            .map(|n| n.parse::<address::Network>().map_err(|e| format!("fetch.allowed_networks: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let roots = config
+            .file_roots
+            .iter()
+            .map(|r| {
+                std::fs::canonicalize(r).map_err(|e| format!("fetch.file_roots: {} cannot be used: {e}", r.display()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let resolver = address::CheckedResolver::new(address::AddressPolicy { allowed, allow_all: false });
+        let agent_config = adjust(agent_config(&config)).build();
+        let agent =
+            ureq::Agent::with_parts(agent_config, ureq::unversioned::transport::DefaultConnector::default(), resolver);
+        Ok(Fetcher { agent, config: Arc::new(config), roots: Arc::new(roots) })
+    }
+
+    /// Checks a local path against the roots: the canonical path (`..` and links resolved) must
+    /// be inside one of them and outside the system folders. Missing files inside the roots are
+    /// `not_found` as usual; outside, every path gets the same answer.
+    fn confine(&self, uri: &str, path: &Path) -> Result<PathBuf, FetchError> {
+        let outside = |reason: &str| FetchError::ForbiddenLocalFile { uri: uri.into(), reason: reason.into() };
+        let canonical = match std::fs::canonicalize(path) {
+            Ok(canonical) => canonical,
+            // Unresolvable: missing (say so only inside the roots) or unreadable.
+            Err(_) if self.roots.is_empty() || self.roots.iter().any(|r| lexically_inside(path, r)) => {
+                return Ok(path.to_owned())
+            }
+            Err(_) => return Err(outside(OUTSIDE_ROOTS)),
+        };
+        if SYSTEM_DIRS.iter().any(|d| canonical.starts_with(d)) {
+            return Err(outside("system files (/proc, /sys, /dev) are never read"));
+        }
+        if !self.roots.is_empty() && !self.roots.iter().any(|r| canonical.starts_with(r)) {
+            return Err(outside(OUTSIDE_ROOTS));
+        }
+        Ok(canonical)
     }
 
     /// The configuration it was created with.
@@ -264,7 +337,10 @@ impl Fetcher {
     pub fn fetch_with_attempts(&self, uri: &str, max_bytes: u64) -> FetchOutcome {
         match self.target(uri) {
             Ok(Target::Http) => self.fetch_http(uri, max_bytes),
-            Ok(Target::File(path)) => FetchOutcome { result: read_file(uri, &path, max_bytes), attempts: 1 },
+            Ok(Target::File(path)) => match self.confine(uri, &path) {
+                Ok(path) => FetchOutcome { result: read_file(uri, &path, max_bytes), attempts: 1 },
+                Err(error) => FetchOutcome { result: Err(error), attempts: 0 },
+            },
             Err(error) => FetchOutcome { result: Err(error), attempts: 0 },
         }
     }
@@ -288,7 +364,8 @@ impl Fetcher {
             _ => {}
         }
         if !self.config.allow_file {
-            return Err(FetchError::ForbiddenLocalFile { uri: uri.into() });
+            let reason = "local files are disabled (fetch.allow_file = false); send http:// or https:// URIs instead";
+            return Err(FetchError::ForbiddenLocalFile { uri: uri.into(), reason: reason.into() });
         }
         let path = match scheme {
             Some(_) => file_uri_path(uri).map_err(|reason| FetchError::InvalidUri { uri: uri.into(), reason })?,
@@ -357,6 +434,24 @@ fn agent_config(config: &FetchConfig) -> ureq::config::ConfigBuilder<ureq::types
         .http_status_as_error(false)
         // A redirect loop then ends as an ordinary `http_status` error naming the 3xx status.
         .max_redirects_will_error(false)
+}
+
+const OUTSIDE_ROOTS: &str = "the file is outside fetch.file_roots";
+
+/// Whether `path`, with `.` and `..` resolved as text, is inside `root` (for paths that do
+/// not exist, which `canonicalize` cannot resolve).
+fn lexically_inside(path: &Path, root: &Path) -> bool {
+    let mut normal = PathBuf::new();
+    for part in path.components() {
+        match part {
+            std::path::Component::ParentDir => {
+                normal.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => normal.push(other),
+        }
+    }
+    normal.is_absolute() && normal.starts_with(root)
 }
 
 enum Target {
@@ -495,6 +590,8 @@ impl HttpFailure {
         match self {
             HttpFailure::Status { status, .. } => *status == 429 || (500..=599).contains(status),
             HttpFailure::TooLarge { .. } => false,
+            // A refused address is final: asking again gets the same answer.
+            HttpFailure::Ureq(ureq::Error::Io(e)) if e.kind() == io::ErrorKind::PermissionDenied => false,
             HttpFailure::Ureq(error) => matches!(
                 error,
                 ureq::Error::Timeout(_)
@@ -527,6 +624,11 @@ impl HttpFailure {
             }
             HttpFailure::Ureq(error @ (ureq::Error::BadUri(_) | ureq::Error::Http(_))) => {
                 FetchError::InvalidUri { uri, reason: error.to_string() }
+            }
+            HttpFailure::Ureq(ureq::Error::Io(e))
+                if e.kind() == io::ErrorKind::PermissionDenied && e.to_string().starts_with(address::REFUSED) =>
+            {
+                FetchError::ForbiddenAddress { uri, reason: e.to_string()[address::REFUSED.len()..].to_owned() }
             }
             HttpFailure::Ureq(source) => FetchError::Network { uri, attempts, source },
         }
@@ -667,8 +769,9 @@ mod tests {
     /// A fetcher that ignores proxy environment variables, which would otherwise send requests
     /// for the local test server to a proxy.
     fn fetcher(config: FetchConfig) -> Fetcher {
-        let agent = agent_config(&config).proxy(None).build().into();
-        Fetcher { agent, config: Arc::new(config) }
+        // The test servers listen on loopback, which the fetch policy refuses by default.
+        let config = FetchConfig { allowed_networks: vec!["127.0.0.0/8".into()], ..config };
+        Fetcher::with_agent_config(config, |b| b.proxy(None)).unwrap()
     }
 
     fn fetch_err(fetcher: &Fetcher, uri: &str, max_bytes: u64) -> (FetchError, u32) {
@@ -973,5 +1076,83 @@ mod tests {
             }
         });
         assert_eq!(server.hits(), 4);
+    }
+
+    #[test]
+    fn internal_addresses_are_refused_before_connecting_unless_allowed() {
+        // The same server, reached without and with an allow-list entry for loopback.
+        let server = Server::start(|_| response("200 OK", &[], b"secret"));
+        let url = server.url("/latest/meta-data");
+        let strict = Fetcher::with_agent_config(fast_config(), |b| b.proxy(None)).unwrap();
+        let (error, attempts) = fetch_err(&strict, &url, 1024);
+        assert_eq!((error.kind(), attempts), ("forbidden_address", 1), "{error}");
+        assert!(
+            error.to_string().contains("loopback") && error.to_string().contains("fetch.allowed_networks"),
+            "{error}"
+        );
+        assert!(server.requests.lock().unwrap().is_empty(), "a refused address must not be contacted");
+        // The cloud metadata address is refused the same way, with no connection attempt to
+        // time out: the answer does not depend on what listens there.
+        let (error, _) = fetch_err(&strict, "http://169.254.169.254/latest/meta-data/", 1024);
+        assert_eq!(error.kind(), "forbidden_address", "{error}");
+        assert_eq!(fetcher(fast_config()).fetch(&url, 1024).unwrap(), b"secret");
+    }
+
+    #[test]
+    fn a_redirect_to_an_internal_address_is_refused() {
+        // Allowed: 127.0.0.1 only. The allowed server redirects to 127.0.0.2, which is loopback
+        // too but not allowed: the hop is checked like the first request.
+        let inner = Server::start(|_| response("200 OK", &[], b"internal"));
+        let target = format!("http://127.0.0.2:{}/admin", inner.addr.port());
+        let location = format!("Location: {target}");
+        let outer = Server::start(move |_| response("302 Found", &[location.as_str()], b""));
+        let config = FetchConfig { allowed_networks: vec!["127.0.0.1".into()], ..fast_config() };
+        let fetcher = Fetcher::with_agent_config(config, |b| b.proxy(None)).unwrap();
+        let (error, _) = fetch_err(&fetcher, &outer.url("/image.jpg"), 1024);
+        assert_eq!(error.kind(), "forbidden_address", "{error}");
+        assert!(inner.requests.lock().unwrap().is_empty());
+        assert!(Fetcher::new(FetchConfig { allowed_networks: vec!["10.0.0.0/99".into()], ..fast_config() })
+            .unwrap_err()
+            .contains("fetch.allowed_networks"));
+    }
+
+    #[test]
+    fn files_outside_the_roots_are_refused_whatever_the_path_or_link_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("images");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(root.join("cat.jpg"), b"cat").unwrap();
+        let secret = dir.path().join("secret.txt");
+        std::fs::write(&secret, b"top secret").unwrap();
+        std::os::unix::fs::symlink(&secret, root.join("link.jpg")).unwrap();
+        let config = FetchConfig { file_roots: vec![root.clone()], ..fast_config() };
+        let confined = Fetcher::new(config).unwrap();
+        let uri = |p: &Path| format!("file://{}", p.display());
+        assert_eq!(confined.fetch(&uri(&root.join("cat.jpg")), 100).unwrap(), b"cat");
+        let missing = confined.fetch(&uri(&root.join("dog.jpg")), 100).unwrap_err();
+        assert_eq!(missing.kind(), "not_found", "inside the roots, a missing file is said to be missing");
+        // Outside: through `..`, a link, an absolute path, a missing file, a system file. Every
+        // one gets the same answer, with nothing about the file itself.
+        let escapes = [
+            root.join("../secret.txt"),
+            root.join("link.jpg"),
+            secret.clone(),
+            dir.path().join("no-such-file"),
+            PathBuf::from("/proc/self/environ"),
+        ];
+        let mut messages = Vec::new();
+        for path in &escapes {
+            let (error, _) = fetch_err(&confined, &uri(path), 100);
+            assert_eq!(error.kind(), "forbidden_local_file", "{}: {error}", path.display());
+            messages.push(error.to_string().replace(&uri(path), "URI"));
+        }
+        assert!(messages[..4].iter().all(|m| m == &messages[0]), "answers differ: {messages:?}");
+        // Without roots, system files are still refused.
+        let open = fetcher(fast_config());
+        let (error, _) = fetch_err(&open, "/proc/self/environ", 1 << 20);
+        assert_eq!(error.kind(), "forbidden_local_file", "{error}");
+        assert!(Fetcher::new(FetchConfig { file_roots: vec![dir.path().join("nope")], ..fast_config() })
+            .unwrap_err()
+            .contains("fetch.file_roots"));
     }
 }
