@@ -5,7 +5,7 @@ CARGO ?= cargo
 # One build profile for the demo, the tests and the benchmarks, so nothing is compiled twice.
 PROFILE_FLAGS := --release
 
-.PHONY: setup build demo test lint bench services-stop clean-data
+.PHONY: setup build demo test lint bench fuzz services-stop clean-data
 
 setup:
 	scripts/setup
@@ -19,6 +19,12 @@ demo: build
 test: setup
 	scripts/kafka start
 	$(CARGO) test $(PROFILE_FLAGS) --workspace --no-fail-fast -- --show-output
+
+# Mutation fuzzing of the record parser and the image decoder, FUZZ_SECONDS per target
+# (`make test` runs a short pass of each). A crash prints DLPIPE_FUZZ_SEED to reproduce it.
+FUZZ_SECONDS ?= 120
+fuzz: setup
+	DLPIPE_FUZZ_SECONDS=$(FUZZ_SECONDS) $(CARGO) test $(PROFILE_FLAGS) --test fuzz -- --nocapture --test-threads 2
 
 lint:
 	$(CARGO) fmt --all -- --check

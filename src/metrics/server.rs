@@ -4,14 +4,18 @@
 //! requested).
 //!
 //! Each connection gets a short-lived thread, reads one request and closes: Prometheus scrapes
-//! and probes are a handful per second at most, so nothing more elaborate is needed.
+//! and probes are a handful per second at most, so nothing more elaborate is needed. The port
+//! may be reachable by anyone on the network, so what a client can hold is bounded: at most
+//! [`MAX_CONNECTIONS`] at once (more are closed at once), a request head of at most
+//! [`MAX_REQUEST_BYTES`] (431 past it), and [`REQUEST_DEADLINE`] to send it, however slowly
+//! the bytes trickle in (then the connection is dropped).
 
 use super::Metrics;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -73,37 +77,83 @@ pub fn address_for(listen: &str, process: usize) -> Result<SocketAddr, ServeErro
     Ok(address)
 }
 
+/// Connections served at once; more are closed as they arrive.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Largest request head (request line and headers) read, in bytes.
+pub const MAX_REQUEST_BYTES: u64 = 8 * 1024;
+/// Time a client has to send its whole request head.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+
 /// Starts serving on `address`; returns the bound address (the real port when it was 0).
 pub fn serve(address: SocketAddr, metrics: Arc<Metrics>, readiness: Arc<Readiness>) -> Result<SocketAddr, ServeError> {
     let listener = TcpListener::bind(address).map_err(|e| ServeError::Bind(address, e))?;
     let bound = listener.local_addr().map_err(|e| ServeError::Bind(address, e))?;
+    let open = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("metrics-http".into())
         .spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
-                let (metrics, readiness) = (Arc::clone(&metrics), Arc::clone(&readiness));
-                let _ = std::thread::Builder::new().name("metrics-conn".into()).spawn(move || {
+                if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                    open.fetch_sub(1, Ordering::SeqCst);
+                    tracing::debug!("metrics endpoint: too many connections; closing a new one");
+                    continue; // dropped: closed
+                }
+                let (metrics, readiness, open) = (Arc::clone(&metrics), Arc::clone(&readiness), Arc::clone(&open));
+                let spawned = std::thread::Builder::new().name("metrics-conn".into()).spawn(move || {
                     if let Err(error) = answer(stream, &metrics, &readiness) {
                         tracing::debug!(%error, "metrics request failed");
                     }
+                    open.fetch_sub(1, Ordering::SeqCst);
                 });
+                if spawned.is_err() {
+                    // The closure (and its decrement) never runs.
+                    tracing::warn!("metrics endpoint: cannot start a connection thread");
+                }
             }
         })
         .map_err(|e| ServeError::Bind(address, e))?;
     Ok(bound)
 }
 
+/// Reads one line of the request head, within the deadline and what is left of the size limit.
+fn read_head_line(
+    reader: &mut impl BufRead,
+    stream: &TcpStream,
+    deadline: Instant,
+    line: &mut String,
+) -> std::io::Result<usize> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "request head not sent in time"));
+    }
+    stream.set_read_timeout(Some(left))?;
+    reader.read_line(line)
+}
+
 fn answer(stream: TcpStream, metrics: &Metrics, readiness: &Readiness) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
+    stream.set_write_timeout(Some(REQUEST_DEADLINE))?;
+    let deadline = Instant::now() + REQUEST_DEADLINE;
+    // `take` caps what the whole head may cost; a line cut by it has no newline.
+    let mut reader = BufReader::new(stream.try_clone()?.take(MAX_REQUEST_BYTES));
     let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
+    read_head_line(&mut reader, &stream, deadline, &mut request_line)?;
     // Read (and ignore) the headers, up to the blank line.
     let mut header = String::new();
-    while reader.read_line(&mut header)? > 2 {
+    let mut complete = request_line.ends_with('\n');
+    while complete && read_head_line(&mut reader, &stream, deadline, &mut header)? > 2 {
+        complete = header.ends_with('\n');
         header.clear();
+    }
+    if !complete {
+        let mut stream = stream;
+        let body = "request head too large\n";
+        write!(
+            stream,
+            "HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )?;
+        return stream.flush();
     }
     let mut parts = request_line.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -217,6 +218,61 @@ fn the_endpoint_serves_metrics_health_and_readiness() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert_eq!(get(address, "/readyz").0, 503, "stopping");
     assert_eq!(get(address, "/nothing").0, 404);
+    let failed = Arc::new(Readiness::new(1, Arc::new(std::sync::atomic::AtomicBool::new(false))));
+    failed.worker_ready();
+    assert!(failed.is_ready());
+    failed.fail();
+    assert!(!failed.is_ready(), "a failed worker makes the process unready");
+}
+
+/// Threads of this process with the given name.
+fn threads_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim() == name)
+        .count()
+}
+
+#[test]
+fn clients_cannot_hold_the_endpoint_with_many_slow_or_huge_requests() {
+    use super::server::{MAX_CONNECTIONS, REQUEST_DEADLINE};
+    let metrics = Arc::new(Metrics::new());
+    let readiness = Arc::new(Readiness::new(1, Arc::new(std::sync::atomic::AtomicBool::new(false))));
+    let address = serve("127.0.0.1:0".parse().unwrap(), metrics, readiness).unwrap();
+
+    // A request head of 100 KiB: refused with 431, not read to its end.
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    let huge = format!("GET /metrics HTTP/1.1\r\nX-Filler: {}\r\n\r\n", "a".repeat(100 * 1024));
+    let _ = stream.write_all(huge.as_bytes());
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    assert!(response.starts_with("HTTP/1.1 431"), "{}", &response[..response.len().min(100)]);
+
+    // 100 clients that connect and send a byte now and then (slowloris): no more than
+    // MAX_CONNECTIONS threads serve them, and each is dropped after the deadline.
+    let started = std::time::Instant::now();
+    let mut idle: Vec<std::net::TcpStream> = (0..100).map(|_| std::net::TcpStream::connect(address).unwrap()).collect();
+    for stream in &mut idle {
+        let _ = stream.write_all(b"G");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let serving = threads_named("metrics-conn");
+    assert!(serving <= MAX_CONNECTIONS, "{serving} connection threads for 100 idle clients");
+    for stream in &mut idle {
+        let _ = stream.write_all(b"E");
+    }
+    // Past the deadline every slow client has been disconnected: a read sees the end.
+    std::thread::sleep(REQUEST_DEADLINE + Duration::from_secs(1));
+    for stream in &mut idle {
+        stream.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 64];
+        assert!(matches!(stream.read(&mut buf), Ok(0) | Err(_)), "a slow client was kept");
+    }
+    assert_eq!(threads_named("metrics-conn"), 0);
+    // And the endpoint answers again.
+    assert_eq!(get(address, "/healthz").0, 200);
+    assert!(started.elapsed() < REQUEST_DEADLINE * 3);
 }
 
 #[test]

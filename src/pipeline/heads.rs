@@ -125,8 +125,19 @@ impl Head for OnlineLrHead {
 
     fn learn(&mut self, _epoch: Epoch, examples: &[LabelledExample]) {
         for example in examples {
+            let classes = self.model.num_classes();
             match self.model.learn(&example.features, &example.label) {
                 Ok(outcome) => {
+                    // A feed of made-up labels would otherwise fill max_classes unnoticed:
+                    // every discovery is logged, and reaching the limit is a warning.
+                    let now = self.model.num_classes();
+                    if now > classes {
+                        let max = self.model.config().max_classes;
+                        tracing::info!(label = example.label, classes = now, max_classes = max, "new class discovered");
+                        if now == max {
+                            tracing::warn!(max_classes = max, "the classifier has max_classes classes: labels of any other class will be refused (learner.classes fixes the list)");
+                        }
+                    }
                     self.metrics.record(outcome);
                     if let Some(c) = &mut self.counters {
                         c.examples.with(&example.label).inc();
