@@ -101,6 +101,9 @@ pub struct PipelineConfig {
     pub max_backlog: usize,
     /// Records of one worker being fetched and decoded at once.
     pub max_decoding: usize,
+    /// Encoded bytes held between fetching and decoding, by all workers of a process together;
+    /// fetch threads wait for room beyond it (one larger input still goes through, alone).
+    pub max_fetched_bytes: u64,
     /// Longest a record waits for its micro-batch to fill, in milliseconds.
     pub max_batch_wait_ms: u64,
     /// Create missing topics (input, outputs, model) at start-up. Off for clusters whose topics
@@ -135,6 +138,7 @@ impl Default for PipelineConfig {
             top_k: 3,
             max_backlog: 1024,
             max_decoding: 64,
+            max_fetched_bytes: 512 << 20,
             max_batch_wait_ms: 20,
             create_topics: true,
             topic_partitions: 4,
@@ -360,6 +364,9 @@ impl Config {
         }
         if self.pipeline.max_backlog == 0 || self.pipeline.max_decoding == 0 {
             return Err("pipeline.max_backlog and pipeline.max_decoding must be at least 1".into());
+        }
+        if p.max_fetched_bytes == 0 {
+            return Err("pipeline.max_fetched_bytes must be at least 1".into());
         }
         if p.top_k == 0 {
             return Err("pipeline.top_k must be at least 1".into());

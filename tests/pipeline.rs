@@ -509,3 +509,136 @@ fn a_refused_output_stops_the_process_promptly_and_nothing_past_it_is_committed(
         "partition 0 committed at {offset:?}, past the refused record at offset 0"
     );
 }
+
+/// The resident memory of process `pid`, in bytes.
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+/// Per partition of `topic`: (the group's committed offset, the high watermark).
+fn committed_and_end(topic: &str, group: &str, partitions: i32) -> Vec<(i64, i64)> {
+    let consumer: BaseConsumer =
+        dlpipe::kafka::client_config(&common::kafka_config()).set("group.id", group).create().unwrap();
+    let mut list = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        list.add_partition(topic, p);
+    }
+    let committed = consumer.committed_offsets(list, Duration::from_secs(10)).unwrap();
+    (0..partitions)
+        .map(|p| {
+            let c = match committed.find_partition(topic, p).unwrap().offset() {
+                rdkafka::Offset::Offset(o) => o,
+                _ => 0,
+            };
+            (c, consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap().1)
+        })
+        .collect()
+}
+
+/// Memory stays bounded however far the input runs ahead: the source stops reading at
+/// `max_backlog`, so an overload becomes consumer lag, not memory.
+const OVERLOAD_RSS_BOUND: u64 = 1536 << 20;
+
+#[test]
+fn ten_times_the_sustainable_rate_for_a_minute_bounds_memory_grows_lag_and_loses_nothing() {
+    // EfficientNet-Lite0 on this machine's 2 shared cores sustains ~30 images/s end to end;
+    // the producer sends 300 a second for a minute.
+    const RATE: u64 = 300;
+    const SECONDS: u64 = 60;
+    let n = (RATE * SECONDS) as usize;
+    let input = common::unique("overload-images");
+    let images = fashion(n, 0);
+    let spec = dlpipe::kafka::TopicSpec { partitions: 2, replication_factor: 1, configs: &[] };
+    dlpipe::kafka::ensure_topic(&common::kafka_config(), &input, spec).unwrap();
+    let run = Run::new("overload", &input, "max_backlog = 256\nepochs = { by = \"time\", millis = 500 }\n");
+    let log = run.dir.path().join("run.log");
+    let mut child = KillOnDrop(
+        run.command(&[]).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap(),
+    );
+    let pid = child.0.id();
+
+    let started = Instant::now();
+    let producer = {
+        let (input, images) = (input.clone(), images.clone());
+        std::thread::spawn(move || {
+            use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+            let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
+                dlpipe::kafka::client_config(&common::kafka_config()).set("linger.ms", "5").create().unwrap();
+            let started = Instant::now();
+            for (i, (path, label)) in images.iter().enumerate() {
+                let id = format!("o{i}");
+                let payload = record(&id, path, Some(label));
+                let mut message = BaseRecord::to(&input).partition(i as i32 % 2).key(&id).payload(&payload);
+                while let Err((_, m)) = producer.send(message) {
+                    message = m;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                let due = started + Duration::from_secs_f64((i + 1) as f64 / RATE as f64);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            producer.flush(Duration::from_secs(30)).unwrap();
+            started.elapsed()
+        })
+    };
+    let (mut peak_rss, mut lags) = (0u64, Vec::new());
+    while !producer.is_finished() {
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "the pipeline exited:\n{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        peak_rss = peak_rss.max(rss_bytes(pid).unwrap_or(0));
+        // The lag (records produced and not yet committed) after 20 s and after 55 s.
+        let due = [20, 55].get(lags.len()).copied().unwrap_or(u64::MAX);
+        if started.elapsed().as_secs() >= due {
+            let offsets = committed_and_end(&input, &run.group, 2);
+            lags.push(offsets.iter().map(|(c, end)| end - c).sum::<i64>());
+        }
+    }
+    let produced_in = producer.join().unwrap();
+
+    // A graceful stop: what is in flight is published and committed.
+    assert!(Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        peak_rss = peak_rss.max(rss_bytes(pid).unwrap_or(0));
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the graceful stop took over 120 s");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(status.success(), "dlpipe run failed:\n{}", std::fs::read_to_string(&log).unwrap());
+    let elapsed = started.elapsed().as_secs_f64();
+
+    // Nothing lost: every offset below the committed one has its output.
+    let offsets = committed_and_end(&input, &run.group, 2);
+    let done: i64 = offsets.iter().map(|(c, _)| c).sum();
+    let outputs: Vec<Value> = read_topic(&run.predictions, done as usize + 1, Duration::from_secs(5))
+        .into_iter()
+        .chain(read_topic(&run.dead, done as usize + 1, Duration::from_secs(3)))
+        .collect();
+    let covered: BTreeSet<(i64, i64)> =
+        outputs.iter().map(|o| (o["partition"].as_i64().unwrap(), o["offset"].as_i64().unwrap())).collect();
+    for (p, (committed, _)) in offsets.iter().enumerate() {
+        let missing: Vec<i64> = (0..*committed).filter(|o| !covered.contains(&(p as i64, *o))).collect();
+        assert!(missing.is_empty(), "partition {p}: committed {committed} but offsets {missing:?} have no output");
+    }
+    let throughput = done as f64 / elapsed;
+    println!(
+        "overload: {n} records in {:.0} s ({RATE}/s); processed {done} ({throughput:.1}/s), left {} as lag; \
+         lag at 20 s and 55 s: {lags:?}; peak RSS {} MiB (bound {} MiB)",
+        produced_in.as_secs_f64(),
+        n as i64 - done,
+        peak_rss >> 20,
+        OVERLOAD_RSS_BOUND >> 20
+    );
+    assert!(throughput * 5.0 < RATE as f64, "not an overload: the pipeline kept up at {throughput:.1}/s");
+    assert!(lags.len() == 2 && lags[1] > lags[0], "lag did not grow: {lags:?}");
+    assert!(peak_rss > 0 && peak_rss < OVERLOAD_RSS_BOUND, "peak RSS {} MiB", peak_rss >> 20);
+}

@@ -13,7 +13,9 @@
 //! another worker's fetch. Decoding is CPU work and goes to rayon's pool (one thread per core).
 //! Neither runs on the worker thread: while the worker runs the model on one batch, the next is
 //! fetched and decoded. At most `max_in_flight` records are being prepared at once; the rest
-//! wait here, in arrival order.
+//! wait here, in arrival order. Fetched bytes wait for room in a [`ByteBudget`] shared by the
+//! process's workers before they go to decoding, so memory stays bounded whatever the inputs
+//! weigh.
 //!
 //! A panic in either closure (an image decoder's bug met by a crafted file) is caught and
 //! becomes that record's dead letter, kind `internal_error`; the pipeline goes on.
@@ -22,7 +24,7 @@ use crate::metrics::FetchDecodeMetrics;
 use crate::records::{DeadLetter, Decoded, Epoch, ImageRecord};
 use std::collections::{BTreeMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
@@ -37,6 +39,44 @@ pub struct Prepare<F, D> {
     pub fetch: F,
     /// CPU work: runs on rayon's pool.
     pub decode: D,
+    /// Encoded bytes fetched and not yet decoded, across every worker that shares it.
+    pub budget: Arc<ByteBudget>,
+}
+
+/// A bound on the bytes held between fetching and decoding, shared by the workers of a
+/// process: fetch threads wait for room before handing their bytes on. Without it, 64 fetch
+/// threads per worker holding 32 MiB images each could hold gigabytes while rayon decodes two
+/// at a time. One input larger than the whole budget still goes through, alone.
+#[derive(Debug)]
+pub struct ByteBudget {
+    limit: u64,
+    held: Mutex<u64>,
+    freed: Condvar,
+}
+
+impl ByteBudget {
+    pub fn new(limit: u64) -> ByteBudget {
+        ByteBudget { limit, held: Mutex::new(0), freed: Condvar::new() }
+    }
+
+    /// Waits until `bytes` fit (or nothing else is held), then holds them.
+    pub fn acquire(&self, bytes: u64) {
+        let mut held = self.held.lock().expect("not poisoned");
+        while *held > 0 && held.saturating_add(bytes) > self.limit {
+            held = self.freed.wait(held).expect("not poisoned");
+        }
+        *held += bytes;
+    }
+
+    pub fn release(&self, bytes: u64) {
+        *self.held.lock().expect("not poisoned") -= bytes;
+        self.freed.notify_all();
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> u64 {
+        *self.held.lock().expect("not poisoned")
+    }
 }
 
 /// `metrics` gauges the records queued here and those being prepared.
@@ -54,6 +94,7 @@ where
     let index = worker.index();
     let fetch = Arc::new(prepare.fetch);
     let decode = Arc::new(prepare.decode);
+    let budget = prepare.budget;
     records.unary_frontier(Pipeline, "FetchDecode", move |_default_cap, info| {
         let activator = Arc::new(worker.sync_activator_for(info.address.to_vec()));
         let (done_tx, done_rx) = mpsc::channel::<(Epoch, Result<Decoded, DeadLetter>)>();
@@ -89,8 +130,13 @@ where
             while in_flight < max_in_flight {
                 let Some((epoch, record)) = queue.pop_front() else { break };
                 in_flight += 1;
-                let (tx, fetch, decode, activator) =
-                    (done_tx.clone(), Arc::clone(&fetch), Arc::clone(&decode), Arc::clone(&activator));
+                let (tx, fetch, decode, activator, budget) = (
+                    done_tx.clone(),
+                    Arc::clone(&fetch),
+                    Arc::clone(&decode),
+                    Arc::clone(&activator),
+                    Arc::clone(&budget),
+                );
                 pool.submit(Box::new(move || {
                     let done = move |result| {
                         // The operator may be gone at shutdown; then nobody needs the result.
@@ -102,11 +148,15 @@ where
                         Ok(bytes) => bytes,
                         Err((kind, error)) => return done(Err(record.dead_letter(&kind, error))),
                     };
+                    let held = bytes.len() as u64;
+                    budget.acquire(held);
                     rayon::spawn(move || {
                         let result = match guarded("decoding", &record, || decode(&record, &bytes)) {
                             Ok(pixels) => Ok(Decoded { record, pixels }),
                             Err((kind, error)) => Err(record.dead_letter(&kind, error)),
                         };
+                        drop(bytes);
+                        budget.release(held);
                         done(result)
                     });
                 }));
@@ -177,6 +227,7 @@ impl FetchPool {
 mod tests {
     use super::*;
     use crate::metrics::FetchDecodeMetrics;
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::{Duration, Instant};
     use timely::dataflow::operators::capture::{Capture, Event};
     use timely::dataflow::operators::vec::ToStream;
@@ -196,10 +247,22 @@ mod tests {
         F: Fn(&ImageRecord) -> Result<Vec<u8>, PrepareError> + Send + Sync + 'static,
         D: Fn(&ImageRecord, &[u8]) -> Result<Vec<f32>, PrepareError> + Send + Sync + 'static,
     {
+        run_with(records, max_in_flight, Prepare { fetch, decode, budget: Arc::new(ByteBudget::new(u64::MAX)) })
+    }
+
+    /// Like `run`, with the whole `Prepare` (a byte budget of the test's choosing).
+    fn run_with<F, D>(
+        records: Vec<ImageRecord>,
+        max_in_flight: usize,
+        prepare: Prepare<F, D>,
+    ) -> Vec<Result<Decoded, DeadLetter>>
+    where
+        F: Fn(&ImageRecord) -> Result<Vec<u8>, PrepareError> + Send + Sync + 'static,
+        D: Fn(&ImageRecord, &[u8]) -> Result<Vec<f32>, PrepareError> + Send + Sync + 'static,
+    {
         let captured = timely::execute_directly(move |worker| {
             let (tx, rx) = mpsc::channel();
             worker.dataflow::<Epoch, _, _>(|scope| {
-                let prepare = Prepare { fetch, decode };
                 fetch_decode(records.to_stream(scope), max_in_flight, prepare, FetchDecodeMetrics::default())
                     .capture_into(tx);
             });
@@ -290,5 +353,38 @@ mod tests {
         assert_eq!(quick.len(), 32 - slow);
         let last_quick = quick.iter().max().unwrap();
         assert!(*last_quick < hang / 2, "a quick fetch waited {last_quick:?} behind {slow} slow ones");
+    }
+
+    #[test]
+    fn bytes_between_fetch_and_decode_stay_within_the_budget() {
+        // 40 records of 10 MB each, fetched at once by 40 threads, decoded slowly: with a
+        // 25 MB budget no more than two are ever held (without it, up to 40: 400 MB).
+        const MB: u64 = 1 << 20;
+        let budget = Arc::new(ByteBudget::new(25 * MB));
+        let (held, peak) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (h, p, b) = (Arc::clone(&held), Arc::clone(&peak), Arc::clone(&budget));
+        let records: Vec<_> = (0..40).map(|i| record(i, "big")).collect();
+        let prepare = Prepare {
+            fetch: |_: &ImageRecord| Ok(vec![7u8; 10 * MB as usize]),
+            decode: move |_: &ImageRecord, bytes: &[u8]| {
+                let now = h.fetch_add(bytes.len() as u64, Ordering::SeqCst) + bytes.len() as u64;
+                p.fetch_max(now.max(b.held()), Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(20));
+                h.fetch_sub(bytes.len() as u64, Ordering::SeqCst);
+                Ok(vec![0.0])
+            },
+            budget: Arc::clone(&budget),
+        };
+        let out = run_with(records, 40, prepare);
+        assert_eq!(out.len(), 40);
+        assert!(out.iter().all(Result::is_ok));
+        let peak = peak.load(Ordering::SeqCst);
+        assert!(peak > 0 && peak <= 25 * MB, "peak {} MB held", peak / MB);
+        assert_eq!(budget.held(), 0);
+        // An input larger than the whole budget still goes through, alone.
+        let small = ByteBudget::new(MB);
+        small.acquire(10 * MB);
+        small.release(10 * MB);
+        assert_eq!(small.held(), 0);
     }
 }

@@ -24,7 +24,7 @@ pub mod records;
 pub mod retriable;
 
 pub use featurize::{featurize, Batching, ModelRow};
-pub use fetch_decode::{fetch_decode, Prepare, PrepareError};
+pub use fetch_decode::{fetch_decode, ByteBudget, Prepare, PrepareError};
 pub use kafka_sink::{kafka_sink, SinkContext, SinkSpec};
 pub use kafka_source::{kafka_source, EpochPolicy, PartitionRange, SourceSpec};
 pub use learn_predict::{learn_predict, Head};

@@ -25,7 +25,7 @@ use crate::metrics::{Metrics, Readiness};
 use crate::model::{parse_device, resolve, Featurizer, OutputKind};
 use crate::transfer::classifier::{featurizer_metadata, Classifier};
 use dlpipe_operators::{
-    featurize, fetch_decode, kafka_sink, kafka_source, learn_predict, Backlog, Batching, DeadLetter, Epoch,
+    featurize, fetch_decode, kafka_sink, kafka_source, learn_predict, Backlog, Batching, ByteBudget, DeadLetter, Epoch,
     EpochPolicy, Fatal, Featured, ImageRecord, LabelledExample, ModelRow, Outcome, PartitionRange, Prepare,
     PrepareError, SinkContext, SinkSpec, SourceSpec,
 };
@@ -96,8 +96,15 @@ pub fn run(options: RunOptions) -> anyhow::Result<Vec<WorkerSummary>> {
     crate::metrics::devices::spawn_poller(Arc::clone(&metrics), &config.model.devices, Duration::from_secs(5));
     // Set when any local worker fails: the others stop too, rather than wait for its progress.
     let failed = Arc::new(AtomicBool::new(false));
+    let fetched_bytes = Arc::new(ByteBudget::new(config.pipeline.max_fetched_bytes));
     let guards = timely::execute(timely_config, move |worker| {
-        let shared = Shared { metrics: &metrics, readiness: &readiness, local_workers, failed: &failed };
+        let shared = Shared {
+            metrics: &metrics,
+            readiness: &readiness,
+            local_workers,
+            failed: &failed,
+            fetched_bytes: &fetched_bytes,
+        };
         let result = run_worker(worker, &config, init_model.as_deref(), &stop, shared);
         if result.is_err() {
             // Not ready from now on; the other workers see `failed` within one step. Dropping
@@ -136,6 +143,8 @@ struct Shared<'a> {
     readiness: &'a Arc<Readiness>,
     local_workers: usize,
     failed: &'a Arc<AtomicBool>,
+    /// The process's bound on bytes between fetching and decoding.
+    fetched_bytes: &'a Arc<ByteBudget>,
 }
 
 // Dead letters travel through the dataflow as data, in `Result`s; boxing them buys nothing.
@@ -328,7 +337,12 @@ fn run_worker(
         let (handle, raw) = raw.probe();
         probes.push(("kafka_source", handle));
         let (records, unreadable) = raw.ok_err::<Vec<ImageRecord>, _, Vec<DeadLetter>, _, _>(|r| r);
-        let decoded = fetch_decode(records, max_decoding, Prepare { fetch, decode: decode_record }, fetch_metrics);
+        let decoded = fetch_decode(
+            records,
+            max_decoding,
+            Prepare { fetch, decode: decode_record, budget: Arc::clone(shared.fetched_bytes) },
+            fetch_metrics,
+        );
         let (handle, decoded) = decoded.probe();
         probes.push(("fetch_decode", handle));
         let (decoded, undecodable) = decoded.ok_err::<Vec<_>, _, Vec<DeadLetter>, _, _>(|r| r);
