@@ -395,7 +395,7 @@ impl Config {
         if image.max_encoded_bytes == 0 || image.max_pixels == 0 || image.max_side == 0 || image.max_aspect_ratio == 0 {
             return Err("image.max_encoded_bytes, max_pixels, max_side and max_aspect_ratio must be at least 1".into());
         }
-        if self.fetch.timeout_ms == 0 || self.fetch.connect_timeout_ms == 0 {
+        if self.fetch.timeout_ms == 0 || self.fetch.connect_timeout_ms == 0 || self.fetch.total_timeout_ms == 0 {
             return Err("fetch.timeout_ms and fetch.connect_timeout_ms must be at least 1: without them one stalled \
                  server holds a fetch thread forever"
                 .into());

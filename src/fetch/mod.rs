@@ -40,6 +40,10 @@ pub struct FetchConfig {
     /// Retries after a failed HTTP request, for timeouts, connection errors, 5xx and 429 only;
     /// other failures are final at once. 0 disables retries. Default 3.
     pub max_retries: u32,
+    /// Limit on all attempts at one URI together, backoffs included, in milliseconds: no retry
+    /// starts that could not finish within it. A record's epoch waits for its fetch, so this
+    /// bounds how long one slow server can hold back the predictions behind it. Default 15000.
+    pub total_timeout_ms: u64,
     /// Wait before the first retry, in milliseconds; it doubles for each further retry. The
     /// actual wait is randomised between half and all of it, so that many threads failing
     /// together do not retry in lockstep. Default 100.
@@ -73,6 +77,7 @@ impl Default for FetchConfig {
             timeout_ms: 10_000,
             connect_timeout_ms: 3_000,
             max_retries: 3,
+            total_timeout_ms: 15_000,
             backoff_initial_ms: 100,
             backoff_max_ms: 2_000,
             user_agent: concat!("dlpipe/", env!("CARGO_PKG_VERSION")).to_owned(),
@@ -379,6 +384,7 @@ impl Fetcher {
 
     fn fetch_http(&self, uri: &str, max_bytes: u64) -> FetchOutcome {
         let max_attempts = self.config.max_retries.saturating_add(1);
+        let deadline = std::time::Instant::now() + Duration::from_millis(self.config.total_timeout_ms);
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -393,6 +399,11 @@ impl Fetcher {
                 return FetchOutcome { result: Err(error), attempts };
             }
             let delay = retry_delay(&self.config, attempts - 1, failure.retry_after(), jitter());
+            // A retry that would run past the total limit is not started.
+            let next_ends = std::time::Instant::now() + delay + Duration::from_millis(self.config.timeout_ms);
+            if next_ends > deadline {
+                return FetchOutcome { result: Err(failure.into_error(uri, attempts, &self.config)), attempts };
+            }
             debug!(uri, attempt = attempts, ?delay, failure = %failure, "retrying fetch");
             std::thread::sleep(delay);
         }
@@ -870,6 +881,19 @@ mod tests {
         assert!(error.to_string().contains("200 ms"), "{error}");
         assert_eq!(attempts, 2);
         assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    }
+
+    #[test]
+    fn a_tarpit_is_given_up_on_at_the_total_limit_however_many_retries_are_allowed() {
+        // A server that accepts and never answers: 10 retries of 400 ms each would take 4.4 s;
+        // the total limit of 1 s allows two attempts.
+        let server = Server::start(|_| Reply::Stall(Duration::from_secs(30)));
+        let config = FetchConfig { timeout_ms: 400, max_retries: 10, total_timeout_ms: 1_000, ..fast_config() };
+        let started = Instant::now();
+        let (error, attempts) = fetch_err(&fetcher(config), &server.url("/tarpit.jpg"), 1024);
+        assert_eq!(error.kind(), "timeout");
+        assert_eq!(attempts, 2);
+        assert!(started.elapsed() < Duration::from_millis(1_500), "{:?}", started.elapsed());
     }
 
     #[test]
