@@ -396,7 +396,7 @@ impl Config {
             return Err("image.max_encoded_bytes, max_pixels, max_side and max_aspect_ratio must be at least 1".into());
         }
         if self.fetch.timeout_ms == 0 || self.fetch.connect_timeout_ms == 0 || self.fetch.total_timeout_ms == 0 {
-            return Err("fetch.timeout_ms and fetch.connect_timeout_ms must be at least 1: without them one stalled \
+            return Err("fetch.timeout_ms, connect_timeout_ms and total_timeout_ms must be at least 1: without them one stalled \
                  server holds a fetch thread forever"
                 .into());
         }
