@@ -193,71 +193,19 @@ fn a_pipeline_started_with_its_broker_waits_for_the_coordinators_and_predicts_ev
 fn make_tls(dir: &Path) -> PathBuf {
     let tls = dir.join("tls");
     std::fs::create_dir_all(&tls).unwrap();
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl").args(args).current_dir(&tls).output().expect("openssl (Debian: openssl)");
-        assert!(out.status.success(), "openssl {args:?}: {}", text(&out));
+    let openssl = |command_line: &str| {
+        let args: Vec<&str> = command_line.split_whitespace().collect();
+        let out = Command::new("openssl").args(&args).current_dir(&tls).output().expect("openssl (Debian: openssl)");
+        assert!(out.status.success(), "openssl {command_line}: {}", text(&out));
     };
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=dlpipe test CA",
-    ]);
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
+    openssl("req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=dlpipe-test-ca");
+    openssl("req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1");
     std::fs::write(tls.join("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.crt",
-        "-days",
-        "2",
-        "-extfile",
-        "san.ext",
-    ]);
+    openssl(
+        "x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.crt -days 2 -extfile san.ext",
+    );
     // A CA that signed nothing here: clients that trust only it must refuse the broker.
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "other-ca.key",
-        "-out",
-        "other-ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=another CA",
-    ]);
+    openssl("req -x509 -newkey rsa:2048 -nodes -keyout other-ca.key -out other-ca.pem -days 2 -subj /CN=another-ca");
     let key = std::fs::read_to_string(tls.join("server.key")).unwrap();
     assert!(key.contains("BEGIN PRIVATE KEY"), "the broker's PEM keystore wants a PKCS#8 key");
     let chain = std::fs::read_to_string(tls.join("server.crt")).unwrap();
