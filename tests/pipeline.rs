@@ -642,3 +642,31 @@ fn ten_times_the_sustainable_rate_for_a_minute_bounds_memory_grows_lag_and_loses
     assert!(lags.len() == 2 && lags[1] > lags[0], "lag did not grow: {lags:?}");
     assert!(peak_rss > 0 && peak_rss < OVERLOAD_RSS_BOUND, "peak RSS {} MiB", peak_rss >> 20);
 }
+
+#[test]
+fn stop_at_end_finishes_on_a_transactional_input_whose_last_offsets_are_commit_markers() {
+    // A transactional producer writes a commit marker after its records: the partition's end
+    // offset is one past the marker, which is never delivered as a message.
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let input = common::unique("txn-images");
+    let spec = dlpipe::kafka::TopicSpec { partitions: 2, replication_factor: 1, configs: &[] };
+    dlpipe::kafka::ensure_topic(&common::kafka_config(), &input, spec).unwrap();
+    let images = fashion(10, 200);
+    let producer: BaseProducer = dlpipe::kafka::client_config(&common::kafka_config())
+        .set("transactional.id", common::unique("txn-producer"))
+        .create()
+        .unwrap();
+    producer.init_transactions(Duration::from_secs(30)).unwrap();
+    producer.begin_transaction().unwrap();
+    for (partition, key, payload) in messages(&images, "t", 2, |_| true) {
+        producer.send(BaseRecord::to(&input).partition(partition).key(&key).payload(&payload)).unwrap();
+    }
+    producer.commit_transaction(Duration::from_secs(30)).unwrap();
+    let run = Run::new("txn", &input, "");
+    run.to_end(&[]);
+    let ids: BTreeSet<String> = read_topic(&run.predictions, 11, Duration::from_secs(5))
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, (0..10).map(|i| format!("t{i}")).collect());
+}

@@ -9,8 +9,10 @@
 //! have. With [`EpochPolicy::Time`] that is the current wall-clock slice; with
 //! [`EpochPolicy::Offsets`] it is the least of `next_offset / records` over the partitions that
 //! are not finished, so epoch boundaries depend only on offsets (deterministic replays). With
-//! `stop_at_end`, a partition finishes at the end offset seen at start-up and the capability is
-//! dropped once all are finished, which lets the whole dataflow drain and complete.
+//! `stop_at_end`, a partition finishes at the end offset seen at start-up (transaction markers,
+//! which take offsets but are never delivered, are skipped by following the consumer's
+//! position) and the capability is dropped once all are finished, which lets the whole
+//! dataflow drain and complete.
 //!
 //! The consumer is polled with a zero timeout and the operator re-activates itself, so the
 //! worker thread never blocks on Kafka. Polling pauses while the worker's backlog (records
@@ -19,7 +21,7 @@
 use crate::metrics::SourceMetrics;
 use crate::records::{Epoch, ImageRecord};
 use crate::{Backlog, RecordOrDead};
-use rdkafka::consumer::{BaseConsumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use std::collections::BTreeMap;
@@ -145,6 +147,9 @@ pub fn kafka_source<'scope, C: ConsumerContext + 'static>(
                     Err(error) => tracing::warn!(topic, %error, "Kafka consumer error (the client retries)"),
                 }
             }
+            if taken < max_poll {
+                skip_control_records(&*consumer, &topic, &mut partitions);
+            }
             match least_epoch(&partitions) {
                 Some(epoch) => {
                     cap.downgrade(&epoch.max(*cap.time()));
@@ -162,4 +167,25 @@ pub fn kafka_source<'scope, C: ConsumerContext + 'static>(
             }
         }
     })
+}
+
+/// Moves each unfinished partition's next offset up to the consumer's position. Transaction
+/// markers (commit and abort records) take offsets but are never delivered as messages, so a
+/// partition whose last offset is a marker would otherwise never reach its end offset, and a
+/// `stop_at_end` run on a transactional input would never finish.
+fn skip_control_records<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partitions: &mut BTreeMap<i32, PartitionState>,
+) {
+    if !partitions.values().any(|p| p.end.is_some() && !p.finished()) {
+        return;
+    }
+    let Ok(positions) = consumer.position() else { return };
+    for (partition, state) in partitions.iter_mut().filter(|(_, s)| s.end.is_some() && !s.finished()) {
+        if let Some(rdkafka::Offset::Offset(position)) = positions.find_partition(topic, *partition).map(|e| e.offset())
+        {
+            state.next = state.next.max(position);
+        }
+    }
 }
