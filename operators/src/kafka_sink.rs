@@ -39,40 +39,45 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
-/// One message for the producer: a prediction or a dead letter, encoded, with what the sink
-/// needs to know of it again when its delivery report comes back.
+/// One message for the producer: a prediction or a dead letter, encoded.
 struct Outgoing {
+    sent: Sent,
+    payload: String,
+}
+
+/// What the sink needs to know of a message again when its delivery report comes back (the
+/// payload stays behind: the producer has copied it).
+struct Sent {
     epoch: Epoch,
     /// The input record's Kafka timestamp, for predictions (`None` for dead letters).
     input_ts_ms: Option<Option<i64>>,
     key: String,
-    payload: String,
     partition: i32,
     offset: i64,
     /// A small dead letter standing in for an output the broker refused as too large.
     replacement: bool,
 }
 
-impl Outgoing {
+impl Sent {
     /// The small dead letter that replaces this message when the broker refuses its size.
     fn replaced(&self, error: &str) -> Outgoing {
         let dead = DeadLetter::output_too_large(&self.key, self.partition, self.offset, error);
-        Outgoing {
+        let sent = Sent {
             epoch: self.epoch,
             input_ts_ms: None,
             key: dead.id.clone().unwrap_or_default(),
-            payload: dead.to_json(),
             partition: self.partition,
             offset: self.offset,
             replacement: true,
-        }
+        };
+        Outgoing { sent, payload: dead.to_json() }
     }
 }
 
 /// What the sink attaches to each message it sends, and gets back with its delivery report.
 pub struct Delivery {
-    sent: Instant,
-    message: Outgoing,
+    at: Instant,
+    message: Sent,
 }
 
 /// One delivery report.
@@ -82,7 +87,7 @@ struct Report {
     topic: String,
     /// Seconds from send to acknowledgement.
     produce_seconds: f64,
-    message: Outgoing,
+    message: Sent,
 }
 
 /// Delivery reports, collected by the producer's callbacks during `poll`.
@@ -104,8 +109,8 @@ impl ProducerContext for SinkContext {
                 message.topic().to_owned(),
             ),
         };
-        let Delivery { sent, message } = *delivery;
-        let report = Report { outcome, topic, produce_seconds: sent.elapsed().as_secs_f64(), message };
+        let Delivery { at, message } = *delivery;
+        let report = Report { outcome, topic, produce_seconds: at.elapsed().as_secs_f64(), message };
         self.reports.lock().expect("not poisoned").push(report);
     }
 }
@@ -185,21 +190,23 @@ pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
                                     (None, d.id.clone().unwrap_or_default(), d.to_json())
                                 }
                             };
-                            let replacement = false;
-                            unsent.push_back(Outgoing { epoch, input_ts_ms, key, payload, partition, offset, replacement });
+                            let sent = Sent { epoch, input_ts_ms, key, partition, offset, replacement: false };
+                            unsent.push_back(Outgoing { sent, payload });
                         }
                     }
                 });
-                while let Some(message) = unsent.pop_front() {
+                while let Some(Outgoing { sent, payload }) = unsent.pop_front() {
                     let topic =
-                        if message.input_ts_ms.is_none() { &spec.dead_letter_topic } else { &spec.predictions_topic };
-                    let delivery = Box::new(Delivery { sent: Instant::now(), message });
-                    let (key, payload) = (delivery.message.key.clone(), delivery.message.payload.clone());
+                        if sent.input_ts_ms.is_none() { &spec.dead_letter_topic } else { &spec.predictions_topic };
+                    // The key is an id of at most 1 KiB; the payload is only borrowed.
+                    let key = sent.key.clone();
+                    let delivery = Box::new(Delivery { at: Instant::now(), message: sent });
                     let record = BaseRecord::with_opaque_to(topic, delivery).key(&key).payload(&payload);
                     match producer.send(record) {
                         Ok(()) => {}
                         Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), record)) => {
-                            unsent.push_front(record.delivery_opaque.message);
+                            let sent = record.delivery_opaque.message;
+                            unsent.push_front(Outgoing { sent, payload });
                             break;
                         }
                         Err((error, record)) => {

@@ -131,16 +131,25 @@ pub struct TopicSpec<'a> {
 /// Creates `topic` as `spec` says unless it exists (then leaves it as it is), and waits until
 /// its partitions have leaders.
 pub fn ensure_topic(kafka: &KafkaConfig, topic: &str, spec: TopicSpec) -> Result<(), KafkaError> {
+    ensure_topics(kafka, &[(topic, spec)])
+}
+
+/// [`ensure_topic`] for several topics, with one admin client and one request.
+pub fn ensure_topics(kafka: &KafkaConfig, topics: &[(&str, TopicSpec)]) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = create_client(&client_config(kafka), kafka)?;
-    let mut new_topic = NewTopic::new(topic, spec.partitions, TopicReplication::Fixed(spec.replication_factor));
-    for (key, value) in spec.configs {
-        new_topic = new_topic.set(key, value);
-    }
+    let new_topics: Vec<NewTopic> = topics
+        .iter()
+        .map(|(topic, spec)| {
+            let replication = TopicReplication::Fixed(spec.replication_factor);
+            spec.configs.iter().fold(NewTopic::new(topic, spec.partitions, replication), |t, (k, v)| t.set(k, v))
+        })
+        .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    let awaiting = format!("the creation of topic {topic}");
+    let names: Vec<&str> = topics.iter().map(|(topic, _)| *topic).collect();
+    let awaiting = format!("the creation of topics {}", names.join(", "));
     with_retry(kafka, &awaiting, || {
         // The admin client drives its futures from its own background thread; no runtime needed.
-        let results = futures_executor::block_on(admin.create_topics([&new_topic], &options))?;
+        let results = futures_executor::block_on(admin.create_topics(&new_topics, &options))?;
         for result in results {
             match result {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
@@ -150,7 +159,10 @@ pub fn ensure_topic(kafka: &KafkaConfig, topic: &str, spec: TopicSpec) -> Result
         Ok(())
     })?;
     let consumer: BaseConsumer = create_client(&client_config(kafka), kafka)?;
-    topic_partitions(&consumer, kafka, topic, true).map(|_| ())
+    for topic in names {
+        topic_partitions(&consumer, kafka, topic, true)?;
+    }
+    Ok(())
 }
 
 /// The partitions of `topic`, once each has a leader. A topic the cluster does not know is

@@ -18,7 +18,7 @@ pub use heads::{ImagenetHead, OnlineLrHead, Snapshots};
 use crate::config::{Config, HeadKind, StartFrom};
 use crate::fetch::Fetcher;
 use crate::image::{decode, Preprocess};
-use crate::kafka::{client_config, ensure_topic, topic_partitions, with_retry, TopicSpec};
+use crate::kafka::{client_config, ensure_topics, topic_partitions, with_retry, TopicSpec};
 use crate::learn::SoftmaxRegression;
 use crate::metrics::kafka::{LagContext, STATISTICS_INTERVAL_MS};
 use crate::metrics::{Metrics, Readiness};
@@ -164,11 +164,15 @@ fn run_worker(
     if index == 0 && p.create_topics {
         let spec =
             TopicSpec { partitions: p.topic_partitions, replication_factor: p.topic_replication_factor, configs: &[] };
-        for topic in [&p.input_topic, &p.predictions_topic, &p.dead_letter_topic] {
-            ensure_topic(&config.kafka, topic, spec)?;
-        }
         let compacted = [("cleanup.policy", "compact")];
-        ensure_topic(&config.kafka, &p.model_topic, TopicSpec { partitions: 1, configs: &compacted, ..spec })?;
+        let model_spec = TopicSpec { partitions: 1, configs: &compacted, ..spec };
+        let topics = [
+            (p.input_topic.as_str(), spec),
+            (p.predictions_topic.as_str(), spec),
+            (p.dead_letter_topic.as_str(), spec),
+            (p.model_topic.as_str(), model_spec),
+        ];
+        ensure_topics(&config.kafka, &topics)?;
     }
 
     // Kafka: this worker's partitions, where to start and (with stop_at_end) where to end.
