@@ -66,6 +66,19 @@ pub enum HeadKind {
     Imagenet,
 }
 
+/// What a consumer of dlpipe's output topics sees after a crash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    /// Every record's output at least once: after a crash, outputs since the last checkpoint
+    /// (or commit) are published again. Outputs are sent as soon as they are ready.
+    AtLeastOnce,
+    /// Every record's output exactly once for consumers reading committed messages
+    /// (`isolation.level=read_committed`): each worker publishes an epoch's outputs and commits
+    /// its input offsets in one Kafka transaction.
+    ExactlyOnce,
+}
+
 /// Where records are read from: the committed offsets of the group, or an end of the topic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -85,13 +98,16 @@ pub struct PipelineConfig {
     pub predictions_topic: String,
     /// Topic of inputs that could not be processed.
     pub dead_letter_topic: String,
-    /// Compacted topic of classifier snapshots.
+    /// Compacted topic of the learner's checkpoints (key `checkpoint/<group_id>`).
     pub model_topic: String,
-    /// Consumer group whose offsets record what has been published.
+    /// Consumer group whose offsets record what has been published; also names the
+    /// checkpoints a restart continues from.
     pub group_id: String,
     pub start_from: StartFrom,
     /// Stop once every partition is read up to the end offset it had at start-up.
     pub stop_at_end: bool,
+    /// `at_least_once` or `exactly_once` (transactions; see [`Delivery`]).
+    pub delivery: Delivery,
     /// Epochs: `{ by = "time", millis = 1000 }` or `{ by = "offsets", records = 64 }`.
     pub epochs: EpochPolicy,
     pub head: HeadKind,
@@ -115,10 +131,16 @@ pub struct PipelineConfig {
     /// Replication factor of the topics dlpipe creates: 1 for the local single broker, 3 for a
     /// production cluster.
     pub topic_replication_factor: i32,
-    /// Write a classifier snapshot (file and model topic) every this many epochs with updates.
-    pub snapshot_every_epochs: u64,
-    /// Folder of classifier snapshot files.
+    /// Checkpoint the online learner (model topic, snapshot file, the group's offsets) every
+    /// this many epochs. 0 turns checkpoints off: a restart then starts a new classifier at
+    /// the group's committed offsets.
+    #[serde(alias = "snapshot_every_epochs")]
+    pub checkpoint_every_epochs: u64,
+    /// Folder of classifier snapshot files (one per checkpoint with a new version, and
+    /// `latest.safetensors`); empty for none.
     pub snapshot_dir: PathBuf,
+    /// Snapshot files kept (the newest versions).
+    pub snapshot_retain: usize,
     /// Seconds between one-line status logs.
     pub status_interval_secs: u64,
 }
@@ -133,6 +155,7 @@ impl Default for PipelineConfig {
             group_id: "dlpipe".into(),
             start_from: StartFrom::Committed,
             stop_at_end: false,
+            delivery: Delivery::AtLeastOnce,
             epochs: EpochPolicy::Time { millis: 1000 },
             head: HeadKind::OnlineLr,
             top_k: 3,
@@ -143,8 +166,9 @@ impl Default for PipelineConfig {
             create_topics: true,
             topic_partitions: 4,
             topic_replication_factor: 1,
-            snapshot_every_epochs: 10,
+            checkpoint_every_epochs: 10,
             snapshot_dir: "out/snapshots".into(),
+            snapshot_retain: 5,
             status_interval_secs: 10,
         }
     }

@@ -2,13 +2,20 @@
 //! everything below them is acknowledged.
 //!
 //! **In:** one `Outcome` per input record (a prediction or a dead letter), from the partitions
-//! this worker reads. **Out:** nothing but progress: the operator's output frontier is the
-//! *acknowledged* frontier. It keeps a capability for every epoch that still has messages
-//! unacknowledged by the broker, so a probe on its output says which epochs are fully
-//! published, and the dataflow only completes when every output is acknowledged.
-//! **Commits:** when an epoch and every epoch before it are acknowledged and the input frontier
-//! has passed them, the next offset of each partition seen in them is committed for the
-//! consumer group (at-least-once: a crash replays from the last commit, never skips).
+//! this worker reads. **Out:** the [`Position`] of each partition as its epochs retire: at
+//! epoch 0, where this run started each partition (`SinkSpec::starts`); at epoch e, once e
+//! and every epoch before it are acknowledged and the input frontier has passed them, the
+//! next offset after e's records. The operator keeps a capability for every epoch that still
+//! has messages unacknowledged by the broker, so its output frontier is the *acknowledged*
+//! frontier: a probe on it says which epochs are fully published, and the dataflow only
+//! completes when every output is acknowledged.
+//! **Commits:** with a `committer`, the next offsets of retired epochs are committed for the
+//! consumer group (at-least-once: a crash replays from the last commit, never skips). Without
+//! one, the caller commits from the positions (the checkpoint does, so that the group's
+//! offsets never run ahead of the learner's checkpoint).
+//! **Replays:** outcomes of records before a partition's `published` start were published by
+//! an earlier run (a restart replays them only for the learner): they count for progress and
+//! positions, and are not sent again.
 //!
 //! **Refusals:** an output the producer or the broker refuses as too large (a topic's
 //! `max.message.bytes` below what a record produced) is replaced, in its epoch, by a small
@@ -23,7 +30,7 @@
 //! record's Kafka timestamp to the acknowledgement (end-to-end latency).
 
 use crate::metrics::SinkMetrics;
-use crate::records::{now_ms, DeadLetter, Epoch, Outcome};
+use crate::records::{now_ms, DeadLetter, Epoch, Outcome, Position};
 use crate::{Backlog, Fatal};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -40,27 +47,52 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
 /// One message for the producer: a prediction or a dead letter, encoded.
-struct Outgoing {
-    sent: Sent,
-    payload: String,
+pub(crate) struct Outgoing {
+    pub(crate) sent: Sent,
+    pub(crate) payload: String,
+}
+
+impl Outgoing {
+    /// Encodes one outcome of `epoch`, counting dead letters by kind.
+    pub(crate) fn encode(epoch: Epoch, outcome: Outcome, metrics: &mut SinkMetrics) -> Outgoing {
+        let (partition, offset) = outcome.partition_offset();
+        let (input_ts_ms, key, payload) = match outcome {
+            Outcome::Predicted(p) => (Some(p.record.kafka_ts_ms), p.record.id.clone(), p.to_json()),
+            Outcome::Dead(d) => {
+                metrics.dead_lettered.with(&d.error_kind).inc();
+                (None, d.id.clone().unwrap_or_default(), d.to_json())
+            }
+        };
+        Outgoing { sent: Sent { epoch, input_ts_ms, key, partition, offset, replacement: false }, payload }
+    }
 }
 
 /// What the sink needs to know of a message again when its delivery report comes back (the
 /// payload stays behind: the producer has copied it).
-struct Sent {
-    epoch: Epoch,
+#[derive(Clone)]
+pub(crate) struct Sent {
+    pub(crate) epoch: Epoch,
     /// The input record's Kafka timestamp, for predictions (`None` for dead letters).
-    input_ts_ms: Option<Option<i64>>,
-    key: String,
-    partition: i32,
-    offset: i64,
+    pub(crate) input_ts_ms: Option<Option<i64>>,
+    pub(crate) key: String,
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
     /// A small dead letter standing in for an output the broker refused as too large.
-    replacement: bool,
+    pub(crate) replacement: bool,
 }
 
 impl Sent {
+    /// The topic this message goes to.
+    pub(crate) fn topic<'a>(&self, spec: &'a SinkSpec) -> &'a str {
+        if self.input_ts_ms.is_none() {
+            &spec.dead_letter_topic
+        } else {
+            &spec.predictions_topic
+        }
+    }
+
     /// The small dead letter that replaces this message when the broker refuses its size.
-    fn replaced(&self, error: &str) -> Outgoing {
+    pub(crate) fn replaced(&self, error: &str) -> Outgoing {
         let dead = DeadLetter::output_too_large(&self.key, self.partition, self.offset, error);
         let sent = Sent {
             epoch: self.epoch,
@@ -76,24 +108,24 @@ impl Sent {
 
 /// What the sink attaches to each message it sends, and gets back with its delivery report.
 pub struct Delivery {
-    at: Instant,
-    message: Sent,
+    pub(crate) at: Instant,
+    pub(crate) message: Sent,
 }
 
 /// One delivery report.
-struct Report {
+pub(crate) struct Report {
     /// Why the message was not delivered, if it was not: the error code and the message.
-    outcome: Result<(), (Option<RDKafkaErrorCode>, String)>,
-    topic: String,
+    pub(crate) outcome: Result<(), (Option<RDKafkaErrorCode>, String)>,
+    pub(crate) topic: String,
     /// Seconds from send to acknowledgement.
-    produce_seconds: f64,
-    message: Sent,
+    pub(crate) produce_seconds: f64,
+    pub(crate) message: Sent,
 }
 
 /// Delivery reports, collected by the producer's callbacks during `poll`.
 #[derive(Clone, Default)]
 pub struct SinkContext {
-    reports: Arc<Mutex<Vec<Report>>>,
+    pub(crate) reports: Arc<Mutex<Vec<Report>>>,
 }
 
 impl ClientContext for SinkContext {}
@@ -116,7 +148,7 @@ impl ProducerContext for SinkContext {
 }
 
 /// Whether the broker (or the producer's own check) refused a message for its size.
-fn too_large(code: Option<RDKafkaErrorCode>) -> bool {
+pub(crate) fn too_large(code: Option<RDKafkaErrorCode>) -> bool {
     matches!(
         code,
         Some(
@@ -133,11 +165,14 @@ pub struct SinkSpec {
     pub input_topic: String,
     pub predictions_topic: String,
     pub dead_letter_topic: String,
+    /// Where this run starts each of the worker's partitions, emitted at epoch 0.
+    pub starts: Vec<Position>,
 }
 
 struct EpochState {
-    /// Held, never read: it keeps this epoch open on the output until it is acknowledged.
-    _hold: Capability<Epoch>,
+    /// Keeps this epoch open on the output until it is acknowledged; its positions are given
+    /// at it when it retires.
+    hold: Capability<Epoch>,
     unacked: usize,
     /// Highest offset per partition among this epoch's records.
     offsets: BTreeMap<i32, i64>,
@@ -151,12 +186,12 @@ pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
     backlog: Backlog,
     fatal: Fatal,
     mut metrics: SinkMetrics,
-) -> StreamVec<'scope, Epoch, ()> {
+) -> StreamVec<'scope, Epoch, Position> {
     let scope = outcomes.scope();
-    outcomes.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
+    outcomes.unary_frontier::<CapacityContainerBuilder<Vec<Position>>, _, _, _>(
         Pipeline,
         "KafkaSink",
-        move |_default_cap, info| {
+        move |default_cap, info| {
             let activator = scope.activator_for(info.address);
             let reports = Arc::clone(&producer.context().reports);
             let mut epochs: BTreeMap<Epoch, EpochState> = BTreeMap::new();
@@ -167,12 +202,17 @@ pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
             // Set once a message is refused for good: from then on nothing is committed (the
             // worker stops on `fatal`), so the refused record is read again after a restart.
             let mut failed = false;
-            move |(input, frontier), _output| {
+            let mut starts = Some((default_cap, spec.starts.clone()));
+            let published_from: BTreeMap<i32, i64> = spec.starts.iter().map(|s| (s.partition, s.published)).collect();
+            move |(input, frontier), output| {
+                if let Some((cap, positions)) = starts.take() {
+                    output.session(&cap).give_iterator(positions.into_iter());
+                }
                 input.for_each_stamp(|cap, data| {
                     let Some(cap) = cap.retain_least(0) else { return };
                     let epoch = *cap.time();
                     let state = epochs.entry(epoch).or_insert_with(|| EpochState {
-                        _hold: cap,
+                        hold: cap,
                         unacked: 0,
                         offsets: BTreeMap::new(),
                     });
@@ -181,23 +221,19 @@ pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
                             let (partition, offset) = outcome.partition_offset();
                             let max = state.offsets.entry(partition).or_insert(offset);
                             *max = (*max).max(offset);
+                            if published_from.get(&partition).is_some_and(|from| offset < *from) {
+                                // Published by an earlier run; replayed for the learner only.
+                                backlog.set(backlog.get().saturating_sub(1));
+                                continue;
+                            }
                             state.unacked += 1;
                             unacked += 1;
-                            let (input_ts_ms, key, payload) = match outcome {
-                                Outcome::Predicted(p) => (Some(p.record.kafka_ts_ms), p.record.id.clone(), p.to_json()),
-                                Outcome::Dead(d) => {
-                                    metrics.dead_lettered.with(&d.error_kind).inc();
-                                    (None, d.id.clone().unwrap_or_default(), d.to_json())
-                                }
-                            };
-                            let sent = Sent { epoch, input_ts_ms, key, partition, offset, replacement: false };
-                            unsent.push_back(Outgoing { sent, payload });
+                            unsent.push_back(Outgoing::encode(epoch, outcome, &mut metrics));
                         }
                     }
                 });
                 while let Some(Outgoing { sent, payload }) = unsent.pop_front() {
-                    let topic =
-                        if sent.input_ts_ms.is_none() { &spec.dead_letter_topic } else { &spec.predictions_topic };
+                    let topic = sent.topic(&spec);
                     // The key is an id of at most 1 KiB; the payload is only borrowed.
                     let key = sent.key.clone();
                     let delivery = Box::new(Delivery { at: Instant::now(), message: sent });
@@ -272,7 +308,10 @@ pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
                     if entry.get().unacked > 0 || frontier.frontier().less_equal(entry.key()) {
                         break;
                     }
-                    for (partition, offset) in entry.remove().offsets {
+                    let state = entry.remove();
+                    let mut session = output.session(&state.hold);
+                    for (partition, offset) in state.offsets {
+                        session.give(Position { partition, learned: offset + 1, published: offset + 1 });
                         let max = commit.entry(partition).or_insert(offset);
                         *max = (*max).max(offset);
                     }
@@ -302,7 +341,7 @@ pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
 /// The last commit of a run, retried for up to a minute while the group coordinator is
 /// unavailable (moving, loading, or the broker restarting). Giving up only means the records
 /// after the previous commit are read again by the next run (at-least-once), so it warns.
-fn commit_finally<C: ConsumerContext>(consumer: &BaseConsumer<C>, list: &TopicPartitionList) {
+pub fn commit_finally<C: ConsumerContext>(consumer: &BaseConsumer<C>, list: &TopicPartitionList) {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut backoff = Duration::from_millis(100);
     loop {

@@ -10,7 +10,9 @@
 //! after every record of epochs <= e has been predicted. The classifier after epoch e therefore
 //! depends only on the input records and the epoch boundaries, not on the number of workers,
 //! on which worker read which partition, or on timing. Records of epoch e are held (with a
-//! capability) only until the frontier of the labelled input reaches e.
+//! capability) only until the frontier of the labelled input reaches e. After each activation
+//! the head is told the frontier its state corresponds to ([`Head::learned_through`]), which
+//! is what checkpoints are cut at.
 
 use crate::metrics::LearnPredictMetrics;
 use crate::records::{ClassScore, Epoch, Featured, LabelledExample, Prediction};
@@ -30,6 +32,11 @@ pub trait Head: 'static {
     fn learn(&mut self, epoch: Epoch, examples: &[LabelledExample]);
     /// The model version predictions report: updates applied so far.
     fn version(&self) -> u64;
+    /// Says that the head has now learned every example of the epochs before `frontier` and
+    /// none of later epochs: its state is the state after those epochs (what a checkpoint at
+    /// `frontier` holds). Called after each activation; `frontier` never decreases, and is
+    /// `Epoch::MAX` once both inputs are done.
+    fn learned_through(&mut self, _frontier: Epoch) {}
 }
 
 /// `metrics` counts predictions, times each epoch's predictions and learning, and gauges the
@@ -102,6 +109,8 @@ pub fn learn_predict<'scope, H: Head>(
                 }
                 break;
             }
+            let pending = examples.keys().next().copied().unwrap_or(Epoch::MAX);
+            head.learned_through(labels_done.min(records_done).min(pending));
             metrics.waiting.set(records.values().map(|(_, r)| r.len() as i64).sum());
         }
     })
@@ -120,5 +129,9 @@ impl<H: Head> Head for std::rc::Rc<std::cell::RefCell<H>> {
 
     fn version(&self) -> u64 {
         self.borrow().version()
+    }
+
+    fn learned_through(&mut self, frontier: Epoch) {
+        self.borrow_mut().learned_through(frontier)
     }
 }

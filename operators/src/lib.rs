@@ -6,7 +6,9 @@
 //! | [`fetch_decode()`] | `ImageRecord` | `Decoded` or `DeadLetter` |
 //! | [`featurize()`] | `Decoded` | `Featured` or `DeadLetter` |
 //! | [`learn_predict()`] | `Featured`, broadcast `LabelledExample` | `Prediction` |
-//! | [`kafka_sink()`] | `Outcome` | acknowledged progress; commits offsets |
+//! | [`kafka_sink()`] | `Outcome` | `Position`s as epochs are acknowledged; commits offsets |
+//! | [`kafka_txn_sink()`] | `Outcome` | `Position`s as epochs commit; outputs and offsets in transactions |
+//! | [`checkpoint()`] | `Position` (to worker 0) | checkpointed progress; writes checkpoints |
 //!
 //! Operators are generic over the work they schedule (closures and the [`Head`] trait): the
 //! image, model and learning code lives in the `dlpipe` library, which builds the dataflow from
@@ -14,25 +16,29 @@
 //! Each operator also takes a struct of [`metrics`] handles, which it updates and the caller
 //! exports.
 
+pub mod checkpoint;
 pub mod featurize;
 pub mod fetch_decode;
 pub mod kafka_sink;
 pub mod kafka_source;
+pub mod kafka_txn_sink;
 pub mod learn_predict;
 pub mod metrics;
 pub mod records;
 pub mod retriable;
 
+pub use checkpoint::{checkpoint, CheckpointStore, WriteError};
 pub use featurize::{featurize, Batching, ModelRow};
 pub use fetch_decode::{fetch_decode, ByteBudget, Prepare, PrepareError};
 pub use kafka_sink::{kafka_sink, SinkContext, SinkSpec};
 pub use kafka_source::{kafka_source, EpochPolicy, PartitionRange, SourceSpec};
+pub use kafka_txn_sink::kafka_txn_sink;
 pub use learn_predict::{learn_predict, Head};
 pub use metrics::{
     CounterByLabel, FeaturizeMetrics, FetchDecodeMetrics, LearnPredictMetrics, SinkMetrics, SourceMetrics,
 };
 pub use records::{
-    ClassScore, DeadLetter, Decoded, Epoch, Featured, ImageRecord, LabelledExample, Outcome, Prediction,
+    ClassScore, DeadLetter, Decoded, Epoch, Featured, ImageRecord, LabelledExample, Outcome, Position, Prediction,
 };
 
 /// Records of one worker read from Kafka and not yet published: the source pauses at a limit.

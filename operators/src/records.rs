@@ -288,6 +288,16 @@ impl Outcome {
     }
 }
 
+/// How far one input partition is done: its records before `learned` have been learned (or
+/// need not be), its records before `published` have their outputs acknowledged. The sink
+/// reports positions as epochs retire; the checkpoint stores them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    pub partition: i32,
+    pub learned: i64,
+    pub published: i64,
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)

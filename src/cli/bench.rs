@@ -180,6 +180,7 @@ fn pipeline_table(config: &Config, args: &BenchArgs, records: usize) -> anyhow::
         config,
         timely_args: vec!["-w".into(), args.workers.to_string()],
         init_model: None,
+        fresh: true,
         stop,
     })?;
     let end_to_end = records as f64 / started.elapsed().as_secs_f64();

@@ -21,9 +21,14 @@ pub struct RunArgs {
     /// File of host:port lines, one per process (timely's -h).
     #[arg(short = 'h', long, value_name = "HOSTFILE")]
     hostfile: Option<PathBuf>,
-    /// Start the online classifier from a classifier file or snapshot.
-    #[arg(long, value_name = "FILE")]
+    /// Start the online classifier from a classifier file or snapshot (instead of the group's
+    /// newest checkpoint).
+    #[arg(long, value_name = "FILE", conflicts_with = "fresh")]
     init_model: Option<PathBuf>,
+    /// Start a new classifier, ignoring the group's checkpoints (reading starts where
+    /// pipeline.start_from says: by default the group's committed offsets).
+    #[arg(long)]
+    fresh: bool,
     /// Read each partition up to its end offset at start-up, publish, commit, and exit.
     #[arg(long)]
     stop_at_end: bool,
@@ -63,7 +68,8 @@ pub fn run(mut config: Config, args: RunArgs) -> anyhow::Result<()> {
         signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&stop))?;
         signal_hook::flag::register(signal, Arc::clone(&stop))?;
     }
-    let summaries = run_pipeline(RunOptions { config, timely_args, init_model: args.init_model, stop })?;
+    let summaries =
+        run_pipeline(RunOptions { config, timely_args, init_model: args.init_model, fresh: args.fresh, stop })?;
     for s in summaries {
         tracing::info!(
             worker = s.worker,

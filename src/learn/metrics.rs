@@ -2,6 +2,7 @@
 //! before learning it, over the whole stream and over a sliding window of recent examples.
 
 use super::model::UpdateOutcome;
+use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
 /// Accuracy and mean log-loss of a learner's predictions, accumulated from the
@@ -102,6 +103,56 @@ impl Prequential {
     }
 }
 
+/// The complete state of [`Prequential`], exact to the bit (floats as their bit patterns), so
+/// that a restored learner's metrics continue as if it had never stopped. Checkpoints store it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrequentialState {
+    count: u64,
+    correct: u64,
+    loss_sum_bits: u64,
+    window_len: usize,
+    /// The window's outcomes, oldest first: the loss's f32 bits, and whether it was correct.
+    window: Vec<(u32, bool)>,
+    window_loss_sum_bits: u64,
+    evicted_since_resum: usize,
+}
+
+impl Prequential {
+    pub fn state(&self) -> PrequentialState {
+        PrequentialState {
+            count: self.count,
+            correct: self.correct,
+            loss_sum_bits: self.loss_sum.to_bits(),
+            window_len: self.window_len,
+            window: self.window.iter().map(|o| (o.loss.to_bits(), o.correct)).collect(),
+            window_loss_sum_bits: self.window_loss_sum.to_bits(),
+            evicted_since_resum: self.evicted_since_resum,
+        }
+    }
+
+    /// Metrics in the given state, with a window of `window` outcomes: the saved window's
+    /// newest outcomes when it differs from the saved one.
+    pub fn from_state(state: &PrequentialState, window: usize) -> Prequential {
+        let mut m = Prequential::new(window);
+        m.count = state.count;
+        m.correct = state.correct;
+        m.loss_sum = f64::from_bits(state.loss_sum_bits);
+        let skip = state.window.len().saturating_sub(window);
+        for &(loss, correct) in &state.window[skip..] {
+            let outcome = UpdateOutcome { loss: f32::from_bits(loss), correct };
+            m.window.push_back(outcome);
+            m.window_correct += usize::from(correct);
+        }
+        if window == state.window_len {
+            m.window_loss_sum = f64::from_bits(state.window_loss_sum_bits);
+            m.evicted_since_resum = state.evicted_since_resum;
+        } else {
+            m.window_loss_sum = m.window.iter().map(|o| f64::from(o.loss)).sum();
+        }
+        m
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,6 +197,28 @@ mod tests {
         assert_eq!(m.window_mean_log_loss(), Some(0.5));
         assert_eq!(m.window_accuracy(), Some(1.0));
         assert_eq!(m.mean_log_loss(), Some(f64::INFINITY));
+    }
+
+    #[test]
+    fn a_restored_state_continues_bit_for_bit() {
+        let mut m = Prequential::new(4);
+        let outcomes: Vec<UpdateOutcome> = (0..11).map(|i| outcome(0.1 * i as f32 + 0.013, i % 3 == 0)).collect();
+        for o in &outcomes[..7] {
+            m.record(*o);
+        }
+        let json = serde_json::to_string(&m.state()).unwrap();
+        let mut restored = Prequential::from_state(&serde_json::from_str(&json).unwrap(), 4);
+        for o in &outcomes[7..] {
+            m.record(*o);
+            restored.record(*o);
+        }
+        assert_eq!(restored.state(), m.state());
+        assert_eq!(restored.mean_log_loss().unwrap().to_bits(), m.mean_log_loss().unwrap().to_bits());
+        // A smaller window keeps the newest outcomes.
+        let small = Prequential::from_state(&m.state(), 2);
+        assert_eq!(small.window_count(), 2);
+        assert_eq!(small.window_accuracy(), Some(0.5));
+        assert_eq!(small.count(), 11);
     }
 
     #[test]

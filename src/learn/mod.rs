@@ -24,7 +24,7 @@ mod testutil;
 
 pub use config::{AdagradConfig, FtrlConfig, LearnerConfig, LearningRateSchedule, OptimizerConfig, SgdConfig};
 pub use kernels::{argmax, SimdPath, VARIANCE_EPSILON};
-pub use metrics::Prequential;
+pub use metrics::{Prequential, PrequentialState};
 pub use model::{SoftmaxRegression, UpdateOutcome};
 pub use snapshot::{SnapshotError, FORMAT_VERSION, RESERVED_PREFIX};
 pub use standardize::RunningStandardizer;

@@ -142,8 +142,10 @@ impl SoftmaxRegression {
         self.pending.steps.push(0.0);
     }
 
-    /// Applies the pending SGD step to the weights.
-    pub(super) fn flush(&mut self) {
+    /// Applies the pending SGD step to the weights. The next update would fuse it with its
+    /// own work, which rounds differently: callers that need a state that a snapshot restores
+    /// bit for bit (the stream, at each epoch's end) apply it first.
+    pub fn flush(&mut self) {
         if let Some(step) = self.pending.step() {
             self.simd.sgd_apply(&mut self.weights, step.features, step.steps, step.decay);
             self.pending.active = false;

@@ -1,10 +1,11 @@
 //! Consumer lag from librdkafka's own statistics: the input consumer of each worker is created
-//! with [`LagContext`], which turns the per-partition `consumer_lag` of every statistics report
-//! (high watermark minus committed offset; `statistics.interval.ms`) into the
-//! `dlpipe_consumer_lag_records` gauge.
+//! with [`LagContext`], which turns each statistics report (`statistics.interval.ms`) into the
+//! `dlpipe_consumer_lag_records` gauge: per assigned partition, the high watermark minus the
+//! offset of the next record the worker takes (the committed offset would not do: with
+//! checkpoints only worker 0 commits, for every partition, and only every few epochs).
 //!
 //! The reports arrive on the worker thread, during the source's non-blocking polls, so nothing
-//! here waits on the network. A partition appears once the group has committed an offset for it.
+//! here waits on the network. A partition appears once its first fetch has answered.
 
 use prometheus::IntGaugeVec;
 use rdkafka::consumer::ConsumerContext;
@@ -25,12 +26,15 @@ impl ClientContext for LagContext {
     fn stats(&self, statistics: Statistics) {
         let Some(topic) = statistics.topics.get(&self.topic) else { return };
         for (partition, p) in &topic.partitions {
-            // Partitions of the topic this consumer is not assigned have no fetch state and no
-            // committed offset; -1 is librdkafka's "unknown".
-            if *partition < 0 || p.fetch_state == "none" || p.consumer_lag < 0 {
+            // Partitions of the topic this consumer is not assigned have no fetch state; -1 is
+            // librdkafka's "unknown". The next record taken is the application offset once one
+            // was, else the next offset to fetch.
+            let next = if p.app_offset >= 0 { p.app_offset } else { p.next_offset };
+            if *partition < 0 || p.fetch_state == "none" || p.hi_offset < 0 || next < 0 {
                 continue;
             }
-            self.lag.with_label_values(&[&self.worker, &self.topic, &partition.to_string()]).set(p.consumer_lag);
+            let lag = (p.hi_offset - next).max(0);
+            self.lag.with_label_values(&[&self.worker, &self.topic, &partition.to_string()]).set(lag);
         }
     }
 }

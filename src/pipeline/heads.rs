@@ -4,10 +4,7 @@ use crate::learn::{LearnError, Prequential, SoftmaxRegression};
 use crate::metrics::LearnerMetrics;
 use crate::model::top_k;
 use dlpipe_operators::{ClassScore, Epoch, Featured, Head, LabelledExample};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::time::Duration;
+use std::collections::VecDeque;
 
 /// The pretrained model's own classes, from its logits. Learns nothing.
 pub struct ImagenetHead {
@@ -30,23 +27,29 @@ impl Head for ImagenetHead {
     }
 }
 
-/// Where snapshots of the online classifier go; only one worker writes them.
-pub struct Snapshots {
-    pub every_epochs: u64,
-    pub dir: PathBuf,
-    pub topic: String,
-    pub producer: BaseProducer,
-    /// Metadata stored with each snapshot (the featurizer's name and sha256, ...).
-    pub metadata: BTreeMap<String, String>,
+/// The learner's state at a learned frontier: what a checkpoint at that frontier holds.
+#[derive(Clone)]
+pub struct LearnerState {
+    /// Every labelled example of the epochs before this one is learned, none of later ones.
+    pub frontier: Epoch,
+    pub model: SoftmaxRegression,
+    pub prequential: Prequential,
 }
+
+/// Learner states kept for checkpoints at most this many at a time; the next is taken once
+/// one is written (so a learner far ahead of the acknowledged frontier holds bounded memory).
+const MAX_PENDING_STATES: usize = 4;
 
 /// Online softmax regression on the CNN features, test-then-train.
 pub struct OnlineLrHead {
     pub model: SoftmaxRegression,
     pub metrics: Prequential,
-    pub snapshots: Option<Snapshots>,
-    epochs_since_snapshot: u64,
-    last_snapshot_version: u64,
+    /// Keep the learner's state for a checkpoint every this many epochs (0: never).
+    checkpoint_every_epochs: u64,
+    /// States kept for checkpoints, oldest first, and the frontier of the newest taken.
+    pending: VecDeque<LearnerState>,
+    last_state: Option<Epoch>,
+    learned: Epoch,
     /// Labels refused (too many classes, wrong dimension), counted and logged once each.
     pub refused: u64,
     /// Per-class Prometheus counters of what is learned, when the pipeline exports metrics.
@@ -54,58 +57,26 @@ pub struct OnlineLrHead {
 }
 
 impl OnlineLrHead {
-    pub fn new(model: SoftmaxRegression, window: usize, snapshots: Option<Snapshots>) -> OnlineLrHead {
-        let version = model.updates();
+    pub fn new(model: SoftmaxRegression, metrics: Prequential, checkpoint_every_epochs: u64) -> OnlineLrHead {
         OnlineLrHead {
             model,
-            metrics: Prequential::new(window),
-            snapshots,
-            epochs_since_snapshot: 0,
-            last_snapshot_version: version,
+            metrics,
+            checkpoint_every_epochs,
+            pending: VecDeque::new(),
+            last_state: None,
+            learned: 0,
             refused: 0,
             counters: None,
         }
     }
 
-    /// Writes a snapshot now if there are updates it does not have.
-    pub fn snapshot(&mut self) {
-        let Some(s) = &self.snapshots else { return };
-        let version = self.model.updates();
-        if version == self.last_snapshot_version {
-            return;
+    /// The newest kept state whose frontier is at most `acknowledged` (older ones are dropped).
+    pub fn take_state(&mut self, acknowledged: Epoch) -> Option<LearnerState> {
+        let mut newest = None;
+        while self.pending.front().is_some_and(|s| s.frontier <= acknowledged) {
+            newest = self.pending.pop_front();
         }
-        let mut metadata = s.metadata.clone();
-        metadata.insert("trained_by".into(), "stream".into());
-        if let Some(acc) = self.metrics.accuracy() {
-            metadata.insert("prequential_accuracy".into(), format!("{acc:.6}"));
-        }
-        let bytes = match self.model.to_bytes(&metadata) {
-            Ok(bytes) => bytes,
-            Err(error) => return tracing::warn!(%error, "cannot encode a classifier snapshot"),
-        };
-        if let Err(error) = std::fs::create_dir_all(&s.dir).and_then(|_| {
-            let path = s.dir.join(format!("classifier-v{version:012}.safetensors"));
-            std::fs::write(&path, &bytes)?;
-            std::fs::write(s.dir.join("latest.safetensors.tmp"), &bytes)?;
-            std::fs::rename(s.dir.join("latest.safetensors.tmp"), s.dir.join("latest.safetensors"))
-        }) {
-            tracing::warn!(%error, dir = %s.dir.display(), "cannot write a classifier snapshot file");
-        }
-        let key = "online_lr";
-        if let Err((error, _)) = s.producer.send(BaseRecord::to(&s.topic).key(key).payload(&bytes)) {
-            tracing::warn!(%error, topic = s.topic, "cannot publish a classifier snapshot");
-        }
-        s.producer.poll(Duration::ZERO);
-        self.last_snapshot_version = version;
-        tracing::debug!(version, "classifier snapshot written");
-    }
-
-    /// Flushes snapshots still queued for the model topic (at shutdown).
-    pub fn flush(&mut self) {
-        self.snapshot();
-        if let Some(s) = &self.snapshots {
-            let _ = s.producer.flush(Duration::from_secs(10));
-        }
+        newest
     }
 }
 
@@ -159,14 +130,28 @@ impl Head for OnlineLrHead {
                 }
             }
         }
-        self.epochs_since_snapshot += 1;
-        if self.snapshots.as_ref().is_some_and(|s| self.epochs_since_snapshot >= s.every_epochs) {
-            self.epochs_since_snapshot = 0;
-            self.snapshot();
-        }
+        // The state after each epoch has no SGD step pending, so that a checkpoint of it
+        // continues exactly as this learner does.
+        self.model.flush();
     }
 
     fn version(&self) -> u64 {
         self.model.updates()
+    }
+
+    fn learned_through(&mut self, frontier: Epoch) {
+        if frontier <= self.learned || self.checkpoint_every_epochs == 0 {
+            return;
+        }
+        self.learned = frontier;
+        let due = match self.last_state {
+            None => true,
+            Some(last) => frontier == Epoch::MAX || frontier - last >= self.checkpoint_every_epochs,
+        };
+        if due && (self.pending.len() < MAX_PENDING_STATES || frontier == Epoch::MAX) {
+            let state = LearnerState { frontier, model: self.model.clone(), prequential: self.metrics.clone() };
+            self.pending.push_back(state);
+            self.last_state = Some(frontier);
+        }
     }
 }

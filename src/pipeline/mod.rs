@@ -4,35 +4,39 @@
 //! Every timely worker (of every process) reads its share of the input topic's partitions,
 //! prepares records on a thread pool, runs the model on its device (devices are given to
 //! workers round-robin), predicts with a classifier that every worker holds identically, and
-//! publishes predictions and dead letters for the partitions it reads, committing their offsets
-//! once published.
+//! publishes predictions and dead letters for the partitions it reads. With the online learner,
+//! worker 0 checkpoints the classifier with the offsets it has learned and published
+//! ([`checkpoint`]) and commits the group's offsets; a restart continues from the newest
+//! checkpoint. Otherwise each worker commits its partitions' offsets once published.
 //!
 //! Each process serves its Prometheus metrics (`crate::metrics`) while it runs: the operators
 //! update the handles they are given, and every worker refreshes its gauges (in-flight records,
 //! frontier lag, classifier quality) about once a second.
 
+pub mod checkpoint;
 mod heads;
 
-pub use heads::{ImagenetHead, OnlineLrHead, Snapshots};
+pub use checkpoint::{Checkpoint, CheckpointInfo};
+pub use heads::{ImagenetHead, LearnerState, OnlineLrHead};
 
-use crate::config::{Config, HeadKind, StartFrom};
+use crate::config::{Config, Delivery, HeadKind, StartFrom};
 use crate::fetch::Fetcher;
 use crate::image::{decode, Preprocess};
 use crate::kafka::{client_config, ensure_topics, topic_partitions, with_retry, TopicSpec};
-use crate::learn::SoftmaxRegression;
+use crate::learn::{Prequential, SoftmaxRegression};
 use crate::metrics::kafka::{LagContext, STATISTICS_INTERVAL_MS};
 use crate::metrics::{Metrics, Readiness};
 use crate::model::{parse_device, resolve, Featurizer, OutputKind};
 use crate::transfer::classifier::{featurizer_metadata, Classifier};
 use dlpipe_operators::{
-    featurize, fetch_decode, kafka_sink, kafka_source, learn_predict, Backlog, Batching, ByteBudget, DeadLetter, Epoch,
-    EpochPolicy, Fatal, Featured, ImageRecord, LabelledExample, ModelRow, Outcome, PartitionRange, Prepare,
-    PrepareError, SinkContext, SinkSpec, SourceSpec,
+    featurize, fetch_decode, kafka_sink, kafka_source, kafka_txn_sink, learn_predict, Backlog, Batching, ByteBudget,
+    DeadLetter, Epoch, EpochPolicy, Fatal, Featured, ImageRecord, LabelledExample, ModelRow, Outcome, PartitionRange,
+    Position, Prepare, PrepareError, SinkContext, SinkSpec, SourceSpec,
 };
 use fast_image_resize::Resizer;
 use prometheus::core::Collector;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::producer::BaseProducer;
+use rdkafka::producer::{BaseProducer, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -61,8 +65,12 @@ pub struct RunOptions {
     pub config: Config,
     /// Timely's own arguments: -w, -n, -p, -h.
     pub timely_args: Vec<String>,
-    /// Start the online classifier from this classifier file or snapshot.
+    /// Start the online classifier from this classifier file or snapshot (not from the
+    /// group's checkpoint).
     pub init_model: Option<PathBuf>,
+    /// Start a new classifier, ignoring the group's checkpoints, at the offsets `start_from`
+    /// says.
+    pub fresh: bool,
     /// Set to stop gracefully (SIGINT/SIGTERM): read no more, publish what is in flight, commit.
     pub stop: Arc<AtomicBool>,
 }
@@ -71,7 +79,7 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs the pipeline until it stops (stop requested, stop-at-end reached, or an error).
 pub fn run(options: RunOptions) -> anyhow::Result<Vec<WorkerSummary>> {
-    let RunOptions { config, timely_args, init_model, stop } = options;
+    let RunOptions { config, timely_args, init_model, fresh, stop } = options;
     config.validate().map_err(anyhow::Error::msg)?;
     if config.model.intra_op_threads > 0 {
         tch::set_num_threads(config.model.intra_op_threads as i32);
@@ -79,6 +87,25 @@ pub fn run(options: RunOptions) -> anyhow::Result<Vec<WorkerSummary>> {
     // One clear error, before any worker starts, for a cluster that cannot be reached or
     // refuses dlpipe; a cluster that is still starting is waited for.
     crate::kafka::wait_for_cluster(&config.kafka)?;
+    let p = &config.pipeline;
+    let checkpoints = p.head == HeadKind::OnlineLr && p.checkpoint_every_epochs > 0;
+    let restored = if checkpoints && !fresh && init_model.is_none() {
+        let found = checkpoint::read_latest(&config.kafka, &p.model_topic, &p.group_id)?;
+        match &found {
+            Some(c) => tracing::info!(
+                group = p.group_id,
+                topic = p.model_topic,
+                version = c.model.updates(),
+                learned = ?c.info.learned_offsets,
+                published = ?c.info.published_offsets,
+                "continuing from the newest checkpoint"
+            ),
+            None => tracing::info!(group = p.group_id, topic = p.model_topic, "no checkpoint: a new classifier"),
+        }
+        found.map(Arc::new)
+    } else {
+        None
+    };
     let config = Arc::new(config);
     let timely_config = timely::Config::from_args(timely_args.into_iter()).map_err(anyhow::Error::msg)?;
     let (process, local_workers) = match &timely_config.communication {
@@ -105,7 +132,9 @@ pub fn run(options: RunOptions) -> anyhow::Result<Vec<WorkerSummary>> {
             failed: &failed,
             fetched_bytes: &fetched_bytes,
         };
-        let result = run_worker(worker, &config, init_model.as_deref(), &stop, shared);
+        let continues = checkpoints && !fresh && init_model.is_none();
+        let start = Start { init_model: init_model.as_deref(), restored: restored.as_deref(), checkpoints, continues };
+        let result = run_worker(worker, &config, start, &stop, shared);
         if result.is_err() {
             // Not ready from now on; the other workers see `failed` within one step. Dropping
             // the dataflow lets this worker end (timely would otherwise keep stepping it,
@@ -135,6 +164,18 @@ pub fn run(options: RunOptions) -> anyhow::Result<Vec<WorkerSummary>> {
     }
 }
 
+/// Where the classifier starts.
+struct Start<'a> {
+    init_model: Option<&'a std::path::Path>,
+    /// The group's newest checkpoint, unless `--fresh` or `--init-model`.
+    restored: Option<&'a Checkpoint>,
+    /// Whether this run checkpoints (online learner, `checkpoint_every_epochs` > 0).
+    checkpoints: bool,
+    /// Whether the classifier continues from the group's checkpoint (checkpoints on, neither
+    /// `--fresh` nor `--init-model`), found or not.
+    continues: bool,
+}
+
 const ANOTHER_WORKER_FAILED: &str = "stopped because another worker of this process failed";
 
 /// What the workers of one process share.
@@ -152,7 +193,7 @@ struct Shared<'a> {
 fn run_worker(
     worker: &mut timely::worker::Worker,
     config: &Config,
-    init_model: Option<&std::path::Path>,
+    start: Start,
     stop: &Arc<AtomicBool>,
     shared: Shared,
 ) -> anyhow::Result<WorkerSummary> {
@@ -164,8 +205,8 @@ fn run_worker(
     if index == 0 && p.create_topics {
         let spec =
             TopicSpec { partitions: p.topic_partitions, replication_factor: p.topic_replication_factor, configs: &[] };
-        let compacted = [("cleanup.policy", "compact")];
-        let model_spec = TopicSpec { partitions: 1, configs: &compacted, ..spec };
+        let model_configs = checkpoint::model_topic_configs();
+        let model_spec = TopicSpec { partitions: 1, configs: &model_configs, ..spec };
         let topics = [
             (p.input_topic.as_str(), spec),
             (p.predictions_topic.as_str(), spec),
@@ -194,18 +235,49 @@ fn run_worker(
         }
     }
     let mine: Vec<i32> = partitions.into_iter().filter(|p| *p as usize % peers == index).collect();
-    let ranges = partition_ranges(&consumer, config, &mine)?;
+    // With exactly-once delivery, this worker's transactional producer fences an earlier
+    // instance of the worker (aborting its open transaction) before the committed offsets are
+    // read, so that no zombie commits behind them.
+    let producer: BaseProducer<SinkContext> = match p.delivery {
+        Delivery::AtLeastOnce => client_config(&config.kafka)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            .create_with_context(SinkContext::default())?,
+        Delivery::ExactlyOnce => {
+            let id = format!("dlpipe-{}-worker-{index}", p.group_id);
+            let producer: BaseProducer<SinkContext> = client_config(&config.kafka)
+                .set("transactional.id", &id)
+                .set("linger.ms", "5")
+                .create_with_context(SinkContext::default())?;
+            let awaiting = format!("the transaction coordinator of {id}");
+            with_retry(&config.kafka, &awaiting, || producer.init_transactions(TIMEOUT))?;
+            producer
+        }
+    };
+    let learned = match start.restored {
+        Some(checkpoint) => LearnFrom::Checkpoint(&checkpoint.info.learned_offsets),
+        // Continuing, with no checkpoint: offsets the group committed are not in any
+        // classifier (an older dlpipe's, or a run that stopped before its first checkpoint),
+        // so learning starts at the beginning.
+        None if start.continues && p.start_from == StartFrom::Committed => LearnFrom::Earliest,
+        None => LearnFrom::Published,
+    };
+    let (ranges, starts) = partition_ranges(&consumer, config, &mine, learned)?;
     let mut assignment = TopicPartitionList::new();
     for r in &ranges {
         assignment.add_partition_offset(&p.input_topic, r.partition, Offset::Offset(r.start))?;
     }
     consumer.assign(&assignment)?;
     tracing::info!(worker = index, partitions = ?mine, "assigned partitions");
-
-    let producer: BaseProducer<SinkContext> = client_config(&config.kafka)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .create_with_context(SinkContext::default())?;
+    for s in starts.iter().filter(|s| s.learned != s.published) {
+        let (what, from, to) = if s.learned < s.published {
+            ("learned again, not published again", s.learned, s.published)
+        } else {
+            ("published, not learned again", s.published, s.learned)
+        };
+        tracing::info!(worker = index, partition = s.partition, from, to, "records before the checkpoint: {what}");
+    }
+    let learn_from: BTreeMap<i32, i64> = starts.iter().map(|s| (s.partition, s.learned)).collect();
 
     // The model, on this worker's device.
     let device_name = &config.model.devices[index % config.model.devices.len()];
@@ -220,29 +292,26 @@ fn run_worker(
             if !manifest.has(OutputKind::Features) {
                 anyhow::bail!("head online_lr needs features, and model {} outputs none", manifest.name);
             }
-            let model = match init_model {
-                Some(path) => {
+            const WINDOW: usize = 1000;
+            let (model, prequential) = match (start.init_model, start.restored) {
+                (Some(path), _) => {
                     // A classifier file from `dlpipe train` or a snapshot of an earlier run:
                     // its features must be this model's.
                     let classifier = Classifier::load(path)?;
                     classifier.check_featurizer(&manifest)?;
-                    classifier.model
+                    (classifier.model, Prequential::new(WINDOW))
                 }
-                None => SoftmaxRegression::new(manifest.feature_dim, config.learner.clone())?,
+                (None, Some(restored)) => {
+                    restored.check(&p.group_id, &p.input_topic, &manifest)?;
+                    (restored.model.clone(), restored.prequential(WINDOW))
+                }
+                (None, None) => {
+                    (SoftmaxRegression::new(manifest.feature_dim, config.learner.clone())?, Prequential::new(WINDOW))
+                }
             };
-            let snapshots = (index == 0 && p.snapshot_every_epochs > 0)
-                .then(|| -> anyhow::Result<Snapshots> {
-                    let metadata = featurizer_metadata(&manifest);
-                    Ok(Snapshots {
-                        every_epochs: p.snapshot_every_epochs,
-                        dir: p.snapshot_dir.clone(),
-                        topic: p.model_topic.clone(),
-                        producer: client_config(&config.kafka).create()?,
-                        metadata,
-                    })
-                })
-                .transpose()?;
-            let mut head = OnlineLrHead::new(model, 1000, snapshots);
+            // Worker 0 writes the checkpoints; the others' classifiers are the same.
+            let every = if start.checkpoints && index == 0 { p.checkpoint_every_epochs } else { 0 };
+            let mut head = OnlineLrHead::new(model, prequential, every);
             head.counters = Some(handles.learner.clone());
             Some(Rc::new(RefCell::new(head)))
         }
@@ -311,7 +380,34 @@ fn run_worker(
         input_topic: p.input_topic.clone(),
         predictions_topic: p.predictions_topic.clone(),
         dead_letter_topic: p.dead_letter_topic.clone(),
+        starts,
     };
+    let writer = match (&online, index) {
+        (Some(head), 0) if start.checkpoints => {
+            let producer = checkpoint::writer_producer(&config.kafka, &p.group_id)?;
+            let files = (!p.snapshot_dir.as_os_str().is_empty())
+                .then(|| checkpoint::SnapshotFiles { dir: p.snapshot_dir.clone(), retain: p.snapshot_retain });
+            Some(checkpoint::CheckpointWriter::new(
+                Rc::clone(head),
+                producer,
+                Rc::clone(&consumer),
+                p.delivery == Delivery::AtLeastOnce,
+                p.model_topic.clone(),
+                p.group_id.clone(),
+                p.input_topic.clone(),
+                featurizer_metadata(&manifest),
+                files,
+                metrics.checkpoints_written.with_label_values::<&str>(&[]),
+                metrics.checkpoint_seconds.with_label_values::<&str>(&[]),
+            ))
+        }
+        _ => None,
+    };
+    // At-least-once: with checkpoints the group's offsets are committed with them (never ahead
+    // of one); without, by each worker's sink as its epochs are published. Exactly-once: by
+    // each worker's sink, in the transaction of the outputs.
+    let committer = (!start.checkpoints).then(|| Rc::clone(&consumer));
+    let exactly_once = p.delivery == Delivery::ExactlyOnce;
     let batching =
         Batching { max_batch: config.model.batch_size, max_wait: Duration::from_millis(p.max_batch_wait_ms) };
     let (top_k, max_decoding) = (p.top_k, p.max_decoding);
@@ -356,7 +452,13 @@ fn run_worker(
         let (featured, unfeaturized) = featured.ok_err::<Vec<Featured>, _, Vec<DeadLetter>, _, _>(|r| r);
         let predictions = match online_head {
             Some(head) => {
-                let labelled = featured.clone().flat_map(|f| LabelledExample::of(&f)).broadcast();
+                // Records before a partition's learned offset are in the restored classifier
+                // already: replayed only to publish their outputs.
+                let labelled = featured
+                    .clone()
+                    .flat_map(|f| LabelledExample::of(&f))
+                    .filter(move |x| learn_from.get(&x.partition).is_none_or(|from| x.offset >= *from))
+                    .broadcast();
                 learn_predict(featured, labelled, head, top_k, learn_metrics)
             }
             None => {
@@ -369,17 +471,27 @@ fn run_worker(
         probes.push(("learn_predict", handle));
         let dead = unreadable.concat(undecodable).concat(unfeaturized).map(Outcome::Dead);
         let outcomes = predictions.map(Outcome::Predicted).concat(dead);
-        let acked = kafka_sink(
-            outcomes,
-            producer,
-            Some(Rc::clone(&consumer)),
-            sink_spec,
-            Rc::clone(&backlog),
-            Rc::clone(&fatal),
-            sink_metrics,
-        );
-        let (handle, _acked) = acked.probe();
+        let positions = if exactly_once {
+            let consumer = Rc::clone(&consumer);
+            kafka_txn_sink(
+                outcomes,
+                producer,
+                consumer,
+                sink_spec,
+                Rc::clone(&backlog),
+                Rc::clone(&fatal),
+                sink_metrics,
+            )
+        } else {
+            kafka_sink(outcomes, producer, committer, sink_spec, Rc::clone(&backlog), Rc::clone(&fatal), sink_metrics)
+        };
+        let (handle, positions) = positions.probe();
         probes.push(("kafka_sink", handle.clone()));
+        if !start.checkpoints {
+            return handle;
+        }
+        let (handle, _checkpointed) = dlpipe_operators::checkpoint(positions, writer, Rc::clone(&fatal)).probe();
+        probes.push(("checkpoint", handle.clone()));
         handle
     });
     let probes = probes.into_inner();
@@ -453,8 +565,7 @@ fn run_worker(
     }
     let mut summary = WorkerSummary { worker: index, partitions: mine, ..Default::default() };
     if let Some(head) = &online {
-        let mut head = head.borrow_mut();
-        head.flush();
+        let head = head.borrow();
         summary.updates = head.model.updates();
         summary.accuracy = head.metrics.accuracy();
     }
@@ -534,14 +645,29 @@ impl FrontierClock {
     }
 }
 
-/// Start offsets (the group's commits, else the chosen end) and, with stop-at-end, the high
-/// watermarks as end offsets. Both calls wait out a cluster that is still loading the group
-/// coordinator or electing leaders.
+/// Where the classifier's learning starts in each partition.
+#[derive(Clone, Copy)]
+enum LearnFrom<'a> {
+    /// A checkpoint's learned offsets (a partition it does not know, added since, from its
+    /// earliest offset).
+    Checkpoint(&'a BTreeMap<i32, i64>),
+    /// Each partition's earliest offset.
+    Earliest,
+    /// Where publishing starts.
+    Published,
+}
+
+/// Where each partition starts and (with stop-at-end: the high watermark) ends.
+///
+/// Publishing starts at the group's committed offset (else the end `start_from` chooses),
+/// learning where `learned` says; reading starts at the lower of the two. Both calls wait out a cluster that is still loading
+/// the group coordinator or electing leaders.
 fn partition_ranges<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     config: &Config,
     partitions: &[i32],
-) -> anyhow::Result<Vec<PartitionRange>> {
+    learned: LearnFrom,
+) -> anyhow::Result<(Vec<PartitionRange>, Vec<Position>)> {
     let (kafka, p) = (&config.kafka, &config.pipeline);
     let topic = p.input_topic.as_str();
     let mut list = TopicPartitionList::new();
@@ -559,14 +685,21 @@ fn partition_ranges<C: ConsumerContext>(
                 Offset::Offset(o) => Some(o),
                 _ => None,
             });
-            let start = match (p.start_from, committed) {
+            let published = match (p.start_from, committed) {
                 (StartFrom::Committed, Some(o)) => o.clamp(low, high),
                 (StartFrom::Committed | StartFrom::Earliest, _) => low,
                 (StartFrom::Latest, _) => high,
             };
-            Ok(PartitionRange { partition, start, end: p.stop_at_end.then_some(high) })
+            let learned = match learned {
+                LearnFrom::Checkpoint(offsets) => offsets.get(&partition).map_or(low, |o| (*o).clamp(low, high)),
+                LearnFrom::Earliest => low,
+                LearnFrom::Published => published,
+            };
+            let range = PartitionRange { partition, start: learned.min(published), end: p.stop_at_end.then_some(high) };
+            Ok((range, Position { partition, learned, published }))
         })
-        .collect()
+        .collect::<anyhow::Result<Vec<_>>>()
+        .map(|v| v.into_iter().unzip())
 }
 
 #[cfg(test)]

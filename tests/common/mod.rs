@@ -3,6 +3,8 @@
 //! cluster DLPIPE_KAFKA_BROKERS names), models are the exported TorchScript files.
 #![allow(dead_code)]
 
+pub mod run;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;

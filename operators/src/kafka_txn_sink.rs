@@ -1,0 +1,285 @@
+//! `kafka_txn_sink`: predictions and dead letters out to Kafka in transactions, each committing
+//! its outputs together with the input offsets they answer (exactly-once delivery).
+//!
+//! **In:** one `Outcome` per input record, from the partitions this worker reads.
+//! **Out:** the [`Position`] of each partition as its epochs commit: at epoch 0, where this run
+//! started each partition (`SinkSpec::starts`); at epoch e, once e's transaction is committed,
+//! the next offset after e's records. The operator keeps a capability for every epoch not yet
+//! committed, so its output frontier is the *committed* frontier.
+//!
+//! **Transactions:** outputs wait in memory until their epoch is complete (the input frontier
+//! has passed it). Then one transaction takes every complete epoch: their outputs, and
+//! (`send_offsets_to_transaction`) the next offset of each of their partitions for the
+//! consumer group. Consumers reading with `isolation.level=read_committed` (librdkafka's
+//! default, `dlpipe tail`'s) see each output exactly once: a crash aborts the open transaction,
+//! and the restart reads from the committed offsets. The producer's `transactional.id` belongs
+//! to the worker, so a restarted worker fences its predecessor (a zombie's commit fails). The
+//! commit blocks the worker thread until the broker has the transaction (milliseconds on a
+//! local broker): that, and the outputs waiting for their epoch, is the price of exactly-once.
+//!
+//! **Refusals:** an output the broker refuses as too large aborts the transaction; it is
+//! replaced by a small dead letter of kind `output_too_large` and the transaction is tried
+//! again. Any other failure is retried a few times, then sets `fatal`; a fenced producer sets
+//! it at once. Nothing is committed past an output that is not in a committed transaction.
+//! **Replays:** outcomes of records before a partition's `published` start are not sent
+//! (an earlier run's transaction has them); they count for progress and positions.
+
+use crate::kafka_sink::{too_large, Delivery, Outgoing, Report, SinkContext, SinkSpec};
+use crate::metrics::SinkMetrics;
+use crate::records::{now_ms, Epoch, Outcome, Position};
+use crate::{Backlog, Fatal};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::StreamVec;
+
+/// How long a transaction's calls may take before the attempt counts as failed.
+const TIMEOUT: Duration = Duration::from_secs(30);
+/// Consecutive failed transactions (other than for too-large outputs) before giving up.
+const MAX_ATTEMPTS: u32 = 5;
+
+struct EpochOutputs {
+    hold: Capability<Epoch>,
+    outgoing: Vec<Outgoing>,
+    /// Highest offset per partition among this epoch's records.
+    offsets: BTreeMap<i32, i64>,
+}
+
+/// Why a transaction did not commit.
+enum Failure {
+    /// Retry (after replacing refused outputs).
+    Retry(String),
+    /// The producer is fenced or broken for good.
+    Fatal(String),
+}
+
+pub fn kafka_txn_sink<'scope, C: ConsumerContext + 'static>(
+    outcomes: StreamVec<'scope, Epoch, Outcome>,
+    producer: BaseProducer<SinkContext>,
+    consumer: Rc<BaseConsumer<C>>,
+    spec: SinkSpec,
+    backlog: Backlog,
+    fatal: Fatal,
+    mut metrics: SinkMetrics,
+) -> StreamVec<'scope, Epoch, Position> {
+    let scope = outcomes.scope();
+    outcomes.unary_frontier::<CapacityContainerBuilder<Vec<Position>>, _, _, _>(
+        Pipeline,
+        "KafkaTxnSink",
+        move |default_cap, info| {
+            let activator = scope.activator_for(info.address);
+            let mut epochs: BTreeMap<Epoch, EpochOutputs> = BTreeMap::new();
+            let mut starts = Some((default_cap, spec.starts.clone()));
+            let published_from: BTreeMap<i32, i64> = spec.starts.iter().map(|s| (s.partition, s.published)).collect();
+            let (mut attempts, mut retry_at, mut failed) = (0u32, None::<Instant>, false);
+            move |(input, frontier), output| {
+                if let Some((cap, positions)) = starts.take() {
+                    output.session(&cap).give_iterator(positions.into_iter());
+                }
+                input.for_each_stamp(|cap, data| {
+                    let Some(cap) = cap.retain_least(0) else { return };
+                    let epoch = *cap.time();
+                    let state = epochs.entry(epoch).or_insert_with(|| EpochOutputs {
+                        hold: cap,
+                        outgoing: Vec::new(),
+                        offsets: BTreeMap::new(),
+                    });
+                    for batch in data {
+                        for outcome in batch.drain(..) {
+                            let (partition, offset) = outcome.partition_offset();
+                            let max = state.offsets.entry(partition).or_insert(offset);
+                            *max = (*max).max(offset);
+                            if published_from.get(&partition).is_some_and(|from| offset < *from) {
+                                backlog.set(backlog.get().saturating_sub(1));
+                                continue;
+                            }
+                            state.outgoing.push(Outgoing::encode(epoch, outcome, &mut metrics));
+                        }
+                    }
+                });
+                metrics.unacked.set(epochs.values().map(|e| e.outgoing.len() as i64).sum());
+                let complete: Vec<Epoch> =
+                    epochs.keys().copied().take_while(|e| !frontier.frontier().less_equal(e)).collect();
+                if failed || complete.is_empty() || retry_at.is_some_and(|at| Instant::now() < at) {
+                    if !failed && !epochs.is_empty() {
+                        activator.activate_after(Duration::from_millis(50));
+                    }
+                    return;
+                }
+                let started = Instant::now();
+                match transact(&producer, &*consumer, &spec, &mut epochs, &complete) {
+                    Ok(()) => {
+                        attempts = 0;
+                        retry_at = None;
+                        let delivered: Vec<Report> =
+                            std::mem::take(&mut *producer.context().reports.lock().expect("not poisoned"));
+                        for report in delivered {
+                            metrics.published.with(&report.topic).inc();
+                            metrics.produce_seconds.observe(report.produce_seconds);
+                            if let Some(Some(ts)) = report.message.input_ts_ms {
+                                metrics.end_to_end_seconds.observe((now_ms() - ts).max(0) as f64 / 1000.0);
+                            }
+                        }
+                        for epoch in complete {
+                            let state = epochs.remove(&epoch).expect("a complete epoch");
+                            backlog.set(backlog.get().saturating_sub(state.outgoing.len()));
+                            let mut session = output.session(&state.hold);
+                            for (partition, offset) in state.offsets {
+                                session.give(Position { partition, learned: offset + 1, published: offset + 1 });
+                            }
+                        }
+                        tracing::trace!(seconds = started.elapsed().as_secs_f64(), "transaction committed");
+                    }
+                    Err(Failure::Retry(error)) => {
+                        // Outputs refused for their size get their small replacement; other
+                        // failures are retried as they are.
+                        let reports: Vec<Report> =
+                            std::mem::take(&mut *producer.context().reports.lock().expect("not poisoned"));
+                        let mut replaced = 0;
+                        for report in reports {
+                            let Err((code, message)) = report.outcome else { continue };
+                            if !too_large(code) || report.message.replacement {
+                                continue;
+                            }
+                            let m = report.message;
+                            if let Some(slot) = epochs.get_mut(&m.epoch).and_then(|e| {
+                                e.outgoing.iter_mut().find(|o| {
+                                    (o.sent.partition, o.sent.offset) == (m.partition, m.offset) && !o.sent.replacement
+                                })
+                            }) {
+                                tracing::warn!(id = %crate::records::truncate(&m.key, 64), partition = m.partition, offset = m.offset, message, "the broker refused an output as too large; a small dead letter replaces it");
+                                *slot = m.replaced(&message);
+                                metrics.dead_lettered.with("output_too_large").inc();
+                                replaced += 1;
+                            }
+                        }
+                        if replaced == 0 {
+                            attempts += 1;
+                            tracing::warn!(%error, attempts, "a transaction of outputs failed; retrying");
+                        }
+                        if attempts >= MAX_ATTEMPTS {
+                            metrics.failed.inc();
+                            failed = true;
+                            *fatal.borrow_mut() =
+                                Some(format!("the outputs' transaction failed {attempts} times: {error}"));
+                            return;
+                        }
+                        retry_at = Some(Instant::now() + Duration::from_millis(if replaced > 0 { 0 } else { 500 }));
+                    }
+                    Err(Failure::Fatal(error)) => {
+                        metrics.failed.inc();
+                        failed = true;
+                        *fatal.borrow_mut() = Some(error);
+                        return;
+                    }
+                }
+                if !epochs.is_empty() {
+                    activator.activate_after(Duration::from_millis(2));
+                }
+            }
+        },
+    )
+}
+
+/// One transaction: the outputs of the `complete` epochs, and the next offsets of their
+/// partitions for the group. Aborted on any failure.
+fn transact<C: ConsumerContext>(
+    producer: &BaseProducer<SinkContext>,
+    consumer: &BaseConsumer<C>,
+    spec: &SinkSpec,
+    epochs: &mut BTreeMap<Epoch, EpochOutputs>,
+    complete: &[Epoch],
+) -> Result<(), Failure> {
+    producer.begin_transaction().map_err(|e| classify("cannot begin a transaction", e))?;
+    let result = send_and_commit(producer, consumer, spec, epochs, complete);
+    if result.is_err() {
+        let _ = producer.abort_transaction(TIMEOUT);
+        // Reports of the aborted messages arrive on a poll.
+        producer.poll(Duration::ZERO);
+    }
+    result
+}
+
+fn send_and_commit<C: ConsumerContext>(
+    producer: &BaseProducer<SinkContext>,
+    consumer: &BaseConsumer<C>,
+    spec: &SinkSpec,
+    epochs: &mut BTreeMap<Epoch, EpochOutputs>,
+    complete: &[Epoch],
+) -> Result<(), Failure> {
+    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+    for epoch in complete {
+        let state = epochs.get_mut(epoch).expect("a complete epoch");
+        for (partition, offset) in &state.offsets {
+            let at = next.entry(*partition).or_insert(offset + 1);
+            *at = (*at).max(offset + 1);
+        }
+        for slot in state.outgoing.iter_mut() {
+            loop {
+                let sent = slot.sent.clone();
+                let topic = sent.topic(spec);
+                let key = sent.key.clone();
+                let delivery = Box::new(Delivery { at: Instant::now(), message: sent });
+                let record = BaseRecord::with_opaque_to(topic, delivery).key(&key).payload(&slot.payload);
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                        producer.poll(Duration::from_millis(10));
+                    }
+                    Err((error, record)) => {
+                        let message = record.delivery_opaque.message;
+                        if too_large(error.rdkafka_error_code()) && !message.replacement {
+                            *slot = message.replaced(&error.to_string());
+                            continue;
+                        }
+                        return Err(Failure::Retry(format!(
+                            "cannot produce the output of record {}:{} to {topic}: {error}",
+                            message.partition, message.offset
+                        )));
+                    }
+                }
+            }
+        }
+    }
+    let mut offsets = TopicPartitionList::new();
+    for (partition, offset) in &next {
+        offsets.add_partition_offset(&spec.input_topic, *partition, Offset::Offset(*offset)).expect("valid offset");
+    }
+    let group =
+        consumer.group_metadata().ok_or_else(|| Failure::Fatal("the input consumer has no group metadata".into()))?;
+    producer
+        .send_offsets_to_transaction(&offsets, &group, TIMEOUT)
+        .map_err(|e| classify("cannot add the input offsets to the transaction", e))?;
+    producer.commit_transaction(TIMEOUT).map_err(|e| classify("cannot commit the outputs' transaction", e))?;
+    producer.poll(Duration::ZERO);
+    Ok(())
+}
+
+/// A fenced producer (another instance of this worker took over) or a fatal producer error
+/// ends the worker; anything else is worth another transaction.
+fn classify(what: &str, error: KafkaError) -> Failure {
+    let fenced = matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+                | RDKafkaErrorCode::Fenced
+                | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
+        )
+    );
+    if fenced || matches!(&error, KafkaError::Transaction(e) if e.is_fatal()) {
+        Failure::Fatal(format!(
+            "{what}: {error}. Another instance of this worker (a later `dlpipe run` of the same group) has fenced it"
+        ))
+    } else {
+        Failure::Retry(format!("{what}: {error}"))
+    }
+}

@@ -1,0 +1,440 @@
+//! Checkpoints of the streaming learner: the classifier's state at a learned frontier, with the
+//! input offsets it has learned up to and the offsets whose outputs are published.
+//!
+//! A checkpoint is a classifier file (safetensors, readable by `dlpipe evaluate` and `predict`
+//! and by `--init-model`) whose metadata also holds a [`CheckpointInfo`] as JSON under the key
+//! `checkpoint`. Worker 0 writes them (every worker holds the same classifier) to the model
+//! topic, a compacted topic, under the key `checkpoint/<group id>`, in a Kafka transaction that
+//! also commits the published offsets for the consumer group (at-least-once delivery; with
+//! exactly-once the sinks commit them with their outputs), and then to files in `snapshot_dir`.
+//! The group's offsets never run ahead of a checkpoint. The writer's transactional id is the
+//! group's, so a second pipeline of the same group fences the first.
+//!
+//! `dlpipe run` reads the newest checkpoint of its group at start-up ([`read_latest`]) and
+//! resumes from it: the classifier and its prequential metrics continue, each partition is
+//! read again from the checkpoint's learned offset, and records before the group's committed
+//! offset are learned but not published again. So every labelled record is learned exactly
+//! once across restarts, however the run stopped.
+
+use super::heads::{LearnerState, OnlineLrHead};
+use crate::config::KafkaConfig;
+use crate::kafka::{client_config, with_retry};
+use crate::learn::{Prequential, PrequentialState, SoftmaxRegression};
+use crate::metrics::kafka::LagContext;
+use crate::model::Manifest;
+use crate::transfer::classifier::KEY_FEATURIZER_SHA256;
+use dlpipe_operators::{CheckpointStore, Epoch, WriteError};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// The version of [`CheckpointInfo`] this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// The metadata key holding the [`CheckpointInfo`] JSON.
+pub const KEY_CHECKPOINT: &str = "checkpoint";
+/// Largest checkpoint message, in bytes: the model topic is created to accept it (a classifier
+/// of 1000 classes over 1280 features with AdaGrad is about 10 MiB).
+pub const MAX_CHECKPOINT_BYTES: usize = 64 << 20;
+
+/// What a checkpoint records besides the classifier.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointInfo {
+    pub format_version: u32,
+    pub group_id: String,
+    pub input_topic: String,
+    /// The learned frontier: every labelled record of the epochs before it is learned, none
+    /// of later epochs (`u64::MAX` when written at the end of a run).
+    pub frontier: Epoch,
+    /// Per partition, the offset from which records are not yet learned.
+    pub learned_offsets: BTreeMap<i32, i64>,
+    /// Per partition, the offset from which outputs are not yet known to be published.
+    pub published_offsets: BTreeMap<i32, i64>,
+    pub prequential: PrequentialState,
+    pub written_at_ms: i64,
+}
+
+/// A checkpoint read back.
+pub struct Checkpoint {
+    pub info: CheckpointInfo,
+    pub model: SoftmaxRegression,
+    /// The classifier file's own metadata (featurizer, the checkpoint JSON, ...).
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// The key of a group's checkpoints in the model topic.
+pub fn message_key(group_id: &str) -> String {
+    format!("checkpoint/{group_id}")
+}
+
+/// A checkpoint's bytes: the classifier file of `state` with `info` and `featurizer` in its
+/// metadata.
+pub fn encode(
+    state: &LearnerState,
+    info: &CheckpointInfo,
+    featurizer: &BTreeMap<String, String>,
+) -> Result<Vec<u8>, crate::learn::LearnError> {
+    let mut metadata = featurizer.clone();
+    metadata.insert("trained_by".into(), "stream".into());
+    if let Some(accuracy) = state.prequential.accuracy() {
+        metadata.insert("prequential_accuracy".into(), format!("{accuracy:.6}"));
+    }
+    metadata.insert(KEY_CHECKPOINT.into(), serde_json::to_string(info).expect("serialisable"));
+    state.model.to_bytes(&metadata)
+}
+
+impl Checkpoint {
+    pub fn decode(bytes: &[u8]) -> anyhow::Result<Checkpoint> {
+        let (model, metadata) = SoftmaxRegression::from_bytes(bytes)?;
+        let json = metadata
+            .get(KEY_CHECKPOINT)
+            .ok_or_else(|| anyhow::anyhow!("a classifier without checkpoint metadata ({KEY_CHECKPOINT:?})"))?;
+        let info: CheckpointInfo =
+            serde_json::from_str(json).map_err(|e| anyhow::anyhow!("the checkpoint metadata is not valid: {e}"))?;
+        if info.format_version != FORMAT_VERSION {
+            anyhow::bail!(
+                "checkpoint format version {} is not supported (this build reads version {FORMAT_VERSION})",
+                info.format_version
+            );
+        }
+        Ok(Checkpoint { info, model, metadata })
+    }
+
+    /// Checks that this checkpoint can continue a run of `group_id` on `input_topic` with the
+    /// features of `manifest`'s model.
+    pub fn check(&self, group_id: &str, input_topic: &str, manifest: &Manifest) -> anyhow::Result<()> {
+        let fresh = "start over with `dlpipe run --fresh`, or use another pipeline.group_id";
+        if self.info.group_id != group_id || self.info.input_topic != input_topic {
+            anyhow::bail!(
+                "the newest checkpoint of group {group_id:?} was learned from topic {:?} (group {:?}), not {input_topic:?}: \
+                 its offsets mean nothing here; {fresh}",
+                self.info.input_topic,
+                self.info.group_id
+            );
+        }
+        let trained = self.metadata.get(KEY_FEATURIZER_SHA256).filter(|s| !s.is_empty());
+        if let (Some(trained), Some(given)) = (trained, &manifest.sha256) {
+            if trained != given {
+                anyhow::bail!(
+                    "the checkpoint of group {group_id:?} was learned on features of another model (sha256 {trained}) \
+                     than {} (sha256 {given}); {fresh}",
+                    manifest.name
+                );
+            }
+        }
+        if self.model.dim() != manifest.feature_dim {
+            anyhow::bail!(
+                "the checkpoint of group {group_id:?} has {} features, model {} gives {}; {fresh}",
+                self.model.dim(),
+                manifest.name,
+                manifest.feature_dim
+            );
+        }
+        Ok(())
+    }
+
+    /// The restored learner state's prequential metrics, with a window of `window` outcomes.
+    pub fn prequential(&self, window: usize) -> Prequential {
+        Prequential::from_state(&self.info.prequential, window)
+    }
+}
+
+/// Messages read back per step when searching the model topic from its end.
+const WINDOW: i64 = 64;
+
+/// The newest checkpoint of `group_id` in the model `topic`, if the topic and one exist.
+/// Reads the topic backwards from its end, a window of messages at a time (compaction keeps
+/// the newest message of each key, so the search ends soon after the last compaction).
+pub fn read_latest(kafka: &KafkaConfig, topic: &str, group_id: &str) -> anyhow::Result<Option<Checkpoint>> {
+    let consumer: BaseConsumer = client_config(kafka)
+        .set("group.id", "dlpipe-checkpoint-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("receive.message.max.bytes", (MAX_CHECKPOINT_BYTES * 2).to_string())
+        .create()?;
+    let metadata = crate::kafka::metadata(kafka, Some(topic))?;
+    let exists =
+        metadata.topics().iter().any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
+    if !exists {
+        return Ok(None);
+    }
+    let awaiting = format!("the offsets of model topic {topic} (its leader)");
+    let (low, high) = with_retry(kafka, &awaiting, || consumer.fetch_watermarks(topic, 0, Duration::from_secs(10)))?;
+    let key = message_key(group_id);
+    let deadline = Instant::now() + Duration::from_secs(kafka.retry_timeout_secs.max(10));
+    let mut end = high;
+    while end > low {
+        let start = (end - WINDOW).max(low);
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition_offset(topic, 0, Offset::Offset(start))?;
+        consumer.assign(&assignment)?;
+        let mut newest: Option<Vec<u8>> = None;
+        loop {
+            if Instant::now() > deadline {
+                anyhow::bail!("timed out reading the checkpoints in model topic {topic} (offsets {start}..{end})");
+            }
+            let message = match consumer.poll(Duration::from_millis(200)) {
+                None => continue,
+                Some(Err(KafkaError::PartitionEOF(_))) => break,
+                Some(Err(error)) if crate::kafka::retry::is_retriable(&error) => continue,
+                Some(Err(error)) => return Err(error.into()),
+                Some(Ok(message)) => message,
+            };
+            if message.offset() >= end {
+                break;
+            }
+            if message.key() == Some(key.as_bytes()) {
+                newest = message.payload().map(<[u8]>::to_vec);
+            }
+            if message.offset() >= end - 1 {
+                break;
+            }
+        }
+        if let Some(bytes) = newest {
+            let checkpoint = Checkpoint::decode(&bytes)
+                .map_err(|e| anyhow::anyhow!("the newest checkpoint of group {group_id:?} in topic {topic}: {e}"))?;
+            return Ok(Some(checkpoint));
+        }
+        end = start;
+    }
+    Ok(None)
+}
+
+/// The model topic's settings: compacted (the newest checkpoint of each group is kept), segments
+/// rolled every 10 minutes so that compaction can run, and room for a large classifier.
+pub fn model_topic_configs() -> [(&'static str, &'static str); 3] {
+    const MAX: &str = "67108864";
+    const _: () = assert!(MAX_CHECKPOINT_BYTES == 67108864);
+    [("cleanup.policy", "compact"), ("segment.ms", "600000"), ("max.message.bytes", MAX)]
+}
+
+/// Classifier files written next to the model topic: `classifier-v<updates>.safetensors`
+/// for each new version, `latest.safetensors`, and the newest `retain` versions kept.
+pub struct SnapshotFiles {
+    pub dir: PathBuf,
+    pub retain: usize,
+}
+
+/// The transactional id of a group's checkpoint writer: one per group, so that a second
+/// pipeline of the same group fences the first (whose next checkpoint then fails for good).
+pub fn writer_transactional_id(group_id: &str) -> String {
+    format!("dlpipe-checkpoints-{group_id}")
+}
+
+/// A transactional producer for a group's checkpoints, initialised (which fences any earlier
+/// writer of the group and aborts its open transaction).
+pub fn writer_producer(kafka: &KafkaConfig, group_id: &str) -> anyhow::Result<BaseProducer> {
+    let id = writer_transactional_id(group_id);
+    let producer: BaseProducer = client_config(kafka)
+        .set("transactional.id", &id)
+        .set("message.max.bytes", (MAX_CHECKPOINT_BYTES + (1 << 20)).to_string())
+        .create()?;
+    let awaiting = format!("the transaction coordinator of {id} (to fence earlier writers)");
+    with_retry(kafka, &awaiting, || producer.init_transactions(Duration::from_secs(10)))?;
+    Ok(producer)
+}
+
+/// Writes worker 0's checkpoints: takes the learner's states from its head, and in one Kafka
+/// transaction sends each to the model topic and (at-least-once delivery) commits the group's
+/// published offsets; then writes the files.
+pub struct CheckpointWriter {
+    pub head: Rc<RefCell<OnlineLrHead>>,
+    /// Transactional, from [`writer_producer`].
+    pub producer: BaseProducer,
+    pub committer: Rc<BaseConsumer<LagContext>>,
+    /// Whether the checkpoint's transaction commits the group's offsets (at-least-once); with
+    /// exactly-once delivery the sinks commit them with the outputs.
+    pub commit_offsets: bool,
+    pub model_topic: String,
+    pub group_id: String,
+    pub input_topic: String,
+    /// The featurizer's name and sha256, stored with each checkpoint.
+    pub featurizer: BTreeMap<String, String>,
+    pub files: Option<SnapshotFiles>,
+    pub written: prometheus::IntCounter,
+    pub write_seconds: prometheus::Histogram,
+    /// The state `due` offered and `write` has not written yet.
+    cut: Option<LearnerState>,
+    last_file_version: Option<u64>,
+}
+
+impl CheckpointWriter {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        head: Rc<RefCell<OnlineLrHead>>,
+        producer: BaseProducer,
+        committer: Rc<BaseConsumer<LagContext>>,
+        commit_offsets: bool,
+        model_topic: String,
+        group_id: String,
+        input_topic: String,
+        featurizer: BTreeMap<String, String>,
+        files: Option<SnapshotFiles>,
+        written: prometheus::IntCounter,
+        write_seconds: prometheus::Histogram,
+    ) -> CheckpointWriter {
+        CheckpointWriter {
+            head,
+            producer,
+            committer,
+            commit_offsets,
+            model_topic,
+            group_id,
+            input_topic,
+            featurizer,
+            files,
+            written,
+            write_seconds,
+            cut: None,
+            last_file_version: None,
+        }
+    }
+
+    /// Sends a checkpoint, and `offsets` for the group, in one transaction.
+    fn send(&self, bytes: &[u8], offsets: Option<&TopicPartitionList>) -> Result<(), WriteError> {
+        let timeout = Duration::from_secs(30);
+        let classify = |what: &str, error: KafkaError| -> WriteError {
+            let fenced = matches!(
+                error.rdkafka_error_code(),
+                Some(
+                    RDKafkaErrorCode::ProducerFenced
+                        | RDKafkaErrorCode::InvalidProducerEpoch
+                        | RDKafkaErrorCode::Fenced
+                        | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
+                )
+            );
+            let fatal = matches!(&error, KafkaError::Transaction(e) if e.is_fatal());
+            if fenced || fatal {
+                WriteError::Fatal(format!(
+                    "{what}: {error}. Another `dlpipe run` of group {:?} has started and fenced this one (two \
+                     pipelines must not share a group_id); this one stops",
+                    self.group_id
+                ))
+            } else {
+                WriteError::Retry(format!("{what}: {error}"))
+            }
+        };
+        self.producer.begin_transaction().map_err(|e| classify("cannot begin a checkpoint transaction", e))?;
+        let key = message_key(&self.group_id);
+        let sent = self
+            .producer
+            .send(BaseRecord::to(&self.model_topic).key(&key).payload(bytes))
+            .map_err(|(e, _)| classify(&format!("cannot send a checkpoint to {}", self.model_topic), e))
+            .and_then(|()| match offsets {
+                Some(list) => {
+                    let group = self.committer.group_metadata().ok_or_else(|| {
+                        WriteError::Fatal(format!("the consumer of group {:?} has no group metadata", self.group_id))
+                    })?;
+                    self.producer
+                        .send_offsets_to_transaction(list, &group, timeout)
+                        .map_err(|e| classify("cannot add the group's offsets to the checkpoint", e))
+                }
+                None => Ok(()),
+            })
+            .and_then(|()| {
+                self.producer
+                    .commit_transaction(timeout)
+                    .map_err(|e| classify(&format!("topic {} did not take the checkpoint", self.model_topic), e))
+            });
+        if sent.is_err() {
+            // Nothing of it becomes visible; the next cut tries again (or the worker stops).
+            let _ = self.producer.abort_transaction(timeout);
+        }
+        sent
+    }
+
+    fn write_files(&mut self, version: u64, bytes: &[u8]) {
+        let Some(files) = &self.files else { return };
+        if self.last_file_version == Some(version) {
+            return;
+        }
+        let write = || -> std::io::Result<()> {
+            std::fs::create_dir_all(&files.dir)?;
+            std::fs::write(files.dir.join(format!("classifier-v{version:012}.safetensors")), bytes)?;
+            let tmp = files.dir.join(format!("latest.safetensors.tmp{}", std::process::id()));
+            std::fs::write(&tmp, bytes)?;
+            std::fs::rename(&tmp, files.dir.join("latest.safetensors"))?;
+            // The newest `retain` versions stay; names sort by version (zero-padded).
+            let mut versions: Vec<PathBuf> = std::fs::read_dir(&files.dir)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("classifier-v") && n.ends_with(".safetensors"))
+                })
+                .collect();
+            versions.sort();
+            let excess = versions.len().saturating_sub(files.retain.max(1));
+            for old in &versions[..excess] {
+                std::fs::remove_file(old)?;
+            }
+            Ok(())
+        };
+        match write() {
+            Ok(()) => self.last_file_version = Some(version),
+            Err(error) => tracing::warn!(%error, dir = %files.dir.display(), "cannot write a classifier snapshot file"),
+        }
+    }
+}
+
+impl CheckpointStore for CheckpointWriter {
+    fn due(&mut self, acknowledged: Epoch) -> Option<Epoch> {
+        if let Some(newer) = self.head.borrow_mut().take_state(acknowledged) {
+            self.cut = Some(newer);
+        }
+        self.cut.as_ref().map(|s| s.frontier)
+    }
+
+    fn write(
+        &mut self,
+        frontier: Epoch,
+        learned: &BTreeMap<i32, i64>,
+        published: &BTreeMap<i32, i64>,
+    ) -> Result<(), WriteError> {
+        let started = Instant::now();
+        let state = self
+            .cut
+            .take()
+            .filter(|s| s.frontier == frontier)
+            .ok_or_else(|| WriteError::Retry("no learner state at the cut".into()))?;
+        let info = CheckpointInfo {
+            format_version: FORMAT_VERSION,
+            group_id: self.group_id.clone(),
+            input_topic: self.input_topic.clone(),
+            frontier,
+            learned_offsets: learned.clone(),
+            published_offsets: published.clone(),
+            prequential: state.prequential.state(),
+            written_at_ms: dlpipe_operators::records::now_ms(),
+        };
+        let bytes = encode(&state, &info, &self.featurizer)
+            .map_err(|e| WriteError::Fatal(format!("cannot encode a checkpoint: {e}")))?;
+        if bytes.len() > MAX_CHECKPOINT_BYTES {
+            return Err(WriteError::Fatal(format!(
+                "the checkpoint is {} bytes, over the {MAX_CHECKPOINT_BYTES} the model topic accepts: fewer classes \
+                 (learner.max_classes) or another optimizer make it smaller",
+                bytes.len()
+            )));
+        }
+        let mut list = TopicPartitionList::new();
+        for (partition, offset) in published {
+            list.add_partition_offset(&self.input_topic, *partition, Offset::Offset(*offset)).expect("valid offset");
+        }
+        let offsets = (self.commit_offsets && !published.is_empty()).then_some(&list);
+        if let Err(error) = self.send(&bytes, offsets) {
+            self.cut = Some(state);
+            return Err(error);
+        }
+        self.write_files(state.model.updates(), &bytes);
+        self.written.inc();
+        self.write_seconds.observe(started.elapsed().as_secs_f64());
+        tracing::debug!(frontier, version = state.model.updates(), bytes = bytes.len(), "checkpoint written");
+        Ok(())
+    }
+}

@@ -1,0 +1,133 @@
+//! `dlpipe run` in tests: a config with its own topics and group, records of Fashion-MNIST
+//! images, and reading an output topic back.
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::Message;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn record(id: &str, path: &Path, label: Option<&str>) -> String {
+    let mut v = serde_json::json!({"id": id, "uri": format!("file://{}", path.display())});
+    if let Some(label) = label {
+        v["label"] = label.into();
+    }
+    v.to_string()
+}
+
+/// One record per image: id `{prefix}{i}`, partition i mod `partitions`, labelled where
+/// `labelled(i)`; as `(partition, key, payload)` for [`produce`].
+pub fn messages(
+    images: &[(PathBuf, &str)],
+    prefix: &str,
+    partitions: i32,
+    labelled: impl Fn(usize) -> bool,
+) -> Vec<(i32, String, String)> {
+    images
+        .iter()
+        .enumerate()
+        .map(|(i, (path, label))| {
+            let id = format!("{prefix}{i}");
+            let payload = record(&id, path, labelled(i).then_some(*label));
+            (i as i32 % partitions, id, payload)
+        })
+        .collect()
+}
+
+/// Reads a topic from the beginning until `want` messages arrived or `idle` passed without one.
+pub fn read_topic(topic: &str, want: usize, idle: Duration) -> Vec<Value> {
+    let consumer: BaseConsumer = dlpipe::kafka::client_config(&super::kafka_config())
+        .set("group.id", super::unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut out = Vec::new();
+    let mut last = Instant::now();
+    while out.len() < want && last.elapsed() < idle {
+        if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+            // The pipeline creates its output topics at start-up; until then there is nothing to read.
+            let Ok(message) = message else { continue };
+            out.push(serde_json::from_slice(message.payload().unwrap()).unwrap());
+            last = Instant::now();
+        }
+    }
+    out
+}
+
+/// A config for one test run: its own topics and group, the given extra TOML appended.
+pub struct Run {
+    pub dir: tempfile::TempDir,
+    pub predictions: String,
+    pub dead: String,
+    pub group: String,
+    pub model_topic: String,
+}
+
+impl Run {
+    pub fn new(name: &str, input: &str, extra: &str) -> Run {
+        let dir = tempfile::tempdir().unwrap();
+        let (predictions, dead) = (super::unique(&format!("{name}-pred")), super::unique(&format!("{name}-dead")));
+        let group = super::unique(&format!("{name}-group"));
+        let model_topic = super::unique(&format!("{name}-models"));
+        let toml = format!(
+            "[model]\ndir = \"{models}\"\nbatch_size = 16\n\n[kafka]\nbrokers = \"{brokers}\"\n\n\
+             [metrics]\nlisten = \"127.0.0.1:0\"\n\n[fetch]\nallowed_networks = [\"127.0.0.0/8\"]\n\n[pipeline]\n\
+             input_topic = \"{input}\"\npredictions_topic = \"{predictions}\"\ndead_letter_topic = \"{dead}\"\n\
+             model_topic = \"{models_topic}\"\ngroup_id = \"{group}\"\nsnapshot_dir = \"{snapshots}\"\n\
+             topic_partitions = 2\nstatus_interval_secs = 2\n{extra}\n",
+            models = super::root().join("models").display(),
+            brokers = super::kafka_brokers(),
+            models_topic = model_topic,
+            group = group,
+            snapshots = dir.path().join("snapshots").display(),
+        );
+        std::fs::write(dir.path().join("config.toml"), toml).unwrap();
+        Run { dir, predictions, dead, group, model_topic }
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_dlpipe"));
+        command.arg("-c").arg(self.config()).arg("run").args(args).current_dir(super::root());
+        command
+    }
+
+    /// Runs to the end of the input and checks the exit status. A run that has not ended after
+    /// five minutes (a stalled dataflow) is killed and fails the test, rather than hanging it.
+    /// Returns the run's log.
+    pub fn to_end(&self, args: &[&str]) -> String {
+        let log = self.dir.path().join(format!("run-{}.log", super::unique("to-end")));
+        let mut child = self
+            .command(&[&["--stop-at-end"], args].concat())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                panic!("dlpipe run did not finish within 300 s:\n{}", std::fs::read_to_string(&log).unwrap());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let stderr = std::fs::read_to_string(&log).unwrap();
+        assert!(status.success(), "dlpipe run failed:\n{stderr}");
+        eprintln!("{}", stderr.lines().filter(|l| l.contains("worker finished")).collect::<Vec<_>>().join("\n"));
+        stderr
+    }
+
+    pub fn latest_snapshot(&self) -> PathBuf {
+        self.dir.path().join("snapshots/latest.safetensors")
+    }
+}

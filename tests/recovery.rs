@@ -1,0 +1,318 @@
+//! Recovery against the real broker: a restarted `dlpipe run` continues the classifier from its
+//! group's newest checkpoint, and runs killed with SIGKILL at random points lose no record and
+//! end with the classifier of an uninterrupted run, bit for bit.
+
+mod common;
+
+use common::run::{messages, read_topic, Run};
+use common::{fashion, free_port, produce, KillOnDrop};
+use dlpipe::pipeline::checkpoint::{read_latest, Checkpoint};
+use dlpipe::transfer::dataset::SplitMix64;
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+/// The newest checkpoint of a run's group, as a restart would read it.
+fn latest(run: &Run) -> Checkpoint {
+    read_latest(&common::kafka_config(), &run.model_topic, &run.group)
+        .unwrap()
+        .unwrap_or_else(|| panic!("no checkpoint of group {} in {}", run.group, run.model_topic))
+}
+
+/// Asserts two checkpoints hold the same learner: every byte of the classifier's state
+/// (weights, optimizer, standardiser, classes, updates), its prequential metrics, and the
+/// offsets it learned up to.
+fn assert_same_learner(got: &Checkpoint, want: &Checkpoint, what: &str) {
+    assert_eq!(got.model.updates(), want.model.updates(), "{what}: examples learned");
+    assert_eq!(got.model.classes(), want.model.classes(), "{what}: classes");
+    assert_eq!(got.model.config(), want.model.config(), "{what}: learner config");
+    // Every tensor of the snapshot format, byte for byte (the metadata's key order may differ).
+    let (got_bytes, want_bytes) =
+        (got.model.to_bytes(&BTreeMap::new()).unwrap(), want.model.to_bytes(&BTreeMap::new()).unwrap());
+    let (got_tensors, want_tensors) = (
+        safetensors::SafeTensors::deserialize(&got_bytes).unwrap(),
+        safetensors::SafeTensors::deserialize(&want_bytes).unwrap(),
+    );
+    let mut names = want_tensors.names();
+    names.sort();
+    let mut got_names = got_tensors.names();
+    got_names.sort();
+    assert_eq!(got_names, names, "{what}: tensors");
+    for name in names {
+        let (g, w) = (got_tensors.tensor(name).unwrap(), want_tensors.tensor(name).unwrap());
+        assert!(g.shape() == w.shape() && g.data() == w.data(), "{what}: tensor {name} differs");
+    }
+    assert_eq!(got.info.prequential, want.info.prequential, "{what}: prequential metrics");
+    assert_eq!(got.info.learned_offsets, want.info.learned_offsets, "{what}: learned offsets");
+}
+
+/// Predictions by id: the classes and probabilities (as JSON) and the model version.
+fn predictions(topic: &str, want: usize) -> (BTreeMap<String, (String, u64)>, usize) {
+    let all = read_topic(topic, want, Duration::from_secs(5));
+    let count = all.len();
+    let by_id = all
+        .into_iter()
+        .map(|p: Value| {
+            (p["id"].as_str().unwrap().to_owned(), (p["top_k"].to_string(), p["model_version"].as_u64().unwrap()))
+        })
+        .collect();
+    (by_id, count)
+}
+
+#[test]
+fn a_restart_with_no_flags_continues_the_classifier_and_fresh_starts_over() {
+    const EXTRA: &str = "epochs = { by = \"offsets\", records = 2 }\ncheckpoint_every_epochs = 1\n";
+    let images = fashion(40, 8000);
+    let all = messages(&images, "c", 2, |i| i % 4 != 3);
+
+    // The reference: one run over all 40 records.
+    let whole = common::unique("ckpt-whole");
+    produce(&whole, 2, &all);
+    let reference = Run::new("ckref", &whole, EXTRA);
+    reference.to_end(&[]);
+    let want = latest(&reference);
+    assert_eq!(want.model.updates(), 30);
+
+    // The same records in two halves, with a restart in between.
+    let input = common::unique("ckpt-halves");
+    produce(&input, 2, &all[..20]);
+    let run = Run::new("ckpt", &input, EXTRA);
+    let log = run.to_end(&[]);
+    assert!(log.contains("no checkpoint: a new classifier"), "{log}");
+    let first = latest(&run);
+    assert_eq!(first.model.updates(), 15);
+    assert_eq!(first.info.learned_offsets, BTreeMap::from([(0, 10), (1, 10)]));
+    assert_eq!(first.info.published_offsets, BTreeMap::from([(0, 10), (1, 10)]));
+    assert_eq!(first.prequential(1000).count(), 15);
+    produce(&input, 2, &all[20..]);
+    let log = run.to_end(&[]);
+    assert!(log.contains("continuing from the newest checkpoint"), "{log}");
+    assert_same_learner(&latest(&run), &want, "two halves with a restart against one run");
+    // Every record is predicted once, exactly as in the one run: the second half by the
+    // classifier that continued from version 15.
+    let (got, count) = predictions(&run.predictions, 41);
+    let (reference_predictions, _) = predictions(&reference.predictions, 40);
+    assert_eq!(count, 40, "each record predicted once");
+    assert_eq!(got, reference_predictions);
+    assert!(got["c20"].1 >= 15, "the second half continues the model version: {:?}", got["c20"]);
+
+    // --fresh: a new classifier from the group's committed offsets on.
+    let more = messages(&fashion(4, 8100), "f", 2, |_| true);
+    produce(&input, 2, &more);
+    let log = run.to_end(&["--fresh"]);
+    assert!(!log.contains("continuing from the newest checkpoint"), "{log}");
+    let fresh = latest(&run);
+    assert_eq!(fresh.model.updates(), 4, "only the new records are learned");
+    assert_eq!(fresh.prequential(1000).count(), 4);
+    let (got, count) = predictions(&run.predictions, 45);
+    assert_eq!(count, 44, "nothing before the committed offsets is published again");
+    assert_eq!(got["f0"].1, 0, "the first new record is predicted by a new classifier");
+}
+
+/// Seeds of the kill test: `DLPIPE_SOAK_RUNS` (5 by default; `make soak` runs 50).
+fn soak_runs() -> u64 {
+    std::env::var("DLPIPE_SOAK_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5)
+}
+
+/// Runs `spawn()`'s processes, killing them with SIGKILL at random moments within `span` (a
+/// whole run's time; 1 to 3 times), and returns the kill times.
+fn kill_and_restart(
+    rng: &mut SplitMix64,
+    spawn: &dyn Fn() -> Vec<Process>,
+    span: Duration,
+    kill_one_of_two: bool,
+    observe: &dyn Fn() -> String,
+) -> Vec<String> {
+    let mut killed_at = Vec::new();
+    for _ in 0..1 + rng.below(3) {
+        let mut children = spawn();
+        let at = Duration::from_millis(rng.below(span.as_millis() as u64));
+        let started = Instant::now();
+        while started.elapsed() < at && children.iter_mut().any(|c| c.child.0.try_wait().unwrap().is_none()) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if children.iter_mut().all(|c| c.child.0.try_wait().unwrap().is_some()) {
+            // Finished before the kill: the rest of the loop has nothing to do.
+            for c in &mut children {
+                assert!(c.child.0.wait().unwrap().success(), "a run failed on its own:\n{}", c.log());
+            }
+            break;
+        }
+        killed_at.push(format!("{} ms", at.as_millis()));
+        if kill_one_of_two {
+            // One process dies; its peer loses its connection and fails or is stopped.
+            let victim = rng.below(children.len() as u64) as usize;
+            children[victim].child.0.kill().unwrap();
+            children[victim].child.0.wait().unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        drop(children); // SIGKILL to whatever still runs
+        let last = killed_at.pop().expect("pushed above");
+        killed_at.push(format!("{last} ({})", observe()));
+    }
+    killed_at
+}
+
+/// A `dlpipe run` process and its log.
+struct Process {
+    child: KillOnDrop,
+    log: std::path::PathBuf,
+}
+
+impl Process {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// `run`'s processes: one process of two workers, or two processes of one worker each.
+fn spawn(run: &Run, processes: usize) -> Vec<Process> {
+    let quiet = |mut c: std::process::Command| {
+        let log = run.dir.path().join(format!("{}.log", common::unique("process")));
+        let child = c.stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+        Process { child: KillOnDrop(child), log }
+    };
+    if processes == 1 {
+        return vec![quiet(run.command(&["--stop-at-end", "-w", "2"]))];
+    }
+    let hosts = run.dir.path().join(format!("hosts-{}", common::unique("h")));
+    std::fs::write(&hosts, format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port())).unwrap();
+    let hosts = hosts.to_str().unwrap().to_owned();
+    (0..processes)
+        .map(|p| quiet(run.command(&["--stop-at-end", "-w", "1", "-n", "2", "-p", &p.to_string(), "-h", &hosts])))
+        .collect()
+}
+
+/// Waits for every process to succeed (5 minutes at most).
+fn to_end(mut children: Vec<Process>, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    for child in &mut children {
+        loop {
+            if let Some(status) = child.child.0.try_wait().unwrap() {
+                assert!(status.success(), "{what}: a process failed:\n{}", child.log());
+                break;
+            }
+            assert!(Instant::now() < deadline, "{what}: did not finish in 300 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Kills a run at random points and restarts it until it reaches the end of its input; then
+/// checks that nothing was lost and that the classifier is the uninterrupted one.
+fn soak(name: &str, processes: usize, exactly_once: bool) {
+    const N: usize = 120;
+    // A small backlog makes the records flow a few at a time, as on a live stream, rather than
+    // all at once: kills land between many learned frontiers and checkpoints.
+    let delivery = if exactly_once { "exactly_once" } else { "at_least_once" };
+    let extra = format!(
+        "epochs = {{ by = \"offsets\", records = 3 }}\ncheckpoint_every_epochs = 4\nmax_backlog = 8\n\
+         delivery = \"{delivery}\"\n"
+    );
+    let images = fashion(N, 9000);
+    let all = messages(&images, "s", 2, |i| i % 5 != 2);
+    let input = common::unique(&format!("{name}-images"));
+    produce(&input, 2, &all);
+    // The uninterrupted run; its duration is the window the kills land in.
+    let reference = Run::new(&format!("{name}ref"), &input, &extra);
+    let started = Instant::now();
+    to_end(spawn(&reference, processes), "the uninterrupted run");
+    let span = started.elapsed();
+    let want = latest(&reference);
+    assert_eq!(want.model.updates(), 96);
+
+    for seed in 0..soak_runs() {
+        let mut rng = SplitMix64(seed);
+        let run = Run::new(&format!("{name}{seed}"), &input, &extra);
+        let killed_at =
+            kill_and_restart(&mut rng, &|| spawn(&run, processes), span, processes > 1, &|| match read_latest(
+                &common::kafka_config(),
+                &run.model_topic,
+                &run.group,
+            )
+            .unwrap()
+            {
+                Some(c) => {
+                    format!("checkpoint of {} updates, learned up to {:?}", c.model.updates(), c.info.learned_offsets)
+                }
+                None => "no checkpoint yet".into(),
+            });
+        to_end(spawn(&run, processes), &format!("seed {seed}: the last run"));
+        assert_same_learner(&latest(&run), &want, &format!("{name} seed {seed}, killed at {killed_at:?}"));
+        let outputs = read_topic(&run.predictions, 4 * N, Duration::from_secs(5));
+        let ids: BTreeSet<&str> = outputs.iter().map(|p| p["id"].as_str().unwrap()).collect();
+        let missing: Vec<String> = (0..N).map(|i| format!("s{i}")).filter(|id| !ids.contains(id.as_str())).collect();
+        assert!(missing.is_empty(), "seed {seed}, killed at {killed_at:?}: no prediction for {missing:?}");
+        let twice = outputs.len() - ids.len();
+        println!(
+            "{name} seed {seed}: killed at {killed_at:?}; {} predictions for {N} records ({twice} published twice, \
+             {delivery}); the classifier equals the uninterrupted one",
+            outputs.len(),
+        );
+        if exactly_once {
+            assert_eq!(twice, 0, "seed {seed}, killed at {killed_at:?}: predictions published twice");
+        }
+    }
+}
+
+#[test]
+fn killed_at_random_points_an_at_least_once_run_loses_nothing_and_learns_every_label_once() {
+    soak("soak", 1, false);
+}
+
+#[test]
+fn killed_at_random_points_an_exactly_once_run_publishes_every_output_once_and_learns_every_label_once() {
+    soak("soakx", 1, true);
+}
+
+#[test]
+fn killing_one_of_two_exactly_once_processes_publishes_every_output_once_and_learns_every_label_once() {
+    soak("soakx2p", 2, true);
+}
+
+#[test]
+fn a_second_pipeline_of_the_same_group_fences_the_first() {
+    let input = common::unique("fence-images");
+    produce(&input, 2, &messages(&fashion(10, 9500), "a", 2, |_| true));
+    let run = Run::new("fence", &input, "epochs = { by = \"time\", millis = 200 }\ncheckpoint_every_epochs = 1\n");
+    let log_of = |name: &str| run.dir.path().join(format!("{name}.log"));
+    let start = |name: &str| {
+        let log = std::fs::File::create(log_of(name)).unwrap();
+        KillOnDrop(run.command(&[]).stdout(Stdio::null()).stderr(log).spawn().unwrap())
+    };
+    let updates =
+        || read_latest(&common::kafka_config(), &run.model_topic, &run.group).unwrap().map(|c| c.model.updates());
+    let mut first = start("first");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while updates() < Some(10) {
+        assert!(Instant::now() < deadline, "the first pipeline wrote no checkpoint of its 10 records in 120 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut second = start("second");
+    // The second pipeline's checkpoint writer fences the first's; the first finds out at its
+    // next checkpoint, which new records bring.
+    std::thread::sleep(Duration::from_secs(5));
+    produce(&input, 2, &messages(&fashion(6, 9600), "b", 2, |_| true));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = first.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the first pipeline still runs 60 s after the second started");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let log = std::fs::read_to_string(log_of("first")).unwrap();
+    assert!(!status.success(), "the fenced pipeline exits with an error:\n{log}");
+    assert!(log.contains("fenced this one"), "{log}");
+    assert!(second.0.try_wait().unwrap().is_none(), "the second pipeline runs on");
+    // The second pipeline goes on learning: the new records too.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while updates() < Some(16) {
+        assert!(Instant::now() < deadline, "the second pipeline did not learn the new records in 120 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let pid = second.0.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(second.0.wait().unwrap().success(), "{}", std::fs::read_to_string(log_of("second")).unwrap());
+}
