@@ -7,69 +7,11 @@
 
 mod common;
 
-use common::{fashion, free_port, root};
+use common::broker::Broker;
+use common::{fashion, root};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
-
-/// A broker of this test: `scripts/kafka` with its own port, controller port and home folder.
-struct Broker {
-    port: u16,
-    sasl_ssl_port: Option<u16>,
-    home: tempfile::TempDir,
-    tls_dir: Option<PathBuf>,
-}
-
-impl Broker {
-    fn new(tls_dir: Option<PathBuf>) -> Broker {
-        // The controller listens on port + 1: find a pair that is free.
-        let port = loop {
-            let port = free_port();
-            if port < u16::MAX - 1 && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-                break port;
-            }
-        };
-        let sasl_ssl_port = tls_dir.as_ref().map(|_| free_port());
-        Broker { port, sasl_ssl_port, home: tempfile::tempdir().unwrap(), tls_dir }
-    }
-
-    /// `scripts/kafka ARGS` for this broker.
-    fn script(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(root().join("scripts/kafka"));
-        command
-            .args(args)
-            .env_remove("DLPIPE_KAFKA_BROKERS")
-            .env_remove("DLPIPE_KAFKA_PROPERTIES")
-            .env("DLPIPE_KAFKA_PORT", self.port.to_string())
-            .env("DLPIPE_KAFKA_HOME", self.home.path());
-        if let (Some(port), Some(tls)) = (self.sasl_ssl_port, &self.tls_dir) {
-            command.env("DLPIPE_KAFKA_SASL_SSL_PORT", port.to_string()).env("DLPIPE_KAFKA_TLS_DIR", tls);
-        }
-        command
-    }
-
-    /// Starts the broker and waits until it serves clients.
-    fn start(&self) {
-        let status = self.script(&["start"]).stdout(Stdio::inherit()).stderr(Stdio::inherit()).status().unwrap();
-        assert!(status.success(), "scripts/kafka start failed");
-    }
-
-    /// Launches the broker and returns at once: it is not serving yet.
-    fn launch(&self) {
-        let status = self.script(&["start", "--no-wait"]).status().unwrap();
-        assert!(status.success(), "scripts/kafka start --no-wait failed");
-    }
-
-    fn plaintext(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.script(&["stop"]).output();
-    }
-}
 
 /// A dlpipe config (its own topics and group) for `brokers`, with extra `[kafka]` lines.
 fn config(dir: &Path, name: &str, brokers: &str, kafka_extra: &str, pipeline_extra: &str) -> PathBuf {

@@ -1,11 +1,13 @@
 //! Recovery against the real broker: a restarted `dlpipe run` continues the classifier from its
-//! group's newest checkpoint, and runs killed with SIGKILL at random points lose no record and
-//! end with the classifier of an uninterrupted run, bit for bit.
+//! group's newest checkpoint; runs killed with SIGKILL at random points, and runs whose broker
+//! restarts under them, lose no record and end with the classifier of an uninterrupted run,
+//! bit for bit.
 
 mod common;
 
-use common::run::{messages, read_topic, Run};
-use common::{fashion, free_port, produce, KillOnDrop};
+use common::broker::Broker;
+use common::run::{messages, read_topic_on, Run};
+use common::{fashion, free_port, produce, produce_on, KillOnDrop};
 use dlpipe::pipeline::checkpoint::{read_latest, Checkpoint};
 use dlpipe::transfer::dataset::SplitMix64;
 use serde_json::Value;
@@ -15,7 +17,7 @@ use std::time::{Duration, Instant};
 
 /// The newest checkpoint of a run's group, as a restart would read it.
 fn latest(run: &Run) -> Checkpoint {
-    read_latest(&common::kafka_config(), &run.model_topic, &run.group)
+    read_latest(&run.kafka(), &run.model_topic, &run.group)
         .unwrap()
         .unwrap_or_else(|| panic!("no checkpoint of group {} in {}", run.group, run.model_topic))
 }
@@ -48,8 +50,8 @@ fn assert_same_learner(got: &Checkpoint, want: &Checkpoint, what: &str) {
 }
 
 /// Predictions by id: the classes and probabilities (as JSON) and the model version.
-fn predictions(topic: &str, want: usize) -> (BTreeMap<String, (String, u64)>, usize) {
-    let all = read_topic(topic, want, Duration::from_secs(5));
+fn predictions(run: &Run, want: usize) -> (BTreeMap<String, (String, u64)>, usize) {
+    let all = read_topic_on(&run.kafka(), &run.predictions, want, Duration::from_secs(5));
     let count = all.len();
     let by_id = all
         .into_iter()
@@ -91,8 +93,8 @@ fn a_restart_with_no_flags_continues_the_classifier_and_fresh_starts_over() {
     assert_same_learner(&latest(&run), &want, "two halves with a restart against one run");
     // Every record is predicted once, exactly as in the one run: the second half by the
     // classifier that continued from version 15.
-    let (got, count) = predictions(&run.predictions, 41);
-    let (reference_predictions, _) = predictions(&reference.predictions, 40);
+    let (got, count) = predictions(&run, 41);
+    let (reference_predictions, _) = predictions(&reference, 40);
     assert_eq!(count, 40, "each record predicted once");
     assert_eq!(got, reference_predictions);
     assert!(got["c20"].1 >= 15, "the second half continues the model version: {:?}", got["c20"]);
@@ -105,7 +107,7 @@ fn a_restart_with_no_flags_continues_the_classifier_and_fresh_starts_over() {
     let fresh = latest(&run);
     assert_eq!(fresh.model.updates(), 4, "only the new records are learned");
     assert_eq!(fresh.prequential(1000).count(), 4);
-    let (got, count) = predictions(&run.predictions, 45);
+    let (got, count) = predictions(&run, 45);
     assert_eq!(count, 44, "nothing before the committed offsets is published again");
     assert_eq!(got["f0"].1, 0, "the first new record is predicted by a new classifier");
 }
@@ -227,7 +229,7 @@ fn soak(name: &str, processes: usize, exactly_once: bool) {
         let run = Run::new(&format!("{name}{seed}"), &input, &extra);
         let killed_at =
             kill_and_restart(&mut rng, &|| spawn(&run, processes), span, processes > 1, &|| match read_latest(
-                &common::kafka_config(),
+                &run.kafka(),
                 &run.model_topic,
                 &run.group,
             )
@@ -240,7 +242,7 @@ fn soak(name: &str, processes: usize, exactly_once: bool) {
             });
         to_end(spawn(&run, processes), &format!("seed {seed}: the last run"));
         assert_same_learner(&latest(&run), &want, &format!("{name} seed {seed}, killed at {killed_at:?}"));
-        let outputs = read_topic(&run.predictions, 4 * N, Duration::from_secs(5));
+        let outputs = read_topic_on(&run.kafka(), &run.predictions, 4 * N, Duration::from_secs(5));
         let ids: BTreeSet<&str> = outputs.iter().map(|p| p["id"].as_str().unwrap()).collect();
         let missing: Vec<String> = (0..N).map(|i| format!("s{i}")).filter(|id| !ids.contains(id.as_str())).collect();
         assert!(missing.is_empty(), "seed {seed}, killed at {killed_at:?}: no prediction for {missing:?}");
@@ -271,6 +273,89 @@ fn killing_one_of_two_exactly_once_processes_publishes_every_output_once_and_lea
     soak("soakx2p", 2, true);
 }
 
+/// The broker crashes (SIGKILL) under a running pipeline and comes back `DOWN` later, in each
+/// delivery mode: the pipeline waits for it (its transactions, checkpoints and commits retry)
+/// and goes on; every record gets its prediction, exactly once under exactly-once, and the
+/// classifier ends bit-identical to an uninterrupted run's.
+#[test]
+fn a_broker_restart_mid_stream_loses_nothing_and_the_pipeline_goes_on() {
+    const N: usize = 240;
+    let broker = Broker::new(None);
+    broker.start();
+    let kafka = broker.kafka_config();
+    let input = common::unique("restart-images");
+    produce_on(&kafka, &input, 2, &messages(&fashion(N, 10000), "r", 2, |i| i % 5 != 2));
+    for delivery in ["at_least_once", "exactly_once"] {
+        let extra = format!(
+            "epochs = {{ by = \"offsets\", records = 3 }}\ncheckpoint_every_epochs = 4\nmax_backlog = 8\n\
+             delivery = \"{delivery}\"\n"
+        );
+        let reference = Run::on(&broker.plaintext(), &format!("rref-{delivery}"), &input, &extra);
+        reference.to_end(&["-w", "2"]);
+        let want = latest(&reference);
+        assert_eq!(want.model.updates(), 192);
+
+        let run = Run::on(&broker.plaintext(), &format!("restart-{delivery}"), &input, &extra);
+        let log = run.dir.path().join("run.log");
+        let mut child = KillOnDrop(
+            run.command(&["--stop-at-end", "-w", "2"])
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        let log_file = log;
+        let log = || std::fs::read_to_string(&log_file).unwrap_or_default();
+        // Mid-stream: a first checkpoint is written, most records are still to come.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let at_stop = loop {
+            match read_latest(&kafka, &run.model_topic, &run.group).unwrap() {
+                Some(c) if c.model.updates() >= 12 => break c.model.updates(),
+                _ => {}
+            }
+            assert!(child.0.try_wait().unwrap().is_none(), "{delivery}: the run ended early:\n{}", log());
+            assert!(Instant::now() < deadline, "{delivery}: no checkpoint in 120 s:\n{}", log());
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        const DOWN: Duration = Duration::from_secs(10);
+        broker.kill();
+        std::thread::sleep(DOWN);
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "{delivery}: the run did not wait for the broker (it had learned {at_stop} of 192):\n{}",
+            log()
+        );
+        broker.start();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let status = loop {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "{delivery}: the run did not finish after the restart:\n{}", log());
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(status.success(), "{delivery}: the run failed across the broker restart:\n{}", log());
+        assert!(at_stop < 192, "{delivery}: the broker stopped after the stream ended");
+        assert_same_learner(&latest(&run), &want, &format!("{delivery}: across a broker restart"));
+        let outputs = read_topic_on(&kafka, &run.predictions, 4 * N, Duration::from_secs(5));
+        let ids: BTreeSet<&str> = outputs.iter().map(|p| p["id"].as_str().unwrap()).collect();
+        let missing: Vec<String> = (0..N).map(|i| format!("r{i}")).filter(|id| !ids.contains(id.as_str())).collect();
+        assert!(missing.is_empty(), "{delivery}: no prediction for {missing:?}");
+        let twice = outputs.len() - ids.len();
+        let log = log();
+        let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
+        println!("broker restart ({delivery}): {} warnings, the first: {:?}", warnings.len(), warnings.first());
+        println!(
+            "broker restart ({delivery}): killed at {at_stop} of 192 updates; {} predictions for {N} records \
+             ({twice} published twice); the classifier equals the uninterrupted one",
+            outputs.len()
+        );
+        if delivery == "exactly_once" {
+            assert_eq!(twice, 0, "predictions published twice under exactly-once");
+        }
+    }
+}
+
 #[test]
 fn a_second_pipeline_of_the_same_group_fences_the_first() {
     let input = common::unique("fence-images");
@@ -281,8 +366,7 @@ fn a_second_pipeline_of_the_same_group_fences_the_first() {
         let log = std::fs::File::create(log_of(name)).unwrap();
         KillOnDrop(run.command(&[]).stdout(Stdio::null()).stderr(log).spawn().unwrap())
     };
-    let updates =
-        || read_latest(&common::kafka_config(), &run.model_topic, &run.group).unwrap().map(|c| c.model.updates());
+    let updates = || read_latest(&run.kafka(), &run.model_topic, &run.group).unwrap().map(|c| c.model.updates());
     let mut first = start("first");
     let deadline = Instant::now() + Duration::from_secs(120);
     while updates() < Some(10) {

@@ -167,6 +167,9 @@ pub struct SinkSpec {
     pub dead_letter_topic: String,
     /// Where this run starts each of the worker's partitions, emitted at epoch 0.
     pub starts: Vec<Position>,
+    /// How long the transactional sink retries a failing transaction before it stops the
+    /// worker (the at-least-once sink's producer retries each message itself).
+    pub give_up_after: Duration,
 }
 
 struct EpochState {

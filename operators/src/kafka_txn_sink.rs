@@ -19,8 +19,10 @@
 //!
 //! **Refusals:** an output the broker refuses as too large aborts the transaction; it is
 //! replaced by a small dead letter of kind `output_too_large` and the transaction is tried
-//! again. Any other failure is retried a few times, then sets `fatal`; a fenced producer sets
-//! it at once. Nothing is committed past an output that is not in a committed transaction.
+//! again. Any other failure is retried with backoff (a broker restarting, a coordinator
+//! moving) for up to `SinkSpec::give_up_after`, then sets `fatal`; a fenced producer sets it
+//! at once. A commit that fails retriably is retried as it is, never aborted and redone
+//! (it may have succeeded). Nothing is committed past an output that is not in a committed transaction.
 //! **Replays:** outcomes of records before a partition's `published` start are not sent
 //! (an earlier run's transaction has them); they count for progress and positions.
 
@@ -43,8 +45,6 @@ use timely::dataflow::StreamVec;
 
 /// How long a transaction's calls may take before the attempt counts as failed.
 const TIMEOUT: Duration = Duration::from_secs(30);
-/// Consecutive failed transactions (other than for too-large outputs) before giving up.
-const MAX_ATTEMPTS: u32 = 5;
 
 struct EpochOutputs {
     hold: Capability<Epoch>,
@@ -79,7 +79,8 @@ pub fn kafka_txn_sink<'scope, C: ConsumerContext + 'static>(
             let mut epochs: BTreeMap<Epoch, EpochOutputs> = BTreeMap::new();
             let mut starts = Some((default_cap, spec.starts.clone()));
             let published_from: BTreeMap<i32, i64> = spec.starts.iter().map(|s| (s.partition, s.published)).collect();
-            let (mut attempts, mut retry_at, mut failed) = (0u32, None::<Instant>, false);
+            let (mut failing_since, mut retry_at, mut failed) = (None::<Instant>, None::<Instant>, false);
+            let mut backoff = Duration::from_millis(100);
             move |(input, frontier), output| {
                 if let Some((cap, positions)) = starts.take() {
                     output.session(&cap).give_iterator(positions.into_iter());
@@ -117,8 +118,9 @@ pub fn kafka_txn_sink<'scope, C: ConsumerContext + 'static>(
                 let started = Instant::now();
                 match transact(&producer, &*consumer, &spec, &mut epochs, &complete) {
                     Ok(()) => {
-                        attempts = 0;
+                        failing_since = None;
                         retry_at = None;
+                        backoff = Duration::from_millis(100);
                         let delivered: Vec<Report> =
                             std::mem::take(&mut *producer.context().reports.lock().expect("not poisoned"));
                         for report in delivered {
@@ -161,18 +163,23 @@ pub fn kafka_txn_sink<'scope, C: ConsumerContext + 'static>(
                                 replaced += 1;
                             }
                         }
-                        if replaced == 0 {
-                            attempts += 1;
-                            tracing::warn!(%error, attempts, "a transaction of outputs failed; retrying");
+                        if replaced > 0 {
+                            retry_at = None;
+                        } else {
+                            let since = *failing_since.get_or_insert_with(Instant::now);
+                            if since.elapsed() > spec.give_up_after {
+                                metrics.failed.inc();
+                                failed = true;
+                                *fatal.borrow_mut() = Some(format!(
+                                    "the outputs' transaction kept failing for {:.0} s: {error}",
+                                    since.elapsed().as_secs_f64()
+                                ));
+                                return;
+                            }
+                            tracing::warn!(%error, retry_in = ?backoff, "a transaction of outputs failed; retrying");
+                            retry_at = Some(Instant::now() + backoff);
+                            backoff = (backoff * 2).min(Duration::from_secs(2));
                         }
-                        if attempts >= MAX_ATTEMPTS {
-                            metrics.failed.inc();
-                            failed = true;
-                            *fatal.borrow_mut() =
-                                Some(format!("the outputs' transaction failed {attempts} times: {error}"));
-                            return;
-                        }
-                        retry_at = Some(Instant::now() + Duration::from_millis(if replaced > 0 { 0 } else { 500 }));
                     }
                     Err(Failure::Fatal(error)) => {
                         metrics.failed.inc();
@@ -200,8 +207,11 @@ fn transact<C: ConsumerContext>(
 ) -> Result<(), Failure> {
     producer.begin_transaction().map_err(|e| classify("cannot begin a transaction", e))?;
     let result = send_and_commit(producer, consumer, spec, epochs, complete);
-    if result.is_err() {
-        let _ = producer.abort_transaction(TIMEOUT);
+    if let Err(Failure::Retry(error)) = &result {
+        // Nothing of it becomes visible. A producer that cannot abort cannot go on.
+        if let Err(abort) = producer.abort_transaction(TIMEOUT) {
+            return Err(Failure::Fatal(format!("{error}; aborting the transaction failed too: {abort}")));
+        }
         // Reports of the aborted messages arrive on a poll.
         producer.poll(Duration::ZERO);
     }
@@ -258,9 +268,29 @@ fn send_and_commit<C: ConsumerContext>(
     producer
         .send_offsets_to_transaction(&offsets, &group, TIMEOUT)
         .map_err(|e| classify("cannot add the input offsets to the transaction", e))?;
-    producer.commit_transaction(TIMEOUT).map_err(|e| classify("cannot commit the outputs' transaction", e))?;
+    commit_retrying(producer, spec.give_up_after).map_err(|e| classify("cannot commit the outputs' transaction", e))?;
     producer.poll(Duration::ZERO);
     Ok(())
+}
+
+/// Commits the open transaction, retrying the commit itself while it fails retriably (a
+/// timed-out commit may have succeeded: aborting and redoing it could publish twice).
+pub fn commit_retrying<P: Producer<C>, C: rdkafka::producer::ProducerContext>(
+    producer: &P,
+    give_up_after: Duration,
+) -> Result<(), KafkaError> {
+    let started = Instant::now();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match producer.commit_transaction(TIMEOUT) {
+            Err(KafkaError::Transaction(e)) if e.is_retriable() && started.elapsed() < give_up_after => {
+                tracing::warn!(error = %e, "committing a transaction: retrying");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            result => return result,
+        }
+    }
 }
 
 /// A fenced producer (another instance of this worker took over) or a fatal producer error

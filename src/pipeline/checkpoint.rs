@@ -338,13 +338,15 @@ impl CheckpointWriter {
                 None => Ok(()),
             })
             .and_then(|()| {
-                self.producer
-                    .commit_transaction(timeout)
+                dlpipe_operators::kafka_txn_sink::commit_retrying(&self.producer, timeout)
                     .map_err(|e| classify(&format!("topic {} did not take the checkpoint", self.model_topic), e))
             });
-        if sent.is_err() {
-            // Nothing of it becomes visible; the next cut tries again (or the worker stops).
-            let _ = self.producer.abort_transaction(timeout);
+        if let Err(WriteError::Retry(error)) = &sent {
+            // Nothing of it becomes visible; the next cut tries again. A producer that cannot
+            // abort cannot go on.
+            if let Err(abort) = self.producer.abort_transaction(timeout) {
+                return Err(WriteError::Fatal(format!("{error}; aborting its transaction failed too: {abort}")));
+            }
         }
         sent
     }

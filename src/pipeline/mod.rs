@@ -381,6 +381,7 @@ fn run_worker(
         predictions_topic: p.predictions_topic.clone(),
         dead_letter_topic: p.dead_letter_topic.clone(),
         starts,
+        give_up_after: Duration::from_secs(config.kafka.retry_timeout_secs),
     };
     let writer = match (&online, index) {
         (Some(head), 0) if start.checkpoints => {

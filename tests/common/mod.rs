@@ -3,6 +3,7 @@
 //! cluster DLPIPE_KAFKA_BROKERS names), models are the exported TorchScript files.
 #![allow(dead_code)]
 
+pub mod broker;
 pub mod run;
 
 use std::path::{Path, PathBuf};
@@ -93,12 +94,21 @@ pub fn fashion(n: usize, skip: usize) -> Vec<(PathBuf, &'static str)> {
 /// Publishes `(partition, key, payload)` messages in order (creating the topic with
 /// `partitions` if needed) and waits for their acknowledgement.
 pub fn produce(topic: &str, partitions: i32, messages: &[(i32, String, String)]) {
+    produce_on(&kafka_config(), topic, partitions, messages)
+}
+
+/// [`produce`] on the cluster of `kafka`.
+pub fn produce_on(
+    kafka: &dlpipe::config::KafkaConfig,
+    topic: &str,
+    partitions: i32,
+    messages: &[(i32, String, String)],
+) {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-    let kafka = kafka_config();
     let spec = dlpipe::kafka::TopicSpec { partitions, replication_factor: 1, configs: &[] };
-    dlpipe::kafka::ensure_topic(&kafka, topic, spec).unwrap();
+    dlpipe::kafka::ensure_topic(kafka, topic, spec).unwrap();
     let producer: BaseProducer =
-        dlpipe::kafka::client_config(&kafka).set("enable.idempotence", "true").create().unwrap();
+        dlpipe::kafka::client_config(kafka).set("enable.idempotence", "true").create().unwrap();
     for (partition, key, payload) in messages {
         producer.send(BaseRecord::to(topic).partition(*partition).key(key).payload(payload)).unwrap();
         producer.poll(std::time::Duration::ZERO);

@@ -35,9 +35,15 @@ pub fn messages(
         .collect()
 }
 
-/// Reads a topic from the beginning until `want` messages arrived or `idle` passed without one.
+/// Reads a topic of the shared broker from the beginning until `want` messages arrived or
+/// `idle` passed without one.
 pub fn read_topic(topic: &str, want: usize, idle: Duration) -> Vec<Value> {
-    let consumer: BaseConsumer = dlpipe::kafka::client_config(&super::kafka_config())
+    read_topic_on(&super::kafka_config(), topic, want, idle)
+}
+
+/// [`read_topic`] on the cluster of `kafka`.
+pub fn read_topic_on(kafka: &dlpipe::config::KafkaConfig, topic: &str, want: usize, idle: Duration) -> Vec<Value> {
+    let consumer: BaseConsumer = dlpipe::kafka::client_config(kafka)
         .set("group.id", super::unique("reader"))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
@@ -64,10 +70,17 @@ pub struct Run {
     pub dead: String,
     pub group: String,
     pub model_topic: String,
+    pub brokers: String,
 }
 
 impl Run {
+    /// A run on the shared broker.
     pub fn new(name: &str, input: &str, extra: &str) -> Run {
+        Run::on(&super::kafka_brokers(), name, input, extra)
+    }
+
+    /// A run on the cluster of `brokers`.
+    pub fn on(brokers: &str, name: &str, input: &str, extra: &str) -> Run {
         let dir = tempfile::tempdir().unwrap();
         let (predictions, dead) = (super::unique(&format!("{name}-pred")), super::unique(&format!("{name}-dead")));
         let group = super::unique(&format!("{name}-group"));
@@ -79,13 +92,17 @@ impl Run {
              model_topic = \"{models_topic}\"\ngroup_id = \"{group}\"\nsnapshot_dir = \"{snapshots}\"\n\
              topic_partitions = 2\nstatus_interval_secs = 2\n{extra}\n",
             models = super::root().join("models").display(),
-            brokers = super::kafka_brokers(),
             models_topic = model_topic,
             group = group,
             snapshots = dir.path().join("snapshots").display(),
         );
         std::fs::write(dir.path().join("config.toml"), toml).unwrap();
-        Run { dir, predictions, dead, group, model_topic }
+        Run { dir, predictions, dead, group, model_topic, brokers: brokers.to_owned() }
+    }
+
+    /// A Kafka config section for this run's cluster.
+    pub fn kafka(&self) -> dlpipe::config::KafkaConfig {
+        dlpipe::config::KafkaConfig { brokers: self.brokers.clone(), ..Default::default() }
     }
 
     pub fn config(&self) -> PathBuf {
