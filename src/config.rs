@@ -67,8 +67,9 @@ pub enum HeadKind {
 }
 
 /// What a consumer of dlpipe's output topics sees after a crash.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum Delivery {
     /// Every record's output at least once: after a crash, outputs since the last checkpoint
     /// (or commit) are published again. Outputs are sent as soon as they are ready.
@@ -77,6 +78,15 @@ pub enum Delivery {
     /// (`isolation.level=read_committed`): each worker publishes an epoch's outputs and commits
     /// its input offsets in one Kafka transaction.
     ExactlyOnce,
+}
+
+impl std::fmt::Display for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Delivery::AtLeastOnce => "at_least_once",
+            Delivery::ExactlyOnce => "exactly_once",
+        })
+    }
 }
 
 /// Where records are read from: the committed offsets of the group, or an end of the topic.
@@ -98,6 +108,9 @@ pub struct PipelineConfig {
     pub predictions_topic: String,
     /// Topic of inputs that could not be processed.
     pub dead_letter_topic: String,
+    /// Topic that also gets each predicted record's features (`{"id","uri","model",
+    /// "model_sha256","dim","features":[...],...}`), keyed by id; "" for none.
+    pub features_topic: String,
     /// Compacted topic of the learner's checkpoints (key `checkpoint/<group_id>`).
     pub model_topic: String,
     /// Consumer group whose offsets record what has been published; also names the
@@ -151,6 +164,7 @@ impl Default for PipelineConfig {
             input_topic: "images".into(),
             predictions_topic: "predictions".into(),
             dead_letter_topic: "dead-letters".into(),
+            features_topic: String::new(),
             model_topic: "models".into(),
             group_id: "dlpipe".into(),
             start_from: StartFrom::Committed,
@@ -398,12 +412,15 @@ impl Config {
         if p.group_id.trim().is_empty() {
             return Err("pipeline.group_id is empty: name the consumer group whose offsets record progress".into());
         }
-        let topics = [
+        let mut topics = vec![
             ("input_topic", &p.input_topic),
             ("predictions_topic", &p.predictions_topic),
             ("dead_letter_topic", &p.dead_letter_topic),
             ("model_topic", &p.model_topic),
         ];
+        if !p.features_topic.is_empty() {
+            topics.push(("features_topic", &p.features_topic));
+        }
         for (i, (key, topic)) in topics.iter().enumerate() {
             if topic.trim().is_empty() {
                 return Err(format!("pipeline.{key} is empty"));
@@ -503,6 +520,7 @@ mod tests {
         let cases = [
             ("[pipeline]\npredictions_topic = \"images\"\n", "predictions_topic and pipeline.input_topic"),
             ("[pipeline]\ndead_letter_topic = \"predictions\"\n", "dead_letter_topic and pipeline.predictions_topic"),
+            ("[pipeline]\nfeatures_topic = \"images\"\n", "features_topic and pipeline.input_topic"),
             ("[pipeline]\ninput_topic = \"\"\n", "pipeline.input_topic is empty"),
             ("[pipeline]\ngroup_id = \" \"\n", "pipeline.group_id is empty"),
             ("[pipeline]\ntop_k = 0\n", "pipeline.top_k"),

@@ -30,7 +30,7 @@
 //! record's Kafka timestamp to the acknowledgement (end-to-end latency).
 
 use crate::metrics::SinkMetrics;
-use crate::records::{now_ms, DeadLetter, Epoch, Outcome, Position};
+use crate::records::{now_ms, DeadLetter, Epoch, FeaturesModel, Outcome, Position};
 use crate::{Backlog, Fatal};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -46,25 +46,57 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
-/// One message for the producer: a prediction or a dead letter, encoded.
+/// One message for the producer: a prediction, a dead letter or a record's features, encoded.
 pub(crate) struct Outgoing {
     pub(crate) sent: Sent,
     pub(crate) payload: String,
 }
 
 impl Outgoing {
-    /// Encodes one outcome of `epoch`, counting dead letters by kind.
-    pub(crate) fn encode(epoch: Epoch, outcome: Outcome, metrics: &mut SinkMetrics) -> Outgoing {
+    /// Encodes one outcome of `epoch` as its messages: the prediction (and, with a features
+    /// topic, the record's features) or the dead letter. Counts dead letters by kind.
+    pub(crate) fn encode(
+        epoch: Epoch,
+        outcome: Outcome,
+        spec: &SinkSpec,
+        metrics: &mut SinkMetrics,
+        mut give: impl FnMut(Outgoing),
+    ) {
         let (partition, offset) = outcome.partition_offset();
-        let (input_ts_ms, key, payload) = match outcome {
-            Outcome::Predicted(p) => (Some(p.record.kafka_ts_ms), p.record.id.clone(), p.to_json()),
+        let sent = |kind, key: &str| Sent { epoch, kind, key: key.to_owned(), partition, offset, replacement: false };
+        match outcome {
+            Outcome::Predicted(p) => {
+                let ts = p.record.kafka_ts_ms;
+                give(Outgoing {
+                    sent: sent(OutputKind::Prediction { input_ts_ms: ts }, &p.record.id),
+                    payload: p.to_json(),
+                });
+                if let Some(features) = &spec.features {
+                    let payload = p.features_json(&features.model);
+                    give(Outgoing { sent: sent(OutputKind::Features, &p.record.id), payload });
+                }
+            }
             Outcome::Dead(d) => {
                 metrics.dead_lettered.with(&d.error_kind).inc();
-                (None, d.id.clone().unwrap_or_default(), d.to_json())
+                give(Outgoing {
+                    sent: sent(OutputKind::DeadLetter, d.id.as_deref().unwrap_or_default()),
+                    payload: d.to_json(),
+                });
             }
-        };
-        Outgoing { sent: Sent { epoch, input_ts_ms, key, partition, offset, replacement: false }, payload }
+        }
     }
+}
+
+/// Which output a message is, and so its topic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OutputKind {
+    /// With the input record's Kafka timestamp, for the end-to-end latency.
+    Prediction {
+        input_ts_ms: Option<i64>,
+    },
+    DeadLetter,
+    /// A second message of a predicted record: its features.
+    Features,
 }
 
 /// What the sink needs to know of a message again when its delivery report comes back (the
@@ -72,8 +104,7 @@ impl Outgoing {
 #[derive(Clone)]
 pub(crate) struct Sent {
     pub(crate) epoch: Epoch,
-    /// The input record's Kafka timestamp, for predictions (`None` for dead letters).
-    pub(crate) input_ts_ms: Option<Option<i64>>,
+    pub(crate) kind: OutputKind,
     pub(crate) key: String,
     pub(crate) partition: i32,
     pub(crate) offset: i64,
@@ -84,19 +115,32 @@ pub(crate) struct Sent {
 impl Sent {
     /// The topic this message goes to.
     pub(crate) fn topic<'a>(&self, spec: &'a SinkSpec) -> &'a str {
-        if self.input_ts_ms.is_none() {
-            &spec.dead_letter_topic
-        } else {
-            &spec.predictions_topic
+        match self.kind {
+            _ if self.replacement => &spec.dead_letter_topic,
+            OutputKind::Prediction { .. } => &spec.predictions_topic,
+            OutputKind::DeadLetter => &spec.dead_letter_topic,
+            OutputKind::Features => {
+                &spec.features.as_ref().expect("features are only sent with a features topic").topic
+            }
         }
     }
 
-    /// The small dead letter that replaces this message when the broker refuses its size.
+    /// Whether this is its record's one prediction or dead letter (what the backlog counts),
+    /// rather than its features.
+    pub(crate) fn is_record_output(&self) -> bool {
+        self.kind != OutputKind::Features
+    }
+
+    /// The small dead letter that replaces this message when the broker refuses its size
+    /// (for features: the record has its prediction, and this says its features are missing).
     pub(crate) fn replaced(&self, error: &str) -> Outgoing {
-        let dead = DeadLetter::output_too_large(&self.key, self.partition, self.offset, error);
+        let what = if self.kind == OutputKind::Features { "features" } else { "output" };
+        let dead = DeadLetter::output_too_large(&self.key, self.partition, self.offset, what, error);
         let sent = Sent {
             epoch: self.epoch,
-            input_ts_ms: None,
+            // A replaced features message still is not its record's output (it goes to the
+            // dead-letter topic as every replacement does).
+            kind: if self.is_record_output() { OutputKind::DeadLetter } else { OutputKind::Features },
             key: dead.id.clone().unwrap_or_default(),
             partition: self.partition,
             offset: self.offset,
@@ -165,11 +209,20 @@ pub struct SinkSpec {
     pub input_topic: String,
     pub predictions_topic: String,
     pub dead_letter_topic: String,
+    /// Where each predicted record's features go too, if anywhere.
+    pub features: Option<FeaturesOutput>,
     /// Where this run starts each of the worker's partitions, emitted at epoch 0.
     pub starts: Vec<Position>,
     /// How long the transactional sink retries a failing transaction before it stops the
     /// worker (the at-least-once sink's producer retries each message itself).
     pub give_up_after: Duration,
+}
+
+/// The features topic: one message per predicted record, after its prediction.
+#[derive(Clone, Debug)]
+pub struct FeaturesOutput {
+    pub topic: String,
+    pub model: FeaturesModel,
 }
 
 struct EpochState {
@@ -229,9 +282,11 @@ pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
                                 backlog.set(backlog.get().saturating_sub(1));
                                 continue;
                             }
-                            state.unacked += 1;
-                            unacked += 1;
-                            unsent.push_back(Outgoing::encode(epoch, outcome, &mut metrics));
+                            Outgoing::encode(epoch, outcome, &spec, &mut metrics, |message| {
+                                state.unacked += 1;
+                                unacked += 1;
+                                unsent.push_back(message);
+                            });
                         }
                     }
                 });
@@ -273,7 +328,7 @@ pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
                         Ok(()) => {
                             metrics.published.with(&report.topic).inc();
                             metrics.produce_seconds.observe(report.produce_seconds);
-                            if let Some(Some(ts)) = report.message.input_ts_ms {
+                            if let OutputKind::Prediction { input_ts_ms: Some(ts) } = report.message.kind {
                                 metrics.end_to_end_seconds.observe((now_ms() - ts).max(0) as f64 / 1000.0);
                             }
                         }
@@ -301,7 +356,9 @@ pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
                         state.unacked -= 1;
                     }
                     unacked -= 1;
-                    backlog.set(backlog.get().saturating_sub(1));
+                    if report.message.is_record_output() {
+                        backlog.set(backlog.get().saturating_sub(1));
+                    }
                 }
                 metrics.unacked.set(unacked);
                 // Retire epochs from the oldest while each is complete: fully acknowledged, and

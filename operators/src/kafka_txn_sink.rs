@@ -22,17 +22,19 @@
 //! again. Any other failure is retried with backoff (a broker restarting, a coordinator
 //! moving) for up to `SinkSpec::give_up_after`, then sets `fatal`; a fenced producer sets it
 //! at once. A commit that fails retriably is retried as it is, never aborted and redone
-//! (it may have succeeded). Nothing is committed past an output that is not in a committed transaction.
+//! (it may have succeeded). A transaction that cannot be aborted (a coordinator that came
+//! back from a crash without it) is left to a new producer of the same transactional id,
+//! whose initialisation fences the old one and aborts what it had open. Nothing is committed past an output that is not in a committed transaction.
 //! **Replays:** outcomes of records before a partition's `published` start are not sent
 //! (an earlier run's transaction has them); they count for progress and positions.
 
-use crate::kafka_sink::{too_large, Delivery, Outgoing, Report, SinkContext, SinkSpec};
+use crate::kafka_sink::{too_large, Delivery, Outgoing, OutputKind, Report, SinkContext, SinkSpec};
 use crate::metrics::SinkMetrics;
 use crate::records::{now_ms, Epoch, Outcome, Position};
 use crate::{Backlog, Fatal};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, PurgeConfig};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::BTreeMap;
 use std::rc::Rc;
@@ -57,13 +59,26 @@ struct EpochOutputs {
 enum Failure {
     /// Retry (after replacing refused outputs).
     Retry(String),
+    /// The transaction could not be aborted, for a reason other than fencing (a coordinator
+    /// that lost or never had it, after a broker crash): retry with a new producer, whose
+    /// `init_transactions` aborts whatever is open under this transactional id.
+    Renew(String),
     /// The producer is fenced or broken for good.
     Fatal(String),
 }
 
+/// Makes this worker's transactional producer again (initialised: it fences the old one).
+pub type RenewProducer = Box<dyn Fn() -> Result<BaseProducer<SinkContext>, String>>;
+
+/// The worker's transactional producer (initialised), and how to make a new one.
+pub struct TxnProducer {
+    pub producer: BaseProducer<SinkContext>,
+    pub renew: RenewProducer,
+}
+
 pub fn kafka_txn_sink<'scope, C: ConsumerContext + 'static>(
     outcomes: StreamVec<'scope, Epoch, Outcome>,
-    producer: BaseProducer<SinkContext>,
+    producer: TxnProducer,
     consumer: Rc<BaseConsumer<C>>,
     spec: SinkSpec,
     backlog: Backlog,
@@ -81,6 +96,7 @@ pub fn kafka_txn_sink<'scope, C: ConsumerContext + 'static>(
             let published_from: BTreeMap<i32, i64> = spec.starts.iter().map(|s| (s.partition, s.published)).collect();
             let (mut failing_since, mut retry_at, mut failed) = (None::<Instant>, None::<Instant>, false);
             let mut backoff = Duration::from_millis(100);
+            let TxnProducer { mut producer, renew } = producer;
             move |(input, frontier), output| {
                 if let Some((cap, positions)) = starts.take() {
                     output.session(&cap).give_iterator(positions.into_iter());
@@ -102,7 +118,9 @@ pub fn kafka_txn_sink<'scope, C: ConsumerContext + 'static>(
                                 backlog.set(backlog.get().saturating_sub(1));
                                 continue;
                             }
-                            state.outgoing.push(Outgoing::encode(epoch, outcome, &mut metrics));
+                            Outgoing::encode(epoch, outcome, &spec, &mut metrics, |message| {
+                                state.outgoing.push(message)
+                            });
                         }
                     }
                 });
@@ -126,13 +144,14 @@ pub fn kafka_txn_sink<'scope, C: ConsumerContext + 'static>(
                         for report in delivered {
                             metrics.published.with(&report.topic).inc();
                             metrics.produce_seconds.observe(report.produce_seconds);
-                            if let Some(Some(ts)) = report.message.input_ts_ms {
+                            if let OutputKind::Prediction { input_ts_ms: Some(ts) } = report.message.kind {
                                 metrics.end_to_end_seconds.observe((now_ms() - ts).max(0) as f64 / 1000.0);
                             }
                         }
                         for epoch in complete {
                             let state = epochs.remove(&epoch).expect("a complete epoch");
-                            backlog.set(backlog.get().saturating_sub(state.outgoing.len()));
+                            let records = state.outgoing.iter().filter(|o| o.sent.is_record_output()).count();
+                            backlog.set(backlog.get().saturating_sub(records));
                             let mut session = output.session(&state.hold);
                             for (partition, offset) in state.offsets {
                                 session.give(Position { partition, learned: offset + 1, published: offset + 1 });
@@ -154,7 +173,8 @@ pub fn kafka_txn_sink<'scope, C: ConsumerContext + 'static>(
                             let m = report.message;
                             if let Some(slot) = epochs.get_mut(&m.epoch).and_then(|e| {
                                 e.outgoing.iter_mut().find(|o| {
-                                    (o.sent.partition, o.sent.offset) == (m.partition, m.offset) && !o.sent.replacement
+                                    (o.sent.partition, o.sent.offset, o.sent.kind) == (m.partition, m.offset, m.kind)
+                                        && !o.sent.replacement
                                 })
                             }) {
                                 tracing::warn!(id = %crate::records::truncate(&m.key, 64), partition = m.partition, offset = m.offset, message, "the broker refused an output as too large; a small dead letter replaces it");
@@ -181,6 +201,20 @@ pub fn kafka_txn_sink<'scope, C: ConsumerContext + 'static>(
                             backoff = (backoff * 2).min(Duration::from_secs(2));
                         }
                     }
+                    Err(Failure::Renew(error)) => match renew() {
+                        Ok(renewed) => {
+                            tracing::warn!(%error, "a transaction could not be aborted; a new producer fenced the old one, retrying");
+                            producer = renewed;
+                            retry_at = Some(Instant::now() + backoff);
+                        }
+                        Err(renew_error) => {
+                            metrics.failed.inc();
+                            failed = true;
+                            *fatal.borrow_mut() =
+                                Some(format!("{error}; and no new transactional producer could be made: {renew_error}"));
+                            return;
+                        }
+                    },
                     Err(Failure::Fatal(error)) => {
                         metrics.failed.inc();
                         failed = true;
@@ -208,12 +242,15 @@ fn transact<C: ConsumerContext>(
     producer.begin_transaction().map_err(|e| classify("cannot begin a transaction", e))?;
     let result = send_and_commit(producer, consumer, spec, epochs, complete);
     if let Err(Failure::Retry(error)) = &result {
-        // Nothing of it becomes visible. A producer that cannot abort cannot go on.
-        if let Err(abort) = producer.abort_transaction(TIMEOUT) {
-            return Err(Failure::Fatal(format!("{error}; aborting the transaction failed too: {abort}")));
+        // Nothing of it becomes visible. A producer that cannot abort cannot go on. The
+        // reports of the purged messages are taken from the context by the caller.
+        if let Err(abort) = abort_retrying(producer, spec.give_up_after) {
+            let error = format!("{error}; aborting the transaction failed too: {abort}");
+            // A producer whose abort failed is broken (librdkafka raises INVALID_TXN_STATE
+            // from a restarted coordinator as fatal), but unless it was fenced, a new one may go
+            // on: nothing of this transaction was committed, and its initialisation aborts it.
+            return Err(if is_fenced(&abort) { Failure::Fatal(error) } else { Failure::Renew(error) });
         }
-        // Reports of the aborted messages arrive on a poll.
-        producer.poll(Duration::ZERO);
     }
     result
 }
@@ -275,12 +312,15 @@ fn send_and_commit<C: ConsumerContext>(
 
 /// Commits the open transaction, retrying the commit itself while it fails retriably (a
 /// timed-out commit may have succeeded: aborting and redoing it could publish twice).
-pub fn commit_retrying<P: Producer<C>, C: rdkafka::producer::ProducerContext>(
-    producer: &P,
+pub fn commit_retrying<C: rdkafka::producer::ProducerContext>(
+    producer: &BaseProducer<C>,
     give_up_after: Duration,
 ) -> Result<(), KafkaError> {
     let started = Instant::now();
     let mut backoff = Duration::from_millis(100);
+    // `commit_transaction` flushes first, polling 100 ms at a time: on a local broker that
+    // was the whole cost of a transaction. Flushing here in 1 ms polls leaves it nothing to wait for.
+    serve_until_empty(producer, started + TIMEOUT);
     loop {
         match producer.commit_transaction(TIMEOUT) {
             Err(KafkaError::Transaction(e)) if e.is_retriable() && started.elapsed() < give_up_after => {
@@ -293,10 +333,47 @@ pub fn commit_retrying<P: Producer<C>, C: rdkafka::producer::ProducerContext>(
     }
 }
 
-/// A fenced producer (another instance of this worker took over) or a fatal producer error
-/// ends the worker; anything else is worth another transaction.
-fn classify(what: &str, error: KafkaError) -> Failure {
-    let fenced = matches!(
+/// Aborts the open transaction, retrying while the abort fails retriably (a coordinator that
+/// is away). Messages still queued or in flight are purged first and their delivery reports
+/// served: librdkafka's abort waits for them, and with reports delivered as events (as
+/// rust-rdkafka has them) nothing would serve them during the call, so it would time out.
+pub fn abort_retrying<C: rdkafka::producer::ProducerContext>(
+    producer: &BaseProducer<C>,
+    give_up_after: Duration,
+) -> Result<(), KafkaError> {
+    let started = Instant::now();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        producer.purge(PurgeConfig::default().queue().inflight());
+        serve_until_empty(producer, Instant::now() + TIMEOUT);
+        match producer.abort_transaction(TIMEOUT) {
+            Err(KafkaError::Transaction(e)) if e.is_retriable() && started.elapsed() < give_up_after => {
+                tracing::warn!(error = %e, "aborting a transaction: retrying");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Polls the producer 1 ms at a time until it holds no message or event, or `deadline`.
+fn serve_until_empty<C: rdkafka::producer::ProducerContext>(producer: &BaseProducer<C>, deadline: Instant) {
+    while producer.in_flight_count() > 0 && Instant::now() < deadline {
+        producer.poll(Duration::from_millis(1));
+    }
+}
+
+/// Whether `error` says another producer of the same transactional id took over, or that
+/// this producer is broken for good.
+pub fn is_fenced_or_fatal(error: &KafkaError) -> bool {
+    is_fenced(error) || matches!(error, KafkaError::Transaction(e) if e.is_fatal())
+}
+
+/// Whether `error` says another producer of the same transactional id took over (or that
+/// this one may not use the id at all).
+pub fn is_fenced(error: &KafkaError) -> bool {
+    matches!(
         error.rdkafka_error_code(),
         Some(
             RDKafkaErrorCode::ProducerFenced
@@ -304,8 +381,13 @@ fn classify(what: &str, error: KafkaError) -> Failure {
                 | RDKafkaErrorCode::Fenced
                 | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
         )
-    );
-    if fenced || matches!(&error, KafkaError::Transaction(e) if e.is_fatal()) {
+    )
+}
+
+/// A fenced producer (another instance of this worker took over) or a fatal producer error
+/// ends the worker; anything else is worth another transaction.
+fn classify(what: &str, error: KafkaError) -> Failure {
+    if is_fenced_or_fatal(&error) {
         Failure::Fatal(format!(
             "{what}: {error}. Another instance of this worker (a later `dlpipe run` of the same group) has fenced it"
         ))

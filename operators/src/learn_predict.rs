@@ -89,6 +89,7 @@ pub fn learn_predict<'scope, H: Head>(
                                 top_k,
                                 model_version: version,
                                 predicted_at_ms: now,
+                                features: record.features,
                             });
                         }
                         metrics.predict_seconds.observe(started.elapsed().as_secs_f64());

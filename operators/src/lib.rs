@@ -30,15 +30,16 @@ pub mod retriable;
 pub use checkpoint::{checkpoint, CheckpointStore, WriteError};
 pub use featurize::{featurize, Batching, ModelRow};
 pub use fetch_decode::{fetch_decode, ByteBudget, Prepare, PrepareError};
-pub use kafka_sink::{kafka_sink, SinkContext, SinkSpec};
+pub use kafka_sink::{kafka_sink, FeaturesOutput, SinkContext, SinkSpec};
 pub use kafka_source::{kafka_source, EpochPolicy, PartitionRange, SourceSpec};
-pub use kafka_txn_sink::kafka_txn_sink;
+pub use kafka_txn_sink::{kafka_txn_sink, TxnProducer};
 pub use learn_predict::{learn_predict, Head};
 pub use metrics::{
     CounterByLabel, FeaturizeMetrics, FetchDecodeMetrics, LearnPredictMetrics, SinkMetrics, SourceMetrics,
 };
 pub use records::{
-    ClassScore, DeadLetter, Decoded, Epoch, Featured, ImageRecord, LabelledExample, Outcome, Position, Prediction,
+    ClassScore, DeadLetter, Decoded, Epoch, Featured, FeaturesModel, ImageRecord, LabelledExample, Outcome, Position,
+    Prediction,
 };
 
 /// Records of one worker read from Kafka and not yet published: the source pauses at a limit.

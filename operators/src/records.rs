@@ -202,6 +202,8 @@ pub struct Prediction {
     pub model_version: u64,
     /// When the prediction was made (ms since the Unix epoch).
     pub predicted_at_ms: i64,
+    /// The record's features (moved from its `Featured`, not copied), for the features topic.
+    pub features: Vec<f32>,
 }
 
 impl Prediction {
@@ -237,6 +239,48 @@ impl Prediction {
     }
 }
 
+/// The model whose features the features topic carries, as each message names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FeaturesModel {
+    pub name: String,
+    /// The TorchScript file's sha256 ("" when the manifest has none).
+    pub sha256: String,
+}
+
+impl Prediction {
+    /// The features topic's JSON: `{"id","uri","model","model_sha256","dim","features":[...],
+    /// "model_version","partition","offset"}`. Each f32 is written in its shortest form that
+    /// reads back as the same f32, so a reader parsing the numbers as f32 gets the exact vector
+    /// (a non-finite value, which a broken model could give, is written as `null`).
+    pub fn features_json(&self, model: &FeaturesModel) -> String {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            id: &'a str,
+            uri: &'a str,
+            model: &'a str,
+            model_sha256: &'a str,
+            dim: usize,
+            features: &'a [f32],
+            model_version: u64,
+            partition: i32,
+            offset: i64,
+        }
+        let r = &self.record;
+        serde_json::to_string(&Out {
+            id: &r.id,
+            uri: &r.uri,
+            model: &model.name,
+            model_sha256: &model.sha256,
+            dim: self.features.len(),
+            features: &self.features,
+            model_version: self.model_version,
+            partition: r.partition,
+            offset: r.offset,
+        })
+        .expect("serialisable")
+    }
+}
+
 /// An input that could not be processed, and why.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetter {
@@ -257,15 +301,15 @@ impl DeadLetter {
         serde_json::to_string(self).expect("serialisable")
     }
 
-    /// The smallest dead letter for an output the broker refused as too large: the record's
-    /// coordinates, its id cut short, no raw input.
-    pub fn output_too_large(id: &str, partition: i32, offset: i64, error: &str) -> DeadLetter {
+    /// The smallest dead letter for an output (`what`: "output" or "features") the broker
+    /// refused as too large: the record's coordinates, its id cut short, no raw input.
+    pub fn output_too_large(id: &str, partition: i32, offset: i64, what: &str, error: &str) -> DeadLetter {
         DeadLetter {
             id: Some(truncate(id, 256)),
             uri: None,
             raw: String::new(),
             error_kind: "output_too_large".into(),
-            error: truncate(&format!("the output for this record was refused by the broker: {error}"), 512),
+            error: truncate(&format!("the {what} for this record was refused by the broker: {error}"), 512),
             partition,
             offset,
         }
@@ -371,6 +415,7 @@ mod tests {
             top_k: vec![ClassScore { class: "cat".into(), probability: 0.75 }],
             model_version: 9,
             predicted_at_ms: 1250,
+            features: vec![0.1, -2.5e-8, 3.0],
         };
         let v: serde_json::Value = serde_json::from_str(&p.to_json()).unwrap();
         assert_eq!(v["id"], "a");
@@ -379,5 +424,20 @@ mod tests {
         assert_eq!(v["model_version"], 9);
         assert_eq!(v["latency_ms"], 250);
         assert_eq!((v["partition"].as_i64(), v["offset"].as_i64()), (Some(1), Some(2)));
+        assert!(v.get("features").is_none(), "predictions do not carry the features");
+
+        let model = FeaturesModel { name: "m".into(), sha256: "abc".into() };
+        let v: serde_json::Value = serde_json::from_str(&p.features_json(&model)).unwrap();
+        assert_eq!(
+            (v["id"].as_str(), v["model"].as_str(), v["model_sha256"].as_str()),
+            (Some("a"), Some("m"), Some("abc"))
+        );
+        assert_eq!((v["dim"].as_u64(), v["model_version"].as_u64()), (Some(3), Some(9)));
+        // Read back as f32, every value is the one sent, bit for bit.
+        let back: Vec<f32> = v["features"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        assert_eq!(
+            back.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            p.features.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
     }
 }

@@ -3,7 +3,7 @@
 //! enter the numbers.
 
 use super::load_featurizer;
-use dlpipe::config::{Config, HeadKind, StartFrom};
+use dlpipe::config::{Config, Delivery, HeadKind, StartFrom};
 use dlpipe::image::{decode, list_images, Preprocess};
 use dlpipe::kafka::{ensure_topic, Publisher, TopicSpec};
 use dlpipe::pipeline::{run as run_pipeline, RunOptions};
@@ -44,6 +44,17 @@ pub struct BenchArgs {
     /// Timely workers of the pipeline benchmark.
     #[arg(long, default_value_t = 1)]
     workers: usize,
+    /// Delivery modes of the pipeline benchmark, each timed for throughput (a backlog of
+    /// RECORDS) and for latency (a paced stream).
+    #[arg(long, value_delimiter = ',', default_values_t = [Delivery::AtLeastOnce])]
+    delivery: Vec<Delivery>,
+    /// Records per second of the paced stream whose latency the pipeline benchmark measures
+    /// [default: half the forward pass's images/s].
+    #[arg(long)]
+    latency_rate: Option<f64>,
+    /// Seconds of paced stream per delivery mode.
+    #[arg(long, default_value_t = 20.0)]
+    latency_seconds: f64,
 }
 
 /// Runs `f` until at least `min` has passed and at least `min_runs` runs; returns runs per second.
@@ -129,42 +140,20 @@ fn forward_table(config: &Config, args: &BenchArgs, min: Duration) -> anyhow::Re
     Ok(())
 }
 
-/// End-to-end images/s through real Kafka (publish is not timed; reading, decoding, the model,
-/// the classifier, publishing predictions and committing are), next to the forward pass alone.
+/// Per delivery mode: end-to-end images/s through real Kafka on a backlog (publishing the
+/// input is not timed; reading, decoding, the model, the head, publishing predictions and
+/// committing are), next to the forward pass alone; and the latency of a paced stream, from
+/// sending a record to its prediction being visible to a `read_committed` consumer.
 fn pipeline_table(config: &Config, args: &BenchArgs, records: usize) -> anyhow::Result<()> {
     let photos = list_images(std::slice::from_ref(&args.photos))?;
     anyhow::ensure!(!photos.is_empty(), "no photos in {} (run make setup)", args.photos.display());
-    let run_id = format!(
-        "{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis()
-    );
-    let mut config = config.clone();
-    let p = &mut config.pipeline;
-    p.input_topic = format!("bench-images-{run_id}");
-    p.predictions_topic = format!("bench-predictions-{run_id}");
-    p.dead_letter_topic = format!("bench-dead-letters-{run_id}");
-    p.group_id = format!("bench-{run_id}");
-    p.head = HeadKind::Imagenet;
-    p.stop_at_end = true;
-    p.start_from = StartFrom::Earliest;
-    p.epochs = EpochPolicy::Offsets { records: 64 };
-    let partitions = (2 * args.workers).max(2) as i32;
-    let spec = TopicSpec { partitions, replication_factor: p.topic_replication_factor, configs: &[] };
-    ensure_topic(&config.kafka, &p.input_topic, spec)?;
     let uris: Vec<String> = photos
         .iter()
         .map(|p| Ok(format!("file://{}", std::fs::canonicalize(p)?.display())))
         .collect::<std::io::Result<_>>()?;
-    let publisher = Publisher::new(&config.kafka)?;
-    for i in 0..records {
-        let record = serde_json::json!({"id": format!("b{i}"), "uri": uris[i % uris.len()]});
-        publisher.send(&p.input_topic, &format!("b{i}"), &record.to_string())?;
-    }
-    publisher.finish(Duration::from_secs(60))?;
 
     let batch = config.model.batch_size;
-    let featurizer = load_featurizer(&config, None, args.device.as_deref())?;
+    let featurizer = load_featurizer(config, None, args.device.as_deref())?;
     let len = featurizer.preprocess().tensor_len();
     let input: Vec<f32> = (0..batch * len).map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0).collect();
     featurizer.forward(&input, batch)?;
@@ -173,24 +162,204 @@ fn pipeline_table(config: &Config, args: &BenchArgs, records: usize) -> anyhow::
             featurizer.forward(&input, batch).expect("forward ran in warm-up");
         });
     drop(featurizer);
+    let rate = args.latency_rate.unwrap_or(forward / 2.0);
+    anyhow::ensure!(rate > 0.0, "--latency-rate must be positive");
+    let paced = ((rate * args.latency_seconds) as usize).max(10);
 
-    let started = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    run_pipeline(RunOptions {
-        config,
-        timely_args: vec!["-w".into(), args.workers.to_string()],
-        init_model: None,
-        fresh: true,
-        stop,
-    })?;
-    let end_to_end = records as f64 / started.elapsed().as_secs_f64();
+    let mut rows = Vec::new();
+    for &delivery in &args.delivery {
+        let throughput = backlog_run(config, args, &uris, delivery, records)?;
+        let latencies = paced_run(config, args, &uris, delivery, rate, paced)?;
+        rows.push((delivery, throughput, latencies));
+    }
     println!(
-        "\n## end to end through Kafka ({records} photos, {} worker(s), batch {batch}, imagenet head)\n",
-        args.workers
+        "\n## end to end through Kafka ({} worker(s), batch {batch}, imagenet head, epochs {})\n",
+        args.workers,
+        match config.pipeline.epochs {
+            EpochPolicy::Time { millis } => format!("of {millis} ms"),
+            EpochPolicy::Offsets { records } => format!("of {records} offsets"),
+        }
     );
-    println!("| forward pass alone | pipeline, Kafka to Kafka | ratio |");
-    println!("|---:|---:|---:|");
-    println!("| {forward:.1} images/s | {end_to_end:.1} images/s | {:.0}% |", 100.0 * end_to_end / forward);
-    println!("\n(The pipeline's time includes loading the model and joining the topic: about a second.)");
+    println!(
+        "Latency of {paced} records at {rate:.1}/s: until predicted, and until visible to a read_committed consumer.\n"
+    );
+    println!(
+        "| delivery | forward pass alone | pipeline, {records} records backlog | ratio | predicted p50 | visible p50 | \
+         visible p99 | visible max |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (delivery, throughput, l) in rows {
+        println!(
+            "| {delivery} | {forward:.1} images/s | {throughput:.1} images/s | {:.0}% | {:.0} ms | {:.0} ms | {:.0} ms | \
+             {:.0} ms |",
+            100.0 * throughput / forward,
+            quantile(&l.predicted, 0.5),
+            quantile(&l.visible, 0.5),
+            quantile(&l.visible, 0.99),
+            quantile(&l.visible, 1.0),
+        );
+    }
+    println!(
+        "\n(Backlog runs include loading the model and joining the topic: about a second. Visible latency runs \
+         from handing the record to the producer to the prediction's arrival at the consumer; predicted, from \
+         the input's Kafka timestamp to the prediction.)"
+    );
     Ok(())
+}
+
+/// A config of its own topics and group for one benchmark run of `delivery`.
+fn bench_config(config: &Config, delivery: Delivery, what: &str) -> anyhow::Result<Config> {
+    let run_id = format!(
+        "{what}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis()
+    );
+    let mut config = config.clone();
+    // Several runs in one process: each would serve its metrics on the configured port.
+    config.metrics.listen = String::new();
+    let p = &mut config.pipeline;
+    p.input_topic = format!("bench-images-{run_id}");
+    p.predictions_topic = format!("bench-predictions-{run_id}");
+    p.dead_letter_topic = format!("bench-dead-letters-{run_id}");
+    p.group_id = format!("bench-{run_id}");
+    p.head = HeadKind::Imagenet;
+    p.start_from = StartFrom::Earliest;
+    p.delivery = delivery;
+    Ok(config)
+}
+
+fn run_options(config: Config, args: &BenchArgs, stop: Arc<AtomicBool>) -> RunOptions {
+    RunOptions { config, timely_args: vec!["-w".into(), args.workers.to_string()], init_model: None, fresh: true, stop }
+}
+
+/// Images/s of `dlpipe run --stop-at-end` over a backlog of `records` photos.
+fn backlog_run(
+    config: &Config,
+    args: &BenchArgs,
+    uris: &[String],
+    delivery: Delivery,
+    records: usize,
+) -> anyhow::Result<f64> {
+    let mut config = bench_config(config, delivery, "backlog")?;
+    let p = &mut config.pipeline;
+    p.stop_at_end = true;
+    p.epochs = EpochPolicy::Offsets { records: 64 };
+    let partitions = (2 * args.workers).max(2) as i32;
+    let spec = TopicSpec { partitions, replication_factor: p.topic_replication_factor, configs: &[] };
+    ensure_topic(&config.kafka, &p.input_topic, spec)?;
+    let publisher = Publisher::new(&config.kafka)?;
+    for i in 0..records {
+        let record = serde_json::json!({"id": format!("b{i}"), "uri": uris[i % uris.len()]});
+        publisher.send(&p.input_topic, &format!("b{i}"), &record.to_string())?;
+    }
+    publisher.finish(Duration::from_secs(60))?;
+    let started = Instant::now();
+    run_pipeline(run_options(config, args, Arc::new(AtomicBool::new(false))))?;
+    Ok(records as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Milliseconds from sending each of `records` photos, `rate` a second, to its prediction
+/// reaching a `read_committed` consumer, sorted; with the config's epochs (live streams use
+/// time epochs: exactly-once outputs wait for their epoch's end).
+fn paced_run(
+    config: &Config,
+    args: &BenchArgs,
+    uris: &[String],
+    delivery: Delivery,
+    rate: f64,
+    records: usize,
+) -> anyhow::Result<Latencies> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::Message;
+    let mut config = bench_config(config, delivery, "paced")?;
+    config.pipeline.stop_at_end = false;
+    let p = config.pipeline.clone();
+    let partitions = (2 * args.workers).max(2) as i32;
+    for topic in [&p.input_topic, &p.predictions_topic] {
+        let spec = TopicSpec { partitions, replication_factor: p.topic_replication_factor, configs: &[] };
+        ensure_topic(&config.kafka, topic, spec)?;
+    }
+    let reader: BaseConsumer = dlpipe::kafka::client_config(&config.kafka)
+        .set("group.id", format!("{}-reader", p.group_id))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("fetch.wait.max.ms", "5")
+        .create()?;
+    reader.subscribe(&[&p.predictions_topic])?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let pipeline = {
+        let (config, stop) = (config.clone(), Arc::clone(&stop));
+        let options = run_options(config, args, stop);
+        std::thread::spawn(move || run_pipeline(options))
+    };
+    let publisher = Publisher::new(&config.kafka)?;
+    // Calls `arrived` with each prediction's id and `latency_ms` until `want(id)` or the deadline.
+    let wait_for = |want: &dyn Fn(&str) -> bool, deadline: Instant, arrived: &mut dyn FnMut(&str, Option<f64>)| {
+        while Instant::now() < deadline && !pipeline.is_finished() {
+            let Some(Ok(message)) = reader.poll(Duration::from_millis(5)) else { continue };
+            let prediction = serde_json::from_slice::<serde_json::Value>(message.payload().unwrap_or_default()).ok();
+            if let Some(v) = prediction {
+                let Some(id) = v["id"].as_str() else { continue };
+                arrived(id, v["latency_ms"].as_f64());
+                if want(id) {
+                    return true;
+                }
+            }
+        }
+        false
+    };
+    // One record first, so that loading the model and joining the topics are not measured.
+    let warm = serde_json::json!({"id": "warm-up", "uri": uris[0]});
+    publisher.send(&p.input_topic, "warm-up", &warm.to_string())?;
+    let ready = wait_for(&|id| id == "warm-up", Instant::now() + Duration::from_secs(120), &mut |_, _| {});
+    let mut sent = vec![None::<Instant>; records];
+    let (mut latencies, mut predicted) = (Vec::with_capacity(records), Vec::with_capacity(records));
+    if ready {
+        let started = Instant::now();
+        let mut next = 0;
+        let mut arrivals = 0;
+        let deadline = started + Duration::from_secs_f64(records as f64 / rate) + Duration::from_secs(60);
+        while arrivals < records && Instant::now() < deadline && !pipeline.is_finished() {
+            while next < records && started.elapsed().as_secs_f64() >= next as f64 / rate {
+                let record = serde_json::json!({"id": format!("l{next}"), "uri": uris[next % uris.len()]});
+                sent[next] = Some(Instant::now());
+                publisher.send(&p.input_topic, &format!("l{next}"), &record.to_string())?;
+                next += 1;
+            }
+            let mut on_arrival = |id: &str, latency_ms: Option<f64>| {
+                let index = id.strip_prefix('l').and_then(|i| i.parse::<usize>().ok());
+                if let Some(Some(at)) = index.and_then(|i| sent.get(i)) {
+                    latencies.push(at.elapsed().as_secs_f64() * 1000.0);
+                    predicted.extend(latency_ms);
+                    arrivals += 1;
+                }
+            };
+            wait_for(&|_| true, Instant::now() + Duration::from_millis(5), &mut on_arrival);
+        }
+    }
+    publisher.finish(Duration::from_secs(10))?;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    pipeline.join().map_err(|_| anyhow::anyhow!("the benchmark's pipeline panicked"))??;
+    anyhow::ensure!(ready, "the pipeline did not predict its first record within 120 s");
+    anyhow::ensure!(
+        latencies.len() == records,
+        "{delivery}: {} of {records} paced predictions arrived",
+        latencies.len()
+    );
+    latencies.sort_by(f64::total_cmp);
+    predicted.sort_by(f64::total_cmp);
+    Ok(Latencies { visible: latencies, predicted })
+}
+
+/// Sorted milliseconds of a paced run: until each prediction is visible to a read_committed
+/// consumer, and (the predictions' own `latency_ms`) until it is made.
+struct Latencies {
+    visible: Vec<f64>,
+    predicted: Vec<f64>,
+}
+
+/// The `q` quantile of sorted `values`.
+fn quantile(values: &[f64], q: f64) -> f64 {
+    values.get(((values.len().max(1) - 1) as f64 * q).round() as usize).copied().unwrap_or(f64::NAN)
 }

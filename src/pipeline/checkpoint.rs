@@ -23,9 +23,10 @@ use crate::learn::{Prequential, PrequentialState, SoftmaxRegression};
 use crate::metrics::kafka::LagContext;
 use crate::model::Manifest;
 use crate::transfer::classifier::KEY_FEATURIZER_SHA256;
+use dlpipe_operators::kafka_txn_sink::{abort_retrying, commit_retrying, is_fenced, is_fenced_or_fatal};
 use dlpipe_operators::{CheckpointStore, Epoch, WriteError};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
@@ -245,8 +246,10 @@ pub fn writer_producer(kafka: &KafkaConfig, group_id: &str) -> anyhow::Result<Ba
 /// published offsets; then writes the files.
 pub struct CheckpointWriter {
     pub head: Rc<RefCell<OnlineLrHead>>,
-    /// Transactional, from [`writer_producer`].
+    /// Transactional, from [`writer_producer`]; made again from `kafka` when a transaction
+    /// can be neither committed nor aborted.
     pub producer: BaseProducer,
+    pub kafka: KafkaConfig,
     pub committer: Rc<BaseConsumer<LagContext>>,
     /// Whether the checkpoint's transaction commits the group's offsets (at-least-once); with
     /// exactly-once delivery the sinks commit them with the outputs.
@@ -269,6 +272,7 @@ impl CheckpointWriter {
     pub fn new(
         head: Rc<RefCell<OnlineLrHead>>,
         producer: BaseProducer,
+        kafka: KafkaConfig,
         committer: Rc<BaseConsumer<LagContext>>,
         commit_offsets: bool,
         model_topic: String,
@@ -282,6 +286,7 @@ impl CheckpointWriter {
         CheckpointWriter {
             head,
             producer,
+            kafka,
             committer,
             commit_offsets,
             model_topic,
@@ -297,25 +302,18 @@ impl CheckpointWriter {
     }
 
     /// Sends a checkpoint, and `offsets` for the group, in one transaction.
-    fn send(&self, bytes: &[u8], offsets: Option<&TopicPartitionList>) -> Result<(), WriteError> {
+    fn send(&mut self, bytes: &[u8], offsets: Option<&TopicPartitionList>) -> Result<(), WriteError> {
         let timeout = Duration::from_secs(30);
+        let group_id = self.group_id.clone();
+        let fenced = |what: &str, error: &KafkaError| {
+            WriteError::Fatal(format!(
+                "{what}: {error}. Another `dlpipe run` of group {group_id:?} has started and fenced this one (two \
+                 pipelines must not share a group_id); this one stops"
+            ))
+        };
         let classify = |what: &str, error: KafkaError| -> WriteError {
-            let fenced = matches!(
-                error.rdkafka_error_code(),
-                Some(
-                    RDKafkaErrorCode::ProducerFenced
-                        | RDKafkaErrorCode::InvalidProducerEpoch
-                        | RDKafkaErrorCode::Fenced
-                        | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
-                )
-            );
-            let fatal = matches!(&error, KafkaError::Transaction(e) if e.is_fatal());
-            if fenced || fatal {
-                WriteError::Fatal(format!(
-                    "{what}: {error}. Another `dlpipe run` of group {:?} has started and fenced this one (two \
-                     pipelines must not share a group_id); this one stops",
-                    self.group_id
-                ))
+            if is_fenced_or_fatal(&error) {
+                fenced(what, &error)
             } else {
                 WriteError::Retry(format!("{what}: {error}"))
             }
@@ -338,14 +336,22 @@ impl CheckpointWriter {
                 None => Ok(()),
             })
             .and_then(|()| {
-                dlpipe_operators::kafka_txn_sink::commit_retrying(&self.producer, timeout)
+                commit_retrying(&self.producer, timeout)
                     .map_err(|e| classify(&format!("topic {} did not take the checkpoint", self.model_topic), e))
             });
         if let Err(WriteError::Retry(error)) = &sent {
-            // Nothing of it becomes visible; the next cut tries again. A producer that cannot
-            // abort cannot go on.
-            if let Err(abort) = self.producer.abort_transaction(timeout) {
-                return Err(WriteError::Fatal(format!("{error}; aborting its transaction failed too: {abort}")));
+            // Nothing of it becomes visible; the next cut tries again. A transaction that
+            // cannot be aborted (a coordinator back from a crash without it) is left to a new
+            // producer of the group's transactional id, whose initialisation aborts it.
+            if let Err(abort) = abort_retrying(&self.producer, timeout) {
+                let error = format!("{error}; aborting its transaction failed too");
+                if is_fenced(&abort) {
+                    return Err(fenced(&error, &abort));
+                }
+                tracing::warn!(%error, %abort, "renewing the checkpoint writer's producer");
+                self.producer = writer_producer(&self.kafka, &self.group_id).map_err(|e| {
+                    WriteError::Fatal(format!("{error}: {abort}; and no new producer could be made: {e:#}"))
+                })?;
             }
         }
         sent

@@ -19,7 +19,7 @@ mod heads;
 pub use checkpoint::{Checkpoint, CheckpointInfo};
 pub use heads::{ImagenetHead, LearnerState, OnlineLrHead};
 
-use crate::config::{Config, Delivery, HeadKind, StartFrom};
+use crate::config::{Config, Delivery, HeadKind, KafkaConfig, StartFrom};
 use crate::fetch::Fetcher;
 use crate::image::{decode, Preprocess};
 use crate::kafka::{client_config, ensure_topics, topic_partitions, with_retry, TopicSpec};
@@ -30,8 +30,8 @@ use crate::model::{parse_device, resolve, Featurizer, OutputKind};
 use crate::transfer::classifier::{featurizer_metadata, Classifier};
 use dlpipe_operators::{
     featurize, fetch_decode, kafka_sink, kafka_source, kafka_txn_sink, learn_predict, Backlog, Batching, ByteBudget,
-    DeadLetter, Epoch, EpochPolicy, Fatal, Featured, ImageRecord, LabelledExample, ModelRow, Outcome, PartitionRange,
-    Position, Prepare, PrepareError, SinkContext, SinkSpec, SourceSpec,
+    DeadLetter, Epoch, EpochPolicy, Fatal, Featured, FeaturesModel, FeaturesOutput, ImageRecord, LabelledExample,
+    ModelRow, Outcome, PartitionRange, Position, Prepare, PrepareError, SinkContext, SinkSpec, SourceSpec, TxnProducer,
 };
 use fast_image_resize::Resizer;
 use prometheus::core::Collector;
@@ -207,12 +207,15 @@ fn run_worker(
             TopicSpec { partitions: p.topic_partitions, replication_factor: p.topic_replication_factor, configs: &[] };
         let model_configs = checkpoint::model_topic_configs();
         let model_spec = TopicSpec { partitions: 1, configs: &model_configs, ..spec };
-        let topics = [
+        let mut topics = vec![
             (p.input_topic.as_str(), spec),
             (p.predictions_topic.as_str(), spec),
             (p.dead_letter_topic.as_str(), spec),
             (p.model_topic.as_str(), model_spec),
         ];
+        if !p.features_topic.is_empty() {
+            topics.push((p.features_topic.as_str(), spec));
+        }
         ensure_topics(&config.kafka, &topics)?;
     }
 
@@ -230,7 +233,8 @@ fn run_worker(
     // every topic must already exist (checked here, not at the first send).
     let partitions = topic_partitions(&consumer, &config.kafka, &p.input_topic, p.create_topics)?;
     if index == 0 && !p.create_topics {
-        for topic in [&p.predictions_topic, &p.dead_letter_topic, &p.model_topic] {
+        let features = (!p.features_topic.is_empty()).then_some(&p.features_topic);
+        for topic in [&p.predictions_topic, &p.dead_letter_topic, &p.model_topic].into_iter().chain(features) {
             topic_partitions(&consumer, &config.kafka, topic, false)?;
         }
     }
@@ -243,16 +247,7 @@ fn run_worker(
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
             .create_with_context(SinkContext::default())?,
-        Delivery::ExactlyOnce => {
-            let id = format!("dlpipe-{}-worker-{index}", p.group_id);
-            let producer: BaseProducer<SinkContext> = client_config(&config.kafka)
-                .set("transactional.id", &id)
-                .set("linger.ms", "5")
-                .create_with_context(SinkContext::default())?;
-            let awaiting = format!("the transaction coordinator of {id}");
-            with_retry(&config.kafka, &awaiting, || producer.init_transactions(TIMEOUT))?;
-            producer
-        }
+        Delivery::ExactlyOnce => transactional_producer(&config.kafka, &p.group_id, index)?,
     };
     let learned = match start.restored {
         Some(checkpoint) => LearnFrom::Checkpoint(&checkpoint.info.learned_offsets),
@@ -380,6 +375,10 @@ fn run_worker(
         input_topic: p.input_topic.clone(),
         predictions_topic: p.predictions_topic.clone(),
         dead_letter_topic: p.dead_letter_topic.clone(),
+        features: (!p.features_topic.is_empty()).then(|| FeaturesOutput {
+            topic: p.features_topic.clone(),
+            model: FeaturesModel { name: manifest.name.clone(), sha256: manifest.sha256.clone().unwrap_or_default() },
+        }),
         starts,
         give_up_after: Duration::from_secs(config.kafka.retry_timeout_secs),
     };
@@ -391,6 +390,7 @@ fn run_worker(
             Some(checkpoint::CheckpointWriter::new(
                 Rc::clone(head),
                 producer,
+                config.kafka.clone(),
                 Rc::clone(&consumer),
                 p.delivery == Delivery::AtLeastOnce,
                 p.model_topic.clone(),
@@ -474,9 +474,11 @@ fn run_worker(
         let outcomes = predictions.map(Outcome::Predicted).concat(dead);
         let positions = if exactly_once {
             let consumer = Rc::clone(&consumer);
+            let (kafka, group) = (config.kafka.clone(), p.group_id.clone());
+            let renew = Box::new(move || transactional_producer(&kafka, &group, index).map_err(|e| format!("{e:#}")));
             kafka_txn_sink(
                 outcomes,
-                producer,
+                TxnProducer { producer, renew },
                 consumer,
                 sink_spec,
                 Rc::clone(&backlog),
@@ -663,6 +665,23 @@ enum LearnFrom<'a> {
 /// Publishing starts at the group's committed offset (else the end `start_from` chooses),
 /// learning where `learned` says; reading starts at the lower of the two. Both calls wait out a cluster that is still loading
 /// the group coordinator or electing leaders.
+/// Worker `index`'s transactional producer for exactly-once delivery, initialised: that fences
+/// an earlier instance of the worker (aborting its open transaction).
+fn transactional_producer(
+    kafka: &KafkaConfig,
+    group_id: &str,
+    index: usize,
+) -> anyhow::Result<BaseProducer<SinkContext>> {
+    let id = format!("dlpipe-{group_id}-worker-{index}");
+    let producer: BaseProducer<SinkContext> = client_config(kafka)
+        .set("transactional.id", &id)
+        .set("linger.ms", "5")
+        .create_with_context(SinkContext::default())?;
+    let awaiting = format!("the transaction coordinator of {id}");
+    with_retry(kafka, &awaiting, || producer.init_transactions(TIMEOUT))?;
+    Ok(producer)
+}
+
 fn partition_ranges<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     config: &Config,
