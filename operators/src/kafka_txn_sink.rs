@@ -316,21 +316,10 @@ pub fn commit_retrying<C: rdkafka::producer::ProducerContext>(
     producer: &BaseProducer<C>,
     give_up_after: Duration,
 ) -> Result<(), KafkaError> {
-    let started = Instant::now();
-    let mut backoff = Duration::from_millis(100);
     // `commit_transaction` flushes first, polling 100 ms at a time: on a local broker that
     // was the whole cost of a transaction. Flushing here in 1 ms polls leaves it nothing to wait for.
-    serve_until_empty(producer, started + TIMEOUT);
-    loop {
-        match producer.commit_transaction(TIMEOUT) {
-            Err(KafkaError::Transaction(e)) if e.is_retriable() && started.elapsed() < give_up_after => {
-                tracing::warn!(error = %e, "committing a transaction: retrying");
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-            result => return result,
-        }
-    }
+    serve_until_empty(producer, Instant::now() + TIMEOUT);
+    retrying("committing a transaction", give_up_after, || producer.commit_transaction(TIMEOUT))
 }
 
 /// Aborts the open transaction, retrying while the abort fails retriably (a coordinator that
@@ -341,14 +330,26 @@ pub fn abort_retrying<C: rdkafka::producer::ProducerContext>(
     producer: &BaseProducer<C>,
     give_up_after: Duration,
 ) -> Result<(), KafkaError> {
+    retrying("aborting a transaction", give_up_after, || {
+        producer.purge(PurgeConfig::default().queue().inflight());
+        serve_until_empty(producer, Instant::now() + TIMEOUT);
+        producer.abort_transaction(TIMEOUT)
+    })
+}
+
+/// Calls `call` again while it fails with a retriable transaction error, for up to
+/// `give_up_after`, with a backoff doubling from 100 ms to 2 s.
+fn retrying(
+    what: &str,
+    give_up_after: Duration,
+    mut call: impl FnMut() -> Result<(), KafkaError>,
+) -> Result<(), KafkaError> {
     let started = Instant::now();
     let mut backoff = Duration::from_millis(100);
     loop {
-        producer.purge(PurgeConfig::default().queue().inflight());
-        serve_until_empty(producer, Instant::now() + TIMEOUT);
-        match producer.abort_transaction(TIMEOUT) {
+        match call() {
             Err(KafkaError::Transaction(e)) if e.is_retriable() && started.elapsed() < give_up_after => {
-                tracing::warn!(error = %e, "aborting a transaction: retrying");
+                tracing::warn!(error = %e, "{what}: retrying");
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
