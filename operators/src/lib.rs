@@ -18,6 +18,7 @@
 
 pub mod checkpoint;
 pub mod featurize;
+pub mod feedback_join;
 pub mod fetch_decode;
 pub mod kafka_sink;
 pub mod kafka_source;
@@ -29,6 +30,7 @@ pub mod retriable;
 
 pub use checkpoint::{checkpoint, CheckpointStore, WriteError};
 pub use featurize::{featurize, Batching, ModelRow};
+pub use feedback_join::{feedback_join, Feedback};
 pub use fetch_decode::{fetch_decode, ByteBudget, Prepare, PrepareError};
 pub use kafka_sink::{kafka_sink, FeaturesOutput, SinkContext, SinkSpec};
 pub use kafka_source::{kafka_source, EpochPolicy, PartitionRange, SourceSpec};

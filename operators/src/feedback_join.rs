@@ -1,0 +1,282 @@
+//! `feedback_join`: labels that arrive after (or before) their images, joined to the images'
+//! features on the record id with differential dataflow.
+//!
+//! **In:** this worker's featured records that carry no inline label (first input), and
+//! feedback records `{"id","label","ts"?}` from the feedback topic (second input), each at
+//! its epoch. **Out:** a [`LabelledExample`] at epoch e for every (image, label) pair that is
+//! in force at the end of e and was not at the end of e - 1: the pairs that became complete
+//! in e, or whose label was corrected in e. The learner learns them in e, in the (partition,
+//! offset) order of the image record, like inline labels.
+//!
+//! **Collections** (differential, time = epoch): the features of each image, keyed by id,
+//! from its epoch until `retention` epochs later; each feedback record, keyed by id, for as
+//! long; the label in force per id, the feedback with the greatest (ts, partition, offset)
+//! (so an identical duplicate changes nothing, and a correction replaces the label); their
+//! join, consolidated per epoch. Retention is an update at a later time given at the record's
+//! own epoch, so memory is bounded by what `retention` epochs bring in.
+//!
+//! **Corrections** add an update: online SGD steps cannot be subtracted exactly, so the pair
+//! with the corrected label is learned as a new example and the earlier one stays learned.
+//!
+//! **Progress:** outputs for epoch e appear once both inputs' frontiers have passed e (the
+//! consolidation waits for the epoch to close), which is also when the learner needs them.
+
+use crate::records::{Epoch, Featured, LabelledExample};
+use differential_dataflow::AsCollection;
+use serde::{Deserialize, Serialize};
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::StreamVec;
+
+/// A label for a record id, from the feedback topic.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Feedback {
+    pub id: String,
+    pub label: String,
+    /// When the label was given (the record's `ts`, else its Kafka timestamp), in ms: later
+    /// labels for the same id replace earlier ones.
+    pub ts_ms: i64,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// An image's features as a differential record: f32 has no total order, so its bits stand in.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+struct ImageRow {
+    partition: i32,
+    offset: i64,
+    feature_bits: Vec<u32>,
+}
+
+/// What orders the labels of one id: the later one wins; the label last breaks ties.
+type LabelOrder = (i64, i32, i64, String);
+
+pub fn feedback_join<'scope>(
+    featured: StreamVec<'scope, Epoch, Featured>,
+    feedback: StreamVec<'scope, Epoch, Feedback>,
+    retention: Epoch,
+) -> StreamVec<'scope, Epoch, LabelledExample> {
+    let retention = retention.max(1);
+    let images = featured
+        .unary::<timely::container::CapacityContainerBuilder<Vec<_>>, _, _, _>(
+            Pipeline,
+            "RetainFeatures",
+            move |_, _| {
+                move |input, output| {
+                    input.for_each_stamp(|cap, data| {
+                        let Some(cap) = cap.retain_least(0) else { return };
+                        let epoch = *cap.time();
+                        let mut session = output.session(&cap);
+                        for batch in data {
+                            for f in batch.drain(..) {
+                                let row = ImageRow {
+                                    partition: f.record.partition,
+                                    offset: f.record.offset,
+                                    feature_bits: f.features.iter().map(|x| x.to_bits()).collect(),
+                                };
+                                let id = f.record.id;
+                                session.give(((id.clone(), row.clone()), epoch.saturating_add(retention), -1isize));
+                                session.give(((id, row), epoch, 1isize));
+                            }
+                        }
+                    });
+                }
+            },
+        )
+        .as_collection();
+    let labels = feedback
+        .unary::<timely::container::CapacityContainerBuilder<Vec<_>>, _, _, _>(
+            Pipeline,
+            "RetainFeedback",
+            move |_, _| {
+                move |input, output| {
+                    input.for_each_stamp(|cap, data| {
+                        let Some(cap) = cap.retain_least(0) else { return };
+                        let epoch = *cap.time();
+                        let mut session = output.session(&cap);
+                        for batch in data {
+                            for fb in batch.drain(..) {
+                                let order: LabelOrder = (fb.ts_ms, fb.partition, fb.offset, fb.label);
+                                session.give((
+                                    (fb.id.clone(), order.clone()),
+                                    epoch.saturating_add(retention),
+                                    -1isize,
+                                ));
+                                session.give(((fb.id, order), epoch, 1isize));
+                            }
+                        }
+                    });
+                }
+            },
+        )
+        .as_collection()
+        // The label in force: of the feedback retained for this id, the latest.
+        .reduce(|_id, input: &[(&LabelOrder, isize)], output: &mut Vec<(String, isize)>| {
+            if let Some((latest, _)) = input.iter().rev().find(|(_, count)| *count > 0) {
+                output.push((latest.3.clone(), 1));
+            }
+        });
+    images
+        .join(labels)
+        .consolidate()
+        .inner
+        .unary::<timely::container::CapacityContainerBuilder<Vec<LabelledExample>>, _, _, _>(
+            Pipeline,
+            "NewPairs",
+            |_, _| {
+                move |input, output| {
+                    input.for_each_stamp(|cap, data| {
+                        for batch in data {
+                            for ((_id, (row, label)), at, diff) in batch.drain(..) {
+                                // Retractions (retention, a replaced label) need nothing of the learner.
+                                if diff <= 0 {
+                                    continue;
+                                }
+                                let example = LabelledExample {
+                                    partition: row.partition,
+                                    offset: row.offset,
+                                    label,
+                                    features: row.feature_bits.into_iter().map(f32::from_bits).collect(),
+                                };
+                                output.session(&cap.delayed(&at, 0)).give(example);
+                            }
+                        }
+                    });
+                }
+            },
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::ImageRecord;
+    use std::collections::BTreeSet;
+    use timely::dataflow::operators::capture::{Capture, Event};
+    use timely::dataflow::InputHandle;
+
+    /// What arrives at which epoch: images (id, partition, offset) and feedback (id, label, ts).
+    enum At {
+        Image(&'static str, i32, i64),
+        Label(&'static str, &'static str, i64),
+    }
+
+    fn image(id: &str, partition: i32, offset: i64) -> Featured {
+        let record =
+            ImageRecord { id: id.into(), uri: format!("u/{id}"), label: None, partition, offset, kafka_ts_ms: None };
+        Featured { record, features: vec![offset as f32, -0.5, f32::MIN_POSITIVE], logits: None }
+    }
+
+    /// Runs `events` (by epoch) through `feedback_join` on `workers` timely workers; returns
+    /// the examples as (epoch, image offset, label), and checks their features.
+    fn join(workers: usize, retention: Epoch, events: &[(Epoch, At)]) -> BTreeSet<(Epoch, i64, String)> {
+        let events: Vec<(Epoch, At)> = events
+            .iter()
+            .map(|(e, a)| {
+                (
+                    *e,
+                    match a {
+                        At::Image(id, p, o) => At::Image(id, *p, *o),
+                        At::Label(id, l, ts) => At::Label(id, l, *ts),
+                    },
+                )
+            })
+            .collect();
+        let events = std::sync::Arc::new(std::sync::Mutex::new(events));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = std::sync::Mutex::new(tx);
+        timely::execute(timely::Config::process(workers), move |worker| {
+            let mut images = InputHandle::new();
+            let mut labels = InputHandle::new();
+            let tx = tx.lock().unwrap().clone();
+            worker.dataflow::<Epoch, _, _>(|scope| {
+                feedback_join(images.to_stream(scope), labels.to_stream(scope), retention).capture_into(tx);
+            });
+            // Worker 0 feeds everything: the join exchanges by id, whoever reads.
+            if worker.index() == 0 {
+                let events = events.lock().unwrap();
+                let mut offset = 0;
+                for (epoch, at) in events.iter() {
+                    images.advance_to(*epoch);
+                    labels.advance_to(*epoch);
+                    match at {
+                        At::Image(id, p, o) => images.send(image(id, *p, *o)),
+                        At::Label(id, l, ts) => {
+                            offset += 1;
+                            labels.send(Feedback {
+                                id: (*id).into(),
+                                label: (*l).into(),
+                                ts_ms: *ts,
+                                partition: 0,
+                                offset,
+                            })
+                        }
+                    }
+                }
+            }
+        })
+        .unwrap();
+        rx.try_iter()
+            .flat_map(|e| match e {
+                Event::Messages(stamp, data) => {
+                    let epoch = *stamp.least().expect("messages have a time");
+                    data.into_iter().map(move |x| (epoch, x)).collect()
+                }
+                Event::Progress(_) => Vec::new(),
+            })
+            .map(|(epoch, x)| {
+                assert_eq!(x.features, vec![x.offset as f32, -0.5, f32::MIN_POSITIVE], "features travel exactly");
+                (epoch, x.offset, x.label)
+            })
+            .collect()
+    }
+
+    fn ex(epoch: Epoch, offset: i64, label: &str) -> (Epoch, i64, String) {
+        (epoch, offset, label.into())
+    }
+
+    #[test]
+    fn labels_before_after_twice_corrected_never_and_too_late() {
+        use At::{Image, Label};
+        let events = [
+            // a: the label comes two epochs after the image.
+            (0, Image("a", 0, 1)),
+            (2, Label("a", "cat", 10)),
+            // b: the label comes first.
+            (1, Label("b", "dog", 11)),
+            (3, Image("b", 1, 2)),
+            // c: the same label twice: learned once.
+            (0, Image("c", 0, 3)),
+            (1, Label("c", "cat", 12)),
+            (3, Label("c", "cat", 13)),
+            // d: a correction in a later epoch: learned again with the new label.
+            (0, Image("d", 1, 4)),
+            (1, Label("d", "cat", 14)),
+            (3, Label("d", "dog", 15)),
+            // e: two labels in one epoch: the later one is in force when the epoch ends.
+            (2, Image("e", 0, 5)),
+            (2, Label("e", "cat", 17)),
+            (2, Label("e", "dog", 16)),
+            // f: never labelled.
+            (1, Image("f", 0, 6)),
+            // g: the label comes after the image's retention (4 epochs); h: the image after the label's.
+            (0, Image("g", 0, 7)),
+            (4, Label("g", "cat", 18)),
+            (1, Label("h", "cat", 19)),
+            (6, Image("h", 1, 8)),
+        ];
+        let mut sorted: Vec<_> = events.into_iter().collect();
+        sorted.sort_by_key(|(e, _)| *e);
+        let want = BTreeSet::from([
+            ex(2, 1, "cat"),
+            ex(3, 2, "dog"),
+            ex(1, 3, "cat"),
+            ex(1, 4, "cat"),
+            ex(3, 4, "dog"),
+            ex(2, 5, "cat"),
+        ]);
+        assert_eq!(join(1, 4, &sorted), want);
+        // The same pairs at the same epochs on two workers (the join exchanges by id).
+        assert_eq!(join(2, 4, &sorted), want);
+    }
+}
