@@ -15,21 +15,28 @@
 //! join, consolidated per epoch. Retention is an update at a later time given at the record's
 //! own epoch, so memory is bounded by what `retention` epochs bring in.
 //!
+//! **Feedback that joins nothing** becomes a dead letter, once: `label_too_late` when it
+//! arrives after its image's features were dropped (an image seen up to `2 x retention` epochs
+//! before it), at its own epoch; `unknown_id` when its own retention ends with no image of that
+//! id seen from `2 x retention` epochs before it to its end, at that epoch. Both look up
+//! id-only collections kept `2 x` and `3 x retention` epochs (ids, not features: small).
+//!
 //! **Corrections** add an update: online SGD steps cannot be subtracted exactly, so the pair
 //! with the corrected label is learned as a new example and the earlier one stays learned.
 //!
 //! **Progress:** outputs for epoch e appear once both inputs' frontiers have passed e (the
 //! consolidation waits for the epoch to close), which is also when the learner needs them.
 
-use crate::records::{Epoch, Featured, LabelledExample};
+use crate::records::{truncate, DeadLetter, Epoch, Featured, LabelledExample, MAX_ERROR_BYTES, MAX_RAW_BYTES};
 use differential_dataflow::AsCollection;
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::Concat;
 use timely::dataflow::StreamVec;
 
 /// A label for a record id, from the feedback topic.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Feedback {
     pub id: String,
     pub label: String,
@@ -51,100 +58,144 @@ struct ImageRow {
 /// What orders the labels of one id: the later one wins; the label last breaks ties.
 type LabelOrder = (i64, i32, i64, String);
 
+/// What `feedback_join` gives: the pairs to learn, and the feedback that joined nothing.
+pub struct Joined<'scope> {
+    pub examples: StreamVec<'scope, Epoch, LabelledExample>,
+    pub dead_letters: StreamVec<'scope, Epoch, DeadLetter>,
+}
+
+impl Feedback {
+    fn dead_letter(&self, error_kind: &str, error: String) -> DeadLetter {
+        DeadLetter {
+            id: Some(self.id.clone()),
+            uri: None,
+            raw: truncate(
+                &serde_json::json!({"id": self.id, "label": self.label, "ts": self.ts_ms}).to_string(),
+                MAX_RAW_BYTES,
+            ),
+            error_kind: error_kind.into(),
+            error: truncate(&error, MAX_ERROR_BYTES),
+            partition: self.partition,
+            offset: self.offset,
+        }
+    }
+}
+
+/// Each record of `stream` as `(key, value)` from its epoch `from` epochs on, for `span` epochs.
+fn window<
+    'scope,
+    D: timely::ExchangeData,
+    K: differential_dataflow::ExchangeData,
+    V: differential_dataflow::ExchangeData,
+>(
+    stream: StreamVec<'scope, Epoch, D>,
+    name: &str,
+    from: Epoch,
+    span: Epoch,
+    mut key_value: impl FnMut(&D) -> (K, V) + 'static,
+) -> differential_dataflow::VecCollection<'scope, Epoch, (K, V), isize> {
+    stream
+        .unary::<timely::container::CapacityContainerBuilder<Vec<_>>, _, _, _>(Pipeline, name, move |_, _| {
+            move |input, output| {
+                input.for_each_stamp(|cap, data| {
+                    let Some(cap) = cap.retain_least(0) else { return };
+                    let start = cap.time().saturating_add(from);
+                    let mut session = output.session(&cap);
+                    for batch in data {
+                        for record in batch.drain(..) {
+                            let kv = key_value(&record);
+                            session.give((kv.clone(), start.saturating_add(span), -1isize));
+                            session.give((kv, start, 1isize));
+                        }
+                    }
+                });
+            }
+        })
+        .as_collection()
+}
+
+/// The positive updates of `collection`, as records at the epoch of each update.
+fn additions<'scope, D: differential_dataflow::ExchangeData, O: timely::ExchangeData>(
+    collection: differential_dataflow::VecCollection<'scope, Epoch, D, isize>,
+    name: &str,
+    mut out: impl FnMut(D) -> O + 'static,
+) -> StreamVec<'scope, Epoch, O> {
+    collection.inner.unary::<timely::container::CapacityContainerBuilder<Vec<O>>, _, _, _>(
+        Pipeline,
+        name,
+        move |_, _| {
+            move |input, output| {
+                input.for_each_stamp(|cap, data| {
+                    for batch in data {
+                        for (record, at, diff) in batch.drain(..) {
+                            if diff > 0 {
+                                output.session(&cap.delayed(&at, 0)).give(out(record));
+                            }
+                        }
+                    }
+                });
+            }
+        },
+    )
+}
+
 pub fn feedback_join<'scope>(
     featured: StreamVec<'scope, Epoch, Featured>,
     feedback: StreamVec<'scope, Epoch, Feedback>,
     retention: Epoch,
-) -> StreamVec<'scope, Epoch, LabelledExample> {
+) -> Joined<'scope> {
     let retention = retention.max(1);
-    let images = featured
-        .unary::<timely::container::CapacityContainerBuilder<Vec<_>>, _, _, _>(
-            Pipeline,
-            "RetainFeatures",
-            move |_, _| {
-                move |input, output| {
-                    input.for_each_stamp(|cap, data| {
-                        let Some(cap) = cap.retain_least(0) else { return };
-                        let epoch = *cap.time();
-                        let mut session = output.session(&cap);
-                        for batch in data {
-                            for f in batch.drain(..) {
-                                let row = ImageRow {
-                                    partition: f.record.partition,
-                                    offset: f.record.offset,
-                                    feature_bits: f.features.iter().map(|x| x.to_bits()).collect(),
-                                };
-                                let id = f.record.id;
-                                session.give(((id.clone(), row.clone()), epoch.saturating_add(retention), -1isize));
-                                session.give(((id, row), epoch, 1isize));
-                            }
-                        }
-                    });
-                }
-            },
-        )
-        .as_collection();
-    let labels = feedback
-        .unary::<timely::container::CapacityContainerBuilder<Vec<_>>, _, _, _>(
-            Pipeline,
-            "RetainFeedback",
-            move |_, _| {
-                move |input, output| {
-                    input.for_each_stamp(|cap, data| {
-                        let Some(cap) = cap.retain_least(0) else { return };
-                        let epoch = *cap.time();
-                        let mut session = output.session(&cap);
-                        for batch in data {
-                            for fb in batch.drain(..) {
-                                let order: LabelOrder = (fb.ts_ms, fb.partition, fb.offset, fb.label);
-                                session.give((
-                                    (fb.id.clone(), order.clone()),
-                                    epoch.saturating_add(retention),
-                                    -1isize,
-                                ));
-                                session.give(((fb.id, order), epoch, 1isize));
-                            }
-                        }
-                    });
-                }
-            },
-        )
-        .as_collection()
-        // The label in force: of the feedback retained for this id, the latest.
-        .reduce(|_id, input: &[(&LabelOrder, isize)], output: &mut Vec<(String, isize)>| {
-            if let Some((latest, _)) = input.iter().rev().find(|(_, count)| *count > 0) {
-                output.push((latest.3.clone(), 1));
-            }
-        });
-    images
-        .join(labels)
-        .consolidate()
-        .inner
-        .unary::<timely::container::CapacityContainerBuilder<Vec<LabelledExample>>, _, _, _>(
-            Pipeline,
-            "NewPairs",
-            |_, _| {
-                move |input, output| {
-                    input.for_each_stamp(|cap, data| {
-                        for batch in data {
-                            for ((_id, (row, label)), at, diff) in batch.drain(..) {
-                                // Retractions (retention, a replaced label) need nothing of the learner.
-                                if diff <= 0 {
-                                    continue;
-                                }
-                                let example = LabelledExample {
-                                    partition: row.partition,
-                                    offset: row.offset,
-                                    label,
-                                    features: row.feature_bits.into_iter().map(f32::from_bits).collect(),
-                                };
-                                output.session(&cap.delayed(&at, 0)).give(example);
-                            }
-                        }
-                    });
-                }
-            },
-        )
+    let images = window(featured.clone(), "RetainFeatures", 0, retention, |f: &Featured| {
+        let row = ImageRow {
+            partition: f.record.partition,
+            offset: f.record.offset,
+            feature_bits: f.features.iter().map(|x| x.to_bits()).collect(),
+        };
+        (f.record.id.clone(), row)
+    });
+    // The label in force: of the feedback retained for this id, the latest.
+    let labels = window(feedback.clone(), "RetainFeedback", 0, retention, |fb: &Feedback| {
+        (fb.id.clone(), (fb.ts_ms, fb.partition, fb.offset, fb.label.clone()))
+    })
+    .reduce(|_id, input: &[(&LabelOrder, isize)], output: &mut Vec<(String, isize)>| {
+        if let Some((latest, _)) = input.iter().rev().find(|(_, count)| *count > 0) {
+            output.push((latest.3.clone(), 1));
+        }
+    });
+    let present = images.clone().map(|(id, _)| id).distinct();
+    let examples = additions(images.join(labels).consolidate(), "NewPairs", |(_id, (row, label))| LabelledExample {
+        partition: row.partition,
+        offset: row.offset,
+        label,
+        features: row.feature_bits.into_iter().map(f32::from_bits).collect(),
+    });
+
+    // Feedback that joins nothing. Ids of images, without their features, kept longer.
+    let seen = |span: Epoch| {
+        window(featured.clone(), "RetainIds", 0, span, |f: &Featured| (f.record.id.clone(), ()))
+            .map(|(id, ())| id)
+            .distinct()
+    };
+    let arrivals = window(feedback.clone(), "FeedbackArrives", 0, 1, |fb: &Feedback| (fb.id.clone(), fb.clone()));
+    let too_late = arrivals.semijoin(seen(2 * retention)).antijoin(present).consolidate();
+    let expiries = window(feedback, "FeedbackExpires", retention, 1, |fb: &Feedback| (fb.id.clone(), fb.clone()));
+    let unknown = expiries.antijoin(seen(3 * retention)).consolidate();
+    let late = additions(too_late, "TooLate", move |(_id, fb): (String, Feedback)| {
+        let error = format!(
+            "feedback at {}:{} labels id {:?}, whose image's features were dropped {retention} epochs after it \
+             arrived: raise the feedback retention to learn from labels this late",
+            fb.partition, fb.offset, fb.id
+        );
+        fb.dead_letter("label_too_late", error)
+    });
+    let never = additions(unknown, "UnknownId", move |(_id, fb): (String, Feedback)| {
+        let error = format!(
+            "feedback at {}:{} labels id {:?}, but no image with that id arrived within {retention} epochs of it",
+            fb.partition, fb.offset, fb.id
+        );
+        fb.dead_letter("unknown_id", error)
+    });
+    Joined { examples, dead_letters: late.concat(never) }
 }
 
 #[cfg(test)]
@@ -168,8 +219,14 @@ mod tests {
     }
 
     /// Runs `events` (by epoch) through `feedback_join` on `workers` timely workers; returns
-    /// the examples as (epoch, image offset, label), and checks their features.
-    fn join(workers: usize, retention: Epoch, events: &[(Epoch, At)]) -> BTreeSet<(Epoch, i64, String)> {
+    /// the examples as (epoch, image offset, label), checking their features, and the dead
+    /// letters as (epoch, id, kind).
+    #[allow(clippy::type_complexity)]
+    fn join(
+        workers: usize,
+        retention: Epoch,
+        events: &[(Epoch, At)],
+    ) -> (BTreeSet<(Epoch, i64, String)>, BTreeSet<(Epoch, String, String)>) {
         let events: Vec<(Epoch, At)> = events
             .iter()
             .map(|(e, a)| {
@@ -184,13 +241,16 @@ mod tests {
             .collect();
         let events = std::sync::Arc::new(std::sync::Mutex::new(events));
         let (tx, rx) = std::sync::mpsc::channel();
-        let tx = std::sync::Mutex::new(tx);
+        let (dead_tx, dead_rx) = std::sync::mpsc::channel();
+        let senders = std::sync::Mutex::new((tx, dead_tx));
         timely::execute(timely::Config::process(workers), move |worker| {
             let mut images = InputHandle::new();
             let mut labels = InputHandle::new();
-            let tx = tx.lock().unwrap().clone();
+            let (tx, dead_tx) = senders.lock().unwrap().clone();
             worker.dataflow::<Epoch, _, _>(|scope| {
-                feedback_join(images.to_stream(scope), labels.to_stream(scope), retention).capture_into(tx);
+                let joined = feedback_join(images.to_stream(scope), labels.to_stream(scope), retention);
+                joined.examples.capture_into(tx);
+                joined.dead_letters.capture_into(dead_tx);
             });
             // Worker 0 feeds everything: the join exchanges by id, whoever reads.
             if worker.index() == 0 {
@@ -216,19 +276,32 @@ mod tests {
             }
         })
         .unwrap();
-        rx.try_iter()
-            .flat_map(|e| match e {
-                Event::Messages(stamp, data) => {
-                    let epoch = *stamp.least().expect("messages have a time");
-                    data.into_iter().map(move |x| (epoch, x)).collect()
-                }
-                Event::Progress(_) => Vec::new(),
-            })
+        fn at_epochs<D>(rx: std::sync::mpsc::Receiver<Event<Epoch, Vec<D>>>) -> Vec<(Epoch, D)> {
+            rx.try_iter()
+                .flat_map(|e| match e {
+                    Event::Messages(stamp, data) => {
+                        let epoch = *stamp.least().expect("messages have a time");
+                        data.into_iter().map(move |x| (epoch, x)).collect()
+                    }
+                    Event::Progress(_) => Vec::new(),
+                })
+                .collect()
+        }
+        let examples = at_epochs(rx)
+            .into_iter()
             .map(|(epoch, x)| {
                 assert_eq!(x.features, vec![x.offset as f32, -0.5, f32::MIN_POSITIVE], "features travel exactly");
                 (epoch, x.offset, x.label)
             })
-            .collect()
+            .collect();
+        let dead = at_epochs(dead_rx)
+            .into_iter()
+            .map(|(epoch, d)| {
+                assert!(d.error.contains(d.id.as_deref().unwrap()), "{}", d.error);
+                (epoch, d.id.unwrap(), d.error_kind)
+            })
+            .collect();
+        (examples, dead)
     }
 
     fn ex(epoch: Epoch, offset: i64, label: &str) -> (Epoch, i64, String) {
@@ -236,7 +309,7 @@ mod tests {
     }
 
     #[test]
-    fn labels_before_after_twice_corrected_never_and_too_late() {
+    fn labels_before_after_twice_corrected_never_too_late_and_for_unknown_ids() {
         use At::{Image, Label};
         let events = [
             // a: the label comes two epochs after the image.
@@ -264,6 +337,8 @@ mod tests {
             (4, Label("g", "cat", 18)),
             (1, Label("h", "cat", 19)),
             (6, Image("h", 1, 8)),
+            // z: no image ever.
+            (2, Label("z", "cat", 20)),
         ];
         let mut sorted: Vec<_> = events.into_iter().collect();
         sorted.sort_by_key(|(e, _)| *e);
@@ -275,8 +350,14 @@ mod tests {
             ex(3, 4, "dog"),
             ex(2, 5, "cat"),
         ]);
-        assert_eq!(join(1, 4, &sorted), want);
+        // g's label comes too late, at its own epoch; h's and z's labels expire unjoined.
+        let dead = BTreeSet::from([
+            (4, "g".to_string(), "label_too_late".to_string()),
+            (5, "h".into(), "unknown_id".into()),
+            (6, "z".into(), "unknown_id".into()),
+        ]);
+        assert_eq!(join(1, 4, &sorted), (want.clone(), dead.clone()));
         // The same pairs at the same epochs on two workers (the join exchanges by id).
-        assert_eq!(join(2, 4, &sorted), want);
+        assert_eq!(join(2, 4, &sorted), (want, dead));
     }
 }
