@@ -27,7 +27,10 @@
 //! **Progress:** outputs for epoch e appear once both inputs' frontiers have passed e (the
 //! consolidation waits for the epoch to close), which is also when the learner needs them.
 
-use crate::records::{truncate, DeadLetter, Epoch, Featured, LabelledExample, MAX_ERROR_BYTES, MAX_RAW_BYTES};
+use crate::records::{
+    truncate, DeadLetter, Epoch, Featured, LabelledExample, MAX_ERROR_BYTES, MAX_ID_BYTES, MAX_LABEL_BYTES,
+    MAX_RAW_BYTES,
+};
 use differential_dataflow::AsCollection;
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Pipeline;
@@ -64,7 +67,64 @@ pub struct Joined<'scope> {
     pub dead_letters: StreamVec<'scope, Epoch, DeadLetter>,
 }
 
+/// The JSON a feedback record carries.
+#[derive(Deserialize)]
+struct FeedbackJson {
+    id: Option<serde_json::Value>,
+    label: Option<serde_json::Value>,
+    ts: Option<i64>,
+}
+
 impl Feedback {
+    /// Parses a feedback topic's payload, `{"id": "...", "label": "...", "ts": 1733200000000}`
+    /// (`ts` in ms, optional: the Kafka timestamp, else 0; numbers are accepted for id and
+    /// label; without an id, the message key). The error is the dead letter itself.
+    #[allow(clippy::result_large_err)]
+    pub fn parse(
+        payload: Option<&[u8]>,
+        key: Option<&[u8]>,
+        partition: i32,
+        offset: i64,
+        kafka_ts_ms: Option<i64>,
+    ) -> Result<Feedback, DeadLetter> {
+        let raw = payload.unwrap_or_default();
+        let at = format!("feedback at {partition}:{offset}");
+        let dead = |kind: &str, error: String| DeadLetter {
+            id: key.map(|k| truncate(&String::from_utf8_lossy(k), MAX_ID_BYTES)),
+            uri: None,
+            raw: truncate(&String::from_utf8_lossy(&raw[..raw.len().min(MAX_RAW_BYTES + 4)]), MAX_RAW_BYTES),
+            error_kind: kind.into(),
+            error: truncate(&error, MAX_ERROR_BYTES),
+            partition,
+            offset,
+        };
+        let json: FeedbackJson = serde_json::from_slice(raw).map_err(|e| {
+            dead("malformed_json", format!("{at} is not JSON of the form {{\"id\",\"label\",\"ts\"?}}: {e}"))
+        })?;
+        let text = |v: serde_json::Value| match v {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        };
+        let id = json
+            .id
+            .map(text)
+            .or_else(|| key.map(|k| String::from_utf8_lossy(k).into_owned()))
+            .filter(|id| !id.trim().is_empty())
+            .ok_or_else(|| dead("missing_id", format!("{at} has no \"id\" (nor a message key): it labels nothing")))?;
+        if id.len() > MAX_ID_BYTES {
+            return Err(dead("id_too_long", format!("{at}: id is {} bytes, over {MAX_ID_BYTES}", id.len())));
+        }
+        let label = json.label.map(text).unwrap_or_default();
+        if label.trim().is_empty() || label.len() > MAX_LABEL_BYTES {
+            return Err(dead(
+                "invalid_label",
+                format!("{at}: the label must be 1 to {MAX_LABEL_BYTES} bytes, not blank (got {} bytes)", label.len()),
+            ));
+        }
+        let ts_ms = json.ts.or(kafka_ts_ms).unwrap_or(0);
+        Ok(Feedback { id, label, ts_ms, partition, offset })
+    }
+
     fn dead_letter(&self, error_kind: &str, error: String) -> DeadLetter {
         DeadLetter {
             id: Some(self.id.clone()),
@@ -302,6 +362,29 @@ mod tests {
             })
             .collect();
         (examples, dead)
+    }
+
+    #[test]
+    fn feedback_records_parse_or_become_dead_letters_naming_the_cause() {
+        let fb = Feedback::parse(Some(br#"{"id":"a1","label":"cat","ts":5}"#), None, 2, 7, Some(9)).unwrap();
+        assert_eq!(fb, Feedback { id: "a1".into(), label: "cat".into(), ts_ms: 5, partition: 2, offset: 7 });
+        // The key stands in for the id, numbers for strings, the Kafka timestamp for ts.
+        let fb = Feedback::parse(Some(br#"{"label":3}"#), Some(b"k9"), 0, 1, Some(9)).unwrap();
+        assert_eq!((fb.id.as_str(), fb.label.as_str(), fb.ts_ms), ("k9", "3", 9));
+        for (payload, key, kind) in [
+            (&b"not json"[..], None, "malformed_json"),
+            (br#"{"label":"cat"}"#, None, "missing_id"),
+            (br#"{"id":"a"}"#, None, "invalid_label"),
+            (br#"{"id":"a","label":"  "}"#, None, "invalid_label"),
+        ] {
+            let d = Feedback::parse(Some(payload), key, 1, 4, None).unwrap_err();
+            assert_eq!(d.error_kind, kind, "{}", d.error);
+            assert!(d.error.contains("1:4"), "{}", d.error);
+        }
+        let long = format!(r#"{{"id":"{}","label":"cat"}}"#, "i".repeat(MAX_ID_BYTES + 1));
+        let d = Feedback::parse(Some(long.as_bytes()), None, 0, 0, None).unwrap_err();
+        assert_eq!(d.error_kind, "id_too_long");
+        assert!(d.to_json().len() < 8 * 1024);
     }
 
     fn ex(epoch: Epoch, offset: i64, label: &str) -> (Epoch, i64, String) {
