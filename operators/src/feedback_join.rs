@@ -28,8 +28,8 @@
 //! consolidation waits for the epoch to close), which is also when the learner needs them.
 
 use crate::records::{
-    truncate, DeadLetter, Epoch, Featured, LabelledExample, MAX_ERROR_BYTES, MAX_ID_BYTES, MAX_LABEL_BYTES,
-    MAX_RAW_BYTES,
+    truncate, value_to_string, DeadLetter, Epoch, Featured, LabelledExample, MAX_ERROR_BYTES, MAX_ID_BYTES,
+    MAX_LABEL_BYTES, MAX_RAW_BYTES,
 };
 use differential_dataflow::AsCollection;
 use serde::{Deserialize, Serialize};
@@ -89,32 +89,20 @@ impl Feedback {
     ) -> Result<Feedback, DeadLetter> {
         let raw = payload.unwrap_or_default();
         let at = format!("feedback at {partition}:{offset}");
-        let dead = |kind: &str, error: String| DeadLetter {
-            id: key.map(|k| truncate(&String::from_utf8_lossy(k), MAX_ID_BYTES)),
-            uri: None,
-            raw: truncate(&String::from_utf8_lossy(&raw[..raw.len().min(MAX_RAW_BYTES + 4)]), MAX_RAW_BYTES),
-            error_kind: kind.into(),
-            error: truncate(&error, MAX_ERROR_BYTES),
-            partition,
-            offset,
-        };
+        let dead = |kind: &str, error: String| DeadLetter::of_message(kind, &error, raw, key, partition, offset);
         let json: FeedbackJson = serde_json::from_slice(raw).map_err(|e| {
             dead("malformed_json", format!("{at} is not JSON of the form {{\"id\",\"label\",\"ts\"?}}: {e}"))
         })?;
-        let text = |v: serde_json::Value| match v {
-            serde_json::Value::String(s) => s,
-            other => other.to_string(),
-        };
         let id = json
             .id
-            .map(text)
+            .map(value_to_string)
             .or_else(|| key.map(|k| String::from_utf8_lossy(k).into_owned()))
             .filter(|id| !id.trim().is_empty())
             .ok_or_else(|| dead("missing_id", format!("{at} has no \"id\" (nor a message key): it labels nothing")))?;
         if id.len() > MAX_ID_BYTES {
             return Err(dead("id_too_long", format!("{at}: id is {} bytes, over {MAX_ID_BYTES}", id.len())));
         }
-        let label = json.label.map(text).unwrap_or_default();
+        let label = json.label.map(value_to_string).unwrap_or_default();
         if label.trim().is_empty() || label.len() > MAX_LABEL_BYTES {
             return Err(dead(
                 "invalid_label",

@@ -68,15 +68,7 @@ impl ImageRecord {
         kafka_ts_ms: Option<i64>,
     ) -> Result<ImageRecord, DeadLetter> {
         let raw = payload.unwrap_or_default();
-        let dead = |kind: &str, error: String| DeadLetter {
-            id: key.map(|k| truncate(&String::from_utf8_lossy(k), MAX_ID_BYTES)),
-            uri: None,
-            raw: truncate(&String::from_utf8_lossy(&raw[..raw.len().min(MAX_RAW_BYTES + 4)]), MAX_RAW_BYTES),
-            error_kind: kind.into(),
-            error: truncate(&error, MAX_ERROR_BYTES),
-            partition,
-            offset,
-        };
+        let dead = |kind: &str, error: String| DeadLetter::of_message(kind, &error, raw, key, partition, offset);
         let text = std::str::from_utf8(raw)
             .map_err(|e| dead("malformed_record", format!("payload at {partition}:{offset} is not UTF-8: {e}")))?
             .trim();
@@ -142,7 +134,8 @@ impl ImageRecord {
     }
 }
 
-fn value_to_string(v: serde_json::Value) -> String {
+/// A JSON string's text, or any other JSON value as written (ids and labels may be numbers).
+pub(crate) fn value_to_string(v: serde_json::Value) -> String {
     match v {
         serde_json::Value::String(s) => s,
         other => other.to_string(),
@@ -296,6 +289,27 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
+    /// The dead letter of a Kafka message that could not be parsed: its key (cut short) as the
+    /// id, its payload (cut short) as the raw input.
+    pub fn of_message(
+        error_kind: &str,
+        error: &str,
+        payload: &[u8],
+        key: Option<&[u8]>,
+        partition: i32,
+        offset: i64,
+    ) -> DeadLetter {
+        DeadLetter {
+            id: key.map(|k| truncate(&String::from_utf8_lossy(k), MAX_ID_BYTES)),
+            uri: None,
+            raw: truncate(&String::from_utf8_lossy(&payload[..payload.len().min(MAX_RAW_BYTES + 4)]), MAX_RAW_BYTES),
+            error_kind: error_kind.into(),
+            error: truncate(error, MAX_ERROR_BYTES),
+            partition,
+            offset,
+        }
+    }
+
     /// The dead-letter topic's JSON: `{"id"?,"uri"?,"raw","error_kind","error","partition","offset"}`.
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("serialisable")

@@ -77,7 +77,7 @@ impl Broker {
 
     /// A Kafka config section for this broker's plaintext listener.
     pub fn kafka_config(&self) -> dlpipe::config::KafkaConfig {
-        dlpipe::config::KafkaConfig { brokers: self.plaintext(), ..Default::default() }
+        super::kafka_config_for(&self.plaintext())
     }
 }
 

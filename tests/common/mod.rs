@@ -29,7 +29,12 @@ pub fn kafka_brokers() -> String {
 
 /// A Kafka config section pointing at the test broker.
 pub fn kafka_config() -> dlpipe::config::KafkaConfig {
-    dlpipe::config::KafkaConfig { brokers: kafka_brokers(), ..Default::default() }
+    kafka_config_for(&kafka_brokers())
+}
+
+/// A Kafka config section with defaults for the cluster of `brokers`.
+pub fn kafka_config_for(brokers: &str) -> dlpipe::config::KafkaConfig {
+    dlpipe::config::KafkaConfig { brokers: brokers.to_owned(), ..Default::default() }
 }
 
 /// A name no other test run uses (topics, consumer groups).

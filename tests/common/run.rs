@@ -102,7 +102,7 @@ impl Run {
 
     /// A Kafka config section for this run's cluster.
     pub fn kafka(&self) -> dlpipe::config::KafkaConfig {
-        dlpipe::config::KafkaConfig { brokers: self.brokers.clone(), ..Default::default() }
+        super::kafka_config_for(&self.brokers)
     }
 
     pub fn config(&self) -> PathBuf {
