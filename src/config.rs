@@ -99,6 +99,35 @@ pub enum StartFrom {
     Latest,
 }
 
+/// How long the feedback join keeps what waits for its other half.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Retention {
+    /// Wall-clock seconds (time epochs only: rounded up to whole epochs).
+    Seconds(u64),
+    /// Epochs.
+    Epochs(u64),
+}
+
+impl Retention {
+    /// The retention in epochs of `policy`, or why it has none.
+    pub fn epochs(self, policy: EpochPolicy) -> Result<u64, String> {
+        let epochs = match (self, policy) {
+            (Retention::Epochs(n), _) => n,
+            (Retention::Seconds(s), EpochPolicy::Time { millis }) => (s * 1000).div_ceil(millis.max(1)),
+            (Retention::Seconds(_), EpochPolicy::Offsets { .. }) => {
+                return Err("pipeline.feedback_retention is in seconds, but offset epochs have no duration: \
+                            give it in epochs, e.g. feedback_retention = { epochs = 100 }"
+                    .into())
+            }
+        };
+        if epochs == 0 {
+            return Err("pipeline.feedback_retention must be at least one epoch".into());
+        }
+        Ok(epochs)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PipelineConfig {
@@ -111,6 +140,12 @@ pub struct PipelineConfig {
     /// Topic that also gets each predicted record's features (`{"id","uri","model",
     /// "model_sha256","dim","features":[...],...}`), keyed by id; "" for none.
     pub features_topic: String,
+    /// Topic of labels that arrive after (or before) their images, `{"id","label","ts"?}`,
+    /// joined to the images' features on id (online learner only); "" for none.
+    pub feedback_topic: String,
+    /// How long an image's features wait for their label, and a label for its image:
+    /// `{ seconds = 600 }` (time epochs) or `{ epochs = 600 }`.
+    pub feedback_retention: Retention,
     /// Compacted topic of the learner's checkpoints (key `checkpoint/<group_id>`).
     pub model_topic: String,
     /// Consumer group whose offsets record what has been published; also names the
@@ -165,6 +200,8 @@ impl Default for PipelineConfig {
             predictions_topic: "predictions".into(),
             dead_letter_topic: "dead-letters".into(),
             features_topic: String::new(),
+            feedback_topic: String::new(),
+            feedback_retention: Retention::Seconds(600),
             model_topic: "models".into(),
             group_id: "dlpipe".into(),
             start_from: StartFrom::Committed,
@@ -421,6 +458,15 @@ impl Config {
         if !p.features_topic.is_empty() {
             topics.push(("features_topic", &p.features_topic));
         }
+        if !p.feedback_topic.is_empty() {
+            topics.push(("feedback_topic", &p.feedback_topic));
+            if p.head != HeadKind::OnlineLr {
+                return Err(
+                    "pipeline.feedback_topic needs head = \"online_lr\": labels are for the online learner".into()
+                );
+            }
+            p.feedback_retention.epochs(p.epochs)?;
+        }
         for (i, (key, topic)) in topics.iter().enumerate() {
             if topic.trim().is_empty() {
                 return Err(format!("pipeline.{key} is empty"));
@@ -521,6 +567,10 @@ mod tests {
             ("[pipeline]\npredictions_topic = \"images\"\n", "predictions_topic and pipeline.input_topic"),
             ("[pipeline]\ndead_letter_topic = \"predictions\"\n", "dead_letter_topic and pipeline.predictions_topic"),
             ("[pipeline]\nfeatures_topic = \"images\"\n", "features_topic and pipeline.input_topic"),
+            ("[pipeline]\nfeedback_topic = \"predictions\"\n", "feedback_topic and pipeline.predictions_topic"),
+            ("[pipeline]\nfeedback_topic = \"fb\"\nhead = \"imagenet\"\n", "needs head = \"online_lr\""),
+            ("[pipeline]\nfeedback_topic = \"fb\"\nepochs = { by = \"offsets\", records = 8 }\n", "give it in epochs"),
+            ("[pipeline]\nfeedback_topic = \"fb\"\nfeedback_retention = { epochs = 0 }\n", "at least one epoch"),
             ("[pipeline]\ninput_topic = \"\"\n", "pipeline.input_topic is empty"),
             ("[pipeline]\ngroup_id = \" \"\n", "pipeline.group_id is empty"),
             ("[pipeline]\ntop_k = 0\n", "pipeline.top_k"),

@@ -6,7 +6,7 @@
 mod common;
 
 use common::broker::Broker;
-use common::run::{messages, read_topic_on, Run};
+use common::run::{assert_same_learner, messages, read_topic_on, Run};
 use common::{fashion, free_port, produce, produce_on, KillOnDrop};
 use dlpipe::pipeline::checkpoint::{read_latest, Checkpoint};
 use dlpipe::transfer::dataset::SplitMix64;
@@ -20,33 +20,6 @@ fn latest(run: &Run) -> Checkpoint {
     read_latest(&run.kafka(), &run.model_topic, &run.group)
         .unwrap()
         .unwrap_or_else(|| panic!("no checkpoint of group {} in {}", run.group, run.model_topic))
-}
-
-/// Asserts two checkpoints hold the same learner: every byte of the classifier's state
-/// (weights, optimizer, standardiser, classes, updates), its prequential metrics, and the
-/// offsets it learned up to.
-fn assert_same_learner(got: &Checkpoint, want: &Checkpoint, what: &str) {
-    assert_eq!(got.model.updates(), want.model.updates(), "{what}: examples learned");
-    assert_eq!(got.model.classes(), want.model.classes(), "{what}: classes");
-    assert_eq!(got.model.config(), want.model.config(), "{what}: learner config");
-    // Every tensor of the snapshot format, byte for byte (the metadata's key order may differ).
-    let (got_bytes, want_bytes) =
-        (got.model.to_bytes(&BTreeMap::new()).unwrap(), want.model.to_bytes(&BTreeMap::new()).unwrap());
-    let (got_tensors, want_tensors) = (
-        safetensors::SafeTensors::deserialize(&got_bytes).unwrap(),
-        safetensors::SafeTensors::deserialize(&want_bytes).unwrap(),
-    );
-    let mut names = want_tensors.names();
-    names.sort();
-    let mut got_names = got_tensors.names();
-    got_names.sort();
-    assert_eq!(got_names, names, "{what}: tensors");
-    for name in names {
-        let (g, w) = (got_tensors.tensor(name).unwrap(), want_tensors.tensor(name).unwrap());
-        assert!(g.shape() == w.shape() && g.data() == w.data(), "{what}: tensor {name} differs");
-    }
-    assert_eq!(got.info.prequential, want.info.prequential, "{what}: prequential metrics");
-    assert_eq!(got.info.learned_offsets, want.info.learned_offsets, "{what}: learned offsets");
 }
 
 /// Predictions by id: the classes and probabilities (as JSON) and the model version.
@@ -186,8 +159,9 @@ fn spawn(run: &Run, processes: usize) -> Vec<Process> {
         .collect()
 }
 
-/// Waits for every process to succeed (5 minutes at most).
-fn to_end(mut children: Vec<Process>, what: &str) {
+/// Waits for every process to succeed (5 minutes at most); returns the end of their logs, for
+/// the messages of later assertions.
+fn to_end(mut children: Vec<Process>, what: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(300);
     for child in &mut children {
         loop {
@@ -195,10 +169,13 @@ fn to_end(mut children: Vec<Process>, what: &str) {
                 assert!(status.success(), "{what}: a process failed:\n{}", child.log());
                 break;
             }
-            assert!(Instant::now() < deadline, "{what}: did not finish in 300 s");
+            assert!(Instant::now() < deadline, "{what}: did not finish in 300 s:\n{}", child.log());
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+    let tail =
+        |log: String| log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+    children.iter().map(|c| tail(c.log())).collect::<Vec<_>>().join("\n---\n")
 }
 
 /// Kills a run at random points and restarts it until it reaches the end of its input; then
@@ -240,12 +217,13 @@ fn soak(name: &str, processes: usize, exactly_once: bool) {
                 }
                 None => "no checkpoint yet".into(),
             });
-        to_end(spawn(&run, processes), &format!("seed {seed}: the last run"));
-        assert_same_learner(&latest(&run), &want, &format!("{name} seed {seed}, killed at {killed_at:?}"));
+        let log = to_end(spawn(&run, processes), &format!("seed {seed}: the last run"));
+        let context = format!("{killed_at:?}; the last run's log ends:\n{log}\n");
+        assert_same_learner(&latest(&run), &want, &format!("{name} seed {seed}, killed at {context}"));
         let outputs = read_topic_on(&run.kafka(), &run.predictions, 4 * N, Duration::from_secs(5));
         let ids: BTreeSet<&str> = outputs.iter().map(|p| p["id"].as_str().unwrap()).collect();
         let missing: Vec<String> = (0..N).map(|i| format!("s{i}")).filter(|id| !ids.contains(id.as_str())).collect();
-        assert!(missing.is_empty(), "seed {seed}, killed at {killed_at:?}: no prediction for {missing:?}");
+        assert!(missing.is_empty(), "seed {seed}, killed at {context}: no prediction for {missing:?}");
         let twice = outputs.len() - ids.len();
         println!(
             "{name} seed {seed}: killed at {killed_at:?}; {} predictions for {N} records ({twice} published twice, \
@@ -253,7 +231,7 @@ fn soak(name: &str, processes: usize, exactly_once: bool) {
             outputs.len(),
         );
         if exactly_once {
-            assert_eq!(twice, 0, "seed {seed}, killed at {killed_at:?}: predictions published twice");
+            assert_eq!(twice, 0, "seed {seed}, killed at {context}: predictions published twice");
         }
     }
 }

@@ -27,6 +27,7 @@
 //! **Progress:** outputs for epoch e appear once both inputs' frontiers have passed e (the
 //! consolidation waits for the epoch to close), which is also when the learner needs them.
 
+use crate::metrics::FeedbackJoinMetrics;
 use crate::records::{
     truncate, value_to_string, DeadLetter, Epoch, Featured, LabelledExample, MAX_ERROR_BYTES, MAX_ID_BYTES,
     MAX_LABEL_BYTES, MAX_RAW_BYTES,
@@ -55,6 +56,8 @@ pub struct Feedback {
 struct ImageRow {
     partition: i32,
     offset: i64,
+    /// The image record's Kafka timestamp (0 if it had none), for the label delay.
+    ts_ms: i64,
     feature_bits: Vec<u32>,
 }
 
@@ -187,21 +190,55 @@ fn additions<'scope, D: differential_dataflow::ExchangeData, O: timely::Exchange
     )
 }
 
+/// Gauges the images whose features `images` holds (those of epochs the frontier has passed)
+/// and the bytes of their features and ids.
+fn gauge_retained<'scope>(
+    images: &differential_dataflow::VecCollection<'scope, Epoch, (String, ImageRow), isize>,
+    metrics: &FeedbackJoinMetrics,
+) {
+    let (rows_gauge, bytes_gauge) = (metrics.retained_images.clone(), metrics.retained_bytes.clone());
+    // Net (rows, bytes) by epoch, applied once the epoch is complete.
+    let mut pending: std::collections::BTreeMap<Epoch, (i64, i64)> = Default::default();
+    images.inner.clone().sink(Pipeline, "RetainedFeatures", move |(input, frontier)| {
+        input.for_each_stamp(|_, data| {
+            for batch in data {
+                for ((id, row), at, diff) in batch.drain(..) {
+                    let bytes = (row.feature_bits.len() * 4 + id.len()) as i64;
+                    let entry = pending.entry(at).or_default();
+                    entry.0 += diff as i64;
+                    entry.1 += diff as i64 * bytes;
+                }
+            }
+        });
+        while let Some(entry) = pending.first_entry().filter(|e| !frontier.less_equal(e.key())) {
+            let (rows, bytes) = entry.remove();
+            rows_gauge.add(rows);
+            bytes_gauge.add(bytes);
+        }
+    });
+}
+
+/// Joins `featured` records (those without an inline label) to `feedback` on id; see the
+/// module docs. `retention` is in epochs (at least 1).
 pub fn feedback_join<'scope>(
     featured: StreamVec<'scope, Epoch, Featured>,
     feedback: StreamVec<'scope, Epoch, Feedback>,
     retention: Epoch,
+    metrics: FeedbackJoinMetrics,
 ) -> Joined<'scope> {
     let retention = retention.max(1);
     let images = window(featured.clone(), "RetainFeatures", 0, retention, |f: &Featured| {
         let row = ImageRow {
             partition: f.record.partition,
             offset: f.record.offset,
+            ts_ms: f.record.kafka_ts_ms.unwrap_or(0),
             feature_bits: f.features.iter().map(|x| x.to_bits()).collect(),
         };
         (f.record.id.clone(), row)
     });
-    // The label in force: of the feedback retained for this id, the latest.
+    gauge_retained(&images, &metrics);
+    // The label in force: of the feedback retained for this id, the latest. Only the label:
+    // a duplicate (same label, later ts) must change nothing.
     let labels = window(feedback.clone(), "RetainFeedback", 0, retention, |fb: &Feedback| {
         (fb.id.clone(), (fb.ts_ms, fb.partition, fb.offset, fb.label.clone()))
     })
@@ -211,11 +248,19 @@ pub fn feedback_join<'scope>(
         }
     });
     let present = images.clone().map(|(id, _)| id).distinct();
-    let examples = additions(images.join(labels).consolidate(), "NewPairs", |(_id, (row, label))| LabelledExample {
-        partition: row.partition,
-        offset: row.offset,
-        label,
-        features: row.feature_bits.into_iter().map(f32::from_bits).collect(),
+    let (joined, label_delay) = (metrics.joined.clone(), metrics.label_delay_seconds.clone());
+    let examples = additions(images.join(labels).consolidate(), "NewPairs", move |(_id, (row, label))| {
+        joined.inc();
+        // How long after its image the image became learnable (whenever its label came).
+        if row.ts_ms > 0 {
+            label_delay.observe((crate::records::now_ms() - row.ts_ms).max(0) as f64 / 1000.0);
+        }
+        LabelledExample {
+            partition: row.partition,
+            offset: row.offset,
+            label,
+            features: row.feature_bits.into_iter().map(f32::from_bits).collect(),
+        }
     });
 
     // Feedback that joins nothing. Ids of images, without their features, kept longer.
@@ -296,7 +341,8 @@ mod tests {
             let mut labels = InputHandle::new();
             let (tx, dead_tx) = senders.lock().unwrap().clone();
             worker.dataflow::<Epoch, _, _>(|scope| {
-                let joined = feedback_join(images.to_stream(scope), labels.to_stream(scope), retention);
+                let joined =
+                    feedback_join(images.to_stream(scope), labels.to_stream(scope), retention, Default::default());
                 joined.examples.capture_into(tx);
                 joined.dead_letters.capture_into(dead_tx);
             });

@@ -62,8 +62,12 @@ impl Outgoing {
         metrics: &mut SinkMetrics,
         mut give: impl FnMut(Outgoing),
     ) {
-        let (partition, offset) = outcome.partition_offset();
+        let (partition, offset) = match &outcome {
+            Outcome::Predicted(p) => (p.record.partition, p.record.offset),
+            Outcome::Dead(d) | Outcome::FeedbackDead(d) => (d.partition, d.offset),
+        };
         let sent = |kind, key: &str| Sent { epoch, kind, key: key.to_owned(), partition, offset, replacement: false };
+        let input = outcome.input_position().is_some();
         match outcome {
             Outcome::Predicted(p) => {
                 let ts = p.record.kafka_ts_ms;
@@ -76,12 +80,10 @@ impl Outgoing {
                     give(Outgoing { sent: sent(OutputKind::Features, &p.record.id), payload });
                 }
             }
-            Outcome::Dead(d) => {
+            Outcome::Dead(d) | Outcome::FeedbackDead(d) => {
                 metrics.dead_lettered.with(&d.error_kind).inc();
-                give(Outgoing {
-                    sent: sent(OutputKind::DeadLetter, d.id.as_deref().unwrap_or_default()),
-                    payload: d.to_json(),
-                });
+                let kind = if input { OutputKind::DeadLetter } else { OutputKind::FeedbackDeadLetter };
+                give(Outgoing { sent: sent(kind, d.id.as_deref().unwrap_or_default()), payload: d.to_json() });
             }
         }
     }
@@ -97,6 +99,8 @@ pub(crate) enum OutputKind {
     DeadLetter,
     /// A second message of a predicted record: its features.
     Features,
+    /// A feedback record's dead letter (`partition` and `offset` are the feedback's).
+    FeedbackDeadLetter,
 }
 
 /// What the sink needs to know of a message again when its delivery report comes back (the
@@ -118,17 +122,17 @@ impl Sent {
         match self.kind {
             _ if self.replacement => &spec.dead_letter_topic,
             OutputKind::Prediction { .. } => &spec.predictions_topic,
-            OutputKind::DeadLetter => &spec.dead_letter_topic,
+            OutputKind::DeadLetter | OutputKind::FeedbackDeadLetter => &spec.dead_letter_topic,
             OutputKind::Features => {
                 &spec.features.as_ref().expect("features are only sent with a features topic").topic
             }
         }
     }
 
-    /// Whether this is its record's one prediction or dead letter (what the backlog counts),
-    /// rather than its features.
+    /// Whether this is an input record's one prediction or dead letter (what the backlog
+    /// counts), rather than its features or a feedback record's dead letter.
     pub(crate) fn is_record_output(&self) -> bool {
-        self.kind != OutputKind::Features
+        matches!(self.kind, OutputKind::Prediction { .. } | OutputKind::DeadLetter)
     }
 
     /// The small dead letter that replaces this message when the broker refuses its size
@@ -138,9 +142,9 @@ impl Sent {
         let dead = DeadLetter::output_too_large(&self.key, self.partition, self.offset, what, error);
         let sent = Sent {
             epoch: self.epoch,
-            // A replaced features message still is not its record's output (it goes to the
-            // dead-letter topic as every replacement does).
-            kind: if self.is_record_output() { OutputKind::DeadLetter } else { OutputKind::Features },
+            // A replaced features message or feedback dead letter still is not an input
+            // record's output (it goes to the dead-letter topic as every replacement does).
+            kind: if self.is_record_output() { OutputKind::DeadLetter } else { self.kind },
             key: dead.id.clone().unwrap_or_default(),
             partition: self.partition,
             offset: self.offset,
@@ -274,13 +278,14 @@ pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
                     });
                     for batch in data {
                         for outcome in batch.drain(..) {
-                            let (partition, offset) = outcome.partition_offset();
-                            let max = state.offsets.entry(partition).or_insert(offset);
-                            *max = (*max).max(offset);
-                            if published_from.get(&partition).is_some_and(|from| offset < *from) {
-                                // Published by an earlier run; replayed for the learner only.
-                                backlog.set(backlog.get().saturating_sub(1));
-                                continue;
+                            if let Some((partition, offset)) = outcome.input_position() {
+                                let max = state.offsets.entry(partition).or_insert(offset);
+                                *max = (*max).max(offset);
+                                if published_from.get(&partition).is_some_and(|from| offset < *from) {
+                                    // Published by an earlier run; replayed for the learner only.
+                                    backlog.set(backlog.get().saturating_sub(1));
+                                    continue;
+                                }
                             }
                             Outgoing::encode(epoch, outcome, &spec, &mut metrics, |message| {
                                 state.unacked += 1;

@@ -18,12 +18,13 @@
 //! worker thread never blocks on Kafka. Polling pauses while the worker's backlog (records
 //! read but not yet published) is at its limit: that is the pipeline's backpressure.
 
+use crate::feedback_join::Feedback;
 use crate::metrics::SourceMetrics;
-use crate::records::{Epoch, ImageRecord};
+use crate::records::{DeadLetter, Epoch, ImageRecord};
 use crate::{Backlog, RecordOrDead};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message};
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -86,9 +87,60 @@ pub fn kafka_source<'scope, C: ConsumerContext + 'static>(
     spec: SourceSpec,
     backlog: Backlog,
     stop: Arc<AtomicBool>,
-    mut metrics: SourceMetrics,
+    metrics: SourceMetrics,
 ) -> StreamVec<'scope, Epoch, RecordOrDead> {
-    source(scope, "KafkaSource", move |capability, info| {
+    // Dead letters travel through the dataflow as data; boxing them buys nothing.
+    #[allow(clippy::result_large_err)]
+    let parse = |message: &BorrowedMessage<'_>| {
+        ImageRecord::parse(
+            message.payload(),
+            message.key(),
+            message.partition(),
+            message.offset(),
+            message.timestamp().to_millis(),
+        )
+    };
+    messages(scope, "KafkaSource", consumer, spec, Some(backlog), stop, metrics, parse)
+}
+
+/// Reads the feedback topic's `spec.partitions` with `consumer` (assigned to them, as the
+/// input's partitions are: partition p to worker p mod workers), stamped by the same epoch
+/// policy as the input. **Out:** per message, `Ok(Feedback)` or `Err(DeadLetter)`. Feedback
+/// is not counted in the backlog (it produces no output of its own) and is never paused:
+/// it is small, and an image's label must not wait behind images.
+pub fn kafka_feedback_source<'scope, C: ConsumerContext + 'static>(
+    scope: Scope<'scope, Epoch>,
+    consumer: Rc<BaseConsumer<C>>,
+    spec: SourceSpec,
+    stop: Arc<AtomicBool>,
+    metrics: SourceMetrics,
+) -> StreamVec<'scope, Epoch, Result<Feedback, DeadLetter>> {
+    #[allow(clippy::result_large_err)]
+    let parse = |message: &BorrowedMessage<'_>| {
+        Feedback::parse(
+            message.payload(),
+            message.key(),
+            message.partition(),
+            message.offset(),
+            message.timestamp().to_millis(),
+        )
+    };
+    messages(scope, "KafkaFeedbackSource", consumer, spec, None, stop, metrics, parse)
+}
+
+/// The source of both: each message of the assigned partitions, as `parse` makes it.
+#[allow(clippy::too_many_arguments)]
+fn messages<'scope, C: ConsumerContext + 'static, T: Clone + 'static>(
+    scope: Scope<'scope, Epoch>,
+    name: &str,
+    consumer: Rc<BaseConsumer<C>>,
+    spec: SourceSpec,
+    backlog: Option<Backlog>,
+    stop: Arc<AtomicBool>,
+    mut metrics: SourceMetrics,
+    parse: impl Fn(&BorrowedMessage<'_>) -> T + 'static,
+) -> StreamVec<'scope, Epoch, T> {
+    source(scope, name, move |capability, info| {
         let activator = scope.activator_for(info.address);
         let mut partitions: BTreeMap<i32, PartitionState> =
             spec.partitions.iter().map(|p| (p.partition, PartitionState { next: p.start, end: p.end })).collect();
@@ -112,7 +164,7 @@ pub fn kafka_source<'scope, C: ConsumerContext + 'static>(
             }
             let Some(cap) = capability.as_mut() else { return };
             let mut taken = 0;
-            while taken < max_poll && backlog.get() < max_backlog {
+            while taken < max_poll && backlog.as_ref().is_none_or(|b| b.get() < max_backlog) {
                 let Some(result) = consumer.poll(Duration::ZERO) else { break };
                 match result {
                     Ok(message) => {
@@ -130,15 +182,10 @@ pub fn kafka_source<'scope, C: ConsumerContext + 'static>(
                             EpochPolicy::Offsets { records } => offset.max(0) as u64 / records,
                             EpochPolicy::Time { .. } => *cap.time(),
                         };
-                        let record = ImageRecord::parse(
-                            message.payload(),
-                            message.key(),
-                            partition,
-                            offset,
-                            message.timestamp().to_millis(),
-                        );
-                        output.session(&cap.delayed(&epoch)).give(record);
-                        backlog.set(backlog.get() + 1);
+                        output.session(&cap.delayed(&epoch)).give(parse(&message));
+                        if let Some(backlog) = &backlog {
+                            backlog.set(backlog.get() + 1);
+                        }
                         taken += 1;
                     }
                     Err(KafkaError::PartitionEOF(partition)) => {

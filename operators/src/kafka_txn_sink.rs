@@ -111,12 +111,13 @@ pub fn kafka_txn_sink<'scope, C: ConsumerContext + 'static>(
                     });
                     for batch in data {
                         for outcome in batch.drain(..) {
-                            let (partition, offset) = outcome.partition_offset();
-                            let max = state.offsets.entry(partition).or_insert(offset);
-                            *max = (*max).max(offset);
-                            if published_from.get(&partition).is_some_and(|from| offset < *from) {
-                                backlog.set(backlog.get().saturating_sub(1));
-                                continue;
+                            if let Some((partition, offset)) = outcome.input_position() {
+                                let max = state.offsets.entry(partition).or_insert(offset);
+                                *max = (*max).max(offset);
+                                if published_from.get(&partition).is_some_and(|from| offset < *from) {
+                                    backlog.set(backlog.get().saturating_sub(1));
+                                    continue;
+                                }
                             }
                             Outgoing::encode(epoch, outcome, &spec, &mut metrics, |message| {
                                 state.outgoing.push(message)
@@ -300,11 +301,15 @@ fn send_and_commit<C: ConsumerContext>(
     for (partition, offset) in &next {
         offsets.add_partition_offset(&spec.input_topic, *partition, Offset::Offset(*offset)).expect("valid offset");
     }
-    let group =
-        consumer.group_metadata().ok_or_else(|| Failure::Fatal("the input consumer has no group metadata".into()))?;
-    producer
-        .send_offsets_to_transaction(&offsets, &group, TIMEOUT)
-        .map_err(|e| classify("cannot add the input offsets to the transaction", e))?;
+    // Epochs of feedback dead letters alone move no input offset.
+    if !next.is_empty() {
+        let group = consumer
+            .group_metadata()
+            .ok_or_else(|| Failure::Fatal("the input consumer has no group metadata".into()))?;
+        producer
+            .send_offsets_to_transaction(&offsets, &group, TIMEOUT)
+            .map_err(|e| classify("cannot add the input offsets to the transaction", e))?;
+    }
     commit_retrying(producer, spec.give_up_after).map_err(|e| classify("cannot commit the outputs' transaction", e))?;
     producer.poll(Duration::ZERO);
     Ok(())

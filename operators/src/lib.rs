@@ -5,6 +5,8 @@
 //! | [`kafka_source()`] | Kafka partitions | `ImageRecord` or `DeadLetter` |
 //! | [`fetch_decode()`] | `ImageRecord` | `Decoded` or `DeadLetter` |
 //! | [`featurize()`] | `Decoded` | `Featured` or `DeadLetter` |
+//! | [`kafka_feedback_source()`] | the feedback topic's partitions | `Feedback` or `DeadLetter` |
+//! | [`feedback_join()`] | unlabelled `Featured`, `Feedback` | `LabelledExample`, `DeadLetter` |
 //! | [`learn_predict()`] | `Featured`, broadcast `LabelledExample` | `Prediction` |
 //! | [`kafka_sink()`] | `Outcome` | `Position`s as epochs are acknowledged; commits offsets |
 //! | [`kafka_txn_sink()`] | `Outcome` | `Position`s as epochs commit; outputs and offsets in transactions |
@@ -33,11 +35,12 @@ pub use featurize::{featurize, Batching, ModelRow};
 pub use feedback_join::{feedback_join, Feedback};
 pub use fetch_decode::{fetch_decode, ByteBudget, Prepare, PrepareError};
 pub use kafka_sink::{kafka_sink, FeaturesOutput, SinkContext, SinkSpec};
-pub use kafka_source::{kafka_source, EpochPolicy, PartitionRange, SourceSpec};
+pub use kafka_source::{kafka_feedback_source, kafka_source, EpochPolicy, PartitionRange, SourceSpec};
 pub use kafka_txn_sink::{kafka_txn_sink, TxnProducer};
 pub use learn_predict::{learn_predict, Head};
 pub use metrics::{
-    CounterByLabel, FeaturizeMetrics, FetchDecodeMetrics, LearnPredictMetrics, SinkMetrics, SourceMetrics,
+    CounterByLabel, FeaturizeMetrics, FeedbackJoinMetrics, FetchDecodeMetrics, LearnPredictMetrics, SinkMetrics,
+    SourceMetrics,
 };
 pub use records::{
     ClassScore, DeadLetter, Decoded, Epoch, Featured, FeaturesModel, ImageRecord, LabelledExample, Outcome, Position,

@@ -138,3 +138,28 @@ impl Default for SinkMetrics {
         }
     }
 }
+
+/// [`feedback_join`](crate::feedback_join()): pairs joined, how late labels came, and what
+/// the join holds.
+#[derive(Clone)]
+pub struct FeedbackJoinMetrics {
+    /// (image, label) pairs that became complete (or were corrected) and go to the learner.
+    pub joined: IntCounter,
+    /// From the image record's Kafka timestamp to the moment its label joined it, per pair.
+    pub label_delay_seconds: Histogram,
+    /// Images whose features wait for a label (this worker's share of the ids).
+    pub retained_images: IntGauge,
+    /// Bytes of their features and ids (the arrangements' own overhead comes on top).
+    pub retained_bytes: IntGauge,
+}
+
+impl Default for FeedbackJoinMetrics {
+    fn default() -> Self {
+        FeedbackJoinMetrics {
+            joined: counter(),
+            label_delay_seconds: histogram(),
+            retained_images: gauge(),
+            retained_bytes: gauge(),
+        }
+    }
+}

@@ -330,18 +330,24 @@ impl DeadLetter {
     }
 }
 
-/// What the sink publishes for one input record: exactly one of these per record.
+/// What the sink publishes: exactly one `Predicted` or `Dead` per input record, and a
+/// `FeedbackDead` per feedback record that labels nothing.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Outcome {
     Predicted(Prediction),
     Dead(DeadLetter),
+    /// A dead letter of the feedback topic (its partition and offset are the feedback
+    /// record's): published, but no input offset and no backlog slot is its.
+    FeedbackDead(DeadLetter),
 }
 
 impl Outcome {
-    pub fn partition_offset(&self) -> (i32, i64) {
+    /// The input record this outcome answers, as (partition, offset); `None` for feedback.
+    pub fn input_position(&self) -> Option<(i32, i64)> {
         match self {
-            Outcome::Predicted(p) => (p.record.partition, p.record.offset),
-            Outcome::Dead(d) => (d.partition, d.offset),
+            Outcome::Predicted(p) => Some((p.record.partition, p.record.offset)),
+            Outcome::Dead(d) => Some((d.partition, d.offset)),
+            Outcome::FeedbackDead(_) => None,
         }
     }
 }

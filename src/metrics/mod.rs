@@ -17,7 +17,8 @@ pub mod kafka;
 pub mod server;
 
 use dlpipe_operators::{
-    CounterByLabel, FeaturizeMetrics, FetchDecodeMetrics, LearnPredictMetrics, SinkMetrics, SourceMetrics,
+    CounterByLabel, FeaturizeMetrics, FeedbackJoinMetrics, FetchDecodeMetrics, LearnPredictMetrics, SinkMetrics,
+    SourceMetrics,
 };
 use prometheus::core::Collector;
 use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
@@ -244,6 +245,35 @@ pub const DEFINITIONS: &[MetricDef] = &[
         "Labels not learned (beyond learner.max_classes, or features of the wrong dimension).",
     ),
     def(
+        "dlpipe_feedback_joined_total",
+        C,
+        &["worker"],
+        B::None,
+        "Labels from the feedback topic joined to their image's features and handed to the learner (a \
+         correction counts again). Labels that join nothing are dead letters (`label_too_late`, `unknown_id`).",
+    ),
+    def(
+        "dlpipe_feedback_label_delay_seconds",
+        H,
+        &["worker"],
+        B::LongSeconds,
+        "From an image record's Kafka timestamp to the moment its label joined it (the label may have come first).",
+    ),
+    def(
+        "dlpipe_feedback_retained_records",
+        G,
+        &["worker"],
+        B::None,
+        "Images whose features the feedback join keeps for a label (this worker's share of the ids).",
+    ),
+    def(
+        "dlpipe_feedback_retained_bytes",
+        G,
+        &["worker"],
+        B::None,
+        "Bytes of the features and ids the feedback join keeps (the arrangements' overhead comes on top).",
+    ),
+    def(
         "dlpipe_checkpoints_written_total",
         C,
         &[],
@@ -329,6 +359,10 @@ pub struct Metrics {
     pub learner_examples: IntCounterVec,
     pub learner_correct: IntCounterVec,
     pub learner_refused: IntCounterVec,
+    pub feedback_joined: IntCounterVec,
+    pub feedback_label_delay: HistogramVec,
+    pub feedback_retained_records: IntGaugeVec,
+    pub feedback_retained_bytes: IntGaugeVec,
     pub checkpoints_written: IntCounterVec,
     pub checkpoint_seconds: HistogramVec,
     pub online_accuracy: GaugeVec,
@@ -414,6 +448,10 @@ impl Metrics {
             learner_examples: b.counter("dlpipe_learner_examples_total"),
             learner_correct: b.counter("dlpipe_learner_correct_total"),
             learner_refused: b.counter("dlpipe_learner_refused_total"),
+            feedback_joined: b.counter("dlpipe_feedback_joined_total"),
+            feedback_label_delay: b.histogram("dlpipe_feedback_label_delay_seconds"),
+            feedback_retained_records: b.int_gauge("dlpipe_feedback_retained_records"),
+            feedback_retained_bytes: b.int_gauge("dlpipe_feedback_retained_bytes"),
             checkpoints_written: b.counter("dlpipe_checkpoints_written_total"),
             checkpoint_seconds: b.histogram("dlpipe_checkpoint_duration_seconds"),
             online_accuracy: b.gauge("dlpipe_online_accuracy_ratio"),
@@ -433,6 +471,17 @@ impl Metrics {
         let mut out = String::new();
         prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out).expect("text encoding");
         out
+    }
+
+    /// Handles of one worker's feedback join.
+    pub fn feedback_join(&self, worker: usize) -> FeedbackJoinMetrics {
+        let w = [worker.to_string()];
+        FeedbackJoinMetrics {
+            joined: self.feedback_joined.with_label_values(&w),
+            label_delay_seconds: self.feedback_label_delay.with_label_values(&w),
+            retained_images: self.feedback_retained_records.with_label_values(&w),
+            retained_bytes: self.feedback_retained_bytes.with_label_values(&w),
+        }
     }
 
     /// Handles of one worker's operators.

@@ -29,9 +29,10 @@ use crate::metrics::{Metrics, Readiness};
 use crate::model::{parse_device, resolve, Featurizer, OutputKind};
 use crate::transfer::classifier::{featurizer_metadata, Classifier};
 use dlpipe_operators::{
-    featurize, fetch_decode, kafka_sink, kafka_source, kafka_txn_sink, learn_predict, Backlog, Batching, ByteBudget,
-    DeadLetter, Epoch, EpochPolicy, Fatal, Featured, FeaturesModel, FeaturesOutput, ImageRecord, LabelledExample,
-    ModelRow, Outcome, PartitionRange, Position, Prepare, PrepareError, SinkContext, SinkSpec, SourceSpec, TxnProducer,
+    featurize, feedback_join, fetch_decode, kafka_feedback_source, kafka_sink, kafka_source, kafka_txn_sink,
+    learn_predict, Backlog, Batching, ByteBudget, CounterByLabel, DeadLetter, Epoch, EpochPolicy, Fatal, Featured,
+    FeaturesModel, FeaturesOutput, Feedback, FeedbackJoinMetrics, ImageRecord, LabelledExample, ModelRow, Outcome,
+    PartitionRange, Position, Prepare, PrepareError, SinkContext, SinkSpec, SourceMetrics, SourceSpec, TxnProducer,
 };
 use fast_image_resize::Resizer;
 use prometheus::core::Collector;
@@ -213,8 +214,8 @@ fn run_worker(
             (p.dead_letter_topic.as_str(), spec),
             (p.model_topic.as_str(), model_spec),
         ];
-        if !p.features_topic.is_empty() {
-            topics.push((p.features_topic.as_str(), spec));
+        for topic in [&p.features_topic, &p.feedback_topic].into_iter().filter(|t| !t.is_empty()) {
+            topics.push((topic.as_str(), spec));
         }
         ensure_topics(&config.kafka, &topics)?;
     }
@@ -233,8 +234,8 @@ fn run_worker(
     // every topic must already exist (checked here, not at the first send).
     let partitions = topic_partitions(&consumer, &config.kafka, &p.input_topic, p.create_topics)?;
     if index == 0 && !p.create_topics {
-        let features = (!p.features_topic.is_empty()).then_some(&p.features_topic);
-        for topic in [&p.predictions_topic, &p.dead_letter_topic, &p.model_topic].into_iter().chain(features) {
+        let optional = [&p.features_topic, &p.feedback_topic].into_iter().filter(|t| !t.is_empty());
+        for topic in [&p.predictions_topic, &p.dead_letter_topic, &p.model_topic].into_iter().chain(optional) {
             topic_partitions(&consumer, &config.kafka, topic, false)?;
         }
     }
@@ -273,6 +274,11 @@ fn run_worker(
         tracing::info!(worker = index, partition = s.partition, from, to, "records before the checkpoint: {what}");
     }
     let learn_from: BTreeMap<i32, i64> = starts.iter().map(|s| (s.partition, s.learned)).collect();
+    let feedback = if p.feedback_topic.is_empty() {
+        None
+    } else {
+        Some(feedback_reader(config, index, peers, &worker_label, metrics)?)
+    };
 
     // The model, on this worker's device.
     let device_name = &config.model.devices[index % config.model.devices.len()];
@@ -451,13 +457,28 @@ fn run_worker(
         let (handle, featured) = featured.probe();
         probes.push(("featurize", handle));
         let (featured, unfeaturized) = featured.ok_err::<Vec<Featured>, _, Vec<DeadLetter>, _, _>(|r| r);
+        let mut feedback_dead = None;
         let predictions = match online_head {
             Some(head) => {
+                let mut labelled = featured.clone().flat_map(|f| LabelledExample::of(&f));
+                if let Some(reader) = feedback {
+                    // Records without an inline label wait for theirs from the feedback topic.
+                    let unlabelled = featured.clone().filter(|f| f.record.label.is_none());
+                    let (received, unreadable) = kafka_feedback_source(
+                        scope,
+                        reader.consumer,
+                        reader.spec,
+                        Arc::clone(stop),
+                        reader.source_metrics,
+                    )
+                    .ok_err::<Vec<Feedback>, _, Vec<DeadLetter>, _, _>(|r| r);
+                    let joined = feedback_join(unlabelled, received, reader.retention, reader.join_metrics);
+                    labelled = labelled.concat(joined.examples);
+                    feedback_dead = Some(unreadable.concat(joined.dead_letters).map(Outcome::FeedbackDead));
+                }
                 // Records before a partition's learned offset are in the restored classifier
                 // already: replayed only to publish their outputs.
-                let labelled = featured
-                    .clone()
-                    .flat_map(|f| LabelledExample::of(&f))
+                let labelled = labelled
                     .filter(move |x| learn_from.get(&x.partition).is_none_or(|from| x.offset >= *from))
                     .broadcast();
                 learn_predict(featured, labelled, head, top_k, learn_metrics)
@@ -471,7 +492,10 @@ fn run_worker(
         let (handle, predictions) = predictions.probe();
         probes.push(("learn_predict", handle));
         let dead = unreadable.concat(undecodable).concat(unfeaturized).map(Outcome::Dead);
-        let outcomes = predictions.map(Outcome::Predicted).concat(dead);
+        let mut outcomes = predictions.map(Outcome::Predicted).concat(dead);
+        if let Some(feedback_dead) = feedback_dead {
+            outcomes = outcomes.concat(feedback_dead);
+        }
         let positions = if exactly_once {
             let consumer = Rc::clone(&consumer);
             let (kafka, group) = (config.kafka.clone(), p.group_id.clone());
@@ -660,11 +684,74 @@ enum LearnFrom<'a> {
     Published,
 }
 
-/// Where each partition starts and (with stop-at-end: the high watermark) ends.
-///
-/// Publishing starts at the group's committed offset (else the end `start_from` chooses),
-/// learning where `learned` says; reading starts at the lower of the two. Both calls wait out a cluster that is still loading
-/// the group coordinator or electing leaders.
+/// What the feedback source and join of one worker need.
+struct FeedbackReader {
+    consumer: Rc<BaseConsumer<LagContext>>,
+    spec: SourceSpec,
+    retention: Epoch,
+    source_metrics: SourceMetrics,
+    join_metrics: FeedbackJoinMetrics,
+}
+
+/// Worker `index`'s share of the feedback topic (partition p to worker p mod `peers`, as the
+/// input's), from where `start_from` says: the group's committed offset of the feedback
+/// topic (the earliest where it has none), the earliest, or the end.
+fn feedback_reader(
+    config: &Config,
+    index: usize,
+    peers: usize,
+    worker_label: &str,
+    metrics: &Metrics,
+) -> anyhow::Result<FeedbackReader> {
+    let (kafka, p) = (&config.kafka, &config.pipeline);
+    let topic = p.feedback_topic.as_str();
+    let lag = LagContext { lag: metrics.consumer_lag.clone(), worker: worker_label.to_owned(), topic: topic.into() };
+    let consumer: BaseConsumer<LagContext> = client_config(kafka)
+        .set("group.id", &p.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
+        .create_with_context(lag)?;
+    let partitions: Vec<i32> = topic_partitions(&consumer, kafka, topic, p.create_topics)?
+        .into_iter()
+        .filter(|partition| *partition as usize % peers == index)
+        .collect();
+    let mut list = TopicPartitionList::new();
+    for partition in &partitions {
+        list.add_partition(topic, *partition);
+    }
+    let awaiting = format!("the committed offsets of group {:?} on {topic} (its group coordinator)", p.group_id);
+    let committed = with_retry(kafka, &awaiting, || consumer.committed_offsets(list.clone(), TIMEOUT))?;
+    let mut ranges = Vec::new();
+    let mut assignment = TopicPartitionList::new();
+    for &partition in &partitions {
+        let awaiting = format!("the offsets of partition {partition} of topic {topic} (its leader)");
+        let (low, high) = with_retry(kafka, &awaiting, || consumer.fetch_watermarks(topic, partition, TIMEOUT))?;
+        let committed = committed.find_partition(topic, partition).and_then(|e| match e.offset() {
+            Offset::Offset(o) => Some(o.clamp(low, high)),
+            _ => None,
+        });
+        let start = match p.start_from {
+            StartFrom::Committed => committed.unwrap_or(low),
+            StartFrom::Earliest => low,
+            StartFrom::Latest => high,
+        };
+        assignment.add_partition_offset(topic, partition, Offset::Offset(start))?;
+        ranges.push(PartitionRange { partition, start, end: p.stop_at_end.then_some(high) });
+    }
+    consumer.assign(&assignment)?;
+    tracing::info!(worker = index, partitions = ?partitions, topic, "assigned feedback partitions");
+    let retention = p.feedback_retention.epochs(p.epochs).map_err(anyhow::Error::msg)?;
+    let consumed = CounterByLabel::new(metrics.records_consumed.clone(), vec![worker_label.to_owned(), topic.into()]);
+    Ok(FeedbackReader {
+        consumer: Rc::new(consumer),
+        spec: SourceSpec { topic: topic.into(), partitions: ranges, epochs: p.epochs, max_backlog: 1, max_poll: 256 },
+        retention,
+        source_metrics: SourceMetrics { consumed },
+        join_metrics: metrics.feedback_join(index),
+    })
+}
+
 /// Worker `index`'s transactional producer for exactly-once delivery, initialised: that fences
 /// an earlier instance of the worker (aborting its open transaction).
 fn transactional_producer(
@@ -682,6 +769,11 @@ fn transactional_producer(
     Ok(producer)
 }
 
+/// Where each partition starts and (with stop-at-end: the high watermark) ends.
+///
+/// Publishing starts at the group's committed offset (else the end `start_from` chooses),
+/// learning where `learned` says; reading starts at the lower of the two. Both calls wait out
+/// a cluster that is still loading the group coordinator or electing leaders.
 fn partition_ranges<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     config: &Config,

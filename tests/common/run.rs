@@ -4,6 +4,7 @@
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::Message;
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -42,6 +43,9 @@ pub fn read_topic(topic: &str, want: usize, idle: Duration) -> Vec<Value> {
 }
 
 /// [`read_topic`] on the cluster of `kafka`.
+///
+/// The partitions are assigned, not subscribed to: joining a group can take seconds on a busy
+/// broker, which `idle` would count as silence.
 pub fn read_topic_on(kafka: &dlpipe::config::KafkaConfig, topic: &str, want: usize, idle: Duration) -> Vec<Value> {
     let consumer: BaseConsumer = dlpipe::kafka::client_config(kafka)
         .set("group.id", super::unique("reader"))
@@ -49,12 +53,30 @@ pub fn read_topic_on(kafka: &dlpipe::config::KafkaConfig, topic: &str, want: usi
         .set("enable.auto.commit", "false")
         .create()
         .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
+    // The pipeline creates its output topics at start-up; until then there is nothing to read.
+    let deadline = Instant::now() + idle.max(Duration::from_secs(30));
+    let partitions = loop {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10));
+        let partitions: Vec<i32> = metadata
+            .iter()
+            .flat_map(|m| m.topics())
+            .filter(|t| t.name() == topic && t.error().is_none())
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        if !partitions.is_empty() || Instant::now() > deadline {
+            break partitions;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for partition in partitions {
+        assignment.add_partition_offset(topic, partition, rdkafka::Offset::Beginning).unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
     let mut out = Vec::new();
     let mut last = Instant::now();
     while out.len() < want && last.elapsed() < idle {
         if let Some(message) = consumer.poll(Duration::from_millis(100)) {
-            // The pipeline creates its output topics at start-up; until then there is nothing to read.
             let Ok(message) = message else { continue };
             out.push(serde_json::from_slice(message.payload().unwrap()).unwrap());
             last = Instant::now();
@@ -147,4 +169,31 @@ impl Run {
     pub fn latest_snapshot(&self) -> PathBuf {
         self.dir.path().join("snapshots/latest.safetensors")
     }
+}
+
+/// Asserts two checkpoints hold the same learner: every byte of the classifier's state
+/// (weights, optimizer, standardiser, classes, updates), its prequential metrics, and the
+/// offsets it learned up to.
+pub fn assert_same_learner(got: &dlpipe::pipeline::Checkpoint, want: &dlpipe::pipeline::Checkpoint, what: &str) {
+    assert_eq!(got.model.updates(), want.model.updates(), "{what}: examples learned");
+    assert_eq!(got.model.classes(), want.model.classes(), "{what}: classes");
+    assert_eq!(got.model.config(), want.model.config(), "{what}: learner config");
+    // Every tensor of the snapshot format, byte for byte (the metadata's key order may differ).
+    let (got_bytes, want_bytes) =
+        (got.model.to_bytes(&BTreeMap::new()).unwrap(), want.model.to_bytes(&BTreeMap::new()).unwrap());
+    let (got_tensors, want_tensors) = (
+        safetensors::SafeTensors::deserialize(&got_bytes).unwrap(),
+        safetensors::SafeTensors::deserialize(&want_bytes).unwrap(),
+    );
+    let mut names = want_tensors.names();
+    names.sort();
+    let mut got_names = got_tensors.names();
+    got_names.sort();
+    assert_eq!(got_names, names, "{what}: tensors");
+    for name in names {
+        let (g, w) = (got_tensors.tensor(name).unwrap(), want_tensors.tensor(name).unwrap());
+        assert!(g.shape() == w.shape() && g.data() == w.data(), "{what}: tensor {name} differs");
+    }
+    assert_eq!(got.info.prequential, want.info.prequential, "{what}: prequential metrics");
+    assert_eq!(got.info.learned_offsets, want.info.learned_offsets, "{what}: learned offsets");
 }

@@ -1,0 +1,151 @@
+//! Labels that arrive on the feedback topic, before or after their images, joined to the
+//! images' features (differential dataflow) against the real broker.
+
+mod common;
+
+use common::run::{assert_same_learner, messages, read_topic, Run};
+use common::{fashion, free_port, produce, KillOnDrop};
+use dlpipe::pipeline::checkpoint::{read_latest, Checkpoint};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+/// Offset epochs of 4 records: image i (partition i mod 2, offset i / 2) is in epoch i / 8;
+/// feedback record k (one partition) in epoch k / 4.
+const EXTRA: &str = "epochs = { by = \"offsets\", records = 4 }\ncheckpoint_every_epochs = 1\n\
+                     feedback_retention = { epochs = 3 }\n";
+
+fn latest(run: &Run) -> Checkpoint {
+    read_latest(&run.kafka(), &run.model_topic, &run.group).unwrap().expect("a checkpoint")
+}
+
+/// The feedback records, by feedback epoch (4 a epoch; "pad" fills an epoch with a record
+/// that is not JSON). Labels are Fashion-MNIST's true ones unless a wrong one is given.
+fn feedback_plan() -> Vec<[(&'static str, Option<&'static str>); 4]> {
+    const PAD: (&str, Option<&str>) = ("pad", None);
+    let ok = |id: &'static str| (id, Some(""));
+    vec![
+        // 0: images 0 and 1 (epoch 0) labelled in their own epoch; 10 (epoch 1) before its
+        // image; an id no image ever has.
+        [ok("fb0"), ok("fb1"), ok("fb10"), ("nobody", Some("Bag"))],
+        // 1: image 3 first gets a wrong label.
+        [ok("fb2"), ("fb3", Some("Bag")), ok("fb12"), PAD],
+        // 2: 3's correction (learned again); 2's label again (a duplicate: nothing new).
+        [ok("fb3"), ok("fb2"), ok("fb4"), PAD],
+        // 3: images of epoch 1, in the last epoch of their retention.
+        [ok("fb9"), ok("fb11"), PAD, PAD],
+        // 4, 5: images of epochs 2 and 3, within their 3 epochs of retention.
+        [ok("fb16"), ok("fb17"), ok("fb18"), ok("fb19")],
+        [ok("fb24"), ok("fb25"), ok("fb26"), ok("fb27")],
+        // 6: image 8 (epoch 1) was dropped at epoch 4: too late. 36 and 38 (epoch 4) join.
+        [ok("fb8"), ok("fb36"), ok("fb38"), PAD],
+    ]
+}
+
+/// Runs `run` to the end of its input as one process of `workers` workers, or as two
+/// processes of one worker each.
+fn to_end(run: &Run, workers: usize, processes: usize) {
+    if processes == 1 {
+        run.to_end(&["-w", &workers.to_string()]);
+        return;
+    }
+    let hosts = run.dir.path().join("hosts");
+    std::fs::write(&hosts, format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port())).unwrap();
+    let hosts = hosts.to_str().unwrap().to_owned();
+    let mut children: Vec<(KillOnDrop, std::path::PathBuf)> = (0..processes)
+        .map(|p| {
+            let log = run.dir.path().join(format!("process-{p}.log"));
+            let child = run
+                .command(&["--stop-at-end", "-w", "1", "-n", "2", "-p", &p.to_string(), "-h", &hosts])
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+            (KillOnDrop(child), log)
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    for (child, log) in &mut children {
+        loop {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                assert!(status.success(), "a process failed:\n{}", std::fs::read_to_string(&*log).unwrap());
+                break;
+            }
+            assert!(Instant::now() < deadline, "did not finish in 300 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+#[test]
+fn labels_before_after_twice_corrected_never_and_too_late_teach_the_same_learner_on_any_number_of_workers() {
+    const N: usize = 40;
+    let images = fashion(N, 11000);
+    let input = common::unique("fb-images");
+    produce(&input, 2, &messages(&images, "fb", 2, |_| false));
+    let feedback_topic = common::unique("fb-feedback");
+    let mut feedback = Vec::new();
+    let mut pads = 0;
+    for (k, (id, label)) in feedback_plan().into_iter().flatten().enumerate() {
+        let payload = match label {
+            None => {
+                pads += 1;
+                "not json".to_string()
+            }
+            Some("") => {
+                let i: usize = id.trim_start_matches("fb").parse().unwrap();
+                serde_json::json!({"id": id, "label": images[i].1, "ts": 1_000 + k}).to_string()
+            }
+            Some(label) => serde_json::json!({"id": id, "label": label, "ts": 1_000 + k}).to_string(),
+        };
+        feedback.push((0, id.to_string(), payload));
+    }
+    produce(&feedback_topic, 1, &feedback);
+    let extra = format!("{EXTRA}feedback_topic = \"{feedback_topic}\"\n");
+
+    let mut learners = Vec::new();
+    for (workers, processes) in [(1, 1), (2, 1), (1, 2)] {
+        let what = format!("{workers} worker(s) in {processes} process(es)");
+        let run = Run::new("fb", &input, &extra);
+        to_end(&run, workers, processes);
+        // Every image is predicted once, none is dead-lettered; the model version of an
+        // epoch's predictions counts the pairs complete in the epochs before it.
+        let predictions: BTreeMap<String, Value> = read_topic(&run.predictions, N + 1, Duration::from_secs(5))
+            .into_iter()
+            .map(|p| (p["id"].as_str().unwrap().to_owned(), p))
+            .collect();
+        assert_eq!(predictions.len(), N, "{what}");
+        let version = |id: &str| predictions[id]["model_version"].as_u64().unwrap();
+        // Epoch 0 learns fb0, fb1; epoch 1 fb2, fb3 (wrong), fb10, fb12; epoch 2 fb3 again, fb4;
+        // epoch 3 fb9, fb11: images of epoch 4 see all ten.
+        assert_eq!(
+            [version("fb0"), version("fb8"), version("fb16"), version("fb24"), version("fb39")],
+            [0, 2, 6, 8, 10]
+        );
+
+        let dead = read_topic(&run.dead, pads + 3, Duration::from_secs(5));
+        let kinds: BTreeMap<(String, String), usize> = dead.iter().fold(BTreeMap::new(), |mut m, d| {
+            let key = (d["id"].as_str().unwrap_or_default().to_owned(), d["error_kind"].as_str().unwrap().to_owned());
+            *m.entry(key).or_default() += 1;
+            m
+        });
+        let want = BTreeMap::from([
+            (("pad".to_string(), "malformed_json".to_string()), pads),
+            (("fb8".into(), "label_too_late".into()), 1),
+            (("nobody".into(), "unknown_id".into()), 1),
+        ]);
+        assert_eq!(kinds, want, "{what}: dead letters {dead:?}");
+
+        // Ten pairs by epoch 3, eight images of epochs 2 and 3 in epochs 4 and 5, two in 6.
+        let checkpoint = latest(&run);
+        assert_eq!(checkpoint.model.updates(), 20, "{what}");
+        learners.push((what, checkpoint));
+    }
+    let (first, reference) = &learners[0];
+    for (what, other) in &learners[1..] {
+        assert_same_learner(other, reference, &format!("{what} against {first}"));
+    }
+    let classes: BTreeSet<&str> = reference.model.classes().iter().map(String::as_str).collect();
+    assert!(classes.contains("Bag"), "the wrong label was learned too (a correction adds an update): {classes:?}");
+}
