@@ -522,7 +522,7 @@ mod tests {
         let local = Config::from_toml(&std::fs::read_to_string(dir.join("local.toml")).unwrap()).unwrap();
         // local.toml spells out every default, so that it doubles as the reference.
         assert_eq!(local, Config::default());
-        for name in ["gpu.toml", "cluster.toml"] {
+        for name in ["gpu.toml", "cluster.toml", "late-labels.toml"] {
             let config = Config::from_toml(&std::fs::read_to_string(dir.join(name)).unwrap()).unwrap();
             config.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
         }

@@ -149,3 +149,122 @@ fn labels_before_after_twice_corrected_never_and_too_late_teach_the_same_learner
     let classes: BTreeSet<&str> = reference.model.classes().iter().map(String::as_str).collect();
     assert!(classes.contains("Bag"), "the wrong label was learned too (a correction adds an update): {classes:?}");
 }
+
+/// Top-1 accuracy of the published predictions against the images' true classes.
+fn published_accuracy(run: &Run, images: &[(std::path::PathBuf, &str)], prefix: &str) -> f64 {
+    let predictions = read_topic(&run.predictions, images.len() + 1, Duration::from_secs(5));
+    assert_eq!(predictions.len(), images.len());
+    let correct = predictions
+        .iter()
+        .filter(|p| {
+            let i: usize = p["id"].as_str().unwrap().trim_start_matches(prefix).parse().unwrap();
+            p["top_k"][0]["class"] == images[i].1
+        })
+        .count();
+    correct as f64 / images.len() as f64
+}
+
+#[test]
+fn labels_a_few_epochs_late_learn_fashion_mnist_as_well_as_inline_labels() {
+    const N: usize = 2000;
+    const DELAY: usize = 3; // epochs
+    const RECORDS: usize = 4; // offsets per epoch and partition
+    let images = fashion(N, 10000);
+    let extra = format!("epochs = {{ by = \"offsets\", records = {RECORDS} }}\ncheckpoint_every_epochs = 100000\n");
+
+    let inline_input = common::unique("fbacc-inline");
+    produce(&inline_input, 2, &messages(&images, "a", 2, |_| true));
+    let inline = Run::new("fbacc-inline", &inline_input, &extra);
+    inline.to_end(&["-w", "2"]);
+
+    // The same images without labels; each partition's labels come DELAY epochs after their
+    // images on the feedback partition of the same number. The first DELAY epochs of feedback
+    // are the labels of the last images, which come early and wait for them.
+    let late_input = common::unique("fbacc-late");
+    produce(&late_input, 2, &messages(&images, "a", 2, |_| false));
+    let feedback_topic = common::unique("fbacc-feedback");
+    let mut feedback = Vec::new();
+    for partition in 0..2 {
+        let ids: Vec<usize> = (0..N).filter(|i| i % 2 == partition).collect();
+        let early = ids.len() - DELAY * RECORDS;
+        for &i in ids[early..].iter().chain(&ids[..early]) {
+            let id = format!("a{i}");
+            feedback.push((
+                partition as i32,
+                id.clone(),
+                serde_json::json!({"id": id, "label": images[i].1}).to_string(),
+            ));
+        }
+    }
+    produce(&feedback_topic, 2, &feedback);
+    let retention = N / 2 / RECORDS; // the whole stream: the early labels wait for the last images
+    let late = Run::new(
+        "fbacc-late",
+        &late_input,
+        &format!("{extra}feedback_topic = \"{feedback_topic}\"\nfeedback_retention = {{ epochs = {retention} }}\n"),
+    );
+    late.to_end(&["-w", "2"]);
+
+    // Online (prequential) accuracy: each example predicted by the classifier just before it
+    // learns it, as dlpipe_online_accuracy_ratio reports it.
+    let (inline_learner, late_learner) = (latest(&inline), latest(&late));
+    assert_eq!((inline_learner.model.updates(), late_learner.model.updates()), (N as u64, N as u64));
+    let online = |c: &Checkpoint| c.prequential(N).accuracy().unwrap();
+    let (inline_online, late_online) = (online(&inline_learner), online(&late_learner));
+    // The published predictions: the late run predicts each image with a classifier
+    // 2 x DELAY x RECORDS = 24 examples behind the inline run's, which costs about 24 / N of
+    // what the classifier gains over the stream.
+    let (inline_published, late_published) =
+        (published_accuracy(&inline, &images, "a"), published_accuracy(&late, &images, "a"));
+    println!(
+        "Fashion-MNIST, {N} images, labels {DELAY} epochs ({} images) late: online accuracy {:.2}% inline, {:.2}% \
+         late; published predictions {:.2}% inline, {:.2}% late",
+        2 * DELAY * RECORDS,
+        100.0 * inline_online,
+        100.0 * late_online,
+        100.0 * inline_published,
+        100.0 * late_published,
+    );
+    assert!(inline_online > 0.6, "the inline run learns: {inline_online}");
+    assert!((inline_online - late_online).abs() <= 0.01, "online accuracy {inline_online} inline, {late_online} late");
+    assert!(
+        inline_published - late_published < 0.04,
+        "published accuracy {inline_published} inline, {late_published} late"
+    );
+}
+
+/// The README's late-label run: `dlpipe produce` publishes images without labels, `dlpipe
+/// produce --feedback` their labels (same ids); the pipeline learns every one.
+#[test]
+fn dlpipe_produce_feedback_labels_the_images_dlpipe_produce_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = fashion(12, 13000);
+    for (i, (path, label)) in images.iter().enumerate() {
+        let class = dir.path().join(label);
+        std::fs::create_dir_all(&class).unwrap();
+        std::fs::copy(path, class.join(format!("{i}.png"))).unwrap();
+    }
+    let input = common::unique("fbcli-images");
+    let feedback_topic = common::unique("fbcli-feedback");
+    let run = Run::new("fbcli", &input, &format!("feedback_topic = \"{feedback_topic}\"\n"));
+    let produce = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_dlpipe"))
+            .arg("-c")
+            .arg(run.config())
+            .arg("produce")
+            .args(args)
+            .arg(dir.path())
+            .current_dir(common::root())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "dlpipe produce {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    produce(&["--shuffle", "7"]);
+    produce(&["--feedback", "--shuffle", "7"]);
+    run.to_end(&[]);
+    let checkpoint = latest(&run);
+    assert_eq!(checkpoint.model.updates(), 12, "every image learned from its late label");
+    let classes: BTreeSet<&str> = checkpoint.model.classes().iter().map(String::as_str).collect();
+    assert_eq!(classes, images.iter().map(|(_, l)| *l).collect::<BTreeSet<_>>());
+    assert!(read_topic(&run.dead, 1, Duration::from_secs(3)).is_empty(), "no dead letters");
+}

@@ -1,4 +1,5 @@
-//! `dlpipe produce`: publish image records (`{"id","uri","label"?}`) for files to a topic.
+//! `dlpipe produce`: publish image records (`{"id","uri","label"?}`) for files to a topic, or
+//! (`--feedback`) their labels as feedback records (`{"id","label"}`), with the same ids.
 
 use anyhow::Context;
 use dlpipe::config::Config;
@@ -10,12 +11,18 @@ use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Debug)]
 pub struct ProduceArgs {
-    /// Topic to publish to [default: pipeline.input_topic].
+    /// Topic to publish to [default: pipeline.input_topic; with --feedback,
+    /// pipeline.feedback_topic].
     #[arg(long)]
     topic: Option<String>,
     /// Label each record with the name of its class sub-folder.
     #[arg(long)]
     labels_from_dirs: bool,
+    /// Publish each file's label (its class sub-folder) as a feedback record
+    /// `{"id","label"}` rather than an image record: the late labels of images published
+    /// without --labels-from-dirs (same files, same --shuffle and --limit: same ids).
+    #[arg(long, conflicts_with = "labels_from_dirs")]
+    feedback: bool,
     /// Records per second (0: as fast as the broker takes them).
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
@@ -49,7 +56,14 @@ fn shuffle<T>(items: &mut [T], seed: u64) {
 }
 
 pub fn run(config: &Config, args: ProduceArgs) -> anyhow::Result<()> {
-    let topic = args.topic.unwrap_or_else(|| config.pipeline.input_topic.clone());
+    let topic = match (args.topic, args.feedback) {
+        (Some(topic), _) => topic,
+        (None, false) => config.pipeline.input_topic.clone(),
+        (None, true) if config.pipeline.feedback_topic.is_empty() => {
+            anyhow::bail!("--feedback: pipeline.feedback_topic is not set; set it in the config, or give --topic")
+        }
+        (None, true) => config.pipeline.feedback_topic.clone(),
+    };
     let mut files = list_labelled_images(&args.inputs)?;
     if let Some(seed) = args.shuffle {
         shuffle(&mut files, seed);
@@ -81,7 +95,14 @@ pub fn run(config: &Config, args: ProduceArgs) -> anyhow::Result<()> {
     for (i, (path, label)) in files.iter().enumerate() {
         let absolute = std::fs::canonicalize(path).with_context(|| format!("{}", path.display()))?;
         let id = path.display().to_string();
-        let mut record = serde_json::json!({ "id": id, "uri": format!("file://{}", absolute.display()) });
+        let mut record = if args.feedback {
+            let Some(label) = label else {
+                anyhow::bail!("{} is not inside a class sub-folder: --feedback has no label for it", path.display())
+            };
+            serde_json::json!({ "id": id, "label": label, "ts": dlpipe_operators::records::now_ms() })
+        } else {
+            serde_json::json!({ "id": id, "uri": format!("file://{}", absolute.display()) })
+        };
         if args.labels_from_dirs {
             match label {
                 Some(label) => record["label"] = label.clone().into(),
