@@ -8,12 +8,15 @@
 //! in e, or whose label was corrected in e. The learner learns them in e, in the (partition,
 //! offset) order of the image record, like inline labels.
 //!
-//! **Collections** (differential, time = epoch): the features of each image, keyed by id,
-//! from its epoch until `retention` epochs later; each feedback record, keyed by id, for as
-//! long; the label in force per id, the feedback with the greatest (ts, partition, offset)
-//! (so an identical duplicate changes nothing, and a correction replaces the label); their
-//! join, consolidated per epoch. Retention is an update at a later time given at the record's
-//! own epoch, so memory is bounded by what `retention` epochs bring in.
+//! **Collections** (differential, time = epoch): each image's id and coordinates (partition,
+//! offset, and the worker that read it), from its epoch until `retention` epochs later; each
+//! feedback record, keyed by id, for as long; the label in force per id, the feedback with the
+//! greatest (ts, partition, offset) (so an identical duplicate changes nothing, and a
+//! correction replaces the label); their join, consolidated per epoch. Retention is an update
+//! at a later time given at the record's own epoch, so memory is bounded by what `retention`
+//! epochs bring in. The features themselves never enter differential: the worker that read an
+//! image keeps them (once, not in every arrangement) for as long, and the join's pairs are sent
+//! to it to become labelled examples.
 //!
 //! **Feedback that joins nothing** becomes a dead letter, once: `label_too_late` when it
 //! arrives after its image's features were dropped (an image seen up to `2 x retention` epochs
@@ -34,9 +37,11 @@ use crate::records::{
 };
 use differential_dataflow::AsCollection;
 use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
-use timely::dataflow::operators::Concat;
+use timely::dataflow::operators::{Capability, Concat};
 use timely::dataflow::StreamVec;
 
 /// A label for a record id, from the feedback topic.
@@ -51,14 +56,25 @@ pub struct Feedback {
     pub offset: i64,
 }
 
-/// An image's features as a differential record: f32 has no total order, so its bits stand in.
+/// An image as the differential collections hold it: where it is, not its features (those
+/// stay on the worker that read it, in [`attach_features`]).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 struct ImageRow {
     partition: i32,
     offset: i64,
     /// The image record's Kafka timestamp (0 if it had none), for the label delay.
     ts_ms: i64,
-    feature_bits: Vec<u32>,
+    /// The worker that holds the image's features.
+    worker: u64,
+}
+
+/// A pair to learn, on its way to the worker that holds the image's features.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Pair {
+    worker: u64,
+    partition: i32,
+    offset: i64,
+    label: String,
 }
 
 /// What orders the labels of one id: the later one wins; the label last breaks ties.
@@ -190,32 +206,94 @@ fn additions<'scope, D: differential_dataflow::ExchangeData, O: timely::Exchange
     )
 }
 
-/// Gauges the images whose features `images` holds (those of epochs the frontier has passed)
-/// and the bytes of their features and ids.
-fn gauge_retained<'scope>(
-    images: &differential_dataflow::VecCollection<'scope, Epoch, (String, ImageRow), isize>,
+/// The features of this worker's unlabelled images, kept from their epoch t until no pair for
+/// them can come (the pairs' frontier has passed t + retention - 1), and the pairs that come for
+/// them, as labelled examples at the pair's epoch. A pair of epoch e waits until every image of
+/// epochs up to e is here (the images' frontier has passed e), which the join's own output
+/// waits for anyway. Features are held once, here: the join itself moves ids and offsets.
+fn attach_features<'scope>(
+    featured: StreamVec<'scope, Epoch, Featured>,
+    pairs: StreamVec<'scope, Epoch, Pair>,
+    retention: Epoch,
     metrics: &FeedbackJoinMetrics,
-) {
+) -> StreamVec<'scope, Epoch, LabelledExample> {
     let (rows_gauge, bytes_gauge) = (metrics.retained_images.clone(), metrics.retained_bytes.clone());
-    // Net (rows, bytes) by epoch, applied once the epoch is complete.
-    let mut pending: std::collections::BTreeMap<Epoch, (i64, i64)> = Default::default();
-    images.inner.clone().sink(Pipeline, "RetainedFeatures", move |(input, frontier)| {
-        input.for_each_stamp(|_, data| {
-            for batch in data {
-                for ((id, row), at, diff) in batch.drain(..) {
-                    let bytes = (row.feature_bits.len() * 4 + id.len()) as i64;
-                    let entry = pending.entry(at).or_default();
-                    entry.0 += diff as i64;
-                    entry.1 += diff as i64 * bytes;
+    let to_holder = timely::dataflow::channels::pact::Exchange::new(|pair: &Pair| pair.worker);
+    featured.binary_frontier::<_, CapacityContainerBuilder<Vec<LabelledExample>>, _, _, _, _>(
+        pairs,
+        Pipeline,
+        to_holder,
+        "AttachFeatures",
+        move |_, _| {
+            let mut features: HashMap<(i32, i64), Vec<f32>> = HashMap::new();
+            let mut by_epoch: BTreeMap<Epoch, Vec<(i32, i64)>> = BTreeMap::new();
+            let mut waiting: BTreeMap<Epoch, (Capability<Epoch>, Vec<Pair>)> = BTreeMap::new();
+            move |(images, images_frontier), (input, pairs_frontier), output| {
+                images.for_each_stamp(|cap, data| {
+                    let Some(&epoch) = cap.least() else { return };
+                    for batch in data {
+                        for f in batch.drain(..) {
+                            let key = (f.record.partition, f.record.offset);
+                            rows_gauge.inc();
+                            bytes_gauge.add((f.features.len() * 4) as i64);
+                            if let Some(old) = features.insert(key, f.features) {
+                                // A record read twice in one run (it is not): count it once.
+                                rows_gauge.dec();
+                                bytes_gauge.sub((old.len() * 4) as i64);
+                            }
+                            by_epoch.entry(epoch).or_default().push(key);
+                        }
+                    }
+                });
+                input.for_each_stamp(|cap, data| {
+                    let Some(cap) = cap.retain_least(0) else { return };
+                    let entry = waiting.entry(*cap.time()).or_insert_with(|| (cap, Vec::new()));
+                    for batch in data {
+                        entry.1.append(batch);
+                    }
+                });
+                while let Some(entry) = waiting.first_entry().filter(|e| !images_frontier.less_equal(e.key())) {
+                    let (cap, pairs) = entry.remove();
+                    let mut session = output.session(&cap);
+                    for pair in pairs {
+                        match features.get(&(pair.partition, pair.offset)) {
+                            Some(x) => session.give(LabelledExample {
+                                partition: pair.partition,
+                                offset: pair.offset,
+                                label: pair.label,
+                                features: x.clone(),
+                            }),
+                            None => tracing::error!(
+                                partition = pair.partition,
+                                offset = pair.offset,
+                                "a joined label's image has no features on the worker that read it (a bug)"
+                            ),
+                        }
+                    }
+                }
+                // Images of epoch t get pairs at epochs below t + retention only.
+                let first_waiting = waiting.keys().next().copied().unwrap_or(Epoch::MAX);
+                while let Some(entry) = by_epoch.first_entry().filter(|e| {
+                    let end = e.key().saturating_add(retention);
+                    !pairs_frontier.less_than(&end) && first_waiting >= end
+                }) {
+                    for key in entry.remove() {
+                        if let Some(x) = features.remove(&key) {
+                            rows_gauge.dec();
+                            bytes_gauge.sub((x.len() * 4) as i64);
+                        }
+                    }
                 }
             }
-        });
-        while let Some(entry) = pending.first_entry().filter(|e| !frontier.less_equal(e.key())) {
-            let (rows, bytes) = entry.remove();
-            rows_gauge.add(rows);
-            bytes_gauge.add(bytes);
-        }
-    });
+        },
+    )
+}
+
+/// Sets what the join's arrangements need of a timely worker: merging their batches while the
+/// worker is otherwise idle, so that retracted features are compacted away even when no new
+/// records arrive (without it, memory after a retention waits for the next traffic).
+pub fn configure(worker: &mut timely::WorkerConfig) {
+    differential_dataflow::configure(worker, &differential_dataflow::Config::default().idle_merge_effort(Some(1000)));
 }
 
 /// Joins `featured` records (those without an inline label) to `feedback` on id; see the
@@ -227,16 +305,16 @@ pub fn feedback_join<'scope>(
     metrics: FeedbackJoinMetrics,
 ) -> Joined<'scope> {
     let retention = retention.max(1);
-    let images = window(featured.clone(), "RetainFeatures", 0, retention, |f: &Featured| {
+    let worker = featured.scope().index() as u64;
+    let images = window(featured.clone(), "RetainImages", 0, retention, move |f: &Featured| {
         let row = ImageRow {
             partition: f.record.partition,
             offset: f.record.offset,
             ts_ms: f.record.kafka_ts_ms.unwrap_or(0),
-            feature_bits: f.features.iter().map(|x| x.to_bits()).collect(),
+            worker,
         };
         (f.record.id.clone(), row)
     });
-    gauge_retained(&images, &metrics);
     // The label in force: of the feedback retained for this id, the latest. Only the label:
     // a duplicate (same label, later ts) must change nothing.
     let labels = window(feedback.clone(), "RetainFeedback", 0, retention, |fb: &Feedback| {
@@ -249,19 +327,15 @@ pub fn feedback_join<'scope>(
     });
     let present = images.clone().map(|(id, _)| id).distinct();
     let (joined, label_delay) = (metrics.joined.clone(), metrics.label_delay_seconds.clone());
-    let examples = additions(images.join(labels).consolidate(), "NewPairs", move |(_id, (row, label))| {
+    let pairs = additions(images.join(labels).consolidate(), "NewPairs", move |(_id, (row, label))| {
         joined.inc();
         // How long after its image the image became learnable (whenever its label came).
         if row.ts_ms > 0 {
             label_delay.observe((crate::records::now_ms() - row.ts_ms).max(0) as f64 / 1000.0);
         }
-        LabelledExample {
-            partition: row.partition,
-            offset: row.offset,
-            label,
-            features: row.feature_bits.into_iter().map(f32::from_bits).collect(),
-        }
+        Pair { worker: row.worker, partition: row.partition, offset: row.offset, label }
     });
+    let examples = attach_features(featured.clone(), pairs, retention, &metrics);
 
     // Feedback that joins nothing. Ids of images, without their features, kept longer.
     let seen = |span: Epoch| {

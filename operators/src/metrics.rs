@@ -149,7 +149,7 @@ pub struct FeedbackJoinMetrics {
     pub label_delay_seconds: Histogram,
     /// Images whose features wait for a label (this worker's share of the ids).
     pub retained_images: IntGauge,
-    /// Bytes of their features and ids (the arrangements' own overhead comes on top).
+    /// Bytes of their features (ids and the arrangements' overhead come on top).
     pub retained_bytes: IntGauge,
 }
 

@@ -55,6 +55,10 @@ pub struct BenchArgs {
     /// Seconds of paced stream per delivery mode.
     #[arg(long, default_value_t = 20.0)]
     latency_seconds: f64,
+    /// Also measure the feedback join alone: memory (RSS) with this many unlabelled images of
+    /// 1280 features retained, and after their retention; labels joined per second.
+    #[arg(long, value_name = "IDS")]
+    feedback_join: Option<usize>,
 }
 
 /// Runs `f` until at least `min` has passed and at least `min_runs` runs; returns runs per second.
@@ -108,6 +112,137 @@ pub fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(records) = args.pipeline {
         pipeline_table(config, &args, records)?;
+    }
+    if let Some(ids) = args.feedback_join {
+        feedback_join_table(ids)?;
+    }
+    Ok(())
+}
+
+/// This process's resident memory, from /proc (Linux).
+fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+/// The feedback join on one timely worker, in this process: `ids` unlabelled images of 1280
+/// features over 10 epochs (retention 20 epochs), then a label for each in epoch 10, then
+/// epochs past every retention with nothing new. Prints RSS at each stage and the join's rate.
+fn feedback_join_table(ids: usize) -> anyhow::Result<()> {
+    use dlpipe_operators::{feedback_join, Featured, Feedback, FeedbackJoinMetrics, ImageRecord};
+    use timely::dataflow::operators::Probe;
+    use timely::dataflow::InputHandle;
+    const DIM: usize = 1280;
+    const EPOCHS: u64 = 10;
+    const RETENTION: u64 = 20;
+    let mib = |b: Option<u64>| b.map_or("?".to_string(), |b| format!("{:.0}", b as f64 / (1 << 20) as f64));
+    let mut config = timely::Config::thread();
+    dlpipe_operators::feedback_join::configure(&mut config.worker);
+    let guards = timely::execute(config, move |worker| {
+        let metrics = FeedbackJoinMetrics::default();
+        let (mut images, mut labels) = (InputHandle::new(), InputHandle::new());
+        let probe = worker.dataflow::<u64, _, _>(|scope| {
+            let joined = feedback_join(images.to_stream(scope), labels.to_stream(scope), RETENTION, metrics.clone());
+            let (probe, _) = joined.examples.probe();
+            probe
+        });
+        let step_to = |worker: &mut timely::worker::Worker, epoch: u64| {
+            while probe.less_than(&epoch) {
+                worker.step();
+            }
+        };
+        let record = |row: &mut Vec<(String, String)>, what: &str, extra: String| {
+            row.push((what.to_owned(), format!("{} MiB{extra}", mib(rss_bytes()))));
+        };
+        let mut out: Vec<(String, String)> = Vec::new();
+        record(&mut out, "before", String::new());
+        let mut seed = 1u64;
+        // Two waves: the second shows whether memory freed by the first's retention is reused.
+        for wave in 0..2 {
+            let base = wave as u64 * (EPOCHS + 3 * RETENTION + 2);
+            let per_epoch = ids.div_ceil(EPOCHS as usize);
+            let started = Instant::now();
+            for i in 0..ids {
+                let epoch = base + (i / per_epoch) as u64;
+                if epoch > *images.time() {
+                    images.advance_to(epoch);
+                    labels.advance_to(epoch);
+                    step_to(worker, epoch);
+                }
+                let features: Vec<f32> = (0..DIM)
+                    .map(|_| {
+                        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        (seed >> 40) as f32 / (1u64 << 24) as f32
+                    })
+                    .collect();
+                let record = ImageRecord {
+                    id: format!("image-{wave}-{i:08}"),
+                    uri: String::new(),
+                    label: None,
+                    partition: (i % 4) as i32,
+                    offset: (wave * ids + i) as i64,
+                    kafka_ts_ms: None,
+                };
+                images.send(Featured { record, features, logits: None });
+            }
+            images.advance_to(base + EPOCHS);
+            labels.advance_to(base + EPOCHS);
+            step_to(worker, base + EPOCHS);
+            let retained = (metrics.retained_images.get(), metrics.retained_bytes.get());
+            record(
+                &mut out,
+                &format!("wave {}: {ids} images retained", wave + 1),
+                format!(
+                    " ({} images, {} MiB of features; fed in {:.1} s)",
+                    retained.0,
+                    mib(Some(retained.1 as u64)),
+                    started.elapsed().as_secs_f64()
+                ),
+            );
+            let started = Instant::now();
+            for i in 0..ids {
+                let id = format!("image-{wave}-{i:08}");
+                labels.send(Feedback {
+                    id,
+                    label: format!("class-{}", i % 10),
+                    ts_ms: 0,
+                    partition: 0,
+                    offset: (wave * ids + i) as i64,
+                });
+            }
+            images.advance_to(base + EPOCHS + 1);
+            labels.advance_to(base + EPOCHS + 1);
+            step_to(worker, base + EPOCHS + 1);
+            let seconds = started.elapsed().as_secs_f64();
+            record(
+                &mut out,
+                &format!("wave {}: {ids} labels joined", wave + 1),
+                format!(" ({} pairs in all, {:.0} labels/s)", metrics.joined.get(), ids as f64 / seconds),
+            );
+            let past = base + EPOCHS + 3 * RETENTION + 2;
+            images.advance_to(past);
+            labels.advance_to(past);
+            step_to(worker, past);
+            // Give the arrangements' idle merging a moment to compact what was retracted.
+            for _ in 0..1000 {
+                worker.step();
+            }
+            record(
+                &mut out,
+                &format!("wave {}: after the retention", wave + 1),
+                format!(" ({} images retained)", metrics.retained_images.get()),
+            );
+        }
+        out
+    })
+    .map_err(anyhow::Error::msg)?;
+    let rows: Vec<(String, String)> = guards.join().into_iter().flat_map(|r| r.unwrap_or_default()).collect();
+    println!("\n## feedback join (one worker, {DIM} features, retention {RETENTION} epochs)\n");
+    println!("| stage | resident memory |");
+    println!("|---|---|");
+    for (stage, rss) in rows {
+        println!("| {stage} | {rss} |");
     }
     Ok(())
 }

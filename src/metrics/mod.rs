@@ -271,7 +271,7 @@ pub const DEFINITIONS: &[MetricDef] = &[
         G,
         &["worker"],
         B::None,
-        "Bytes of the features and ids the feedback join keeps (the arrangements' overhead comes on top).",
+        "Bytes of the features the feedback join keeps (ids and the arrangements' overhead come on top).",
     ),
     def(
         "dlpipe_checkpoints_written_total",

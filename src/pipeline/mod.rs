@@ -108,7 +108,8 @@ pub fn run(options: RunOptions) -> anyhow::Result<Vec<WorkerSummary>> {
         None
     };
     let config = Arc::new(config);
-    let timely_config = timely::Config::from_args(timely_args.into_iter()).map_err(anyhow::Error::msg)?;
+    let mut timely_config = timely::Config::from_args(timely_args.into_iter()).map_err(anyhow::Error::msg)?;
+    dlpipe_operators::feedback_join::configure(&mut timely_config.worker);
     let (process, local_workers) = match &timely_config.communication {
         CommunicationConfig::Thread => (0, 1),
         CommunicationConfig::Process(n) | CommunicationConfig::ProcessBinary(n) => (0, *n),
