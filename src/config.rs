@@ -114,7 +114,7 @@ impl Retention {
     pub fn epochs(self, policy: EpochPolicy) -> Result<u64, String> {
         let epochs = match (self, policy) {
             (Retention::Epochs(n), _) => n,
-            (Retention::Seconds(s), EpochPolicy::Time { millis }) => (s * 1000).div_ceil(millis.max(1)),
+            (Retention::Seconds(s), EpochPolicy::Time { millis }) => s.saturating_mul(1000).div_ceil(millis.max(1)),
             (Retention::Seconds(_), EpochPolicy::Offsets { .. }) => {
                 return Err("pipeline.feedback_retention is in seconds, but offset epochs have no duration: \
                             give it in epochs, e.g. feedback_retention = { epochs = 100 }"
@@ -412,6 +412,22 @@ impl Config {
         toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
     }
 
+    /// What `dlpipe run` checks on top of [`Config::validate`], once its flags are applied
+    /// (`--stop-at-end` sets `pipeline.stop_at_end`).
+    pub fn validate_run(&self) -> Result<(), String> {
+        self.validate()?;
+        let p = &self.pipeline;
+        if !p.feedback_topic.is_empty() && matches!(p.epochs, EpochPolicy::Offsets { .. }) && !p.stop_at_end {
+            // An offset epoch of feedback is its own offsets: while the feedback topic is
+            // idle its epoch stands still, and so would every prediction after it.
+            return Err("pipeline.feedback_topic with offset epochs would stall whenever the feedback topic is idle: \
+                        use time epochs on a live stream (epochs = { by = \"time\", millis = 1000 }), or offset \
+                        epochs only to replay topics to their end (stop_at_end, --stop-at-end)"
+                .into());
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.model.batch_size == 0 {
             return Err("model.batch_size must be at least 1".into());
@@ -569,7 +585,10 @@ mod tests {
             ("[pipeline]\nfeatures_topic = \"images\"\n", "features_topic and pipeline.input_topic"),
             ("[pipeline]\nfeedback_topic = \"predictions\"\n", "feedback_topic and pipeline.predictions_topic"),
             ("[pipeline]\nfeedback_topic = \"fb\"\nhead = \"imagenet\"\n", "needs head = \"online_lr\""),
-            ("[pipeline]\nfeedback_topic = \"fb\"\nepochs = { by = \"offsets\", records = 8 }\n", "give it in epochs"),
+            (
+                "[pipeline]\nfeedback_topic = \"fb\"\nepochs = { by = \"offsets\", records = 8 }\nstop_at_end = true\n",
+                "give it in epochs",
+            ),
             ("[pipeline]\nfeedback_topic = \"fb\"\nfeedback_retention = { epochs = 0 }\n", "at least one epoch"),
             ("[pipeline]\ninput_topic = \"\"\n", "pipeline.input_topic is empty"),
             ("[pipeline]\ngroup_id = \" \"\n", "pipeline.group_id is empty"),
@@ -585,6 +604,21 @@ mod tests {
             let err = Config::from_toml(toml).unwrap().validate().unwrap_err();
             assert!(err.contains(expected), "{toml:?}: {err}");
         }
+    }
+
+    #[test]
+    fn a_feedback_topic_with_offset_epochs_runs_only_to_the_end_of_its_topics() {
+        let toml = "[pipeline]\nfeedback_topic = \"fb\"\nepochs = { by = \"offsets\", records = 8 }\n\
+                    feedback_retention = { epochs = 5 }\n";
+        let mut config = Config::from_toml(toml).unwrap();
+        let err = config.validate_run().unwrap_err();
+        assert!(err.contains("would stall whenever the feedback topic is idle"), "{err}");
+        config.pipeline.stop_at_end = true;
+        config.validate_run().unwrap();
+        assert_eq!(config.pipeline.feedback_retention.epochs(config.pipeline.epochs), Ok(5));
+        let time = EpochPolicy::Time { millis: 250 };
+        assert_eq!(Retention::Seconds(30).epochs(time), Ok(120));
+        assert_eq!(Retention::Seconds(u64::MAX).epochs(time), Ok(u64::MAX / 250 + 1));
     }
 
     #[test]

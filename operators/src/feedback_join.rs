@@ -91,7 +91,8 @@ pub struct Joined<'scope> {
 struct FeedbackJson {
     id: Option<serde_json::Value>,
     label: Option<serde_json::Value>,
-    ts: Option<i64>,
+    /// Milliseconds; any JSON number (a float is truncated), else ignored for the Kafka timestamp.
+    ts: Option<serde_json::Value>,
 }
 
 impl Feedback {
@@ -128,7 +129,8 @@ impl Feedback {
                 format!("{at}: the label must be 1 to {MAX_LABEL_BYTES} bytes, not blank (got {} bytes)", label.len()),
             ));
         }
-        let ts_ms = json.ts.or(kafka_ts_ms).unwrap_or(0);
+        let ts = json.ts.and_then(|v| v.as_i64().or_else(|| v.as_f64().filter(|f| f.is_finite()).map(|f| f as i64)));
+        let ts_ms = ts.or(kafka_ts_ms).unwrap_or(0);
         Ok(Feedback { id, label, ts_ms, partition, offset })
     }
 
@@ -344,9 +346,9 @@ pub fn feedback_join<'scope>(
             .distinct()
     };
     let arrivals = window(feedback.clone(), "FeedbackArrives", 0, 1, |fb: &Feedback| (fb.id.clone(), fb.clone()));
-    let too_late = arrivals.semijoin(seen(2 * retention)).antijoin(present).consolidate();
+    let too_late = arrivals.semijoin(seen(retention.saturating_mul(2))).antijoin(present).consolidate();
     let expiries = window(feedback, "FeedbackExpires", retention, 1, |fb: &Feedback| (fb.id.clone(), fb.clone()));
-    let unknown = expiries.antijoin(seen(3 * retention)).consolidate();
+    let unknown = expiries.antijoin(seen(retention.saturating_mul(3))).consolidate();
     let late = additions(too_late, "TooLate", move |(_id, fb): (String, Feedback)| {
         let error = format!(
             "feedback at {}:{} labels id {:?}, whose image's features were dropped {retention} epochs after it \
@@ -489,6 +491,11 @@ mod tests {
             assert_eq!(d.error_kind, kind, "{}", d.error);
             assert!(d.error.contains("1:4"), "{}", d.error);
         }
+        // A float ts is milliseconds too; a ts that is no number falls back to the Kafka timestamp.
+        let fb = Feedback::parse(Some(br#"{"id":"a","label":"cat","ts":1.7e12}"#), None, 0, 0, Some(9)).unwrap();
+        assert_eq!(fb.ts_ms, 1_700_000_000_000);
+        let fb = Feedback::parse(Some(br#"{"id":"a","label":"cat","ts":"soon"}"#), None, 0, 0, Some(9)).unwrap();
+        assert_eq!(fb.ts_ms, 9);
         let long = format!(r#"{{"id":"{}","label":"cat"}}"#, "i".repeat(MAX_ID_BYTES + 1));
         let d = Feedback::parse(Some(long.as_bytes()), None, 0, 0, None).unwrap_err();
         assert_eq!(d.error_kind, "id_too_long");

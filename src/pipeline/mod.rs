@@ -81,7 +81,7 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// Runs the pipeline until it stops (stop requested, stop-at-end reached, or an error).
 pub fn run(options: RunOptions) -> anyhow::Result<Vec<WorkerSummary>> {
     let RunOptions { config, timely_args, init_model, fresh, stop } = options;
-    config.validate().map_err(anyhow::Error::msg)?;
+    config.validate_run().map_err(anyhow::Error::msg)?;
     if config.model.intra_op_threads > 0 {
         tch::set_num_threads(config.model.intra_op_threads as i32);
     }
