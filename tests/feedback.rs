@@ -270,3 +270,40 @@ fn dlpipe_produce_feedback_labels_the_images_dlpipe_produce_published() {
     assert_eq!(classes, images.iter().map(|(_, l)| *l).collect::<BTreeSet<_>>());
     assert!(read_topic(&run.dead, 1, Duration::from_secs(3)).is_empty(), "no dead letters");
 }
+
+/// A restart that continues from a checkpoint reads the feedback topic again only from the
+/// retention before the checkpoint's cut: labels consumed long before are not processed again
+/// (they would all be `unknown_id` now: their images are not read again), and labels that come
+/// before their images, across the restart, are learned.
+#[test]
+fn a_restart_reads_again_only_the_feedback_within_the_retention_before_its_checkpoint() {
+    let images = fashion(16, 14000);
+    let input = common::unique("fbre-images");
+    let feedback_topic = common::unique("fbre-feedback");
+    let labels = |range: std::ops::Range<usize>| -> Vec<(i32, String, String)> {
+        range
+            .map(|i| (0, format!("r{i}"), serde_json::json!({"id": format!("r{i}"), "label": images[i].1}).to_string()))
+            .collect()
+    };
+    let unlabelled = messages(&images, "r", 2, |_| false);
+    produce(&input, 2, &unlabelled[..8]);
+    produce(&feedback_topic, 1, &labels(0..8));
+    // The first labels are older than the retention (3 s) when the first run's checkpoint is cut.
+    std::thread::sleep(Duration::from_millis(3500));
+    let extra = format!(
+        "epochs = {{ by = \"time\", millis = 200 }}\nfeedback_topic = \"{feedback_topic}\"\n\
+         feedback_retention = {{ seconds = 3 }}\n"
+    );
+    let run = Run::new("fbre", &input, &extra);
+    run.to_end(&[]);
+    assert_eq!(latest(&run).model.updates(), 8);
+
+    // Labels first, then their images, then the restart.
+    produce(&feedback_topic, 1, &labels(8..16));
+    produce(&input, 2, &unlabelled[8..]);
+    let log = run.to_end(&[]);
+    assert!(log.contains("continuing from the newest checkpoint"), "{log}");
+    assert_eq!(latest(&run).model.updates(), 16, "the second half learned, the first not again");
+    let dead = read_topic(&run.dead, 1, Duration::from_secs(3));
+    assert!(dead.is_empty(), "the first labels were not processed again: {dead:?}");
+}

@@ -278,7 +278,7 @@ fn run_worker(
     let feedback = if p.feedback_topic.is_empty() {
         None
     } else {
-        Some(feedback_reader(config, index, peers, &worker_label, metrics)?)
+        Some(feedback_reader(config, index, peers, &worker_label, metrics, start.restored)?)
     };
 
     // The model, on this worker's device.
@@ -695,14 +695,19 @@ struct FeedbackReader {
 }
 
 /// Worker `index`'s share of the feedback topic (partition p to worker p mod `peers`, as the
-/// input's), from where `start_from` says: the group's committed offset of the feedback
-/// topic (the earliest where it has none), the earliest, or the end.
+/// input's). Continuing from a checkpoint with time epochs, it starts at the feedback that
+/// came within the retention before the checkpoint's cut (found by Kafka timestamp): what the
+/// join still held then, so that labels waiting for images read again after the restart are
+/// not lost, and older feedback is not processed again. Otherwise from where `start_from`
+/// says: the group's committed offset of the feedback topic (the earliest where it has none),
+/// the earliest, or the end.
 fn feedback_reader(
     config: &Config,
     index: usize,
     peers: usize,
     worker_label: &str,
     metrics: &Metrics,
+    restored: Option<&Checkpoint>,
 ) -> anyhow::Result<FeedbackReader> {
     let (kafka, p) = (&config.kafka, &config.pipeline);
     let topic = p.feedback_topic.as_str();
@@ -721,8 +726,25 @@ fn feedback_reader(
     for partition in &partitions {
         list.add_partition(topic, *partition);
     }
+    let retention = p.feedback_retention.epochs(p.epochs).map_err(anyhow::Error::msg)?;
     let awaiting = format!("the committed offsets of group {:?} on {topic} (its group coordinator)", p.group_id);
     let committed = with_retry(kafka, &awaiting, || consumer.committed_offsets(list.clone(), TIMEOUT))?;
+    let retained_from = match (restored, p.epochs) {
+        (Some(checkpoint), EpochPolicy::Time { millis }) if !partitions.is_empty() => {
+            // The cut's time: its frontier's epoch start (`Epoch::MAX` for the final checkpoint
+            // of a run that ended: then when it was written).
+            let cut_ms =
+                checkpoint.info.frontier.saturating_mul(millis).min(checkpoint.info.written_at_ms.max(0) as u64);
+            let from_ms = cut_ms.saturating_sub(retention.saturating_mul(millis));
+            let mut times = TopicPartitionList::new();
+            for partition in &partitions {
+                times.add_partition_offset(topic, *partition, Offset::Offset(from_ms.min(i64::MAX as u64) as i64))?;
+            }
+            let awaiting = format!("the offsets of {topic} by time (its leaders)");
+            Some(with_retry(kafka, &awaiting, || consumer.offsets_for_times(times.clone(), TIMEOUT))?)
+        }
+        _ => None,
+    };
     let mut ranges = Vec::new();
     let mut assignment = TopicPartitionList::new();
     for &partition in &partitions {
@@ -732,17 +754,23 @@ fn feedback_reader(
             Offset::Offset(o) => Some(o.clamp(low, high)),
             _ => None,
         });
-        let start = match p.start_from {
-            StartFrom::Committed => committed.unwrap_or(low),
-            StartFrom::Earliest => low,
-            StartFrom::Latest => high,
+        let by_time =
+            retained_from.as_ref().and_then(|l| l.find_partition(topic, partition)).map(|e| match e.offset() {
+                Offset::Offset(o) => o.clamp(low, high),
+                // No message at or after that time.
+                _ => high,
+            });
+        let start = match (by_time, p.start_from) {
+            (Some(start), _) => start,
+            (None, StartFrom::Committed) => committed.unwrap_or(low),
+            (None, StartFrom::Earliest) => low,
+            (None, StartFrom::Latest) => high,
         };
         assignment.add_partition_offset(topic, partition, Offset::Offset(start))?;
         ranges.push(PartitionRange { partition, start, end: p.stop_at_end.then_some(high) });
     }
     consumer.assign(&assignment)?;
     tracing::info!(worker = index, partitions = ?partitions, topic, "assigned feedback partitions");
-    let retention = p.feedback_retention.epochs(p.epochs).map_err(anyhow::Error::msg)?;
     let consumed = CounterByLabel::new(metrics.records_consumed.clone(), vec![worker_label.to_owned(), topic.into()]);
     Ok(FeedbackReader {
         consumer: Rc::new(consumer),
