@@ -129,6 +129,12 @@ impl Sent {
         }
     }
 
+    /// What this message answers, for errors: "record P:O" (input) or "feedback P:O".
+    pub(crate) fn source(&self) -> String {
+        let what = if self.kind == OutputKind::FeedbackDeadLetter { "feedback" } else { "record" };
+        format!("{what} {}:{}", self.partition, self.offset)
+    }
+
     /// Whether this is an input record's one prediction or dead letter (what the backlog
     /// counts), rather than its features or a feedback record's dead letter.
     pub(crate) fn is_record_output(&self) -> bool {
@@ -317,10 +323,8 @@ pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
                                 continue;
                             }
                             failed = true;
-                            *fatal.borrow_mut() = Some(format!(
-                                "cannot produce the output of record {}:{} to {topic}: {error}",
-                                message.partition, message.offset
-                            ));
+                            *fatal.borrow_mut() =
+                                Some(format!("cannot produce the output of {} to {topic}: {error}", message.source()));
                             return;
                         }
                     }
@@ -353,7 +357,7 @@ pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
                             failed = true;
                             let m = &report.message;
                             *fatal.borrow_mut() =
-                                Some(format!("the output of record {}:{} was not delivered: {error}", m.partition, m.offset));
+                                Some(format!("the output of {} was not delivered: {error}", m.source()));
                             continue;
                         }
                     }

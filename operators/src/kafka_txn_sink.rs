@@ -289,8 +289,8 @@ fn send_and_commit<C: ConsumerContext>(
                             continue;
                         }
                         return Err(Failure::Retry(format!(
-                            "cannot produce the output of record {}:{} to {topic}: {error}",
-                            message.partition, message.offset
+                            "cannot produce the output of {} to {topic}: {error}",
+                            message.source()
                         )));
                     }
                 }
