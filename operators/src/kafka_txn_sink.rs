@@ -26,7 +26,9 @@
 //! back from a crash without it) is left to a new producer of the same transactional id,
 //! whose initialisation fences the old one and aborts what it had open. Nothing is committed past an output that is not in a committed transaction.
 //! **Replays:** outcomes of records before a partition's `published` start are not sent
-//! (an earlier run's transaction has them); they count for progress and positions.
+//! (an earlier run's transaction has them); they count for progress and positions, and the
+//! offsets a transaction commits never go below that start (a replay committing its own lower
+//! offsets would make the next restart publish those records again).
 
 use crate::kafka_sink::{too_large, Delivery, Outgoing, OutputKind, Report, SinkContext, SinkSpec};
 use crate::metrics::SinkMetrics;
@@ -155,7 +157,8 @@ pub fn kafka_txn_sink<'scope, C: ConsumerContext + 'static>(
                             backlog.set(backlog.get().saturating_sub(records));
                             let mut session = output.session(&state.hold);
                             for (partition, offset) in state.offsets {
-                                session.give(Position { partition, learned: offset + 1, published: offset + 1 });
+                                let published = published_from.get(&partition).map_or(offset + 1, |from| (offset + 1).max(*from));
+                                session.give(Position { partition, learned: offset + 1, published });
                             }
                         }
                         tracing::trace!(seconds = started.elapsed().as_secs_f64(), "transaction committed");
@@ -269,6 +272,14 @@ fn send_and_commit<C: ConsumerContext>(
         for (partition, offset) in &state.offsets {
             let at = next.entry(*partition).or_insert(offset + 1);
             *at = (*at).max(offset + 1);
+        }
+        // Records replayed for the learner only (before where publishing starts) must not move
+        // the group's offsets back below it: a restart would publish again what an earlier
+        // run's transactions had committed.
+        for start in &spec.starts {
+            if let Some(at) = next.get_mut(&start.partition) {
+                *at = (*at).max(start.published);
+            }
         }
         for slot in state.outgoing.iter_mut() {
             loop {
