@@ -380,3 +380,53 @@ fn a_second_pipeline_of_the_same_group_fences_the_first() {
     assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     assert!(second.0.wait().unwrap().success(), "{}", std::fs::read_to_string(log_of("second")).unwrap());
 }
+
+/// Exactly-once: a restart whose checkpoint is older than the group's committed offsets learns
+/// the records in between again without publishing them, and its transactions never move
+/// those offsets back (if they did, a crash during the replay would make the next restart
+/// publish them twice: what the kill soak found under load).
+#[test]
+fn a_replay_for_the_learner_never_moves_the_committed_offsets_back() {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    const EXTRA: &str = "epochs = { by = \"offsets\", records = 2 }\ncheckpoint_every_epochs = 1\n\
+                         delivery = \"exactly_once\"\n";
+    let images = fashion(40, 9300);
+    let all = messages(&images, "m", 2, |_| true);
+    let input = common::unique("replay-images");
+    produce(&input, 2, &all[..20]);
+    let run = Run::new("replay", &input, EXTRA);
+    run.to_end(&[]);
+    assert_eq!(latest(&run).info.learned_offsets, BTreeMap::from([(0, 10), (1, 10)]));
+    produce(&input, 2, &all[20..]);
+    // As if a run had published up to offset 18 of each partition and died before checkpointing.
+    let group: BaseConsumer = dlpipe::kafka::client_config(&run.kafka()).set("group.id", &run.group).create().unwrap();
+    let mut committed = TopicPartitionList::new();
+    for partition in 0..2 {
+        committed.add_partition_offset(&input, partition, Offset::Offset(18)).unwrap();
+    }
+    group.commit(&committed, CommitMode::Sync).unwrap();
+
+    let mut child =
+        KillOnDrop(run.command(&["--stop-at-end"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    let mut lowest = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while child.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the restart did not finish in 300 s");
+        // A transaction in flight makes the read fail (unstable offsets): skip that sample.
+        if let Ok(list) = group.committed_offsets(committed.clone(), Duration::from_secs(5)) {
+            for e in list.elements() {
+                if let Offset::Offset(o) = e.offset() {
+                    let low = lowest.entry(e.partition()).or_insert(o);
+                    *low = (*low).min(o);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(child.0.wait().unwrap().success());
+    assert_eq!(lowest, BTreeMap::from([(0, 18), (1, 18)]), "the lowest committed offsets seen during the replay");
+    assert_eq!(latest(&run).model.updates(), 40, "the records between the checkpoint and the commits learned again");
+    let (_, count) = predictions(&run, 30);
+    assert_eq!(count, 20 + 4, "records 10 to 17 of each partition are not published again");
+}
