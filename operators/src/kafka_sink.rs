@@ -89,6 +89,27 @@ impl Outgoing {
     }
 }
 
+/// Records an input outcome's offset among its epoch's `offsets` (the highest per partition),
+/// and says whether it is a replay: a record before its partition's `published_from`, which an
+/// earlier run published and this one reads again for the learner only. A replay is not sent;
+/// its backlog slot is freed here. Feedback dead letters have no input offset and are never
+/// replays.
+pub(crate) fn is_replay(
+    outcome: &Outcome,
+    offsets: &mut BTreeMap<i32, i64>,
+    published_from: &BTreeMap<i32, i64>,
+    backlog: &Backlog,
+) -> bool {
+    let Some((partition, offset)) = outcome.input_position() else { return false };
+    let max = offsets.entry(partition).or_insert(offset);
+    *max = (*max).max(offset);
+    let replay = published_from.get(&partition).is_some_and(|from| offset < *from);
+    if replay {
+        backlog.set(backlog.get().saturating_sub(1));
+    }
+    replay
+}
+
 /// Which output a message is, and so its topic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum OutputKind {
@@ -284,14 +305,8 @@ pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
                     });
                     for batch in data {
                         for outcome in batch.drain(..) {
-                            if let Some((partition, offset)) = outcome.input_position() {
-                                let max = state.offsets.entry(partition).or_insert(offset);
-                                *max = (*max).max(offset);
-                                if published_from.get(&partition).is_some_and(|from| offset < *from) {
-                                    // Published by an earlier run; replayed for the learner only.
-                                    backlog.set(backlog.get().saturating_sub(1));
-                                    continue;
-                                }
+                            if is_replay(&outcome, &mut state.offsets, &published_from, &backlog) {
+                                continue;
                             }
                             Outgoing::encode(epoch, outcome, &spec, &mut metrics, |message| {
                                 state.unacked += 1;

@@ -30,7 +30,7 @@
 //! offsets a transaction commits never go below that start (a replay committing its own lower
 //! offsets would make the next restart publish those records again).
 
-use crate::kafka_sink::{too_large, Delivery, Outgoing, OutputKind, Report, SinkContext, SinkSpec};
+use crate::kafka_sink::{is_replay, too_large, Delivery, Outgoing, OutputKind, Report, SinkContext, SinkSpec};
 use crate::metrics::SinkMetrics;
 use crate::records::{now_ms, Epoch, Outcome, Position};
 use crate::{Backlog, Fatal};
@@ -113,13 +113,8 @@ pub fn kafka_txn_sink<'scope, C: ConsumerContext + 'static>(
                     });
                     for batch in data {
                         for outcome in batch.drain(..) {
-                            if let Some((partition, offset)) = outcome.input_position() {
-                                let max = state.offsets.entry(partition).or_insert(offset);
-                                *max = (*max).max(offset);
-                                if published_from.get(&partition).is_some_and(|from| offset < *from) {
-                                    backlog.set(backlog.get().saturating_sub(1));
-                                    continue;
-                                }
+                            if is_replay(&outcome, &mut state.offsets, &published_from, &backlog) {
+                                continue;
                             }
                             Outgoing::encode(epoch, outcome, &spec, &mut metrics, |message| {
                                 state.outgoing.push(message)

@@ -222,15 +222,7 @@ fn run_worker(
     }
 
     // Kafka: this worker's partitions, where to start and (with stop_at_end) where to end.
-    let lag =
-        LagContext { lag: metrics.consumer_lag.clone(), worker: worker_label.clone(), topic: p.input_topic.clone() };
-    let consumer: BaseConsumer<LagContext> = client_config(&config.kafka)
-        .set("group.id", &p.group_id)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
-        .create_with_context(lag)?;
-    let consumer = Rc::new(consumer);
+    let consumer = Rc::new(assigned_consumer(config, &worker_label, &p.input_topic, metrics)?);
     // Topics that worker 0 is creating may take a moment to appear; with create_topics off
     // every topic must already exist (checked here, not at the first send).
     let partitions = topic_partitions(&consumer, &config.kafka, &p.input_topic, p.create_topics)?;
@@ -685,6 +677,23 @@ enum LearnFrom<'a> {
     Published,
 }
 
+/// A consumer of the group for partitions the caller assigns (no subscription, no automatic
+/// commits), reporting `topic`'s lag for `worker`.
+fn assigned_consumer(
+    config: &Config,
+    worker: &str,
+    topic: &str,
+    metrics: &Metrics,
+) -> anyhow::Result<BaseConsumer<LagContext>> {
+    let lag = LagContext { lag: metrics.consumer_lag.clone(), worker: worker.to_owned(), topic: topic.to_owned() };
+    Ok(client_config(&config.kafka)
+        .set("group.id", &config.pipeline.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
+        .create_with_context(lag)?)
+}
+
 /// What the feedback source and join of one worker need.
 struct FeedbackReader {
     consumer: Rc<BaseConsumer<LagContext>>,
@@ -711,13 +720,7 @@ fn feedback_reader(
 ) -> anyhow::Result<FeedbackReader> {
     let (kafka, p) = (&config.kafka, &config.pipeline);
     let topic = p.feedback_topic.as_str();
-    let lag = LagContext { lag: metrics.consumer_lag.clone(), worker: worker_label.to_owned(), topic: topic.into() };
-    let consumer: BaseConsumer<LagContext> = client_config(kafka)
-        .set("group.id", &p.group_id)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
-        .create_with_context(lag)?;
+    let consumer = assigned_consumer(config, worker_label, topic, metrics)?;
     let partitions: Vec<i32> = topic_partitions(&consumer, kafka, topic, p.create_topics)?
         .into_iter()
         .filter(|partition| *partition as usize % peers == index)
