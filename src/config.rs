@@ -163,7 +163,8 @@ pub struct PipelineConfig {
     pub top_k: usize,
     /// Records of one worker in the pipeline at once (read but not yet published).
     pub max_backlog: usize,
-    /// Records of one worker being fetched and decoded at once.
+    /// Records of one worker being fetched and decoded at once, in each lane (labelled and
+    /// unlabelled records are prepared apart).
     pub max_decoding: usize,
     /// Encoded bytes held between fetching and decoding, by all workers of a process together;
     /// fetch threads wait for room beyond it (one larger input still goes through, alone).

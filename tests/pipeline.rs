@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// A one-request-at-a-time HTTP server on loopback that answers 404 to everything.
@@ -28,6 +29,108 @@ fn http_404_server() -> String {
         }
     });
     format!("http://{address}/missing.jpg")
+}
+
+/// An HTTP server on loopback that answers every request with `body`, except that requests
+/// for `/slow...` get no answer until `release` is set: a tarpit the test controls.
+fn tarpit_server(body: Vec<u8>, release: Arc<(Mutex<bool>, Condvar)>) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let body = Arc::new(body);
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(64) {
+            let Ok(mut stream) = stream else { continue };
+            let (body, release) = (Arc::clone(&body), Arc::clone(&release));
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if String::from_utf8_lossy(&head).starts_with("GET /slow") {
+                    let (released, changed) = &*release;
+                    let _held = changed.wait_while(released.lock().unwrap(), |r| !*r).unwrap();
+                }
+                let header = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(header.as_bytes()).and_then(|_| stream.write_all(&body));
+            });
+        }
+    });
+    format!("http://{address}")
+}
+
+/// An unlabelled record behind a server that does not answer holds back its own prediction
+/// only: every other record of every worker is predicted and published meanwhile, and the
+/// late record, once fetched, is predicted by the classifier of its own epoch, as if it had
+/// come in time.
+#[test]
+fn a_slow_unlabelled_uri_delays_only_its_own_prediction() {
+    let input = common::unique("slow-images");
+    let images = fashion(48, 300);
+    let mut messages = messages(&images, "r", 2, |i| i % 4 != 3);
+    let release = Arc::new((Mutex::new(false), Condvar::new()));
+    let server = tarpit_server(std::fs::read(&images[0].0).unwrap(), Arc::clone(&release));
+    // Partition 0, offset 9: epoch 2 of offset epochs of 4 records.
+    let slow = serde_json::json!({"id": "slow", "uri": format!("{server}/slow.png")}).to_string();
+    messages[18] = (0, "slow".into(), slow);
+    produce(&input, 2, &messages);
+    let run = Run::new("slow", &input, "epochs = { by = \"offsets\", records = 4 }\n");
+    // The fetch is held far longer than the test waits for the other predictions.
+    let config = std::fs::read_to_string(run.config()).unwrap();
+    let config = config.replace("[fetch]\n", "[fetch]\ntimeout_ms = 300000\ntotal_timeout_ms = 300000\n");
+    std::fs::write(run.config(), config).unwrap();
+    let log = run.dir.path().join("run.log");
+    let mut child = KillOnDrop(
+        run.command(&["--stop-at-end", "-w", "2"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+
+    let others = read_topic(&run.predictions, images.len() - 1, Duration::from_secs(60));
+    let ids: BTreeSet<&str> = others.iter().map(|p| p["id"].as_str().unwrap()).collect();
+    assert_eq!(
+        ids.len(),
+        images.len() - 1,
+        "while one fetch hangs, every other record is predicted; got {} of {}:\n{}",
+        ids.len(),
+        images.len() - 1,
+        std::fs::read_to_string(&log).unwrap()
+    );
+    assert!(!ids.contains("slow"));
+
+    let (released, changed) = &*release;
+    *released.lock().unwrap() = true;
+    changed.notify_all();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the run did not finish:\n{}", std::fs::read_to_string(&log).unwrap());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "dlpipe run failed:\n{}", std::fs::read_to_string(&log).unwrap());
+
+    let all = read_topic(&run.predictions, images.len(), Duration::from_secs(10));
+    assert_eq!(all.len(), images.len());
+    let epoch = |p: &Value| p["offset"].as_i64().unwrap() / 4;
+    let late = all.iter().find(|p| p["id"] == "slow").expect("the late record's prediction");
+    assert_eq!(epoch(late), 2);
+    let versions: BTreeSet<u64> =
+        all.iter().filter(|p| epoch(p) == 2).map(|p| p["model_version"].as_u64().unwrap()).collect();
+    assert_eq!(versions.len(), 1, "one classifier for every record of epoch 2, the late one too: {versions:?}");
+    let late_version = late["model_version"].as_u64().unwrap();
+    let newest = all.iter().map(|p| p["model_version"].as_u64().unwrap()).max().unwrap();
+    assert!(late_version > 0 && late_version < newest, "the late record's classifier is its epoch's: {late_version}");
+    assert!(!late["top_k"].as_array().unwrap().is_empty());
 }
 
 #[test]

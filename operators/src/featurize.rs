@@ -16,7 +16,7 @@
 //! The model runs on the worker thread: it is the work the pipeline exists to do, and the one
 //! model instance per worker is bound to that worker's device.
 
-use crate::metrics::FeaturizeMetrics;
+use crate::metrics::{FeaturizeMetrics, GaugeShare};
 use crate::records::{DeadLetter, Decoded, Epoch, Featured};
 use crate::Fatal;
 use std::collections::BTreeMap;
@@ -90,6 +90,7 @@ where
         let mut caps: BTreeMap<Epoch, Capability<Epoch>> = BTreeMap::new();
         let mut oldest: Option<Instant> = None;
         let mut pixels: Vec<f32> = Vec::new();
+        let mut waiting_gauge = GaugeShare::new(metrics.waiting.clone());
         move |(input, frontier), output| {
             input.for_each_stamp(|cap, data| {
                 let Some(cap) = cap.retain_least(0) else { return };
@@ -137,7 +138,7 @@ where
                 }
                 caps.retain(|epoch, _| waiting.iter().any(|(e, _)| e == epoch));
             }
-            metrics.waiting.set(waiting.len() as i64);
+            waiting_gauge.set(waiting.len() as i64);
         }
     })
 }

@@ -20,7 +20,7 @@
 //! A panic in either closure (an image decoder's bug met by a crafted file) is caught and
 //! becomes that record's dead letter, kind `internal_error`; the pipeline goes on.
 
-use crate::metrics::FetchDecodeMetrics;
+use crate::metrics::{FetchDecodeMetrics, GaugeShare};
 use crate::records::{DeadLetter, Decoded, Epoch, ImageRecord};
 use std::collections::{BTreeMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -103,6 +103,8 @@ where
         let mut pending: BTreeMap<Epoch, (Capability<Epoch>, usize)> = BTreeMap::new();
         let mut queue: VecDeque<(Epoch, ImageRecord)> = VecDeque::new();
         let mut in_flight = 0usize;
+        let (mut queued_gauge, mut in_flight_gauge) =
+            (GaugeShare::new(metrics.queued.clone()), GaugeShare::new(metrics.in_flight.clone()));
         move |(input, _frontier), output| {
             input.for_each_stamp(|cap, data| {
                 let Some(cap) = cap.retain_least(0) else { return };
@@ -161,8 +163,8 @@ where
                     });
                 }));
             }
-            metrics.queued.set(queue.len() as i64);
-            metrics.in_flight.set(in_flight as i64);
+            queued_gauge.set(queue.len() as i64);
+            in_flight_gauge.set(in_flight as i64);
         }
     })
 }

@@ -6,13 +6,24 @@
 //! **Out:** one `Prediction` per featured record, at the record's epoch.
 //! **Progress and determinism:** a record of epoch e is predicted with the classifier that has
 //! learned every labelled example of the epochs before e and nothing of e or later. Epoch e's
-//! examples are applied once both input frontiers have passed e, sorted by (partition, offset),
-//! after every record of epochs <= e has been predicted. The classifier after epoch e therefore
-//! depends only on the input records and the epoch boundaries, not on the number of workers,
-//! on which worker read which partition, or on timing. Records of epoch e are held (with a
-//! capability) only until the frontier of the labelled input reaches e. After each activation
-//! the head is told the frontier its state corresponds to ([`Head::learned_through`]), which
-//! is what checkpoints are cut at.
+//! examples are applied once the labelled input's frontier has passed e, sorted by
+//! (partition, offset), after every record of epochs <= e that is here has been predicted. The
+//! classifier after epoch e therefore depends only on the input records and the epoch
+//! boundaries, not on the number of workers, on which worker read which partition, or on
+//! timing. Records of epoch e are held (with a capability) only until the frontier of the
+//! labelled input reaches e.
+//!
+//! **Late records:** learning does not wait for the records input. A record that is slow to
+//! arrive (an unlabelled image behind a slow server: labelled ones hold back the labelled
+//! input, and so the learner, by construction) must not hold back every later prediction of
+//! every worker. So when epoch l is learned while records of epoch l or earlier may still come
+//! (the records frontier is at most l), the classifier is first frozen as it is, a copy
+//! ([`Head::freeze`]) kept under l; a record of epoch e that comes after the head has learned
+//! past e is predicted by the earliest copy kept under an epoch >= e, which is the classifier
+//! of the epochs before e, as it would have been had the record come in time. Copies are
+//! dropped once the records frontier has passed them. After each activation the head is told
+//! the frontier its state corresponds to ([`Head::learned_through`]), which is what
+//! checkpoints are cut at.
 
 use crate::metrics::LearnPredictMetrics;
 use crate::records::{ClassScore, Epoch, Featured, LabelledExample, Prediction};
@@ -23,19 +34,28 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
-/// The classifier behind `learn_predict`: the online logistic regression, or a pretrained
-/// model's own classes.
-pub trait Head: 'static {
+/// What predicts: a classifier, or a frozen copy of one.
+pub trait Predict: 'static {
     /// The `k` most probable classes of one record.
     fn predict(&mut self, record: &Featured, k: usize) -> Vec<ClassScore>;
-    /// Learns one epoch's labelled examples, given in (partition, offset) order.
-    fn learn(&mut self, epoch: Epoch, examples: &[LabelledExample]);
     /// The model version predictions report: updates applied so far.
     fn version(&self) -> u64;
+}
+
+/// The classifier behind `learn_predict`: the online logistic regression, or a pretrained
+/// model's own classes.
+pub trait Head: Predict {
+    /// A copy of the head that predicts as the head does now.
+    type Frozen: Predict;
+    /// Freezes the head's predictions as they are now, for records that come late (see the
+    /// module's doc). Called only while such records may still come.
+    fn freeze(&self) -> Self::Frozen;
+    /// Learns one epoch's labelled examples, given in (partition, offset) order.
+    fn learn(&mut self, epoch: Epoch, examples: &[LabelledExample]);
     /// Says that the head has now learned every example of the epochs before `frontier` and
     /// none of later epochs: its state is the state after those epochs (what a checkpoint at
     /// `frontier` holds). Called after each activation; `frontier` never decreases, and is
-    /// `Epoch::MAX` once both inputs are done.
+    /// `Epoch::MAX` once the labelled input is done and learned.
     fn learned_through(&mut self, _frontier: Epoch) {}
 }
 
@@ -51,6 +71,9 @@ pub fn learn_predict<'scope, H: Head>(
     featured.binary_frontier(labelled, Pipeline, Pipeline, "LearnPredict", move |_default_cap, _info| {
         let mut records: BTreeMap<Epoch, (Capability<Epoch>, Vec<Featured>)> = BTreeMap::new();
         let mut examples: BTreeMap<Epoch, Vec<LabelledExample>> = BTreeMap::new();
+        // The head as it was before learning epoch l, under l, while records of epoch l or
+        // earlier may still come.
+        let mut frozen: BTreeMap<Epoch, H::Frozen> = BTreeMap::new();
         move |(input1, frontier1), (input2, frontier2), output| {
             input1.for_each_stamp(|cap, data| {
                 let Some(cap) = cap.retain_least(0) else { return };
@@ -66,8 +89,8 @@ pub fn learn_predict<'scope, H: Head>(
                     entry.append(batch);
                 }
             });
-            // Epochs below `labels_done` have all their labelled examples here; epochs below
-            // `records_done` have all their records here.
+            // Epochs below `labels_done` have all their labelled examples here; records of
+            // epochs at or after `records_done` may still come.
             let labels_done = frontier2.frontier().first().copied().unwrap_or(Epoch::MAX);
             let records_done = frontier1.frontier().first().copied().unwrap_or(Epoch::MAX);
             loop {
@@ -79,11 +102,17 @@ pub fn learn_predict<'scope, H: Head>(
                         let (cap, batch) = records.remove(&e).expect("key exists");
                         let started = Instant::now();
                         metrics.predicted.inc_by(batch.len() as u64);
-                        let version = head.version();
+                        // Learned past e already (the records came late): the copy of the head
+                        // of the epochs before e.
+                        let predictor: &mut dyn Predict = match frozen.range_mut(e..).next() {
+                            Some((_, copy)) => copy,
+                            None => &mut head,
+                        };
+                        let version = predictor.version();
                         let now = crate::records::now_ms();
                         let mut session = output.session(&cap);
                         for record in batch {
-                            let top_k = head.predict(&record, top_k);
+                            let top_k = predictor.predict(&record, top_k);
                             session.give(Prediction {
                                 record: record.record,
                                 top_k,
@@ -96,10 +125,13 @@ pub fn learn_predict<'scope, H: Head>(
                         continue;
                     }
                 }
-                // Examples of epoch l: once complete, and once no record of epoch <= l can
-                // still arrive or wait here.
+                // Examples of epoch l: once complete, and once the records of epochs <= l that
+                // are here are predicted.
                 if let Some(l) = next_examples {
-                    if l < labels_done && l < records_done && next_records.is_none_or(|e| e > l) {
+                    if l < labels_done && next_records.is_none_or(|e| e > l) {
+                        if records_done <= l {
+                            frozen.insert(l, head.freeze());
+                        }
                         let mut batch = examples.remove(&l).expect("key exists");
                         batch.sort_by_key(|x| (x.partition, x.offset));
                         let started = Instant::now();
@@ -110,29 +142,151 @@ pub fn learn_predict<'scope, H: Head>(
                 }
                 break;
             }
+            // A record still to come has an epoch of at least `records_done`: it needs no copy
+            // kept under an earlier epoch.
+            frozen = frozen.split_off(&records_done);
             let pending = examples.keys().next().copied().unwrap_or(Epoch::MAX);
-            head.learned_through(labels_done.min(records_done).min(pending));
+            head.learned_through(labels_done.min(pending));
             metrics.waiting.set(records.values().map(|(_, r)| r.len() as i64).sum());
+            metrics.frozen.set(frozen.len() as i64);
         }
     })
 }
 
 /// A head shared with the code that built the dataflow (to read its metrics, snapshot it at
 /// shutdown); the worker thread owns both, so a `RefCell` suffices.
-impl<H: Head> Head for std::rc::Rc<std::cell::RefCell<H>> {
+impl<H: Head> Predict for std::rc::Rc<std::cell::RefCell<H>> {
     fn predict(&mut self, record: &Featured, k: usize) -> Vec<ClassScore> {
         self.borrow_mut().predict(record, k)
+    }
+
+    fn version(&self) -> u64 {
+        self.borrow().version()
+    }
+}
+
+impl<H: Head> Head for std::rc::Rc<std::cell::RefCell<H>> {
+    type Frozen = H::Frozen;
+
+    fn freeze(&self) -> H::Frozen {
+        self.borrow().freeze()
     }
 
     fn learn(&mut self, epoch: Epoch, examples: &[LabelledExample]) {
         self.borrow_mut().learn(epoch, examples)
     }
 
-    fn version(&self) -> u64 {
-        self.borrow().version()
-    }
-
     fn learned_through(&mut self, frontier: Epoch) {
         self.borrow_mut().learned_through(frontier)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::LearnPredictMetrics;
+    use crate::records::ImageRecord;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    use timely::dataflow::operators::{Concat, Inspect};
+    use timely::dataflow::InputHandle;
+
+    /// A head whose predictions name its version: the labels it has learned, in order.
+    struct Labels(Vec<String>);
+
+    impl Predict for Labels {
+        fn predict(&mut self, _record: &Featured, _k: usize) -> Vec<ClassScore> {
+            vec![ClassScore { class: self.0.join(","), probability: 1.0 }]
+        }
+
+        fn version(&self) -> u64 {
+            self.0.len() as u64
+        }
+    }
+
+    impl Head for Labels {
+        type Frozen = Labels;
+
+        fn freeze(&self) -> Labels {
+            Labels(self.0.clone())
+        }
+
+        fn learn(&mut self, _epoch: Epoch, examples: &[LabelledExample]) {
+            self.0.extend(examples.iter().map(|x| x.label.clone()));
+        }
+    }
+
+    fn record(id: &str, offset: i64) -> Featured {
+        let record =
+            ImageRecord { id: id.into(), uri: format!("u/{id}"), label: None, partition: 0, offset, kafka_ts_ms: None };
+        Featured { record, features: vec![0.0], logits: None }
+    }
+
+    /// A prediction as (epoch, id, model version, the classifier's labels).
+    type Seen = (Epoch, String, u64, String);
+
+    fn example(label: &str, offset: i64) -> LabelledExample {
+        LabelledExample { partition: 1, offset, label: label.into(), features: vec![0.0] }
+    }
+
+    #[test]
+    fn a_late_record_holds_back_no_other_prediction_and_is_predicted_by_the_classifier_of_its_epoch() {
+        timely::execute_directly(|worker| {
+            let (mut on_time, mut late, mut labels) = (InputHandle::new(), InputHandle::new(), InputHandle::new());
+            let predicted: Rc<RefCell<Vec<Seen>>> = Rc::default();
+            let metrics = LearnPredictMetrics::default();
+            let frozen = metrics.frozen.clone();
+            let seen = Rc::clone(&predicted);
+            worker.dataflow::<Epoch, _, _>(|scope| {
+                let records = on_time.to_stream(scope).concat(late.to_stream(scope));
+                learn_predict(records, labels.to_stream(scope), Labels(Vec::new()), 1, metrics).inspect_core(
+                    move |event| {
+                        let Ok((stamp, batch)) = event else { return };
+                        let epoch = *stamp.least().expect("a stamped batch");
+                        for p in batch {
+                            let class = p.top_k[0].class.clone();
+                            seen.borrow_mut().push((epoch, p.record.id.clone(), p.model_version, class));
+                        }
+                    },
+                );
+            });
+            // Epochs 0 to 3 on time, each with a record and a label; the record `late` of
+            // epoch 1 has not come yet: its input stays at epoch 1.
+            late.advance_to(1);
+            for epoch in 0..4u64 {
+                on_time.advance_to(epoch);
+                labels.advance_to(epoch);
+                on_time.send(record(&format!("r{epoch}"), epoch as i64));
+                labels.send(example(&format!("l{epoch}"), epoch as i64));
+            }
+            on_time.advance_to(4);
+            labels.advance_to(4);
+            for _ in 0..20 {
+                worker.step();
+            }
+            // Every on-time record is predicted by the classifier of the epochs before its own,
+            // though a record of epoch 1 may still come.
+            let want: Vec<Seen> = (0..4u64)
+                .map(|e| {
+                    let learned: Vec<String> = (0..e).map(|l| format!("l{l}")).collect();
+                    (e, format!("r{e}"), e, learned.join(","))
+                })
+                .collect();
+            assert_eq!(*predicted.borrow(), want);
+            // Learned through epoch 3, with copies of the classifier before epochs 1, 2 and 3.
+            assert_eq!(frozen.get(), 3);
+
+            // The late record: predicted as if it had come in time, by the classifier that had
+            // learned epoch 0 only, as r1 was.
+            late.send(record("late", 9));
+            late.close();
+            on_time.close();
+            labels.close();
+            while worker.step() {}
+            let last = predicted.borrow().last().cloned().unwrap();
+            assert_eq!(last, (1, "late".to_owned(), 1, "l0".to_owned()));
+            assert_eq!(predicted.borrow().len(), 5);
+            assert_eq!(frozen.get(), 0, "no copy is kept once no record can come late");
+        });
     }
 }

@@ -37,7 +37,7 @@ pub use fetch_decode::{fetch_decode, ByteBudget, Prepare, PrepareError};
 pub use kafka_sink::{kafka_sink, FeaturesOutput, SinkContext, SinkSpec};
 pub use kafka_source::{kafka_feedback_source, kafka_source, EpochPolicy, PartitionRange, SourceSpec};
 pub use kafka_txn_sink::{kafka_txn_sink, TxnProducer};
-pub use learn_predict::{learn_predict, Head};
+pub use learn_predict::{learn_predict, Head, Predict};
 pub use metrics::{
     CounterByLabel, FeaturizeMetrics, FeedbackJoinMetrics, FetchDecodeMetrics, LearnPredictMetrics, SinkMetrics,
     SourceMetrics,

@@ -48,6 +48,31 @@ fn counter() -> IntCounter {
     IntCounter::new("unregistered", "not exported").expect("valid")
 }
 
+/// One operator instance's share of a gauge that several instances add to (the labelled and
+/// unlabelled lanes of a worker report into the same stage's gauge): the instance sets its own
+/// value, and the gauge holds the sum.
+pub struct GaugeShare {
+    gauge: IntGauge,
+    mine: i64,
+}
+
+impl GaugeShare {
+    pub fn new(gauge: IntGauge) -> GaugeShare {
+        GaugeShare { gauge, mine: 0 }
+    }
+
+    pub fn set(&mut self, value: i64) {
+        self.gauge.add(value - self.mine);
+        self.mine = value;
+    }
+}
+
+impl Drop for GaugeShare {
+    fn drop(&mut self) {
+        self.gauge.sub(self.mine);
+    }
+}
+
 fn gauge() -> IntGauge {
     IntGauge::new("unregistered", "not exported").expect("valid")
 }
@@ -96,6 +121,8 @@ pub struct LearnPredictMetrics {
     pub predict_seconds: Histogram,
     pub learn_seconds: Histogram,
     pub waiting: IntGauge,
+    /// Frozen copies of the classifier kept for records that come late.
+    pub frozen: IntGauge,
 }
 
 impl Default for LearnPredictMetrics {
@@ -105,6 +132,7 @@ impl Default for LearnPredictMetrics {
             predict_seconds: histogram(),
             learn_seconds: histogram(),
             waiting: gauge(),
+            frozen: gauge(),
         }
     }
 }

@@ -224,6 +224,14 @@ pub const DEFINITIONS: &[MetricDef] = &[
     ),
     def("dlpipe_learner_classes", G, &["worker"], B::None, "Classes the online classifier knows."),
     def(
+        "dlpipe_learner_frozen_copies",
+        G,
+        &["worker"],
+        B::None,
+        "Copies of the classifier kept to predict records that come after it has learned past their epoch (behind a \
+         slow fetch): one per epoch learned since.",
+    ),
+    def(
         "dlpipe_learner_examples_total",
         C,
         &["worker", "class"],
@@ -356,6 +364,7 @@ pub struct Metrics {
     pub frontier_lag: GaugeVec,
     pub model_version: IntGaugeVec,
     pub learner_classes: IntGaugeVec,
+    pub learner_frozen_copies: IntGaugeVec,
     pub learner_examples: IntCounterVec,
     pub learner_correct: IntCounterVec,
     pub learner_refused: IntCounterVec,
@@ -445,6 +454,7 @@ impl Metrics {
             frontier_lag: b.gauge("dlpipe_frontier_lag_seconds"),
             model_version: b.int_gauge("dlpipe_model_version"),
             learner_classes: b.int_gauge("dlpipe_learner_classes"),
+            learner_frozen_copies: b.int_gauge("dlpipe_learner_frozen_copies"),
             learner_examples: b.counter("dlpipe_learner_examples_total"),
             learner_correct: b.counter("dlpipe_learner_correct_total"),
             learner_refused: b.counter("dlpipe_learner_refused_total"),
@@ -499,6 +509,7 @@ impl Metrics {
                 predict_seconds: self.predict_seconds.with_label_values(&[&w]),
                 learn_seconds: self.learn_seconds.with_label_values(&[&w]),
                 waiting: stage("learn_wait"),
+                frozen: self.learner_frozen_copies.with_label_values(&[&w]),
             },
             sink: SinkMetrics {
                 dead_lettered: CounterByLabel::new(self.records_dead_lettered.clone(), vec![w.clone()]),

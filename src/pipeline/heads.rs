@@ -3,15 +3,16 @@
 use crate::learn::{LearnError, Prequential, SoftmaxRegression};
 use crate::metrics::LearnerMetrics;
 use crate::model::top_k;
-use dlpipe_operators::{ClassScore, Epoch, Featured, Head, LabelledExample};
+use dlpipe_operators::{ClassScore, Epoch, Featured, Head, LabelledExample, Predict};
 use std::collections::VecDeque;
 
 /// The pretrained model's own classes, from its logits. Learns nothing.
+#[derive(Clone)]
 pub struct ImagenetHead {
     pub class_names: Vec<String>,
 }
 
-impl Head for ImagenetHead {
+impl Predict for ImagenetHead {
     fn predict(&mut self, record: &Featured, k: usize) -> Vec<ClassScore> {
         let Some(logits) = &record.logits else { return Vec::new() };
         top_k(logits, k, &self.class_names)
@@ -20,10 +21,48 @@ impl Head for ImagenetHead {
             .collect()
     }
 
-    fn learn(&mut self, _epoch: Epoch, _examples: &[LabelledExample]) {}
-
     fn version(&self) -> u64 {
         0
+    }
+}
+
+impl Head for ImagenetHead {
+    type Frozen = ImagenetHead;
+
+    fn freeze(&self) -> ImagenetHead {
+        self.clone()
+    }
+
+    fn learn(&mut self, _epoch: Epoch, _examples: &[LabelledExample]) {}
+}
+
+/// The online classifier as it was at an epoch boundary: predicts what the head predicted
+/// then (see `learn_predict`'s late records).
+pub struct FrozenClassifier {
+    model: SoftmaxRegression,
+}
+
+impl Predict for FrozenClassifier {
+    fn predict(&mut self, record: &Featured, k: usize) -> Vec<ClassScore> {
+        classify(&self.model, record, k)
+    }
+
+    fn version(&self) -> u64 {
+        self.model.updates()
+    }
+}
+
+/// The `k` most probable classes of `record` by `model`.
+fn classify(model: &SoftmaxRegression, record: &Featured, k: usize) -> Vec<ClassScore> {
+    match model.top_k(&record.features, k) {
+        Ok(top) => top
+            .into_iter()
+            .map(|(class, probability)| ClassScore { class: model.classes()[class].clone(), probability })
+            .collect(),
+        Err(error) => {
+            tracing::warn!(%error, id = record.record.id, "cannot classify the record");
+            Vec::new()
+        }
     }
 }
 
@@ -80,18 +119,21 @@ impl OnlineLrHead {
     }
 }
 
-impl Head for OnlineLrHead {
+impl Predict for OnlineLrHead {
     fn predict(&mut self, record: &Featured, k: usize) -> Vec<ClassScore> {
-        match self.model.top_k(&record.features, k) {
-            Ok(top) => top
-                .into_iter()
-                .map(|(class, probability)| ClassScore { class: self.model.classes()[class].clone(), probability })
-                .collect(),
-            Err(error) => {
-                tracing::warn!(%error, id = record.record.id, "cannot classify the record");
-                Vec::new()
-            }
-        }
+        classify(&self.model, record, k)
+    }
+
+    fn version(&self) -> u64 {
+        self.model.updates()
+    }
+}
+
+impl Head for OnlineLrHead {
+    type Frozen = FrozenClassifier;
+
+    fn freeze(&self) -> FrozenClassifier {
+        FrozenClassifier { model: self.model.clone() }
     }
 
     fn learn(&mut self, _epoch: Epoch, examples: &[LabelledExample]) {
@@ -133,10 +175,6 @@ impl Head for OnlineLrHead {
         // The state after each epoch has no SGD step pending, so that a checkpoint of it
         // continues exactly as this learner does.
         self.model.flush();
-    }
-
-    fn version(&self) -> u64 {
-        self.model.updates()
     }
 
     fn learned_through(&mut self, frontier: Epoch) {

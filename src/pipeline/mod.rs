@@ -47,7 +47,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
-use timely::dataflow::operators::vec::{Broadcast, Filter, Map};
+use timely::dataflow::operators::vec::{Broadcast, Filter, Map, ToStream};
 use timely::dataflow::operators::{Concat, OkErr, Probe};
 use timely::CommunicationConfig;
 
@@ -325,15 +325,16 @@ fn run_worker(
     let decode_seconds = metrics.decode_seconds.with_label_values(&[&worker_label]);
     let fetched_bytes = metrics.fetched_bytes.with_label_values(&[&worker_label]);
     let max_encoded_bytes = limits.max_encoded_bytes;
-    let fetch = move |record: &ImageRecord| -> Result<Vec<u8>, PrepareError> {
+    // Shared by the labelled and unlabelled lanes.
+    let fetch = Arc::new(move |record: &ImageRecord| -> Result<Vec<u8>, PrepareError> {
         let started = Instant::now();
         let bytes = fetcher.fetch(&record.uri, max_encoded_bytes);
         fetch_seconds.observe(started.elapsed().as_secs_f64());
         let bytes = bytes.map_err(|e| (e.kind().to_owned(), e.to_string()))?;
         fetched_bytes.inc_by(bytes.len() as u64);
         Ok(bytes)
-    };
-    let decode_record = move |record: &ImageRecord, bytes: &[u8]| -> Result<Vec<f32>, PrepareError> {
+    });
+    let decode_record = Arc::new(move |record: &ImageRecord, bytes: &[u8]| -> Result<Vec<f32>, PrepareError> {
         thread_local! {
             static RESIZER: RefCell<Resizer> = RefCell::new(Resizer::new());
         }
@@ -345,11 +346,12 @@ fn run_worker(
             .map_err(|e| (e.kind().to_owned(), format!("{}: {e}", record.uri)))?;
         decode_seconds.observe(started.elapsed().as_secs_f64());
         Ok(pixels)
-    };
+    });
     let labels = [worker_label.as_str(), device_name.as_str(), manifest.name.as_str()];
     let forward_seconds = metrics.featurize_seconds.with_label_values(&labels);
     let batch_records = metrics.featurize_batch.with_label_values(&labels);
-    let model = move |pixels: &[f32], n: usize| -> Result<Vec<ModelRow>, String> {
+    // One model on this worker's device, run by both lanes (never at once: both run on this thread).
+    let model = Rc::new(RefCell::new(move |pixels: &[f32], n: usize| -> Result<Vec<ModelRow>, String> {
         let started = Instant::now();
         let out = featurizer.forward(pixels, n).map_err(|e| e.to_string())?;
         forward_seconds.observe(started.elapsed().as_secs_f64());
@@ -359,7 +361,7 @@ fn run_worker(
                 (out.features_row(i).map(<[f32]>::to_vec).unwrap_or_default(), out.logits_row(i).map(<[f32]>::to_vec))
             })
             .collect())
-    };
+    }));
 
     let backlog: Backlog = Rc::new(std::cell::Cell::new(0));
     let fatal: Fatal = Rc::new(RefCell::new(None));
@@ -437,26 +439,46 @@ fn run_worker(
         let (handle, raw) = raw.probe();
         probes.push(("kafka_source", handle));
         let (records, unreadable) = raw.ok_err::<Vec<ImageRecord>, _, Vec<DeadLetter>, _, _>(|r| r);
-        let decoded = fetch_decode(
-            records,
-            max_decoding,
-            Prepare { fetch, decode: decode_record, budget: Arc::clone(shared.fetched_bytes) },
-            fetch_metrics,
-        );
-        let (handle, decoded) = decoded.probe();
-        probes.push(("fetch_decode", handle));
-        let (decoded, undecodable) = decoded.ok_err::<Vec<_>, _, Vec<DeadLetter>, _, _>(|r| r);
-        let featured = featurize(decoded, batching, model, Rc::clone(&fatal), featurize_metrics);
-        let (handle, featured) = featured.probe();
-        probes.push(("featurize", handle));
-        let (featured, unfeaturized) = featured.ok_err::<Vec<Featured>, _, Vec<DeadLetter>, _, _>(|r| r);
+        // Labelled and unlabelled records are fetched, decoded and featurized in lanes of
+        // their own. The learner waits for every labelled record of an epoch (determinism), but
+        // not for unlabelled ones: `learn_predict` predicts those that come late with a frozen
+        // copy of the classifier of their epoch. So an unlabelled record behind a slow server
+        // delays its own prediction, not every later one of every worker.
+        let (labelled, unlabelled) = records.ok_err::<Vec<ImageRecord>, _, Vec<ImageRecord>, _, _>(|record| {
+            if record.label.is_some() {
+                Ok(record)
+            } else {
+                Err(record)
+            }
+        });
+        // One probe per operator for both lanes: the frontier of the two.
+        let (fetched, featurized) = (ProbeHandle::new(), ProbeHandle::new());
+        probes.push(("fetch_decode", fetched.clone()));
+        probes.push(("featurize", featurized.clone()));
+        let lanes = [labelled, unlabelled].map(|records| {
+            let (fetch, decode_record, model) = (Arc::clone(&fetch), Arc::clone(&decode_record), Rc::clone(&model));
+            let prepare = Prepare {
+                fetch: move |r: &ImageRecord| fetch(r),
+                decode: move |r: &ImageRecord, bytes: &[u8]| decode_record(r, bytes),
+                budget: Arc::clone(shared.fetched_bytes),
+            };
+            let decoded = fetch_decode(records, max_decoding, prepare, fetch_metrics.clone()).probe_with(&fetched);
+            let (decoded, undecodable) = decoded.ok_err::<Vec<_>, _, Vec<DeadLetter>, _, _>(|r| r);
+            let model = move |pixels: &[f32], n: usize| model.borrow_mut()(pixels, n);
+            let featured = featurize(decoded, batching, model, Rc::clone(&fatal), featurize_metrics.clone())
+                .probe_with(&featurized);
+            let (featured, unfeaturized) = featured.ok_err::<Vec<Featured>, _, Vec<DeadLetter>, _, _>(|r| r);
+            (featured, undecodable.concat(unfeaturized))
+        });
+        let [(labelled, labelled_dead), (unlabelled, unlabelled_dead)] = lanes;
+        let featured = labelled.clone().concat(unlabelled.clone());
         let mut feedback_dead = None;
         let predictions = match online_head {
             Some(head) => {
-                let mut labelled = featured.clone().flat_map(|f| LabelledExample::of(&f));
+                let mut labelled = labelled.flat_map(|f| LabelledExample::of(&f));
                 if let Some(reader) = feedback {
-                    // Records without an inline label wait for theirs from the feedback topic.
-                    let unlabelled = featured.clone().filter(|f| f.record.label.is_none());
+                    // Records without an inline label wait for theirs from the feedback topic
+                    // (and so, here, hold back the learner as labelled ones do).
                     let (received, unreadable) = kafka_feedback_source(
                         scope,
                         reader.consumer,
@@ -477,14 +499,14 @@ fn run_worker(
                 learn_predict(featured, labelled, head, top_k, learn_metrics)
             }
             None => {
-                let nothing =
-                    featured.clone().filter(|_| false).map(|f| LabelledExample::of(&f).expect("filtered out"));
+                // Nothing to learn, and no epoch to wait for.
+                let nothing = Vec::<LabelledExample>::new().to_stream(scope);
                 learn_predict(featured, nothing, ImagenetHead { class_names }, top_k, learn_metrics)
             }
         };
         let (handle, predictions) = predictions.probe();
         probes.push(("learn_predict", handle));
-        let dead = unreadable.concat(undecodable).concat(unfeaturized).map(Outcome::Dead);
+        let dead = unreadable.concat(labelled_dead).concat(unlabelled_dead).map(Outcome::Dead);
         let mut outcomes = predictions.map(Outcome::Predicted).concat(dead);
         if let Some(feedback_dead) = feedback_dead {
             outcomes = outcomes.concat(feedback_dead);
