@@ -20,11 +20,12 @@ test: setup
 	scripts/kafka start
 	$(CARGO) test $(PROFILE_FLAGS) --workspace --no-fail-fast -- --show-output
 
-# Mutation fuzzing of the record parser and the image decoder, FUZZ_SECONDS per target
-# (`make test` runs a short pass of each). A crash prints DLPIPE_FUZZ_SEED to reproduce it.
+# Coverage-guided fuzzing (cargo-fuzz, libFuzzer, stable Rust) of the record parsers and of image
+# decoding with preprocessing, FUZZ_SECONDS per target; a crash leaves its input in
+# fuzz/artifacts/. `make test` runs a short mutation-fuzzing pass of the same code (tests/fuzz.rs).
 FUZZ_SECONDS ?= 120
-fuzz: setup
-	DLPIPE_FUZZ_SECONDS=$(FUZZ_SECONDS) $(CARGO) test $(PROFILE_FLAGS) --test fuzz -- --nocapture --test-threads 2
+fuzz:
+	scripts/fuzz $(FUZZ_SECONDS)
 
 # Recovery under SIGKILL at random points, SOAK_RUNS seeds per test (`make test` runs 5): every
 # record keeps its prediction and the classifier ends bit-identical to an uninterrupted run.

@@ -7,7 +7,8 @@
 //! predict over folders of images).
 //!
 //! The library is layered so that each part is testable on its own:
-//! - [`image`]: bytes → pixels (decode with limits, EXIF, resize, crop, normalise); pure.
+//! - [`image`]: bytes → pixels (decode with limits, EXIF, resize, crop, normalise); pure, the
+//!   `dlpipe-image` crate, re-exported.
 //! - [`model`]: TorchScript models and their manifests, on CPU or CUDA devices.
 //! - [`batch`]: a model over many files, decoding overlapped with inference.
 //! - [`kafka`]: client configuration and topic administration.
@@ -15,12 +16,11 @@
 //! - [`metrics`]: Prometheus metrics of the streaming pipeline and their HTTP endpoint.
 //! - [`transfer`]: batch transfer learning: featurize (cached), train, evaluate, plot.
 //!
-//! The timely operators live in the `dlpipe-operators` crate.
+//! The timely operators live in the `dlpipe-operators` crate, image decoding in `dlpipe-image`.
 
 pub mod batch;
 pub mod config;
 pub mod fetch;
-pub mod image;
 pub mod kafka;
 pub mod learn;
 pub mod metrics;
@@ -28,3 +28,5 @@ pub mod model;
 pub mod npy;
 pub mod pipeline;
 pub mod transfer;
+
+pub use dlpipe_image as image;

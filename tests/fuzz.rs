@@ -7,8 +7,11 @@
 //! under test returns, never panics, and keeps its limits. Randomness comes from SplitMix64
 //! with a printed seed, so a failure is reproduced with `DLPIPE_FUZZ_SEED`.
 //!
-//! `make test` runs a short pass of each; `make fuzz` runs each for `DLPIPE_FUZZ_SECONDS`
-//! (default 120). Every crash found becomes a case in `regressions()` below.
+//! This is the fuzzing that runs in CI: `make test` runs a short pass of each (seconds), and
+//! `DLPIPE_FUZZ_SECONDS=N cargo test --release --test fuzz` a longer one. `make fuzz` runs the
+//! coverage-guided fuzzer (cargo-fuzz and libFuzzer, `fuzz/`) on the same two places. Both
+//! start from the seeds in `fuzz/seeds/`, and every input that ever crashed either one is kept
+//! in `fuzz/regressions/` and replayed here first.
 
 use dlpipe::image::{decode, ImageLimits, Preprocess};
 use dlpipe::transfer::dataset::SplitMix64;
@@ -129,12 +132,18 @@ fn decode_and_preprocess(bytes: &[u8], limits: &ImageLimits, preprocess: &Prepro
     Ok(())
 }
 
-/// Crashes found by fuzzing, kept as cases that must stay fixed.
-fn regressions() -> Vec<Vec<u8>> {
-    vec![
-        // A 20000x1 PNG: within max_side and max_pixels, 3.9 GB once resized (aspect ratio).
-        encode(&DynamicImage::ImageRgb8(RgbImage::new(20_000, 1)), ImageFormat::Png),
-    ]
+/// The files of `fuzz/<dir>/<target>`: the coverage-guided fuzzer's seeds, or the inputs that
+/// once crashed it (`scripts/fuzz`), which must stay fixed.
+fn fuzz_files(dir: &str, target: &str) -> Vec<(String, Vec<u8>)> {
+    let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz").join(dir).join(target);
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&folder)
+        .map(|entries| entries.map(|e| e.unwrap().path()).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|path| (path.display().to_string(), std::fs::read(&path).unwrap()))
+        .collect();
+    files.sort();
+    files
 }
 
 #[test]
@@ -143,11 +152,20 @@ fn decoding_and_preprocessing_mutated_images_never_panic() {
     let limits =
         ImageLimits { max_encoded_bytes: 1 << 20, max_pixels: 4_000_000, max_side: 4_000, max_aspect_ratio: 32 };
     let preprocess = Preprocess::new(224, 224, 256, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]).unwrap();
-    for case in regressions() {
-        let result = catch_unwind(AssertUnwindSafe(|| decode_and_preprocess(&case, &limits, &preprocess)));
-        assert!(matches!(result, Ok(Err(_))), "regression case: {result:?}");
+    let regressions = fuzz_files("regressions", "image");
+    assert!(!regressions.is_empty(), "fuzz/regressions/image holds the 20000x1 PNG");
+    for (name, case) in &regressions {
+        let result = catch_unwind(AssertUnwindSafe(|| decode_and_preprocess(case, &limits, &preprocess)));
+        assert!(matches!(result, Ok(Err(_))), "{name}: {result:?}");
     }
-    let seeds = image_seeds();
+    // The coverage-guided fuzzer's seeds are valid images of every format.
+    let fuzz_seeds = fuzz_files("seeds", "image");
+    for (name, seed) in &fuzz_seeds {
+        let result = catch_unwind(AssertUnwindSafe(|| decode_and_preprocess(seed, &limits, &preprocess)));
+        assert!(matches!(result, Ok(Ok(()))), "seed {name}: {result:?}");
+    }
+    let mut seeds = image_seeds();
+    seeds.extend(fuzz_seeds.into_iter().map(|(_, bytes)| bytes));
     let seed = seed();
     let mut rng = SplitMix(SplitMix64(seed));
     let (deadline, max_cases) = budget(5_000);
@@ -196,11 +214,44 @@ fn record_seeds() -> Vec<Vec<u8>> {
     .collect()
 }
 
-#[test]
-// The parser's error is the dead letter itself, by design (see `ImageRecord::parse`).
+/// Parses `payload` (with `key`) as an input record, checking what comes out: a record with
+/// every field within its limit (true), or a small dead letter that is valid JSON (false).
 #[allow(clippy::result_large_err)]
+fn parse_checked(payload: &[u8], key: Option<&[u8]>, offset: i64) -> bool {
+    match ImageRecord::parse(Some(payload), key, 1, offset, None) {
+        Ok(record) => {
+            assert!(record.id.len() <= MAX_ID_BYTES && record.uri.len() <= MAX_URI_BYTES);
+            assert!(record.label.as_ref().is_none_or(|l| l.len() <= MAX_LABEL_BYTES && !l.trim().is_empty()));
+            assert!(!record.uri.trim().is_empty());
+            true
+        }
+        Err(letter) => {
+            let json = letter.to_json();
+            assert!(json.len() < 16 * 1024, "a dead letter of {} bytes", json.len());
+            assert!(serde_json::from_str::<serde_json::Value>(&json).is_ok(), "dead letter is not JSON: {json}");
+            false
+        }
+    }
+}
+
+/// A file of the `record` fuzz target: its first byte is the key's length (0: no key), then
+/// the key, then the payload.
+fn key_and_payload(file: &[u8]) -> (Option<&[u8]>, &[u8]) {
+    let Some((&key_len, rest)) = file.split_first() else { return (None, file) };
+    let (key, payload) = rest.split_at((key_len as usize).min(rest.len()));
+    ((key_len > 0).then_some(key), payload)
+}
+
+#[test]
 fn parsing_mutated_records_never_panics_and_keeps_every_field_within_its_limit() {
-    let seeds = record_seeds();
+    for (name, file) in fuzz_files("regressions", "record") {
+        let (key, payload) = key_and_payload(&file);
+        assert!(catch_unwind(AssertUnwindSafe(|| parse_checked(payload, key, 0))).is_ok(), "{name}");
+    }
+    let mut seeds = record_seeds();
+    let fuzz_seeds = fuzz_files("seeds", "record");
+    assert!(!fuzz_seeds.is_empty());
+    seeds.extend(fuzz_seeds.iter().map(|(_, file)| key_and_payload(file).1.to_vec()));
     let seed = seed();
     let mut rng = SplitMix(SplitMix64(seed));
     let (deadline, max_cases) = budget(50_000);
@@ -219,22 +270,9 @@ fn parsing_mutated_records_never_panics_and_keeps_every_field_within_its_limit()
             payload = format!(r#"{{"id":"{big}","uri":"{big}","label":"{big}"}}"#).into_bytes();
         }
         let key = (rng.below(3) == 0).then(|| payload.iter().rev().copied().take(rng.below(2000)).collect::<Vec<u8>>());
-        let parsed = catch_unwind(AssertUnwindSafe(|| {
-            ImageRecord::parse(Some(&payload), key.as_deref(), 1, cases as i64, None)
-        }));
-        match parsed {
-            Ok(Ok(record)) => {
-                ok += 1;
-                assert!(record.id.len() <= MAX_ID_BYTES && record.uri.len() <= MAX_URI_BYTES);
-                assert!(record.label.as_ref().is_none_or(|l| l.len() <= MAX_LABEL_BYTES && !l.trim().is_empty()));
-                assert!(!record.uri.trim().is_empty());
-            }
-            Ok(Err(letter)) => {
-                dead += 1;
-                let json = letter.to_json();
-                assert!(json.len() < 16 * 1024, "a dead letter of {} bytes", json.len());
-                assert!(serde_json::from_str::<serde_json::Value>(&json).is_ok(), "dead letter is not JSON: {json}");
-            }
+        match catch_unwind(AssertUnwindSafe(|| parse_checked(&payload, key.as_deref(), cases as i64))) {
+            Ok(true) => ok += 1,
+            Ok(false) => dead += 1,
             Err(_) => panic!(
                 "case {cases} (DLPIPE_FUZZ_SEED={seed}) panicked on payload {:?}",
                 String::from_utf8_lossy(&payload)

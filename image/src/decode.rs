@@ -249,7 +249,7 @@ mod tests {
         let limits = ImageLimits { max_aspect_ratio: u32::MAX, ..ImageLimits::default() };
         let image =
             decode(&encode(&DynamicImage::ImageRgb8(RgbImage::new(20_000, 1)), ImageFormat::Png), &limits).unwrap();
-        let preprocess = crate::image::Preprocess::new(224, 224, 256, [0.5; 3], [0.5; 3]).unwrap();
+        let preprocess = crate::Preprocess::new(224, 224, 256, [0.5; 3], [0.5; 3]).unwrap();
         let mut out = vec![0f32; preprocess.tensor_len()];
         let err = preprocess.run(&image, &mut fast_image_resize::Resizer::new(), &mut out).unwrap_err();
         assert_eq!(err.kind(), "too_large", "{err}");
