@@ -14,7 +14,11 @@
 //! so holding it back would only hold back the frontier).
 //!
 //! The model runs on the worker thread: it is the work the pipeline exists to do, and the one
-//! model instance per worker is bound to that worker's device.
+//! model instance per worker is bound to that worker's device. So the operator runs one batch
+//! per activation and activates itself again for the next: a backlog of a thousand records is
+//! seconds of forward passes, during which the worker's other operators (the sources polling
+//! Kafka and stamping epochs, the sink's delivery reports, the other lane) would otherwise not
+//! run at all, and a label read late is learned late.
 
 use crate::metrics::{FeaturizeMetrics, GaugeShare};
 use crate::records::{DeadLetter, Decoded, Epoch, Featured};
@@ -137,6 +141,12 @@ where
                     }
                 }
                 caps.retain(|epoch, _| waiting.iter().any(|(e, _)| e == epoch));
+                if !waiting.is_empty() {
+                    // One forward pass per activation: the rest after the worker's other
+                    // operators have run (see the module's doc).
+                    activator.activate();
+                    break;
+                }
             }
             waiting_gauge.set(waiting.len() as i64);
         }
@@ -151,10 +161,11 @@ mod tests {
     use std::rc::Rc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
+    use timely::container::CapacityContainerBuilder;
     use timely::dataflow::operators::capture::{Capture, Event};
     use timely::dataflow::operators::probe::Handle;
     use timely::dataflow::operators::vec::ToStream;
-    use timely::dataflow::operators::Probe;
+    use timely::dataflow::operators::{Concat, Probe};
 
     fn decoded(i: i64) -> Decoded {
         let record = ImageRecord {
@@ -238,5 +249,64 @@ mod tests {
         let fatal = fatal.expect("fatal is set");
         assert!(fatal.contains("device lost") && fatal.contains(&MODEL_ATTEMPTS.to_string()), "{fatal}");
         assert!(out.is_empty(), "nothing may be published for records the model never saw: {out:?}");
+    }
+
+    #[test]
+    fn other_operators_of_the_worker_run_between_forward_passes() {
+        // A ticker operator counts its activations; the model notes the count at each batch.
+        // With ten records waiting in batches of two, every batch must see a new count: a
+        // featurize that ran its whole backlog in one activation would starve the worker's
+        // sources and sink for as long.
+        let seen = timely::execute_directly(|worker| {
+            let ticks = Rc::new(std::cell::Cell::new(0u64));
+            let seen: Rc<RefCell<Vec<u64>>> = Rc::default();
+            let probe = Handle::new();
+            let (model_ticks, model_seen) = (Rc::clone(&ticks), Rc::clone(&seen));
+            let model = move |pixels: &[f32], _n: usize| {
+                model_seen.borrow_mut().push(model_ticks.get());
+                Ok(rows(pixels))
+            };
+            let batching = Batching { max_batch: 2, max_wait: Duration::from_secs(60) };
+            worker.dataflow::<Epoch, _, _>(|scope| {
+                let records = (0..10).map(decoded).collect::<Vec<_>>().to_stream(scope).concat(ticker(
+                    scope,
+                    Rc::clone(&ticks),
+                    Rc::clone(&seen),
+                ));
+                featurize(records, batching, model, Rc::new(RefCell::new(None)), Default::default()).probe_with(&probe);
+            });
+            while !probe.done() {
+                worker.step();
+            }
+            let seen = seen.borrow().clone();
+            seen
+        });
+        assert_eq!(seen.len(), 5, "five batches of two");
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "the ticker ran between every two batches: {seen:?}");
+    }
+
+    /// An operator that emits nothing and activates itself until the model has run 5 batches.
+    fn ticker<'scope>(
+        scope: timely::dataflow::Scope<'scope, Epoch>,
+        ticks: Rc<std::cell::Cell<u64>>,
+        batches: Rc<RefCell<Vec<u64>>>,
+    ) -> StreamVec<'scope, Epoch, Decoded> {
+        timely::dataflow::operators::generic::operator::source::<_, CapacityContainerBuilder<Vec<Decoded>>, _, _>(
+            scope,
+            "Ticker",
+            move |cap, info| {
+                let activator = scope.activator_for(info.address);
+                let mut cap = Some(cap);
+                move |_output| {
+                    ticks.set(ticks.get() + 1);
+                    if batches.borrow().len() >= 5 {
+                        cap = None;
+                    } else {
+                        activator.activate();
+                    }
+                    let _ = &cap;
+                }
+            },
+        )
     }
 }
