@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::run::{messages, read_topic, record, Run};
+use common::run::{messages, read_topic, record, succeeds, Run};
 
 use common::{fashion, free_port, produce, KillOnDrop, FASHION_CLASSES as CLASSES};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -85,14 +85,7 @@ fn a_slow_unlabelled_uri_delays_only_its_own_prediction() {
     let config = std::fs::read_to_string(run.config()).unwrap();
     let config = config.replace("[fetch]\n", "[fetch]\ntimeout_ms = 300000\ntotal_timeout_ms = 300000\n");
     std::fs::write(run.config(), config).unwrap();
-    let log = run.dir.path().join("run.log");
-    let mut child = KillOnDrop(
-        run.command(&["--stop-at-end", "-w", "2"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let (mut child, log) = run.spawn(&["--stop-at-end", "-w", "2"]);
 
     let others = read_topic(&run.predictions, images.len() - 1, Duration::from_secs(60));
     let ids: BTreeSet<&str> = others.iter().map(|p| p["id"].as_str().unwrap()).collect();
@@ -109,15 +102,7 @@ fn a_slow_unlabelled_uri_delays_only_its_own_prediction() {
     let (released, changed) = &*release;
     *released.lock().unwrap() = true;
     changed.notify_all();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the run did not finish:\n{}", std::fs::read_to_string(&log).unwrap());
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(status.success(), "dlpipe run failed:\n{}", std::fs::read_to_string(&log).unwrap());
+    succeeds(&mut child, &log, Duration::from_secs(120));
 
     let all = read_topic(&run.predictions, images.len(), Duration::from_secs(10));
     assert_eq!(all.len(), images.len());
@@ -537,10 +522,7 @@ fn ten_times_the_sustainable_rate_for_a_minute_bounds_memory_grows_lag_and_loses
     let spec = dlpipe::kafka::TopicSpec { partitions: 2, replication_factor: 1, configs: &[] };
     dlpipe::kafka::ensure_topic(&common::kafka_config(), &input, spec).unwrap();
     let run = Run::new("overload", &input, "max_backlog = 256\nepochs = { by = \"time\", millis = 500 }\n");
-    let log = run.dir.path().join("run.log");
-    let mut child = KillOnDrop(
-        run.command(&[]).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap(),
-    );
+    let (mut child, log) = run.spawn(&[]);
     let pid = child.0.id();
 
     let started = Instant::now();

@@ -274,15 +274,7 @@ fn a_broker_restart_mid_stream_loses_nothing_and_the_pipeline_goes_on() {
         assert_eq!(want.model.updates(), 192);
 
         let run = Run::on(&broker.plaintext(), &format!("restart-{delivery}"), &input, &extra);
-        let log = run.dir.path().join("run.log");
-        let mut child = KillOnDrop(
-            run.command(&["--stop-at-end", "-w", "2"])
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap(),
-        );
-        let log_file = log;
+        let (mut child, log_file) = run.spawn(&["--stop-at-end", "-w", "2"]);
         let log = || std::fs::read_to_string(&log_file).unwrap_or_default();
         // Mid-stream: a first checkpoint is written, most records are still to come.
         let deadline = Instant::now() + Duration::from_secs(120);

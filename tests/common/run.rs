@@ -137,31 +137,21 @@ impl Run {
         command
     }
 
+    /// Starts `dlpipe run ARGS` in the background, its log in a file of the run's folder. The
+    /// process is killed when the handle is dropped.
+    pub fn spawn(&self, args: &[&str]) -> (super::KillOnDrop, PathBuf) {
+        let log = self.dir.path().join(format!("run-{}.log", super::unique("run")));
+        let child =
+            self.command(args).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+        (super::KillOnDrop(child), log)
+    }
+
     /// Runs to the end of the input and checks the exit status. A run that has not ended after
     /// five minutes (a stalled dataflow) is killed and fails the test, rather than hanging it.
     /// Returns the run's log.
     pub fn to_end(&self, args: &[&str]) -> String {
-        let log = self.dir.path().join(format!("run-{}.log", super::unique("to-end")));
-        let mut child = self
-            .command(&[&["--stop-at-end"], args].concat())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(300);
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                child.kill().unwrap();
-                child.wait().unwrap();
-                panic!("dlpipe run did not finish within 300 s:\n{}", std::fs::read_to_string(&log).unwrap());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        let stderr = std::fs::read_to_string(&log).unwrap();
-        assert!(status.success(), "dlpipe run failed:\n{stderr}");
+        let (mut child, log) = self.spawn(&[&["--stop-at-end"], args].concat());
+        let stderr = succeeds(&mut child, &log, Duration::from_secs(300));
         eprintln!("{}", stderr.lines().filter(|l| l.contains("worker finished")).collect::<Vec<_>>().join("\n"));
         stderr
     }
@@ -169,6 +159,26 @@ impl Run {
     pub fn latest_snapshot(&self) -> PathBuf {
         self.dir.path().join("snapshots/latest.safetensors")
     }
+}
+
+/// Waits for a process that [`Run::spawn`] started to exit successfully; fails the test with
+/// its log if it fails or has not ended within `limit` (a stalled dataflow). Returns the log.
+pub fn succeeds(child: &mut super::KillOnDrop, log: &Path, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.0.kill().unwrap();
+            child.0.wait().unwrap();
+            panic!("dlpipe run did not finish within {limit:?}:\n{}", std::fs::read_to_string(log).unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let stderr = std::fs::read_to_string(log).unwrap();
+    assert!(status.success(), "dlpipe run failed:\n{stderr}");
+    stderr
 }
 
 /// Asserts two checkpoints hold the same learner: every byte of the classifier's state
