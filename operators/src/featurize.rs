@@ -300,11 +300,10 @@ mod tests {
                 move |_output| {
                     ticks.set(ticks.get() + 1);
                     if batches.borrow().len() >= 5 {
-                        cap = None;
+                        cap.take();
                     } else {
                         activator.activate();
                     }
-                    let _ = &cap;
                 }
             },
         )
