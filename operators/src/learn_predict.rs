@@ -21,7 +21,9 @@
 //! ([`Head::freeze`]) kept under l; a record of epoch e that comes after the head has learned
 //! past e is predicted by the earliest copy kept under an epoch >= e, which is the classifier
 //! of the epochs before e, as it would have been had the record come in time. Copies are
-//! dropped once the records frontier has passed them. After each activation the head is told
+//! dropped once the records frontier has passed them. At most [`MAX_FROZEN`] are kept: past
+//! that, learning waits for the late records as it did before (memory stays bounded, and
+//! nothing changes but when). After each activation the head is told
 //! the frontier its state corresponds to ([`Head::learned_through`]), which is what
 //! checkpoints are cut at.
 
@@ -33,6 +35,11 @@ use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
+
+/// Frozen copies of the classifier kept at most (one per epoch learned while a record may still
+/// come late): 32 s of learning ahead of a late record with 1 s epochs, more than the 15 s a
+/// fetch may take; a copy of a 1000-class, 1280-feature classifier is about 5 MB.
+pub const MAX_FROZEN: usize = 32;
 
 /// What predicts: a classifier, or a frozen copy of one.
 pub trait Predict: 'static {
@@ -125,10 +132,11 @@ pub fn learn_predict<'scope, H: Head>(
                         continue;
                     }
                 }
-                // Examples of epoch l: once complete, and once the records of epochs <= l that
-                // are here are predicted.
+                // Examples of epoch l: once complete, once the records of epochs <= l that are
+                // here are predicted, and while a copy may still be kept for records to come.
                 if let Some(l) = next_examples {
-                    if l < labels_done && next_records.is_none_or(|e| e > l) {
+                    let may_learn_ahead = records_done > l || frozen.len() < MAX_FROZEN;
+                    if l < labels_done && next_records.is_none_or(|e| e > l) && may_learn_ahead {
                         if records_done <= l {
                             frozen.insert(l, head.freeze());
                         }
@@ -287,6 +295,55 @@ mod tests {
             assert_eq!(last, (1, "late".to_owned(), 1, "l0".to_owned()));
             assert_eq!(predicted.borrow().len(), 5);
             assert_eq!(frozen.get(), 0, "no copy is kept once no record can come late");
+        });
+    }
+
+    #[test]
+    fn past_max_frozen_copies_learning_waits_for_the_late_record() {
+        timely::execute_directly(|worker| {
+            let (mut on_time, mut late, mut labels) = (InputHandle::new(), InputHandle::new(), InputHandle::new());
+            let predicted: Rc<RefCell<Vec<Seen>>> = Rc::default();
+            let metrics = LearnPredictMetrics::default();
+            let frozen = metrics.frozen.clone();
+            let seen = Rc::clone(&predicted);
+            worker.dataflow::<Epoch, _, _>(|scope| {
+                let records = on_time.to_stream(scope).concat(late.to_stream(scope));
+                learn_predict(records, labels.to_stream(scope), Labels(Vec::new()), 1, metrics).inspect_core(
+                    move |event| {
+                        let Ok((stamp, batch)) = event else { return };
+                        let epoch = *stamp.least().expect("a stamped batch");
+                        for p in batch {
+                            seen.borrow_mut().push((epoch, p.record.id.clone(), p.model_version, String::new()));
+                        }
+                    },
+                );
+            });
+            let epochs = MAX_FROZEN as u64 + 10;
+            late.advance_to(1);
+            for epoch in 0..epochs {
+                on_time.advance_to(epoch);
+                labels.advance_to(epoch);
+                on_time.send(record(&format!("r{epoch}"), epoch as i64));
+                labels.send(example(&format!("l{epoch}"), epoch as i64));
+            }
+            on_time.advance_to(epochs);
+            labels.advance_to(epochs);
+            for _ in 0..50 {
+                worker.step();
+            }
+            // Epochs 1 to MAX_FROZEN learned ahead (one copy each), then learning waits: the
+            // records of epochs up to MAX_FROZEN + 1 are predicted, the later ones wait.
+            assert_eq!(frozen.get(), MAX_FROZEN as i64);
+            assert_eq!(predicted.borrow().len(), MAX_FROZEN + 2);
+            late.send(record("late", 99));
+            late.close();
+            on_time.close();
+            labels.close();
+            while worker.step() {}
+            let predicted = predicted.borrow();
+            assert_eq!(predicted.len(), epochs as usize + 1);
+            assert!(predicted.iter().all(|(e, id, version, _)| *version == if id == "late" { 1 } else { *e }));
+            assert_eq!(frozen.get(), 0);
         });
     }
 }

@@ -157,6 +157,27 @@ impl SoftmaxRegression {
         self.updates
     }
 
+    /// A copy that predicts exactly as this model does now, without the optimizer's state (its
+    /// accumulators are as large as the weights, or twice, and a copy kept only to predict
+    /// never needs them). The copy must not learn: its optimizer knows no class.
+    pub(crate) fn predictor(&self) -> SoftmaxRegression {
+        SoftmaxRegression {
+            dim: self.dim,
+            config: self.config.clone(),
+            classes: self.classes.clone(),
+            class_ids: self.class_ids.clone(),
+            weights: self.weights.clone(),
+            pending: self.pending.clone(),
+            bias: self.bias.clone(),
+            optimizer: Optimizer::new(&self.config.optimizer, 0, self.dim),
+            standardizer: self.standardizer.clone(),
+            updates: self.updates,
+            simd: self.simd,
+            scratch_features: Vec::new(),
+            scratch_classes: Vec::new(),
+        }
+    }
+
     /// The weights, a row-major `num_classes x dim` matrix, in standardised feature space when
     /// standardisation is on. Borrowed, except right after an SGD update, whose step on the
     /// weights is still pending: then computed.
@@ -813,5 +834,25 @@ mod tests {
         assert_eq!(model.classes()[top[0].0], format!("class{y}"));
         assert!(top[0].1 >= top[1].1);
         assert_eq!(model.top_k(&x, 10).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_predictor_copy_predicts_bit_for_bit_as_the_model() {
+        let mut rng = crate::transfer::dataset::SplitMix64(7);
+        let mut model = SoftmaxRegression::new(16, LearnerConfig::default()).unwrap();
+        let point = |rng: &mut crate::transfer::dataset::SplitMix64| -> Vec<f32> {
+            (0..16).map(|_| (rng.next_u64() % 1000) as f32 / 100.0 - 5.0).collect()
+        };
+        for i in 0..200 {
+            let x = point(&mut rng);
+            model.learn(&x, ["a", "b", "c"][i % 3]).unwrap();
+        }
+        let copy = model.predictor();
+        assert_eq!(copy.updates(), model.updates());
+        for _ in 0..20 {
+            let x = point(&mut rng);
+            let (want, got) = (model.predict_proba(&x).unwrap(), copy.predict_proba(&x).unwrap());
+            assert!(want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()), "{want:?} {got:?}");
+        }
     }
 }

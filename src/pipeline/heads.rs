@@ -133,7 +133,7 @@ impl Head for OnlineLrHead {
     type Frozen = FrozenClassifier;
 
     fn freeze(&self) -> FrozenClassifier {
-        FrozenClassifier { model: self.model.clone() }
+        FrozenClassifier { model: self.model.predictor() }
     }
 
     fn learn(&mut self, _epoch: Epoch, examples: &[LabelledExample]) {
