@@ -197,7 +197,7 @@ mod tests {
     use std::cell::RefCell;
     use std::rc::Rc;
     use timely::dataflow::operators::{Concat, Inspect};
-    use timely::dataflow::InputHandle;
+    use timely::dataflow::{InputHandle, InputHandleVec};
 
     /// A head whose predictions name its version: the labels it has learned, in order.
     struct Labels(Vec<String>);
@@ -237,27 +237,42 @@ mod tests {
         LabelledExample { partition: 1, offset, label: label.into(), features: vec![0.0] }
     }
 
+    /// `learn_predict` with a `Labels` head, fed by three inputs: records on time, records that
+    /// come late, and labelled examples; what it predicts, and its gauge of frozen copies.
+    struct Harness {
+        on_time: InputHandleVec<Epoch, Featured>,
+        late: InputHandleVec<Epoch, Featured>,
+        labels: InputHandleVec<Epoch, LabelledExample>,
+        predicted: Rc<RefCell<Vec<Seen>>>,
+        frozen: prometheus::IntGauge,
+    }
+
+    fn harness(worker: &mut timely::worker::Worker) -> Harness {
+        let (mut on_time, mut late, mut labels) = (InputHandle::new(), InputHandle::new(), InputHandle::new());
+        let predicted: Rc<RefCell<Vec<Seen>>> = Rc::default();
+        let metrics = LearnPredictMetrics::default();
+        let frozen = metrics.frozen.clone();
+        let seen = Rc::clone(&predicted);
+        worker.dataflow::<Epoch, _, _>(|scope| {
+            let records = on_time.to_stream(scope).concat(late.to_stream(scope));
+            learn_predict(records, labels.to_stream(scope), Labels(Vec::new()), 1, metrics).inspect_core(
+                move |event| {
+                    let Ok((stamp, batch)) = event else { return };
+                    let epoch = *stamp.least().expect("a stamped batch");
+                    for p in batch {
+                        let class = p.top_k.first().map(|c| c.class.clone()).unwrap_or_default();
+                        seen.borrow_mut().push((epoch, p.record.id.clone(), p.model_version, class));
+                    }
+                },
+            );
+        });
+        Harness { on_time, late, labels, predicted, frozen }
+    }
+
     #[test]
     fn a_late_record_holds_back_no_other_prediction_and_is_predicted_by_the_classifier_of_its_epoch() {
         timely::execute_directly(|worker| {
-            let (mut on_time, mut late, mut labels) = (InputHandle::new(), InputHandle::new(), InputHandle::new());
-            let predicted: Rc<RefCell<Vec<Seen>>> = Rc::default();
-            let metrics = LearnPredictMetrics::default();
-            let frozen = metrics.frozen.clone();
-            let seen = Rc::clone(&predicted);
-            worker.dataflow::<Epoch, _, _>(|scope| {
-                let records = on_time.to_stream(scope).concat(late.to_stream(scope));
-                learn_predict(records, labels.to_stream(scope), Labels(Vec::new()), 1, metrics).inspect_core(
-                    move |event| {
-                        let Ok((stamp, batch)) = event else { return };
-                        let epoch = *stamp.least().expect("a stamped batch");
-                        for p in batch {
-                            let class = p.top_k[0].class.clone();
-                            seen.borrow_mut().push((epoch, p.record.id.clone(), p.model_version, class));
-                        }
-                    },
-                );
-            });
+            let Harness { mut on_time, mut late, mut labels, predicted, frozen } = harness(worker);
             // Epochs 0 to 3 on time, each with a record and a label; the record `late` of
             // epoch 1 has not come yet: its input stays at epoch 1.
             late.advance_to(1);
@@ -301,23 +316,7 @@ mod tests {
     #[test]
     fn past_max_frozen_copies_learning_waits_for_the_late_record() {
         timely::execute_directly(|worker| {
-            let (mut on_time, mut late, mut labels) = (InputHandle::new(), InputHandle::new(), InputHandle::new());
-            let predicted: Rc<RefCell<Vec<Seen>>> = Rc::default();
-            let metrics = LearnPredictMetrics::default();
-            let frozen = metrics.frozen.clone();
-            let seen = Rc::clone(&predicted);
-            worker.dataflow::<Epoch, _, _>(|scope| {
-                let records = on_time.to_stream(scope).concat(late.to_stream(scope));
-                learn_predict(records, labels.to_stream(scope), Labels(Vec::new()), 1, metrics).inspect_core(
-                    move |event| {
-                        let Ok((stamp, batch)) = event else { return };
-                        let epoch = *stamp.least().expect("a stamped batch");
-                        for p in batch {
-                            seen.borrow_mut().push((epoch, p.record.id.clone(), p.model_version, String::new()));
-                        }
-                    },
-                );
-            });
+            let Harness { mut on_time, mut late, mut labels, predicted, frozen } = harness(worker);
             let epochs = MAX_FROZEN as u64 + 10;
             late.advance_to(1);
             for epoch in 0..epochs {
