@@ -16,8 +16,6 @@
 use dlpipe::image::{decode, ImageLimits, Preprocess};
 use dlpipe::transfer::dataset::SplitMix64;
 use dlpipe_operators::records::{ImageRecord, MAX_ID_BYTES, MAX_LABEL_BYTES, MAX_URI_BYTES};
-use image::{DynamicImage, ImageFormat, Rgb, RgbImage, Rgba, RgbaImage};
-use std::io::Cursor;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
@@ -93,34 +91,6 @@ fn mutate(rng: &mut SplitMix, data: &mut Vec<u8>, other: &[u8]) {
     }
 }
 
-fn encode(image: &DynamicImage, format: ImageFormat) -> Vec<u8> {
-    let mut out = Cursor::new(Vec::new());
-    image.write_to(&mut out, format).unwrap();
-    out.into_inner()
-}
-
-fn image_seeds() -> Vec<Vec<u8>> {
-    let rgb = DynamicImage::ImageRgb8(RgbImage::from_fn(37, 23, |x, y| Rgb([(x * 7) as u8, (y * 11) as u8, 99])));
-    let rgba = DynamicImage::ImageRgba8(RgbaImage::from_fn(16, 40, |x, y| Rgba([x as u8, y as u8, 3, 128])));
-    let grey = DynamicImage::ImageLuma8(image::GrayImage::from_fn(30, 30, |x, y| image::Luma([(x ^ y) as u8])));
-    let mut seeds = vec![
-        encode(&rgb, ImageFormat::Png),
-        encode(&rgba, ImageFormat::Png),
-        encode(&grey, ImageFormat::Png),
-        encode(&rgb, ImageFormat::Jpeg),
-        encode(&grey, ImageFormat::Jpeg),
-        encode(&rgb, ImageFormat::Bmp),
-        encode(&rgb, ImageFormat::Tiff),
-        encode(&rgba, ImageFormat::Gif),
-        encode(&rgba, ImageFormat::WebP),
-    ];
-    let coffee = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/samples/coffee.jpg");
-    if let Ok(bytes) = std::fs::read(coffee) {
-        seeds.push(bytes);
-    }
-    seeds
-}
-
 /// Decodes and preprocesses as the stream does; returns what `decode` said.
 fn decode_and_preprocess(bytes: &[u8], limits: &ImageLimits, preprocess: &Preprocess) -> Result<(), String> {
     let image = decode(bytes, limits).map_err(|e| e.kind().to_owned())?;
@@ -158,14 +128,18 @@ fn decoding_and_preprocessing_mutated_images_never_panic() {
         let result = catch_unwind(AssertUnwindSafe(|| decode_and_preprocess(case, &limits, &preprocess)));
         assert!(matches!(result, Ok(Err(_))), "{name}: {result:?}");
     }
-    // The coverage-guided fuzzer's seeds are valid images of every format.
-    let fuzz_seeds = fuzz_files("seeds", "image");
-    for (name, seed) in &fuzz_seeds {
+    // The seeds (the coverage-guided fuzzer's: every format) are valid images.
+    let mut seeds = fuzz_files("seeds", "image");
+    assert!(seeds.len() >= 9, "fuzz/seeds/image holds an image of every format");
+    for (name, seed) in &seeds {
         let result = catch_unwind(AssertUnwindSafe(|| decode_and_preprocess(seed, &limits, &preprocess)));
         assert!(matches!(result, Ok(Ok(()))), "seed {name}: {result:?}");
     }
-    let mut seeds = image_seeds();
-    seeds.extend(fuzz_seeds.into_iter().map(|(_, bytes)| bytes));
+    let coffee = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/samples/coffee.jpg");
+    if let Ok(bytes) = std::fs::read(&coffee) {
+        seeds.push((coffee.display().to_string(), bytes));
+    }
+    let seeds: Vec<Vec<u8>> = seeds.into_iter().map(|(_, bytes)| bytes).collect();
     let seed = seed();
     let mut rng = SplitMix(SplitMix64(seed));
     let (deadline, max_cases) = budget(5_000);
