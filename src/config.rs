@@ -156,6 +156,11 @@ pub struct PipelineConfig {
     pub stop_at_end: bool,
     /// `at_least_once` or `exactly_once` (transactions; see [`Delivery`]).
     pub delivery: Delivery,
+    /// Exactly-once: the longest an output waits for its epoch to close before it is
+    /// committed in a transaction of its own (with the offsets below it), in milliseconds; 0
+    /// commits whole epochs only. Bounds how long a quiet partition, which holds an offset
+    /// epoch open, hides other records' predictions from read_committed readers.
+    pub partial_commit_ms: u64,
     /// Epochs: `{ by = "time", millis = 1000 }` or `{ by = "offsets", records = 64 }`.
     pub epochs: EpochPolicy,
     pub head: HeadKind,
@@ -192,6 +197,10 @@ pub struct PipelineConfig {
     pub snapshot_retain: usize,
     /// Seconds between one-line status logs.
     pub status_interval_secs: u64,
+    /// A worker whose published frontier has not moved for this many seconds while it has
+    /// records in flight is stalled: `dlpipe_pipeline_stalled_seconds` says so, `/readyz`
+    /// answers 503 and the status line names what it waits for. 0 turns the check off.
+    pub stall_after_secs: u64,
 }
 
 impl Default for PipelineConfig {
@@ -208,6 +217,7 @@ impl Default for PipelineConfig {
             start_from: StartFrom::Committed,
             stop_at_end: false,
             delivery: Delivery::AtLeastOnce,
+            partial_commit_ms: 1000,
             epochs: EpochPolicy::Time { millis: 1000 },
             head: HeadKind::OnlineLr,
             top_k: 3,
@@ -222,6 +232,7 @@ impl Default for PipelineConfig {
             snapshot_dir: "out/snapshots".into(),
             snapshot_retain: 5,
             status_interval_secs: 10,
+            stall_after_secs: 120,
         }
     }
 }

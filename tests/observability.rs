@@ -92,9 +92,13 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
     let rules = std::fs::read_to_string(common::root().join("grafana/alerts.yml")).unwrap();
     let alerts = rules.matches("- alert:").count();
     assert!(out.contains(&format!("SUCCESS: {alerts} rules found")), "{out}");
-    for name in
-        ["DlpipeConsumerLagGrowing", "DlpipeDeadLetterRateHigh", "DlpipeAccuracyDropping", "DlpipeFrontierStalled"]
-    {
+    for name in [
+        "DlpipeConsumerLagGrowing",
+        "DlpipeDeadLetterRateHigh",
+        "DlpipeAccuracyDropping",
+        "DlpipeFrontierStalled",
+        "DlpipePipelineStalled",
+    ] {
         assert!(rules.contains(&format!("- alert: {name}")), "alerts.yml lacks {name}");
     }
     let (ok, out) = promtool(&["test", "rules", "alerts.test.yml"]);
@@ -261,12 +265,19 @@ fn late_labels(topic: &str, feedback_topic: &str, n: usize, skip: usize) -> usiz
 }
 
 fn get_status(address: &str, path: &str) -> Option<u16> {
+    get_response(address, path).map(|(status, _)| status)
+}
+
+/// The status and body of `GET path` from the metrics endpoint at `address`.
+fn get_response(address: &str, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(address).ok()?;
     write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
-    response.split_whitespace().nth(1)?.parse().ok()
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body).to_owned();
+    Some((status, body))
 }
 
 #[test]
@@ -454,4 +465,84 @@ fn every_dashboard_panel_has_data_and_every_alert_evaluates_against_a_real_prome
     };
     assert!(status.success(), "dlpipe run exited with {status}:\n{}", run_log());
     eprintln!("done in {:.1}s", started.elapsed().as_secs_f64());
+}
+
+/// A stalled worker is not silent. A labelled record behind a server that does not answer
+/// holds its epoch open (the learner must have it before any later prediction); past
+/// `stall_after_secs` the worker's `dlpipe_pipeline_stalled_seconds` rises, Prometheus'
+/// DlpipePipelineStalled rule becomes active on it, `/readyz` answers 503 naming the partition
+/// and offset it waits for, and so does the status line. Once the server answers, the worker
+/// is ready again and the run finishes.
+#[test]
+fn a_stalled_worker_raises_its_gauge_and_alert_and_readyz_and_names_the_record_it_waits_for() {
+    let metrics_address = format!("127.0.0.1:{}", common::free_port());
+    let prometheus = Prometheus::start(&metrics_address);
+    let input = common::unique("stall-images");
+    let images = common::fashion(24, 9700);
+    let mut messages = common::run::messages(&images, "s", 2, |_| true);
+    let release = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let server = common::tarpit_server(std::fs::read(&images[0].0).unwrap(), std::sync::Arc::clone(&release));
+    // Message 11: partition 1, offset 5, epoch 1 of offset epochs of 4 records.
+    let slow = serde_json::json!({"id": "slow", "uri": format!("{server}/slow.png"), "label": "bag"});
+    messages[11] = (1, "slow".into(), slow.to_string());
+    common::produce(&input, 2, &messages);
+    let run =
+        common::run::Run::new("stall", &input, "epochs = { by = \"offsets\", records = 4 }\nstall_after_secs = 2\n");
+    let config = std::fs::read_to_string(run.config()).unwrap();
+    let config = config
+        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{metrics_address}\""))
+        .replace("[fetch]\n", "[fetch]\ntimeout_ms = 300000\ntotal_timeout_ms = 300000\n");
+    std::fs::write(run.config(), config).unwrap();
+    let (mut child, log) = run.spawn(&["--stop-at-end", "-w", "1"]);
+    let run_log = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    let waits_for = "partition 1 offset 5";
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let readyz = loop {
+        if let Some((503, body)) = get_response(&metrics_address, "/readyz").filter(|(_, b)| b.contains(waits_for)) {
+            break body;
+        }
+        assert!(child.0.try_wait().unwrap().is_none(), "dlpipe run exited:\n{}", run_log());
+        assert!(Instant::now() < deadline, "/readyz never reported the stall:\n{}", run_log());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(readyz.contains(&format!("epoch 1: records read and not yet published: {waits_for}")), "{readyz}");
+    let (_, metrics) = get_response(&metrics_address, "/metrics").unwrap();
+    let stalled: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("dlpipe_pipeline_stalled_seconds{worker=\"0\"} "))
+        .unwrap_or_else(|| panic!("no stalled gauge:\n{metrics}"))
+        .parse()
+        .unwrap();
+    assert!(stalled >= 2.0, "stalled for {stalled} s");
+
+    // Prometheus, scraping every second, has the alert active (pending for its minute, then firing).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let alert = loop {
+        let answer = prometheus.get("/api/v1/rules", &[]);
+        let rule = answer["data"]["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|g| g["rules"].as_array().unwrap().clone())
+            .find(|r| r["name"] == "DlpipePipelineStalled")
+            .expect("the rule is loaded");
+        if rule["state"] != "inactive" || Instant::now() > deadline {
+            break rule;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(["pending", "firing"].contains(&alert["state"].as_str().unwrap()), "{alert}");
+    assert_eq!(alert["alerts"][0]["labels"]["worker"], "0", "{alert}");
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !run_log().lines().any(|l| l.contains(" status ") && l.contains(waits_for)) {
+        assert!(Instant::now() < deadline, "no status line names the record:\n{}", run_log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    common::release(&release);
+    common::run::succeeds(&mut child, &log, Duration::from_secs(120));
+    let predictions = common::run::read_topic(&run.predictions, images.len(), Duration::from_secs(5));
+    assert_eq!(predictions.len(), images.len(), "every record predicted once the fetch is answered");
 }

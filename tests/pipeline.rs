@@ -5,7 +5,7 @@ mod common;
 
 use common::run::{messages, read_topic, record, succeeds, Run};
 
-use common::{fashion, free_port, produce, KillOnDrop, FASHION_CLASSES as CLASSES};
+use common::{fashion, free_port, produce, tarpit_server, KillOnDrop, FASHION_CLASSES as CLASSES};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -29,40 +29,6 @@ fn http_404_server() -> String {
         }
     });
     format!("http://{address}/missing.jpg")
-}
-
-/// An HTTP server on loopback that answers every request with `body`, except that requests
-/// for `/slow...` get no answer until `release` is set: a tarpit the test controls.
-fn tarpit_server(body: Vec<u8>, release: Arc<(Mutex<bool>, Condvar)>) -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let address = listener.local_addr().unwrap();
-    let body = Arc::new(body);
-    std::thread::spawn(move || {
-        for stream in listener.incoming().take(64) {
-            let Ok(mut stream) = stream else { continue };
-            let (body, release) = (Arc::clone(&body), Arc::clone(&release));
-            std::thread::spawn(move || {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                if String::from_utf8_lossy(&head).starts_with("GET /slow") {
-                    let (released, changed) = &*release;
-                    let _held = changed.wait_while(released.lock().unwrap(), |r| !*r).unwrap();
-                }
-                let header = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = stream.write_all(header.as_bytes()).and_then(|_| stream.write_all(&body));
-            });
-        }
-    });
-    format!("http://{address}")
 }
 
 /// An unlabelled record behind a server that does not answer holds back its own prediction
@@ -99,9 +65,7 @@ fn a_slow_unlabelled_uri_delays_only_its_own_prediction() {
     );
     assert!(!ids.contains("slow"));
 
-    let (released, changed) = &*release;
-    *released.lock().unwrap() = true;
-    changed.notify_all();
+    common::release(&release);
     succeeds(&mut child, &log, Duration::from_secs(120));
 
     let all = read_topic(&run.predictions, images.len(), Duration::from_secs(10));

@@ -29,15 +29,15 @@
 //! by topic; the time from send to acknowledgement; for predictions, the time from the input
 //! record's Kafka timestamp to the acknowledgement (end-to-end latency).
 
+use crate::backlog::SharedBacklog;
 use crate::metrics::SinkMetrics;
 use crate::records::{now_ms, DeadLetter, Epoch, FeaturesModel, Outcome, Position};
-use crate::{Backlog, Fatal};
+use crate::Fatal;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, VecDeque};
-use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use timely::container::CapacityContainerBuilder;
@@ -98,14 +98,14 @@ pub(crate) fn is_replay(
     outcome: &Outcome,
     offsets: &mut BTreeMap<i32, i64>,
     published_from: &BTreeMap<i32, i64>,
-    backlog: &Backlog,
+    backlog: &SharedBacklog,
 ) -> bool {
     let Some((partition, offset)) = outcome.input_position() else { return false };
     let max = offsets.entry(partition).or_insert(offset);
     *max = (*max).max(offset);
     let replay = published_from.get(&partition).is_some_and(|from| offset < *from);
     if replay {
-        backlog.set(backlog.get().saturating_sub(1));
+        backlog.borrow_mut().done(partition, offset);
     }
     replay
 }
@@ -247,6 +247,11 @@ pub struct SinkSpec {
     /// How long the transactional sink retries a failing transaction before it stops the
     /// worker (the at-least-once sink's producer retries each message itself).
     pub give_up_after: Duration,
+    /// Exactly-once: once an output of an epoch that is still open has waited this long, the
+    /// outputs that can be (every record before them in their partition is published) are
+    /// committed in a transaction of their own, with their offsets, before the epoch closes
+    /// (a quiet partition holds an offset epoch open). `None`: only whole epochs.
+    pub partial_commit_after: Option<Duration>,
 }
 
 /// The features topic: one message per predicted record, after its prediction.
@@ -268,9 +273,9 @@ struct EpochState {
 pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
     outcomes: StreamVec<'scope, Epoch, Outcome>,
     producer: BaseProducer<SinkContext>,
-    committer: Option<Rc<BaseConsumer<C>>>,
+    committer: Option<Arc<BaseConsumer<C>>>,
     spec: SinkSpec,
-    backlog: Backlog,
+    backlog: SharedBacklog,
     fatal: Fatal,
     mut metrics: SinkMetrics,
 ) -> StreamVec<'scope, Epoch, Position> {
@@ -381,7 +386,7 @@ pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
                     }
                     unacked -= 1;
                     if report.message.is_record_output() {
-                        backlog.set(backlog.get().saturating_sub(1));
+                        backlog.borrow_mut().done(report.message.partition, report.message.offset);
                     }
                 }
                 metrics.unacked.set(unacked);

@@ -14,19 +14,31 @@
 //! position) and the capability is dropped once all are finished, which lets the whole
 //! dataflow drain and complete.
 //!
-//! The consumer is polled with a zero timeout and the operator re-activates itself, so the
-//! worker thread never blocks on Kafka. Polling pauses while the worker's backlog (records
-//! read but not yet published) is at its limit: that is the pipeline's backpressure.
+//! **Backpressure without stalls:** each partition has a queue of its own
+//! ([`AssignedConsumer`]), so the source chooses what to read: the partition whose next record
+//! has the least epoch first (round robin among equals). While the worker's backlog (records
+//! read, not yet published) is under `max_backlog` any partition is read; at the limit, only
+//! partitions whose next record is of the backlog's oldest epoch or older. Invariant: the
+//! source never leaves unread a record that the oldest epoch in flight needs to complete, so a
+//! backlog full of later epochs (one partition read far ahead of another) always drains. The
+//! backlog exceeds `max_backlog` by at most the records of its oldest epoch (with offset
+//! epochs, `records` per partition).
+//!
+//! The queues are polled with a zero timeout and the operator re-activates itself, so the
+//! worker thread never blocks on Kafka. The source tells the backlog which partitions are not
+//! read past the least open epoch, for the stall report.
 
+use crate::backlog::{SharedBacklog, Unread};
 use crate::feedback_join::Feedback;
 use crate::metrics::SourceMetrics;
 use crate::records::{DeadLetter, Epoch, ImageRecord};
-use crate::{Backlog, RecordOrDead};
+use crate::RecordOrDead;
+use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Message};
-use std::collections::BTreeMap;
-use std::rc::Rc;
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -83,9 +95,9 @@ impl PartitionState {
 /// `metrics.consumed` counts the messages taken, by partition.
 pub fn kafka_source<'scope, C: ConsumerContext + 'static>(
     scope: Scope<'scope, Epoch>,
-    consumer: Rc<BaseConsumer<C>>,
+    consumer: AssignedConsumer<C>,
     spec: SourceSpec,
-    backlog: Backlog,
+    backlog: SharedBacklog,
     stop: Arc<AtomicBool>,
     metrics: SourceMetrics,
 ) -> StreamVec<'scope, Epoch, RecordOrDead> {
@@ -110,7 +122,7 @@ pub fn kafka_source<'scope, C: ConsumerContext + 'static>(
 /// it is small, and an image's label must not wait behind images.
 pub fn kafka_feedback_source<'scope, C: ConsumerContext + 'static>(
     scope: Scope<'scope, Epoch>,
-    consumer: Rc<BaseConsumer<C>>,
+    consumer: AssignedConsumer<C>,
     spec: SourceSpec,
     stop: Arc<AtomicBool>,
     metrics: SourceMetrics,
@@ -133,28 +145,20 @@ pub fn kafka_feedback_source<'scope, C: ConsumerContext + 'static>(
 fn messages<'scope, C: ConsumerContext + 'static, T: Clone + 'static>(
     scope: Scope<'scope, Epoch>,
     name: &str,
-    consumer: Rc<BaseConsumer<C>>,
+    consumer: AssignedConsumer<C>,
     spec: SourceSpec,
-    backlog: Option<Backlog>,
+    backlog: Option<SharedBacklog>,
     stop: Arc<AtomicBool>,
     mut metrics: SourceMetrics,
     parse: impl Fn(&BorrowedMessage<'_>) -> T + 'static,
 ) -> StreamVec<'scope, Epoch, T> {
     source(scope, name, move |capability, info| {
         let activator = scope.activator_for(info.address);
-        let mut partitions: BTreeMap<i32, PartitionState> =
-            spec.partitions.iter().map(|p| (p.partition, PartitionState { next: p.start, end: p.end })).collect();
-        let least_epoch = move |partitions: &BTreeMap<i32, PartitionState>| -> Option<Epoch> {
-            let open = partitions.values().filter(|p| !p.finished());
-            match spec.epochs {
-                EpochPolicy::Offsets { records } => open.map(|p| p.next.max(0) as u64 / records).min(),
-                EpochPolicy::Time { millis } => open.map(|_| crate::records::now_ms() as u64 / millis).min(),
-            }
-        };
-        let mut capability = least_epoch(&partitions).map(|epoch| capability.delayed(&epoch));
-        let epochs = spec.epochs;
-        let (max_backlog, max_poll) = (spec.max_backlog, spec.max_poll);
         let topic = spec.topic;
+        let AssignedConsumer { consumer, queues } = consumer;
+        let mut reader = Reader::new(&spec.partitions, spec.epochs, spec.max_backlog);
+        let mut capability = reader.least_epoch().map(|epoch| capability.delayed(&epoch));
+        let max_poll = spec.max_poll;
         move |output| {
             if stop.load(Ordering::Relaxed) {
                 if capability.take().is_some() {
@@ -163,41 +167,55 @@ fn messages<'scope, C: ConsumerContext + 'static, T: Clone + 'static>(
                 return;
             }
             let Some(cap) = capability.as_mut() else { return };
-            let mut taken = 0;
-            while taken < max_poll && backlog.as_ref().is_none_or(|b| b.get() < max_backlog) {
-                let Some(result) = consumer.poll(Duration::ZERO) else { break };
-                match result {
-                    Ok(message) => {
-                        let (partition, offset) = (message.partition(), message.offset());
-                        let Some(state) = partitions.get_mut(&partition) else {
-                            tracing::warn!(topic, partition, "message from a partition not assigned to this worker");
+            let in_backlog = || backlog.as_ref().map(|b| (b.borrow().len(), b.borrow().oldest_epoch()));
+            // First the consumer's own queue (its events: statistics, errors; and messages
+            // fetched before the partitions got queues of their own), then the partitions'
+            // queues in the order `Reader::next_to_read` chooses.
+            let (mut taken, mut consumer_idle, mut idle) = (0, false, BTreeSet::new());
+            while taken < max_poll {
+                let result = if !consumer_idle {
+                    match consumer.poll(Duration::ZERO) {
+                        Some(result) => result,
+                        None => {
+                            consumer_idle = true;
                             continue;
-                        };
-                        if state.finished() || offset < state.next {
-                            continue; // beyond the stop offset, or a re-delivery after a seek
                         }
-                        state.next = offset + 1;
-                        metrics.consumed.with(&partition.to_string()).inc();
-                        let epoch = match epochs {
-                            EpochPolicy::Offsets { records } => offset.max(0) as u64 / records,
-                            EpochPolicy::Time { .. } => *cap.time(),
-                        };
-                        output.session(&cap.delayed(&epoch)).give(parse(&message));
-                        if let Some(backlog) = &backlog {
-                            backlog.set(backlog.get() + 1);
+                    }
+                } else {
+                    let Some(partition) = reader.next_to_read(in_backlog(), &idle) else { break };
+                    let queue = queues.get(&partition).expect("a queue for every partition read");
+                    match queue.poll(Duration::ZERO) {
+                        Some(Ok(message)) => Ok(message),
+                        Some(Err(error)) => {
+                            idle.insert(partition);
+                            Err(error)
                         }
-                        taken += 1;
+                        None => {
+                            idle.insert(partition);
+                            continue;
+                        }
                     }
-                    Err(KafkaError::PartitionEOF(partition)) => {
-                        tracing::debug!(topic, partition, "reached the end of the partition");
-                    }
-                    Err(error) => tracing::warn!(topic, %error, "Kafka consumer error (the client retries)"),
+                };
+                let (Some((partition, offset, epoch)), Ok(message)) = (reader.accept(&topic, &result), &result) else {
+                    continue;
+                };
+                // A time slice is never before the one the capability holds.
+                let epoch = epoch.max(*cap.time());
+                metrics.consumed.with(&partition.to_string()).inc();
+                output.session(&cap.delayed(&epoch)).give(parse(message));
+                if let Some(backlog) = &backlog {
+                    backlog.borrow_mut().read(partition, offset, epoch);
                 }
+                taken += 1;
             }
             if taken < max_poll {
-                skip_control_records(&*consumer, &topic, &mut partitions);
+                skip_control_records(&*consumer, &topic, &mut reader.partitions);
             }
-            match least_epoch(&partitions) {
+            let least = reader.least_epoch();
+            if let Some(backlog) = &backlog {
+                backlog.borrow_mut().set_unread(least.map(|epoch| reader.unread(epoch)).unwrap_or_default());
+            }
+            match least {
                 Some(epoch) => {
                     cap.downgrade(&epoch.max(*cap.time()));
                     if taken == max_poll {
@@ -214,6 +232,134 @@ fn messages<'scope, C: ConsumerContext + 'static, T: Clone + 'static>(
             }
         }
     })
+}
+
+/// A consumer assigned to a source's partitions, each split into a queue of its own so that
+/// the source chooses which partition to read.
+pub struct AssignedConsumer<C: ConsumerContext> {
+    consumer: Arc<BaseConsumer<C>>,
+    queues: BTreeMap<i32, PartitionQueue<C>>,
+}
+
+impl<C: ConsumerContext> AssignedConsumer<C> {
+    /// Assigns `consumer` to `partitions` of `topic` at their start offsets, and splits each
+    /// into its queue at once (before anything is fetched into the consumer's own queue;
+    /// assigning again would undo the split).
+    pub fn assign(
+        consumer: Arc<BaseConsumer<C>>,
+        topic: &str,
+        partitions: &[PartitionRange],
+    ) -> KafkaResult<AssignedConsumer<C>> {
+        let mut assignment = TopicPartitionList::new();
+        for p in partitions {
+            assignment.add_partition_offset(topic, p.partition, Offset::Offset(p.start))?;
+        }
+        consumer.assign(&assignment)?;
+        let mut queues = BTreeMap::new();
+        for p in partitions {
+            let queue = consumer.split_partition_queue(topic, p.partition).ok_or_else(|| {
+                KafkaError::Subscription(format!("no queue for partition {} of topic {topic:?}", p.partition))
+            })?;
+            queues.insert(p.partition, queue);
+        }
+        Ok(AssignedConsumer { consumer, queues })
+    }
+
+    /// The consumer (for the group's offsets and metadata).
+    pub fn consumer(&self) -> &Arc<BaseConsumer<C>> {
+        &self.consumer
+    }
+}
+
+/// The source's partitions, where each is, and which one to read next.
+struct Reader {
+    partitions: BTreeMap<i32, PartitionState>,
+    epochs: EpochPolicy,
+    max_backlog: usize,
+    /// The partition after the one read last: where the round robin among equals starts.
+    cursor: i32,
+}
+
+impl Reader {
+    fn new(ranges: &[PartitionRange], epochs: EpochPolicy, max_backlog: usize) -> Reader {
+        let partitions = ranges.iter().map(|p| (p.partition, PartitionState { next: p.start, end: p.end })).collect();
+        Reader { partitions, epochs, max_backlog, cursor: 0 }
+    }
+
+    /// The epoch of a partition's next record (the current slice, with time epochs).
+    fn next_epoch(&self, state: &PartitionState) -> Epoch {
+        match self.epochs {
+            EpochPolicy::Offsets { records } => state.next.max(0) as u64 / records,
+            EpochPolicy::Time { millis } => crate::records::now_ms() as u64 / millis,
+        }
+    }
+
+    /// The least epoch a future message can have; `None` once every partition is finished.
+    fn least_epoch(&self) -> Option<Epoch> {
+        self.partitions.values().filter(|p| !p.finished()).map(|p| self.next_epoch(p)).min()
+    }
+
+    /// The partitions not read past `epoch` (offset epochs only: a time slice holds no partition).
+    fn unread(&self, epoch: Epoch) -> Vec<Unread> {
+        if !matches!(self.epochs, EpochPolicy::Offsets { .. }) {
+            return Vec::new();
+        }
+        self.partitions
+            .iter()
+            .filter(|(_, s)| !s.finished() && self.next_epoch(s) <= epoch)
+            .map(|(partition, s)| Unread { partition: *partition, next_offset: s.next, epoch: self.next_epoch(s) })
+            .collect()
+    }
+
+    /// The partition to poll next, among those not `idle` in this activation: the least next
+    /// epoch first, round robin among equals. With `backlog` = (records in it, its oldest
+    /// epoch) at `max_backlog` or over, only a partition whose next record is of the oldest
+    /// epoch or older: that epoch can then always complete and make room.
+    fn next_to_read(&self, backlog: Option<(usize, Option<Epoch>)>, idle: &BTreeSet<i32>) -> Option<i32> {
+        let may_read = |epoch: Epoch| match backlog {
+            None => true,
+            Some((len, oldest)) => len < self.max_backlog || oldest.is_some_and(|oldest| epoch <= oldest),
+        };
+        self.partitions
+            .iter()
+            .filter(|(partition, state)| !state.finished() && !idle.contains(*partition))
+            .map(|(partition, state)| (self.next_epoch(state), *partition))
+            .filter(|(epoch, _)| may_read(*epoch))
+            .min_by_key(|(epoch, partition)| (*epoch, *partition < self.cursor, *partition))
+            .map(|(_, partition)| partition)
+    }
+
+    /// Takes one poll's result: the message's (partition, offset, epoch) when it is a new
+    /// record to emit; `None` for an event, a re-delivery, or a message past the end.
+    fn accept(&mut self, topic: &str, result: &KafkaResult<BorrowedMessage<'_>>) -> Option<(i32, i64, Epoch)> {
+        let message = match result {
+            Ok(message) => message,
+            Err(KafkaError::PartitionEOF(partition)) => {
+                tracing::debug!(topic, partition, "reached the end of the partition");
+                return None;
+            }
+            Err(error) => {
+                tracing::warn!(topic, %error, "Kafka consumer error (the client retries)");
+                return None;
+            }
+        };
+        let (partition, offset) = (message.partition(), message.offset());
+        let Some(state) = self.partitions.get_mut(&partition) else {
+            tracing::warn!(topic, partition, "message from a partition not assigned to this worker");
+            return None;
+        };
+        if state.finished() || offset < state.next {
+            return None; // beyond the stop offset, or a re-delivery after a seek
+        }
+        state.next = offset + 1;
+        self.cursor = partition + 1;
+        let epoch = match self.epochs {
+            EpochPolicy::Offsets { records } => offset.max(0) as u64 / records,
+            // The slice the capability stands at (never before it).
+            EpochPolicy::Time { millis } => crate::records::now_ms() as u64 / millis,
+        };
+        Some((partition, offset, epoch))
+    }
 }
 
 /// Moves each unfinished partition's next offset up to the consumer's position. Transaction

@@ -17,6 +17,15 @@
 //! commit blocks the worker thread until the broker has the transaction (milliseconds on a
 //! local broker): that, and the outputs waiting for their epoch, is the price of exactly-once.
 //!
+//! **Open epochs** (`SinkSpec::partial_commit_after`): an epoch stays open until every
+//! partition of every worker has passed it, which with offset epochs a quiet partition can
+//! take for ever. So once an output of an open epoch has waited that long, a transaction takes
+//! the outputs of each partition from the oldest record in the [`Backlog`] upwards, as far as
+//! every record has its outputs here, with the offset after the last of them. Nothing above a
+//! record still in flight is committed (a restart reads from the committed offset). The epoch
+//! still retires, and learning still happens, only when it closes: predictions use earlier
+//! epochs' classifier, so what is published does not depend on when it was committed.
+//!
 //! **Refusals:** an output the broker refuses as too large aborts the transaction; it is
 //! replaced by a small dead letter of kind `output_too_large` and the transaction is tried
 //! again. Any other failure is retried with backoff (a broker restarting, a coordinator
@@ -24,22 +33,24 @@
 //! at once. A commit that fails retriably is retried as it is, never aborted and redone
 //! (it may have succeeded). A transaction that cannot be aborted (a coordinator that came
 //! back from a crash without it) is left to a new producer of the same transactional id,
-//! whose initialisation fences the old one and aborts what it had open. Nothing is committed past an output that is not in a committed transaction.
+//! whose initialisation fences the old one and aborts what it had open. Nothing is committed
+//! past an output that is not in a committed transaction.
 //! **Replays:** outcomes of records before a partition's `published` start are not sent
 //! (an earlier run's transaction has them); they count for progress and positions, and the
 //! offsets a transaction commits never go below that start (a replay committing its own lower
 //! offsets would make the next restart publish those records again).
 
+use crate::backlog::{Backlog, SharedBacklog};
 use crate::kafka_sink::{is_replay, too_large, Delivery, Outgoing, OutputKind, Report, SinkContext, SinkSpec};
 use crate::metrics::SinkMetrics;
 use crate::records::{now_ms, Epoch, Outcome, Position};
-use crate::{Backlog, Fatal};
+use crate::Fatal;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, PurgeConfig};
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::BTreeMap;
-use std::rc::Rc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Pipeline;
@@ -55,6 +66,14 @@ struct EpochOutputs {
     outgoing: Vec<Outgoing>,
     /// Highest offset per partition among this epoch's records.
     offsets: BTreeMap<i32, i64>,
+}
+
+/// Outputs of open epochs taken out for a transaction before their epochs close, and the
+/// offset after the last of them in each partition. Kept until a transaction commits them.
+#[derive(Default)]
+struct Partial {
+    outgoing: Vec<Outgoing>,
+    next: BTreeMap<i32, i64>,
 }
 
 /// Why a transaction did not commit.
@@ -78,12 +97,28 @@ pub struct TxnProducer {
     pub renew: RenewProducer,
 }
 
+/// What the sink holds between activations: outputs by epoch, the partial transaction staged,
+/// the offsets committed so far, and the retry state.
+struct TxnState {
+    epochs: BTreeMap<Epoch, EpochOutputs>,
+    partial: Option<Partial>,
+    /// When the oldest output of an open epoch not yet committed arrived.
+    open_since: Option<Instant>,
+    /// The next offset committed for each partition: no transaction moves it back.
+    committed: BTreeMap<i32, i64>,
+    published_from: BTreeMap<i32, i64>,
+    failing_since: Option<Instant>,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    failed: bool,
+}
+
 pub fn kafka_txn_sink<'scope, C: ConsumerContext + 'static>(
     outcomes: StreamVec<'scope, Epoch, Outcome>,
     producer: TxnProducer,
-    consumer: Rc<BaseConsumer<C>>,
+    consumer: Arc<BaseConsumer<C>>,
     spec: SinkSpec,
-    backlog: Backlog,
+    backlog: SharedBacklog,
     fatal: Fatal,
     mut metrics: SinkMetrics,
 ) -> StreamVec<'scope, Epoch, Position> {
@@ -93,11 +128,18 @@ pub fn kafka_txn_sink<'scope, C: ConsumerContext + 'static>(
         "KafkaTxnSink",
         move |default_cap, info| {
             let activator = scope.activator_for(info.address);
-            let mut epochs: BTreeMap<Epoch, EpochOutputs> = BTreeMap::new();
             let mut starts = Some((default_cap, spec.starts.clone()));
-            let published_from: BTreeMap<i32, i64> = spec.starts.iter().map(|s| (s.partition, s.published)).collect();
-            let (mut failing_since, mut retry_at, mut failed) = (None::<Instant>, None::<Instant>, false);
-            let mut backoff = Duration::from_millis(100);
+            let mut state = TxnState {
+                epochs: BTreeMap::new(),
+                partial: None,
+                open_since: None,
+                committed: BTreeMap::new(),
+                published_from: spec.starts.iter().map(|s| (s.partition, s.published)).collect(),
+                failing_since: None,
+                retry_at: None,
+                backoff: Duration::from_millis(100),
+                failed: false,
+            };
             let TxnProducer { mut producer, renew } = producer;
             move |(input, frontier), output| {
                 if let Some((cap, positions)) = starts.take() {
@@ -106,37 +148,49 @@ pub fn kafka_txn_sink<'scope, C: ConsumerContext + 'static>(
                 input.for_each_stamp(|cap, data| {
                     let Some(cap) = cap.retain_least(0) else { return };
                     let epoch = *cap.time();
-                    let state = epochs.entry(epoch).or_insert_with(|| EpochOutputs {
+                    let outputs = state.epochs.entry(epoch).or_insert_with(|| EpochOutputs {
                         hold: cap,
                         outgoing: Vec::new(),
                         offsets: BTreeMap::new(),
                     });
                     for batch in data {
                         for outcome in batch.drain(..) {
-                            if is_replay(&outcome, &mut state.offsets, &published_from, &backlog) {
+                            if is_replay(&outcome, &mut outputs.offsets, &state.published_from, &backlog) {
                                 continue;
                             }
                             Outgoing::encode(epoch, outcome, &spec, &mut metrics, |message| {
-                                state.outgoing.push(message)
+                                outputs.outgoing.push(message)
                             });
                         }
                     }
+                    state.open_since.get_or_insert_with(Instant::now);
                 });
-                metrics.unacked.set(epochs.values().map(|e| e.outgoing.len() as i64).sum());
+                let pending = state.epochs.values().map(|e| e.outgoing.len()).sum::<usize>()
+                    + state.partial.as_ref().map_or(0, |p| p.outgoing.len());
+                metrics.unacked.set(pending as i64);
                 let complete: Vec<Epoch> =
-                    epochs.keys().copied().take_while(|e| !frontier.frontier().less_equal(e)).collect();
-                if failed || complete.is_empty() || retry_at.is_some_and(|at| Instant::now() < at) {
-                    if !failed && !epochs.is_empty() {
+                    state.epochs.keys().copied().take_while(|e| !frontier.frontier().less_equal(e)).collect();
+                let partial_due = spec.partial_commit_after.is_some_and(|after| {
+                    complete.is_empty() && state.open_since.is_some_and(|since| since.elapsed() >= after)
+                });
+                if !state.failed && state.partial.is_none() && partial_due && state.retry_at.is_none() {
+                    state.stage_partial(&backlog.borrow(), &complete);
+                    if state.partial.is_none() {
+                        // Nothing can go yet (each waits for an earlier record): look again later.
+                        state.open_since = Some(Instant::now());
+                    }
+                }
+                let nothing_to_do = complete.is_empty() && state.partial.is_none();
+                if state.failed || nothing_to_do || state.retry_at.is_some_and(|at| Instant::now() < at) {
+                    if !state.failed && !state.epochs.is_empty() {
                         activator.activate_after(Duration::from_millis(50));
                     }
                     return;
                 }
                 let started = Instant::now();
-                match transact(&producer, &*consumer, &spec, &mut epochs, &complete) {
+                match transact(&producer, &*consumer, &spec, &mut state, &complete) {
                     Ok(()) => {
-                        failing_since = None;
-                        retry_at = None;
-                        backoff = Duration::from_millis(100);
+                        state.committed_ok();
                         let delivered: Vec<Report> =
                             std::mem::take(&mut *producer.context().reports.lock().expect("not poisoned"));
                         for report in delivered {
@@ -146,69 +200,48 @@ pub fn kafka_txn_sink<'scope, C: ConsumerContext + 'static>(
                                 metrics.end_to_end_seconds.observe((now_ms() - ts).max(0) as f64 / 1000.0);
                             }
                         }
+                        let mut backlog = backlog.borrow_mut();
+                        for sent in state.partial.take().into_iter().flat_map(|p| p.outgoing).map(|o| o.sent) {
+                            if sent.is_record_output() {
+                                backlog.done(sent.partition, sent.offset);
+                            }
+                        }
                         for epoch in complete {
-                            let state = epochs.remove(&epoch).expect("a complete epoch");
-                            let records = state.outgoing.iter().filter(|o| o.sent.is_record_output()).count();
-                            backlog.set(backlog.get().saturating_sub(records));
-                            let mut session = output.session(&state.hold);
-                            for (partition, offset) in state.offsets {
-                                let published = published_from.get(&partition).map_or(offset + 1, |from| (offset + 1).max(*from));
+                            let outputs = state.epochs.remove(&epoch).expect("a complete epoch");
+                            for sent in outputs.outgoing.iter().map(|o| &o.sent).filter(|s| s.is_record_output()) {
+                                backlog.done(sent.partition, sent.offset);
+                            }
+                            let mut session = output.session(&outputs.hold);
+                            for (partition, offset) in outputs.offsets {
+                                let published =
+                                    state.published_from.get(&partition).map_or(offset + 1, |from| (offset + 1).max(*from));
                                 session.give(Position { partition, learned: offset + 1, published });
                             }
                         }
+                        let open = state.epochs.values().any(|e| !e.outgoing.is_empty());
+                        state.open_since = open.then(Instant::now);
                         tracing::trace!(seconds = started.elapsed().as_secs_f64(), "transaction committed");
                     }
                     Err(Failure::Retry(error)) => {
-                        // Outputs refused for their size get their small replacement; other
-                        // failures are retried as they are.
                         let reports: Vec<Report> =
                             std::mem::take(&mut *producer.context().reports.lock().expect("not poisoned"));
-                        let mut replaced = 0;
-                        for report in reports {
-                            let Err((code, message)) = report.outcome else { continue };
-                            if !too_large(code) || report.message.replacement {
-                                continue;
-                            }
-                            let m = report.message;
-                            if let Some(slot) = epochs.get_mut(&m.epoch).and_then(|e| {
-                                e.outgoing.iter_mut().find(|o| {
-                                    (o.sent.partition, o.sent.offset, o.sent.kind) == (m.partition, m.offset, m.kind)
-                                        && !o.sent.replacement
-                                })
-                            }) {
-                                tracing::warn!(id = %crate::records::truncate(&m.key, 64), partition = m.partition, offset = m.offset, message, "the broker refused an output as too large; a small dead letter replaces it");
-                                *slot = m.replaced(&message);
-                                metrics.dead_lettered.with("output_too_large").inc();
-                                replaced += 1;
-                            }
-                        }
-                        if replaced > 0 {
-                            retry_at = None;
-                        } else {
-                            let since = *failing_since.get_or_insert_with(Instant::now);
-                            if since.elapsed() > spec.give_up_after {
+                        if state.replace_refused(reports, &mut metrics) == 0 {
+                            if let Err(error) = state.wait_to_retry(&spec, &error) {
                                 metrics.failed.inc();
-                                failed = true;
-                                *fatal.borrow_mut() = Some(format!(
-                                    "the outputs' transaction kept failing for {:.0} s: {error}",
-                                    since.elapsed().as_secs_f64()
-                                ));
+                                *fatal.borrow_mut() = Some(error);
                                 return;
                             }
-                            tracing::warn!(%error, retry_in = ?backoff, "a transaction of outputs failed; retrying");
-                            retry_at = Some(Instant::now() + backoff);
-                            backoff = (backoff * 2).min(Duration::from_secs(2));
                         }
                     }
                     Err(Failure::Renew(error)) => match renew() {
                         Ok(renewed) => {
                             tracing::warn!(%error, "a transaction could not be aborted; a new producer fenced the old one, retrying");
                             producer = renewed;
-                            retry_at = Some(Instant::now() + backoff);
+                            state.retry_at = Some(Instant::now() + state.backoff);
                         }
                         Err(renew_error) => {
                             metrics.failed.inc();
-                            failed = true;
+                            state.failed = true;
                             *fatal.borrow_mut() =
                                 Some(format!("{error}; and no new transactional producer could be made: {renew_error}"));
                             return;
@@ -216,12 +249,12 @@ pub fn kafka_txn_sink<'scope, C: ConsumerContext + 'static>(
                     },
                     Err(Failure::Fatal(error)) => {
                         metrics.failed.inc();
-                        failed = true;
+                        state.failed = true;
                         *fatal.borrow_mut() = Some(error);
                         return;
                     }
                 }
-                if !epochs.is_empty() {
+                if !state.epochs.is_empty() {
                     activator.activate_after(Duration::from_millis(2));
                 }
             }
@@ -229,82 +262,186 @@ pub fn kafka_txn_sink<'scope, C: ConsumerContext + 'static>(
     )
 }
 
-/// One transaction: the outputs of the `complete` epochs, and the next offsets of their
-/// partitions for the group. Aborted on any failure.
+impl TxnState {
+    /// Takes out of the open epochs every output that may commit before its epoch closes:
+    /// in each partition, those of the records from the least offset in the backlog upwards,
+    /// as far as every record has its outputs here (the `complete` epochs commit in the same
+    /// transaction). Above a record still in flight nothing goes: a restart reads from the
+    /// committed offset, and would publish again what was committed above it.
+    fn stage_partial(&mut self, backlog: &Backlog, complete: &[Epoch]) {
+        let here: BTreeSet<(i32, i64)> = self
+            .epochs
+            .values()
+            .flat_map(|e| e.outgoing.iter().map(|o| &o.sent))
+            .filter(|s| s.is_record_output())
+            .map(|s| (s.partition, s.offset))
+            .collect();
+        let mut partial = Partial { outgoing: Vec::new(), next: committable(backlog, &here) };
+        for (epoch, outputs) in self.epochs.iter_mut().filter(|(e, _)| !complete.contains(e)) {
+            let (now, later) = std::mem::take(&mut outputs.outgoing).into_iter().partition(|o: &Outgoing| {
+                o.sent.kind != OutputKind::FeedbackDeadLetter
+                    && partial.next.get(&o.sent.partition).is_some_and(|next| o.sent.offset < *next)
+            });
+            outputs.outgoing = later;
+            tracing::trace!(epoch, outputs = now.len(), "outputs of an open epoch staged for a transaction");
+            partial.outgoing.extend(now);
+        }
+        if !partial.outgoing.is_empty() {
+            self.partial = Some(partial);
+        }
+    }
+
+    /// The next offset of each partition that a transaction of the staged partial outputs and
+    /// the `complete` epochs commits: never below where publishing started (a replay must not
+    /// move the group back), nor below what an earlier transaction committed.
+    fn next_offsets(&self, complete: &[Epoch]) -> BTreeMap<i32, i64> {
+        let mut next: BTreeMap<i32, i64> = self.partial.as_ref().map(|p| p.next.clone()).unwrap_or_default();
+        for outputs in complete.iter().map(|e| &self.epochs[e]) {
+            for (partition, offset) in &outputs.offsets {
+                let at = next.entry(*partition).or_insert(offset + 1);
+                *at = (*at).max(offset + 1);
+            }
+        }
+        for (partition, at) in next.iter_mut() {
+            let floor = self.published_from.get(partition).into_iter().chain(self.committed.get(partition)).max();
+            *at = (*at).max(floor.copied().unwrap_or(0));
+        }
+        next
+    }
+
+    /// A transaction committed: the retry state starts over.
+    fn committed_ok(&mut self) {
+        self.failing_since = None;
+        self.retry_at = None;
+        self.backoff = Duration::from_millis(100);
+    }
+
+    /// Replaces each output the broker refused for its size with its small dead letter;
+    /// returns how many.
+    fn replace_refused(&mut self, reports: Vec<Report>, metrics: &mut SinkMetrics) -> usize {
+        let mut replaced = 0;
+        for report in reports {
+            let Err((code, message)) = report.outcome else { continue };
+            if !too_large(code) || report.message.replacement {
+                continue;
+            }
+            let m = report.message;
+            let staged = self.partial.iter_mut().flat_map(|p| p.outgoing.iter_mut());
+            let mut slots = staged.chain(self.epochs.get_mut(&m.epoch).into_iter().flat_map(|e| e.outgoing.iter_mut()));
+            if let Some(slot) = slots.find(|o| {
+                (o.sent.partition, o.sent.offset, o.sent.kind) == (m.partition, m.offset, m.kind) && !o.sent.replacement
+            }) {
+                tracing::warn!(id = %crate::records::truncate(&m.key, 64), partition = m.partition, offset = m.offset, message, "the broker refused an output as too large; a small dead letter replaces it");
+                *slot = m.replaced(&message);
+                metrics.dead_lettered.with("output_too_large").inc();
+                replaced += 1;
+            }
+        }
+        if replaced > 0 {
+            self.retry_at = None;
+        }
+        replaced
+    }
+
+    /// Schedules the next try of a failed transaction with backoff; the error that stops the
+    /// worker once it has failed for longer than `spec.give_up_after`.
+    fn wait_to_retry(&mut self, spec: &SinkSpec, error: &str) -> Result<(), String> {
+        let since = *self.failing_since.get_or_insert_with(Instant::now);
+        if since.elapsed() > spec.give_up_after {
+            self.failed = true;
+            let seconds = since.elapsed().as_secs_f64();
+            return Err(format!("the outputs' transaction kept failing for {seconds:.0} s: {error}"));
+        }
+        tracing::warn!(%error, retry_in = ?self.backoff, "a transaction of outputs failed; retrying");
+        self.retry_at = Some(Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(2));
+        Ok(())
+    }
+}
+
+/// Per partition, the offset after the longest run of records, from the least offset in the
+/// `backlog` upwards, whose outputs are all `here`: what may be committed before the epochs
+/// close. A partition whose least record in flight has no output here is absent.
+fn committable(backlog: &Backlog, here: &BTreeSet<(i32, i64)>) -> BTreeMap<i32, i64> {
+    let partitions: BTreeSet<i32> = here.iter().map(|(partition, _)| *partition).collect();
+    partitions
+        .into_iter()
+        .filter_map(|partition| {
+            let last = backlog.offsets(partition).take_while(|offset| here.contains(&(partition, *offset))).last();
+            last.map(|last| (partition, last + 1))
+        })
+        .collect()
+}
+
+/// One transaction: the staged partial outputs and those of the `complete` epochs, and the
+/// next offsets of their partitions for the group. Aborted on any failure.
 fn transact<C: ConsumerContext>(
     producer: &BaseProducer<SinkContext>,
     consumer: &BaseConsumer<C>,
     spec: &SinkSpec,
-    epochs: &mut BTreeMap<Epoch, EpochOutputs>,
+    state: &mut TxnState,
     complete: &[Epoch],
 ) -> Result<(), Failure> {
     producer.begin_transaction().map_err(|e| classify("cannot begin a transaction", e))?;
-    let result = send_and_commit(producer, consumer, spec, epochs, complete);
-    if let Err(Failure::Retry(error)) = &result {
-        // Nothing of it becomes visible. A producer that cannot abort cannot go on. The
-        // reports of the purged messages are taken from the context by the caller.
-        if let Err(abort) = abort_retrying(producer, spec.give_up_after) {
-            let error = format!("{error}; aborting the transaction failed too: {abort}");
-            // A producer whose abort failed is broken (librdkafka raises INVALID_TXN_STATE
-            // from a restarted coordinator as fatal), but unless it was fenced, a new one may go
-            // on: nothing of this transaction was committed, and its initialisation aborts it.
-            return Err(if is_fenced(&abort) { Failure::Fatal(error) } else { Failure::Renew(error) });
+    let next = state.next_offsets(complete);
+    let staged = state.partial.iter_mut().flat_map(|p| p.outgoing.iter_mut());
+    let epochs = state.epochs.iter_mut().filter(|(e, _)| complete.contains(e));
+    let slots = staged.chain(epochs.flat_map(|(_, outputs)| outputs.outgoing.iter_mut()));
+    let result = send_and_commit(producer, consumer, spec, slots, &next);
+    match &result {
+        Ok(()) => state.committed.extend(next),
+        Err(Failure::Retry(error)) => {
+            // Nothing of it becomes visible. A producer that cannot abort cannot go on. The
+            // reports of the purged messages are taken from the context by the caller.
+            if let Err(abort) = abort_retrying(producer, spec.give_up_after) {
+                let error = format!("{error}; aborting the transaction failed too: {abort}");
+                // A producer whose abort failed is broken (librdkafka raises INVALID_TXN_STATE
+                // from a restarted coordinator as fatal), but unless it was fenced, a new one
+                // may go on: nothing of this transaction was committed, and its
+                // initialisation aborts it.
+                return Err(if is_fenced(&abort) { Failure::Fatal(error) } else { Failure::Renew(error) });
+            }
         }
+        Err(_) => {}
     }
     result
 }
 
-fn send_and_commit<C: ConsumerContext>(
+fn send_and_commit<'a, C: ConsumerContext>(
     producer: &BaseProducer<SinkContext>,
     consumer: &BaseConsumer<C>,
     spec: &SinkSpec,
-    epochs: &mut BTreeMap<Epoch, EpochOutputs>,
-    complete: &[Epoch],
+    slots: impl Iterator<Item = &'a mut Outgoing>,
+    next: &BTreeMap<i32, i64>,
 ) -> Result<(), Failure> {
-    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
-    for epoch in complete {
-        let state = epochs.get_mut(epoch).expect("a complete epoch");
-        for (partition, offset) in &state.offsets {
-            let at = next.entry(*partition).or_insert(offset + 1);
-            *at = (*at).max(offset + 1);
-        }
-        // Records replayed for the learner only (before where publishing starts) must not move
-        // the group's offsets back below it: a restart would publish again what an earlier
-        // run's transactions had committed.
-        for start in &spec.starts {
-            if let Some(at) = next.get_mut(&start.partition) {
-                *at = (*at).max(start.published);
-            }
-        }
-        for slot in state.outgoing.iter_mut() {
-            loop {
-                let sent = slot.sent.clone();
-                let topic = sent.topic(spec);
-                let key = sent.key.clone();
-                let delivery = Box::new(Delivery { at: Instant::now(), message: sent });
-                let record = BaseRecord::with_opaque_to(topic, delivery).key(&key).payload(&slot.payload);
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                        producer.poll(Duration::from_millis(10));
+    for slot in slots {
+        loop {
+            let sent = slot.sent.clone();
+            let topic = sent.topic(spec);
+            let key = sent.key.clone();
+            let delivery = Box::new(Delivery { at: Instant::now(), message: sent });
+            let record = BaseRecord::with_opaque_to(topic, delivery).key(&key).payload(&slot.payload);
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    producer.poll(Duration::from_millis(10));
+                }
+                Err((error, record)) => {
+                    let message = record.delivery_opaque.message;
+                    if too_large(error.rdkafka_error_code()) && !message.replacement {
+                        *slot = message.replaced(&error.to_string());
+                        continue;
                     }
-                    Err((error, record)) => {
-                        let message = record.delivery_opaque.message;
-                        if too_large(error.rdkafka_error_code()) && !message.replacement {
-                            *slot = message.replaced(&error.to_string());
-                            continue;
-                        }
-                        return Err(Failure::Retry(format!(
-                            "cannot produce the output of {} to {topic}: {error}",
-                            message.source()
-                        )));
-                    }
+                    return Err(Failure::Retry(format!(
+                        "cannot produce the output of {} to {topic}: {error}",
+                        message.source()
+                    )));
                 }
             }
         }
     }
     let mut offsets = TopicPartitionList::new();
-    for (partition, offset) in &next {
+    for (partition, offset) in next {
         offsets.add_partition_offset(&spec.input_topic, *partition, Offset::Offset(*offset)).expect("valid offset");
     }
     // Epochs of feedback dead letters alone move no input offset.
@@ -405,5 +542,29 @@ fn classify(what: &str, error: KafkaError) -> Failure {
         ))
     } else {
         Failure::Retry(format!("{what}: {error}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_each_partition_up_to_its_first_record_in_flight_without_outputs() {
+        let mut backlog = Backlog::default();
+        // Partition 0: offsets 10, 11, 13 (12 is a transaction marker, never read), 14.
+        // Partition 1: 3 and 4. Partition 2: 7.
+        for (partition, offset) in [(0, 10), (0, 11), (0, 13), (0, 14), (1, 3), (1, 4), (2, 7)] {
+            backlog.read(partition, offset, 0);
+        }
+        // Outputs are here for 0:10, 0:11, 0:13 (not 0:14), 1:4 (not 1:3: a slow fetch), 2:7.
+        let here: BTreeSet<(i32, i64)> = [(0, 10), (0, 11), (0, 13), (1, 4), (2, 7)].into_iter().collect();
+        let next = committable(&backlog, &here);
+        // 0: up to 13 (the gap of the marker does not stop it), so 14; 1: nothing, its first
+        // record is in flight (committing 5 would skip 3 on a restart); 2: all of it.
+        assert_eq!(next, BTreeMap::from([(0, 14), (2, 8)]));
+        // Once 1:3's output comes, partition 1 goes too.
+        let here: BTreeSet<(i32, i64)> = here.into_iter().chain([(1, 3)]).collect();
+        assert_eq!(committable(&backlog, &here)[&1], 5);
     }
 }

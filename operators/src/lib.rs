@@ -12,12 +12,16 @@
 //! | [`kafka_txn_sink()`] | `Outcome` | `Position`s as epochs commit; outputs and offsets in transactions |
 //! | [`checkpoint()`] | `Position` (to worker 0) | checkpointed progress; writes checkpoints |
 //!
+//! Each worker's [`Backlog`] (records read and not yet published) is shared by its source,
+//! which bounds it, and its sink, which empties it.
+//!
 //! Operators are generic over the work they schedule (closures and the [`Head`] trait): the
 //! image, model and learning code lives in the `dlpipe` library, which builds the dataflow from
 //! these pieces. Timestamps are epochs (`u64`); each operator's docs say how it moves progress.
 //! Each operator also takes a struct of [`metrics`] handles, which it updates and the caller
 //! exports.
 
+pub mod backlog;
 pub mod checkpoint;
 pub mod featurize;
 pub mod feedback_join;
@@ -30,12 +34,15 @@ pub mod metrics;
 pub mod records;
 pub mod retriable;
 
+pub use backlog::{Backlog, SharedBacklog, Waiting};
 pub use checkpoint::{checkpoint, CheckpointStore, WriteError};
 pub use featurize::{featurize, Batching, ModelRow};
 pub use feedback_join::{feedback_join, Feedback};
 pub use fetch_decode::{fetch_decode, ByteBudget, Prepare, PrepareError};
 pub use kafka_sink::{kafka_sink, FeaturesOutput, SinkContext, SinkSpec};
-pub use kafka_source::{kafka_feedback_source, kafka_source, EpochPolicy, PartitionRange, SourceSpec};
+pub use kafka_source::{
+    kafka_feedback_source, kafka_source, AssignedConsumer, EpochPolicy, PartitionRange, SourceSpec,
+};
 pub use kafka_txn_sink::{kafka_txn_sink, TxnProducer};
 pub use learn_predict::{learn_predict, Head, Predict};
 pub use metrics::{
@@ -46,10 +53,6 @@ pub use records::{
     ClassScore, DeadLetter, Decoded, Epoch, Featured, FeaturesModel, ImageRecord, LabelledExample, Outcome, Position,
     Prediction,
 };
-
-/// Records of one worker read from Kafka and not yet published: the source pauses at a limit.
-/// Shared by the source and the sink of the same worker (one thread).
-pub type Backlog = std::rc::Rc<std::cell::Cell<usize>>;
 
 /// A fatal error the worker loop must stop on: a message the broker refused for good (dropping
 /// it would lose a record, committing past it would lie), a model that keeps failing. Set by

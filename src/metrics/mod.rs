@@ -216,6 +216,14 @@ pub const DEFINITIONS: &[MetricDef] = &[
         "How far an operator's output frontier trails wall-clock time (0 once the operator is done).",
     ),
     def(
+        "dlpipe_pipeline_stalled_seconds",
+        G,
+        &["worker"],
+        B::None,
+        "How long the worker's published frontier has stood still with records in flight, once that passes \
+         pipeline.stall_after_secs (0 otherwise); the status line and /readyz say what it waits for.",
+    ),
+    def(
         "dlpipe_model_version",
         G,
         &["worker", "model"],
@@ -362,6 +370,7 @@ pub struct Metrics {
     pub queue_depth: IntGaugeVec,
     pub consumer_lag: IntGaugeVec,
     pub frontier_lag: GaugeVec,
+    pub pipeline_stalled: GaugeVec,
     pub model_version: IntGaugeVec,
     pub learner_classes: IntGaugeVec,
     pub learner_frozen_copies: IntGaugeVec,
@@ -452,6 +461,7 @@ impl Metrics {
             queue_depth: b.int_gauge("dlpipe_queue_depth_records"),
             consumer_lag: b.int_gauge("dlpipe_consumer_lag_records"),
             frontier_lag: b.gauge("dlpipe_frontier_lag_seconds"),
+            pipeline_stalled: b.gauge("dlpipe_pipeline_stalled_seconds"),
             model_version: b.int_gauge("dlpipe_model_version"),
             learner_classes: b.int_gauge("dlpipe_learner_classes"),
             learner_frozen_copies: b.int_gauge("dlpipe_learner_frozen_copies"),

@@ -1,7 +1,7 @@
 //! The metrics endpoint: a small HTTP/1.1 server on a std thread (no async runtime) that
 //! answers `GET /metrics` (Prometheus text format), `GET /healthz` (the process is up) and
-//! `GET /readyz` (every local worker has built its dataflow and is consuming, and no stop was
-//! requested).
+//! `GET /readyz` (every local worker has built its dataflow and is consuming, none is stalled,
+//! and no stop was requested; otherwise 503 with the reason).
 //!
 //! Each connection gets a short-lived thread, reads one request and closes: Prometheus scrapes
 //! and probes are a handful per second at most, so nothing more elaborate is needed. The port
@@ -11,10 +11,11 @@
 //! the bytes trickle in (then the connection is dropped).
 
 use super::Metrics;
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
@@ -28,8 +29,8 @@ pub enum ServeError {
     Bind(SocketAddr, std::io::Error),
 }
 
-/// When `/readyz` says ready: once `workers` local workers have called [`worker_ready`], until
-/// a stop is requested.
+/// When `/readyz` says ready: once `workers` local workers have called [`worker_ready`], while
+/// none is stalled, until a stop is requested.
 ///
 /// [`worker_ready`]: Readiness::worker_ready
 pub struct Readiness {
@@ -37,11 +38,19 @@ pub struct Readiness {
     workers: usize,
     stop: Arc<AtomicBool>,
     failed: AtomicBool,
+    /// What each stalled worker waits for, by worker index.
+    stalled: Mutex<BTreeMap<usize, String>>,
 }
 
 impl Readiness {
     pub fn new(workers: usize, stop: Arc<AtomicBool>) -> Readiness {
-        Readiness { ready: AtomicUsize::new(0), workers, stop, failed: AtomicBool::new(false) }
+        Readiness {
+            ready: AtomicUsize::new(0),
+            workers,
+            stop,
+            failed: AtomicBool::new(false),
+            stalled: Mutex::new(BTreeMap::new()),
+        }
     }
 
     /// One local worker has built its dataflow and assigned its partitions.
@@ -54,10 +63,46 @@ impl Readiness {
         self.failed.store(true, Ordering::SeqCst);
     }
 
+    /// Worker `worker` is stalled, waiting for `waiting` (`None`: it makes progress again).
+    pub fn set_stalled(&self, worker: usize, waiting: Option<String>) {
+        let mut stalled = self.stalled.lock().expect("not poisoned");
+        match waiting {
+            Some(waiting) => stalled.insert(worker, waiting),
+            None => stalled.remove(&worker),
+        };
+    }
+
+    /// What worker `worker` waits for, while it is stalled.
+    pub fn stalled(&self, worker: usize) -> Option<String> {
+        self.stalled.lock().expect("not poisoned").get(&worker).cloned()
+    }
+
+    /// What the first stalled worker waits for, as "worker W waits for ...".
+    pub fn first_stalled(&self) -> Option<String> {
+        let stalled = self.stalled.lock().expect("not poisoned");
+        stalled.iter().next().map(|(worker, waiting)| format!("worker {worker} waits for {waiting}"))
+    }
+
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst) >= self.workers
-            && !self.stop.load(Ordering::Relaxed)
-            && !self.failed.load(Ordering::SeqCst)
+        self.status().is_ok()
+    }
+
+    /// Ready, or why not.
+    pub fn status(&self) -> Result<(), String> {
+        if self.failed.load(Ordering::SeqCst) {
+            return Err("a worker failed; the process is stopping".into());
+        }
+        if self.stop.load(Ordering::Relaxed) {
+            return Err("stopping".into());
+        }
+        let ready = self.ready.load(Ordering::SeqCst);
+        if ready < self.workers {
+            return Err(format!("{ready} of {} workers started", self.workers));
+        }
+        match self.first_stalled() {
+            Some(stalled) => Err(format!("stalled: {stalled}")),
+            None => Ok(()),
+        }
     }
 }
 
@@ -161,12 +206,10 @@ fn answer(stream: TcpStream, metrics: &Metrics, readiness: &Readiness) -> std::i
     let (status, content_type, body) = match (method, path) {
         ("GET" | "HEAD", "/metrics") => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics.encode()),
         ("GET" | "HEAD", "/healthz") => ("200 OK", "text/plain; charset=utf-8", "ok\n".to_owned()),
-        ("GET" | "HEAD", "/readyz") if readiness.is_ready() => {
-            ("200 OK", "text/plain; charset=utf-8", "ready\n".to_owned())
-        }
-        ("GET" | "HEAD", "/readyz") => {
-            ("503 Service Unavailable", "text/plain; charset=utf-8", "not ready\n".to_owned())
-        }
+        ("GET" | "HEAD", "/readyz") => match readiness.status() {
+            Ok(()) => ("200 OK", "text/plain; charset=utf-8", "ready\n".to_owned()),
+            Err(why) => ("503 Service Unavailable", "text/plain; charset=utf-8", format!("not ready: {why}\n")),
+        },
         ("GET" | "HEAD", _) => {
             ("404 Not Found", "text/plain; charset=utf-8", "dlpipe serves /metrics, /healthz and /readyz\n".to_owned())
         }

@@ -215,6 +215,16 @@ fn the_endpoint_serves_metrics_health_and_readiness() {
     assert_eq!(get(address, "/readyz").0, 503, "one of two workers is ready");
     readiness.worker_ready();
     assert_eq!(get(address, "/readyz"), (200, "ready\n".into()));
+    // A stalled worker makes the process unready, saying what it waits for, until it moves.
+    readiness.set_stalled(1, Some("epoch 4: partitions not yet read past it: partition 3 from offset 130;".into()));
+    let (status, body) = get(address, "/readyz");
+    assert_eq!(status, 503);
+    assert_eq!(
+        body,
+        "not ready: stalled: worker 1 waits for epoch 4: partitions not yet read past it: partition 3 from offset 130;\n"
+    );
+    readiness.set_stalled(1, None);
+    assert_eq!(get(address, "/readyz"), (200, "ready\n".into()));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert_eq!(get(address, "/readyz").0, 503, "stopping");
     assert_eq!(get(address, "/nothing").0, 404);

@@ -34,6 +34,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The version of [`CheckpointInfo`] this build writes and reads.
@@ -250,7 +251,7 @@ pub struct CheckpointWriter {
     /// can be neither committed nor aborted.
     pub producer: BaseProducer,
     pub kafka: KafkaConfig,
-    pub committer: Rc<BaseConsumer<LagContext>>,
+    pub committer: Arc<BaseConsumer<LagContext>>,
     /// Whether the checkpoint's transaction commits the group's offsets (at-least-once); with
     /// exactly-once delivery the sinks commit them with the outputs.
     pub commit_offsets: bool,
@@ -273,7 +274,7 @@ impl CheckpointWriter {
         head: Rc<RefCell<OnlineLrHead>>,
         producer: BaseProducer,
         kafka: KafkaConfig,
-        committer: Rc<BaseConsumer<LagContext>>,
+        committer: Arc<BaseConsumer<LagContext>>,
         commit_offsets: bool,
         model_topic: String,
         group_id: String,

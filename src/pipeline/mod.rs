@@ -15,6 +15,7 @@
 
 pub mod checkpoint;
 mod heads;
+mod stall;
 
 pub use checkpoint::{Checkpoint, CheckpointInfo};
 pub use heads::{ImagenetHead, LearnerState, OnlineLrHead};
@@ -30,9 +31,10 @@ use crate::model::{parse_device, resolve, Featurizer, OutputKind};
 use crate::transfer::classifier::{featurizer_metadata, Classifier};
 use dlpipe_operators::{
     featurize, feedback_join, fetch_decode, kafka_feedback_source, kafka_sink, kafka_source, kafka_txn_sink,
-    learn_predict, Backlog, Batching, ByteBudget, CounterByLabel, DeadLetter, Epoch, EpochPolicy, Fatal, Featured,
-    FeaturesModel, FeaturesOutput, Feedback, FeedbackJoinMetrics, ImageRecord, LabelledExample, ModelRow, Outcome,
-    PartitionRange, Position, Prepare, PrepareError, SinkContext, SinkSpec, SourceMetrics, SourceSpec, TxnProducer,
+    learn_predict, AssignedConsumer, Backlog, Batching, ByteBudget, CounterByLabel, DeadLetter, Epoch, EpochPolicy,
+    Fatal, Featured, FeaturesModel, FeaturesOutput, Feedback, FeedbackJoinMetrics, ImageRecord, LabelledExample,
+    ModelRow, Outcome, PartitionRange, Position, Prepare, PrepareError, SharedBacklog, SinkContext, SinkSpec,
+    SourceMetrics, SourceSpec, TxnProducer,
 };
 use fast_image_resize::Resizer;
 use prometheus::core::Collector;
@@ -222,7 +224,7 @@ fn run_worker(
     }
 
     // Kafka: this worker's partitions, where to start and (with stop_at_end) where to end.
-    let consumer = Rc::new(assigned_consumer(config, &worker_label, &p.input_topic, metrics)?);
+    let consumer = Arc::new(assigned_consumer(config, &worker_label, &p.input_topic, metrics)?);
     // Topics that worker 0 is creating may take a moment to appear; with create_topics off
     // every topic must already exist (checked here, not at the first send).
     let partitions = topic_partitions(&consumer, &config.kafka, &p.input_topic, p.create_topics)?;
@@ -252,11 +254,7 @@ fn run_worker(
         None => LearnFrom::Published,
     };
     let (ranges, starts) = partition_ranges(&consumer, config, &mine, learned)?;
-    let mut assignment = TopicPartitionList::new();
-    for r in &ranges {
-        assignment.add_partition_offset(&p.input_topic, r.partition, Offset::Offset(r.start))?;
-    }
-    consumer.assign(&assignment)?;
+    let assigned = AssignedConsumer::assign(Arc::clone(&consumer), &p.input_topic, &ranges)?;
     tracing::info!(worker = index, partitions = ?mine, "assigned partitions");
     for s in starts.iter().filter(|s| s.learned != s.published) {
         let (what, from, to) = if s.learned < s.published {
@@ -363,7 +361,7 @@ fn run_worker(
             .collect())
     }));
 
-    let backlog: Backlog = Rc::new(std::cell::Cell::new(0));
+    let backlog: SharedBacklog = Rc::new(RefCell::new(Backlog::default()));
     let fatal: Fatal = Rc::new(RefCell::new(None));
     let source_spec = SourceSpec {
         topic: p.input_topic.clone(),
@@ -382,6 +380,8 @@ fn run_worker(
         }),
         starts,
         give_up_after: Duration::from_secs(config.kafka.retry_timeout_secs),
+        partial_commit_after: (p.delivery == Delivery::ExactlyOnce && p.partial_commit_ms > 0)
+            .then(|| Duration::from_millis(p.partial_commit_ms)),
     };
     let writer = match (&online, index) {
         (Some(head), 0) if start.checkpoints => {
@@ -392,7 +392,7 @@ fn run_worker(
                 Rc::clone(head),
                 producer,
                 config.kafka.clone(),
-                Rc::clone(&consumer),
+                Arc::clone(&consumer),
                 p.delivery == Delivery::AtLeastOnce,
                 p.model_topic.clone(),
                 p.group_id.clone(),
@@ -408,7 +408,7 @@ fn run_worker(
     // At-least-once: with checkpoints the group's offsets are committed with them (never ahead
     // of one); without, by each worker's sink as its epochs are published. Exactly-once: by
     // each worker's sink, in the transaction of the outputs.
-    let committer = (!start.checkpoints).then(|| Rc::clone(&consumer));
+    let committer = (!start.checkpoints).then(|| Arc::clone(&consumer));
     let exactly_once = p.delivery == Delivery::ExactlyOnce;
     let batching =
         Batching { max_batch: config.model.batch_size, max_wait: Duration::from_millis(p.max_batch_wait_ms) };
@@ -428,14 +428,7 @@ fn run_worker(
     );
     let probe = worker.dataflow::<Epoch, _, _>(|scope| {
         let mut probes = probes.borrow_mut();
-        let raw = kafka_source(
-            scope,
-            Rc::clone(&consumer),
-            source_spec,
-            Rc::clone(&backlog),
-            Arc::clone(stop),
-            source_metrics,
-        );
+        let raw = kafka_source(scope, assigned, source_spec, Rc::clone(&backlog), Arc::clone(stop), source_metrics);
         let (handle, raw) = raw.probe();
         probes.push(("kafka_source", handle));
         let (records, unreadable) = raw.ok_err::<Vec<ImageRecord>, _, Vec<DeadLetter>, _, _>(|r| r);
@@ -512,7 +505,7 @@ fn run_worker(
             outcomes = outcomes.concat(feedback_dead);
         }
         let positions = if exactly_once {
-            let consumer = Rc::clone(&consumer);
+            let consumer = Arc::clone(&consumer);
             let (kafka, group) = (config.kafka.clone(), p.group_id.clone());
             let renew = Box::new(move || transactional_producer(&kafka, &group, index).map_err(|e| format!("{e:#}")));
             kafka_txn_sink(
@@ -548,6 +541,8 @@ fn run_worker(
     // The first worker of each process logs the process's status line.
     let logs_status = index % shared.local_workers.max(1) == 0;
     let mut published_at_last_status = 0.0;
+    let mut stall_watch = stall::StallWatch::new(p.stall_after_secs, Instant::now());
+    let stalled_seconds = metrics.pipeline_stalled.with_label_values(&[&worker_label]);
     while !probe.done() {
         worker.step_or_park(Some(Duration::from_millis(20)));
         if let Some(error) = fatal.borrow().clone() {
@@ -558,12 +553,27 @@ fn run_worker(
         }
         if last_refresh.elapsed() >= Duration::from_secs(1) {
             last_refresh = Instant::now();
-            in_flight.set(backlog.get() as i64);
+            in_flight.set(backlog.borrow().len() as i64);
             let frontiers: Vec<(&str, Option<Epoch>)> =
                 probes.iter().map(|(name, probe)| (*name, probe.with_frontier(|f| f.first().copied()))).collect();
             for (name, lag) in frontier_clock.lags(&frontiers, dlpipe_operators::records::now_ms()) {
                 metrics.frontier_lag.with_label_values(&[&worker_label, name]).set(lag);
             }
+            // The published frontier: the sink's.
+            let published = frontiers.iter().find(|(name, _)| *name == "kafka_sink").and_then(|(_, f)| *f);
+            let stalled = stall_watch.observe(published, backlog.borrow().len(), Instant::now());
+            stalled_seconds.set(stalled.map_or(0.0, |d| d.as_secs_f64()));
+            let waiting = stalled.zip(published).map(|(_, f)| stall::waiting_for(&backlog.borrow(), f, &frontiers));
+            match (&waiting, shared.readiness.stalled(index)) {
+                (Some(waiting), None) => tracing::warn!(
+                    worker = index,
+                    seconds = stalled.map(|d| d.as_secs()),
+                    "stalled: the published frontier has not moved with records in flight; waiting for {waiting}"
+                ),
+                (None, Some(_)) => tracing::info!(worker = index, "no longer stalled: the published frontier moves"),
+                _ => {}
+            }
+            shared.readiness.set_stalled(index, waiting);
             if let Some(head) = &online {
                 export_learner(metrics, &worker_label, &head.borrow());
             }
@@ -577,6 +587,7 @@ fn run_worker(
             let throughput = format!("{:.1}/s", (published - published_at_last_status) / seconds);
             published_at_last_status = published;
             let lag = sum_of(&metrics.consumer_lag) as i64;
+            let stalled = shared.readiness.first_stalled().unwrap_or_else(|| "no".into());
             match &online {
                 Some(head) => {
                     let head = head.borrow();
@@ -589,6 +600,7 @@ fn run_worker(
                         classes = head.model.num_classes(),
                         accuracy = ?head.metrics.accuracy().map(|a| format!("{a:.3}")),
                         window_accuracy = ?head.metrics.window_accuracy().map(|a| format!("{a:.3}")),
+                        stalled,
                         "status"
                     );
                 }
@@ -597,6 +609,7 @@ fn run_worker(
                     throughput,
                     lag,
                     in_flight = sum_of(&metrics.in_flight) as i64,
+                    stalled,
                     "status"
                 ),
             }
@@ -605,6 +618,8 @@ fn run_worker(
     for (name, _) in &probes {
         metrics.frontier_lag.with_label_values(&[worker_label.as_str(), name]).set(0.0);
     }
+    stalled_seconds.set(0.0);
+    shared.readiness.set_stalled(index, None);
     let mut summary = WorkerSummary { worker: index, partitions: mine, ..Default::default() };
     if let Some(head) = &online {
         let head = head.borrow();
@@ -718,7 +733,7 @@ fn assigned_consumer(
 
 /// What the feedback source and join of one worker need.
 struct FeedbackReader {
-    consumer: Rc<BaseConsumer<LagContext>>,
+    consumer: AssignedConsumer<LagContext>,
     spec: SourceSpec,
     retention: Epoch,
     source_metrics: SourceMetrics,
@@ -771,7 +786,6 @@ fn feedback_reader(
         _ => None,
     };
     let mut ranges = Vec::new();
-    let mut assignment = TopicPartitionList::new();
     for &partition in &partitions {
         let awaiting = format!("the offsets of partition {partition} of topic {topic} (its leader)");
         let (low, high) = with_retry(kafka, &awaiting, || consumer.fetch_watermarks(topic, partition, TIMEOUT))?;
@@ -791,14 +805,13 @@ fn feedback_reader(
             (None, StartFrom::Earliest) => low,
             (None, StartFrom::Latest) => high,
         };
-        assignment.add_partition_offset(topic, partition, Offset::Offset(start))?;
         ranges.push(PartitionRange { partition, start, end: p.stop_at_end.then_some(high) });
     }
-    consumer.assign(&assignment)?;
+    let consumer = AssignedConsumer::assign(Arc::new(consumer), topic, &ranges)?;
     tracing::info!(worker = index, partitions = ?partitions, topic, "assigned feedback partitions");
     let consumed = CounterByLabel::new(metrics.records_consumed.clone(), vec![worker_label.to_owned(), topic.into()]);
     Ok(FeedbackReader {
-        consumer: Rc::new(consumer),
+        consumer,
         spec: SourceSpec { topic: topic.into(), partitions: ranges, epochs: p.epochs, max_backlog: 1, max_poll: 256 },
         retention,
         source_metrics: SourceMetrics { consumed },

@@ -6,9 +6,10 @@
 pub mod broker;
 pub mod run;
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 pub fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -119,6 +120,48 @@ pub fn produce_on(
         producer.poll(std::time::Duration::ZERO);
     }
     producer.flush(std::time::Duration::from_secs(30)).unwrap();
+}
+
+/// An HTTP server on loopback that answers every request with `body`, except that requests
+/// for `/slow...` get no answer until `release` is set: a tarpit the test controls
+/// ([`release`] sets it).
+pub fn tarpit_server(body: Vec<u8>, release: Arc<(Mutex<bool>, Condvar)>) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let body = Arc::new(body);
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(64) {
+            let Ok(mut stream) = stream else { continue };
+            let (body, release) = (Arc::clone(&body), Arc::clone(&release));
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if String::from_utf8_lossy(&head).starts_with("GET /slow") {
+                    let (released, changed) = &*release;
+                    let _held = changed.wait_while(released.lock().unwrap(), |r| !*r).unwrap();
+                }
+                let header = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(header.as_bytes()).and_then(|_| stream.write_all(&body));
+            });
+        }
+    });
+    format!("http://{address}")
+}
+
+/// Lets the requests a [`tarpit_server`] holds go.
+pub fn release(release: &(Mutex<bool>, Condvar)) {
+    let (released, changed) = release;
+    *released.lock().unwrap() = true;
+    changed.notify_all();
 }
 
 /// A free TCP port on loopback (free when asked; another process could take it before use).
