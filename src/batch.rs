@@ -20,7 +20,7 @@ pub enum FileOutcome<'a> {
 }
 
 /// What happened to one input of [`run_inputs`].
-pub enum Outcome<'a, E> {
+pub enum InputOutcome<'a, E> {
     /// The model ran on it: its row `row` of `outputs`.
     Done { outputs: &'a Outputs, row: usize },
     /// It never reached the model: the error of `prepare`.
@@ -56,8 +56,8 @@ pub fn run_files(
     };
     run_inputs(featurizer, paths.len(), batch_size, prepare, |i, outcome| {
         let outcome = match outcome {
-            Outcome::Done { outputs, row } => FileOutcome::Done { outputs, row },
-            Outcome::Failed(e) => FileOutcome::Failed(e),
+            InputOutcome::Done { outputs, row } => FileOutcome::Done { outputs, row },
+            InputOutcome::Failed(e) => FileOutcome::Failed(e),
         };
         on_file(i, &paths[i], outcome)
     })
@@ -77,7 +77,7 @@ pub fn run_inputs<E: Send>(
     count: usize,
     batch_size: usize,
     prepare: impl Fn(usize, &mut [f32]) -> Result<(), E> + Sync,
-    mut on_input: impl FnMut(usize, Outcome<'_, E>),
+    mut on_input: impl FnMut(usize, InputOutcome<'_, E>),
 ) -> Result<(), ModelError> {
     let batch_size = batch_size.max(1);
     let len = featurizer.preprocess().tensor_len();
@@ -119,8 +119,10 @@ pub fn run_inputs<E: Send>(
             let outputs = if batch.good > 0 { Some(featurizer.forward(&batch.pixels, batch.good)?) } else { None };
             for slot in batch.slots {
                 let outcome = match slot {
-                    Ok(row) => Outcome::Done { outputs: outputs.as_ref().expect("a good row implies outputs"), row },
-                    Err(e) => Outcome::Failed(e),
+                    Ok(row) => {
+                        InputOutcome::Done { outputs: outputs.as_ref().expect("a good row implies outputs"), row }
+                    }
+                    Err(e) => InputOutcome::Failed(e),
                 };
                 on_input(index, outcome);
                 index += 1;

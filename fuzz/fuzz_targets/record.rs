@@ -2,8 +2,7 @@
 //! field's limit, or one dead letter of bounded size that is valid JSON; never a panic.
 #![no_main]
 
-use dlpipe_operators::records::{ImageRecord, MAX_ID_BYTES, MAX_LABEL_BYTES, MAX_URI_BYTES};
-use dlpipe_operators::Feedback;
+use dlpipe_records::{Feedback, ImageRecord, MAX_ID_BYTES, MAX_LABEL_BYTES, MAX_URI_BYTES};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -22,6 +22,7 @@
 
 use crate::metrics::{FeaturizeMetrics, GaugeShare};
 use crate::records::{DeadLetter, Decoded, Epoch, Featured};
+use crate::retry::Backoff;
 use crate::Fatal;
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -49,7 +50,8 @@ fn forward_with_retries<M>(model: &mut M, pixels: &[f32], n: usize) -> Result<Ve
 where
     M: FnMut(&[f32], usize) -> Result<Vec<ModelRow>, String>,
 {
-    let mut pause = Duration::from_millis(100);
+    // Quadrupling pauses (0.1, 0.4, 1.6 s): a device that is briefly out of memory recovers.
+    let mut pause = Backoff::new(Duration::from_millis(100), Duration::from_millis(1600)).growing_by(4);
     let mut attempt = 1;
     loop {
         let result = catch_unwind(AssertUnwindSafe(|| model(pixels, n)))
@@ -65,8 +67,7 @@ where
             Ok(rows) => return Ok(rows),
             Err(error) if attempt < MODEL_ATTEMPTS => {
                 tracing::warn!(%error, attempt, images = n, "forward pass failed; trying the batch again");
-                std::thread::sleep(pause);
-                pause *= 4;
+                std::thread::sleep(pause.next_pause());
                 attempt += 1;
             }
             Err(error) => return Err(error),

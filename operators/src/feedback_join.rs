@@ -31,10 +31,7 @@
 //! consolidation waits for the epoch to close), which is also when the learner needs them.
 
 use crate::metrics::FeedbackJoinMetrics;
-use crate::records::{
-    truncate, value_to_string, DeadLetter, Epoch, Featured, LabelledExample, MAX_ERROR_BYTES, MAX_ID_BYTES,
-    MAX_LABEL_BYTES, MAX_RAW_BYTES,
-};
+use crate::records::{DeadLetter, Epoch, Featured, Feedback, LabelledExample};
 use differential_dataflow::AsCollection;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -43,18 +40,6 @@ use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::{Capability, Concat};
 use timely::dataflow::StreamVec;
-
-/// A label for a record id, from the feedback topic.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct Feedback {
-    pub id: String,
-    pub label: String,
-    /// When the label was given (the record's `ts`, else its Kafka timestamp), in ms: later
-    /// labels for the same id replace earlier ones.
-    pub ts_ms: i64,
-    pub partition: i32,
-    pub offset: i64,
-}
 
 /// An image as the differential collections hold it: where it is, not its features (those
 /// stay on the worker that read it, in [`attach_features`]).
@@ -84,70 +69,6 @@ type LabelOrder = (i64, i32, i64, String);
 pub struct Joined<'scope> {
     pub examples: StreamVec<'scope, Epoch, LabelledExample>,
     pub dead_letters: StreamVec<'scope, Epoch, DeadLetter>,
-}
-
-/// The JSON a feedback record carries.
-#[derive(Deserialize)]
-struct FeedbackJson {
-    id: Option<serde_json::Value>,
-    label: Option<serde_json::Value>,
-    /// Milliseconds; any JSON number (a float is truncated), else ignored for the Kafka timestamp.
-    ts: Option<serde_json::Value>,
-}
-
-impl Feedback {
-    /// Parses a feedback topic's payload, `{"id": "...", "label": "...", "ts": 1733200000000}`
-    /// (`ts` in ms, optional: the Kafka timestamp, else 0; numbers are accepted for id and
-    /// label; without an id, the message key). The error is the dead letter itself.
-    #[allow(clippy::result_large_err)]
-    pub fn parse(
-        payload: Option<&[u8]>,
-        key: Option<&[u8]>,
-        partition: i32,
-        offset: i64,
-        kafka_ts_ms: Option<i64>,
-    ) -> Result<Feedback, DeadLetter> {
-        let raw = payload.unwrap_or_default();
-        let at = format!("feedback at {partition}:{offset}");
-        let dead = |kind: &str, error: String| DeadLetter::of_message(kind, &error, raw, key, partition, offset);
-        let json: FeedbackJson = serde_json::from_slice(raw).map_err(|e| {
-            dead("malformed_json", format!("{at} is not JSON of the form {{\"id\",\"label\",\"ts\"?}}: {e}"))
-        })?;
-        let id = json
-            .id
-            .map(value_to_string)
-            .or_else(|| key.map(|k| String::from_utf8_lossy(k).into_owned()))
-            .filter(|id| !id.trim().is_empty())
-            .ok_or_else(|| dead("missing_id", format!("{at} has no \"id\" (nor a message key): it labels nothing")))?;
-        if id.len() > MAX_ID_BYTES {
-            return Err(dead("id_too_long", format!("{at}: id is {} bytes, over {MAX_ID_BYTES}", id.len())));
-        }
-        let label = json.label.map(value_to_string).unwrap_or_default();
-        if label.trim().is_empty() || label.len() > MAX_LABEL_BYTES {
-            return Err(dead(
-                "invalid_label",
-                format!("{at}: the label must be 1 to {MAX_LABEL_BYTES} bytes, not blank (got {} bytes)", label.len()),
-            ));
-        }
-        let ts = json.ts.and_then(|v| v.as_i64().or_else(|| v.as_f64().filter(|f| f.is_finite()).map(|f| f as i64)));
-        let ts_ms = ts.or(kafka_ts_ms).unwrap_or(0);
-        Ok(Feedback { id, label, ts_ms, partition, offset })
-    }
-
-    fn dead_letter(&self, error_kind: &str, error: String) -> DeadLetter {
-        DeadLetter {
-            id: Some(self.id.clone()),
-            uri: None,
-            raw: truncate(
-                &serde_json::json!({"id": self.id, "label": self.label, "ts": self.ts_ms}).to_string(),
-                MAX_RAW_BYTES,
-            ),
-            error_kind: error_kind.into(),
-            error: truncate(&error, MAX_ERROR_BYTES),
-            partition: self.partition,
-            offset: self.offset,
-        }
-    }
 }
 
 /// Each record of `stream` as `(key, value)` from its epoch `from` epochs on, for `span` epochs.
@@ -496,7 +417,7 @@ mod tests {
         assert_eq!(fb.ts_ms, 1_700_000_000_000);
         let fb = Feedback::parse(Some(br#"{"id":"a","label":"cat","ts":"soon"}"#), None, 0, 0, Some(9)).unwrap();
         assert_eq!(fb.ts_ms, 9);
-        let long = format!(r#"{{"id":"{}","label":"cat"}}"#, "i".repeat(MAX_ID_BYTES + 1));
+        let long = format!(r#"{{"id":"{}","label":"cat"}}"#, "i".repeat(crate::records::MAX_ID_BYTES + 1));
         let d = Feedback::parse(Some(long.as_bytes()), None, 0, 0, None).unwrap_err();
         assert_eq!(d.error_kind, "id_too_long");
         assert!(d.to_json().len() < 8 * 1024);

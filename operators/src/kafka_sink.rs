@@ -32,6 +32,7 @@
 use crate::backlog::SharedBacklog;
 use crate::metrics::SinkMetrics;
 use crate::records::{now_ms, DeadLetter, Epoch, FeaturesModel, Outcome, Position};
+use crate::retry::{is_retriable_code, Backoff};
 use crate::Fatal;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -72,17 +73,17 @@ impl Outgoing {
             Outcome::Predicted(p) => {
                 let ts = p.record.kafka_ts_ms;
                 give(Outgoing {
-                    sent: sent(OutputKind::Prediction { input_ts_ms: ts }, &p.record.id),
+                    sent: sent(MessageKind::Prediction { input_ts_ms: ts }, &p.record.id),
                     payload: p.to_json(),
                 });
                 if let Some(features) = &spec.features {
                     let payload = p.features_json(&features.model);
-                    give(Outgoing { sent: sent(OutputKind::Features, &p.record.id), payload });
+                    give(Outgoing { sent: sent(MessageKind::Features, &p.record.id), payload });
                 }
             }
             Outcome::Dead(d) | Outcome::FeedbackDead(d) => {
                 metrics.dead_lettered.with(&d.error_kind).inc();
-                let kind = if input { OutputKind::DeadLetter } else { OutputKind::FeedbackDeadLetter };
+                let kind = if input { MessageKind::DeadLetter } else { MessageKind::FeedbackDeadLetter };
                 give(Outgoing { sent: sent(kind, d.id.as_deref().unwrap_or_default()), payload: d.to_json() });
             }
         }
@@ -112,7 +113,7 @@ pub(crate) fn is_replay(
 
 /// Which output a message is, and so its topic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum OutputKind {
+pub(crate) enum MessageKind {
     /// With the input record's Kafka timestamp, for the end-to-end latency.
     Prediction {
         input_ts_ms: Option<i64>,
@@ -129,7 +130,7 @@ pub(crate) enum OutputKind {
 #[derive(Clone)]
 pub(crate) struct Sent {
     pub(crate) epoch: Epoch,
-    pub(crate) kind: OutputKind,
+    pub(crate) kind: MessageKind,
     pub(crate) key: String,
     pub(crate) partition: i32,
     pub(crate) offset: i64,
@@ -142,9 +143,9 @@ impl Sent {
     pub(crate) fn topic<'a>(&self, spec: &'a SinkSpec) -> &'a str {
         match self.kind {
             _ if self.replacement => &spec.dead_letter_topic,
-            OutputKind::Prediction { .. } => &spec.predictions_topic,
-            OutputKind::DeadLetter | OutputKind::FeedbackDeadLetter => &spec.dead_letter_topic,
-            OutputKind::Features => {
+            MessageKind::Prediction { .. } => &spec.predictions_topic,
+            MessageKind::DeadLetter | MessageKind::FeedbackDeadLetter => &spec.dead_letter_topic,
+            MessageKind::Features => {
                 &spec.features.as_ref().expect("features are only sent with a features topic").topic
             }
         }
@@ -152,26 +153,26 @@ impl Sent {
 
     /// What this message answers, for errors: "record P:O" (input) or "feedback P:O".
     pub(crate) fn source(&self) -> String {
-        let what = if self.kind == OutputKind::FeedbackDeadLetter { "feedback" } else { "record" };
+        let what = if self.kind == MessageKind::FeedbackDeadLetter { "feedback" } else { "record" };
         format!("{what} {}:{}", self.partition, self.offset)
     }
 
     /// Whether this is an input record's one prediction or dead letter (what the backlog
     /// counts), rather than its features or a feedback record's dead letter.
     pub(crate) fn is_record_output(&self) -> bool {
-        matches!(self.kind, OutputKind::Prediction { .. } | OutputKind::DeadLetter)
+        matches!(self.kind, MessageKind::Prediction { .. } | MessageKind::DeadLetter)
     }
 
     /// The small dead letter that replaces this message when the broker refuses its size
     /// (for features: the record has its prediction, and this says its features are missing).
     pub(crate) fn replaced(&self, error: &str) -> Outgoing {
-        let what = if self.kind == OutputKind::Features { "features" } else { "output" };
+        let what = if self.kind == MessageKind::Features { "features" } else { "output" };
         let dead = DeadLetter::output_too_large(&self.key, self.partition, self.offset, what, error);
         let sent = Sent {
             epoch: self.epoch,
             // A replaced features message or feedback dead letter still is not an input
             // record's output (it goes to the dead-letter topic as every replacement does).
-            kind: if self.is_record_output() { OutputKind::DeadLetter } else { self.kind },
+            kind: if self.is_record_output() { MessageKind::DeadLetter } else { self.kind },
             key: dead.id.clone().unwrap_or_default(),
             partition: self.partition,
             offset: self.offset,
@@ -182,7 +183,7 @@ impl Sent {
 }
 
 /// What the sink attaches to each message it sends, and gets back with its delivery report.
-pub struct Delivery {
+pub struct MessageInFlight {
     pub(crate) at: Instant,
     pub(crate) message: Sent,
 }
@@ -197,6 +198,18 @@ pub(crate) struct Report {
     pub(crate) message: Sent,
 }
 
+impl Report {
+    /// Counts a delivered message: by topic, its produce time and, for a prediction, the
+    /// end-to-end latency from its input's Kafka timestamp.
+    pub(crate) fn observe_published(&self, metrics: &mut SinkMetrics) {
+        metrics.published.with(&self.topic).inc();
+        metrics.produce_seconds.observe(self.produce_seconds);
+        if let MessageKind::Prediction { input_ts_ms: Some(ts) } = self.message.kind {
+            metrics.end_to_end_seconds.observe((now_ms() - ts).max(0) as f64 / 1000.0);
+        }
+    }
+}
+
 /// Delivery reports, collected by the producer's callbacks during `poll`.
 #[derive(Clone, Default)]
 pub struct SinkContext {
@@ -206,9 +219,9 @@ pub struct SinkContext {
 impl ClientContext for SinkContext {}
 
 impl ProducerContext for SinkContext {
-    type DeliveryOpaque = Box<Delivery>;
+    type DeliveryOpaque = Box<MessageInFlight>;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, delivery: Box<Delivery>) {
+    fn delivery(&self, result: &DeliveryResult<'_>, delivery: Box<MessageInFlight>) {
         let (outcome, topic) = match result {
             Ok(message) => (Ok(()), message.topic().to_owned()),
             Err((error, message)) => (
@@ -216,7 +229,7 @@ impl ProducerContext for SinkContext {
                 message.topic().to_owned(),
             ),
         };
-        let Delivery { at, message } = *delivery;
+        let MessageInFlight { at, message } = *delivery;
         let report = Report { outcome, topic, produce_seconds: at.elapsed().as_secs_f64(), message };
         self.reports.lock().expect("not poisoned").push(report);
     }
@@ -325,7 +338,7 @@ pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
                     let topic = sent.topic(&spec);
                     // The key is an id of at most 1 KiB; the payload is only borrowed.
                     let key = sent.key.clone();
-                    let delivery = Box::new(Delivery { at: Instant::now(), message: sent });
+                    let delivery = Box::new(MessageInFlight { at: Instant::now(), message: sent });
                     let record = BaseRecord::with_opaque_to(topic, delivery).key(&key).payload(&payload);
                     match producer.send(record) {
                         Ok(()) => {}
@@ -353,21 +366,15 @@ pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
                 let delivered: Vec<Report> = std::mem::take(&mut *reports.lock().expect("not poisoned"));
                 for report in delivered {
                     let epoch = report.message.epoch;
-                    match report.outcome {
-                        Ok(()) => {
-                            metrics.published.with(&report.topic).inc();
-                            metrics.produce_seconds.observe(report.produce_seconds);
-                            if let OutputKind::Prediction { input_ts_ms: Some(ts) } = report.message.kind {
-                                metrics.end_to_end_seconds.observe((now_ms() - ts).max(0) as f64 / 1000.0);
-                            }
-                        }
-                        Err((code, error)) if too_large(code) && !report.message.replacement => {
+                    match &report.outcome {
+                        Ok(()) => report.observe_published(&mut metrics),
+                        Err((code, error)) if too_large(*code) && !report.message.replacement => {
                             // The broker's limit (max.message.bytes of the topic) is below the
                             // producer's: a small dead letter takes the refused message's place
                             // in its epoch, which stays unacknowledged until that is delivered.
                             let m = &report.message;
                             tracing::warn!(id = %crate::records::truncate(&m.key, 64), partition = m.partition, offset = m.offset, error, "the broker refused an output as too large; a small dead letter replaces it");
-                            unsent.push_back(report.message.replaced(&error));
+                            unsent.push_back(report.message.replaced(error));
                             metrics.dead_lettered.with("output_too_large").inc();
                             continue;
                         }
@@ -432,19 +439,18 @@ pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
 /// after the previous commit are read again by the next run (at-least-once), so it warns.
 pub fn commit_finally<C: ConsumerContext>(consumer: &BaseConsumer<C>, list: &TopicPartitionList) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::kafka();
     loop {
         let error = match consumer.commit(list, CommitMode::Sync) {
             Ok(()) => return,
             Err(error) => error,
         };
-        let retriable = error.rdkafka_error_code().is_some_and(crate::retriable::is_retriable_code);
-        if !retriable || Instant::now() + backoff > deadline {
+        let retriable = error.rdkafka_error_code().is_some_and(is_retriable_code);
+        if !retriable || Instant::now() + backoff.peek() > deadline {
             tracing::warn!(%error, "the final offset commit failed: the next run reads the last records again");
             return;
         }
         tracing::info!(%error, "waiting for the group coordinator to commit the final offsets");
-        std::thread::sleep(backoff);
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        std::thread::sleep(backoff.next_pause());
     }
 }

@@ -29,8 +29,8 @@
 //! read past the least open epoch, for the stall report.
 
 use crate::backlog::{SharedBacklog, Unread};
-use crate::feedback_join::Feedback;
 use crate::metrics::SourceMetrics;
+use crate::records::Feedback;
 use crate::records::{DeadLetter, Epoch, ImageRecord};
 use crate::RecordOrDead;
 use rdkafka::consumer::base_consumer::PartitionQueue;

@@ -41,13 +41,15 @@
 //! offsets would make the next restart publish those records again).
 
 use crate::backlog::{Backlog, SharedBacklog};
-use crate::kafka_sink::{is_replay, too_large, Delivery, Outgoing, OutputKind, Report, SinkContext, SinkSpec};
+use crate::kafka_sink::{is_replay, too_large, MessageInFlight, MessageKind, Outgoing, Report, SinkContext, SinkSpec};
 use crate::metrics::SinkMetrics;
-use crate::records::{now_ms, Epoch, Outcome, Position};
+use crate::records::{Epoch, Outcome, Position};
+use crate::retry::Backoff;
+use crate::transactions::{abort_retrying, commit_retrying, is_fenced, is_fenced_or_fatal, TIMEOUT};
 use crate::Fatal;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer, PurgeConfig};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -57,9 +59,6 @@ use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
-
-/// How long a transaction's calls may take before the attempt counts as failed.
-const TIMEOUT: Duration = Duration::from_secs(30);
 
 struct EpochOutputs {
     hold: Capability<Epoch>,
@@ -109,7 +108,7 @@ struct TxnState {
     published_from: BTreeMap<i32, i64>,
     failing_since: Option<Instant>,
     retry_at: Option<Instant>,
-    backoff: Duration,
+    backoff: Backoff,
     failed: bool,
 }
 
@@ -129,17 +128,7 @@ pub fn kafka_txn_sink<'scope, C: ConsumerContext + 'static>(
         move |default_cap, info| {
             let activator = scope.activator_for(info.address);
             let mut starts = Some((default_cap, spec.starts.clone()));
-            let mut state = TxnState {
-                epochs: BTreeMap::new(),
-                partial: None,
-                open_since: None,
-                committed: BTreeMap::new(),
-                published_from: spec.starts.iter().map(|s| (s.partition, s.published)).collect(),
-                failing_since: None,
-                retry_at: None,
-                backoff: Duration::from_millis(100),
-                failed: false,
-            };
+            let mut state = TxnState::new(&spec.starts);
             let TxnProducer { mut producer, renew } = producer;
             move |(input, frontier), output| {
                 if let Some((cap, positions)) = starts.take() {
@@ -147,41 +136,15 @@ pub fn kafka_txn_sink<'scope, C: ConsumerContext + 'static>(
                 }
                 input.for_each_stamp(|cap, data| {
                     let Some(cap) = cap.retain_least(0) else { return };
-                    let epoch = *cap.time();
-                    let outputs = state.epochs.entry(epoch).or_insert_with(|| EpochOutputs {
-                        hold: cap,
-                        outgoing: Vec::new(),
-                        offsets: BTreeMap::new(),
-                    });
-                    for batch in data {
-                        for outcome in batch.drain(..) {
-                            if is_replay(&outcome, &mut outputs.offsets, &state.published_from, &backlog) {
-                                continue;
-                            }
-                            Outgoing::encode(epoch, outcome, &spec, &mut metrics, |message| {
-                                outputs.outgoing.push(message)
-                            });
-                        }
-                    }
-                    state.open_since.get_or_insert_with(Instant::now);
+                    let outcomes = data.flat_map(|batch| batch.drain(..));
+                    state.receive(cap, outcomes, &spec, &mut metrics, &backlog);
                 });
                 let pending = state.epochs.values().map(|e| e.outgoing.len()).sum::<usize>()
                     + state.partial.as_ref().map_or(0, |p| p.outgoing.len());
                 metrics.unacked.set(pending as i64);
                 let complete: Vec<Epoch> =
                     state.epochs.keys().copied().take_while(|e| !frontier.frontier().less_equal(e)).collect();
-                let partial_due = spec.partial_commit_after.is_some_and(|after| {
-                    complete.is_empty() && state.open_since.is_some_and(|since| since.elapsed() >= after)
-                });
-                if !state.failed && state.partial.is_none() && partial_due && state.retry_at.is_none() {
-                    state.stage_partial(&backlog.borrow(), &complete);
-                    if state.partial.is_none() {
-                        // Nothing can go yet (each waits for an earlier record): look again later.
-                        state.open_since = Some(Instant::now());
-                    }
-                }
-                let nothing_to_do = complete.is_empty() && state.partial.is_none();
-                if state.failed || nothing_to_do || state.retry_at.is_some_and(|at| Instant::now() < at) {
+                if !state.due(&spec, &complete, &backlog.borrow()) {
                     if !state.failed && !state.epochs.is_empty() {
                         activator.activate_after(Duration::from_millis(50));
                     }
@@ -190,36 +153,14 @@ pub fn kafka_txn_sink<'scope, C: ConsumerContext + 'static>(
                 let started = Instant::now();
                 match transact(&producer, &*consumer, &spec, &mut state, &complete) {
                     Ok(()) => {
-                        state.committed_ok();
                         let delivered: Vec<Report> =
                             std::mem::take(&mut *producer.context().reports.lock().expect("not poisoned"));
                         for report in delivered {
-                            metrics.published.with(&report.topic).inc();
-                            metrics.produce_seconds.observe(report.produce_seconds);
-                            if let OutputKind::Prediction { input_ts_ms: Some(ts) } = report.message.kind {
-                                metrics.end_to_end_seconds.observe((now_ms() - ts).max(0) as f64 / 1000.0);
-                            }
+                            report.observe_published(&mut metrics);
                         }
-                        let mut backlog = backlog.borrow_mut();
-                        for sent in state.partial.take().into_iter().flat_map(|p| p.outgoing).map(|o| o.sent) {
-                            if sent.is_record_output() {
-                                backlog.done(sent.partition, sent.offset);
-                            }
+                        for (hold, positions) in state.committed_ok(&complete, &mut backlog.borrow_mut()) {
+                            output.session(&hold).give_iterator(positions.into_iter());
                         }
-                        for epoch in complete {
-                            let outputs = state.epochs.remove(&epoch).expect("a complete epoch");
-                            for sent in outputs.outgoing.iter().map(|o| &o.sent).filter(|s| s.is_record_output()) {
-                                backlog.done(sent.partition, sent.offset);
-                            }
-                            let mut session = output.session(&outputs.hold);
-                            for (partition, offset) in outputs.offsets {
-                                let published =
-                                    state.published_from.get(&partition).map_or(offset + 1, |from| (offset + 1).max(*from));
-                                session.give(Position { partition, learned: offset + 1, published });
-                            }
-                        }
-                        let open = state.epochs.values().any(|e| !e.outgoing.is_empty());
-                        state.open_since = open.then(Instant::now);
                         tracing::trace!(seconds = started.elapsed().as_secs_f64(), "transaction committed");
                     }
                     Err(Failure::Retry(error)) => {
@@ -237,7 +178,7 @@ pub fn kafka_txn_sink<'scope, C: ConsumerContext + 'static>(
                         Ok(renewed) => {
                             tracing::warn!(%error, "a transaction could not be aborted; a new producer fenced the old one, retrying");
                             producer = renewed;
-                            state.retry_at = Some(Instant::now() + state.backoff);
+                            state.retry_at = Some(Instant::now() + state.backoff.peek());
                         }
                         Err(renew_error) => {
                             metrics.failed.inc();
@@ -263,6 +204,64 @@ pub fn kafka_txn_sink<'scope, C: ConsumerContext + 'static>(
 }
 
 impl TxnState {
+    /// Whether a transaction is due now: of the complete epochs, or of the outputs of open
+    /// epochs that have waited `spec.partial_commit_after` (staged here); never while the sink
+    /// has failed or waits to retry.
+    fn due(&mut self, spec: &SinkSpec, complete: &[Epoch], backlog: &Backlog) -> bool {
+        if self.failed || self.retry_at.is_some_and(|at| Instant::now() < at) {
+            return false;
+        }
+        let partial_due = spec
+            .partial_commit_after
+            .is_some_and(|after| complete.is_empty() && self.open_since.is_some_and(|since| since.elapsed() >= after));
+        if self.partial.is_none() && partial_due {
+            self.stage_partial(backlog, complete);
+            if self.partial.is_none() {
+                // Nothing can go yet (each waits for an earlier record): look again later.
+                self.open_since = Some(Instant::now());
+            }
+        }
+        !complete.is_empty() || self.partial.is_some()
+    }
+
+    /// Encodes the outcomes of the epoch `cap` holds into its outputs (replays are not sent).
+    fn receive(
+        &mut self,
+        cap: Capability<Epoch>,
+        outcomes: impl Iterator<Item = Outcome>,
+        spec: &SinkSpec,
+        metrics: &mut SinkMetrics,
+        backlog: &SharedBacklog,
+    ) {
+        let epoch = *cap.time();
+        let outputs = self.epochs.entry(epoch).or_insert_with(|| EpochOutputs {
+            hold: cap,
+            outgoing: Vec::new(),
+            offsets: BTreeMap::new(),
+        });
+        for outcome in outcomes {
+            if is_replay(&outcome, &mut outputs.offsets, &self.published_from, backlog) {
+                continue;
+            }
+            Outgoing::encode(epoch, outcome, spec, metrics, |message| outputs.outgoing.push(message));
+        }
+        self.open_since.get_or_insert_with(Instant::now);
+    }
+
+    fn new(starts: &[Position]) -> TxnState {
+        TxnState {
+            epochs: BTreeMap::new(),
+            partial: None,
+            open_since: None,
+            committed: BTreeMap::new(),
+            published_from: starts.iter().map(|s| (s.partition, s.published)).collect(),
+            failing_since: None,
+            retry_at: None,
+            backoff: Backoff::kafka(),
+            failed: false,
+        }
+    }
+
     /// Takes out of the open epochs every output that may commit before its epoch closes:
     /// in each partition, those of the records from the least offset in the backlog upwards,
     /// as far as every record has its outputs here (the `complete` epochs commit in the same
@@ -279,7 +278,7 @@ impl TxnState {
         let mut partial = Partial { outgoing: Vec::new(), next: committable(backlog, &here) };
         for (epoch, outputs) in self.epochs.iter_mut().filter(|(e, _)| !complete.contains(e)) {
             let (now, later) = std::mem::take(&mut outputs.outgoing).into_iter().partition(|o: &Outgoing| {
-                o.sent.kind != OutputKind::FeedbackDeadLetter
+                o.sent.kind != MessageKind::FeedbackDeadLetter
                     && partial.next.get(&o.sent.partition).is_some_and(|next| o.sent.offset < *next)
             });
             outputs.outgoing = later;
@@ -309,11 +308,33 @@ impl TxnState {
         next
     }
 
-    /// A transaction committed: the retry state starts over.
-    fn committed_ok(&mut self) {
+    /// A transaction of the staged outputs and the `complete` epochs committed: their records
+    /// leave the backlog, the retry state starts over, and each complete epoch retires with
+    /// its partitions' positions (returned with the capability to give them at).
+    fn committed_ok(&mut self, complete: &[Epoch], backlog: &mut Backlog) -> Vec<(Capability<Epoch>, Vec<Position>)> {
         self.failing_since = None;
         self.retry_at = None;
-        self.backoff = Duration::from_millis(100);
+        self.backoff.reset();
+        for sent in self.partial.take().into_iter().flat_map(|p| p.outgoing).map(|o| o.sent) {
+            if sent.is_record_output() {
+                backlog.done(sent.partition, sent.offset);
+            }
+        }
+        let mut retired = Vec::new();
+        for epoch in complete {
+            let outputs = self.epochs.remove(epoch).expect("a complete epoch");
+            for sent in outputs.outgoing.iter().map(|o| &o.sent).filter(|s| s.is_record_output()) {
+                backlog.done(sent.partition, sent.offset);
+            }
+            let positions = outputs.offsets.into_iter().map(|(partition, offset)| {
+                let published = self.published_from.get(&partition).map_or(offset + 1, |from| (offset + 1).max(*from));
+                Position { partition, learned: offset + 1, published }
+            });
+            retired.push((outputs.hold, positions.collect()));
+        }
+        let open = self.epochs.values().any(|e| !e.outgoing.is_empty());
+        self.open_since = open.then(Instant::now);
+        retired
     }
 
     /// Replaces each output the broker refused for its size with its small dead letter;
@@ -352,9 +373,9 @@ impl TxnState {
             let seconds = since.elapsed().as_secs_f64();
             return Err(format!("the outputs' transaction kept failing for {seconds:.0} s: {error}"));
         }
-        tracing::warn!(%error, retry_in = ?self.backoff, "a transaction of outputs failed; retrying");
-        self.retry_at = Some(Instant::now() + self.backoff);
-        self.backoff = (self.backoff * 2).min(Duration::from_secs(2));
+        let pause = self.backoff.next_pause();
+        tracing::warn!(%error, retry_in = ?pause, "a transaction of outputs failed; retrying");
+        self.retry_at = Some(Instant::now() + pause);
         Ok(())
     }
 }
@@ -419,7 +440,7 @@ fn send_and_commit<'a, C: ConsumerContext>(
             let sent = slot.sent.clone();
             let topic = sent.topic(spec);
             let key = sent.key.clone();
-            let delivery = Box::new(Delivery { at: Instant::now(), message: sent });
+            let delivery = Box::new(MessageInFlight { at: Instant::now(), message: sent });
             let record = BaseRecord::with_opaque_to(topic, delivery).key(&key).payload(&slot.payload);
             match producer.send(record) {
                 Ok(()) => break,
@@ -456,81 +477,6 @@ fn send_and_commit<'a, C: ConsumerContext>(
     commit_retrying(producer, spec.give_up_after).map_err(|e| classify("cannot commit the outputs' transaction", e))?;
     producer.poll(Duration::ZERO);
     Ok(())
-}
-
-/// Commits the open transaction, retrying the commit itself while it fails retriably (a
-/// timed-out commit may have succeeded: aborting and redoing it could publish twice).
-pub fn commit_retrying<C: rdkafka::producer::ProducerContext>(
-    producer: &BaseProducer<C>,
-    give_up_after: Duration,
-) -> Result<(), KafkaError> {
-    // `commit_transaction` flushes first, polling 100 ms at a time: on a local broker that
-    // was the whole cost of a transaction. Flushing here in 1 ms polls leaves it nothing to wait for.
-    serve_until_empty(producer, Instant::now() + TIMEOUT);
-    retrying("committing a transaction", give_up_after, || producer.commit_transaction(TIMEOUT))
-}
-
-/// Aborts the open transaction, retrying while the abort fails retriably (a coordinator that
-/// is away). Messages still queued or in flight are purged first and their delivery reports
-/// served: librdkafka's abort waits for them, and with reports delivered as events (as
-/// rust-rdkafka has them) nothing would serve them during the call, so it would time out.
-pub fn abort_retrying<C: rdkafka::producer::ProducerContext>(
-    producer: &BaseProducer<C>,
-    give_up_after: Duration,
-) -> Result<(), KafkaError> {
-    retrying("aborting a transaction", give_up_after, || {
-        producer.purge(PurgeConfig::default().queue().inflight());
-        serve_until_empty(producer, Instant::now() + TIMEOUT);
-        producer.abort_transaction(TIMEOUT)
-    })
-}
-
-/// Calls `call` again while it fails with a retriable transaction error, for up to
-/// `give_up_after`, with a backoff doubling from 100 ms to 2 s.
-fn retrying(
-    what: &str,
-    give_up_after: Duration,
-    mut call: impl FnMut() -> Result<(), KafkaError>,
-) -> Result<(), KafkaError> {
-    let started = Instant::now();
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match call() {
-            Err(KafkaError::Transaction(e)) if e.is_retriable() && started.elapsed() < give_up_after => {
-                tracing::warn!(error = %e, "{what}: retrying");
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-            result => return result,
-        }
-    }
-}
-
-/// Polls the producer 1 ms at a time until it holds no message or event, or `deadline`.
-fn serve_until_empty<C: rdkafka::producer::ProducerContext>(producer: &BaseProducer<C>, deadline: Instant) {
-    while producer.in_flight_count() > 0 && Instant::now() < deadline {
-        producer.poll(Duration::from_millis(1));
-    }
-}
-
-/// Whether `error` says another producer of the same transactional id took over, or that
-/// this producer is broken for good.
-pub fn is_fenced_or_fatal(error: &KafkaError) -> bool {
-    is_fenced(error) || matches!(error, KafkaError::Transaction(e) if e.is_fatal())
-}
-
-/// Whether `error` says another producer of the same transactional id took over (or that
-/// this one may not use the id at all).
-pub fn is_fenced(error: &KafkaError) -> bool {
-    matches!(
-        error.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::ProducerFenced
-                | RDKafkaErrorCode::InvalidProducerEpoch
-                | RDKafkaErrorCode::Fenced
-                | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
-        )
-    )
 }
 
 /// A fenced producer (another instance of this worker took over) or a fatal producer error

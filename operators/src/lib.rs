@@ -12,8 +12,15 @@
 //! | [`kafka_txn_sink()`] | `Outcome` | `Position`s as epochs commit; outputs and offsets in transactions |
 //! | [`checkpoint()`] | `Position` (to worker 0) | checkpointed progress; writes checkpoints |
 //!
-//! Each worker's [`Backlog`] (records read and not yet published) is shared by its source,
-//! which bounds it, and its sink, which empties it.
+//! Beside the operators:
+//!
+//! | file | what it owns |
+//! |---|---|
+//! | [`records`] | the records between operators and their Kafka encodings: the `dlpipe-records` crate |
+//! | `backlog.rs` | a worker's records read and not yet published: bounded by its source, emptied by its sink |
+//! | `transactions.rs` | committing and aborting Kafka transactions, fencing (the txn sink and the library's checkpoint writer) |
+//! | `retry.rs` | which Kafka errors mean "not yet", and the one [`retry::Backoff`] |
+//! | `metrics.rs` | the handles each operator updates |
 //!
 //! Operators are generic over the work they schedule (closures and the [`Head`] trait): the
 //! image, model and learning code lives in the `dlpipe` library, which builds the dataflow from
@@ -31,13 +38,15 @@ pub mod kafka_source;
 pub mod kafka_txn_sink;
 pub mod learn_predict;
 pub mod metrics;
-pub mod records;
-pub mod retriable;
+/// The records between operators (the `dlpipe-records` crate).
+pub use dlpipe_records as records;
+pub mod retry;
+pub mod transactions;
 
 pub use backlog::{Backlog, SharedBacklog, Waiting};
 pub use checkpoint::{checkpoint, CheckpointStore, WriteError};
 pub use featurize::{featurize, Batching, ModelRow};
-pub use feedback_join::{feedback_join, Feedback};
+pub use feedback_join::feedback_join;
 pub use fetch_decode::{fetch_decode, ByteBudget, Prepare, PrepareError};
 pub use kafka_sink::{kafka_sink, FeaturesOutput, SinkContext, SinkSpec};
 pub use kafka_source::{
@@ -50,8 +59,8 @@ pub use metrics::{
     SourceMetrics,
 };
 pub use records::{
-    ClassScore, DeadLetter, Decoded, Epoch, Featured, FeaturesModel, ImageRecord, LabelledExample, Outcome, Position,
-    Prediction,
+    ClassScore, DeadLetter, Decoded, Epoch, Featured, FeaturesModel, Feedback, ImageRecord, LabelledExample, Outcome,
+    Position, Prediction,
 };
 
 /// A fatal error the worker loop must stop on: a message the broker refused for good (dropping

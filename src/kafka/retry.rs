@@ -27,7 +27,8 @@ impl RetryPolicy {
     }
 }
 
-pub use dlpipe_operators::retriable::is_retriable_code;
+pub use dlpipe_operators::retry::is_retriable_code;
+use dlpipe_operators::retry::Backoff;
 
 /// Whether a client error is worth waiting out (see [`is_retriable_code`]).
 pub fn is_retriable(error: &RdKafkaError) -> bool {
@@ -90,7 +91,7 @@ pub fn retry<T>(
     mut attempt: impl FnMut() -> Result<T, RdKafkaError>,
 ) -> Result<T, KafkaError> {
     let started = Instant::now();
-    let mut backoff = policy.initial_backoff;
+    let mut backoff = Backoff::new(policy.initial_backoff, policy.max_backoff);
     let mut attempts = 0u32;
     let mut last_log: Option<Instant> = None;
     loop {
@@ -119,7 +120,7 @@ pub fn retry<T>(
             });
         }
         let waited = started.elapsed();
-        if waited + backoff > policy.timeout {
+        if waited + backoff.peek() > policy.timeout {
             return Err(KafkaError::GaveUp {
                 brokers: brokers.into(),
                 awaiting: awaiting.into(),
@@ -142,8 +143,7 @@ pub fn retry<T>(
         } else {
             tracing::debug!(awaiting, %error, attempts, "retrying");
         }
-        std::thread::sleep(backoff);
-        backoff = (backoff * 2).min(policy.max_backoff);
+        std::thread::sleep(backoff.next_pause());
     }
 }
 

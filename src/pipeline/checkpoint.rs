@@ -23,7 +23,7 @@ use crate::learn::{Prequential, PrequentialState, SoftmaxRegression};
 use crate::metrics::kafka::LagContext;
 use crate::model::Manifest;
 use crate::transfer::classifier::KEY_FEATURIZER_SHA256;
-use dlpipe_operators::kafka_txn_sink::{abort_retrying, commit_retrying, is_fenced, is_fenced_or_fatal};
+use dlpipe_operators::transactions::{abort_retrying, commit_retrying, is_fenced, is_fenced_or_fatal};
 use dlpipe_operators::{CheckpointStore, Epoch, WriteError};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;

@@ -193,3 +193,38 @@ impl Head for OnlineLrHead {
         }
     }
 }
+
+/// The online classifier a run starts with: from `init_model` (a classifier file whose
+/// features must be this model's), else the group's `restored` checkpoint, else new. It
+/// checkpoints every `checkpoint_every` epochs (0: never).
+pub(super) fn online_head(
+    config: &crate::config::Config,
+    manifest: &crate::model::Manifest,
+    init_model: Option<&std::path::Path>,
+    restored: Option<&super::Checkpoint>,
+    checkpoint_every: u64,
+    counters: LearnerMetrics,
+) -> anyhow::Result<OnlineLrHead> {
+    if !manifest.has(crate::model::OutputKind::Features) {
+        anyhow::bail!("head online_lr needs features, and model {} outputs none", manifest.name);
+    }
+    const WINDOW: usize = 1000;
+    let p = &config.pipeline;
+    let (model, prequential) = match (init_model, restored) {
+        (Some(path), _) => {
+            let classifier = crate::transfer::classifier::Classifier::load(path)?;
+            classifier.check_featurizer(manifest)?;
+            (classifier.model, Prequential::new(WINDOW))
+        }
+        (None, Some(restored)) => {
+            restored.check(&p.group_id, &p.input_topic, manifest)?;
+            (restored.model.clone(), restored.prequential(WINDOW))
+        }
+        (None, None) => {
+            (SoftmaxRegression::new(manifest.feature_dim, config.learner.clone())?, Prequential::new(WINDOW))
+        }
+    };
+    let mut head = OnlineLrHead::new(model, prequential, checkpoint_every);
+    head.counters = Some(counters);
+    Ok(head)
+}

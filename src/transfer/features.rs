@@ -2,7 +2,7 @@
 //! model on every configured device where it does not.
 
 use super::cache::{content_hash, CacheError, ContentHash, FeatureCache};
-use crate::batch::{preprocess_into, run_inputs, Outcome};
+use crate::batch::{preprocess_into, run_inputs, InputOutcome};
 use crate::fetch::{FetchError, Fetcher};
 use crate::image::{decode, DecodeError, ImageLimits, PreprocessError};
 use crate::model::{Featurizer, ModelError, OutputKind};
@@ -210,7 +210,7 @@ pub fn featurize(
                         featurizing.inc(1);
                         let i = mine[k];
                         let result = match outcome {
-                            Outcome::Done { outputs, row } => {
+                            InputOutcome::Done { outputs, row } => {
                                 let features = outputs.features_row(row).expect("features checked above").to_vec();
                                 if let (Some(cache), Some(hash)) = (cache.lock().expect("poisoned").as_mut(), hashes[i])
                                 {
@@ -227,7 +227,7 @@ pub fn featurize(
                                 }
                                 Ok(features)
                             }
-                            Outcome::Failed(e) => Err(e),
+                            InputOutcome::Failed(e) => Err(e),
                         };
                         results.lock().expect("poisoned")[i] = Some(result);
                     })?;

@@ -1,4 +1,6 @@
-//! The records that flow between operators, and their Kafka encodings.
+//! `dlpipe-records`: the records that flow between dlpipe's operators, their Kafka encodings,
+//! and the parsers of what producers send (image records, feedback labels). Pure: no Kafka
+//! client, no timely, so fuzzers and other consumers build it alone.
 //!
 //! Every record keeps the Kafka coordinates (partition, offset) of the input it came from: the
 //! learner orders updates by them, the sink commits offsets by them, and users join predictions
@@ -365,6 +367,83 @@ pub struct Position {
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// A label for a record id, from the feedback topic.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Feedback {
+    pub id: String,
+    pub label: String,
+    /// When the label was given (the record's `ts`, else its Kafka timestamp), in ms: later
+    /// labels for the same id replace earlier ones.
+    pub ts_ms: i64,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// The JSON a feedback record carries.
+#[derive(Deserialize)]
+struct FeedbackJson {
+    id: Option<serde_json::Value>,
+    label: Option<serde_json::Value>,
+    /// Milliseconds; any JSON number (a float is truncated), else ignored for the Kafka timestamp.
+    ts: Option<serde_json::Value>,
+}
+
+impl Feedback {
+    /// Parses a feedback topic's payload, `{"id": "...", "label": "...", "ts": 1733200000000}`
+    /// (`ts` in ms, optional: the Kafka timestamp, else 0; numbers are accepted for id and
+    /// label; without an id, the message key). The error is the dead letter itself.
+    #[allow(clippy::result_large_err)]
+    pub fn parse(
+        payload: Option<&[u8]>,
+        key: Option<&[u8]>,
+        partition: i32,
+        offset: i64,
+        kafka_ts_ms: Option<i64>,
+    ) -> Result<Feedback, DeadLetter> {
+        let raw = payload.unwrap_or_default();
+        let at = format!("feedback at {partition}:{offset}");
+        let dead = |kind: &str, error: String| DeadLetter::of_message(kind, &error, raw, key, partition, offset);
+        let json: FeedbackJson = serde_json::from_slice(raw).map_err(|e| {
+            dead("malformed_json", format!("{at} is not JSON of the form {{\"id\",\"label\",\"ts\"?}}: {e}"))
+        })?;
+        let id = json
+            .id
+            .map(value_to_string)
+            .or_else(|| key.map(|k| String::from_utf8_lossy(k).into_owned()))
+            .filter(|id| !id.trim().is_empty())
+            .ok_or_else(|| dead("missing_id", format!("{at} has no \"id\" (nor a message key): it labels nothing")))?;
+        if id.len() > MAX_ID_BYTES {
+            return Err(dead("id_too_long", format!("{at}: id is {} bytes, over {MAX_ID_BYTES}", id.len())));
+        }
+        let label = json.label.map(value_to_string).unwrap_or_default();
+        if label.trim().is_empty() || label.len() > MAX_LABEL_BYTES {
+            return Err(dead(
+                "invalid_label",
+                format!("{at}: the label must be 1 to {MAX_LABEL_BYTES} bytes, not blank (got {} bytes)", label.len()),
+            ));
+        }
+        let ts = json.ts.and_then(|v| v.as_i64().or_else(|| v.as_f64().filter(|f| f.is_finite()).map(|f| f as i64)));
+        let ts_ms = ts.or(kafka_ts_ms).unwrap_or(0);
+        Ok(Feedback { id, label, ts_ms, partition, offset })
+    }
+
+    /// A dead letter for this feedback record.
+    pub fn dead_letter(&self, error_kind: &str, error: String) -> DeadLetter {
+        DeadLetter {
+            id: Some(self.id.clone()),
+            uri: None,
+            raw: truncate(
+                &serde_json::json!({"id": self.id, "label": self.label, "ts": self.ts_ms}).to_string(),
+                MAX_RAW_BYTES,
+            ),
+            error_kind: error_kind.into(),
+            error: truncate(&error, MAX_ERROR_BYTES),
+            partition: self.partition,
+            offset: self.offset,
+        }
+    }
 }
 
 #[cfg(test)]

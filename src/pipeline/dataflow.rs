@@ -1,0 +1,208 @@
+//! The dataflow of one worker, read top to bottom in the order records flow:
+//!
+//! ```text
+//! kafka_source ─► labelled / unlabelled lanes: fetch_decode ─► featurize
+//!   ─► learn_predict (labelled examples, inline or joined from the feedback topic, broadcast)
+//!   ─► kafka_sink or kafka_txn_sink ─► checkpoint (worker 0 writes)
+//! ```
+//!
+//! Dead letters of every stage join the outcomes before the sink. One probe per operator
+//! feeds the frontier-lag metric; the last one says when the dataflow is done.
+
+// Dead letters travel through the dataflow as data, in `Result`s; boxing them buys nothing.
+#![allow(clippy::result_large_err)]
+
+use super::heads::{ImagenetHead, OnlineLrHead};
+use super::kafka::FeedbackReader;
+use super::work::Work;
+use crate::metrics::kafka::LagContext;
+use crate::metrics::WorkerMetrics;
+use dlpipe_operators::{
+    checkpoint, featurize, feedback_join, fetch_decode, kafka_feedback_source, kafka_sink, kafka_source,
+    kafka_txn_sink, learn_predict, AssignedConsumer, Batching, ByteBudget, DeadLetter, Epoch, Fatal, Featured,
+    Feedback, ImageRecord, LabelledExample, Outcome, Position, Prepare, SharedBacklog, SinkContext, SinkSpec,
+    SourceSpec, TxnProducer,
+};
+use rdkafka::consumer::BaseConsumer;
+use rdkafka::producer::BaseProducer;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use timely::dataflow::operators::probe::Handle as ProbeHandle;
+use timely::dataflow::operators::vec::{Broadcast, Filter, Map, ToStream};
+use timely::dataflow::operators::{Concat, OkErr, Probe};
+use timely::dataflow::StreamVec;
+
+/// The operators' probes by name, in the order records pass them.
+pub(super) type Probes = Vec<(&'static str, ProbeHandle<Epoch>)>;
+
+/// What classifies the records.
+pub(super) enum Classifier {
+    /// The online learner, learning the labelled records (inline, and with a feedback topic
+    /// joined late) from `learn_from` on in each partition.
+    Online { head: Rc<RefCell<OnlineLrHead>>, feedback: Option<Box<FeedbackReader>>, learn_from: BTreeMap<i32, i64> },
+    /// The model's own classes; learns nothing.
+    Imagenet { class_names: Vec<String> },
+}
+
+/// How the sink publishes.
+pub(super) enum Publish {
+    /// Outputs as they come; offsets committed by `committer` (or, when it is `None`, with
+    /// the checkpoints).
+    AtLeastOnce { producer: BaseProducer<SinkContext>, committer: Option<Arc<BaseConsumer<LagContext>>> },
+    /// Outputs and offsets in transactions.
+    ExactlyOnce { producer: TxnProducer, consumer: Arc<BaseConsumer<LagContext>> },
+}
+
+/// Everything one worker's dataflow is made of.
+pub(super) struct Dataflow {
+    pub input: AssignedConsumer<LagContext>,
+    pub source: SourceSpec,
+    pub backlog: SharedBacklog,
+    pub stop: Arc<AtomicBool>,
+    pub fatal: Fatal,
+    pub work: Work,
+    pub fetched_bytes: Arc<ByteBudget>,
+    pub max_decoding: usize,
+    pub batching: Batching,
+    pub classifier: Classifier,
+    pub top_k: usize,
+    pub sink: SinkSpec,
+    pub publish: Publish,
+    /// With checkpoints: worker 0's writer (`None` on the others, which only pass positions on).
+    pub checkpoints: Option<Option<super::checkpoint::CheckpointWriter>>,
+    pub metrics: WorkerMetrics,
+}
+
+impl Dataflow {
+    /// Builds the dataflow on `worker`; returns its probes (the last one: done).
+    pub(super) fn build(self, worker: &mut timely::worker::Worker) -> Probes {
+        let mut probes = Probes::new();
+        worker.dataflow::<Epoch, _, _>(|scope| {
+            let Dataflow { input, source, backlog, stop, fatal, metrics, .. } = self;
+            let raw = kafka_source(scope, input, source, Rc::clone(&backlog), Arc::clone(&stop), metrics.source);
+            let (handle, raw) = raw.probe();
+            probes.push(("kafka_source", handle));
+            let (records, unreadable) = raw.ok_err::<Vec<ImageRecord>, _, Vec<DeadLetter>, _, _>(|r| r);
+            // Labelled and unlabelled records are fetched, decoded and featurized in lanes of
+            // their own. The learner waits for every labelled record of an epoch
+            // (determinism), but not for unlabelled ones: `learn_predict` predicts those that
+            // come late with a frozen copy of their epoch's classifier. So an unlabelled
+            // record behind a slow server delays its own prediction only.
+            let (labelled, unlabelled) = records.ok_err::<Vec<ImageRecord>, _, Vec<ImageRecord>, _, _>(|r| {
+                if r.label.is_some() {
+                    Ok(r)
+                } else {
+                    Err(r)
+                }
+            });
+            // One probe per operator for both lanes: the frontier of the two.
+            let (fetched, featurized) = (ProbeHandle::new(), ProbeHandle::new());
+            probes.push(("fetch_decode", fetched.clone()));
+            probes.push(("featurize", featurized.clone()));
+            let lane = |records| {
+                let prepare = Prepare {
+                    fetch: {
+                        let fetch = Arc::clone(&self.work.fetch);
+                        move |r: &ImageRecord| fetch(r)
+                    },
+                    decode: {
+                        let decode = Arc::clone(&self.work.decode);
+                        move |r: &ImageRecord, bytes: &[u8]| decode(r, bytes)
+                    },
+                    budget: Arc::clone(&self.fetched_bytes),
+                };
+                let decoded = fetch_decode(records, self.max_decoding, prepare, metrics.fetch_decode.clone())
+                    .probe_with(&fetched);
+                let (decoded, undecodable) = decoded.ok_err::<Vec<_>, _, Vec<DeadLetter>, _, _>(|r| r);
+                let model = Rc::clone(&self.work.model);
+                let model = move |pixels: &[f32], n: usize| model.borrow_mut()(pixels, n);
+                let featured = featurize(decoded, self.batching, model, Rc::clone(&fatal), metrics.featurize.clone())
+                    .probe_with(&featurized);
+                let (featured, unfeaturized) = featured.ok_err::<Vec<Featured>, _, Vec<DeadLetter>, _, _>(|r| r);
+                (featured, undecodable.concat(unfeaturized))
+            };
+            let (labelled, labelled_dead) = lane(labelled);
+            let (unlabelled, unlabelled_dead) = lane(unlabelled);
+            let (predictions, feedback_dead) =
+                classify(labelled, unlabelled, self.classifier, self.top_k, &stop, metrics.learn_predict);
+            let (handle, predictions) = predictions.probe();
+            probes.push(("learn_predict", handle));
+            let dead = unreadable.concat(labelled_dead).concat(unlabelled_dead).map(Outcome::Dead);
+            let mut outcomes = predictions.map(Outcome::Predicted).concat(dead);
+            if let Some(feedback_dead) = feedback_dead {
+                outcomes = outcomes.concat(feedback_dead);
+            }
+            let positions = publish(outcomes, self.publish, self.sink, backlog, Rc::clone(&fatal), metrics.sink);
+            let (handle, positions) = positions.probe();
+            probes.push(("kafka_sink", handle));
+            if let Some(writer) = self.checkpoints {
+                let (handle, _checkpointed) = checkpoint(positions, writer, fatal).probe();
+                probes.push(("checkpoint", handle));
+            }
+        });
+        probes
+    }
+}
+
+/// `learn_predict` with the classifier: its predictions, and with a feedback topic the dead
+/// letters of the feedback source and join.
+fn classify<'scope>(
+    labelled: StreamVec<'scope, Epoch, Featured>,
+    unlabelled: StreamVec<'scope, Epoch, Featured>,
+    classifier: Classifier,
+    top_k: usize,
+    stop: &Arc<AtomicBool>,
+    metrics: dlpipe_operators::LearnPredictMetrics,
+) -> (StreamVec<'scope, Epoch, dlpipe_operators::Prediction>, Option<StreamVec<'scope, Epoch, Outcome>>) {
+    let scope = labelled.scope();
+    let featured = labelled.clone().concat(unlabelled.clone());
+    match classifier {
+        Classifier::Online { head, feedback, learn_from } => {
+            let mut examples = labelled.flat_map(|f| LabelledExample::of(&f));
+            let mut feedback_dead = None;
+            if let Some(reader) = feedback {
+                // Records without an inline label wait for theirs from the feedback topic (and
+                // so, here, hold back the learner as labelled ones do).
+                let (received, unreadable) =
+                    kafka_feedback_source(scope, reader.consumer, reader.spec, Arc::clone(stop), reader.source_metrics)
+                        .ok_err::<Vec<Feedback>, _, Vec<DeadLetter>, _, _>(|r| r);
+                let joined = feedback_join(unlabelled, received, reader.retention, reader.join_metrics);
+                examples = examples.concat(joined.examples);
+                feedback_dead = Some(unreadable.concat(joined.dead_letters).map(Outcome::FeedbackDead));
+            }
+            // Records before a partition's learned offset are in the restored classifier
+            // already: replayed only to publish their outputs.
+            let examples =
+                examples.filter(move |x| learn_from.get(&x.partition).is_none_or(|from| x.offset >= *from)).broadcast();
+            (learn_predict(featured, examples, head, top_k, metrics), feedback_dead)
+        }
+        Classifier::Imagenet { class_names } => {
+            // Nothing to learn, and no epoch to wait for.
+            let nothing = Vec::<LabelledExample>::new().to_stream(scope);
+            (learn_predict(featured, nothing, ImagenetHead { class_names }, top_k, metrics), None)
+        }
+    }
+}
+
+/// The sink of the delivery mode: the positions of the worker's partitions as epochs are
+/// published.
+fn publish<'scope>(
+    outcomes: StreamVec<'scope, Epoch, Outcome>,
+    publish: Publish,
+    spec: SinkSpec,
+    backlog: SharedBacklog,
+    fatal: Fatal,
+    metrics: dlpipe_operators::SinkMetrics,
+) -> StreamVec<'scope, Epoch, Position> {
+    match publish {
+        Publish::AtLeastOnce { producer, committer } => {
+            kafka_sink(outcomes, producer, committer, spec, backlog, fatal, metrics)
+        }
+        Publish::ExactlyOnce { producer, consumer } => {
+            kafka_txn_sink(outcomes, producer, consumer, spec, backlog, fatal, metrics)
+        }
+    }
+}
