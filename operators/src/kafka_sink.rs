@@ -334,66 +334,22 @@ pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
                         }
                     }
                 });
-                while let Some(Outgoing { sent, payload }) = unsent.pop_front() {
-                    let topic = sent.topic(&spec);
-                    // The key is an id of at most 1 KiB; the payload is only borrowed.
-                    let key = sent.key.clone();
-                    let delivery = Box::new(MessageInFlight { at: Instant::now(), message: sent });
-                    let record = BaseRecord::with_opaque_to(topic, delivery).key(&key).payload(&payload);
-                    match producer.send(record) {
-                        Ok(()) => {}
-                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), record)) => {
-                            let sent = record.delivery_opaque.message;
-                            unsent.push_front(Outgoing { sent, payload });
-                            break;
-                        }
-                        Err((error, record)) => {
-                            let message = record.delivery_opaque.message;
-                            if too_large(error.rdkafka_error_code()) && !message.replacement {
-                                tracing::warn!(id = %crate::records::truncate(&message.key, 64), partition = message.partition, offset = message.offset, %error, "an output is larger than the producer accepts; a small dead letter replaces it");
-                                unsent.push_front(message.replaced(&error.to_string()));
-                                metrics.dead_lettered.with("output_too_large").inc();
-                                continue;
-                            }
-                            failed = true;
-                            *fatal.borrow_mut() =
-                                Some(format!("cannot produce the output of {} to {topic}: {error}", message.source()));
-                            return;
-                        }
-                    }
+                if let Err(error) = send(&producer, &mut unsent, &spec, &mut metrics) {
+                    failed = true;
+                    *fatal.borrow_mut() = Some(error);
+                    return;
                 }
                 producer.poll(Duration::ZERO);
                 let delivered: Vec<Report> = std::mem::take(&mut *reports.lock().expect("not poisoned"));
                 for report in delivered {
-                    let epoch = report.message.epoch;
-                    match &report.outcome {
-                        Ok(()) => report.observe_published(&mut metrics),
-                        Err((code, error)) if too_large(*code) && !report.message.replacement => {
-                            // The broker's limit (max.message.bytes of the topic) is below the
-                            // producer's: a small dead letter takes the refused message's place
-                            // in its epoch, which stays unacknowledged until that is delivered.
-                            let m = &report.message;
-                            tracing::warn!(id = %crate::records::truncate(&m.key, 64), partition = m.partition, offset = m.offset, error, "the broker refused an output as too large; a small dead letter replaces it");
-                            unsent.push_back(report.message.replaced(error));
-                            metrics.dead_lettered.with("output_too_large").inc();
-                            continue;
-                        }
-                        Err((_, error)) => {
+                    match acknowledge(report, &mut epochs, &mut unsent, &backlog, &mut metrics) {
+                        Ok(true) => unacked -= 1,
+                        Ok(false) => {}
+                        Err(error) => {
                             // The epoch stays unacknowledged, and `failed` stops all commits.
-                            metrics.failed.inc();
                             failed = true;
-                            let m = &report.message;
-                            *fatal.borrow_mut() =
-                                Some(format!("the output of {} was not delivered: {error}", m.source()));
-                            continue;
+                            *fatal.borrow_mut() = Some(error);
                         }
-                    }
-                    if let Some(state) = epochs.get_mut(&epoch) {
-                        state.unacked -= 1;
-                    }
-                    unacked -= 1;
-                    if report.message.is_record_output() {
-                        backlog.borrow_mut().done(report.message.partition, report.message.offset);
                     }
                 }
                 metrics.unacked.set(unacked);
@@ -413,18 +369,8 @@ pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
                     }
                 }
                 if let (Some(consumer), false) = (&committer, commit.is_empty()) {
-                    let mut list = TopicPartitionList::new();
-                    for (partition, offset) in &commit {
-                        list.add_partition_offset(&spec.input_topic, *partition, Offset::Offset(offset + 1))
-                            .expect("valid offset");
-                    }
-                    if frontier.frontier().is_empty() && epochs.is_empty() {
-                        // At the very end nothing else will commit after us: commit synchronously,
-                        // waiting out a coordinator that moves or loads meanwhile.
-                        commit_finally(consumer, &list);
-                    } else if let Err(error) = consumer.commit(&list, CommitMode::Async) {
-                        tracing::warn!(%error, "offset commit failed; it is retried with the next epoch");
-                    }
+                    let last = frontier.frontier().is_empty() && epochs.is_empty();
+                    commit_offsets(consumer, &spec.input_topic, &commit, last);
                 }
                 if !epochs.is_empty() || !unsent.is_empty() {
                     activator.activate_after(Duration::from_millis(2));
@@ -432,6 +378,98 @@ pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
             }
         },
     )
+}
+
+/// Takes one delivery report: a delivered message is acknowledged in its epoch (and its record
+/// leaves the backlog): `true`; one the broker refused as too large is replaced, in its epoch,
+/// by its small dead letter, which stays unacknowledged until that is delivered: `false`. The
+/// error that stops the worker, for any other failure.
+fn acknowledge(
+    report: Report,
+    epochs: &mut BTreeMap<Epoch, EpochState>,
+    unsent: &mut VecDeque<Outgoing>,
+    backlog: &SharedBacklog,
+    metrics: &mut SinkMetrics,
+) -> Result<bool, String> {
+    match &report.outcome {
+        Ok(()) => report.observe_published(metrics),
+        Err((code, error)) if too_large(*code) && !report.message.replacement => {
+            // The broker's limit (max.message.bytes of the topic) is below the producer's.
+            let m = &report.message;
+            tracing::warn!(id = %crate::records::truncate(&m.key, 64), partition = m.partition, offset = m.offset, error, "the broker refused an output as too large; a small dead letter replaces it");
+            unsent.push_back(report.message.replaced(error));
+            metrics.dead_lettered.with("output_too_large").inc();
+            return Ok(false);
+        }
+        Err((_, error)) => {
+            metrics.failed.inc();
+            return Err(format!("the output of {} was not delivered: {error}", report.message.source()));
+        }
+    }
+    if let Some(state) = epochs.get_mut(&report.message.epoch) {
+        state.unacked -= 1;
+    }
+    if report.message.is_record_output() {
+        backlog.borrow_mut().done(report.message.partition, report.message.offset);
+    }
+    Ok(true)
+}
+
+/// Hands the `unsent` messages to the producer until its queue is full; an output the
+/// producer refuses as too large is replaced by its small dead letter. The error that stops
+/// the worker, for any other refusal.
+fn send(
+    producer: &BaseProducer<SinkContext>,
+    unsent: &mut VecDeque<Outgoing>,
+    spec: &SinkSpec,
+    metrics: &mut SinkMetrics,
+) -> Result<(), String> {
+    while let Some(Outgoing { sent, payload }) = unsent.pop_front() {
+        let topic = sent.topic(spec);
+        // The key is an id of at most 1 KiB; the payload is only borrowed.
+        let key = sent.key.clone();
+        let delivery = Box::new(MessageInFlight { at: Instant::now(), message: sent });
+        let record = BaseRecord::with_opaque_to(topic, delivery).key(&key).payload(&payload);
+        match producer.send(record) {
+            Ok(()) => {}
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), record)) => {
+                let sent = record.delivery_opaque.message;
+                unsent.push_front(Outgoing { sent, payload });
+                break;
+            }
+            Err((error, record)) => {
+                let message = record.delivery_opaque.message;
+                if too_large(error.rdkafka_error_code()) && !message.replacement {
+                    tracing::warn!(id = %crate::records::truncate(&message.key, 64), partition = message.partition, offset = message.offset, %error, "an output is larger than the producer accepts; a small dead letter replaces it");
+                    unsent.push_front(message.replaced(&error.to_string()));
+                    metrics.dead_lettered.with("output_too_large").inc();
+                    continue;
+                }
+                return Err(format!("cannot produce the output of {} to {topic}: {error}", message.source()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Commits the offset after each partition's highest retired `commit` offset for the group:
+/// asynchronously, or (`last`: nothing else will commit after it) synchronously, waiting out a
+/// coordinator that moves or loads meanwhile.
+fn commit_offsets<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    commit: &BTreeMap<i32, i64>,
+    last: bool,
+) {
+    let mut list = TopicPartitionList::new();
+    for (partition, offset) in commit {
+        list.add_partition_offset(topic, *partition, Offset::Offset(offset + 1)).expect("valid offset");
+    }
+    if last {
+        commit_finally(consumer, &list);
+    } else if let Err(error) = consumer.commit(&list, CommitMode::Async) {
+        tracing::warn!(%error, "offset commit failed; it is retried with the next epoch");
+    }
 }
 
 /// The last commit of a run, retried for up to a minute while the group coordinator is
