@@ -154,6 +154,64 @@ where
     })
 }
 
+/// [`featurize()`] as a method of a stream of decoded records.
+pub trait Featurize<'scope> {
+    /// Runs `model` over micro-batches of the records' pixels on this worker; each record
+    /// with its features (and logits) at its epoch.
+    ///
+    /// ```
+    /// use dlpipe_operators::{Batching, Decoded, Featurize, ImageRecord};
+    /// use std::time::Duration;
+    /// use timely::dataflow::operators::vec::ToStream;
+    /// use timely::dataflow::operators::Inspect;
+    ///
+    /// timely::example(|scope| {
+    ///     let decoded = |offset: i64| Decoded {
+    ///         record: ImageRecord {
+    ///             id: offset.to_string(), uri: "mem://x".into(), label: None, partition: 0, offset, kafka_ts_ms: None,
+    ///         },
+    ///         pixels: vec![offset as f32, 1.0],
+    ///     };
+    ///     // A "model" over images of 2 pixels: their sum is the one feature; no logits.
+    ///     let model = |pixels: &[f32], n: usize| {
+    ///         Ok((0..n).map(|i| (vec![pixels[2 * i] + pixels[2 * i + 1]], None)).collect())
+    ///     };
+    ///     let batching = Batching { max_batch: 8, max_wait: Duration::from_millis(5) };
+    ///     vec![decoded(1), decoded(2), decoded(3)]
+    ///         .to_stream(scope)
+    ///         .featurize(batching, model, Default::default(), Default::default())
+    ///         .inspect(|featured| {
+    ///             let featured = featured.as_ref().expect("featurized");
+    ///             assert_eq!(featured.features, vec![featured.record.offset as f32 + 1.0]);
+    ///         });
+    /// });
+    /// ```
+    fn featurize<M>(
+        self,
+        batching: Batching,
+        model: M,
+        fatal: Fatal,
+        metrics: FeaturizeMetrics,
+    ) -> StreamVec<'scope, Epoch, Result<Featured, DeadLetter>>
+    where
+        M: FnMut(&[f32], usize) -> Result<Vec<ModelRow>, String> + 'static;
+}
+
+impl<'scope> Featurize<'scope> for StreamVec<'scope, Epoch, Decoded> {
+    fn featurize<M>(
+        self,
+        batching: Batching,
+        model: M,
+        fatal: Fatal,
+        metrics: FeaturizeMetrics,
+    ) -> StreamVec<'scope, Epoch, Result<Featured, DeadLetter>>
+    where
+        M: FnMut(&[f32], usize) -> Result<Vec<ModelRow>, String> + 'static,
+    {
+        featurize(self, batching, model, fatal, metrics)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

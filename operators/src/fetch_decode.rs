@@ -225,6 +225,62 @@ impl FetchPool {
     }
 }
 
+/// [`fetch_decode()`] as a method of a stream of records.
+pub trait FetchDecode<'scope> {
+    /// Fetches each record's image on fetch threads and decodes it on rayon's pool; a record
+    /// that cannot be is a dead letter. Each output at its record's epoch.
+    ///
+    /// ```
+    /// use dlpipe_operators::{ByteBudget, FetchDecode, ImageRecord, Prepare};
+    /// use std::sync::Arc;
+    /// use timely::dataflow::operators::vec::ToStream;
+    /// use timely::dataflow::operators::Inspect;
+    ///
+    /// timely::example(|scope| {
+    ///     let record = |id: &str| ImageRecord {
+    ///         id: id.into(), uri: format!("mem://{id}"), label: None, partition: 0, offset: 0, kafka_ts_ms: None,
+    ///     };
+    ///     let prepare = Prepare {
+    ///         // The bytes behind a URI, and the pixels of those bytes.
+    ///         fetch: |r: &ImageRecord| Ok(r.uri.as_bytes().to_vec()),
+    ///         decode: |_r: &ImageRecord, bytes: &[u8]| Ok(vec![bytes.len() as f32]),
+    ///         budget: Arc::new(ByteBudget::new(1 << 20)),
+    ///     };
+    ///     vec![record("a"), record("bb")]
+    ///         .to_stream(scope)
+    ///         .fetch_decode(4, prepare, Default::default())
+    ///         .inspect(|decoded| {
+    ///             let decoded = decoded.as_ref().expect("fetched and decoded");
+    ///             assert_eq!(decoded.pixels, vec![decoded.record.uri.len() as f32]);
+    ///         });
+    /// });
+    /// ```
+    fn fetch_decode<F, D>(
+        self,
+        max_in_flight: usize,
+        prepare: Prepare<F, D>,
+        metrics: FetchDecodeMetrics,
+    ) -> StreamVec<'scope, Epoch, Result<Decoded, DeadLetter>>
+    where
+        F: Fn(&ImageRecord) -> Result<Vec<u8>, PrepareError> + Send + Sync + 'static,
+        D: Fn(&ImageRecord, &[u8]) -> Result<Vec<f32>, PrepareError> + Send + Sync + 'static;
+}
+
+impl<'scope> FetchDecode<'scope> for StreamVec<'scope, Epoch, ImageRecord> {
+    fn fetch_decode<F, D>(
+        self,
+        max_in_flight: usize,
+        prepare: Prepare<F, D>,
+        metrics: FetchDecodeMetrics,
+    ) -> StreamVec<'scope, Epoch, Result<Decoded, DeadLetter>>
+    where
+        F: Fn(&ImageRecord) -> Result<Vec<u8>, PrepareError> + Send + Sync + 'static,
+        D: Fn(&ImageRecord, &[u8]) -> Result<Vec<f32>, PrepareError> + Send + Sync + 'static,
+    {
+        fetch_decode(self, max_in_flight, prepare, metrics)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

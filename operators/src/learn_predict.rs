@@ -189,6 +189,76 @@ impl<H: Head> Head for std::rc::Rc<std::cell::RefCell<H>> {
     }
 }
 
+/// [`learn_predict()`] as a method of a stream of featured records.
+pub trait LearnPredict<'scope> {
+    /// Predicts each record with `head` as it was after learning every labelled example of
+    /// the epochs before the record's, then learns the examples of each epoch once it is
+    /// complete.
+    ///
+    /// ```
+    /// use dlpipe_operators::{ClassScore, Epoch, Featured, Head, ImageRecord, LabelledExample, LearnPredict, Predict};
+    /// use timely::dataflow::operators::vec::ToStream;
+    /// use timely::dataflow::operators::Inspect;
+    ///
+    /// /// Predicts the label it saw most recently; its version is how many it has seen.
+    /// #[derive(Clone)]
+    /// struct Latest(Vec<String>);
+    /// impl Predict for Latest {
+    ///     fn predict(&mut self, _record: &Featured, _k: usize) -> Vec<ClassScore> {
+    ///         self.0.last().map(|l| ClassScore { class: l.clone(), probability: 1.0 }).into_iter().collect()
+    ///     }
+    ///     fn version(&self) -> u64 {
+    ///         self.0.len() as u64
+    ///     }
+    /// }
+    /// impl Head for Latest {
+    ///     type Frozen = Latest;
+    ///     fn freeze(&self) -> Latest {
+    ///         self.clone()
+    ///     }
+    ///     fn learn(&mut self, _epoch: Epoch, examples: &[LabelledExample]) {
+    ///         self.0.extend(examples.iter().map(|x| x.label.clone()));
+    ///     }
+    /// }
+    ///
+    /// timely::example(|scope| {
+    ///     let featured = |offset: i64| Featured {
+    ///         record: ImageRecord {
+    ///             id: offset.to_string(), uri: "mem://x".into(), label: None, partition: 0, offset, kafka_ts_ms: None,
+    ///         },
+    ///         features: vec![0.0],
+    ///         logits: None,
+    ///     };
+    ///     // A labelled example and a record, both of epoch 0.
+    ///     let example = LabelledExample { partition: 0, offset: 0, label: "cat".into(), features: vec![0.0] };
+    ///     let labels = vec![example].to_stream(scope);
+    ///     vec![featured(0)]
+    ///         .to_stream(scope)
+    ///         .learn_predict(labels, Latest(Vec::new()), 1, Default::default())
+    ///         .inspect(|p| assert_eq!(p.model_version, 0, "epoch 0 is predicted before it is learned"));
+    /// });
+    /// ```
+    fn learn_predict<H: Head>(
+        self,
+        labelled: StreamVec<'scope, Epoch, LabelledExample>,
+        head: H,
+        top_k: usize,
+        metrics: LearnPredictMetrics,
+    ) -> StreamVec<'scope, Epoch, Prediction>;
+}
+
+impl<'scope> LearnPredict<'scope> for StreamVec<'scope, Epoch, Featured> {
+    fn learn_predict<H: Head>(
+        self,
+        labelled: StreamVec<'scope, Epoch, LabelledExample>,
+        head: H,
+        top_k: usize,
+        metrics: LearnPredictMetrics,
+    ) -> StreamVec<'scope, Epoch, Prediction> {
+        learn_predict(self, labelled, head, top_k, metrics)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -45,15 +45,15 @@ pub mod transactions;
 
 pub use backlog::{Backlog, SharedBacklog, Waiting};
 pub use checkpoint::{checkpoint, CheckpointStore, WriteError};
-pub use featurize::{featurize, Batching, ModelRow};
+pub use featurize::{featurize, Batching, Featurize, ModelRow};
 pub use feedback_join::feedback_join;
-pub use fetch_decode::{fetch_decode, ByteBudget, Prepare, PrepareError};
+pub use fetch_decode::{fetch_decode, ByteBudget, FetchDecode, Prepare, PrepareError};
 pub use kafka_sink::{kafka_sink, FeaturesOutput, SinkContext, SinkSpec};
 pub use kafka_source::{
     kafka_feedback_source, kafka_source, AssignedConsumer, EpochPolicy, PartitionRange, SourceSpec,
 };
 pub use kafka_txn_sink::{kafka_txn_sink, TxnProducer};
-pub use learn_predict::{learn_predict, Head, Predict};
+pub use learn_predict::{learn_predict, Head, LearnPredict, Predict};
 pub use metrics::{
     CounterByLabel, FeaturizeMetrics, FeedbackJoinMetrics, FetchDecodeMetrics, LearnPredictMetrics, SinkMetrics,
     SourceMetrics,

@@ -18,10 +18,10 @@ use super::work::Work;
 use crate::metrics::kafka::LagContext;
 use crate::metrics::WorkerMetrics;
 use dlpipe_operators::{
-    checkpoint, featurize, feedback_join, fetch_decode, kafka_feedback_source, kafka_sink, kafka_source,
-    kafka_txn_sink, learn_predict, AssignedConsumer, Batching, ByteBudget, DeadLetter, Epoch, Fatal, Featured,
-    Feedback, ImageRecord, LabelledExample, Outcome, Position, Prepare, SharedBacklog, SinkContext, SinkSpec,
-    SourceSpec, TxnProducer,
+    checkpoint, feedback_join, kafka_feedback_source, kafka_sink, kafka_source, kafka_txn_sink, AssignedConsumer,
+    Batching, ByteBudget, DeadLetter, Epoch, Fatal, Featured, Featurize, Feedback, FetchDecode, ImageRecord,
+    LabelledExample, LearnPredict, Outcome, Position, Prepare, SharedBacklog, SinkContext, SinkSpec, SourceSpec,
+    TxnProducer,
 };
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::producer::BaseProducer;
@@ -102,28 +102,17 @@ impl Dataflow {
             let (fetched, featurized) = (ProbeHandle::new(), ProbeHandle::new());
             probes.push(("fetch_decode", fetched.clone()));
             probes.push(("featurize", featurized.clone()));
-            let lane = |records| {
-                let prepare = Prepare {
-                    fetch: {
-                        let fetch = Arc::clone(&self.work.fetch);
-                        move |r: &ImageRecord| fetch(r)
-                    },
-                    decode: {
-                        let decode = Arc::clone(&self.work.decode);
-                        move |r: &ImageRecord, bytes: &[u8]| decode(r, bytes)
-                    },
-                    budget: Arc::clone(&self.fetched_bytes),
-                };
-                let decoded = fetch_decode(records, self.max_decoding, prepare, metrics.fetch_decode.clone())
-                    .probe_with(&fetched);
-                let (decoded, undecodable) = decoded.ok_err::<Vec<_>, _, Vec<DeadLetter>, _, _>(|r| r);
-                let model = Rc::clone(&self.work.model);
-                let model = move |pixels: &[f32], n: usize| model.borrow_mut()(pixels, n);
-                let featured = featurize(decoded, self.batching, model, Rc::clone(&fatal), metrics.featurize.clone())
-                    .probe_with(&featurized);
-                let (featured, unfeaturized) = featured.ok_err::<Vec<Featured>, _, Vec<DeadLetter>, _, _>(|r| r);
-                (featured, undecodable.concat(unfeaturized))
+            let lanes = Lanes {
+                work: &self.work,
+                fetched_bytes: &self.fetched_bytes,
+                max_decoding: self.max_decoding,
+                batching: self.batching,
+                fatal: &fatal,
+                fetch_metrics: &metrics.fetch_decode,
+                featurize_metrics: &metrics.featurize,
+                probes: (&fetched, &featurized),
             };
+            let lane = |records| lanes.lane(records);
             let (labelled, labelled_dead) = lane(labelled);
             let (unlabelled, unlabelled_dead) = lane(unlabelled);
             let (predictions, feedback_dead) =
@@ -144,6 +133,44 @@ impl Dataflow {
             }
         });
         probes
+    }
+}
+
+/// What both lanes of a worker share: its work, and one probe per operator.
+struct Lanes<'a> {
+    work: &'a Work,
+    fetched_bytes: &'a Arc<ByteBudget>,
+    max_decoding: usize,
+    batching: Batching,
+    fatal: &'a Fatal,
+    fetch_metrics: &'a dlpipe_operators::FetchDecodeMetrics,
+    featurize_metrics: &'a dlpipe_operators::FeaturizeMetrics,
+    probes: (&'a ProbeHandle<Epoch>, &'a ProbeHandle<Epoch>),
+}
+
+impl Lanes<'_> {
+    /// One lane: `records` fetched, decoded and featurized; the featured records, and the
+    /// dead letters of those that could not be.
+    fn lane<'scope>(
+        &self,
+        records: StreamVec<'scope, Epoch, ImageRecord>,
+    ) -> (StreamVec<'scope, Epoch, Featured>, StreamVec<'scope, Epoch, DeadLetter>) {
+        let (fetch, decode) = (Arc::clone(&self.work.fetch), Arc::clone(&self.work.decode));
+        let prepare = Prepare {
+            fetch: move |r: &ImageRecord| fetch(r),
+            decode: move |r: &ImageRecord, bytes: &[u8]| decode(r, bytes),
+            budget: Arc::clone(self.fetched_bytes),
+        };
+        let decoded =
+            records.fetch_decode(self.max_decoding, prepare, self.fetch_metrics.clone()).probe_with(self.probes.0);
+        let (decoded, undecodable) = decoded.ok_err::<Vec<_>, _, Vec<DeadLetter>, _, _>(|r| r);
+        let model = Rc::clone(&self.work.model);
+        let model = move |pixels: &[f32], n: usize| model.borrow_mut()(pixels, n);
+        let featured = decoded
+            .featurize(self.batching, model, Rc::clone(self.fatal), self.featurize_metrics.clone())
+            .probe_with(self.probes.1);
+        let (featured, unfeaturized) = featured.ok_err::<Vec<Featured>, _, Vec<DeadLetter>, _, _>(|r| r);
+        (featured, undecodable.concat(unfeaturized))
     }
 }
 
@@ -177,12 +204,12 @@ fn classify<'scope>(
             // already: replayed only to publish their outputs.
             let examples =
                 examples.filter(move |x| learn_from.get(&x.partition).is_none_or(|from| x.offset >= *from)).broadcast();
-            (learn_predict(featured, examples, head, top_k, metrics), feedback_dead)
+            (featured.learn_predict(examples, head, top_k, metrics), feedback_dead)
         }
         Classifier::Imagenet { class_names } => {
             // Nothing to learn, and no epoch to wait for.
             let nothing = Vec::<LabelledExample>::new().to_stream(scope);
-            (learn_predict(featured, nothing, ImagenetHead { class_names }, top_k, metrics), None)
+            (featured.learn_predict(nothing, ImagenetHead { class_names }, top_k, metrics), None)
         }
     }
 }
