@@ -24,6 +24,12 @@
 //! backlog exceeds `max_backlog` by at most the records of its oldest epoch (with offset
 //! epochs, `records` per partition).
 //!
+//! **Failures:** librdkafka assigns asynchronously, and starting a partition's fetch forwards
+//! it to the consumer's own queue again, undoing an early split. A record that comes on that
+//! queue is therefore not taken: its partition is split again and sought back to where the
+//! source is (so the bound holds from the first record). Consumer errors are logged; the client
+//! retries them.
+//!
 //! The queues are polled with a zero timeout and the operator re-activates itself, so the
 //! worker thread never blocks on Kafka. The source tells the backlog which partitions are not
 //! read past the least open epoch, for the stall report.
@@ -155,7 +161,7 @@ fn messages<'scope, C: ConsumerContext + 'static, T: Clone + 'static>(
     source(scope, name, move |capability, info| {
         let activator = scope.activator_for(info.address);
         let topic = spec.topic;
-        let AssignedConsumer { consumer, queues } = consumer;
+        let AssignedConsumer { consumer, mut queues } = consumer;
         let mut reader = Reader::new(&spec.partitions, spec.epochs, spec.max_backlog);
         let mut capability = reader.least_epoch().map(|epoch| capability.delayed(&epoch));
         let max_poll = spec.max_poll;
@@ -168,13 +174,22 @@ fn messages<'scope, C: ConsumerContext + 'static, T: Clone + 'static>(
             }
             let Some(cap) = capability.as_mut() else { return };
             let in_backlog = || backlog.as_ref().map(|b| (b.borrow().len(), b.borrow().oldest_epoch()));
-            // First the consumer's own queue (its events: statistics, errors; and messages
-            // fetched before the partitions got queues of their own), then the partitions'
-            // queues in the order `Reader::next_to_read` chooses.
+            // First the consumer's own queue (its events: statistics, errors), then the
+            // partitions' queues in the order `Reader::next_to_read` chooses.
             let (mut taken, mut consumer_idle, mut idle) = (0, false, BTreeSet::new());
+            let mut unsplit = BTreeSet::new();
             while taken < max_poll {
                 let result = if !consumer_idle {
                     match consumer.poll(Duration::ZERO) {
+                        // A record on the consumer's own queue: librdkafka started fetching the
+                        // partition after it was split (assigning is asynchronous, and starting
+                        // a fetch forwards the partition to this queue again). Not taken: the
+                        // partition is split again and read from its own queue, from where the
+                        // source is (see `resplit`).
+                        Some(Ok(message)) if reader.wants(message.partition(), message.offset()) => {
+                            unsplit.insert(message.partition());
+                            continue;
+                        }
                         Some(result) => result,
                         None => {
                             consumer_idle = true;
@@ -207,6 +222,9 @@ fn messages<'scope, C: ConsumerContext + 'static, T: Clone + 'static>(
                     backlog.borrow_mut().read(partition, offset, epoch);
                 }
                 taken += 1;
+            }
+            for partition in unsplit {
+                resplit(&consumer, &mut queues, &topic, partition, reader.partitions[&partition].next);
             }
             if taken < max_poll {
                 skip_control_records(&*consumer, &topic, &mut reader.partitions);
@@ -271,6 +289,24 @@ impl<C: ConsumerContext> AssignedConsumer<C> {
     }
 }
 
+/// Gives `partition` a queue of its own again and reads it from `next` (the records that came
+/// on the consumer's queue were not taken; seeking drops what is still fetched there).
+fn resplit<C: ConsumerContext>(
+    consumer: &Arc<BaseConsumer<C>>,
+    queues: &mut BTreeMap<i32, PartitionQueue<C>>,
+    topic: &str,
+    partition: i32,
+    next: i64,
+) {
+    if let Some(queue) = consumer.split_partition_queue(topic, partition) {
+        queues.insert(partition, queue);
+    }
+    if let Err(error) = consumer.seek(topic, partition, rdkafka::Offset::Offset(next), Duration::from_secs(10)) {
+        tracing::warn!(topic, partition, next, %error, "cannot seek a partition back to its queue; retrying");
+    }
+    tracing::debug!(topic, partition, next, "partition given its own queue again");
+}
+
 /// The source's partitions, where each is, and which one to read next.
 struct Reader {
     partitions: BTreeMap<i32, PartitionState>,
@@ -327,6 +363,11 @@ impl Reader {
             .filter(|(epoch, _)| may_read(*epoch))
             .min_by_key(|(epoch, partition)| (*epoch, *partition < self.cursor, *partition))
             .map(|(_, partition)| partition)
+    }
+
+    /// Whether the record at `offset` of `partition` is one the source would take.
+    fn wants(&self, partition: i32, offset: i64) -> bool {
+        self.partitions.get(&partition).is_some_and(|s| !s.finished() && offset >= s.next)
     }
 
     /// Takes one poll's result: the message's (partition, offset, epoch) when it is a new
