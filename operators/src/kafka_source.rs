@@ -36,8 +36,7 @@
 
 use crate::backlog::{SharedBacklog, Unread};
 use crate::metrics::SourceMetrics;
-use crate::records::Feedback;
-use crate::records::{DeadLetter, Epoch, ImageRecord};
+use crate::records::{DeadLetter, Epoch, Feedback, ImageRecord};
 use crate::RecordOrDead;
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
@@ -181,11 +180,8 @@ fn messages<'scope, C: ConsumerContext + 'static, T: Clone + 'static>(
             while taken < max_poll {
                 let result = if !consumer_idle {
                     match consumer.poll(Duration::ZERO) {
-                        // A record on the consumer's own queue: librdkafka started fetching the
-                        // partition after it was split (assigning is asynchronous, and starting
-                        // a fetch forwards the partition to this queue again). Not taken: the
-                        // partition is split again and read from its own queue, from where the
-                        // source is (see `resplit`).
+                        // Its fetch started after the split and undid it (see "Failures"):
+                        // not taken; the partition is split again and sought back.
                         Some(Ok(message)) if reader.wants(message.partition(), message.offset()) => {
                             unsplit.insert(message.partition());
                             continue;
