@@ -101,22 +101,7 @@ pub fn run(config: &Config, args: PredictArgs) -> anyhow::Result<()> {
                         args.top_k,
                         &manifest.class_names,
                     );
-                    if args.json {
-                        serde_json::to_string(&JsonLine {
-                            path: &shown,
-                            top_k: Some(classes),
-                            error: None,
-                            error_kind: None,
-                        })
-                        .expect("serialisable")
-                    } else {
-                        let mut text = shown.clone();
-                        for c in classes {
-                            let name = c.name.as_deref().unwrap_or("");
-                            text.push_str(&format!("\n  {:>6.2}%  {name} [{}]", c.probability * 100.0, c.class));
-                        }
-                        text
-                    }
+                    predicted_line(&shown, classes, args.json)
                 }
                 FileOutcome::Failed(error) => {
                     failed += 1;
@@ -154,6 +139,20 @@ pub fn run(config: &Config, args: PredictArgs) -> anyhow::Result<()> {
         anyhow::bail!("{failed} of {} input(s) could not be processed (see the errors above)", paths.len());
     }
     Ok(())
+}
+
+/// The output line of an image's classes: JSON, or its path and one indented line per class.
+fn predicted_line(path: &str, classes: Vec<ClassProbability>, json: bool) -> String {
+    if json {
+        let line = JsonLine { path, top_k: Some(classes), error: None, error_kind: None };
+        return serde_json::to_string(&line).expect("serialisable");
+    }
+    let mut text = path.to_owned();
+    for c in classes {
+        let name = c.name.as_deref().unwrap_or("");
+        text.push_str(&format!("\n  {:>6.2}%  {name} [{}]", c.probability * 100.0, c.class));
+    }
+    text
 }
 
 /// Predicts with a trained classifier on the features of the model it records.
