@@ -135,7 +135,7 @@ pub fn checkpoint<'scope, S: CheckpointStore>(
                                 retry_at = Some(Instant::now() + RETRY);
                             }
                             Err(WriteError::Fatal(error)) => {
-                                *fatal.borrow_mut() = Some(error);
+                                *fatal.borrow_mut() = Some(crate::error::OperatorError::Checkpoint(error));
                                 retry_at = Some(Instant::now() + RETRY);
                             }
                         }

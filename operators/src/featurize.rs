@@ -20,6 +20,7 @@
 //! Kafka and stamping epochs, the sink's delivery reports, the other lane) would otherwise not
 //! run at all, and a label read late is learned late.
 
+use crate::error::OperatorError;
 use crate::metrics::{FeaturizeMetrics, GaugeShare};
 use crate::records::{DeadLetter, Decoded, Epoch, Featured};
 use crate::retry::Backoff;
@@ -133,10 +134,8 @@ where
                         // Keep the batch's capabilities: nothing of it, or after it, is
                         // published or committed; the worker stops on `fatal`.
                         tracing::error!(%error, images = batch.len(), attempts = MODEL_ATTEMPTS, "the model keeps failing; stopping");
-                        *fatal.borrow_mut() = Some(format!(
-                            "the model failed {MODEL_ATTEMPTS} times on a batch of {} images: {error}",
-                            batch.len()
-                        ));
+                        let images = batch.len();
+                        *fatal.borrow_mut() = Some(OperatorError::Model { attempts: MODEL_ATTEMPTS, images, error });
                         waiting.splice(0..0, batch);
                         return;
                     }
@@ -273,7 +272,7 @@ mod tests {
                     Event::Progress(_) => Vec::new(),
                 })
                 .collect();
-            let fatal = fatal.borrow().clone();
+            let fatal = fatal.borrow().as_ref().map(ToString::to_string);
             (out, fatal)
         })
     }

@@ -8,8 +8,7 @@
 //! | [`kafka_feedback_source()`] | the feedback topic's partitions | `Feedback` or `DeadLetter` |
 //! | [`feedback_join()`] | unlabelled `Featured`, `Feedback` | `LabelledExample`, `DeadLetter` |
 //! | [`learn_predict()`] | `Featured`, broadcast `LabelledExample` | `Prediction` |
-//! | [`kafka_sink()`] | `Outcome` | `Position`s as epochs are acknowledged; commits offsets |
-//! | [`kafka_txn_sink()`] | `Outcome` | `Position`s as epochs commit; outputs and offsets in transactions |
+//! | [`kafka_sink()`] | `Outcome` | `Position`s as epochs are published, at least or exactly once ([`Delivery`]) |
 //! | [`checkpoint()`] | `Position` (to worker 0) | checkpointed progress; writes checkpoints |
 //!
 //! Beside the operators:
@@ -21,6 +20,7 @@
 //! | `transactions.rs` | committing and aborting Kafka transactions, fencing (the txn sink and the library's checkpoint writer) |
 //! | `retry.rs` | which Kafka errors mean "not yet", and the one [`retry::Backoff`] |
 //! | `metrics.rs` | the handles each operator updates |
+//! | `error.rs` | [`OperatorError`]: why an operator stops its worker |
 //!
 //! Operators are generic over the work they schedule (closures and the [`Head`] trait): the
 //! image, model and learning code lives in the `dlpipe` library, which builds the dataflow from
@@ -30,12 +30,12 @@
 
 pub mod backlog;
 pub mod checkpoint;
+pub mod error;
 pub mod featurize;
 pub mod feedback_join;
 pub mod fetch_decode;
 pub mod kafka_sink;
 pub mod kafka_source;
-pub mod kafka_txn_sink;
 pub mod learn_predict;
 pub mod metrics;
 /// The records between operators (the `dlpipe-records` crate).
@@ -45,14 +45,14 @@ pub mod transactions;
 
 pub use backlog::{Backlog, SharedBacklog, Waiting};
 pub use checkpoint::{checkpoint, CheckpointStore, WriteError};
+pub use error::OperatorError;
 pub use featurize::{featurize, Batching, Featurize, ModelRow};
 pub use feedback_join::feedback_join;
 pub use fetch_decode::{fetch_decode, ByteBudget, FetchDecode, Prepare, PrepareError};
-pub use kafka_sink::{kafka_sink, FeaturesOutput, SinkContext, SinkSpec};
+pub use kafka_sink::{kafka_sink, Delivery, FeaturesOutput, KafkaSink, SinkContext, SinkSpec, TxnProducer};
 pub use kafka_source::{
     kafka_feedback_source, kafka_source, AssignedConsumer, EpochPolicy, PartitionRange, SourceSpec,
 };
-pub use kafka_txn_sink::{kafka_txn_sink, TxnProducer};
 pub use learn_predict::{learn_predict, Head, LearnPredict, Predict};
 pub use metrics::{
     CounterByLabel, FeaturizeMetrics, FeedbackJoinMetrics, FetchDecodeMetrics, LearnPredictMetrics, SinkMetrics,
@@ -66,7 +66,7 @@ pub use records::{
 /// A fatal error the worker loop must stop on: a message the broker refused for good (dropping
 /// it would lose a record, committing past it would lie), a model that keeps failing. Set by
 /// an operator, read by the loop that steps the worker (one thread).
-pub type Fatal = std::rc::Rc<std::cell::RefCell<Option<String>>>;
+pub type Fatal = std::rc::Rc<std::cell::RefCell<Option<OperatorError>>>;
 
 /// What the source emits: a record, or a dead letter for a payload that is not one.
 pub type RecordOrDead = Result<ImageRecord, DeadLetter>;

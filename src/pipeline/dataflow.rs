@@ -3,7 +3,7 @@
 //! ```text
 //! kafka_source ─► labelled / unlabelled lanes: fetch_decode ─► featurize
 //!   ─► learn_predict (labelled examples, inline or joined from the feedback topic, broadcast)
-//!   ─► kafka_sink or kafka_txn_sink ─► checkpoint (worker 0 writes)
+//!   ─► kafka_sink (at least or exactly once) ─► checkpoint (worker 0 writes)
 //! ```
 //!
 //! Dead letters of every stage join the outcomes before the sink. One probe per operator
@@ -18,13 +18,10 @@ use super::work::Work;
 use crate::metrics::kafka::LagContext;
 use crate::metrics::WorkerMetrics;
 use dlpipe_operators::{
-    checkpoint, feedback_join, kafka_feedback_source, kafka_sink, kafka_source, kafka_txn_sink, AssignedConsumer,
-    Batching, ByteBudget, DeadLetter, Epoch, Fatal, Featured, Featurize, Feedback, FetchDecode, ImageRecord,
-    LabelledExample, LearnPredict, Outcome, Position, Prepare, SharedBacklog, SinkContext, SinkSpec, SourceSpec,
-    TxnProducer,
+    checkpoint, feedback_join, kafka_feedback_source, kafka_source, AssignedConsumer, Batching, ByteBudget, DeadLetter,
+    Delivery, Epoch, Fatal, Featured, Featurize, Feedback, FetchDecode, ImageRecord, KafkaSink, LabelledExample,
+    LearnPredict, Outcome, Prepare, SharedBacklog, SinkSpec, SourceSpec,
 };
-use rdkafka::consumer::BaseConsumer;
-use rdkafka::producer::BaseProducer;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
@@ -47,15 +44,6 @@ pub(super) enum Classifier {
     Imagenet { class_names: Vec<String> },
 }
 
-/// How the sink publishes.
-pub(super) enum Publish {
-    /// Outputs as they come; offsets committed by `committer` (or, when it is `None`, with
-    /// the checkpoints).
-    AtLeastOnce { producer: BaseProducer<SinkContext>, committer: Option<Arc<BaseConsumer<LagContext>>> },
-    /// Outputs and offsets in transactions.
-    ExactlyOnce { producer: TxnProducer, consumer: Arc<BaseConsumer<LagContext>> },
-}
-
 /// Everything one worker's dataflow is made of.
 pub(super) struct Dataflow {
     pub input: AssignedConsumer<LagContext>,
@@ -70,7 +58,7 @@ pub(super) struct Dataflow {
     pub classifier: Classifier,
     pub top_k: usize,
     pub sink: SinkSpec,
-    pub publish: Publish,
+    pub delivery: Delivery<LagContext>,
     /// With checkpoints: worker 0's writer (`None` on the others, which only pass positions on).
     pub checkpoints: Option<Option<super::checkpoint::CheckpointWriter>>,
     pub metrics: WorkerMetrics,
@@ -124,7 +112,7 @@ impl Dataflow {
             if let Some(feedback_dead) = feedback_dead {
                 outcomes = outcomes.concat(feedback_dead);
             }
-            let positions = publish(outcomes, self.publish, self.sink, backlog, Rc::clone(&fatal), metrics.sink);
+            let positions = outcomes.kafka_sink(self.delivery, self.sink, backlog, Rc::clone(&fatal), metrics.sink);
             let (handle, positions) = positions.probe();
             probes.push(("kafka_sink", handle));
             if let Some(writer) = self.checkpoints {
@@ -210,26 +198,6 @@ fn classify<'scope>(
             // Nothing to learn, and no epoch to wait for.
             let nothing = Vec::<LabelledExample>::new().to_stream(scope);
             (featured.learn_predict(nothing, ImagenetHead { class_names }, top_k, metrics), None)
-        }
-    }
-}
-
-/// The sink of the delivery mode: the positions of the worker's partitions as epochs are
-/// published.
-fn publish<'scope>(
-    outcomes: StreamVec<'scope, Epoch, Outcome>,
-    publish: Publish,
-    spec: SinkSpec,
-    backlog: SharedBacklog,
-    fatal: Fatal,
-    metrics: dlpipe_operators::SinkMetrics,
-) -> StreamVec<'scope, Epoch, Position> {
-    match publish {
-        Publish::AtLeastOnce { producer, committer } => {
-            kafka_sink(outcomes, producer, committer, spec, backlog, fatal, metrics)
-        }
-        Publish::ExactlyOnce { producer, consumer } => {
-            kafka_txn_sink(outcomes, producer, consumer, spec, backlog, fatal, metrics)
         }
     }
 }

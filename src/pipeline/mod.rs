@@ -35,15 +35,15 @@ mod work;
 pub use checkpoint::{Checkpoint, CheckpointInfo};
 pub use heads::{ImagenetHead, LearnerState, OnlineLrHead};
 
-use crate::config::{Config, Delivery, HeadKind};
+use crate::config::{Config, Delivery as DeliveryGuarantee, HeadKind};
 use crate::metrics::kafka::LagContext;
 use crate::metrics::{Metrics, Readiness, WorkerMetrics};
 use crate::model::{parse_device, resolve, Featurizer, Manifest, OutputKind};
 use crate::transfer::classifier::featurizer_metadata;
-use dataflow::{Classifier, Dataflow, Publish};
+use dataflow::{Classifier, Dataflow};
 use dlpipe_operators::{
-    Batching, ByteBudget, Fatal, FeaturesModel, FeaturesOutput, Position, SharedBacklog, SinkContext, SinkSpec,
-    TxnProducer,
+    Batching, ByteBudget, Delivery, Fatal, FeaturesModel, FeaturesOutput, Position, SharedBacklog, SinkContext,
+    SinkSpec, TxnProducer,
 };
 use kafka::LearnFrom;
 use rdkafka::consumer::BaseConsumer;
@@ -229,7 +229,7 @@ fn run_worker(
         source: input.source,
         input: input.assigned,
         sink: sink_spec(config, &manifest, input.starts),
-        publish: publish(config, producer, &consumer, start.checkpoints, index),
+        delivery: delivery(config, producer, &consumer, start.checkpoints, index),
         backlog: Rc::clone(&backlog),
         stop: Arc::clone(stop),
         fatal: Rc::clone(&fatal),
@@ -305,7 +305,7 @@ fn sink_spec(config: &Config, manifest: &Manifest, starts: Vec<Position>) -> Sin
         }),
         starts,
         give_up_after: Duration::from_secs(config.kafka.retry_timeout_secs),
-        partial_commit_after: (p.delivery == Delivery::ExactlyOnce && p.partial_commit_ms > 0)
+        partial_commit_after: (p.delivery == DeliveryGuarantee::ExactlyOnce && p.partial_commit_ms > 0)
             .then(|| Duration::from_millis(p.partial_commit_ms)),
     }
 }
@@ -313,22 +313,21 @@ fn sink_spec(config: &Config, manifest: &Manifest, starts: Vec<Position>) -> Sin
 /// How the sink publishes. At-least-once: with checkpoints the group's offsets are committed
 /// with them (never ahead of one); without, by each worker's sink as its epochs are
 /// published. Exactly-once: by each worker's sink, in the transaction of the outputs.
-fn publish(
+fn delivery(
     config: &Config,
     producer: BaseProducer<SinkContext>,
     consumer: &Arc<BaseConsumer<LagContext>>,
     checkpoints: bool,
     index: usize,
-) -> Publish {
+) -> Delivery<LagContext> {
     match config.pipeline.delivery {
-        Delivery::AtLeastOnce => {
-            Publish::AtLeastOnce { producer, committer: (!checkpoints).then(|| Arc::clone(consumer)) }
+        DeliveryGuarantee::AtLeastOnce => {
+            Delivery::AtLeastOnce { producer, committer: (!checkpoints).then(|| Arc::clone(consumer)) }
         }
-        Delivery::ExactlyOnce => {
+        DeliveryGuarantee::ExactlyOnce => {
             let (kafka, group) = (config.kafka.clone(), config.pipeline.group_id.clone());
-            let renew =
-                Box::new(move || kafka::transactional_producer(&kafka, &group, index).map_err(|e| format!("{e:#}")));
-            Publish::ExactlyOnce { producer: TxnProducer { producer, renew }, consumer: Arc::clone(consumer) }
+            let renew = Box::new(move || kafka::transactional_producer(&kafka, &group, index).map_err(Into::into));
+            Delivery::ExactlyOnce { producer: TxnProducer { producer, renew }, consumer: Arc::clone(consumer) }
         }
     }
 }
@@ -355,7 +354,7 @@ fn checkpoints(
         checkpoint::writer_producer(kafka, &p.group_id)?,
         kafka.clone(),
         Arc::clone(consumer),
-        p.delivery == Delivery::AtLeastOnce,
+        p.delivery == DeliveryGuarantee::AtLeastOnce,
         p.model_topic.clone(),
         p.group_id.clone(),
         p.input_topic.clone(),

@@ -1,11 +1,5 @@
-//! `kafka_txn_sink`: predictions and dead letters out to Kafka in transactions, each committing
-//! its outputs together with the input offsets they answer (exactly-once delivery).
-//!
-//! **In:** one `Outcome` per input record, from the partitions this worker reads.
-//! **Out:** the [`Position`] of each partition as its epochs commit: at epoch 0, where this run
-//! started each partition (`SinkSpec::starts`); at epoch e, once e's transaction is committed,
-//! the next offset after e's records. The operator keeps a capability for every epoch not yet
-//! committed, so its output frontier is the *committed* frontier.
+//! Exactly-once delivery: outputs and the input offsets they answer commit together in Kafka
+//! transactions.
 //!
 //! **Transactions:** outputs wait in memory until their epoch is complete (the input frontier
 //! has passed it). Then one transaction takes every complete epoch: their outputs, and
@@ -40,13 +34,15 @@
 //! offsets a transaction commits never go below that start (a replay committing its own lower
 //! offsets would make the next restart publish those records again).
 
-use crate::backlog::{Backlog, SharedBacklog};
-use crate::kafka_sink::{is_replay, too_large, MessageInFlight, MessageKind, Outgoing, Report, SinkContext, SinkSpec};
+use super::ledger::Ledger;
+use super::messages::{too_large, MessageInFlight, MessageKind, Outgoing, Report, SinkContext};
+use super::{SinkSpec, Step};
+use crate::backlog::Backlog;
+use crate::error::OperatorError;
 use crate::metrics::SinkMetrics;
-use crate::records::{Epoch, Outcome, Position};
+use crate::records::Epoch;
 use crate::retry::Backoff;
 use crate::transactions::{abort_retrying, commit_retrying, is_fenced, is_fenced_or_fatal, TIMEOUT};
-use crate::Fatal;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -54,18 +50,6 @@ use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use timely::container::CapacityContainerBuilder;
-use timely::dataflow::channels::pact::Pipeline;
-use timely::dataflow::operators::generic::Operator;
-use timely::dataflow::operators::Capability;
-use timely::dataflow::StreamVec;
-
-struct EpochOutputs {
-    hold: Capability<Epoch>,
-    outgoing: Vec<Outgoing>,
-    /// Highest offset per partition among this epoch's records.
-    offsets: BTreeMap<i32, i64>,
-}
 
 /// Outputs of open epochs taken out for a transaction before their epochs close, and the
 /// offset after the last of them in each partition. Kept until a transaction commits them.
@@ -88,7 +72,7 @@ enum Failure {
 }
 
 /// Makes this worker's transactional producer again (initialised: it fences the old one).
-pub type RenewProducer = Box<dyn Fn() -> Result<BaseProducer<SinkContext>, String>>;
+pub type RenewProducer = Box<dyn Fn() -> Result<BaseProducer<SinkContext>, Box<dyn std::error::Error>>>;
 
 /// The worker's transactional producer (initialised), and how to make a new one.
 pub struct TxnProducer {
@@ -96,126 +80,112 @@ pub struct TxnProducer {
     pub renew: RenewProducer,
 }
 
-/// What the sink holds between activations: outputs by epoch, the partial transaction staged,
-/// the offsets committed so far, and the retry state.
-struct TxnState {
-    epochs: BTreeMap<Epoch, EpochOutputs>,
+/// What exactly-once delivery holds besides the ledger: the producer, the partial
+/// transaction staged, the offsets committed so far, and the retry state.
+pub(crate) struct ExactlyOnce<C: ConsumerContext> {
+    producer: TxnProducer,
+    consumer: Arc<BaseConsumer<C>>,
     partial: Option<Partial>,
     /// When the oldest output of an open epoch not yet committed arrived.
     open_since: Option<Instant>,
     /// The next offset committed for each partition: no transaction moves it back.
     committed: BTreeMap<i32, i64>,
+    /// Per partition, where this run starts publishing: no transaction commits below it.
     published_from: BTreeMap<i32, i64>,
     failing_since: Option<Instant>,
     retry_at: Option<Instant>,
     backoff: Backoff,
-    failed: bool,
 }
 
-pub fn kafka_txn_sink<'scope, C: ConsumerContext + 'static>(
-    outcomes: StreamVec<'scope, Epoch, Outcome>,
-    producer: TxnProducer,
-    consumer: Arc<BaseConsumer<C>>,
-    spec: SinkSpec,
-    backlog: SharedBacklog,
-    fatal: Fatal,
-    mut metrics: SinkMetrics,
-) -> StreamVec<'scope, Epoch, Position> {
-    let scope = outcomes.scope();
-    outcomes.unary_frontier::<CapacityContainerBuilder<Vec<Position>>, _, _, _>(
-        Pipeline,
-        "KafkaTxnSink",
-        move |default_cap, info| {
-            let activator = scope.activator_for(info.address);
-            let mut starts = Some((default_cap, spec.starts.clone()));
-            let mut state = TxnState::new(&spec.starts);
-            let TxnProducer { mut producer, renew } = producer;
-            move |(input, frontier), output| {
-                if let Some((cap, positions)) = starts.take() {
-                    output.session(&cap).give_iterator(positions.into_iter());
+impl<C: ConsumerContext> ExactlyOnce<C> {
+    pub(crate) fn new(producer: TxnProducer, consumer: Arc<BaseConsumer<C>>, spec: &SinkSpec) -> ExactlyOnce<C> {
+        ExactlyOnce {
+            producer,
+            consumer,
+            partial: None,
+            open_since: None,
+            committed: BTreeMap::new(),
+            published_from: spec.starts.iter().map(|s| (s.partition, s.published)).collect(),
+            failing_since: None,
+            retry_at: None,
+            backoff: Backoff::kafka(),
+        }
+    }
+
+    /// Commits, when one is due, a transaction of the closed epochs (the input has passed
+    /// them: `open` is false) and of the outputs of open epochs that may go early; retires
+    /// the closed epochs once it commits.
+    pub(crate) fn step<H>(
+        &mut self,
+        ledger: &mut Ledger<H>,
+        open: impl Fn(&Epoch) -> bool,
+        spec: &SinkSpec,
+        backlog: &mut Backlog,
+        metrics: &mut SinkMetrics,
+    ) -> Result<Step<H>, OperatorError> {
+        let staged = self.partial.as_ref().map_or(0, |p| p.outgoing.len());
+        metrics.unacked.set((ledger.waiting() + staged) as i64);
+        if ledger.waiting() > 0 {
+            self.open_since.get_or_insert_with(Instant::now);
+        }
+        let complete = ledger.closed(open);
+        let busy = (!ledger.epochs.is_empty()).then_some(Duration::from_millis(50));
+        if !self.due(spec, &complete, ledger, backlog) {
+            return Ok(Step { retired: Vec::new(), again: busy });
+        }
+        let started = Instant::now();
+        let mut retired = Vec::new();
+        match self.transact(ledger, spec, &complete) {
+            Ok(()) => {
+                for report in self.take_reports() {
+                    report.observe_published(metrics);
                 }
-                input.for_each_stamp(|cap, data| {
-                    let Some(cap) = cap.retain_least(0) else { return };
-                    let outcomes = data.flat_map(|batch| batch.drain(..));
-                    state.receive(cap, outcomes, &spec, &mut metrics, &backlog);
-                });
-                let pending = state.epochs.values().map(|e| e.outgoing.len()).sum::<usize>()
-                    + state.partial.as_ref().map_or(0, |p| p.outgoing.len());
-                metrics.unacked.set(pending as i64);
-                let complete: Vec<Epoch> =
-                    state.epochs.keys().copied().take_while(|e| !frontier.frontier().less_equal(e)).collect();
-                if !state.due(&spec, &complete, &backlog.borrow()) {
-                    if !state.failed && !state.epochs.is_empty() {
-                        activator.activate_after(Duration::from_millis(50));
-                    }
-                    return;
-                }
-                let started = Instant::now();
-                match transact(&producer, &*consumer, &spec, &mut state, &complete) {
-                    Ok(()) => {
-                        let delivered: Vec<Report> =
-                            std::mem::take(&mut *producer.context().reports.lock().expect("not poisoned"));
-                        for report in delivered {
-                            report.observe_published(&mut metrics);
-                        }
-                        for (hold, positions) in state.committed_ok(&complete, &mut backlog.borrow_mut()) {
-                            output.session(&hold).give_iterator(positions.into_iter());
-                        }
-                        tracing::trace!(seconds = started.elapsed().as_secs_f64(), "transaction committed");
-                    }
-                    Err(Failure::Retry(error)) => {
-                        let reports: Vec<Report> =
-                            std::mem::take(&mut *producer.context().reports.lock().expect("not poisoned"));
-                        if state.replace_refused(reports, &mut metrics) == 0 {
-                            if let Err(error) = state.wait_to_retry(&spec, &error) {
-                                metrics.failed.inc();
-                                *fatal.borrow_mut() = Some(error);
-                                return;
-                            }
-                        }
-                    }
-                    Err(Failure::Renew(error)) => match renew() {
-                        Ok(renewed) => {
-                            tracing::warn!(%error, "a transaction could not be aborted; a new producer fenced the old one, retrying");
-                            producer = renewed;
-                            state.retry_at = Some(Instant::now() + state.backoff.peek());
-                        }
-                        Err(renew_error) => {
-                            metrics.failed.inc();
-                            state.failed = true;
-                            *fatal.borrow_mut() =
-                                Some(format!("{error}; and no new transactional producer could be made: {renew_error}"));
-                            return;
-                        }
-                    },
-                    Err(Failure::Fatal(error)) => {
-                        metrics.failed.inc();
-                        state.failed = true;
-                        *fatal.borrow_mut() = Some(error);
-                        return;
-                    }
-                }
-                if !state.epochs.is_empty() {
-                    activator.activate_after(Duration::from_millis(2));
+                retired = self.committed_ok(ledger, &complete, backlog);
+                tracing::trace!(seconds = started.elapsed().as_secs_f64(), "transaction committed");
+            }
+            Err(Failure::Retry(error)) => {
+                let reports = self.take_reports();
+                if self.replace_refused(ledger, reports, metrics) == 0 {
+                    self.wait_to_retry(spec, error).inspect_err(|_| metrics.failed.inc())?;
                 }
             }
-        },
-    )
-}
+            Err(Failure::Renew(error)) => {
+                let renewed = (self.producer.renew)().map_err(|renew| {
+                    metrics.failed.inc();
+                    OperatorError::Transaction(format!(
+                        "{error}; and no new transactional producer could be made: {renew}"
+                    ))
+                })?;
+                tracing::warn!(%error, "a transaction could not be aborted; a new producer fenced the old one, retrying");
+                self.producer.producer = renewed;
+                self.retry_at = Some(Instant::now() + self.backoff.peek());
+            }
+            Err(Failure::Fatal(error)) => {
+                metrics.failed.inc();
+                return Err(OperatorError::Transaction(error));
+            }
+        }
+        let again = (!ledger.epochs.is_empty()).then_some(Duration::from_millis(2));
+        Ok(Step { retired, again })
+    }
 
-impl TxnState {
+    /// The delivery reports the producer's callbacks collected.
+    fn take_reports(&self) -> Vec<Report> {
+        std::mem::take(&mut *self.producer.producer.context().reports.lock().expect("not poisoned"))
+    }
+
     /// Whether a transaction is due now: of the complete epochs, or of the outputs of open
-    /// epochs that have waited `spec.partial_commit_after` (staged here); never while the sink
-    /// has failed or waits to retry.
-    fn due(&mut self, spec: &SinkSpec, complete: &[Epoch], backlog: &Backlog) -> bool {
-        if self.failed || self.retry_at.is_some_and(|at| Instant::now() < at) {
+    /// epochs that have waited `spec.partial_commit_after` (staged here); never while it waits
+    /// to retry.
+    fn due<H>(&mut self, spec: &SinkSpec, complete: &[Epoch], ledger: &mut Ledger<H>, backlog: &Backlog) -> bool {
+        if self.retry_at.is_some_and(|at| Instant::now() < at) {
             return false;
         }
         let partial_due = spec
             .partial_commit_after
             .is_some_and(|after| complete.is_empty() && self.open_since.is_some_and(|since| since.elapsed() >= after));
         if self.partial.is_none() && partial_due {
-            self.stage_partial(backlog, complete);
+            self.stage_partial(ledger, backlog, complete);
             if self.partial.is_none() {
                 // Nothing can go yet (each waits for an earlier record): look again later.
                 self.open_since = Some(Instant::now());
@@ -224,64 +194,26 @@ impl TxnState {
         !complete.is_empty() || self.partial.is_some()
     }
 
-    /// Encodes the outcomes of the epoch `cap` holds into its outputs (replays are not sent).
-    fn receive(
-        &mut self,
-        cap: Capability<Epoch>,
-        outcomes: impl Iterator<Item = Outcome>,
-        spec: &SinkSpec,
-        metrics: &mut SinkMetrics,
-        backlog: &SharedBacklog,
-    ) {
-        let epoch = *cap.time();
-        let outputs = self.epochs.entry(epoch).or_insert_with(|| EpochOutputs {
-            hold: cap,
-            outgoing: Vec::new(),
-            offsets: BTreeMap::new(),
-        });
-        for outcome in outcomes {
-            if is_replay(&outcome, &mut outputs.offsets, &self.published_from, backlog) {
-                continue;
-            }
-            Outgoing::encode(epoch, outcome, spec, metrics, |message| outputs.outgoing.push(message));
-        }
-        self.open_since.get_or_insert_with(Instant::now);
-    }
-
-    fn new(starts: &[Position]) -> TxnState {
-        TxnState {
-            epochs: BTreeMap::new(),
-            partial: None,
-            open_since: None,
-            committed: BTreeMap::new(),
-            published_from: starts.iter().map(|s| (s.partition, s.published)).collect(),
-            failing_since: None,
-            retry_at: None,
-            backoff: Backoff::kafka(),
-            failed: false,
-        }
-    }
-
     /// Takes out of the open epochs every output that may commit before its epoch closes:
     /// in each partition, those of the records from the least offset in the backlog upwards,
     /// as far as every record has its outputs here (the `complete` epochs commit in the same
     /// transaction). Above a record still in flight nothing goes: a restart reads from the
     /// committed offset, and would publish again what was committed above it.
-    fn stage_partial(&mut self, backlog: &Backlog, complete: &[Epoch]) {
-        let here: BTreeSet<(i32, i64)> = self
+    fn stage_partial<H>(&mut self, ledger: &mut Ledger<H>, backlog: &Backlog, complete: &[Epoch]) {
+        let here: BTreeSet<(i32, i64)> = ledger
             .epochs
             .values()
-            .flat_map(|e| e.outgoing.iter().map(|o| &o.sent))
+            .flat_map(|e| e.waiting.iter().map(|o| &o.sent))
             .filter(|s| s.is_record_output())
             .map(|s| (s.partition, s.offset))
             .collect();
         let mut partial = Partial { outgoing: Vec::new(), next: committable(backlog, &here) };
-        for (epoch, outputs) in self.epochs.iter_mut().filter(|(e, _)| !complete.contains(e)) {
-            let (now, later) = std::mem::take(&mut outputs.outgoing).into_iter().partition(|o: &Outgoing| {
+        for (epoch, entry) in ledger.epochs.iter_mut().filter(|(e, _)| !complete.contains(e)) {
+            let (now, later) = std::mem::take(&mut entry.waiting).into_iter().partition(|o: &Outgoing| {
                 o.sent.kind != MessageKind::FeedbackDeadLetter
                     && partial.next.get(&o.sent.partition).is_some_and(|next| o.sent.offset < *next)
             });
-            outputs.outgoing = later;
+            entry.waiting = later;
             tracing::trace!(epoch, outputs = now.len(), "outputs of an open epoch staged for a transaction");
             partial.outgoing.extend(now);
         }
@@ -293,10 +225,10 @@ impl TxnState {
     /// The next offset of each partition that a transaction of the staged partial outputs and
     /// the `complete` epochs commits: never below where publishing started (a replay must not
     /// move the group back), nor below what an earlier transaction committed.
-    fn next_offsets(&self, complete: &[Epoch]) -> BTreeMap<i32, i64> {
+    fn next_offsets<H>(&self, ledger: &Ledger<H>, complete: &[Epoch]) -> BTreeMap<i32, i64> {
         let mut next: BTreeMap<i32, i64> = self.partial.as_ref().map(|p| p.next.clone()).unwrap_or_default();
-        for outputs in complete.iter().map(|e| &self.epochs[e]) {
-            for (partition, offset) in &outputs.offsets {
+        for entry in complete.iter().map(|e| &ledger.epochs[e]) {
+            for (partition, offset) in &entry.offsets {
                 let at = next.entry(*partition).or_insert(offset + 1);
                 *at = (*at).max(offset + 1);
             }
@@ -310,36 +242,28 @@ impl TxnState {
 
     /// A transaction of the staged outputs and the `complete` epochs committed: their records
     /// leave the backlog, the retry state starts over, and each complete epoch retires with
-    /// its partitions' positions (returned with the capability to give them at).
-    fn committed_ok(&mut self, complete: &[Epoch], backlog: &mut Backlog) -> Vec<(Capability<Epoch>, Vec<Position>)> {
+    /// its partitions' positions.
+    fn committed_ok<H>(&mut self, ledger: &mut Ledger<H>, complete: &[Epoch], backlog: &mut Backlog) -> Retired<H> {
         self.failing_since = None;
         self.retry_at = None;
         self.backoff.reset();
-        for sent in self.partial.take().into_iter().flat_map(|p| p.outgoing).map(|o| o.sent) {
-            if sent.is_record_output() {
-                backlog.done(sent.partition, sent.offset);
-            }
-        }
+        let staged = self.partial.take().into_iter().flat_map(|p| p.outgoing);
         let mut retired = Vec::new();
-        for epoch in complete {
-            let outputs = self.epochs.remove(epoch).expect("a complete epoch");
-            for sent in outputs.outgoing.iter().map(|o| &o.sent).filter(|s| s.is_record_output()) {
-                backlog.done(sent.partition, sent.offset);
-            }
-            let positions = outputs.offsets.into_iter().map(|(partition, offset)| {
-                let published = self.published_from.get(&partition).map_or(offset + 1, |from| (offset + 1).max(*from));
-                Position { partition, learned: offset + 1, published }
-            });
-            retired.push((outputs.hold, positions.collect()));
+        let mut committed: Vec<Outgoing> = staged.collect();
+        for (hold, positions, waiting) in ledger.retire(complete) {
+            committed.extend(waiting);
+            retired.push((hold, positions));
         }
-        let open = self.epochs.values().any(|e| !e.outgoing.is_empty());
-        self.open_since = open.then(Instant::now);
+        for sent in committed.iter().map(|o| &o.sent).filter(|s| s.is_record_output()) {
+            backlog.done(sent.partition, sent.offset);
+        }
+        self.open_since = (ledger.waiting() > 0).then(Instant::now);
         retired
     }
 
     /// Replaces each output the broker refused for its size with its small dead letter;
     /// returns how many.
-    fn replace_refused(&mut self, reports: Vec<Report>, metrics: &mut SinkMetrics) -> usize {
+    fn replace_refused<H>(&mut self, ledger: &mut Ledger<H>, reports: Vec<Report>, metrics: &mut SinkMetrics) -> usize {
         let mut replaced = 0;
         for report in reports {
             let Err((code, message)) = report.outcome else { continue };
@@ -348,7 +272,8 @@ impl TxnState {
             }
             let m = report.message;
             let staged = self.partial.iter_mut().flat_map(|p| p.outgoing.iter_mut());
-            let mut slots = staged.chain(self.epochs.get_mut(&m.epoch).into_iter().flat_map(|e| e.outgoing.iter_mut()));
+            let epoch = ledger.epochs.get_mut(&m.epoch).into_iter().flat_map(|e| e.waiting.iter_mut());
+            let mut slots = staged.chain(epoch);
             if let Some(slot) = slots.find(|o| {
                 (o.sent.partition, o.sent.offset, o.sent.kind) == (m.partition, m.offset, m.kind) && !o.sent.replacement
             }) {
@@ -366,19 +291,52 @@ impl TxnState {
 
     /// Schedules the next try of a failed transaction with backoff; the error that stops the
     /// worker once it has failed for longer than `spec.give_up_after`.
-    fn wait_to_retry(&mut self, spec: &SinkSpec, error: &str) -> Result<(), String> {
+    fn wait_to_retry(&mut self, spec: &SinkSpec, error: String) -> Result<(), OperatorError> {
         let since = *self.failing_since.get_or_insert_with(Instant::now);
         if since.elapsed() > spec.give_up_after {
-            self.failed = true;
             let seconds = since.elapsed().as_secs_f64();
-            return Err(format!("the outputs' transaction kept failing for {seconds:.0} s: {error}"));
+            return Err(OperatorError::Transaction(format!(
+                "the outputs' transaction kept failing for {seconds:.0} s: {error}"
+            )));
         }
         let pause = self.backoff.next_pause();
         tracing::warn!(%error, retry_in = ?pause, "a transaction of outputs failed; retrying");
         self.retry_at = Some(Instant::now() + pause);
         Ok(())
     }
+
+    /// One transaction: the staged partial outputs and those of the `complete` epochs, and the
+    /// next offsets of their partitions for the group. Aborted on any failure.
+    fn transact<H>(&mut self, ledger: &mut Ledger<H>, spec: &SinkSpec, complete: &[Epoch]) -> Result<(), Failure> {
+        let producer = &self.producer.producer;
+        producer.begin_transaction().map_err(|e| classify("cannot begin a transaction", e))?;
+        let next = self.next_offsets(ledger, complete);
+        let staged = self.partial.iter_mut().flat_map(|p| p.outgoing.iter_mut());
+        let epochs = ledger.epochs.iter_mut().filter(|(e, _)| complete.contains(e));
+        let slots = staged.chain(epochs.flat_map(|(_, entry)| entry.waiting.iter_mut()));
+        let result = send_and_commit(producer, &*self.consumer, spec, slots, &next);
+        match &result {
+            Ok(()) => self.committed.extend(next),
+            Err(Failure::Retry(error)) => {
+                // Nothing of it becomes visible. A producer that cannot abort cannot go on. The
+                // reports of the purged messages are taken from the context by the caller.
+                if let Err(abort) = abort_retrying(producer, spec.give_up_after) {
+                    let error = format!("{error}; aborting the transaction failed too: {abort}");
+                    // A producer whose abort failed is broken (librdkafka raises
+                    // INVALID_TXN_STATE from a restarted coordinator as fatal), but unless it
+                    // was fenced, a new one may go on: nothing of this transaction was
+                    // committed, and its initialisation aborts it.
+                    return Err(if is_fenced(&abort) { Failure::Fatal(error) } else { Failure::Renew(error) });
+                }
+            }
+            Err(_) => {}
+        }
+        result
+    }
 }
+
+/// Retired epochs: the hold of each, and the positions to give at it.
+type Retired<H> = Vec<(H, Vec<crate::records::Position>)>;
 
 /// Per partition, the offset after the longest run of records, from the least offset in the
 /// `backlog` upwards, whose outputs are all `here`: what may be committed before the epochs
@@ -392,40 +350,6 @@ fn committable(backlog: &Backlog, here: &BTreeSet<(i32, i64)>) -> BTreeMap<i32, 
             last.map(|last| (partition, last + 1))
         })
         .collect()
-}
-
-/// One transaction: the staged partial outputs and those of the `complete` epochs, and the
-/// next offsets of their partitions for the group. Aborted on any failure.
-fn transact<C: ConsumerContext>(
-    producer: &BaseProducer<SinkContext>,
-    consumer: &BaseConsumer<C>,
-    spec: &SinkSpec,
-    state: &mut TxnState,
-    complete: &[Epoch],
-) -> Result<(), Failure> {
-    producer.begin_transaction().map_err(|e| classify("cannot begin a transaction", e))?;
-    let next = state.next_offsets(complete);
-    let staged = state.partial.iter_mut().flat_map(|p| p.outgoing.iter_mut());
-    let epochs = state.epochs.iter_mut().filter(|(e, _)| complete.contains(e));
-    let slots = staged.chain(epochs.flat_map(|(_, outputs)| outputs.outgoing.iter_mut()));
-    let result = send_and_commit(producer, consumer, spec, slots, &next);
-    match &result {
-        Ok(()) => state.committed.extend(next),
-        Err(Failure::Retry(error)) => {
-            // Nothing of it becomes visible. A producer that cannot abort cannot go on. The
-            // reports of the purged messages are taken from the context by the caller.
-            if let Err(abort) = abort_retrying(producer, spec.give_up_after) {
-                let error = format!("{error}; aborting the transaction failed too: {abort}");
-                // A producer whose abort failed is broken (librdkafka raises INVALID_TXN_STATE
-                // from a restarted coordinator as fatal), but unless it was fenced, a new one
-                // may go on: nothing of this transaction was committed, and its
-                // initialisation aborts it.
-                return Err(if is_fenced(&abort) { Failure::Fatal(error) } else { Failure::Renew(error) });
-            }
-        }
-        Err(_) => {}
-    }
-    result
 }
 
 fn send_and_commit<'a, C: ConsumerContext>(
