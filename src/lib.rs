@@ -15,11 +15,13 @@
 //! - [`config`]: the TOML configuration.
 //! - [`metrics`]: Prometheus metrics of the streaming pipeline and their HTTP endpoint.
 //! - [`transfer`]: batch transfer learning: featurize (cached), train, evaluate, plot.
+//! - [`Error`]: every module's error enum in one type, for callers that use several modules.
 //!
 //! The timely operators live in the `dlpipe-operators` crate, image decoding in `dlpipe-image`.
 
 pub mod batch;
 pub mod config;
+mod error;
 pub mod fetch;
 pub mod kafka;
 pub mod learn;
@@ -30,3 +32,4 @@ pub mod pipeline;
 pub mod transfer;
 
 pub use dlpipe_image as image;
+pub use error::{Error, Result};

@@ -57,7 +57,7 @@ pub fn featurize_uris(
 ) -> anyhow::Result<Features> {
     let cache_dir = flags.feature_cache.clone().unwrap_or_else(|| config.train.feature_cache.clone());
     let cache_dir: Option<&Path> = (!flags.no_cache && !cache_dir.as_os_str().is_empty()).then_some(&cache_dir);
-    let fetcher = Fetcher::new(config.fetch.clone()).map_err(anyhow::Error::msg)?;
+    let fetcher = Fetcher::new(config.fetch.clone())?;
     let options = FeaturizeOptions {
         fetcher: &fetcher,
         limits: config.image,

@@ -86,12 +86,8 @@ pub fn run(config: &Config, args: TrainArgs) -> anyhow::Result<()> {
     if epochs == 0 {
         anyhow::bail!("--epochs must be at least 1");
     }
-    let class_weights: ClassWeights = args
-        .class_weights
-        .as_deref()
-        .unwrap_or(&config.train.class_weights)
-        .parse()
-        .map_err(|e| anyhow::anyhow!("class weights: {e}"))?;
+    let class_weights: ClassWeights =
+        args.class_weights.as_deref().unwrap_or(&config.train.class_weights).parse().context("class weights")?;
     let mut learner = learner_config(config, &args)?;
 
     let examples = dataset::load(&args.data)?;
@@ -129,7 +125,7 @@ pub fn run(config: &Config, args: TrainArgs) -> anyhow::Result<()> {
     if train_labels.is_empty() {
         anyhow::bail!("no training example has features");
     }
-    let weights = class_weights.resolve(&classes, &train_labels).map_err(|e| anyhow::anyhow!(e))?;
+    let weights = class_weights.resolve(&classes, &train_labels)?;
 
     let started = Instant::now();
     let progress = ProgressBar::new(epochs as u64).with_style(

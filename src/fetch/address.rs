@@ -23,16 +23,24 @@ pub struct Network {
     prefix: u8,
 }
 
-impl std::str::FromStr for Network {
-    type Err = String;
+/// Why a text is not a [`Network`]; the message quotes the text.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NetworkError {
+    #[error("{text:?} is not an IP address or CIDR network")]
+    NotAnAddress { text: String },
+    #[error("{text:?}: the prefix length must be a number from 0 to {max}")]
+    Prefix { text: String, max: u8 },
+}
 
-    fn from_str(text: &str) -> Result<Network, String> {
+impl std::str::FromStr for Network {
+    type Err = NetworkError;
+
+    fn from_str(text: &str) -> Result<Network, NetworkError> {
         let (address, prefix) = match text.split_once('/') {
             Some((a, p)) => (a, Some(p)),
             None => (text, None),
         };
-        let address: IpAddr =
-            address.trim().parse().map_err(|_| format!("{text:?} is not an IP address or CIDR network"))?;
+        let address: IpAddr = address.trim().parse().map_err(|_| NetworkError::NotAnAddress { text: text.into() })?;
         let max = if address.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             Some(p) => p
@@ -40,7 +48,7 @@ impl std::str::FromStr for Network {
                 .parse::<u8>()
                 .ok()
                 .filter(|p| *p <= max)
-                .ok_or_else(|| format!("{text:?}: the prefix length must be a number from 0 to {max}"))?,
+                .ok_or_else(|| NetworkError::Prefix { text: text.into(), max })?,
             None => max,
         };
         Ok(Network { address, prefix })
@@ -120,16 +128,23 @@ pub struct AddressPolicy {
     pub allow_all: bool,
 }
 
+/// Why the policy refuses an address: it is internal (`kind` says how, as
+/// [`internal_reason`]) and no allowed network holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{ip} is a {kind} address; internal addresses are refused unless fetch.allowed_networks lists them")]
+pub struct Refused {
+    pub ip: IpAddr,
+    pub kind: &'static str,
+}
+
 impl AddressPolicy {
-    /// `Err(reason)` for an address a fetch may not connect to.
-    pub fn check(&self, ip: IpAddr) -> Result<(), String> {
+    /// Whether a fetch may connect to `ip`.
+    pub fn check(&self, ip: IpAddr) -> Result<(), Refused> {
         if self.allow_all || self.allowed.iter().any(|n| n.contains(ip)) {
             return Ok(());
         }
         match internal_reason(ip) {
-            Some(kind) => Err(format!(
-                "{ip} is a {kind} address; internal addresses are refused unless fetch.allowed_networks lists them"
-            )),
+            Some(kind) => Err(Refused { ip, kind }),
             None => Ok(()),
         }
     }
@@ -232,11 +247,11 @@ mod tests {
             AddressPolicy { allowed: vec!["10.20.0.0/16".parse().unwrap(), "::1".parse().unwrap()], allow_all: false };
         assert!(policy.check(ip("10.20.5.5")).is_ok());
         assert!(policy.check(ip("::1")).is_ok());
-        let err = policy.check(ip("10.21.0.1")).unwrap_err();
+        let err = policy.check(ip("10.21.0.1")).unwrap_err().to_string();
         assert!(err.contains("private") && err.contains("fetch.allowed_networks"), "{err}");
         assert!(policy.check(ip("127.0.0.1")).is_err());
         assert!("10.0.0.0/33".parse::<Network>().is_err());
-        assert!("not-an-ip".parse::<Network>().unwrap_err().contains("not-an-ip"));
+        assert!("not-an-ip".parse::<Network>().unwrap_err().to_string().contains("not-an-ip"));
         let n: Network = "192.168.1.0/25".parse().unwrap();
         assert!(n.contains(ip("192.168.1.127")) && !n.contains(ip("192.168.1.128")));
     }

@@ -15,6 +15,7 @@
 //! A [`Fetcher`] is cheap to clone and safe to share: the decode threads of a worker all use one,
 //! so they share its pool of keep-alive connections.
 
+use crate::config::ConfigError;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::fs::File;
@@ -276,7 +277,7 @@ impl Fetcher {
     /// A fetcher with its own connection pool; create one per process and clone it. Fails on
     /// a `file_roots` folder that does not exist or an `allowed_networks` entry that is not
     /// a network.
-    pub fn new(config: FetchConfig) -> Result<Fetcher, String> {
+    pub fn new(config: FetchConfig) -> Result<Fetcher, ConfigError> {
         Fetcher::with_agent_config(config, |builder| builder)
     }
 
@@ -285,18 +286,16 @@ impl Fetcher {
         adjust: impl FnOnce(
             ureq::config::ConfigBuilder<ureq::typestate::AgentScope>,
         ) -> ureq::config::ConfigBuilder<ureq::typestate::AgentScope>,
-    ) -> Result<Fetcher, String> {
+    ) -> Result<Fetcher, ConfigError> {
         let allowed = config
             .allowed_networks
             .iter()
-            .map(|n| n.parse::<address::Network>().map_err(|e| format!("fetch.allowed_networks: {e}")))
+            .map(|n| n.parse::<address::Network>().map_err(ConfigError::AllowedNetwork))
             .collect::<Result<Vec<_>, _>>()?;
         let roots = config
             .file_roots
             .iter()
-            .map(|r| {
-                std::fs::canonicalize(r).map_err(|e| format!("fetch.file_roots: {} cannot be used: {e}", r.display()))
-            })
+            .map(|r| std::fs::canonicalize(r).map_err(|error| ConfigError::FileRoot { path: r.clone(), error }))
             .collect::<Result<Vec<_>, _>>()?;
         let resolver = address::CheckedResolver::new(address::AddressPolicy { allowed, allow_all: false });
         let agent_config = adjust(agent_config(&config)).build();
@@ -373,7 +372,7 @@ impl Fetcher {
             return Err(FetchError::ForbiddenLocalFile { uri: uri.into(), reason: reason.into() });
         }
         let path = match scheme {
-            Some(_) => file_uri_path(uri).map_err(|reason| FetchError::InvalidUri { uri: uri.into(), reason })?,
+            Some(_) => file_uri_path(uri)?,
             None => match &self.config.file_root {
                 Some(root) if Path::new(uri).is_relative() => root.join(uri),
                 _ => PathBuf::from(uri),
@@ -484,33 +483,36 @@ fn scheme(uri: &str) -> Option<&str> {
 /// The local path of a `file:` URI (RFC 8089): `file:///p`, `file://localhost/p` or `file:/p`.
 /// `?` and `#` are kept as part of the path: file URIs have no use for queries or fragments,
 /// while file names do contain these characters.
-fn file_uri_path(uri: &str) -> Result<PathBuf, String> {
+fn file_uri_path(uri: &str) -> Result<PathBuf, FetchError> {
+    let invalid = |reason: String| FetchError::InvalidUri { uri: uri.into(), reason };
     let rest = &uri["file:".len()..];
     let path = match rest.strip_prefix("//") {
         Some(authority_and_path) => {
             let split = authority_and_path.find('/').unwrap_or(authority_and_path.len());
             let (host, path) = authority_and_path.split_at(split);
             if !host.is_empty() && !host.eq_ignore_ascii_case("localhost") {
-                return Err(format!(
+                return Err(invalid(format!(
                     "file URIs can only name local files (file:///path or file://localhost/path), not files on host \
                      `{host}`"
-                ));
+                )));
             }
             path
         }
         None => rest,
     };
     if !path.starts_with('/') {
-        return Err("a file URI needs an absolute path, e.g. file:///data/cat.jpg".into());
+        return Err(invalid("a file URI needs an absolute path, e.g. file:///data/cat.jpg".into()));
     }
-    let bytes = percent_decode(path)?;
+    let bytes = percent_decode(path)
+        .ok_or_else(|| invalid("`%` must be followed by two hex digits (write a literal % as %25)".into()))?;
     if bytes.contains(&0) {
-        return Err("the path contains a NUL byte (%00)".into());
+        return Err(invalid("the path contains a NUL byte (%00)".into()));
     }
-    path_from_bytes(bytes)
+    path_from_bytes(bytes).ok_or_else(|| invalid("the percent-decoded path is not UTF-8".into()))
 }
 
-fn percent_decode(text: &str) -> Result<Vec<u8>, String> {
+/// `text` with each `%XY` decoded; `None` where a `%` is not followed by two hex digits.
+fn percent_decode(text: &str) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(text.len());
     let mut bytes = text.bytes();
     while let Some(b) = bytes.next() {
@@ -521,22 +523,23 @@ fn percent_decode(text: &str) -> Result<Vec<u8>, String> {
         let hex = |b: Option<u8>| b.and_then(|b| (b as char).to_digit(16));
         match (hex(bytes.next()), hex(bytes.next())) {
             (Some(hi), Some(lo)) => out.push((hi * 16 + lo) as u8),
-            _ => return Err("`%` must be followed by two hex digits (write a literal % as %25)".into()),
+            _ => return None,
         }
     }
-    Ok(out)
+    Some(out)
 }
 
+/// The path named by `bytes`; `None` where the platform's file names cannot hold them.
 #[cfg(unix)]
-fn path_from_bytes(bytes: Vec<u8>) -> Result<PathBuf, String> {
+fn path_from_bytes(bytes: Vec<u8>) -> Option<PathBuf> {
     use std::os::unix::ffi::OsStringExt;
     // Unix file names are bytes, so any decoded sequence is a valid name.
-    Ok(PathBuf::from(std::ffi::OsString::from_vec(bytes)))
+    Some(PathBuf::from(std::ffi::OsString::from_vec(bytes)))
 }
 
 #[cfg(not(unix))]
-fn path_from_bytes(bytes: Vec<u8>) -> Result<PathBuf, String> {
-    String::from_utf8(bytes).map(PathBuf::from).map_err(|_| "the percent-decoded path is not UTF-8".into())
+fn path_from_bytes(bytes: Vec<u8>) -> Option<PathBuf> {
+    String::from_utf8(bytes).map(PathBuf::from).ok()
 }
 
 fn read_file(uri: &str, path: &Path, max_bytes: u64) -> Result<Vec<u8>, FetchError> {
@@ -1137,6 +1140,7 @@ mod tests {
         assert!(inner.requests.lock().unwrap().is_empty());
         assert!(Fetcher::new(FetchConfig { allowed_networks: vec!["10.0.0.0/99".into()], ..fast_config() })
             .unwrap_err()
+            .to_string()
             .contains("fetch.allowed_networks"));
     }
 
@@ -1177,6 +1181,7 @@ mod tests {
         assert_eq!(error.kind(), "forbidden_local_file", "{error}");
         assert!(Fetcher::new(FetchConfig { file_roots: vec![dir.path().join("nope")], ..fast_config() })
             .unwrap_err()
+            .to_string()
             .contains("fetch.file_roots"));
     }
 }

@@ -23,7 +23,7 @@ use dlpipe_operators::{
 use prometheus::core::Collector;
 use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 
-pub use server::{serve, Readiness, ServeError};
+pub use server::{serve, NotReady, Readiness, ServeError};
 
 /// The Prometheus type of a metric.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

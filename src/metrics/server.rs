@@ -29,6 +29,21 @@ pub enum ServeError {
     Bind(SocketAddr, std::io::Error),
 }
 
+/// Why `/readyz` answers 503; the message is the body after "not ready: ". A state the
+/// process passes through, not a failure of a call, so no [`crate::Error`] holds it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    #[error("a worker failed; the process is stopping")]
+    Failed,
+    #[error("stopping")]
+    Stopping,
+    #[error("{ready} of {workers} workers started")]
+    Starting { ready: usize, workers: usize },
+    /// What the first stalled worker waits for, as "worker W waits for ...".
+    #[error("stalled: {0}")]
+    Stalled(String),
+}
+
 /// When `/readyz` says ready: once `workers` local workers have called [`worker_ready`], while
 /// none is stalled, until a stop is requested.
 ///
@@ -88,19 +103,19 @@ impl Readiness {
     }
 
     /// Ready, or why not.
-    pub fn status(&self) -> Result<(), String> {
+    pub fn status(&self) -> Result<(), NotReady> {
         if self.failed.load(Ordering::SeqCst) {
-            return Err("a worker failed; the process is stopping".into());
+            return Err(NotReady::Failed);
         }
         if self.stop.load(Ordering::Relaxed) {
-            return Err("stopping".into());
+            return Err(NotReady::Stopping);
         }
         let ready = self.ready.load(Ordering::SeqCst);
         if ready < self.workers {
-            return Err(format!("{ready} of {} workers started", self.workers));
+            return Err(NotReady::Starting { ready, workers: self.workers });
         }
         match self.first_stalled() {
-            Some(stalled) => Err(format!("stalled: {stalled}")),
+            Some(stalled) => Err(NotReady::Stalled(stalled)),
             None => Ok(()),
         }
     }

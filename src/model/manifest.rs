@@ -132,46 +132,48 @@ impl Manifest {
             std::fs::read_to_string(path).map_err(|source| ModelError::ManifestIo { path: path.into(), source })?;
         let manifest: Manifest = serde_json::from_str(&text)
             .map_err(|e| ModelError::BadManifest { path: path.into(), reason: e.to_string() })?;
-        manifest.validate().map_err(|reason| ModelError::BadManifest { path: path.into(), reason })?;
+        manifest.validate(path)?;
         Ok(manifest)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    /// Checks what this build supports; errors are [`ModelError::BadManifest`] naming `path`.
+    fn validate(&self, path: &Path) -> Result<(), ModelError> {
+        let bad = |reason: String| ModelError::BadManifest { path: path.into(), reason };
         if self.format != MANIFEST_FORMAT {
-            return Err(format!("format {} is not the supported format {MANIFEST_FORMAT}", self.format));
+            return Err(bad(format!("format {} is not the supported format {MANIFEST_FORMAT}", self.format)));
         }
         let input = &self.input;
         if input.channels != 3 {
-            return Err(format!("input.channels is {}; only RGB (3) models are supported", input.channels));
+            return Err(bad(format!("input.channels is {}; only RGB (3) models are supported", input.channels)));
         }
         if input.layout != "NCHW" {
-            return Err(format!("input.layout {:?} is not supported (\"NCHW\")", input.layout));
+            return Err(bad(format!("input.layout {:?} is not supported (\"NCHW\")", input.layout)));
         }
         if input.crop != "center" {
-            return Err(format!("input.crop {:?} is not supported (\"center\")", input.crop));
+            return Err(bad(format!("input.crop {:?} is not supported (\"center\")", input.crop)));
         }
         if !["bilinear", "bicubic"].contains(&input.interpolation.as_str()) {
-            return Err(format!(
+            return Err(bad(format!(
                 "input.interpolation {:?} is not supported (\"bilinear\", \"bicubic\")",
                 input.interpolation
-            ));
+            )));
         }
         if self.outputs.is_empty()
             || self.outputs.len() > 2
             || (self.outputs.len() == 2 && self.outputs[0] == self.outputs[1])
         {
-            return Err(format!("outputs {:?} must be [\"features\"], [\"logits\"] or both", self.outputs));
+            return Err(bad(format!("outputs {:?} must be [\"features\"], [\"logits\"] or both", self.outputs)));
         }
         if self.outputs.contains(&OutputKind::Features) && self.feature_dim == 0 {
-            return Err("outputs include features but feature_dim is 0".into());
+            return Err(bad("outputs include features but feature_dim is 0".into()));
         }
         if self.outputs.contains(&OutputKind::Logits) && self.num_classes == 0 {
-            return Err("outputs include logits but num_classes is 0".into());
+            return Err(bad("outputs include logits but num_classes is 0".into()));
         }
         if !self.class_names.is_empty() && self.class_names.len() != self.num_classes {
-            return Err(format!("{} class_names for {} classes", self.class_names.len(), self.num_classes));
+            return Err(bad(format!("{} class_names for {} classes", self.class_names.len(), self.num_classes)));
         }
-        self.preprocess().map(|_| ()).map_err(|e| e.to_string())
+        self.preprocess().map(|_| ()).map_err(|e| bad(e.to_string()))
     }
 
     /// The preprocessing this model's input needs.

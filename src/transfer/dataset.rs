@@ -55,12 +55,8 @@ pub fn load(path: &Path) -> Result<Vec<Example>, DatasetError> {
     let base = path.parent().unwrap_or(Path::new("."));
     let extension = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
     let examples = match extension.as_deref() {
-        Some("csv") => {
-            parse_csv(&text, base).map_err(|(line, reason)| DatasetError::Line { path: path.into(), line, reason })?
-        }
-        Some("jsonl") | Some("ndjson") => {
-            parse_jsonl(&text, base).map_err(|(line, reason)| DatasetError::Line { path: path.into(), line, reason })?
-        }
+        Some("csv") => parse_csv(path, &text, base)?,
+        Some("jsonl") | Some("ndjson") => parse_jsonl(path, &text, base)?,
         _ => return Err(DatasetError::UnknownFormat { path: path.into() }),
     };
     if examples.is_empty() {
@@ -97,24 +93,30 @@ fn resolve(uri: &str, base: &Path) -> String {
     }
 }
 
-fn example(uri: &str, label: &str, base: &Path) -> Result<Example, String> {
+/// The error for line `line` of the list at `path`.
+fn bad_line(path: &Path, line: usize, reason: String) -> DatasetError {
+    DatasetError::Line { path: path.into(), line, reason }
+}
+
+/// The example on line `line` of the list at `path`.
+fn example(uri: &str, label: &str, base: &Path, path: &Path, line: usize) -> Result<Example, DatasetError> {
     let (uri, label) = (uri.trim(), label.trim());
     if uri.is_empty() {
-        return Err("the uri is empty".into());
+        return Err(bad_line(path, line, "the uri is empty".into()));
     }
     if label.is_empty() {
-        return Err(format!("{uri} has an empty label"));
+        return Err(bad_line(path, line, format!("{uri} has an empty label")));
     }
     Ok(Example { uri: resolve(uri, base), label: label.to_string() })
 }
 
-fn parse_csv(text: &str, base: &Path) -> Result<Vec<Example>, (usize, String)> {
+fn parse_csv(path: &Path, text: &str, base: &Path) -> Result<Vec<Example>, DatasetError> {
     let mut reader = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(text.as_bytes());
     let mut out = Vec::new();
     let mut columns = (0, 1);
     for (i, record) in reader.records().enumerate() {
         let line = i + 1;
-        let record = record.map_err(|e| (line, e.to_string()))?;
+        let record = record.map_err(|e| bad_line(path, line, e.to_string()))?;
         if record.iter().all(|f| f.trim().is_empty()) {
             continue;
         }
@@ -127,9 +129,9 @@ fn parse_csv(text: &str, base: &Path) -> Result<Vec<Example>, (usize, String)> {
             }
         }
         let (Some(uri), Some(label)) = (record.get(columns.0), record.get(columns.1)) else {
-            return Err((line, format!("expected uri,label but found {} field(s)", record.len())));
+            return Err(bad_line(path, line, format!("expected uri,label but found {} field(s)", record.len())));
         };
-        out.push(example(uri, label, base).map_err(|e| (line, e))?);
+        out.push(example(uri, label, base, path, line)?);
     }
     Ok(out)
 }
@@ -141,16 +143,16 @@ struct JsonExample {
     label: Option<String>,
 }
 
-fn parse_jsonl(text: &str, base: &Path) -> Result<Vec<Example>, (usize, String)> {
+fn parse_jsonl(path: &Path, text: &str, base: &Path) -> Result<Vec<Example>, DatasetError> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
         let parsed: JsonExample = serde_json::from_str(line)
-            .map_err(|e| (i + 1, format!("not a {{\"uri\": ..., \"label\": ...}} object: {e}")))?;
-        let label = parsed.label.ok_or_else(|| (i + 1, format!("{} has no label", parsed.uri)))?;
-        out.push(example(&parsed.uri, &label, base).map_err(|e| (i + 1, e))?);
+            .map_err(|e| bad_line(path, i + 1, format!("not a {{\"uri\": ..., \"label\": ...}} object: {e}")))?;
+        let label = parsed.label.ok_or_else(|| bad_line(path, i + 1, format!("{} has no label", parsed.uri)))?;
+        out.push(example(&parsed.uri, &label, base, path, i + 1)?);
     }
     Ok(out)
 }

@@ -25,9 +25,14 @@ pub enum PlotError {
          or set DLPIPE_FONT to a .ttf file"
     )]
     NoFont,
-    #[error("{path}: {message}")]
-    Draw { path: PathBuf, message: String },
+    #[error("{path}: {error}")]
+    Draw { path: PathBuf, error: DrawError },
+    #[error("{path}: {error}")]
+    Write { path: PathBuf, error: ::image::ImageError },
 }
+
+/// What plotters' drawing calls on the PNG's pixel buffer fail with.
+pub type DrawError = DrawingAreaErrorKind<<BitMapBackend<'static> as DrawingBackend>::ErrorType>;
 
 /// Registers the font with plotters once per process.
 fn ensure_font() -> Result<(), PlotError> {
@@ -56,18 +61,20 @@ fn ensure_font() -> Result<(), PlotError> {
 fn render(
     path: &Path,
     (width, height): (u32, u32),
-    draw: impl FnOnce(&DrawingArea<BitMapBackend<'_>, Shift>) -> Result<(), String>,
+    draw: impl FnOnce(&DrawingArea<BitMapBackend<'_>, Shift>) -> Result<(), DrawError>,
 ) -> Result<(), PlotError> {
     ensure_font()?;
-    let fail = |message: String| PlotError::Draw { path: path.into(), message };
+    let fail = |error| PlotError::Draw { path: path.into(), error };
     let mut pixels = vec![255u8; width as usize * height as usize * 3];
     {
         let root = BitMapBackend::with_buffer(&mut pixels, (width, height)).into_drawing_area();
         draw(&root).map_err(fail)?;
-        root.present().map_err(|e| fail(e.to_string()))?;
+        root.present().map_err(fail)?;
     }
     let image = ::image::RgbImage::from_raw(width, height, pixels).expect("buffer of the right size");
-    image.save_with_format(path, ::image::ImageFormat::Png).map_err(|e| fail(e.to_string()))
+    image
+        .save_with_format(path, ::image::ImageFormat::Png)
+        .map_err(|error| PlotError::Write { path: path.into(), error })
 }
 
 /// The confusion matrix as a heat map: rows are true classes, columns predicted ones, each
@@ -77,15 +84,13 @@ pub fn confusion_matrix(evaluation: &Evaluation, title: &str, path: &Path) -> Re
     let names: Vec<&str> = evaluation.classes.iter().map(|c| c.class.as_str()).collect();
     let side = (160 + 84 * k as u32).max(480);
     render(path, (side + 40, side), |root| {
-        let err = |e: &dyn std::fmt::Display| e.to_string();
         let mut chart = ChartBuilder::on(root)
             .caption(title, ("sans-serif", 22))
             .margin(12)
             .x_label_area_size(60)
             .y_label_area_size(110)
             // A segmented range of 0..n has n + 1 segments.
-            .build_cartesian_2d((0..k as i32 - 1).into_segmented(), (0..k as i32 - 1).into_segmented())
-            .map_err(|e| err(&e))?;
+            .build_cartesian_2d((0..k as i32 - 1).into_segmented(), (0..k as i32 - 1).into_segmented())?;
         // Row r (true class r) is drawn at y = k - 1 - r, so the first class is on top.
         let name_at = |v: &SegmentValue<i32>, flip: bool| match v {
             SegmentValue::CenterOf(i) if (0..k as i32).contains(i) => {
@@ -105,8 +110,7 @@ pub fn confusion_matrix(evaluation: &Evaluation, title: &str, path: &Path) -> Re
             .y_label_formatter(&|v| name_at(v, true))
             .x_label_style(("sans-serif", 12))
             .y_label_style(("sans-serif", 13))
-            .draw()
-            .map_err(|e| err(&e))?;
+            .draw()?;
         for (r, row) in evaluation.confusion.iter().enumerate() {
             let total: u64 = row.iter().sum::<u64>().max(1);
             let y = (k - 1 - r) as i32;
@@ -118,11 +122,11 @@ pub fn confusion_matrix(evaluation: &Evaluation, title: &str, path: &Path) -> Re
                     (SegmentValue::Exact(c as i32), SegmentValue::Exact(y)),
                     (SegmentValue::Exact(c as i32 + 1), SegmentValue::Exact(y + 1)),
                 ];
-                chart.draw_series(std::iter::once(Rectangle::new(cell, fill.filled()))).map_err(|e| err(&e))?;
+                chart.draw_series(std::iter::once(Rectangle::new(cell, fill.filled())))?;
                 let ink = if share > 0.5 { WHITE } else { BLACK };
                 let style = ("sans-serif", 14).into_font().color(&ink).pos(Pos::new(HPos::Center, VPos::Center));
                 let at = (SegmentValue::CenterOf(c as i32), SegmentValue::CenterOf(y));
-                chart.draw_series(std::iter::once(Text::new(count.to_string(), at, style))).map_err(|e| err(&e))?;
+                chart.draw_series(std::iter::once(Text::new(count.to_string(), at, style)))?;
             }
         }
         Ok(())
@@ -133,8 +137,7 @@ pub fn confusion_matrix(evaluation: &Evaluation, title: &str, path: &Path) -> Re
 /// (during the epoch) and on the held-out set (after it).
 pub fn training_curve(curve: &[EpochStats], title: &str, path: &Path) -> Result<(), PlotError> {
     render(path, (1100, 460), |root| {
-        let err = |e: &dyn std::fmt::Display| e.to_string();
-        let root = root.titled(title, ("sans-serif", 22)).map_err(|e| err(&e))?;
+        let root = root.titled(title, ("sans-serif", 22))?;
         let (left, right) = root.split_horizontally(550);
         let epochs = curve.len().max(2) as f64;
         type Pick = fn(&EpochStats) -> Option<f64>;
@@ -151,8 +154,7 @@ pub fn training_curve(curve: &[EpochStats], title: &str, path: &Path) -> Result<
                 .margin(16)
                 .x_label_area_size(40)
                 .y_label_area_size(60)
-                .build_cartesian_2d(1.0..epochs, (lo - pad)..(hi + pad))
-                .map_err(|e| err(&e))?;
+                .build_cartesian_2d(1.0..epochs, (lo - pad)..(hi + pad))?;
             chart
                 .configure_mesh()
                 .x_desc("epoch")
@@ -160,8 +162,7 @@ pub fn training_curve(curve: &[EpochStats], title: &str, path: &Path) -> Result<
                 .x_labels(curve.len().clamp(2, 12))
                 .x_label_formatter(&|v| format!("{v:.0}"))
                 .label_style(("sans-serif", 13))
-                .draw()
-                .map_err(|e| err(&e))?;
+                .draw()?;
             let series: [(&str, Pick, RGBColor); 2] = [("train", train, BLUE), ("held-out", test, RED)];
             for (label, pick, color) in series {
                 let points: Vec<(f64, f64)> =
@@ -170,8 +171,7 @@ pub fn training_curve(curve: &[EpochStats], title: &str, path: &Path) -> Result<
                     continue;
                 }
                 chart
-                    .draw_series(LineSeries::new(points, color.stroke_width(2)).point_size(3))
-                    .map_err(|e| err(&e))?
+                    .draw_series(LineSeries::new(points, color.stroke_width(2)).point_size(3))?
                     .label(label)
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
             }
@@ -181,8 +181,7 @@ pub fn training_curve(curve: &[EpochStats], title: &str, path: &Path) -> Result<
                 .border_style(BLACK)
                 .background_style(WHITE.mix(0.8))
                 .label_font(("sans-serif", 13))
-                .draw()
-                .map_err(|e| err(&e))?;
+                .draw()?;
         }
         Ok(())
     })

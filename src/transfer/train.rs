@@ -22,28 +22,40 @@ pub enum ClassWeights {
     Given(BTreeMap<String, f32>),
 }
 
+/// Why class weights cannot be read or used; the message names the class or the text at fault.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ClassWeightsError {
+    #[error("{pair:?} is not class=weight (or use none, balanced)")]
+    NotAPair { pair: String },
+    #[error("the weight of {class:?} is not a number: {weight:?}")]
+    NotANumber { class: String, weight: String },
+    #[error("the weight of {class:?} must be finite and non-negative, got {weight}")]
+    OutOfRange { class: String, weight: f32 },
+    #[error("class weight for {class:?}, which is not a class of the data ({classes:?})")]
+    UnknownClass { class: String, classes: Vec<String> },
+}
+
 impl std::str::FromStr for ClassWeights {
-    type Err = String;
+    type Err = ClassWeightsError;
 
     /// `none`, `balanced`, or `class=weight,class=weight`.
-    fn from_str(s: &str) -> Result<ClassWeights, String> {
+    fn from_str(s: &str) -> Result<ClassWeights, ClassWeightsError> {
         match s.trim() {
             "none" | "" => Ok(ClassWeights::None),
             "balanced" => Ok(ClassWeights::Balanced),
             list => list
                 .split(',')
                 .map(|pair| {
-                    let (class, weight) = pair
-                        .split_once('=')
-                        .ok_or_else(|| format!("{pair:?} is not class=weight (or use none, balanced)"))?;
-                    let weight: f32 = weight
+                    let (class, weight) =
+                        pair.split_once('=').ok_or_else(|| ClassWeightsError::NotAPair { pair: pair.into() })?;
+                    let number: f32 = weight
                         .trim()
                         .parse()
-                        .map_err(|_| format!("the weight of {class:?} is not a number: {weight:?}"))?;
-                    if !(weight.is_finite() && weight >= 0.0) {
-                        return Err(format!("the weight of {class:?} must be finite and non-negative, got {weight}"));
+                        .map_err(|_| ClassWeightsError::NotANumber { class: class.into(), weight: weight.into() })?;
+                    if !(number.is_finite() && number >= 0.0) {
+                        return Err(ClassWeightsError::OutOfRange { class: class.into(), weight: number });
                     }
-                    Ok((class.trim().to_string(), weight))
+                    Ok((class.trim().to_string(), number))
                 })
                 .collect::<Result<_, _>>()
                 .map(ClassWeights::Given),
@@ -53,7 +65,7 @@ impl std::str::FromStr for ClassWeights {
 
 impl ClassWeights {
     /// The weight of each class index, for `labels` (class indices) of the training set.
-    pub fn resolve(&self, classes: &[String], labels: &[usize]) -> Result<Vec<f32>, String> {
+    pub fn resolve(&self, classes: &[String], labels: &[usize]) -> Result<Vec<f32>, ClassWeightsError> {
         match self {
             ClassWeights::None => Ok(vec![1.0; classes.len()]),
             ClassWeights::Balanced => {
@@ -67,9 +79,7 @@ impl ClassWeights {
             }
             ClassWeights::Given(given) => {
                 if let Some(unknown) = given.keys().find(|k| !classes.contains(k)) {
-                    return Err(format!(
-                        "class weight for {unknown:?}, which is not a class of the data ({classes:?})"
-                    ));
+                    return Err(ClassWeightsError::UnknownClass { class: unknown.clone(), classes: classes.to_vec() });
                 }
                 Ok(classes.iter().map(|c| given.get(c).copied().unwrap_or(1.0)).collect())
             }
@@ -177,10 +187,16 @@ mod tests {
         assert_eq!(balanced, vec![6.0 / 9.0, 2.0, 1.0]);
         let given = "b=2.5, c=0".parse::<ClassWeights>().unwrap();
         assert_eq!(given.resolve(&classes, &labels).unwrap(), vec![1.0, 2.5, 0.0]);
-        assert!("d=1".parse::<ClassWeights>().unwrap().resolve(&classes, &labels).unwrap_err().contains("\"d\""));
-        assert!("a=x".parse::<ClassWeights>().unwrap_err().contains("not a number"));
-        assert!("a=-1".parse::<ClassWeights>().unwrap_err().contains("non-negative"));
-        assert!("a".parse::<ClassWeights>().unwrap_err().contains("class=weight"));
+        assert!("d=1"
+            .parse::<ClassWeights>()
+            .unwrap()
+            .resolve(&classes, &labels)
+            .unwrap_err()
+            .to_string()
+            .contains("\"d\""));
+        assert!("a=x".parse::<ClassWeights>().unwrap_err().to_string().contains("not a number"));
+        assert!("a=-1".parse::<ClassWeights>().unwrap_err().to_string().contains("non-negative"));
+        assert!("a".parse::<ClassWeights>().unwrap_err().to_string().contains("class=weight"));
     }
 
     /// Two Gaussian blobs per class in 8 dimensions: more epochs fit better, and the same seed
