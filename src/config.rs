@@ -72,7 +72,7 @@ pub enum HeadKind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 #[value(rename_all = "snake_case")]
-pub enum Delivery {
+pub enum DeliveryGuarantee {
     /// Every record's output at least once: after a crash, outputs since the last checkpoint
     /// (or commit) are published again. Outputs are sent as soon as they are ready.
     AtLeastOnce,
@@ -82,11 +82,11 @@ pub enum Delivery {
     ExactlyOnce,
 }
 
-impl std::fmt::Display for Delivery {
+impl std::fmt::Display for DeliveryGuarantee {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Delivery::AtLeastOnce => "at_least_once",
-            Delivery::ExactlyOnce => "exactly_once",
+            DeliveryGuarantee::AtLeastOnce => "at_least_once",
+            DeliveryGuarantee::ExactlyOnce => "exactly_once",
         })
     }
 }
@@ -157,8 +157,8 @@ pub struct PipelineConfig {
     pub start_from: StartFrom,
     /// Stop once every partition is read up to the end offset it had at start-up.
     pub stop_at_end: bool,
-    /// `at_least_once` or `exactly_once` (transactions; see [`Delivery`]).
-    pub delivery: Delivery,
+    /// `at_least_once` or `exactly_once` (transactions; see [`DeliveryGuarantee`]).
+    pub delivery: DeliveryGuarantee,
     /// Exactly-once: the longest an output waits for its epoch to close before it is
     /// committed in a transaction of its own (with the offsets below it), in milliseconds; 0
     /// commits whole epochs only. Bounds how long a quiet partition, which holds an offset
@@ -219,7 +219,7 @@ impl Default for PipelineConfig {
             group_id: "dlpipe".into(),
             start_from: StartFrom::Committed,
             stop_at_end: false,
-            delivery: Delivery::AtLeastOnce,
+            delivery: DeliveryGuarantee::AtLeastOnce,
             partial_commit_ms: 1000,
             epochs: EpochPolicy::Time { millis: 1000 },
             head: HeadKind::OnlineLr,

@@ -59,6 +59,8 @@ pub enum Error {
     Plot(#[from] PlotError),
     #[error(transparent)]
     Classifier(#[from] ClassifierError),
+    #[error(transparent)]
+    Pipeline(#[from] crate::pipeline::PipelineError),
 }
 
 /// A result whose error is, unless said otherwise, the library's [`Error`].

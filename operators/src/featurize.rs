@@ -47,15 +47,16 @@ pub struct Batching {
 pub const MODEL_ATTEMPTS: u32 = 4;
 
 /// Runs `model` on one batch, retrying failures and panics; the last error if all attempts fail.
-fn forward_with_retries<M>(model: &mut M, pixels: &[f32], n: usize) -> Result<Vec<ModelRow>, String>
+fn forward_with_retries<M, E>(model: &mut M, pixels: &[f32], n: usize) -> Result<Vec<ModelRow>, OperatorError>
 where
-    M: FnMut(&[f32], usize) -> Result<Vec<ModelRow>, String>,
+    M: FnMut(&[f32], usize) -> Result<Vec<ModelRow>, E>,
+    E: std::fmt::Display,
 {
     // Quadrupling pauses (0.1, 0.4, 1.6 s): a device that is briefly out of memory recovers.
     let mut pause = Backoff::new(Duration::from_millis(100), Duration::from_millis(1600)).growing_by(4);
     let mut attempt = 1;
     loop {
-        let result = catch_unwind(AssertUnwindSafe(|| model(pixels, n)))
+        let result = catch_unwind(AssertUnwindSafe(|| model(pixels, n).map_err(|e| e.to_string())))
             .unwrap_or_else(|panic| Err(format!("panicked: {}", crate::fetch_decode::panic_message(panic.as_ref()))))
             .and_then(|rows| {
                 if rows.len() == n {
@@ -71,7 +72,7 @@ where
                 std::thread::sleep(pause.next_pause());
                 attempt += 1;
             }
-            Err(error) => return Err(error),
+            Err(error) => return Err(OperatorError::Model { attempts: MODEL_ATTEMPTS, images: n, error }),
         }
     }
 }
@@ -79,7 +80,7 @@ where
 /// `model` gets the batch's pixels, concatenated, and the number of images; `metrics` gauges
 /// the records waiting for a batch. The output's error side is kept for records the operator
 /// may one day refuse itself; today it carries nothing.
-pub fn featurize<'scope, M>(
+pub fn featurize<'scope, M, E>(
     decoded: StreamVec<'scope, Epoch, Decoded>,
     batching: Batching,
     mut model: M,
@@ -87,7 +88,8 @@ pub fn featurize<'scope, M>(
     metrics: FeaturizeMetrics,
 ) -> StreamVec<'scope, Epoch, Result<Featured, DeadLetter>>
 where
-    M: FnMut(&[f32], usize) -> Result<Vec<ModelRow>, String> + 'static,
+    M: FnMut(&[f32], usize) -> Result<Vec<ModelRow>, E> + 'static,
+    E: std::fmt::Display,
 {
     let scope = decoded.scope();
     decoded.unary_frontier(Pipeline, "Featurize", move |_default_cap, info| {
@@ -133,9 +135,8 @@ where
                     Err(error) => {
                         // Keep the batch's capabilities: nothing of it, or after it, is
                         // published or committed; the worker stops on `fatal`.
-                        tracing::error!(%error, images = batch.len(), attempts = MODEL_ATTEMPTS, "the model keeps failing; stopping");
-                        let images = batch.len();
-                        *fatal.borrow_mut() = Some(OperatorError::Model { attempts: MODEL_ATTEMPTS, images, error });
+                        tracing::error!(%error, "the model keeps failing; stopping");
+                        *fatal.borrow_mut() = Some(error);
                         waiting.splice(0..0, batch);
                         return;
                     }
@@ -171,8 +172,9 @@ pub trait Featurize<'scope> {
     ///         },
     ///         pixels: vec![offset as f32, 1.0],
     ///     };
-    ///     // A "model" over images of 2 pixels: their sum is the one feature; no logits.
-    ///     let model = |pixels: &[f32], n: usize| {
+    ///     // A "model" over images of 2 pixels: their sum is the one feature; no logits. Its
+    ///     // error is anything that displays (a real model's is the device's).
+    ///     let model = |pixels: &[f32], n: usize| -> Result<_, String> {
     ///         Ok((0..n).map(|i| (vec![pixels[2 * i] + pixels[2 * i + 1]], None)).collect())
     ///     };
     ///     let batching = Batching { max_batch: 8, max_wait: Duration::from_millis(5) };
@@ -185,7 +187,7 @@ pub trait Featurize<'scope> {
     ///         });
     /// });
     /// ```
-    fn featurize<M>(
+    fn featurize<M, E>(
         self,
         batching: Batching,
         model: M,
@@ -193,11 +195,12 @@ pub trait Featurize<'scope> {
         metrics: FeaturizeMetrics,
     ) -> StreamVec<'scope, Epoch, Result<Featured, DeadLetter>>
     where
-        M: FnMut(&[f32], usize) -> Result<Vec<ModelRow>, String> + 'static;
+        M: FnMut(&[f32], usize) -> Result<Vec<ModelRow>, E> + 'static,
+        E: std::fmt::Display;
 }
 
 impl<'scope> Featurize<'scope> for StreamVec<'scope, Epoch, Decoded> {
-    fn featurize<M>(
+    fn featurize<M, E>(
         self,
         batching: Batching,
         model: M,
@@ -205,7 +208,8 @@ impl<'scope> Featurize<'scope> for StreamVec<'scope, Epoch, Decoded> {
         metrics: FeaturizeMetrics,
     ) -> StreamVec<'scope, Epoch, Result<Featured, DeadLetter>>
     where
-        M: FnMut(&[f32], usize) -> Result<Vec<ModelRow>, String> + 'static,
+        M: FnMut(&[f32], usize) -> Result<Vec<ModelRow>, E> + 'static,
+        E: std::fmt::Display,
     {
         featurize(self, batching, model, fatal, metrics)
     }
@@ -322,7 +326,7 @@ mod tests {
             let (model_ticks, model_seen) = (Rc::clone(&ticks), Rc::clone(&seen));
             let model = move |pixels: &[f32], _n: usize| {
                 model_seen.borrow_mut().push(model_ticks.get());
-                Ok(rows(pixels))
+                Ok::<_, String>(rows(pixels))
             };
             let batching = Batching { max_batch: 2, max_wait: Duration::from_secs(60) };
             worker.dataflow::<Epoch, _, _>(|scope| {

@@ -30,8 +30,21 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
-/// A failed preparation: a short kind (`not_found`, `undecodable`, ...) and the message.
-pub type PrepareError = (String, String);
+/// A failed preparation: what becomes the record's dead letter.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct PrepareError {
+    /// A short kind (`not_found`, `undecodable`, ...): the dead letter's `error_kind`.
+    pub kind: String,
+    /// What went wrong, naming the input.
+    pub message: String,
+}
+
+impl PrepareError {
+    pub fn new(kind: impl Into<String>, message: impl Into<String>) -> PrepareError {
+        PrepareError { kind: kind.into(), message: message.into() }
+    }
+}
 
 /// The work behind `fetch_decode`: bytes for a record, then pixels from the bytes.
 pub struct Prepare<F, D> {
@@ -148,14 +161,14 @@ where
                     };
                     let bytes = match guarded("fetching", &record, || fetch(&record)) {
                         Ok(bytes) => bytes,
-                        Err((kind, error)) => return done(Err(record.dead_letter(&kind, error))),
+                        Err(e) => return done(Err(record.dead_letter(&e.kind, e.message))),
                     };
                     let held = bytes.len() as u64;
                     budget.acquire(held);
                     rayon::spawn(move || {
                         let result = match guarded("decoding", &record, || decode(&record, &bytes)) {
                             Ok(pixels) => Ok(Decoded { record, pixels }),
-                            Err((kind, error)) => Err(record.dead_letter(&kind, error)),
+                            Err(e) => Err(record.dead_letter(&e.kind, e.message)),
                         };
                         drop(bytes);
                         budget.release(held);
@@ -178,7 +191,7 @@ fn guarded<T>(
     catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|payload| {
         let message = panic_message(payload.as_ref());
         tracing::error!(id = %record.id, partition = record.partition, offset = record.offset, stage, message, "panic while preparing a record; it goes to the dead-letter topic");
-        Err(("internal_error".into(), format!("panicked while {stage} {}: {message}", record.uri)))
+        Err(PrepareError::new("internal_error", format!("panicked while {stage} {}: {message}", record.uri)))
     })
 }
 

@@ -3,7 +3,7 @@
 //! enter the numbers.
 
 use super::load_featurizer;
-use dlpipe::config::{Config, Delivery, HeadKind, StartFrom};
+use dlpipe::config::{Config, DeliveryGuarantee, HeadKind, StartFrom};
 use dlpipe::image::{decode, list_images, Preprocess};
 use dlpipe::kafka::{ensure_topic, Publisher, TopicSpec};
 use dlpipe::pipeline::{run as run_pipeline, RunOptions};
@@ -44,10 +44,10 @@ pub struct BenchArgs {
     /// Timely workers of the pipeline benchmark.
     #[arg(long, default_value_t = 1)]
     workers: usize,
-    /// Delivery modes of the pipeline benchmark, each timed for throughput (a backlog of
+    /// DeliveryGuarantee modes of the pipeline benchmark, each timed for throughput (a backlog of
     /// RECORDS) and for latency (a paced stream).
-    #[arg(long, value_delimiter = ',', default_values_t = [Delivery::AtLeastOnce])]
-    delivery: Vec<Delivery>,
+    #[arg(long, value_delimiter = ',', default_values_t = [DeliveryGuarantee::AtLeastOnce])]
+    delivery: Vec<DeliveryGuarantee>,
     /// Records per second of the paced stream whose latency the pipeline benchmark measures
     /// [default: half the forward pass's images/s].
     #[arg(long)]
@@ -343,7 +343,7 @@ fn pipeline_table(config: &Config, args: &BenchArgs, records: usize) -> anyhow::
 }
 
 /// A config of its own topics and group for one benchmark run of `delivery`.
-fn bench_config(config: &Config, delivery: Delivery, what: &str) -> anyhow::Result<Config> {
+fn bench_config(config: &Config, delivery: DeliveryGuarantee, what: &str) -> anyhow::Result<Config> {
     let run_id = format!(
         "{what}-{}-{}",
         std::process::id(),
@@ -372,7 +372,7 @@ fn backlog_run(
     config: &Config,
     args: &BenchArgs,
     uris: &[String],
-    delivery: Delivery,
+    delivery: DeliveryGuarantee,
     records: usize,
 ) -> anyhow::Result<f64> {
     let mut config = bench_config(config, delivery, "backlog")?;
@@ -400,7 +400,7 @@ fn paced_run(
     config: &Config,
     args: &BenchArgs,
     uris: &[String],
-    delivery: Delivery,
+    delivery: DeliveryGuarantee,
     rate: f64,
     records: usize,
 ) -> anyhow::Result<Latencies> {

@@ -17,6 +17,7 @@
 //! once across restarts, however the run stopped.
 
 use super::heads::{LearnerState, OnlineLrHead};
+use super::PipelineError;
 use crate::config::KafkaConfig;
 use crate::kafka::{client_config, with_retry};
 use crate::learn::{Prequential, PrequentialState, SoftmaxRegression};
@@ -91,52 +92,64 @@ pub fn encode(
     state.model.to_bytes(&metadata)
 }
 
+/// Why a checkpoint cannot be read, or cannot continue this run.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error(transparent)]
+    Classifier(#[from] crate::learn::LearnError),
+    #[error("a classifier without checkpoint metadata ({KEY_CHECKPOINT:?})")]
+    NoMetadata,
+    #[error("the checkpoint metadata is not valid: {0}")]
+    Metadata(serde_json::Error),
+    #[error("checkpoint format version {0} is not supported (this build reads version {FORMAT_VERSION})")]
+    Version(u32),
+    /// Learned from another topic or model: its offsets or weights mean nothing here.
+    #[error("{0}; start over with `dlpipe run --fresh`, or use another pipeline.group_id")]
+    Mismatch(String),
+    #[error("timed out reading the checkpoints in model topic {topic} (offsets {start}..{end})")]
+    ReadTimeout { topic: String, start: i64, end: i64 },
+    #[error("the newest checkpoint of group {group_id:?} in topic {topic}: {error}")]
+    Newest { group_id: String, topic: String, error: Box<CheckpointError> },
+}
+
 impl Checkpoint {
-    pub fn decode(bytes: &[u8]) -> anyhow::Result<Checkpoint> {
+    pub fn decode(bytes: &[u8]) -> Result<Checkpoint, CheckpointError> {
         let (model, metadata) = SoftmaxRegression::from_bytes(bytes)?;
-        let json = metadata
-            .get(KEY_CHECKPOINT)
-            .ok_or_else(|| anyhow::anyhow!("a classifier without checkpoint metadata ({KEY_CHECKPOINT:?})"))?;
-        let info: CheckpointInfo =
-            serde_json::from_str(json).map_err(|e| anyhow::anyhow!("the checkpoint metadata is not valid: {e}"))?;
+        let json = metadata.get(KEY_CHECKPOINT).ok_or(CheckpointError::NoMetadata)?;
+        let info: CheckpointInfo = serde_json::from_str(json).map_err(CheckpointError::Metadata)?;
         if info.format_version != FORMAT_VERSION {
-            anyhow::bail!(
-                "checkpoint format version {} is not supported (this build reads version {FORMAT_VERSION})",
-                info.format_version
-            );
+            return Err(CheckpointError::Version(info.format_version));
         }
         Ok(Checkpoint { info, model, metadata })
     }
 
     /// Checks that this checkpoint can continue a run of `group_id` on `input_topic` with the
     /// features of `manifest`'s model.
-    pub fn check(&self, group_id: &str, input_topic: &str, manifest: &Manifest) -> anyhow::Result<()> {
-        let fresh = "start over with `dlpipe run --fresh`, or use another pipeline.group_id";
+    pub fn check(&self, group_id: &str, input_topic: &str, manifest: &Manifest) -> Result<(), CheckpointError> {
         if self.info.group_id != group_id || self.info.input_topic != input_topic {
-            anyhow::bail!(
+            return Err(CheckpointError::Mismatch(format!(
                 "the newest checkpoint of group {group_id:?} was learned from topic {:?} (group {:?}), not {input_topic:?}: \
-                 its offsets mean nothing here; {fresh}",
-                self.info.input_topic,
-                self.info.group_id
-            );
+                 its offsets mean nothing here",
+                self.info.input_topic, self.info.group_id
+            )));
         }
         let trained = self.metadata.get(KEY_FEATURIZER_SHA256).filter(|s| !s.is_empty());
         if let (Some(trained), Some(given)) = (trained, &manifest.sha256) {
             if trained != given {
-                anyhow::bail!(
+                return Err(CheckpointError::Mismatch(format!(
                     "the checkpoint of group {group_id:?} was learned on features of another model (sha256 {trained}) \
-                     than {} (sha256 {given}); {fresh}",
+                     than {} (sha256 {given})",
                     manifest.name
-                );
+                )));
             }
         }
         if self.model.dim() != manifest.feature_dim {
-            anyhow::bail!(
-                "the checkpoint of group {group_id:?} has {} features, model {} gives {}; {fresh}",
+            return Err(CheckpointError::Mismatch(format!(
+                "the checkpoint of group {group_id:?} has {} features, model {} gives {}",
                 self.model.dim(),
                 manifest.name,
                 manifest.feature_dim
-            );
+            )));
         }
         Ok(())
     }
@@ -153,7 +166,7 @@ const WINDOW: i64 = 64;
 /// The newest checkpoint of `group_id` in the model `topic`, if the topic and one exist.
 /// Reads the topic backwards from its end, a window of messages at a time (compaction keeps
 /// the newest message of each key, so the search ends soon after the last compaction).
-pub fn read_latest(kafka: &KafkaConfig, topic: &str, group_id: &str) -> anyhow::Result<Option<Checkpoint>> {
+pub fn read_latest(kafka: &KafkaConfig, topic: &str, group_id: &str) -> Result<Option<Checkpoint>, PipelineError> {
     let consumer: BaseConsumer = client_config(kafka)
         .set("group.id", "dlpipe-checkpoint-reader")
         .set("enable.auto.commit", "false")
@@ -179,7 +192,8 @@ pub fn read_latest(kafka: &KafkaConfig, topic: &str, group_id: &str) -> anyhow::
         let mut newest: Option<Vec<u8>> = None;
         loop {
             if Instant::now() > deadline {
-                anyhow::bail!("timed out reading the checkpoints in model topic {topic} (offsets {start}..{end})");
+                let topic = topic.to_owned();
+                return Err(CheckpointError::ReadTimeout { topic, start, end }.into());
             }
             let message = match consumer.poll(Duration::from_millis(200)) {
                 None => continue,
@@ -199,8 +213,11 @@ pub fn read_latest(kafka: &KafkaConfig, topic: &str, group_id: &str) -> anyhow::
             }
         }
         if let Some(bytes) = newest {
-            let checkpoint = Checkpoint::decode(&bytes)
-                .map_err(|e| anyhow::anyhow!("the newest checkpoint of group {group_id:?} in topic {topic}: {e}"))?;
+            let checkpoint = Checkpoint::decode(&bytes).map_err(|e| CheckpointError::Newest {
+                group_id: group_id.to_owned(),
+                topic: topic.to_owned(),
+                error: Box::new(e),
+            })?;
             return Ok(Some(checkpoint));
         }
         end = start;
@@ -231,7 +248,7 @@ pub fn writer_transactional_id(group_id: &str) -> String {
 
 /// A transactional producer for a group's checkpoints, initialised (which fences any earlier
 /// writer of the group and aborts its open transaction).
-pub fn writer_producer(kafka: &KafkaConfig, group_id: &str) -> anyhow::Result<BaseProducer> {
+pub fn writer_producer(kafka: &KafkaConfig, group_id: &str) -> Result<BaseProducer, PipelineError> {
     let id = writer_transactional_id(group_id);
     let producer: BaseProducer = client_config(kafka)
         .set("transactional.id", &id)

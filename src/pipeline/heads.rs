@@ -204,9 +204,10 @@ pub(super) fn online_head(
     restored: Option<&super::Checkpoint>,
     checkpoint_every: u64,
     counters: LearnerMetrics,
-) -> anyhow::Result<OnlineLrHead> {
+) -> Result<OnlineLrHead, super::PipelineError> {
     if !manifest.has(crate::model::OutputKind::Features) {
-        anyhow::bail!("head online_lr needs features, and model {} outputs none", manifest.name);
+        let model = manifest.name.clone();
+        return Err(super::PipelineError::Head { head: "online_lr", needs: "features", model });
     }
     const WINDOW: usize = 1000;
     let p = &config.pipeline;

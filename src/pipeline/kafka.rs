@@ -4,7 +4,8 @@
 //! (`kafka.retry_timeout_secs`), and fails with what to do otherwise.
 
 use super::checkpoint::{self, Checkpoint};
-use crate::config::{Config, Delivery, KafkaConfig, StartFrom};
+use super::PipelineError;
+use crate::config::{Config, DeliveryGuarantee, KafkaConfig, StartFrom};
 use crate::kafka::{client_config, ensure_topics, topic_partitions, with_retry, TopicSpec};
 use crate::metrics::kafka::{LagContext, STATISTICS_INTERVAL_MS};
 use crate::metrics::Metrics;
@@ -22,7 +23,7 @@ use std::time::Duration;
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Creates the topics the pipeline uses that do not exist yet (worker 0, with create_topics).
-pub(super) fn create_topics(config: &Config) -> anyhow::Result<()> {
+pub(super) fn create_topics(config: &Config) -> Result<(), PipelineError> {
     let p = &config.pipeline;
     let spec =
         TopicSpec { partitions: p.topic_partitions, replication_factor: p.topic_replication_factor, configs: &[] };
@@ -48,7 +49,7 @@ pub(super) fn input_consumer(
     index: usize,
     peers: usize,
     metrics: &Metrics,
-) -> anyhow::Result<(Arc<BaseConsumer<LagContext>>, Vec<i32>)> {
+) -> Result<(Arc<BaseConsumer<LagContext>>, Vec<i32>), PipelineError> {
     let p = &config.pipeline;
     let consumer = Arc::new(assigned_consumer(config, &index.to_string(), &p.input_topic, metrics)?);
     let partitions = topic_partitions(&consumer, &config.kafka, &p.input_topic, p.create_topics)?;
@@ -65,13 +66,13 @@ pub(super) fn input_consumer(
 /// The producer of the worker's outputs. With exactly-once delivery it is transactional and
 /// initialised, which fences an earlier instance of the worker (aborting its open
 /// transaction): make it before reading the committed offsets, so no zombie commits behind them.
-pub(super) fn output_producer(config: &Config, index: usize) -> anyhow::Result<BaseProducer<SinkContext>> {
+pub(super) fn output_producer(config: &Config, index: usize) -> Result<BaseProducer<SinkContext>, PipelineError> {
     Ok(match config.pipeline.delivery {
-        Delivery::AtLeastOnce => client_config(&config.kafka)
+        DeliveryGuarantee::AtLeastOnce => client_config(&config.kafka)
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
             .create_with_context(SinkContext::default())?,
-        Delivery::ExactlyOnce => transactional_producer(&config.kafka, &config.pipeline.group_id, index)?,
+        DeliveryGuarantee::ExactlyOnce => transactional_producer(&config.kafka, &config.pipeline.group_id, index)?,
     })
 }
 
@@ -92,7 +93,7 @@ pub(super) fn assign_input(
     index: usize,
     partitions: &[i32],
     learned: LearnFrom,
-) -> anyhow::Result<Input> {
+) -> Result<Input, PipelineError> {
     let (ranges, starts) = partition_ranges(&**consumer, config, partitions, learned)?;
     let assigned = AssignedConsumer::assign(Arc::clone(consumer), &config.pipeline.input_topic, &ranges)?;
     tracing::info!(worker = index, partitions = ?partitions, "assigned partitions");
@@ -131,7 +132,7 @@ impl PartitionOffsets {
         topic: &str,
         group: &str,
         partitions: &[i32],
-    ) -> anyhow::Result<Vec<PartitionOffsets>> {
+    ) -> Result<Vec<PartitionOffsets>, PipelineError> {
         let mut list = TopicPartitionList::new();
         for partition in partitions {
             list.add_partition(topic, *partition);
@@ -197,7 +198,7 @@ fn assigned_consumer(
     worker: &str,
     topic: &str,
     metrics: &Metrics,
-) -> anyhow::Result<BaseConsumer<LagContext>> {
+) -> Result<BaseConsumer<LagContext>, PipelineError> {
     let lag = LagContext { lag: metrics.consumer_lag.clone(), worker: worker.to_owned(), topic: topic.to_owned() };
     Ok(client_config(&config.kafka)
         .set("group.id", &config.pipeline.group_id)
@@ -230,7 +231,7 @@ pub(super) fn feedback_reader(
     worker_label: &str,
     metrics: &Metrics,
     restored: Option<&Checkpoint>,
-) -> anyhow::Result<FeedbackReader> {
+) -> Result<FeedbackReader, PipelineError> {
     let (kafka, p) = (&config.kafka, &config.pipeline);
     let topic = p.feedback_topic.as_str();
     let consumer = assigned_consumer(config, worker_label, topic, metrics)?;
@@ -238,7 +239,7 @@ pub(super) fn feedback_reader(
         .into_iter()
         .filter(|partition| *partition as usize % peers == index)
         .collect();
-    let retention = p.feedback_retention.epochs(p.epochs).map_err(anyhow::Error::msg)?;
+    let retention = p.feedback_retention.epochs(p.epochs)?;
     let offsets = PartitionOffsets::of(&consumer, kafka, topic, &p.group_id, &partitions)?;
     let retained_from = match (restored, p.epochs) {
         (Some(checkpoint), EpochPolicy::Time { millis }) if !partitions.is_empty() => {
@@ -287,7 +288,7 @@ pub(super) fn transactional_producer(
     kafka: &KafkaConfig,
     group_id: &str,
     index: usize,
-) -> anyhow::Result<BaseProducer<SinkContext>> {
+) -> Result<BaseProducer<SinkContext>, PipelineError> {
     let id = format!("dlpipe-{group_id}-worker-{index}");
     let producer: BaseProducer<SinkContext> = client_config(kafka)
         .set("transactional.id", &id)
@@ -307,7 +308,7 @@ fn partition_ranges<C: ConsumerContext>(
     config: &Config,
     partitions: &[i32],
     learned: LearnFrom,
-) -> anyhow::Result<(Vec<PartitionRange>, Vec<Position>)> {
+) -> Result<(Vec<PartitionRange>, Vec<Position>), PipelineError> {
     let p = &config.pipeline;
     let offsets = PartitionOffsets::of(consumer, &config.kafka, &p.input_topic, &p.group_id, partitions)?;
     Ok(offsets

@@ -23,19 +23,22 @@
 //! | `run_loop.rs` | stepping the worker, its telemetry and the status line |
 //! | `stall.rs` | noticing a worker whose published frontier stands still |
 //! | `checkpoint.rs` | writing and reading the learner's checkpoints |
+//! | `error.rs` | [`PipelineError`]: why a run could not start or had to stop |
 
 pub mod checkpoint;
 mod dataflow;
+mod error;
 mod heads;
 mod kafka;
 mod run_loop;
 mod stall;
 mod work;
 
-pub use checkpoint::{Checkpoint, CheckpointInfo};
+pub use checkpoint::{Checkpoint, CheckpointError, CheckpointInfo};
+pub use error::PipelineError;
 pub use heads::{ImagenetHead, LearnerState, OnlineLrHead};
 
-use crate::config::{Config, Delivery as DeliveryGuarantee, HeadKind};
+use crate::config::{Config, DeliveryGuarantee, HeadKind};
 use crate::metrics::kafka::LagContext;
 use crate::metrics::{Metrics, Readiness, WorkerMetrics};
 use crate::model::{parse_device, resolve, Featurizer, Manifest, OutputKind};
@@ -48,7 +51,6 @@ use dlpipe_operators::{
 use kafka::LearnFrom;
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::producer::BaseProducer;
-use run_loop::ANOTHER_WORKER_FAILED;
 use std::cell::RefCell;
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -84,9 +86,9 @@ pub struct RunOptions {
 }
 
 /// Runs the pipeline until it stops (stop requested, stop-at-end reached, or an error).
-pub fn run(options: RunOptions) -> anyhow::Result<Vec<WorkerSummary>> {
+pub fn run(options: RunOptions) -> Result<Vec<WorkerSummary>, PipelineError> {
     let RunOptions { config, timely_args, init_model, fresh, stop } = options;
-    config.validate_run().map_err(anyhow::Error::msg)?;
+    config.validate_run()?;
     if config.model.intra_op_threads > 0 {
         tch::set_num_threads(config.model.intra_op_threads as i32);
     }
@@ -113,7 +115,7 @@ pub fn run(options: RunOptions) -> anyhow::Result<Vec<WorkerSummary>> {
         None
     };
     let config = Arc::new(config);
-    let mut timely_config = timely::Config::from_args(timely_args.into_iter()).map_err(anyhow::Error::msg)?;
+    let mut timely_config = timely::Config::from_args(timely_args.into_iter()).map_err(PipelineError::Timely)?;
     dlpipe_operators::feedback_join::configure(&mut timely_config.worker);
     let (process, local_workers) = match &timely_config.communication {
         CommunicationConfig::Thread => (0, 1),
@@ -152,19 +154,19 @@ pub fn run(options: RunOptions) -> anyhow::Result<Vec<WorkerSummary>> {
                 worker.drop_dataflow(dataflow);
             }
         }
-        result.map_err(|e| format!("{e:#}"))
+        result
     })
-    .map_err(anyhow::Error::msg)?;
+    .map_err(PipelineError::Timely)?;
     let mut summaries = Vec::new();
     let mut errors = Vec::new();
     for result in guards.join() {
-        match result.map_err(anyhow::Error::msg).and_then(|r| r.map_err(anyhow::Error::msg)) {
+        match result.map_err(PipelineError::Panicked).and_then(|r| r) {
             Ok(summary) => summaries.push(summary),
             Err(error) => errors.push(error),
         }
     }
     // The error that stopped the run, not the "another worker failed" of the workers it stopped.
-    errors.sort_by_key(|e| e.to_string().contains(ANOTHER_WORKER_FAILED));
+    errors.sort_by_key(|e| matches!(e, PipelineError::AnotherWorkerFailed { .. }));
     match errors.into_iter().next() {
         Some(error) => Err(error),
         None => Ok(summaries),
@@ -201,7 +203,7 @@ fn run_worker(
     start: Start,
     stop: &Arc<AtomicBool>,
     shared: Shared,
-) -> anyhow::Result<WorkerSummary> {
+) -> Result<WorkerSummary, PipelineError> {
     let (index, peers) = (worker.index(), worker.peers());
     let p = &config.pipeline;
     if index == 0 && p.create_topics {
@@ -259,7 +261,7 @@ fn online_head(
     start: &Start,
     index: usize,
     metrics: &WorkerMetrics,
-) -> anyhow::Result<Option<Rc<RefCell<OnlineLrHead>>>> {
+) -> Result<Option<Rc<RefCell<OnlineLrHead>>>, PipelineError> {
     match config.pipeline.head {
         HeadKind::OnlineLr => {
             let every = if start.checkpoints && index == 0 { config.pipeline.checkpoint_every_epochs } else { 0 };
@@ -268,7 +270,7 @@ fn online_head(
             Ok(Some(Rc::new(RefCell::new(head))))
         }
         HeadKind::Imagenet if !manifest.has(OutputKind::Logits) || manifest.class_names.is_empty() => {
-            anyhow::bail!("head imagenet needs a model with named classes; {} has none", manifest.name)
+            Err(PipelineError::Head { head: "imagenet", needs: "named classes", model: manifest.name.clone() })
         }
         HeadKind::Imagenet => Ok(None),
     }
@@ -341,7 +343,7 @@ fn checkpoints(
     manifest: &Manifest,
     index: usize,
     metrics: &Metrics,
-) -> anyhow::Result<Option<Option<checkpoint::CheckpointWriter>>> {
+) -> Result<Option<Option<checkpoint::CheckpointWriter>>, PipelineError> {
     let (Some(head), true) = (online, start.checkpoints) else { return Ok(None) };
     if index != 0 {
         return Ok(Some(None));

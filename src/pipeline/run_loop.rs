@@ -6,6 +6,7 @@
 use super::dataflow::Probes;
 use super::heads::OnlineLrHead;
 use super::stall::{self, StallWatch};
+use super::PipelineError;
 use super::Shared;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -16,9 +17,6 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-
-/// Said by the workers that stop because another one failed.
-pub(super) const ANOTHER_WORKER_FAILED: &str = "stopped because another worker of this process failed";
 
 /// What the loop watches besides the dataflow.
 pub(super) struct Watched<'a> {
@@ -35,7 +33,7 @@ pub(super) fn run(
     probes: &Probes,
     watched: Watched,
     shared: &Shared,
-) -> anyhow::Result<()> {
+) -> Result<(), PipelineError> {
     let index = worker.index();
     let label = index.to_string();
     let (metrics, p) = (shared.metrics, &config.pipeline);
@@ -56,10 +54,10 @@ pub(super) fn run(
     while !done.done() {
         worker.step_or_park(Some(Duration::from_millis(20)));
         if let Some(error) = watched.fatal.borrow().clone() {
-            anyhow::bail!("worker {index}: {error}");
+            return Err(PipelineError::Worker { index, error });
         }
         if shared.failed.load(Ordering::SeqCst) {
-            anyhow::bail!("worker {index}: {ANOTHER_WORKER_FAILED}");
+            return Err(PipelineError::AnotherWorkerFailed { index });
         }
         if last_refresh.elapsed() >= Duration::from_secs(1) {
             last_refresh = Instant::now();

@@ -3,12 +3,13 @@
 //! preprocessing), and the forward pass on the worker's device (the worker thread). Each
 //! step observes its duration metric.
 
+use super::PipelineError;
 use crate::batch::preprocess_into;
 use crate::config::Config;
 use crate::fetch::Fetcher;
 use crate::image::decode;
 use crate::metrics::Metrics;
-use crate::model::Featurizer;
+use crate::model::{Featurizer, ModelError};
 use dlpipe_operators::{ImageRecord, ModelRow, PrepareError};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -20,7 +21,7 @@ pub(super) type Fetch = Arc<dyn Fn(&ImageRecord) -> Result<Vec<u8>, PrepareError
 /// Decodes and preprocesses a record's image into model-ready pixels.
 pub(super) type Decode = Arc<dyn Fn(&ImageRecord, &[u8]) -> Result<Vec<f32>, PrepareError> + Send + Sync>;
 /// One forward pass over `n` images' pixels: each image's features and logits.
-pub(super) type Model = Rc<RefCell<dyn FnMut(&[f32], usize) -> Result<Vec<ModelRow>, String>>>;
+pub(super) type Model = Rc<RefCell<dyn FnMut(&[f32], usize) -> Result<Vec<ModelRow>, ModelError>>>;
 
 /// The worker's work, shared by its labelled and unlabelled lanes.
 pub(super) struct Work {
@@ -37,8 +38,8 @@ impl Work {
         device: &str,
         metrics: &Metrics,
         worker: &str,
-    ) -> anyhow::Result<Work> {
-        let fetcher = Fetcher::new(config.fetch.clone()).map_err(anyhow::Error::msg)?;
+    ) -> Result<Work, PipelineError> {
+        let fetcher = Fetcher::new(config.fetch.clone())?;
         let limits = config.image;
         let fetch_seconds = metrics.fetch_seconds.with_label_values(&[worker]);
         let decode_seconds = metrics.decode_seconds.with_label_values(&[worker]);
@@ -47,17 +48,18 @@ impl Work {
             let started = Instant::now();
             let bytes = fetcher.fetch(&record.uri, limits.max_encoded_bytes);
             fetch_seconds.observe(started.elapsed().as_secs_f64());
-            let bytes = bytes.map_err(|e| (e.kind().to_owned(), e.to_string()))?;
+            let bytes = bytes.map_err(|e| PrepareError::new(e.kind(), e.to_string()))?;
             fetched_bytes.inc_by(bytes.len() as u64);
             Ok(bytes)
         });
         let preprocess = featurizer.preprocess().clone();
         let decode: Decode = Arc::new(move |record: &ImageRecord, bytes: &[u8]| {
             let started = Instant::now();
-            let image = decode(bytes, &limits).map_err(|e| (e.kind().to_owned(), format!("{}: {e}", record.uri)))?;
+            let image =
+                decode(bytes, &limits).map_err(|e| PrepareError::new(e.kind(), format!("{}: {e}", record.uri)))?;
             let mut pixels = vec![0f32; preprocess.tensor_len()];
             preprocess_into(&preprocess, &image, &mut pixels)
-                .map_err(|e| (e.kind().to_owned(), format!("{}: {e}", record.uri)))?;
+                .map_err(|e| PrepareError::new(e.kind(), format!("{}: {e}", record.uri)))?;
             decode_seconds.observe(started.elapsed().as_secs_f64());
             Ok(pixels)
         });
@@ -65,16 +67,20 @@ impl Work {
         let labels = [worker, device, model_name.as_str()];
         let forward_seconds = metrics.featurize_seconds.with_label_values(&labels);
         let batch_records = metrics.featurize_batch.with_label_values(&labels);
-        let model: Model = Rc::new(RefCell::new(move |pixels: &[f32], n: usize| -> Result<Vec<ModelRow>, String> {
-            let started = Instant::now();
-            let out = featurizer.forward(pixels, n).map_err(|e| e.to_string())?;
-            forward_seconds.observe(started.elapsed().as_secs_f64());
-            batch_records.observe(n as f64);
-            let row = |i| {
-                (out.features_row(i).map(<[f32]>::to_vec).unwrap_or_default(), out.logits_row(i).map(<[f32]>::to_vec))
-            };
-            Ok((0..n).map(row).collect())
-        }));
+        let model: Model =
+            Rc::new(RefCell::new(move |pixels: &[f32], n: usize| -> Result<Vec<ModelRow>, ModelError> {
+                let started = Instant::now();
+                let out = featurizer.forward(pixels, n)?;
+                forward_seconds.observe(started.elapsed().as_secs_f64());
+                batch_records.observe(n as f64);
+                let row = |i| {
+                    (
+                        out.features_row(i).map(<[f32]>::to_vec).unwrap_or_default(),
+                        out.logits_row(i).map(<[f32]>::to_vec),
+                    )
+                };
+                Ok((0..n).map(row).collect())
+            }));
         Ok(Work { fetch, decode, model })
     }
 }
