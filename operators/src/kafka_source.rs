@@ -37,7 +37,6 @@
 use crate::backlog::{SharedBacklog, Unread};
 use crate::metrics::SourceMetrics;
 use crate::records::{DeadLetter, Epoch, Feedback, ImageRecord};
-use crate::RecordOrDead;
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, KafkaResult};
@@ -93,31 +92,44 @@ impl PartitionState {
     }
 }
 
-/// Reads `spec.partitions` with `consumer` (already assigned to them at their start offsets).
+/// What a Kafka source makes of each message: the record its payload holds, or the dead
+/// letter of a payload that is not one (dead letters travel as data; boxing buys nothing).
+#[allow(clippy::result_large_err)]
+pub trait FromMessage: Clone + Sized + 'static {
+    fn from_message(message: &BorrowedMessage<'_>) -> Result<Self, DeadLetter>;
+}
+
+impl FromMessage for ImageRecord {
+    fn from_message(message: &BorrowedMessage<'_>) -> Result<ImageRecord, DeadLetter> {
+        let (payload, key, partition, offset) =
+            (message.payload(), message.key(), message.partition(), message.offset());
+        ImageRecord::parse(payload, key, partition, offset, message.timestamp().to_millis())
+    }
+}
+
+impl FromMessage for Feedback {
+    fn from_message(message: &BorrowedMessage<'_>) -> Result<Feedback, DeadLetter> {
+        let (payload, key, partition, offset) =
+            (message.payload(), message.key(), message.partition(), message.offset());
+        Feedback::parse(payload, key, partition, offset, message.timestamp().to_millis())
+    }
+}
+
+/// Reads `spec.partitions` with `consumer` (already assigned to them at their start offsets),
+/// each message made a record `R` (an [`ImageRecord`] for the pipeline's input) or a dead letter.
 ///
 /// Setting `stop` makes the source drop its capability and read no more: the dataflow then
 /// drains what is in flight, publishes it, commits, and completes (a graceful shutdown).
 /// `metrics.consumed` counts the messages taken, by partition.
-pub fn kafka_source<'scope, C: ConsumerContext + 'static>(
+pub fn kafka_source<'scope, R: FromMessage, C: ConsumerContext + 'static>(
     scope: Scope<'scope, Epoch>,
     consumer: AssignedConsumer<C>,
     spec: SourceSpec,
     backlog: SharedBacklog,
     stop: Arc<AtomicBool>,
     metrics: SourceMetrics,
-) -> StreamVec<'scope, Epoch, RecordOrDead> {
-    // Dead letters travel through the dataflow as data; boxing them buys nothing.
-    #[allow(clippy::result_large_err)]
-    let parse = |message: &BorrowedMessage<'_>| {
-        ImageRecord::parse(
-            message.payload(),
-            message.key(),
-            message.partition(),
-            message.offset(),
-            message.timestamp().to_millis(),
-        )
-    };
-    messages(scope, "KafkaSource", consumer, spec, Some(backlog), stop, metrics, parse)
+) -> StreamVec<'scope, Epoch, Result<R, DeadLetter>> {
+    messages(scope, "KafkaSource", consumer, spec, Some(backlog), stop, metrics, R::from_message)
 }
 
 /// Reads the feedback topic's `spec.partitions` with `consumer` (assigned to them, as the
@@ -132,17 +144,7 @@ pub fn kafka_feedback_source<'scope, C: ConsumerContext + 'static>(
     stop: Arc<AtomicBool>,
     metrics: SourceMetrics,
 ) -> StreamVec<'scope, Epoch, Result<Feedback, DeadLetter>> {
-    #[allow(clippy::result_large_err)]
-    let parse = |message: &BorrowedMessage<'_>| {
-        Feedback::parse(
-            message.payload(),
-            message.key(),
-            message.partition(),
-            message.offset(),
-            message.timestamp().to_millis(),
-        )
-    };
-    messages(scope, "KafkaFeedbackSource", consumer, spec, None, stop, metrics, parse)
+    messages(scope, "KafkaFeedbackSource", consumer, spec, None, stop, metrics, Feedback::from_message)
 }
 
 /// The source of both: each message of the assigned partitions, as `parse` makes it.

@@ -2,7 +2,7 @@
 //!
 //! | operator | in | out |
 //! |---|---|---|
-//! | [`kafka_source()`] | Kafka partitions | `ImageRecord` or `DeadLetter` |
+//! | [`kafka_source()`] | Kafka partitions | a [`FromMessage`] record (`ImageRecord`) or `DeadLetter` |
 //! | [`fetch_decode()`] | `ImageRecord` | `Decoded` or `DeadLetter` |
 //! | [`featurize()`] | `Decoded` | `Featured` or `DeadLetter` |
 //! | [`kafka_feedback_source()`] | the feedback topic's partitions | `Feedback` or `DeadLetter` |
@@ -51,7 +51,7 @@ pub use feedback_join::feedback_join;
 pub use fetch_decode::{fetch_decode, ByteBudget, FetchDecode, Prepare, PrepareError};
 pub use kafka_sink::{kafka_sink, Delivery, FeaturesOutput, KafkaSink, SinkContext, SinkSpec, TxnProducer};
 pub use kafka_source::{
-    kafka_feedback_source, kafka_source, AssignedConsumer, EpochPolicy, PartitionRange, SourceSpec,
+    kafka_feedback_source, kafka_source, AssignedConsumer, EpochPolicy, FromMessage, PartitionRange, SourceSpec,
 };
 pub use learn_predict::{learn_predict, Head, LearnPredict, Predict};
 pub use metrics::{
@@ -67,6 +67,3 @@ pub use records::{
 /// it would lose a record, committing past it would lie), a model that keeps failing. Set by
 /// an operator, read by the loop that steps the worker (one thread).
 pub type Fatal = std::rc::Rc<std::cell::RefCell<Option<OperatorError>>>;
-
-/// What the source emits: a record, or a dead letter for a payload that is not one.
-pub type RecordOrDead = Result<ImageRecord, DeadLetter>;

@@ -2,7 +2,7 @@
 //! on labelled images: accuracy, per-class precision/recall/F1, macro-F1, log-loss and the
 //! confusion matrix, as a table, as JSON, and as PNG charts.
 
-use super::featurizing::{featurize_uris, load_featurizers, FeaturizeFlags};
+use super::batch_features::{featurize_uris, load_featurizers, FeaturizeFlags};
 use anyhow::Context;
 use dlpipe::config::Config;
 use dlpipe::transfer::{dataset, evaluate, plot, Classifier, Evaluation};

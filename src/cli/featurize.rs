@@ -2,7 +2,7 @@
 //! index of which image (and which class) each row came from. Features come from the feature
 //! cache where it has them, so exporting after `dlpipe train` (or before it) costs one pass.
 
-use super::featurizing::{featurize_uris, load_featurizers, FeaturizeFlags};
+use super::batch_features::{featurize_uris, load_featurizers, FeaturizeFlags};
 use anyhow::Context;
 use dlpipe::config::Config;
 use dlpipe::image::list_labelled_images;

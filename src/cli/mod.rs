@@ -1,9 +1,9 @@
 //! Subcommands, one file each, and what they share: configuration, logging, model loading.
 
+mod batch_features;
 mod bench;
 mod evaluate;
 mod featurize;
-mod featurizing;
 mod predict;
 mod produce;
 mod run;
@@ -90,12 +90,12 @@ pub fn init_logging(verbose: u8) {
 /// Loads the model named on the command line (or in the config) onto one device (the given
 /// one, or the first of `model.devices`).
 pub fn load_featurizer(config: &Config, model: Option<&str>, device: Option<&str>) -> anyhow::Result<Featurizer> {
-    let flags = featurizing::FeaturizeFlags {
+    let flags = batch_features::FeaturizeFlags {
         devices: vec![device.unwrap_or(&config.model.devices[0]).to_owned()],
         batch_size: None,
         feature_cache: None,
         no_cache: true,
     };
-    let mut featurizers = featurizing::load_featurizers(config, model.unwrap_or(&config.model.name), &flags)?;
+    let mut featurizers = batch_features::load_featurizers(config, model.unwrap_or(&config.model.name), &flags)?;
     Ok(featurizers.remove(0))
 }

@@ -1,7 +1,7 @@
 //! `dlpipe predict`: for each image, the top-k classes with names: the pretrained model's own
 //! (ImageNet) classes, or with `--classifier` those of a classifier trained on its features.
 
-use super::featurizing::{featurize_uris, load_featurizers, FeaturizeFlags};
+use super::batch_features::{featurize_uris, load_featurizers, FeaturizeFlags};
 use super::load_featurizer;
 use dlpipe::batch::{run_files, FileOutcome};
 use dlpipe::config::Config;

@@ -2,7 +2,7 @@
 //! class, train the stream's learner for several shuffled epochs, evaluate on the held-out
 //! split, save a classifier file the stream can start from.
 
-use super::featurizing::{featurize_uris, load_featurizers, FeaturizeFlags};
+use super::batch_features::{featurize_uris, load_featurizers, FeaturizeFlags};
 use anyhow::Context;
 use dlpipe::config::Config;
 use dlpipe::learn::{LearnerConfig, OptimizerConfig};

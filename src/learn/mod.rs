@@ -14,9 +14,9 @@
 
 mod config;
 mod kernels;
-mod metrics;
 mod model;
 mod optimizer;
+mod prequential;
 mod snapshot;
 mod standardize;
 #[cfg(test)]
@@ -24,8 +24,8 @@ mod testutil;
 
 pub use config::{AdagradConfig, FtrlConfig, LearnerConfig, LearningRateSchedule, OptimizerConfig, SgdConfig};
 pub use kernels::{argmax, SimdPath, VARIANCE_EPSILON};
-pub use metrics::{Prequential, PrequentialState};
 pub use model::{SoftmaxRegression, UpdateOutcome};
+pub use prequential::{Prequential, PrequentialState};
 pub use snapshot::{SnapshotError, FORMAT_VERSION, RESERVED_PREFIX};
 pub use standardize::RunningStandardizer;
 

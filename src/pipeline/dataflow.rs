@@ -70,7 +70,9 @@ impl Dataflow {
         let mut probes = Probes::new();
         worker.dataflow::<Epoch, _, _>(|scope| {
             let Dataflow { input, source, backlog, stop, fatal, metrics, .. } = self;
-            let raw = kafka_source(scope, input, source, Rc::clone(&backlog), Arc::clone(&stop), metrics.source);
+            let (backlog_of_source, stop_source) = (Rc::clone(&backlog), Arc::clone(&stop));
+            let raw =
+                kafka_source::<ImageRecord, _>(scope, input, source, backlog_of_source, stop_source, metrics.source);
             let (handle, raw) = raw.probe();
             probes.push(("kafka_source", handle));
             let (records, unreadable) = raw.ok_err::<Vec<ImageRecord>, _, Vec<DeadLetter>, _, _>(|r| r);

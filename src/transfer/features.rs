@@ -54,7 +54,7 @@ pub enum FeaturizeError {
     NoFeaturizer,
 }
 
-/// What [`featurize`] found.
+/// What [`extract_features`] found.
 pub struct Features {
     pub dim: usize,
     /// Row-major, one row per image that has features, in input order.
@@ -122,7 +122,7 @@ pub fn cache_key(featurizer: &Featurizer) -> String {
 /// again; the others are shared out among the devices in contiguous blocks, and their
 /// features added to the cache as they come. Decoding runs on rayon's pool (every core), a
 /// batch ahead of each device.
-pub fn featurize(
+pub fn extract_features(
     featurizers: Vec<Featurizer>,
     uris: &[String],
     options: &FeaturizeOptions<'_>,

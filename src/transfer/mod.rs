@@ -22,7 +22,7 @@ pub mod train;
 pub use classifier::{Classifier, ClassifierError, TrainingRecord};
 pub use dataset::{Example, Split};
 pub use evaluate::Evaluation;
-pub use features::{featurize, Features, FeaturizeOptions};
+pub use features::{extract_features, Features, FeaturizeOptions};
 pub use train::{ClassWeights, ClassWeightsError, EpochStats};
 
 /// The sorted set of labels of `examples`: the classes of a classifier trained on them.

@@ -7,7 +7,7 @@
 
 use super::messages::Outgoing;
 use crate::backlog::Backlog;
-use crate::records::{Epoch, Outcome, Position};
+use crate::records::{Epoch, Position};
 use std::collections::{BTreeMap, VecDeque};
 
 /// One epoch's entry.
@@ -47,12 +47,12 @@ impl<H> Ledger<H> {
         })
     }
 
-    /// Records an outcome of `epoch`'s input offset (the highest per partition), and says whether
+    /// Records the input offset of an outcome of `epoch` (the highest per partition), and says whether
     /// it is a replay: a record before its partition's publishing start, which is not sent again
     /// (its backlog slot is freed here). Feedback dead letters have no input offset and are
     /// never replays.
-    pub(crate) fn record(&mut self, epoch: Epoch, outcome: &Outcome, backlog: &mut Backlog) -> bool {
-        let Some((partition, offset)) = outcome.input_position() else { return false };
+    pub(crate) fn record(&mut self, epoch: Epoch, input: Option<(i32, i64)>, backlog: &mut Backlog) -> bool {
+        let Some((partition, offset)) = input else { return false };
         let entry = self.epochs.get_mut(&epoch).expect("the epoch's entry is open");
         let max = entry.offsets.entry(partition).or_insert(offset);
         *max = (*max).max(offset);
@@ -116,7 +116,7 @@ impl<H> Ledger<H> {
 mod tests {
     use super::*;
     use crate::kafka_sink::messages::{MessageKind, Sent};
-    use crate::records::DeadLetter;
+    use crate::records::{DeadLetter, Outcome};
 
     fn outcome(partition: i32, offset: i64) -> Outcome {
         Outcome::Dead(DeadLetter::of_message("test", "a test outcome", b"{}", Some(b"r"), partition, offset))
@@ -125,7 +125,7 @@ mod tests {
     fn receive(ledger: &mut Ledger<Epoch>, epoch: Epoch, partition: i32, offset: i64, backlog: &mut Backlog) -> bool {
         backlog.read(partition, offset, epoch);
         ledger.entry(epoch, || epoch);
-        ledger.record(epoch, &outcome(partition, offset), backlog)
+        ledger.record(epoch, outcome(partition, offset).input_position(), backlog)
     }
 
     #[test]

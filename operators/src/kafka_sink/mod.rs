@@ -200,7 +200,7 @@ pub fn kafka_sink<'scope, C: ConsumerContext + 'static>(
                     let epoch = *cap.time();
                     ledger.entry(epoch, || cap);
                     for outcome in data.flat_map(|batch| batch.drain(..)) {
-                        if ledger.record(epoch, &outcome, &mut backlog) {
+                        if ledger.record(epoch, outcome.input_position(), &mut backlog) {
                             continue;
                         }
                         let waiting = &mut ledger.epochs.get_mut(&epoch).expect("opened above").waiting;

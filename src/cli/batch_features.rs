@@ -5,7 +5,7 @@ use anyhow::Context;
 use dlpipe::config::Config;
 use dlpipe::fetch::Fetcher;
 use dlpipe::model::{parse_device, resolve, Featurizer};
-use dlpipe::transfer::{featurize, Features, FeaturizeOptions};
+use dlpipe::transfer::{extract_features, Features, FeaturizeOptions};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -65,7 +65,7 @@ pub fn featurize_uris(
         cache_dir,
         progress: true,
     };
-    let features = featurize(featurizers, uris, &options)?;
+    let features = extract_features(featurizers, uris, &options)?;
     let failed: Vec<_> = features.failures().collect();
     for (_, error) in failed.iter().take(20) {
         eprintln!("error: {error}");
