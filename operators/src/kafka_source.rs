@@ -383,12 +383,19 @@ impl Reader {
             }
         };
         let (partition, offset) = (message.partition(), message.offset());
-        let Some(state) = self.partitions.get_mut(&partition) else {
+        if !self.partitions.contains_key(&partition) {
             tracing::warn!(topic, partition, "message from a partition not assigned to this worker");
             return None;
-        };
+        }
+        self.take(partition, offset)
+    }
+
+    /// Takes the record at `offset` of `partition` (an assigned one): its epoch when it is a new
+    /// record to emit; `None` for a re-delivery (after a seek) or a record past the end.
+    fn take(&mut self, partition: i32, offset: i64) -> Option<(i32, i64, Epoch)> {
+        let state = self.partitions.get_mut(&partition)?;
         if state.finished() || offset < state.next {
-            return None; // beyond the stop offset, or a re-delivery after a seek
+            return None;
         }
         state.next = offset + 1;
         self.cursor = partition + 1;
@@ -419,5 +426,60 @@ fn skip_control_records<C: ConsumerContext>(
         {
             state.next = state.next.max(position);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reader(ranges: &[(i32, i64, Option<i64>)], max_backlog: usize) -> Reader {
+        let ranges: Vec<PartitionRange> =
+            ranges.iter().map(|&(partition, start, end)| PartitionRange { partition, start, end }).collect();
+        Reader::new(&ranges, EpochPolicy::Offsets { records: 10 }, max_backlog)
+    }
+
+    #[test]
+    fn reads_the_least_next_epoch_first_and_round_robin_among_equals() {
+        // Partition 0 is at epoch 2 (offset 25), 1 and 2 at epoch 0, 3 is finished.
+        let mut r = reader(&[(0, 25, None), (1, 3, None), (2, 7, None), (3, 5, Some(5))], 100);
+        let none = BTreeSet::new();
+        assert_eq!(r.next_to_read(None, &none), Some(1));
+        assert_eq!(r.take(1, 3), Some((1, 3, 0)));
+        // After 1, its equal 2 comes next; then 1 again.
+        assert_eq!(r.next_to_read(None, &none), Some(2));
+        assert_eq!(r.take(2, 7), Some((2, 7, 0)));
+        assert_eq!(r.next_to_read(None, &none), Some(1));
+        // An idle partition is passed over in this activation.
+        assert_eq!(r.next_to_read(None, &BTreeSet::from([1])), Some(2));
+        assert_eq!(r.least_epoch(), Some(0));
+        let unread: Vec<i32> = r.unread(0).iter().map(|u| u.partition).collect();
+        assert_eq!(unread, vec![1, 2]);
+    }
+
+    #[test]
+    fn a_full_backlog_reads_only_partitions_at_its_oldest_epoch() {
+        let r = reader(&[(0, 25, None), (1, 13, None)], 4);
+        let none = BTreeSet::new();
+        // Under the bound: the least epoch (1, partition 1).
+        assert_eq!(r.next_to_read(Some((3, Some(2))), &none), Some(1));
+        // At the bound with the backlog's oldest record of epoch 2: both may go (1 first).
+        assert_eq!(r.next_to_read(Some((4, Some(2))), &none), Some(1));
+        // Oldest epoch 1: only partition 1, whose next record is of epoch 1, can complete it.
+        assert_eq!(r.next_to_read(Some((4, Some(1))), &BTreeSet::from([1])), None);
+        // Oldest epoch 0 (another partition's record in flight): nothing is read.
+        assert_eq!(r.next_to_read(Some((9, Some(0))), &none), None);
+    }
+
+    #[test]
+    fn re_deliveries_and_records_past_the_end_are_not_taken() {
+        let mut r = reader(&[(0, 10, Some(12))], 100);
+        assert_eq!(r.take(0, 9), None, "before the start: a re-delivery after a seek");
+        assert_eq!(r.take(0, 10), Some((0, 10, 1)));
+        assert_eq!(r.take(0, 10), None, "the same record again");
+        assert_eq!(r.take(0, 11), Some((0, 11, 1)));
+        assert_eq!(r.take(0, 12), None, "past the end");
+        assert_eq!(r.least_epoch(), None, "every partition finished");
+        assert_eq!(r.next_to_read(None, &BTreeSet::new()), None);
     }
 }
