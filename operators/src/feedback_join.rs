@@ -288,6 +288,54 @@ pub fn feedback_join<'scope>(
     Joined { examples, dead_letters: late.concat(never) }
 }
 
+/// Joins unlabelled featured records to their labels from a feedback stream; see the module doc.
+pub trait FeedbackJoin<'scope> {
+    /// Each record labelled by `feedback` within `retention` epochs (either way) as a labelled
+    /// example; feedback too late, or for an id never seen, as dead letters.
+    ///
+    /// ```
+    /// use dlpipe_operators::{Featured, Feedback, FeedbackJoin, ImageRecord};
+    /// use timely::dataflow::operators::capture::{Capture, Event};
+    /// use timely::dataflow::operators::vec::ToStream;
+    /// use timely::dataflow::operators::Inspect;
+    ///
+    /// let examples = timely::example(|scope| {
+    ///     let record = ImageRecord {
+    ///         id: "cat-1".into(), uri: "mem://cat".into(), label: None, partition: 0, offset: 7, kafka_ts_ms: None,
+    ///     };
+    ///     let featured = vec![Featured { record, features: vec![0.5, 0.25], logits: None }].to_stream(scope);
+    ///     let label = Feedback { id: "cat-1".into(), label: "cat".into(), ts_ms: 1, partition: 0, offset: 0 };
+    ///     let feedback = vec![label].to_stream(scope);
+    ///     let joined = featured.feedback_join(feedback, 4, Default::default());
+    ///     joined.dead_letters.inspect(|d| panic!("nothing is late or unknown: {d:?}"));
+    ///     joined.examples.capture()
+    /// });
+    /// let labelled: Vec<_> = examples
+    ///     .try_iter()
+    ///     .flat_map(|event| if let Event::Messages(_, x) = event { x } else { Vec::new() })
+    ///     .collect();
+    /// assert_eq!(labelled.len(), 1);
+    /// assert_eq!((labelled[0].label.as_str(), labelled[0].offset), ("cat", 7));
+    /// ```
+    fn feedback_join(
+        self,
+        feedback: StreamVec<'scope, Epoch, Feedback>,
+        retention: Epoch,
+        metrics: FeedbackJoinMetrics,
+    ) -> Joined<'scope>;
+}
+
+impl<'scope> FeedbackJoin<'scope> for StreamVec<'scope, Epoch, Featured> {
+    fn feedback_join(
+        self,
+        feedback: StreamVec<'scope, Epoch, Feedback>,
+        retention: Epoch,
+        metrics: FeedbackJoinMetrics,
+    ) -> Joined<'scope> {
+        feedback_join(self, feedback, retention, metrics)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

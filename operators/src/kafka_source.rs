@@ -121,6 +121,28 @@ impl FromMessage for Feedback {
 /// Setting `stop` makes the source drop its capability and read no more: the dataflow then
 /// drains what is in flight, publishes it, commits, and completes (a graceful shutdown).
 /// `metrics.consumed` counts the messages taken, by partition.
+///
+/// ```no_run
+/// use dlpipe_operators::{kafka_source, AssignedConsumer, EpochPolicy, ImageRecord, PartitionRange, SourceSpec};
+/// use rdkafka::config::ClientConfig;
+/// use rdkafka::consumer::BaseConsumer;
+/// use std::sync::Arc;
+/// use timely::dataflow::operators::Inspect;
+///
+/// timely::execute_directly(|worker| {
+///     let consumer: BaseConsumer =
+///         ClientConfig::new().set("bootstrap.servers", "127.0.0.1:9092").set("group.id", "g").create().unwrap();
+///     // Partition 0 of "images" from offset 0 to its offset 100, ten offsets an epoch.
+///     let partitions = vec![PartitionRange { partition: 0, start: 0, end: Some(100) }];
+///     let assigned = AssignedConsumer::assign(Arc::new(consumer), "images", &partitions).unwrap();
+///     let epochs = EpochPolicy::Offsets { records: 10 };
+///     let spec = SourceSpec { topic: "images".into(), partitions, epochs, max_backlog: 1000, max_poll: 256 };
+///     worker.dataflow::<u64, _, _>(|scope| {
+///         kafka_source::<ImageRecord, _>(scope, assigned, spec, Default::default(), Default::default(), Default::default())
+///             .inspect(|record| println!("{record:?}"));
+///     });
+/// });
+/// ```
 pub fn kafka_source<'scope, R: FromMessage, C: ConsumerContext + 'static>(
     scope: Scope<'scope, Epoch>,
     consumer: AssignedConsumer<C>,

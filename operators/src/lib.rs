@@ -47,7 +47,7 @@ pub use backlog::{Backlog, SharedBacklog, Waiting};
 pub use checkpoint::{checkpoint, CheckpointStore, WriteError};
 pub use error::OperatorError;
 pub use featurize::{featurize, Batching, Featurize, ModelRow};
-pub use feedback_join::feedback_join;
+pub use feedback_join::{feedback_join, FeedbackJoin, Joined};
 pub use fetch_decode::{fetch_decode, ByteBudget, FetchDecode, Prepare, PrepareError};
 pub use kafka_sink::{kafka_sink, Delivery, FeaturesOutput, KafkaSink, SinkContext, SinkSpec, TxnProducer};
 pub use kafka_source::{
