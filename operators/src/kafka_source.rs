@@ -1,10 +1,9 @@
-//! `kafka_source`: image records from a Kafka topic into the dataflow.
+//! `kafka_source`: records from a Kafka topic into the dataflow.
 //!
-//! **In:** nothing from the dataflow; messages of the partitions that the caller assigned to
-//! this worker's consumer (a static, deterministic assignment: partition p to worker
-//! p mod workers, so every partition is read by exactly one worker of all processes).
-//! **Out:** per message, `Ok(ImageRecord)` or `Err(DeadLetter)` for a payload that is not a
-//! valid record, at the message's epoch.
+//! **In:** messages of the partitions the caller assigned to this worker's consumer (partition
+//! p to worker p mod workers: each partition is read by exactly one worker of all processes).
+//! **Out:** per message, the record it holds ([`FromMessage`]: an `ImageRecord`, a `Feedback`)
+//! or the `DeadLetter` of a payload that is not one, at the message's epoch.
 //! **Progress:** the operator holds one capability, at the least epoch a future message can
 //! have. With [`EpochPolicy::Time`] that is the current wall-clock slice; with
 //! [`EpochPolicy::Offsets`] it is the least of `next_offset / records` over the partitions that

@@ -1,15 +1,12 @@
 //! Exactly-once delivery: outputs and the input offsets they answer commit together in Kafka
 //! transactions.
 //!
-//! **Transactions:** outputs wait in memory until their epoch is complete (the input frontier
-//! has passed it). Then one transaction takes every complete epoch: their outputs, and
-//! (`send_offsets_to_transaction`) the next offset of each of their partitions for the
-//! consumer group. Consumers reading with `isolation.level=read_committed` (librdkafka's
-//! default, `dlpipe tail`'s) see each output exactly once: a crash aborts the open transaction,
-//! and the restart reads from the committed offsets. The producer's `transactional.id` belongs
-//! to the worker, so a restarted worker fences its predecessor (a zombie's commit fails). The
-//! commit blocks the worker thread until the broker has the transaction (milliseconds on a
-//! local broker): that, and the outputs waiting for their epoch, is the price of exactly-once.
+//! **Transactions:** outputs wait in the ledger until their epoch is closed; then one
+//! transaction takes every closed epoch's outputs and the next offset of each of their
+//! partitions for the group. A `read_committed` consumer sees each output once: a crash
+//! aborts the open transaction, and the restart reads from the committed offsets. The
+//! `transactional.id` is the worker's, so a restarted worker fences its predecessor. The
+//! commit blocks the worker thread for the broker's round trip: the price of exactly-once.
 //!
 //! **Open epochs** (`SinkSpec::partial_commit_after`): an epoch stays open until every
 //! partition of every worker has passed it, which with offset epochs a quiet partition can
