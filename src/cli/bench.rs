@@ -44,7 +44,7 @@ pub struct BenchArgs {
     /// Timely workers of the pipeline benchmark.
     #[arg(long, default_value_t = 1)]
     workers: usize,
-    /// DeliveryGuarantee modes of the pipeline benchmark, each timed for throughput (a backlog of
+    /// Delivery guarantees of the pipeline benchmark, each timed for throughput (a backlog of
     /// RECORDS) and for latency (a paced stream).
     #[arg(long, value_delimiter = ',', default_values_t = [DeliveryGuarantee::AtLeastOnce])]
     delivery: Vec<DeliveryGuarantee>,
