@@ -23,18 +23,28 @@
 //! of the epochs before e, as it would have been had the record come in time. Copies are
 //! dropped once the records frontier has passed them. At most [`MAX_FROZEN`] are kept: past
 //! that, learning waits for the late records as it did before (memory stays bounded, and
-//! nothing changes but when). After each activation the head is told
-//! the frontier its state corresponds to ([`Head::learned_through`]), which is what
-//! checkpoints are cut at.
+//! nothing changes but when).
+//!
+//! **States** ([`learn_predict_states`], for a [`Learner`]): a second output carries the
+//! head's states. The operator holds a capability there at the learned frontier (every
+//! labelled example of the epochs before it learned, none of later ones), downgraded as that
+//! frontier advances; each time it does, the head may give its state
+//! ([`Learner::learned_through`]), sent at that frontier. Once the labelled input is done and
+//! learned the frontier is `Epoch::MAX`: the final state is sent there and the capability
+//! dropped. So the states' frontier is the learned frontier, which is what checkpoints are cut
+//! at.
 
 use crate::metrics::LearnPredictMetrics;
 use crate::records::{ClassScore, Epoch, Featured, LabelledExample, Prediction};
 use std::collections::BTreeMap;
 use std::time::Instant;
+use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Pipeline;
-use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::operators::generic::{OutputBuilder, OutputBuilderSession};
 use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
+use timely::progress::Antichain;
 
 /// Frozen copies of the classifier kept at most (one per epoch learned while a record may still
 /// come late): 32 s of learning ahead of a late record with 1 s epochs, more than the 15 s a
@@ -59,11 +69,26 @@ pub trait Head: Predict {
     fn freeze(&self) -> Self::Frozen;
     /// Learns one epoch's labelled examples, given in (partition, offset) order.
     fn learn(&mut self, epoch: Epoch, examples: &[LabelledExample]);
+}
+
+/// A head whose states are checkpointed: [`learn_predict_states`] sends them on.
+pub trait Learner: Head {
+    /// What a checkpoint at a learned frontier holds.
+    type State: Clone + 'static;
     /// Says that the head has now learned every example of the epochs before `frontier` and
-    /// none of later epochs: its state is the state after those epochs (what a checkpoint at
-    /// `frontier` holds). Called after each activation; `frontier` never decreases, and is
-    /// `Epoch::MAX` once the labelled input is done and learned.
-    fn learned_through(&mut self, _frontier: Epoch) {}
+    /// none of later epochs, and returns its state then if one is due for a checkpoint (the
+    /// head decides how often; at `Epoch::MAX`, the end, one should always be). Called each
+    /// time the learned frontier advances.
+    fn learned_through(&mut self, frontier: Epoch) -> Option<Self::State>;
+}
+
+/// What [`learn_predict_states`] gives.
+pub struct Learned<'scope, S> {
+    /// One per featured record, at its epoch.
+    pub predictions: StreamVec<'scope, Epoch, Prediction>,
+    /// The head's states, each at its learned frontier; the stream's frontier is the learned
+    /// frontier.
+    pub states: StreamVec<'scope, Epoch, S>,
 }
 
 /// `metrics` counts predictions, times each epoch's predictions and learning, and gauges the
@@ -71,94 +96,176 @@ pub trait Head: Predict {
 pub fn learn_predict<'scope, H: Head>(
     featured: StreamVec<'scope, Epoch, Featured>,
     labelled: StreamVec<'scope, Epoch, LabelledExample>,
-    mut head: H,
+    head: H,
     top_k: usize,
     metrics: LearnPredictMetrics,
 ) -> StreamVec<'scope, Epoch, Prediction> {
-    featured.binary_frontier(labelled, Pipeline, Pipeline, "LearnPredict", move |_default_cap, _info| {
-        let mut records: BTreeMap<Epoch, (Capability<Epoch>, Vec<Featured>)> = BTreeMap::new();
-        let mut examples: BTreeMap<Epoch, Vec<LabelledExample>> = BTreeMap::new();
-        // The head as it was before learning epoch l, under l, while records of epoch l or
-        // earlier may still come.
-        let mut frozen: BTreeMap<Epoch, H::Frozen> = BTreeMap::new();
-        move |(input1, frontier1), (input2, frontier2), output| {
+    build(featured, labelled, head, |_: &mut H, _| None::<()>, top_k, metrics).predictions
+}
+
+/// [`learn_predict()`], and the head's states as it learns (see the module's doc).
+pub fn learn_predict_states<'scope, H: Learner>(
+    featured: StreamVec<'scope, Epoch, Featured>,
+    labelled: StreamVec<'scope, Epoch, LabelledExample>,
+    head: H,
+    top_k: usize,
+    metrics: LearnPredictMetrics,
+) -> Learned<'scope, H::State> {
+    build(featured, labelled, head, H::learned_through, top_k, metrics)
+}
+
+/// The operator, with `state_at` for the head's state at a learned frontier.
+fn build<'scope, H: Head, S: Clone + 'static>(
+    featured: StreamVec<'scope, Epoch, Featured>,
+    labelled: StreamVec<'scope, Epoch, LabelledExample>,
+    head: H,
+    mut state_at: impl FnMut(&mut H, Epoch) -> Option<S> + 'static,
+    top_k: usize,
+    metrics: LearnPredictMetrics,
+) -> Learned<'scope, S> {
+    let mut builder = OperatorBuilder::new("LearnPredict".to_owned(), featured.scope());
+    let mut input1 = builder.new_input(featured, Pipeline);
+    let mut input2 = builder.new_input(labelled, Pipeline);
+    let (predicted, predictions) = builder.new_output();
+    // The states are of the labels only: a record that may still come holds back no state.
+    let (stated, states) = builder.new_output_connection([(1, Antichain::from_elem(0))]);
+    let mut predicted = OutputBuilder::<_, CapacityContainerBuilder<Vec<Prediction>>>::from(predicted);
+    let mut stated = OutputBuilder::<_, CapacityContainerBuilder<Vec<S>>>::from(stated);
+    builder.build(move |mut capabilities| {
+        // The states' capability, at the learned frontier. The predictions' is not needed:
+        // each epoch's records keep a capability of their own.
+        let mut at_learned = capabilities.pop();
+        let mut learning = Learning {
+            head,
+            top_k,
+            metrics,
+            records: BTreeMap::new(),
+            examples: BTreeMap::new(),
+            frozen: BTreeMap::new(),
+        };
+        move |frontiers| {
             input1.for_each_stamp(|cap, data| {
                 let Some(cap) = cap.retain_least(0) else { return };
-                let entry = records.entry(*cap.time()).or_insert_with(|| (cap, Vec::new()));
+                let entry = learning.records.entry(*cap.time()).or_insert_with(|| (cap, Vec::new()));
                 for batch in data {
                     entry.1.append(batch);
                 }
             });
             input2.for_each_stamp(|cap, data| {
                 let Some(&epoch) = cap.least() else { return };
-                let entry = examples.entry(epoch).or_default();
+                let entry = learning.examples.entry(epoch).or_default();
                 for batch in data {
                     entry.append(batch);
                 }
             });
             // Epochs below `labels_done` have all their labelled examples here; records of
             // epochs at or after `records_done` may still come.
-            let labels_done = frontier2.frontier().first().copied().unwrap_or(Epoch::MAX);
-            let records_done = frontier1.frontier().first().copied().unwrap_or(Epoch::MAX);
-            loop {
-                let next_records = records.keys().next().copied();
-                let next_examples = examples.keys().next().copied();
-                // Records of epoch e: once every earlier epoch's examples are in and applied.
-                if let Some(e) = next_records {
-                    if e <= labels_done && next_examples.is_none_or(|l| l >= e) {
-                        let (cap, batch) = records.remove(&e).expect("key exists");
-                        let started = Instant::now();
-                        metrics.predicted.inc_by(batch.len() as u64);
-                        // Learned past e already (the records came late): the copy of the head
-                        // of the epochs before e.
-                        let predictor: &mut dyn Predict = match frozen.range_mut(e..).next() {
-                            Some((_, copy)) => copy,
-                            None => &mut head,
-                        };
-                        let version = predictor.version();
-                        let now = crate::records::now_ms();
-                        let mut session = output.session(&cap);
-                        for record in batch {
-                            let top_k = predictor.predict(&record, top_k);
-                            session.give(Prediction {
-                                record: record.record,
-                                top_k,
-                                model_version: version,
-                                predicted_at_ms: now,
-                                features: record.features,
-                            });
-                        }
-                        metrics.predict_seconds.observe(started.elapsed().as_secs_f64());
-                        continue;
-                    }
+            let records_done = frontiers[0].frontier().first().copied().unwrap_or(Epoch::MAX);
+            let labels_done = frontiers[1].frontier().first().copied().unwrap_or(Epoch::MAX);
+            let learned = learning.run(labels_done, records_done, &mut predicted.activate());
+            if let Some(cap) = at_learned.as_mut().filter(|cap| *cap.time() < learned) {
+                cap.downgrade(&learned);
+                if let Some(state) = state_at(&mut learning.head, learned) {
+                    stated.activate().session(cap).give(state);
                 }
-                // Examples of epoch l: once complete, once the records of epochs <= l that are
-                // here are predicted, and while a copy may still be kept for records to come.
-                if let Some(l) = next_examples {
-                    let may_learn_ahead = records_done > l || frozen.len() < MAX_FROZEN;
-                    if l < labels_done && next_records.is_none_or(|e| e > l) && may_learn_ahead {
-                        if records_done <= l {
-                            frozen.insert(l, head.freeze());
-                        }
-                        let mut batch = examples.remove(&l).expect("key exists");
-                        batch.sort_by_key(|x| (x.partition, x.offset));
-                        let started = Instant::now();
-                        head.learn(l, &batch);
-                        metrics.learn_seconds.observe(started.elapsed().as_secs_f64());
-                        continue;
-                    }
+                if learned == Epoch::MAX {
+                    at_learned = None;
                 }
-                break;
             }
-            // A record still to come has an epoch of at least `records_done`: it needs no copy
-            // kept under an earlier epoch.
-            frozen = frozen.split_off(&records_done);
-            let pending = examples.keys().next().copied().unwrap_or(Epoch::MAX);
-            head.learned_through(labels_done.min(pending));
-            metrics.waiting.set(records.values().map(|(_, r)| r.len() as i64).sum());
-            metrics.frozen.set(frozen.len() as i64);
         }
-    })
+    });
+    Learned { predictions, states }
+}
+
+/// What the operator holds between activations.
+struct Learning<H: Head> {
+    head: H,
+    top_k: usize,
+    metrics: LearnPredictMetrics,
+    /// Records by epoch, with a capability to predict them at it.
+    records: BTreeMap<Epoch, (Capability<Epoch>, Vec<Featured>)>,
+    /// Labelled examples by epoch, not yet learned.
+    examples: BTreeMap<Epoch, Vec<LabelledExample>>,
+    /// The head as it was before learning epoch l, under l, while records of epoch l or
+    /// earlier may still come.
+    frozen: BTreeMap<Epoch, H::Frozen>,
+}
+
+/// Where predictions go.
+type Predictions<'a> = OutputBuilderSession<'a, Epoch, CapacityContainerBuilder<Vec<Prediction>>>;
+
+impl<H: Head> Learning<H> {
+    /// Predicts and learns what can be, in order; returns the learned frontier.
+    fn run(&mut self, labels_done: Epoch, records_done: Epoch, output: &mut Predictions) -> Epoch {
+        loop {
+            let next_records = self.records.keys().next().copied();
+            let next_examples = self.examples.keys().next().copied();
+            // Records of epoch e: once every earlier epoch's examples are in and applied.
+            if let Some(e) = next_records {
+                if e <= labels_done && next_examples.is_none_or(|l| l >= e) {
+                    self.predict(e, output);
+                    continue;
+                }
+            }
+            // Examples of epoch l: once complete, once the records of epochs <= l that are
+            // here are predicted, and while a copy may still be kept for records to come.
+            if let Some(l) = next_examples {
+                let may_learn_ahead = records_done > l || self.frozen.len() < MAX_FROZEN;
+                if l < labels_done && next_records.is_none_or(|e| e > l) && may_learn_ahead {
+                    self.learn(l, records_done);
+                    continue;
+                }
+            }
+            break;
+        }
+        // A record still to come has an epoch of at least `records_done`: it needs no copy
+        // kept under an earlier epoch.
+        self.frozen = self.frozen.split_off(&records_done);
+        self.metrics.waiting.set(self.records.values().map(|(_, r)| r.len() as i64).sum());
+        self.metrics.frozen.set(self.frozen.len() as i64);
+        let pending = self.examples.keys().next().copied().unwrap_or(Epoch::MAX);
+        labels_done.min(pending)
+    }
+
+    /// Predicts the records of epoch `e`.
+    fn predict(&mut self, e: Epoch, output: &mut Predictions) {
+        let (cap, batch) = self.records.remove(&e).expect("key exists");
+        let started = Instant::now();
+        self.metrics.predicted.inc_by(batch.len() as u64);
+        // Learned past e already (the records came late): the copy of the head of the epochs
+        // before e.
+        let predictor: &mut dyn Predict = match self.frozen.range_mut(e..).next() {
+            Some((_, copy)) => copy,
+            None => &mut self.head,
+        };
+        let version = predictor.version();
+        let now = crate::records::now_ms();
+        let mut session = output.session(&cap);
+        for record in batch {
+            let top_k = predictor.predict(&record, self.top_k);
+            session.give(Prediction {
+                record: record.record,
+                top_k,
+                model_version: version,
+                predicted_at_ms: now,
+                features: record.features,
+            });
+        }
+        self.metrics.predict_seconds.observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Learns the examples of epoch `l`, first freezing the head if records of epoch `l` or
+    /// earlier may still come.
+    fn learn(&mut self, l: Epoch, records_done: Epoch) {
+        if records_done <= l {
+            self.frozen.insert(l, self.head.freeze());
+        }
+        let mut batch = self.examples.remove(&l).expect("key exists");
+        batch.sort_by_key(|x| (x.partition, x.offset));
+        let started = Instant::now();
+        self.head.learn(l, &batch);
+        self.metrics.learn_seconds.observe(started.elapsed().as_secs_f64());
+    }
 }
 
 /// A head shared with the code that built the dataflow (to read its metrics, snapshot it at
@@ -183,8 +290,12 @@ impl<H: Head> Head for std::rc::Rc<std::cell::RefCell<H>> {
     fn learn(&mut self, epoch: Epoch, examples: &[LabelledExample]) {
         self.borrow_mut().learn(epoch, examples)
     }
+}
 
-    fn learned_through(&mut self, frontier: Epoch) {
+impl<H: Learner> Learner for std::rc::Rc<std::cell::RefCell<H>> {
+    type State = H::State;
+
+    fn learned_through(&mut self, frontier: Epoch) -> Option<H::State> {
         self.borrow_mut().learned_through(frontier)
     }
 }
@@ -245,6 +356,16 @@ pub trait LearnPredict<'scope> {
         top_k: usize,
         metrics: LearnPredictMetrics,
     ) -> StreamVec<'scope, Epoch, Prediction>;
+
+    /// As [`learn_predict`](LearnPredict::learn_predict), and gives the head's states too,
+    /// each at its learned frontier (see the module's doc).
+    fn learn_predict_states<H: Learner>(
+        self,
+        labelled: StreamVec<'scope, Epoch, LabelledExample>,
+        head: H,
+        top_k: usize,
+        metrics: LearnPredictMetrics,
+    ) -> Learned<'scope, H::State>;
 }
 
 impl<'scope> LearnPredict<'scope> for StreamVec<'scope, Epoch, Featured> {
@@ -257,6 +378,16 @@ impl<'scope> LearnPredict<'scope> for StreamVec<'scope, Epoch, Featured> {
     ) -> StreamVec<'scope, Epoch, Prediction> {
         learn_predict(self, labelled, head, top_k, metrics)
     }
+
+    fn learn_predict_states<H: Learner>(
+        self,
+        labelled: StreamVec<'scope, Epoch, LabelledExample>,
+        head: H,
+        top_k: usize,
+        metrics: LearnPredictMetrics,
+    ) -> Learned<'scope, H::State> {
+        learn_predict_states(self, labelled, head, top_k, metrics)
+    }
 }
 
 #[cfg(test)]
@@ -266,7 +397,8 @@ mod tests {
     use crate::records::ImageRecord;
     use std::cell::RefCell;
     use std::rc::Rc;
-    use timely::dataflow::operators::{Concat, Inspect};
+    use timely::dataflow::operators::probe::Handle as ProbeHandle;
+    use timely::dataflow::operators::{Concat, Inspect, Probe};
     use timely::dataflow::{InputHandle, InputHandleVec};
 
     /// A head whose predictions name its version: the labels it has learned, in order.
@@ -294,6 +426,15 @@ mod tests {
         }
     }
 
+    /// Its state is its labels, given at every learned frontier.
+    impl Learner for Labels {
+        type State = String;
+
+        fn learned_through(&mut self, _frontier: Epoch) -> Option<String> {
+            Some(self.0.join(","))
+        }
+    }
+
     fn record(id: &str, offset: i64) -> Featured {
         let record =
             ImageRecord { id: id.into(), uri: format!("u/{id}"), label: None, partition: 0, offset, kafka_ts_ms: None };
@@ -307,14 +448,28 @@ mod tests {
         LabelledExample { partition: 1, offset, label: label.into(), features: vec![0.0] }
     }
 
-    /// `learn_predict` with a `Labels` head, fed by three inputs: records on time, records that
-    /// come late, and labelled examples; what it predicts, and its gauge of frozen copies.
+    /// `learn_predict_states` with a `Labels` head, fed by three inputs: records on time,
+    /// records that come late, and labelled examples; what it predicts, its gauge of frozen
+    /// copies, the states it gives (with their times) and their frontier.
     struct Harness {
         on_time: InputHandleVec<Epoch, Featured>,
         late: InputHandleVec<Epoch, Featured>,
         labels: InputHandleVec<Epoch, LabelledExample>,
         predicted: Rc<RefCell<Vec<Seen>>>,
         frozen: prometheus::IntGauge,
+        states: Rc<RefCell<Vec<(Epoch, String)>>>,
+        learned: ProbeHandle<Epoch>,
+    }
+
+    impl Harness {
+        /// The states' frontier (`None` once empty).
+        fn learned(&self) -> Option<Epoch> {
+            self.learned.with_frontier(|f| f.first().copied())
+        }
+
+        fn last_state(&self) -> Option<(Epoch, String)> {
+            self.states.borrow().last().cloned()
+        }
     }
 
     fn harness(worker: &mut timely::worker::Worker) -> Harness {
@@ -323,26 +478,78 @@ mod tests {
         let metrics = LearnPredictMetrics::default();
         let frozen = metrics.frozen.clone();
         let seen = Rc::clone(&predicted);
-        worker.dataflow::<Epoch, _, _>(|scope| {
+        let states: Rc<RefCell<Vec<(Epoch, String)>>> = Rc::default();
+        let given = Rc::clone(&states);
+        let learned = worker.dataflow::<Epoch, _, _>(|scope| {
             let records = on_time.to_stream(scope).concat(late.to_stream(scope));
-            learn_predict(records, labels.to_stream(scope), Labels(Vec::new()), 1, metrics).inspect_core(
-                move |event| {
-                    let Ok((stamp, batch)) = event else { return };
-                    let epoch = *stamp.least().expect("a stamped batch");
-                    for p in batch {
-                        let class = p.top_k.first().map(|c| c.class.clone()).unwrap_or_default();
-                        seen.borrow_mut().push((epoch, p.record.id.clone(), p.model_version, class));
-                    }
-                },
-            );
+            let out = learn_predict_states(records, labels.to_stream(scope), Labels(Vec::new()), 1, metrics);
+            out.predictions.inspect_core(move |event| {
+                let Ok((stamp, batch)) = event else { return };
+                let epoch = *stamp.least().expect("a stamped batch");
+                for p in batch {
+                    let class = p.top_k.first().map(|c| c.class.clone()).unwrap_or_default();
+                    seen.borrow_mut().push((epoch, p.record.id.clone(), p.model_version, class));
+                }
+            });
+            let states = out.states.inspect_core(move |event| {
+                let Ok((stamp, batch)) = event else { return };
+                let at = *stamp.least().expect("a stamped batch");
+                given.borrow_mut().extend(batch.iter().map(|s| (at, s.clone())));
+            });
+            states.probe().0
         });
-        Harness { on_time, late, labels, predicted, frozen }
+        Harness { on_time, late, labels, predicted, frozen, states, learned }
+    }
+
+    #[test]
+    fn the_states_frontier_is_the_learned_frontier_and_a_state_comes_at_each_step_of_it() {
+        timely::execute_directly(|worker| {
+            let mut harness = harness(worker);
+            for _ in 0..5 {
+                worker.step();
+            }
+            assert_eq!(harness.learned(), Some(0));
+            assert_eq!(harness.last_state(), None, "nothing learned, no state");
+            // Epochs 0 and 1 labelled and complete, no records: learned through both.
+            harness.labels.send(example("l0", 0));
+            harness.labels.advance_to(1);
+            harness.labels.send(example("l1", 1));
+            harness.on_time.advance_to(2);
+            harness.late.advance_to(2);
+            harness.labels.advance_to(2);
+            for _ in 0..10 {
+                worker.step();
+            }
+            assert_eq!(harness.learned(), Some(2));
+            assert_eq!(harness.last_state(), Some((2, "l0,l1".to_owned())));
+            // Epoch 2's example is here, its labels not complete: the frontier stays.
+            harness.labels.send(example("l2", 2));
+            for _ in 0..10 {
+                worker.step();
+            }
+            assert_eq!(harness.learned(), Some(2));
+            harness.labels.advance_to(3);
+            for _ in 0..10 {
+                worker.step();
+            }
+            assert_eq!(harness.learned(), Some(3));
+            assert_eq!(harness.last_state(), Some((3, "l0,l1,l2".to_owned())));
+            // The end: the final state at Epoch::MAX, then the states' frontier is empty.
+            let Harness { on_time, late, labels, states, learned, .. } = harness;
+            on_time.close();
+            late.close();
+            labels.close();
+            while worker.step() {}
+            assert_eq!(states.borrow().last().cloned(), Some((Epoch::MAX, "l0,l1,l2".to_owned())));
+            assert_eq!(states.borrow().len(), 3);
+            assert!(learned.done());
+        });
     }
 
     #[test]
     fn a_late_record_holds_back_no_other_prediction_and_is_predicted_by_the_classifier_of_its_epoch() {
         timely::execute_directly(|worker| {
-            let Harness { mut on_time, mut late, mut labels, predicted, frozen } = harness(worker);
+            let Harness { mut on_time, mut late, mut labels, predicted, frozen, .. } = harness(worker);
             // Epochs 0 to 3 on time, each with a record and a label; the record `late` of
             // epoch 1 has not come yet: its input stays at epoch 1.
             late.advance_to(1);
@@ -386,7 +593,7 @@ mod tests {
     #[test]
     fn past_max_frozen_copies_learning_waits_for_the_late_record() {
         timely::execute_directly(|worker| {
-            let Harness { mut on_time, mut late, mut labels, predicted, frozen } = harness(worker);
+            let Harness { mut on_time, mut late, mut labels, predicted, frozen, states, learned } = harness(worker);
             let epochs = MAX_FROZEN as u64 + 10;
             late.advance_to(1);
             for epoch in 0..epochs {
@@ -404,6 +611,11 @@ mod tests {
             // records of epochs up to MAX_FROZEN + 1 are predicted, the later ones wait.
             assert_eq!(frozen.get(), MAX_FROZEN as i64);
             assert_eq!(predicted.borrow().len(), MAX_FROZEN + 2);
+            // The states' frontier is the learned frontier, not the labels' frontier (`epochs`).
+            let through = MAX_FROZEN as u64 + 1;
+            assert_eq!(learned.with_frontier(|f| f.first().copied()), Some(through));
+            let (at, labels_learned) = states.borrow().last().cloned().expect("a state");
+            assert_eq!((at, labels_learned.split(',').count() as u64), (through, through));
             late.send(record("late", 99));
             late.close();
             on_time.close();
@@ -413,6 +625,9 @@ mod tests {
             assert_eq!(predicted.len(), epochs as usize + 1);
             assert!(predicted.iter().all(|(e, id, version, _)| *version == if id == "late" { 1 } else { *e }));
             assert_eq!(frozen.get(), 0);
+            let (at, labels_learned) = states.borrow().last().cloned().expect("a state");
+            assert_eq!((at, labels_learned.split(',').count() as u64), (Epoch::MAX, epochs));
+            assert!(learned.done());
         });
     }
 }

@@ -7,9 +7,9 @@
 //! | [`featurize()`] | `Decoded` | `Featured` or `DeadLetter` |
 //! | [`kafka_feedback_source()`] | the feedback topic's partitions | `Feedback` or `DeadLetter` |
 //! | [`feedback_join()`] | unlabelled `Featured`, `Feedback` | `LabelledExample`, `DeadLetter` |
-//! | [`learn_predict()`] | `Featured`, broadcast `LabelledExample` | `Prediction` |
+//! | [`learn_predict()`] | `Featured`, broadcast `LabelledExample` | `Prediction`; the learner's states ([`learn_predict_states()`]) |
 //! | [`kafka_sink()`] | `Outcome` | `Position`s as epochs are published, at least or exactly once ([`Delivery`]) |
-//! | [`checkpoint()`] | `Position` (to worker 0) | checkpointed progress; writes checkpoints |
+//! | [`checkpoint()`] | `Position` (to worker 0), the learner's states | checkpointed progress; writes checkpoints |
 //!
 //! Beside the operators:
 //!
@@ -53,7 +53,7 @@ pub use kafka_sink::{kafka_sink, Delivery, FeaturesOutput, KafkaSink, SinkContex
 pub use kafka_source::{
     kafka_feedback_source, kafka_source, AssignedConsumer, EpochPolicy, FromMessage, PartitionRange, SourceSpec,
 };
-pub use learn_predict::{learn_predict, Head, LearnPredict, Predict};
+pub use learn_predict::{learn_predict, learn_predict_states, Head, LearnPredict, Learned, Learner, Predict};
 pub use metrics::{
     CounterByLabel, FeaturizeMetrics, FeedbackJoinMetrics, FetchDecodeMetrics, LearnPredictMetrics, SinkMetrics,
     SourceMetrics,

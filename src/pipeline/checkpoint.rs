@@ -16,7 +16,7 @@
 //! offset are learned but not published again. So every labelled record is learned exactly
 //! once across restarts, however the run stopped.
 
-use super::heads::{LearnerState, OnlineLrHead};
+use super::heads::LearnerState;
 use super::PipelineError;
 use crate::config::KafkaConfig;
 use crate::kafka::{client_config, with_retry};
@@ -31,10 +31,8 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -259,11 +257,10 @@ pub fn writer_producer(kafka: &KafkaConfig, group_id: &str) -> Result<BaseProduc
     Ok(producer)
 }
 
-/// Writes worker 0's checkpoints: takes the learner's states from its head, and in one Kafka
-/// transaction sends each to the model topic and (at-least-once delivery) commits the group's
-/// published offsets; then writes the files.
+/// Writes worker 0's checkpoints, of the learner's states the `checkpoint` operator cuts: in
+/// one Kafka transaction sends each to the model topic and (at-least-once delivery) commits the
+/// group's published offsets; then writes the files.
 pub struct CheckpointWriter {
-    pub head: Rc<RefCell<OnlineLrHead>>,
     /// Transactional, from [`writer_producer`]; made again from `kafka` when a transaction
     /// can be neither committed nor aborted.
     pub producer: BaseProducer,
@@ -280,15 +277,12 @@ pub struct CheckpointWriter {
     pub files: Option<SnapshotFiles>,
     pub written: prometheus::IntCounter,
     pub write_seconds: prometheus::Histogram,
-    /// The state `due` offered and `write` has not written yet.
-    cut: Option<LearnerState>,
     last_file_version: Option<u64>,
 }
 
 impl CheckpointWriter {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        head: Rc<RefCell<OnlineLrHead>>,
         producer: BaseProducer,
         kafka: KafkaConfig,
         committer: Arc<BaseConsumer<LagContext>>,
@@ -302,7 +296,6 @@ impl CheckpointWriter {
         write_seconds: prometheus::Histogram,
     ) -> CheckpointWriter {
         CheckpointWriter {
-            head,
             producer,
             kafka,
             committer,
@@ -314,7 +307,6 @@ impl CheckpointWriter {
             files,
             written,
             write_seconds,
-            cut: None,
             last_file_version: None,
         }
     }
@@ -410,25 +402,16 @@ impl CheckpointWriter {
 }
 
 impl CheckpointStore for CheckpointWriter {
-    fn due(&mut self, acknowledged: Epoch) -> Option<Epoch> {
-        if let Some(newer) = self.head.borrow_mut().take_state(acknowledged) {
-            self.cut = Some(newer);
-        }
-        self.cut.as_ref().map(|s| s.frontier)
-    }
+    type State = LearnerState;
 
     fn write(
         &mut self,
+        state: &LearnerState,
         frontier: Epoch,
         learned: &BTreeMap<i32, i64>,
         published: &BTreeMap<i32, i64>,
     ) -> Result<(), WriteError> {
         let started = Instant::now();
-        let state = self
-            .cut
-            .take()
-            .filter(|s| s.frontier == frontier)
-            .ok_or_else(|| WriteError::Retry("no learner state at the cut".into()))?;
         let info = CheckpointInfo {
             format_version: FORMAT_VERSION,
             group_id: self.group_id.clone(),
@@ -439,7 +422,7 @@ impl CheckpointStore for CheckpointWriter {
             prequential: state.prequential.state(),
             written_at_ms: dlpipe_operators::records::now_ms(),
         };
-        let bytes = encode(&state, &info, &self.featurizer)
+        let bytes = encode(state, &info, &self.featurizer)
             .map_err(|e| WriteError::Fatal(format!("cannot encode a checkpoint: {e}")))?;
         if bytes.len() > MAX_CHECKPOINT_BYTES {
             return Err(WriteError::Fatal(format!(
@@ -453,10 +436,7 @@ impl CheckpointStore for CheckpointWriter {
             list.add_partition_offset(&self.input_topic, *partition, Offset::Offset(*offset)).expect("valid offset");
         }
         let offsets = (self.commit_offsets && !published.is_empty()).then_some(&list);
-        if let Err(error) = self.send(&bytes, offsets) {
-            self.cut = Some(state);
-            return Err(error);
-        }
+        self.send(&bytes, offsets)?;
         self.write_files(state.model.updates(), &bytes);
         self.written.inc();
         self.write_seconds.observe(started.elapsed().as_secs_f64());

@@ -12,7 +12,7 @@
 // Dead letters travel through the dataflow as data, in `Result`s; boxing them buys nothing.
 #![allow(clippy::result_large_err)]
 
-use super::heads::{ImagenetHead, OnlineLrHead};
+use super::heads::{ImagenetHead, LearnerState, OnlineLrHead};
 use super::kafka::FeedbackReader;
 use super::work::Work;
 use crate::metrics::kafka::LagContext;
@@ -105,7 +105,7 @@ impl Dataflow {
             let lane = |records| lanes.lane(records);
             let (labelled, labelled_dead) = lane(labelled);
             let (unlabelled, unlabelled_dead) = lane(unlabelled);
-            let (predictions, feedback_dead) =
+            let Classified { predictions, states, feedback_dead } =
                 classify(labelled, unlabelled, self.classifier, self.top_k, &stop, metrics.learn_predict);
             let (handle, predictions) = predictions.probe();
             probes.push(("learn_predict", handle));
@@ -117,8 +117,9 @@ impl Dataflow {
             let positions = outcomes.kafka_sink(self.delivery, self.sink, backlog, Rc::clone(&fatal), metrics.sink);
             let (handle, positions) = positions.probe();
             probes.push(("kafka_sink", handle));
-            if let Some(writer) = self.checkpoints {
-                let (handle, _checkpointed) = checkpoint(positions, writer, fatal).probe();
+            // Checkpoints are of the online learner only, which gives states.
+            if let (Some(writer), Some(states)) = (self.checkpoints, states) {
+                let (handle, _checkpointed) = checkpoint(positions, states, writer, fatal).probe();
                 probes.push(("checkpoint", handle));
             }
         });
@@ -164,8 +165,16 @@ impl Lanes<'_> {
     }
 }
 
-/// `learn_predict` with the classifier: its predictions, and with a feedback topic the dead
-/// letters of the feedback source and join.
+/// What `learn_predict` with the classifier gives.
+struct Classified<'scope> {
+    predictions: StreamVec<'scope, Epoch, dlpipe_operators::Prediction>,
+    /// The online learner's states, for checkpoints.
+    states: Option<StreamVec<'scope, Epoch, LearnerState>>,
+    /// With a feedback topic, the dead letters of the feedback source and join.
+    feedback_dead: Option<StreamVec<'scope, Epoch, Outcome>>,
+}
+
+/// `learn_predict` with the classifier.
 fn classify<'scope>(
     labelled: StreamVec<'scope, Epoch, Featured>,
     unlabelled: StreamVec<'scope, Epoch, Featured>,
@@ -173,7 +182,7 @@ fn classify<'scope>(
     top_k: usize,
     stop: &Arc<AtomicBool>,
     metrics: dlpipe_operators::LearnPredictMetrics,
-) -> (StreamVec<'scope, Epoch, dlpipe_operators::Prediction>, Option<StreamVec<'scope, Epoch, Outcome>>) {
+) -> Classified<'scope> {
     let scope = labelled.scope();
     let featured = labelled.clone().concat(unlabelled.clone());
     match classifier {
@@ -194,12 +203,14 @@ fn classify<'scope>(
             // already: replayed only to publish their outputs.
             let examples =
                 examples.filter(move |x| learn_from.get(&x.partition).is_none_or(|from| x.offset >= *from)).broadcast();
-            (featured.learn_predict(examples, head, top_k, metrics), feedback_dead)
+            let learned = featured.learn_predict_states(examples, head, top_k, metrics);
+            Classified { predictions: learned.predictions, states: Some(learned.states), feedback_dead }
         }
         Classifier::Imagenet { class_names } => {
             // Nothing to learn, and no epoch to wait for.
             let nothing = Vec::<LabelledExample>::new().to_stream(scope);
-            (featured.learn_predict(nothing, ImagenetHead { class_names }, top_k, metrics), None)
+            let predictions = featured.learn_predict(nothing, ImagenetHead { class_names }, top_k, metrics);
+            Classified { predictions, states: None, feedback_dead: None }
         }
     }
 }

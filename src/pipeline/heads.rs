@@ -3,8 +3,7 @@
 use crate::learn::{LearnError, Prequential, SoftmaxRegression};
 use crate::metrics::LearnerMetrics;
 use crate::model::top_k;
-use dlpipe_operators::{ClassScore, Epoch, Featured, Head, LabelledExample, Predict};
-use std::collections::VecDeque;
+use dlpipe_operators::{ClassScore, Epoch, Featured, Head, LabelledExample, Learner, Predict};
 
 /// The pretrained model's own classes, from its logits. Learns nothing.
 #[derive(Clone)]
@@ -66,29 +65,22 @@ fn classify(model: &SoftmaxRegression, record: &Featured, k: usize) -> Vec<Class
     }
 }
 
-/// The learner's state at a learned frontier: what a checkpoint at that frontier holds.
+/// The learner's state at a learned frontier (the time it is sent at): what a checkpoint at
+/// that frontier holds.
 #[derive(Clone)]
 pub struct LearnerState {
-    /// Every labelled example of the epochs before this one is learned, none of later ones.
-    pub frontier: Epoch,
     pub model: SoftmaxRegression,
     pub prequential: Prequential,
 }
-
-/// Learner states kept for checkpoints at most this many at a time; the next is taken once
-/// one is written (so a learner far ahead of the acknowledged frontier holds bounded memory).
-const MAX_PENDING_STATES: usize = 4;
 
 /// Online softmax regression on the CNN features, test-then-train.
 pub struct OnlineLrHead {
     pub model: SoftmaxRegression,
     pub metrics: Prequential,
-    /// Keep the learner's state for a checkpoint every this many epochs (0: never).
+    /// Give the learner's state for a checkpoint every this many epochs (0: never).
     checkpoint_every_epochs: u64,
-    /// States kept for checkpoints, oldest first, and the frontier of the newest taken.
-    pending: VecDeque<LearnerState>,
+    /// The learned frontier of the last state given.
     last_state: Option<Epoch>,
-    learned: Epoch,
     /// Labels refused (too many classes, wrong dimension), counted and logged once each.
     pub refused: u64,
     /// Per-class Prometheus counters of what is learned, when the pipeline exports metrics.
@@ -97,25 +89,7 @@ pub struct OnlineLrHead {
 
 impl OnlineLrHead {
     pub fn new(model: SoftmaxRegression, metrics: Prequential, checkpoint_every_epochs: u64) -> OnlineLrHead {
-        OnlineLrHead {
-            model,
-            metrics,
-            checkpoint_every_epochs,
-            pending: VecDeque::new(),
-            last_state: None,
-            learned: 0,
-            refused: 0,
-            counters: None,
-        }
-    }
-
-    /// The newest kept state whose frontier is at most `acknowledged` (older ones are dropped).
-    pub fn take_state(&mut self, acknowledged: Epoch) -> Option<LearnerState> {
-        let mut newest = None;
-        while self.pending.front().is_some_and(|s| s.frontier <= acknowledged) {
-            newest = self.pending.pop_front();
-        }
-        newest
+        OnlineLrHead { model, metrics, checkpoint_every_epochs, last_state: None, refused: 0, counters: None }
     }
 }
 
@@ -176,21 +150,19 @@ impl Head for OnlineLrHead {
         // continues exactly as this learner does.
         self.model.flush();
     }
+}
 
-    fn learned_through(&mut self, frontier: Epoch) {
-        if frontier <= self.learned || self.checkpoint_every_epochs == 0 {
-            return;
+impl Learner for OnlineLrHead {
+    type State = LearnerState;
+
+    fn learned_through(&mut self, frontier: Epoch) -> Option<LearnerState> {
+        let every = self.checkpoint_every_epochs;
+        let due = frontier == Epoch::MAX || self.last_state.is_none_or(|last| frontier - last >= every);
+        if every == 0 || !due {
+            return None;
         }
-        self.learned = frontier;
-        let due = match self.last_state {
-            None => true,
-            Some(last) => frontier == Epoch::MAX || frontier - last >= self.checkpoint_every_epochs,
-        };
-        if due && (self.pending.len() < MAX_PENDING_STATES || frontier == Epoch::MAX) {
-            let state = LearnerState { frontier, model: self.model.clone(), prequential: self.metrics.clone() };
-            self.pending.push_back(state);
-            self.last_state = Some(frontier);
-        }
+        self.last_state = Some(frontier);
+        Some(LearnerState { model: self.model.clone(), prequential: self.metrics.clone() })
     }
 }
 

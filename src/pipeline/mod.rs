@@ -344,7 +344,9 @@ fn checkpoints(
     index: usize,
     metrics: &Metrics,
 ) -> Result<Option<Option<checkpoint::CheckpointWriter>>, PipelineError> {
-    let (Some(head), true) = (online, start.checkpoints) else { return Ok(None) };
+    if online.is_none() || !start.checkpoints {
+        return Ok(None);
+    }
     if index != 0 {
         return Ok(Some(None));
     }
@@ -352,7 +354,6 @@ fn checkpoints(
     let files = (!p.snapshot_dir.as_os_str().is_empty())
         .then(|| checkpoint::SnapshotFiles { dir: p.snapshot_dir.clone(), retain: p.snapshot_retain });
     Ok(Some(Some(checkpoint::CheckpointWriter::new(
-        Rc::clone(head),
         checkpoint::writer_producer(kafka, &p.group_id)?,
         kafka.clone(),
         Arc::clone(consumer),
