@@ -5,7 +5,7 @@ mod common;
 
 use common::run::{assert_same_learner, messages, read_topic, Run};
 use common::{fashion, free_port, produce, KillOnDrop};
-use dlpipe::pipeline::checkpoint::{read_latest, Checkpoint};
+use dlpipe::pipeline::model_topic::{read_latest, Checkpoint};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Stdio;

@@ -6,7 +6,7 @@ mod common;
 
 use common::run::{assert_same_learner, messages, read_topic, Run};
 use common::{fashion, produce, KillOnDrop};
-use dlpipe::pipeline::checkpoint::{read_latest, Checkpoint};
+use dlpipe::pipeline::model_topic::{read_latest, Checkpoint};
 use dlpipe::transfer::dataset::SplitMix64;
 use dlpipe_operators::{
     kafka_source, learn_predict, AssignedConsumer, Backlog, ClassScore, Epoch, EpochPolicy, Featured, Head,

@@ -8,7 +8,7 @@ mod common;
 use common::broker::Broker;
 use common::run::{assert_same_learner, messages, read_topic_on, Run};
 use common::{fashion, free_port, produce, produce_on, KillOnDrop};
-use dlpipe::pipeline::checkpoint::{read_latest, Checkpoint};
+use dlpipe::pipeline::model_topic::{read_latest, Checkpoint};
 use dlpipe::transfer::dataset::SplitMix64;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};

@@ -94,6 +94,74 @@ pub const MAX_PENDING_STATES: usize = 4;
 /// How long a failed write waits before the next try.
 const RETRY: Duration = Duration::from_secs(1);
 
+/// Writes checkpoints of a learner's states with the positions a sink reports; see the module doc.
+pub trait WriteCheckpoints<'scope> {
+    /// Cuts checkpoints of `states` at the positions' acknowledged frontier into `store`;
+    /// returns the checkpointed frontier.
+    ///
+    /// ```
+    /// use dlpipe_operators::{CheckpointStore, Position, WriteCheckpoints, WriteError};
+    /// use std::collections::BTreeMap;
+    /// use std::sync::{Arc, Mutex};
+    /// use timely::dataflow::operators::Input;
+    /// use timely::dataflow::InputHandle;
+    ///
+    /// type Offsets = BTreeMap<i32, i64>;
+    /// /// Checkpoints kept in memory: (state, learned frontier, learned, published offsets).
+    /// #[derive(Clone, Default)]
+    /// struct Memory(Arc<Mutex<Vec<(String, u64, Offsets, Offsets)>>>);
+    ///
+    /// impl CheckpointStore for Memory {
+    ///     type State = String;
+    ///     fn write(&mut self, state: &String, frontier: u64, learned: &Offsets, published: &Offsets) -> Result<(), WriteError> {
+    ///         self.0.lock().unwrap().push((state.clone(), frontier, learned.clone(), published.clone()));
+    ///         Ok(())
+    ///     }
+    /// }
+    ///
+    /// let memory = Memory::default();
+    /// let store = memory.clone();
+    /// timely::execute_directly(move |worker| {
+    ///     let (mut positions, mut states) = (InputHandle::new(), InputHandle::new());
+    ///     worker.dataflow::<u64, _, _>(|scope| {
+    ///         let states = scope.input_from(&mut states);
+    ///         scope.input_from(&mut positions).checkpoint(states, store, Default::default());
+    ///     });
+    ///     // Epoch 1 read partition 0 up to offset 9, epoch 2 up to 19; both are published.
+    ///     positions.advance_to(1);
+    ///     positions.send(Position { partition: 0, learned: 10, published: 10 });
+    ///     positions.advance_to(2);
+    ///     positions.send(Position { partition: 0, learned: 20, published: 20 });
+    ///     positions.advance_to(3);
+    ///     // The learner after epoch 1: its state at the learned frontier 2.
+    ///     states.advance_to(2);
+    ///     states.send("learned epochs 0 and 1".to_string());
+    /// });
+    /// // Learning resumes after epoch 1's records; publishing after epoch 2's.
+    /// let written = memory.0.lock().unwrap();
+    /// let learned = BTreeMap::from([(0, 10)]);
+    /// let published = BTreeMap::from([(0, 20)]);
+    /// assert_eq!(written[0], ("learned epochs 0 and 1".to_string(), 2, learned, published));
+    /// ```
+    fn checkpoint<S: CheckpointStore>(
+        self,
+        states: StreamVec<'scope, Epoch, S::State>,
+        store: S,
+        fatal: Fatal,
+    ) -> StreamVec<'scope, Epoch, ()>;
+}
+
+impl<'scope> WriteCheckpoints<'scope> for StreamVec<'scope, Epoch, Position> {
+    fn checkpoint<S: CheckpointStore>(
+        self,
+        states: StreamVec<'scope, Epoch, S::State>,
+        store: S,
+        fatal: Fatal,
+    ) -> StreamVec<'scope, Epoch, ()> {
+        checkpoint(self, states, store, fatal)
+    }
+}
+
 pub fn checkpoint<'scope, S: CheckpointStore>(
     positions: StreamVec<'scope, Epoch, Position>,
     states: StreamVec<'scope, Epoch, S::State>,

@@ -44,7 +44,7 @@ pub mod retry;
 pub mod transactions;
 
 pub use backlog::{Backlog, SharedBacklog, Waiting};
-pub use checkpoint::{checkpoint, CheckpointStore, WriteError};
+pub use checkpoint::{checkpoint, CheckpointStore, WriteCheckpoints, WriteError};
 pub use error::OperatorError;
 pub use featurize::{featurize, Batching, Featurize, ModelRow};
 pub use feedback_join::{feedback_join, FeedbackJoin, Joined};

@@ -60,7 +60,7 @@ pub(super) struct Dataflow {
     pub sink: SinkSpec,
     pub delivery: Delivery<LagContext>,
     /// With checkpoints: worker 0's writer (`None` on the others, which only pass positions on).
-    pub checkpoints: Option<Option<super::checkpoint::CheckpointWriter>>,
+    pub checkpoints: Option<Option<super::model_topic::CheckpointWriter>>,
     pub metrics: WorkerMetrics,
 }
 

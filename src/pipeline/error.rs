@@ -1,6 +1,6 @@
 //! Why a streaming run could not start or had to stop.
 
-use super::checkpoint::CheckpointError;
+use super::model_topic::CheckpointError;
 use dlpipe_operators::OperatorError;
 
 /// What `dlpipe run` tells its user. Most variants are another layer's error as it is; the

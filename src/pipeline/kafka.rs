@@ -3,7 +3,7 @@
 //! Every call waits out a cluster that is still electing leaders or loading coordinators
 //! (`kafka.retry_timeout_secs`), and fails with what to do otherwise.
 
-use super::checkpoint::{self, Checkpoint};
+use super::model_topic::{self, Checkpoint};
 use super::PipelineError;
 use crate::config::{Config, DeliveryGuarantee, KafkaConfig, StartFrom};
 use crate::kafka::{client_config, ensure_topics, topic_partitions, with_retry, TopicSpec};
@@ -27,7 +27,7 @@ pub(super) fn create_topics(config: &Config) -> Result<(), PipelineError> {
     let p = &config.pipeline;
     let spec =
         TopicSpec { partitions: p.topic_partitions, replication_factor: p.topic_replication_factor, configs: &[] };
-    let model_configs = checkpoint::model_topic_configs();
+    let model_configs = model_topic::topic_configs();
     let model_spec = TopicSpec { partitions: 1, configs: &model_configs, ..spec };
     let mut topics = vec![
         (p.input_topic.as_str(), spec),

@@ -6,7 +6,7 @@
 //! workers round-robin), predicts with a classifier that every worker holds identically, and
 //! publishes predictions and dead letters for the partitions it reads. With the online learner,
 //! worker 0 checkpoints the classifier with the offsets it has learned and published
-//! ([`checkpoint`]) and commits the group's offsets; a restart continues from the newest
+//! ([`model_topic`]) and commits the group's offsets; a restart continues from the newest
 //! checkpoint. Otherwise each worker commits its partitions' offsets once published.
 //!
 //! Each process serves its Prometheus metrics (`crate::metrics`) while it runs: the operators
@@ -22,21 +22,21 @@
 //! | `dataflow.rs` | the dataflow, source to sink, in the order records flow |
 //! | `run_loop.rs` | stepping the worker, its telemetry and the status line |
 //! | `stall.rs` | noticing a worker whose published frontier stands still |
-//! | `checkpoint.rs` | writing and reading the learner's checkpoints |
+//! | `model_topic.rs` | the learner's checkpoints in the model topic: written (the `checkpoint` operator's store), read back at start-up |
 //! | `error.rs` | [`PipelineError`]: why a run could not start or had to stop |
 
-pub mod checkpoint;
 mod dataflow;
 mod error;
 mod heads;
 mod kafka;
+pub mod model_topic;
 mod run_loop;
 mod stall;
 mod work;
 
-pub use checkpoint::{Checkpoint, CheckpointError, CheckpointInfo};
 pub use error::PipelineError;
 pub use heads::{ImagenetHead, LearnerState, OnlineLrHead};
+pub use model_topic::{Checkpoint, CheckpointError, CheckpointInfo};
 
 use crate::config::{Config, DeliveryGuarantee, HeadKind};
 use crate::metrics::kafka::LagContext;
@@ -98,7 +98,7 @@ pub fn run(options: RunOptions) -> Result<Vec<WorkerSummary>, PipelineError> {
     let p = &config.pipeline;
     let checkpoints = p.head == HeadKind::OnlineLr && p.checkpoint_every_epochs > 0;
     let restored = if checkpoints && !fresh && init_model.is_none() {
-        let found = checkpoint::read_latest(&config.kafka, &p.model_topic, &p.group_id)?;
+        let found = model_topic::read_latest(&config.kafka, &p.model_topic, &p.group_id)?;
         match &found {
             Some(c) => tracing::info!(
                 group = p.group_id,
@@ -343,7 +343,7 @@ fn checkpoints(
     manifest: &Manifest,
     index: usize,
     metrics: &Metrics,
-) -> Result<Option<Option<checkpoint::CheckpointWriter>>, PipelineError> {
+) -> Result<Option<Option<model_topic::CheckpointWriter>>, PipelineError> {
     if online.is_none() || !start.checkpoints {
         return Ok(None);
     }
@@ -352,9 +352,9 @@ fn checkpoints(
     }
     let (kafka, p) = (&config.kafka, &config.pipeline);
     let files = (!p.snapshot_dir.as_os_str().is_empty())
-        .then(|| checkpoint::SnapshotFiles { dir: p.snapshot_dir.clone(), retain: p.snapshot_retain });
-    Ok(Some(Some(checkpoint::CheckpointWriter::new(
-        checkpoint::writer_producer(kafka, &p.group_id)?,
+        .then(|| model_topic::SnapshotFiles { dir: p.snapshot_dir.clone(), retain: p.snapshot_retain });
+    Ok(Some(Some(model_topic::CheckpointWriter::new(
+        model_topic::writer_producer(kafka, &p.group_id)?,
         kafka.clone(),
         Arc::clone(consumer),
         p.delivery == DeliveryGuarantee::AtLeastOnce,

@@ -225,7 +225,7 @@ pub fn read_latest(kafka: &KafkaConfig, topic: &str, group_id: &str) -> Result<O
 
 /// The model topic's settings: compacted (the newest checkpoint of each group is kept), segments
 /// rolled every 10 minutes so that compaction can run, and room for a large classifier.
-pub fn model_topic_configs() -> [(&'static str, &'static str); 3] {
+pub fn topic_configs() -> [(&'static str, &'static str); 3] {
     const MAX: &str = "67108864";
     const _: () = assert!(MAX_CHECKPOINT_BYTES == 67108864);
     [("cleanup.policy", "compact"), ("segment.ms", "600000"), ("max.message.bytes", MAX)]
