@@ -84,6 +84,7 @@ fn train_evaluate_and_predict_on_fashion_mnist() {
     assert!(held_out.accuracy > 0.6, "held-out accuracy {}", held_out.accuracy);
     assert_png(&dir.path().join("report/training_curve.png"), 400);
     assert_png(&dir.path().join("report/confusion_matrix.png"), 400);
+    assert_png(&dir.path().join("report/reliability.png"), 400);
     let json: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("report/evaluation.json")).unwrap()).unwrap();
     assert_eq!(json["accuracy"].as_f64().unwrap(), held_out.accuracy);
@@ -126,6 +127,18 @@ fn train_evaluate_and_predict_on_fashion_mnist() {
     assert_eq!(confusion_total, 80);
     assert_eq!(eval["classes"].as_array().unwrap().len(), 10);
     assert!(eval["log_loss"].as_f64().unwrap() > 0.0);
+    // Calibration: the bins hold every example, and the ECE is their weighted gap.
+    let bins = eval["calibration"]["bins"].as_array().unwrap();
+    assert_eq!(bins.iter().map(|b| b["examples"].as_u64().unwrap()).sum::<u64>(), 80);
+    let gap: f64 = bins
+        .iter()
+        .map(|b| {
+            b["examples"].as_f64().unwrap()
+                * (b["accuracy"].as_f64().unwrap() - b["confidence"].as_f64().unwrap()).abs()
+        })
+        .sum();
+    assert!((eval["calibration"]["ece"].as_f64().unwrap() - gap / 80.0).abs() < 1e-9, "{eval}");
+    assert_png(&dir.path().join("eval/reliability.png"), 400);
     assert_png(&dir.path().join("eval/confusion_matrix.png"), 400);
     assert_png(&dir.path().join("eval/training_curve.png"), 400);
     run_ok(&[

@@ -36,7 +36,7 @@ pub struct EvaluateArgs {
     /// Write the evaluation as JSON here.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
-    /// Write evaluation.json, confusion_matrix.png and (for a trained classifier)
+    /// Write evaluation.json, confusion_matrix.png, reliability.png and (for a trained classifier)
     /// training_curve.png here.
     #[arg(long, value_name = "DIR")]
     report: Option<PathBuf>,
@@ -44,10 +44,11 @@ pub struct EvaluateArgs {
     featurize: FeaturizeFlags,
 }
 
-/// `evaluation.json` and `confusion_matrix.png` in `dir`.
+/// `evaluation.json`, `confusion_matrix.png` and `reliability.png` in `dir`.
 pub fn write_report(evaluation: &Evaluation, title: &str, dir: &Path) -> anyhow::Result<()> {
     write_json(evaluation, &dir.join("evaluation.json"))?;
     plot::confusion_matrix(evaluation, title, &dir.join("confusion_matrix.png"))?;
+    plot::reliability_diagram(evaluation, title, &dir.join("reliability.png"))?;
     Ok(())
 }
 

@@ -195,7 +195,9 @@ impl LearningRateSchedule {
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdagradConfig {
-    /// The base learning rate. Default: 0.1.
+    /// The base learning rate. Default: 0.01 (0.1, the default until 2026-12, made one pass
+    /// confidently wrong: held-out log-loss 1.5 and calibration error 0.15 where 0.01 gives
+    /// 0.36-0.40 and 0.01-0.02, with 2-4 points more accuracy; see the README's "Calibration").
     pub learning_rate: f32,
     /// Added to the root of the accumulated squared gradients before dividing. Default: 1e-8.
     pub epsilon: f32,
@@ -205,7 +207,7 @@ pub struct AdagradConfig {
 
 impl Default for AdagradConfig {
     fn default() -> Self {
-        AdagradConfig { learning_rate: 0.1, epsilon: 1e-8, l2: 0.0 }
+        AdagradConfig { learning_rate: 0.01, epsilon: 1e-8, l2: 0.0 }
     }
 }
 
@@ -262,7 +264,10 @@ mod tests {
         assert!(c.standardize);
         assert_eq!(c.max_classes, 1000);
         assert!(c.classes.is_empty());
-        assert_eq!(c.optimizer, OptimizerConfig::Adagrad(AdagradConfig { learning_rate: 0.1, epsilon: 1e-8, l2: 0.0 }));
+        assert_eq!(
+            c.optimizer,
+            OptimizerConfig::Adagrad(AdagradConfig { learning_rate: 0.01, epsilon: 1e-8, l2: 0.0 })
+        );
         let sgd: OptimizerConfig = serde_json::from_str(r#"{"kind": "sgd"}"#).unwrap();
         assert_eq!(
             sgd,
@@ -276,7 +281,7 @@ mod tests {
         let c: OptimizerConfig = serde_json::from_str(r#"{"kind": "ftrl", "l1": 2.5}"#).unwrap();
         assert_eq!(c, OptimizerConfig::Ftrl(FtrlConfig { alpha: 0.1, beta: 1.0, l1: 2.5, l2: 0.0 }));
         let c: OptimizerConfig = serde_json::from_str(r#"{"kind": "adagrad"}"#).unwrap();
-        assert_eq!(c, OptimizerConfig::Adagrad(AdagradConfig { learning_rate: 0.1, epsilon: 1e-8, l2: 0.0 }));
+        assert_eq!(c, OptimizerConfig::Adagrad(AdagradConfig { learning_rate: 0.01, epsilon: 1e-8, l2: 0.0 }));
         let c: OptimizerConfig =
             serde_json::from_str(r#"{"kind": "sgd", "schedule": {"kind": "inverse_scaling"}}"#).unwrap();
         let OptimizerConfig::Sgd(sgd) = c else { panic!("not sgd: {c:?}") };

@@ -1,5 +1,5 @@
-//! Evaluation charts as PNG: the confusion matrix, and the training curve (loss and accuracy
-//! per epoch). plotters draws into a pixel buffer that `image` encodes; text is rendered with a
+//! Evaluation charts as PNG: the confusion matrix, the reliability diagram (calibration), and
+//! the training curve (loss and accuracy per epoch). plotters draws into a pixel buffer that `image` encodes; text is rendered with a
 //! TrueType font read at run time (DejaVu Sans, Debian's `fonts-dejavu-core`, or the file named
 //! by `DLPIPE_FONT`).
 
@@ -128,6 +128,70 @@ pub fn confusion_matrix(evaluation: &Evaluation, title: &str, path: &Path) -> Re
                 let at = (SegmentValue::CenterOf(c as i32), SegmentValue::CenterOf(y));
                 chart.draw_series(std::iter::once(Text::new(count.to_string(), at, style)))?;
             }
+        }
+        Ok(())
+    })
+}
+
+/// The reliability diagram: per bin of confidence (the top class's probability), how often
+/// the top class is right (bars) against the diagonal of a calibrated classifier; the gap
+/// shaded red, the examples per bin below.
+pub fn reliability_diagram(evaluation: &Evaluation, title: &str, path: &Path) -> Result<(), PlotError> {
+    let calibration = &evaluation.calibration;
+    let caption = format!("reliability: expected calibration error {:.3}", calibration.ece);
+    render(path, (620, 720), |root| {
+        let root = root.titled(&caption, ("sans-serif", 20))?;
+        // The title names the classifier and data, often long paths: small, under the caption.
+        let (subtitle, root) = root.split_vertically(24);
+        let style = ("sans-serif", 12).into_font().color(&BLACK).pos(Pos::new(HPos::Center, VPos::Top));
+        subtitle.draw(&Text::new(title.to_owned(), (310, 2), style))?;
+        let (top, bottom) = root.split_vertically(500);
+        let mut chart = ChartBuilder::on(&top)
+            .margin(16)
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0.0..1.0, 0.0..1.0)?;
+        chart
+            .configure_mesh()
+            .x_desc("confidence (the top class's probability)")
+            .y_desc("accuracy")
+            .light_line_style(WHITE)
+            .label_style(("sans-serif", 13))
+            .draw()?;
+        for bin in &calibration.bins {
+            let bar = [(bin.lower, 0.0), (bin.upper, bin.accuracy)];
+            chart.draw_series(std::iter::once(Rectangle::new(bar, BLUE.mix(0.6).filled())))?;
+            let gap = [(bin.lower, bin.accuracy), (bin.upper, bin.confidence)];
+            chart.draw_series(std::iter::once(Rectangle::new(gap, RED.mix(0.3).filled())))?;
+        }
+        let diagonal = LineSeries::new([(0.0, 0.0), (1.0, 1.0)], BLACK.stroke_width(2));
+        chart
+            .draw_series(diagonal)?
+            .label("calibrated")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK.stroke_width(2)));
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .label_font(("sans-serif", 13))
+            .draw()?;
+        let most = calibration.bins.iter().map(|b| b.examples).max().unwrap_or(1).max(1);
+        let mut counts = ChartBuilder::on(&bottom)
+            .margin(16)
+            .x_label_area_size(30)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0.0..1.0, 0.0..most as f64 * 1.1)?;
+        counts
+            .configure_mesh()
+            .y_desc("examples")
+            .y_labels(3)
+            .y_label_formatter(&|v| format!("{v:.0}"))
+            .label_style(("sans-serif", 12))
+            .draw()?;
+        for bin in &calibration.bins {
+            let bar = [(bin.lower, 0.0), (bin.upper, bin.examples as f64)];
+            counts.draw_series(std::iter::once(Rectangle::new(bar, BLACK.mix(0.4).filled())))?;
         }
         Ok(())
     })
