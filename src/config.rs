@@ -200,6 +200,9 @@ pub struct PipelineConfig {
     pub snapshot_retain: usize,
     /// Seconds between one-line status logs.
     pub status_interval_secs: u64,
+    /// Labelled records in the learner's recent prequential window (the "recent" accuracy and
+    /// log-loss beside the whole run's); 0 keeps no window.
+    pub prequential_window: usize,
     /// A worker whose published frontier has not moved for this many seconds while it has
     /// records in flight is stalled: `dlpipe_pipeline_stalled_seconds` says so, `/readyz`
     /// answers 503 and the status line names what it waits for. 0 turns the check off.
@@ -235,6 +238,7 @@ impl Default for PipelineConfig {
             snapshot_dir: "out/snapshots".into(),
             snapshot_retain: 5,
             status_interval_secs: 10,
+            prequential_window: 1000,
             stall_after_secs: 120,
         }
     }

@@ -308,8 +308,8 @@ pub const DEFINITIONS: &[MetricDef] = &[
         G,
         &["worker", "window"],
         B::None,
-        "Prequential accuracy: over the whole run (`window=\"prequential\"`) and the last 1000 examples \
-         (`window=\"recent\"`).",
+        "Prequential accuracy: over the whole run (`window=\"prequential\"`) and the last \
+         pipeline.prequential_window examples, 1000 by default (`window=\"recent\"`).",
     ),
     def(
         "dlpipe_online_log_loss",

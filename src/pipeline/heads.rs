@@ -181,23 +181,41 @@ pub(super) fn online_head(
         let model = manifest.name.clone();
         return Err(super::PipelineError::Head { head: "online_lr", needs: "features", model });
     }
-    const WINDOW: usize = 1000;
+    let window = config.pipeline.prequential_window;
     let p = &config.pipeline;
     let (model, prequential) = match (init_model, restored) {
         (Some(path), _) => {
             let classifier = crate::transfer::classifier::Classifier::load(path)?;
             classifier.check_featurizer(manifest)?;
-            (classifier.model, Prequential::new(WINDOW))
+            (classifier.model, Prequential::new(window))
         }
         (None, Some(restored)) => {
             restored.check(&p.group_id, &p.input_topic, manifest)?;
-            (restored.model.clone(), restored.prequential(WINDOW))
+            (restored.model.clone(), restored.prequential(window))
         }
         (None, None) => {
-            (SoftmaxRegression::new(manifest.feature_dim, config.learner.clone())?, Prequential::new(WINDOW))
+            (SoftmaxRegression::new(manifest.feature_dim, config.learner.clone())?, Prequential::new(window))
         }
     };
     let mut head = OnlineLrHead::new(model, prequential, checkpoint_every);
     head.counters = Some(counters);
     Ok(head)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prequential_window_is_the_configured_one() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/efficientnet_lite0.json");
+        let manifest = crate::model::Manifest::load(&path).expect("make setup exports the model");
+        let learner = crate::metrics::Metrics::new().for_worker(0, "images").learner;
+        for window in [50, 1000, 0] {
+            let mut config = crate::config::Config::default();
+            config.pipeline.prequential_window = window;
+            let head = online_head(&config, &manifest, None, None, 0, learner.clone()).unwrap();
+            assert_eq!(head.metrics.window_capacity(), window);
+        }
+    }
 }
