@@ -495,6 +495,45 @@ impl Config {
         if self.kafka.retry_timeout_secs == 0 {
             return Err(invalid_value("kafka.retry_timeout_secs must be at least 1"));
         }
+        self.validate_pipeline()?;
+        let image = &self.image;
+        if image.max_encoded_bytes == 0 || image.max_pixels == 0 || image.max_side == 0 || image.max_aspect_ratio == 0 {
+            return Err(invalid_value(
+                "image.max_encoded_bytes, max_pixels, max_side and max_aspect_ratio must be at least 1",
+            ));
+        }
+        if self.fetch.timeout_ms == 0 || self.fetch.connect_timeout_ms == 0 || self.fetch.total_timeout_ms == 0 {
+            return Err(invalid_value(
+                "fetch.timeout_ms, connect_timeout_ms and total_timeout_ms must be at least 1: without them one \
+                 stalled server holds a fetch thread forever",
+            ));
+        }
+        self.learner.validate().map_err(ConfigError::Learner)?;
+        let listen = self.metrics.listen.trim();
+        let host_port =
+            listen.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !listen.is_empty() && !host_port {
+            return Err(invalid_value(format!(
+                "metrics.listen {listen:?} is not host:port (or \"\" to serve no metrics)"
+            )));
+        }
+        if !(0.0..1.0).contains(&self.train.test_split) {
+            return Err(invalid_value(format!("train.test_split must be in [0, 1), got {}", self.train.test_split)));
+        }
+        // The optimizer's checks name its fields relative to `[learner]`: here they are in `[train]`.
+        self.train.optimizer.validate().map_err(|e| match e {
+            LearnError::Config { field, reason } => invalid_value(format!("train.{field} {reason}")),
+            other => ConfigError::Learner(other),
+        })?;
+        if self.train.epochs == 0 {
+            return Err(invalid_value("train.epochs must be at least 1"));
+        }
+        self.train.class_weights.parse::<ClassWeights>().map_err(ConfigError::ClassWeights)?;
+        Ok(())
+    }
+
+    /// The `[pipeline]` section's checks: sizes, epochs, and topics that are named and distinct.
+    fn validate_pipeline(&self) -> Result<(), ConfigError> {
         let p = &self.pipeline;
         if p.topic_partitions < 1 || p.topic_replication_factor < 1 {
             return Err(invalid_value(format!(
@@ -502,14 +541,14 @@ impl Config {
                 p.topic_partitions, p.topic_replication_factor
             )));
         }
-        match self.pipeline.epochs {
+        match p.epochs {
             EpochPolicy::Time { millis: 0 } => return Err(invalid_value("pipeline.epochs.millis must be at least 1")),
             EpochPolicy::Offsets { records: 0 } => {
                 return Err(invalid_value("pipeline.epochs.records must be at least 1"))
             }
             _ => {}
         }
-        if self.pipeline.max_backlog == 0 || self.pipeline.max_decoding == 0 {
+        if p.max_backlog == 0 || p.max_decoding == 0 {
             return Err(invalid_value("pipeline.max_backlog and pipeline.max_decoding must be at least 1"));
         }
         if p.max_fetched_bytes == 0 {
@@ -552,39 +591,6 @@ impl Config {
                 )));
             }
         }
-        let image = &self.image;
-        if image.max_encoded_bytes == 0 || image.max_pixels == 0 || image.max_side == 0 || image.max_aspect_ratio == 0 {
-            return Err(invalid_value(
-                "image.max_encoded_bytes, max_pixels, max_side and max_aspect_ratio must be at least 1",
-            ));
-        }
-        if self.fetch.timeout_ms == 0 || self.fetch.connect_timeout_ms == 0 || self.fetch.total_timeout_ms == 0 {
-            return Err(invalid_value(
-                "fetch.timeout_ms, connect_timeout_ms and total_timeout_ms must be at least 1: without them one \
-                 stalled server holds a fetch thread forever",
-            ));
-        }
-        self.learner.validate().map_err(ConfigError::Learner)?;
-        let listen = self.metrics.listen.trim();
-        let host_port =
-            listen.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-        if !listen.is_empty() && !host_port {
-            return Err(invalid_value(format!(
-                "metrics.listen {listen:?} is not host:port (or \"\" to serve no metrics)"
-            )));
-        }
-        if !(0.0..1.0).contains(&self.train.test_split) {
-            return Err(invalid_value(format!("train.test_split must be in [0, 1), got {}", self.train.test_split)));
-        }
-        // The optimizer's checks name its fields relative to `[learner]`: here they are in `[train]`.
-        self.train.optimizer.validate().map_err(|e| match e {
-            LearnError::Config { field, reason } => invalid_value(format!("train.{field} {reason}")),
-            other => ConfigError::Learner(other),
-        })?;
-        if self.train.epochs == 0 {
-            return Err(invalid_value("train.epochs must be at least 1"));
-        }
-        self.train.class_weights.parse::<ClassWeights>().map_err(ConfigError::ClassWeights)?;
         Ok(())
     }
 }

@@ -135,58 +135,17 @@ pub fn extract_features(
     }
     let dim = manifest.feature_dim;
     let max_bytes = options.limits.max_encoded_bytes;
-    let bar = |len: usize, what: &str| {
-        let bar = ProgressBar::new(len as u64).with_style(
-            ProgressStyle::with_template(&format!(
-                "{what:>11} {{bar:40}} {{pos}}/{{len}} [{{elapsed_precise}} < {{eta_precise}}] {{per_sec}}"
-            ))
-            .expect("valid template"),
-        );
-        if !options.progress {
-            bar.set_draw_target(ProgressDrawTarget::hidden());
-        }
-        bar
-    };
-
-    // Content hashes, and what the cache already has.
-    let mut results: Vec<Option<Result<Vec<f32>, ImageError>>> = (0..uris.len()).map(|_| None).collect();
-    let mut hashes: Vec<Option<ContentHash>> = vec![None; uris.len()];
     let cache = match options.cache_dir {
         Some(dir) => Some(FeatureCache::open(dir, &cache_key(first), dim)?),
         None => None,
     };
-    let mut cached = 0;
-    if let Some(cache) = &cache {
-        let hashing = bar(uris.len(), "hashing");
-        let found: Vec<Result<ContentHash, FetchError>> = uris
-            .par_iter()
-            .map(|uri| {
-                let hash = options.fetcher.fetch(uri, max_bytes).map(|bytes| content_hash(&bytes));
-                hashing.inc(1);
-                hash
-            })
-            .collect();
-        hashing.finish_and_clear();
-        for (i, hash) in found.into_iter().enumerate() {
-            match hash {
-                Ok(hash) => {
-                    if let Some(row) = cache.get(&hash) {
-                        results[i] = Some(Ok(row.to_vec()));
-                        cached += 1;
-                    }
-                    hashes[i] = Some(hash);
-                }
-                Err(e) => results[i] = Some(Err(e.into())),
-            }
-        }
-        tracing::info!(cache = %cache.path().display(), hits = cached, images = uris.len(), "feature cache");
-    }
+    let Lookup { results, hashes, cached } = look_up(cache.as_ref(), uris, options);
     let missing: Vec<usize> = (0..uris.len()).filter(|&i| results[i].is_none()).collect();
 
     // The model on each device, over its block of the missing images.
     let cache = Mutex::new(cache);
     let results = Mutex::new(results);
-    let featurizing = bar(missing.len(), "featurizing");
+    let featurizing = progress_bar(missing.len(), "featurizing", options.progress);
     let block = missing.len().div_ceil(featurizers.len()).max(1);
     let outcome: Result<(), FeaturizeError> = std::thread::scope(|scope| {
         let handles: Vec<_> = featurizers
@@ -246,11 +205,20 @@ pub fn extract_features(
     }
     outcome?;
 
+    let (matrix, rows, featured) = into_matrix(results.into_inner().expect("poisoned"));
+    let computed = featured - cached;
+    Ok(Features { dim, matrix, rows, cached, computed, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// Every image's features as one row-major matrix; per image its row, or why it has none; and
+/// how many rows there are.
+#[allow(clippy::type_complexity)]
+fn into_matrix(
+    results: Vec<Option<Result<Vec<f32>, ImageError>>>,
+) -> (Vec<f32>, Vec<Result<usize, ImageError>>, usize) {
     let mut matrix = Vec::new();
     let mut next = 0;
     let rows = results
-        .into_inner()
-        .expect("poisoned")
         .into_iter()
         .map(|r| match r.expect("every input has an outcome") {
             Ok(features) => {
@@ -261,6 +229,59 @@ pub fn extract_features(
             Err(e) => Err(e),
         })
         .collect();
-    let computed = next - cached;
-    Ok(Features { dim, matrix, rows, cached, computed, seconds: started.elapsed().as_secs_f64() })
+    (matrix, rows, next)
+}
+
+/// A progress bar of `len` steps named `what`, drawn only when `show`.
+fn progress_bar(len: usize, what: &str, show: bool) -> ProgressBar {
+    let bar = ProgressBar::new(len as u64).with_style(
+        ProgressStyle::with_template(&format!(
+            "{what:>11} {{bar:40}} {{pos}}/{{len}} [{{elapsed_precise}} < {{eta_precise}}] {{per_sec}}"
+        ))
+        .expect("valid template"),
+    );
+    if !show {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    bar
+}
+
+/// Per image: its features if the cache has them (or why it could not be read), its content
+/// hash; and how many the cache had.
+struct Lookup {
+    results: Vec<Option<Result<Vec<f32>, ImageError>>>,
+    hashes: Vec<Option<ContentHash>>,
+    cached: usize,
+}
+
+/// Hashes every image's content and takes what `cache` already holds (nothing without a cache).
+fn look_up(cache: Option<&FeatureCache>, uris: &[String], options: &FeaturizeOptions<'_>) -> Lookup {
+    let mut lookup =
+        Lookup { results: (0..uris.len()).map(|_| None).collect(), hashes: vec![None; uris.len()], cached: 0 };
+    let Some(cache) = cache else { return lookup };
+    let max_bytes = options.limits.max_encoded_bytes;
+    let hashing = progress_bar(uris.len(), "hashing", options.progress);
+    let found: Vec<Result<ContentHash, FetchError>> = uris
+        .par_iter()
+        .map(|uri| {
+            let hash = options.fetcher.fetch(uri, max_bytes).map(|bytes| content_hash(&bytes));
+            hashing.inc(1);
+            hash
+        })
+        .collect();
+    hashing.finish_and_clear();
+    for (i, hash) in found.into_iter().enumerate() {
+        match hash {
+            Ok(hash) => {
+                if let Some(row) = cache.get(&hash) {
+                    lookup.results[i] = Some(Ok(row.to_vec()));
+                    lookup.cached += 1;
+                }
+                lookup.hashes[i] = Some(hash);
+            }
+            Err(e) => lookup.results[i] = Some(Err(e.into())),
+        }
+    }
+    tracing::info!(cache = %cache.path().display(), hits = lookup.cached, images = uris.len(), "feature cache");
+    lookup
 }
