@@ -1,12 +1,14 @@
-//! Throughput of the online softmax regression: updates per second on one thread for each
-//! optimizer, with and without feature standardisation, at the size of a typical CNN's pooled
-//! features (1280, EfficientNet-Lite0 / MobileNetV2) and 10 classes.
+//! Throughput of the online softmax regression: examples learned per second on one thread for
+//! each optimizer, with and without feature standardisation, at the size of a typical CNN's
+//! pooled features (1280, EfficientNet-Lite0 / MobileNetV2) and 10 classes. Without replay an
+//! example is one update; with the stream's default replay (3 per example, drawn at each batch's
+//! end as the stream does at each epoch's end) it is one update and three replays.
 //!
 //! Run with `cargo bench --bench learner`; prints a markdown table. `cargo bench --bench learner
 //! -- NAME` measures only the optimizers whose name contains NAME.
 
 use dlpipe::learn::{
-    AdagradConfig, FtrlConfig, LearnerConfig, OptimizerConfig, SgdConfig, SimdPath, SoftmaxRegression,
+    AdagradConfig, FtrlConfig, LearnerConfig, OptimizerConfig, ReplayConfig, SgdConfig, SimdPath, SoftmaxRegression,
 };
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -82,18 +84,19 @@ fn measure(model: &mut SoftmaxRegression, features: &[f32], labels: &[usize], ex
     let mut next = 0;
     let mut run = |duration: Duration| {
         let start = Instant::now();
-        let mut updates = 0u64;
+        let mut learned = 0u64;
         loop {
             // Check the clock once per batch, so its cost does not count.
             let batch = &features[next * DIM..(next + BATCH) * DIM];
             for (x, &label) in batch.chunks_exact(DIM).zip(&labels[next..next + BATCH]) {
                 black_box(model.update(black_box(x), label).expect("valid example"));
             }
+            black_box(model.replay().expect("replays of valid examples"));
             next = (next + BATCH) % examples;
-            updates += BATCH as u64;
+            learned += BATCH as u64;
             let elapsed = start.elapsed();
             if elapsed >= duration {
-                return (updates, elapsed);
+                return (learned, elapsed);
             }
         }
     };
@@ -103,8 +106,8 @@ fn measure(model: &mut SoftmaxRegression, features: &[f32], labels: &[usize], ex
     let cpu_ns = thread_cpu_ns().zip(cpu_start).map(|(end, start)| end - start);
     let mut rates: Vec<f64> = slices.iter().map(|(n, t)| *n as f64 / t.as_secs_f64()).collect();
     rates.sort_by(f64::total_cmp);
-    let updates: u64 = slices.iter().map(|(n, _)| n).sum();
-    Throughput { wall: rates[SLICES / 2], cpu: cpu_ns.map(|ns| updates as f64 / (ns as f64 * 1e-9)) }
+    let learned: u64 = slices.iter().map(|(n, _)| n).sum();
+    Throughput { wall: rates[SLICES / 2], cpu: cpu_ns.map(|ns| learned as f64 / (ns as f64 * 1e-9)) }
 }
 
 /// One row of the table.
@@ -113,6 +116,7 @@ struct Case {
     standardize: bool,
     portable: bool,
     examples: usize,
+    replay: bool,
 }
 
 fn main() {
@@ -129,8 +133,17 @@ fn main() {
     for optimizer in optimizers.into_iter().filter(|o| o.name().contains(&filter)) {
         let sgd = matches!(optimizer, OptimizerConfig::Sgd(_));
         for standardize in [true, false] {
-            let case = |portable, examples| Case { optimizer: optimizer.clone(), standardize, portable, examples };
+            let case = |portable, examples| Case {
+                optimizer: optimizer.clone(),
+                standardize,
+                portable,
+                examples,
+                replay: false,
+            };
             cases.push(case(false, EXAMPLES));
+            if standardize {
+                cases.push(Case { replay: true, ..case(false, EXAMPLES) });
+            }
             if sgd {
                 cases.push(case(false, EXAMPLES_IN_CACHE));
                 // The baseline kernels too, to show what the vector path buys.
@@ -143,17 +156,19 @@ fn main() {
 
     println!("SIMD path: {detected} (detected); D = {DIM} features, K = {CLASSES} classes, one thread");
     println!(
-        "updates/s (wall): median of {SLICES} slices of {:?}; (on CPU): over the time the thread ran\n",
+        "examples/s (wall): median of {SLICES} slices of {:?}; (on CPU): over the time the thread ran\n",
         MEASURE / SLICES as u32
     );
     println!(
-        "| optimizer | standardize | kernels | examples | updates/s (wall) | updates/s (on CPU) | ns/update (on CPU) |"
+        "| optimizer | standardize | replay | kernels | examples | examples/s (wall) | examples/s (on CPU) | ns/example \
+         (on CPU) |"
     );
-    println!("|---|---|---|---|---:|---:|---:|");
+    println!("|---|---|---|---|---|---:|---:|---:|");
     for case in cases {
         let config = LearnerConfig {
             optimizer: case.optimizer.clone(),
             standardize: case.standardize,
+            replay: if case.replay { ReplayConfig::default() } else { ReplayConfig::OFF },
             ..LearnerConfig::default()
         };
         let mut model = SoftmaxRegression::new(DIM, config).expect("valid config");
@@ -165,9 +180,10 @@ fn main() {
         let cpu = |f: fn(f64) -> f64| t.cpu.map_or("n/a".to_string(), |r| format!("{:.0}", f(r)));
         let examples = if case.examples == EXAMPLES { "4096, from memory" } else { "64, in cache" };
         println!(
-            "| {} | {} | {} | {} | {:.0} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {:.0} | {} | {} |",
             case.optimizer.name(),
             if case.standardize { "on" } else { "off" },
+            if case.replay { "3 per example" } else { "off" },
             model.simd_path(),
             examples,
             t.wall,

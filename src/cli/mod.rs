@@ -2,6 +2,7 @@
 
 mod batch_features;
 mod bench;
+mod bench_learning;
 mod evaluate;
 mod featurize;
 mod predict;

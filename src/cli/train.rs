@@ -5,7 +5,7 @@
 use super::batch_features::{featurize_uris, load_featurizers, FeaturizeFlags};
 use anyhow::Context;
 use dlpipe::config::Config;
-use dlpipe::learn::{LearnerConfig, OptimizerConfig};
+use dlpipe::learn::{LearnerConfig, OptimizerConfig, ReplayConfig};
 use dlpipe::transfer::train::{train, Examples, Schedule};
 use dlpipe::transfer::{classes_of, dataset, evaluate, plot, ClassWeights, Classifier, TrainingRecord};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -55,6 +55,8 @@ pub struct TrainArgs {
 fn learner_config(config: &Config, args: &TrainArgs) -> anyhow::Result<LearnerConfig> {
     let mut learner = config.learner.clone();
     learner.optimizer = config.train.optimizer.clone();
+    // Epochs over the whole set do what replay does for a stream.
+    learner.replay = ReplayConfig::OFF;
     if let Some(kind) = &args.optimizer {
         if kind != learner.optimizer.name() {
             learner.optimizer = serde_json::from_value(serde_json::json!({ "kind": kind }))

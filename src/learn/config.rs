@@ -5,6 +5,9 @@ use super::LearnError;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 
+/// The most examples a replay buffer may keep (5 GB of 1280 features).
+const MAX_REPLAY_CAPACITY: usize = 1_000_000;
+
 /// How a [`SoftmaxRegression`](super::SoftmaxRegression) learns.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -19,6 +22,46 @@ pub struct LearnerConfig {
     /// A fixed list of classes, in index order; labels outside it are errors. Empty (the
     /// default) discovers classes as labels arrive.
     pub classes: Vec<String>,
+    /// Replay of recent examples at each epoch's end (the stream's learner). Default: the
+    /// newest 500 examples, 3 replays per new example.
+    pub replay: ReplayConfig,
+}
+
+/// Experience replay: the learner keeps its newest `capacity` labelled examples and, at the end
+/// of each epoch of the stream, learns `ratio` examples drawn from them for each new one. One
+/// pass over a stream then learns about as well as several passes over a batch would: on
+/// 3,000 Fashion-MNIST images (16 orders), held-out accuracy 0.865-0.879 where no replay
+/// gives 0.849-0.876, prequential accuracy 1.5 points higher (README, "Calibration").
+///
+/// Replays change only the weights: they are not updates (the model's version counts learned
+/// examples), not prequential outcomes, and the standardisation statistics do not see them
+/// twice. Which examples are drawn depends only on the examples learned and the epochs, so it
+/// keeps the stream's determinism; the examples and the generator are in snapshots.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplayConfig {
+    /// Examples kept, newest first out (`capacity x dim` floats: 2.5 MB for 500 of 1280
+    /// features, in memory and in each checkpoint). 0 turns replay off. Default: 500.
+    pub capacity: usize,
+    /// Examples replayed per example learned, at most `capacity x ratio` at one epoch's end.
+    /// Default: 3.
+    pub ratio: f32,
+}
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        ReplayConfig { capacity: 500, ratio: 3.0 }
+    }
+}
+
+impl ReplayConfig {
+    /// No replay: batch training makes its own passes.
+    pub const OFF: ReplayConfig = ReplayConfig { capacity: 0, ratio: 0.0 };
+
+    /// Whether examples are kept and replayed.
+    pub fn is_on(&self) -> bool {
+        self.capacity > 0 && self.ratio > 0.0
+    }
 }
 
 impl Default for LearnerConfig {
@@ -28,6 +71,7 @@ impl Default for LearnerConfig {
             standardize: true,
             max_classes: 1000,
             classes: Vec::new(),
+            replay: ReplayConfig::default(),
         }
     }
 }
@@ -43,6 +87,16 @@ impl LearnerConfig {
             return Err(invalid(
                 "classes",
                 format!("lists {} classes, more than max_classes = {}", self.classes.len(), self.max_classes),
+            ));
+        }
+        non_negative("replay.ratio", self.replay.ratio)?;
+        if self.replay.ratio > 100.0 {
+            return Err(invalid("replay.ratio", format!("is {}; at most 100 replays per example", self.replay.ratio)));
+        }
+        if self.replay.capacity > MAX_REPLAY_CAPACITY {
+            return Err(invalid(
+                "replay.capacity",
+                format!("is {}; at most {MAX_REPLAY_CAPACITY}", self.replay.capacity),
             ));
         }
         let mut seen = HashSet::new();
@@ -195,9 +249,10 @@ impl LearningRateSchedule {
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdagradConfig {
-    /// The base learning rate. Default: 0.01 (0.1, the default until 2026-12, made one pass
-    /// confidently wrong: held-out log-loss 1.5 and calibration error 0.15 where 0.01 gives
-    /// 0.36-0.40 and 0.01-0.02, with 2-4 points more accuracy; see the README's "Calibration").
+    /// The base learning rate. Default: 0.005, with replay (0.1, the default until 2026-12, made
+    /// one pass confidently wrong: held-out log-loss 1.5 and calibration error 0.15 where 0.01
+    /// gives 0.36-0.40 and 0.01-0.02, with 2-4 points more accuracy; with replay, 0.005 learns
+    /// best; see the README's "Calibration").
     pub learning_rate: f32,
     /// Added to the root of the accumulated squared gradients before dividing. Default: 1e-8.
     pub epsilon: f32,
@@ -207,7 +262,7 @@ pub struct AdagradConfig {
 
 impl Default for AdagradConfig {
     fn default() -> Self {
-        AdagradConfig { learning_rate: 0.01, epsilon: 1e-8, l2: 0.0 }
+        AdagradConfig { learning_rate: 0.005, epsilon: 1e-8, l2: 0.0 }
     }
 }
 
@@ -266,8 +321,9 @@ mod tests {
         assert!(c.classes.is_empty());
         assert_eq!(
             c.optimizer,
-            OptimizerConfig::Adagrad(AdagradConfig { learning_rate: 0.01, epsilon: 1e-8, l2: 0.0 })
+            OptimizerConfig::Adagrad(AdagradConfig { learning_rate: 0.005, epsilon: 1e-8, l2: 0.0 })
         );
+        assert_eq!(c.replay, ReplayConfig { capacity: 500, ratio: 3.0 });
         let sgd: OptimizerConfig = serde_json::from_str(r#"{"kind": "sgd"}"#).unwrap();
         assert_eq!(
             sgd,
@@ -281,7 +337,7 @@ mod tests {
         let c: OptimizerConfig = serde_json::from_str(r#"{"kind": "ftrl", "l1": 2.5}"#).unwrap();
         assert_eq!(c, OptimizerConfig::Ftrl(FtrlConfig { alpha: 0.1, beta: 1.0, l1: 2.5, l2: 0.0 }));
         let c: OptimizerConfig = serde_json::from_str(r#"{"kind": "adagrad"}"#).unwrap();
-        assert_eq!(c, OptimizerConfig::Adagrad(AdagradConfig { learning_rate: 0.01, epsilon: 1e-8, l2: 0.0 }));
+        assert_eq!(c, OptimizerConfig::Adagrad(AdagradConfig { learning_rate: 0.005, epsilon: 1e-8, l2: 0.0 }));
         let c: OptimizerConfig =
             serde_json::from_str(r#"{"kind": "sgd", "schedule": {"kind": "inverse_scaling"}}"#).unwrap();
         let OptimizerConfig::Sgd(sgd) = c else { panic!("not sgd: {c:?}") };
@@ -310,6 +366,7 @@ mod tests {
             standardize: false,
             max_classes: 7,
             classes: vec!["cat".into(), "dog".into()],
+            replay: ReplayConfig { capacity: 64, ratio: 0.5 },
         };
         let json = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<LearnerConfig>(&json).unwrap(), c);
@@ -333,6 +390,12 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("\"a\" twice"));
         let c = LearnerConfig { classes: vec!["a".into(), "b".into()], max_classes: 1, ..LearnerConfig::default() };
         assert!(c.validate().unwrap_err().to_string().contains("max_classes"));
+        for replay in [ReplayConfig { capacity: 10, ratio: -1.0 }, ReplayConfig { capacity: 10, ratio: f32::NAN }] {
+            let c = LearnerConfig { replay, ..LearnerConfig::default() };
+            assert!(c.validate().unwrap_err().to_string().contains("replay.ratio"), "{replay:?}");
+        }
+        let c = LearnerConfig { replay: ReplayConfig { capacity: 2_000_000, ratio: 1.0 }, ..LearnerConfig::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("replay.capacity"));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use super::config::LearnerConfig;
 use super::kernels::{self, SgdStep, SimdPath};
 use super::optimizer::Optimizer;
+use super::replay::ReplayBuffer;
 use super::standardize::RunningStandardizer;
 use super::LearnError;
 use std::borrow::Cow;
@@ -57,6 +58,8 @@ pub struct SoftmaxRegression {
     /// The logits, then probabilities, then gradient coefficients of the example being
     /// learned (`K`).
     pub(super) scratch_classes: Vec<f32>,
+    /// The newest examples, replayed at each epoch's end (empty when replay is off).
+    pub(super) replay: ReplayBuffer,
 }
 
 impl SoftmaxRegression {
@@ -81,6 +84,7 @@ impl SoftmaxRegression {
             simd: SimdPath::detect(),
             scratch_features: vec![0.0; if config.standardize { dim } else { 0 }],
             scratch_classes: Vec::new(),
+            replay: ReplayBuffer::new(dim, config.replay),
             config,
         };
         for class in model.config.classes.clone() {
@@ -175,6 +179,7 @@ impl SoftmaxRegression {
             simd: self.simd,
             scratch_features: Vec::new(),
             scratch_classes: Vec::new(),
+            replay: ReplayBuffer::default(),
         }
     }
 
@@ -305,28 +310,61 @@ impl SoftmaxRegression {
         if label >= self.classes.len() {
             return Err(LearnError::ClassIndex { index: label, classes: self.classes.len() });
         }
+        let SoftmaxRegression { standardizer, simd, scratch_features, .. } = self;
+        // Checks that x is finite before anything changes: the standardiser in its pass over x,
+        // without one a pass of its own.
+        let standardized = match standardizer {
+            Some(s) => {
+                s.transform_and_observe_with(*simd, x, scratch_features)?;
+                true
+            }
+            None if simd.all_finite(x) => false,
+            None => return Err(LearnError::non_finite(x)),
+        };
+        let outcome = self.step(x, standardized, label, weight)?;
+        self.updates += 1;
+        self.replay.remember(x, label);
+        Ok(outcome)
+    }
+
+    /// Learns again from examples kept for replay: `learner.replay.ratio` per example learned
+    /// since the last call, drawn from the newest `learner.replay.capacity` (see
+    /// [`ReplayConfig`](super::ReplayConfig)). The stream calls it at each epoch's end. Returns
+    /// the number replayed. Replays are not updates: the version stays, and the standardisation
+    /// statistics are those of the examples learned.
+    pub fn replay(&mut self) -> Result<usize, LearnError> {
+        let rows = self.replay.draw();
+        let buffer = std::mem::take(&mut self.replay);
+        let mut replayed = Ok(rows.len());
+        for &row in &rows {
+            let (x, label) = buffer.example(row);
+            if let Some(s) = &self.standardizer {
+                s.transform_with(self.simd, x, &mut self.scratch_features);
+            }
+            if let Err(e) = self.step(x, self.standardizer.is_some(), label, 1.0) {
+                replayed = Err(e);
+                break;
+            }
+        }
+        self.replay = buffer;
+        replayed
+    }
+
+    /// One step of learning class `label` from `x`, standardised in `scratch_features` when
+    /// `standardized`: predicts, then moves the weights by the gradient scaled by `weight`.
+    fn step(&mut self, x: &[f32], standardized: bool, label: usize, weight: f32) -> Result<UpdateOutcome, LearnError> {
         let SoftmaxRegression {
             weights,
             pending,
             bias,
             optimizer,
-            standardizer,
             updates,
             simd,
             scratch_features,
             scratch_classes,
             ..
         } = self;
-        // Checks that x is finite before anything changes: the standardiser in its pass over x,
-        // without one a pass of its own.
-        let features: &[f32] = match standardizer {
-            Some(s) => {
-                s.transform_and_observe_with(*simd, x, scratch_features)?;
-                scratch_features
-            }
-            None if simd.all_finite(x) => x,
-            None => return Err(LearnError::non_finite(x)),
-        };
+        let features: &[f32] = if standardized { scratch_features } else { x };
         let probs = scratch_classes;
         match pending.step() {
             None => simd.matvec(weights, features, probs),
@@ -354,14 +392,14 @@ impl SoftmaxRegression {
             // SGD: keep the step, to apply with the next forward pass.
             pending.steps.copy_from_slice(probs);
             pending.decay = decay;
-            match standardizer {
+            if standardized {
                 // The pending features are free again: swap rather than copy.
-                Some(_) => std::mem::swap(&mut pending.features, scratch_features),
-                None => pending.features.copy_from_slice(x),
+                std::mem::swap(&mut pending.features, scratch_features);
+            } else {
+                pending.features.copy_from_slice(x);
             }
             pending.active = true;
         }
-        *updates += 1;
         Ok(UpdateOutcome { loss, correct })
     }
 
@@ -432,7 +470,7 @@ impl fmt::Debug for SoftmaxRegression {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::learn::config::{AdagradConfig, FtrlConfig, OptimizerConfig, SgdConfig};
+    use crate::learn::config::{AdagradConfig, FtrlConfig, OptimizerConfig, ReplayConfig, SgdConfig};
     use crate::learn::testutil::{Rng, Separable};
     use crate::learn::{LearningRateSchedule, Prequential};
 
@@ -482,6 +520,60 @@ mod tests {
         assert!(unweighted.weights().iter().chain(unweighted.bias()).all(|w| *w == 0.0));
         for bad in [-1.0, f32::NAN, f32::INFINITY] {
             assert!(matches!(weighted.update_weighted(&examples[0].0, 0, bad), Err(LearnError::Config { .. })));
+        }
+    }
+
+    #[test]
+    fn a_replay_learns_the_drawn_examples_again_without_counting_or_observing_them() {
+        let mut data = Separable::new(3, 12, 3, 6);
+        let examples: Vec<(Vec<f32>, usize)> = (0..40).map(|_| data.sample()).collect();
+        let classes: Vec<String> = (0..3).map(|c| c.to_string()).collect();
+        let replay = ReplayConfig { capacity: 25, ratio: 1.5 };
+        for optimizer in all_optimizers() {
+            let fixed = |standardize| LearnerConfig {
+                classes: classes.clone(),
+                replay,
+                ..config(optimizer.clone(), standardize)
+            };
+            let mut replaying = SoftmaxRegression::new(12, fixed(true)).unwrap();
+            // The same draws, by a buffer of its own, learned as plain updates.
+            let mut buffer = ReplayBuffer::new(12, replay);
+            let mut by_hand =
+                SoftmaxRegression::new(12, LearnerConfig { replay: ReplayConfig::OFF, ..fixed(false) }).unwrap();
+            for (x, label) in &examples {
+                replaying.update(x, *label).unwrap();
+                buffer.remember(x, *label);
+            }
+            // 40 x 1.5 = 60 owed, capped at capacity x ratio = 37.5.
+            assert_eq!(replaying.replay().unwrap(), 37);
+            assert_eq!(replaying.updates(), 40, "replays are not updates");
+            assert_eq!(replaying.standardizer().unwrap().count(), 40, "nor observed twice");
+            let rows = buffer.draw();
+            assert_eq!(rows.len(), 37);
+            // The newest 25: rows 0..15 were overwritten by examples 25..40.
+            for row in 0..25 {
+                assert_eq!(buffer.example(row).0, examples[if row < 15 { 25 + row } else { row }].0);
+            }
+
+            // Without standardisation the replays are exactly updates of the drawn examples.
+            let mut plain = SoftmaxRegression::new(12, fixed(false)).unwrap();
+            for (x, label) in &examples {
+                plain.update(x, *label).unwrap();
+                by_hand.update(x, *label).unwrap();
+            }
+            plain.replay().unwrap();
+            for &row in &rows {
+                let (x, label) = buffer.example(row);
+                by_hand.update(x, label).unwrap();
+            }
+            if !matches!(
+                optimizer,
+                OptimizerConfig::Sgd(SgdConfig { schedule: LearningRateSchedule::InverseScaling { .. }, .. })
+            ) {
+                assert_eq!(plain.weights(), by_hand.weights(), "{optimizer:?}");
+                assert_eq!(plain.bias(), by_hand.bias(), "{optimizer:?}");
+            }
+            assert_ne!(plain.weights(), SoftmaxRegression::new(12, fixed(false)).unwrap().weights());
         }
     }
 

@@ -6,7 +6,10 @@
 //!   `optimizer.sum_sq_bias` `[K]`; FTRL `optimizer.{z,n}_weight` `[K, D]` and
 //!   `optimizer.{z,n}_bias` `[K]`; nothing for SGD;
 //! - with standardisation, `standardizer.mean` and `standardizer.m2` f32 `[D]` and
-//!   `standardizer.count` u64 `[]`.
+//!   `standardizer.count` u64 `[]`;
+//! - with replay, the `N` examples kept: `replay.features` f32 `[N, D]`, `replay.labels` u32
+//!   `[N]`, and `replay.state` u64 `[3]` (ring position, generator, replays owed as f64 bits).
+//!   A snapshot without them (written before replay) loads with nothing kept.
 //!
 //! Metadata (strings): `dlpipe.format` = `softmax_regression`, `dlpipe.format_version`,
 //! `dlpipe.classes` (JSON array), `dlpipe.config` (the [`LearnerConfig`] as JSON),
@@ -19,6 +22,7 @@ use super::config::LearnerConfig;
 use super::kernels::SimdPath;
 use super::model::{PendingStep, SoftmaxRegression};
 use super::optimizer::Optimizer;
+use super::replay::ReplayBuffer;
 use super::standardize::RunningStandardizer;
 use super::LearnError;
 use safetensors::tensor::TensorView;
@@ -50,6 +54,8 @@ pub enum SnapshotError {
     MissingMetadata(&'static str),
     #[error("metadata key {key:?}: {reason}")]
     Metadata { key: &'static str, reason: String },
+    #[error("the replay buffer does not fit replay.capacity = {capacity} and the model's {classes} classes")]
+    ReplayMisfit { capacity: usize, classes: usize },
     #[error("not a dlpipe softmax regression (metadata {KEY_FORMAT:?} is {0:?})")]
     NotAModel(String),
     #[error("format version {found} is not supported (this build reads version {FORMAT_VERSION})")]
@@ -140,6 +146,17 @@ impl SoftmaxRegression {
             tensors.push(("standardizer.m2", Dtype::F32, vec![d], f32_bytes(s.m2())));
             tensors.push(("standardizer.count", Dtype::U64, vec![], s.count().to_le_bytes().to_vec()));
         }
+        if self.config.replay.is_on() {
+            let (features, labels, state) = self.replay.parts();
+            tensors.push(("replay.features", Dtype::F32, vec![labels.len(), d], f32_bytes(features)));
+            tensors.push((
+                "replay.labels",
+                Dtype::U32,
+                vec![labels.len()],
+                labels.iter().flat_map(|l| l.to_le_bytes()).collect(),
+            ));
+            tensors.push(("replay.state", Dtype::U64, vec![3], state.iter().flat_map(|v| v.to_le_bytes()).collect()));
+        }
         let views = tensors
             .iter()
             .map(|(name, dtype, shape, data)| Ok((*name, TensorView::new(*dtype, shape.clone(), data)?)))
@@ -229,6 +246,12 @@ fn deserialize(bytes: &[u8]) -> Result<(SoftmaxRegression, BTreeMap<String, Stri
     } else {
         None
     };
+    let replay = if config.replay.is_on() && tensors.names().contains(&"replay.labels") {
+        replay_buffer(&tensors, &mut used, d, &config, k)?
+    } else {
+        // Replay off, or a snapshot from before replay: nothing kept yet.
+        ReplayBuffer::new(d, config.replay)
+    };
     // A tensor the config does not explain means the snapshot and config disagree (say, the
     // config was edited): refuse rather than silently drop state.
     if let Some(name) = tensors.names().into_iter().find(|name| !used.contains(name)) {
@@ -250,9 +273,47 @@ fn deserialize(bytes: &[u8]) -> Result<(SoftmaxRegression, BTreeMap<String, Stri
         updates,
         simd: SimdPath::detect(),
         scratch_classes: vec![0.0; k],
+        replay,
         config,
     };
     Ok((model, extra))
+}
+
+/// The replay buffer's three tensors, which must agree with each other, the config and the
+/// `d` features and `k` classes of the model.
+fn replay_buffer(
+    tensors: &SafeTensors<'_>,
+    used: &mut Vec<&'static str>,
+    d: usize,
+    config: &LearnerConfig,
+    k: usize,
+) -> Result<ReplayBuffer, SnapshotError> {
+    let mut read = |name: &'static str, dtype: Dtype| -> Result<(Vec<usize>, &[u8]), SnapshotError> {
+        used.push(name);
+        let view = tensors.tensor(name)?;
+        check_dtype(name, &view, dtype)?;
+        Ok((view.shape().to_vec(), view.data()))
+    };
+    let (label_shape, label_bytes) = read("replay.labels", Dtype::U32)?;
+    let n = match label_shape[..] {
+        [n] => n,
+        _ => return Err(SnapshotError::Shape { name: "replay.labels", got: label_shape, expected: vec![0] }),
+    };
+    let (feature_shape, feature_bytes) = read("replay.features", Dtype::F32)?;
+    if feature_shape != [n, d] {
+        return Err(SnapshotError::Shape { name: "replay.features", got: feature_shape, expected: vec![n, d] });
+    }
+    let (state_shape, state_bytes) = read("replay.state", Dtype::U64)?;
+    if state_shape != [3] {
+        return Err(SnapshotError::Shape { name: "replay.state", got: state_shape, expected: vec![3] });
+    }
+    let u32s = label_bytes.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
+    let f32s = feature_bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
+    let u64s: Vec<u64> =
+        state_bytes.chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))).collect();
+    let state = [u64s[0], u64s[1], u64s[2]];
+    ReplayBuffer::from_parts(d, config.replay, f32s, u32s, state, k)
+        .ok_or(SnapshotError::ReplayMisfit { capacity: config.replay.capacity, classes: k })
 }
 
 fn check_dtype(name: &'static str, view: &TensorView<'_>, expected: Dtype) -> Result<(), SnapshotError> {
@@ -278,7 +339,7 @@ fn f32_bytes(values: &[f32]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::learn::config::{AdagradConfig, FtrlConfig, OptimizerConfig, SgdConfig};
+    use crate::learn::config::{AdagradConfig, FtrlConfig, OptimizerConfig, ReplayConfig, SgdConfig};
     use crate::learn::testutil::Rng;
     use crate::learn::LearningRateSchedule;
 
@@ -322,11 +383,16 @@ mod tests {
         assert_eq!(a.classes(), b.classes());
         assert_eq!(a.updates(), b.updates());
         assert_eq!(a.config(), b.config());
-        for (x, label) in examples(2, a.dim(), 200) {
+        for (i, (x, label)) in examples(2, a.dim(), 200).into_iter().enumerate() {
             assert_eq!(bits(&a.predict_proba(&x).unwrap()), bits(&b.predict_proba(&x).unwrap()));
             let (oa, ob) = (a.learn(&x, &label).unwrap(), b.learn(&x, &label).unwrap());
             assert_eq!((oa.loss.to_bits(), oa.correct), (ob.loss.to_bits(), ob.correct));
+            // Epochs of 10: the replays owed, the examples kept and the draws carry over.
+            if i % 10 == 9 {
+                assert_eq!(a.replay().unwrap(), b.replay().unwrap());
+            }
         }
+        assert_eq!(a.replay, b.replay);
         assert_eq!(bits(&a.weights()), bits(&b.weights()));
         assert_eq!(bits(a.bias()), bits(b.bias()));
         assert_eq!(a.optimizer, b.optimizer);
@@ -384,8 +450,15 @@ mod tests {
         let tensors = SafeTensors::deserialize(&bytes).unwrap();
         let mut names = tensors.names();
         names.sort();
-        assert_eq!(names, ["bias", "standardizer.count", "standardizer.m2", "standardizer.mean", "weight"]);
+        let expected = ["bias", "replay.features", "replay.labels", "replay.state"].into_iter().chain([
+            "standardizer.count",
+            "standardizer.m2",
+            "standardizer.mean",
+            "weight",
+        ]);
+        assert_eq!(names, expected.collect::<Vec<_>>());
         assert_eq!(tensors.tensor("weight").unwrap().shape(), [4, 5]);
+        assert_eq!(tensors.tensor("replay.features").unwrap().shape(), [50, 5]);
         let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
         let metadata = header.metadata().clone().unwrap();
         assert_eq!(metadata[KEY_VERSION], "1");
@@ -396,6 +469,34 @@ mod tests {
         let (loaded, extra) = SoftmaxRegression::load(&path).unwrap();
         assert!(extra.is_empty());
         assert_identical_futures(model, loaded);
+    }
+
+    #[test]
+    fn a_snapshot_from_before_replay_loads_with_nothing_kept() {
+        let mut model =
+            SoftmaxRegression::new(6, LearnerConfig { replay: ReplayConfig::OFF, ..LearnerConfig::default() }).unwrap();
+        for (x, label) in examples(4, 6, 30) {
+            model.learn(&x, &label).unwrap();
+        }
+        // As written before replay existed: no replay tensors, no "replay" in the config.
+        let bytes = model.to_bytes(&BTreeMap::new()).unwrap();
+        let tensors = SafeTensors::deserialize(&bytes).unwrap();
+        let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+        let mut metadata = header.metadata().clone().unwrap();
+        let mut config: serde_json::Value = serde_json::from_str(&metadata[KEY_CONFIG]).unwrap();
+        config.as_object_mut().unwrap().remove("replay").unwrap();
+        metadata.insert(KEY_CONFIG.into(), config.to_string());
+        let old = safetensors::serialize(tensors.tensors(), Some(metadata)).unwrap();
+
+        let (mut loaded, _) = SoftmaxRegression::from_bytes(&old).unwrap();
+        assert_eq!(loaded.config().replay, ReplayConfig::default());
+        assert_eq!(loaded.replay.parts().1.len(), 0, "nothing kept");
+        assert_eq!(loaded.replay().unwrap(), 0);
+        assert_eq!(bits(&loaded.weights()), bits(&model.weights()));
+        let (x, label) = &examples(5, 6, 1)[0];
+        loaded.learn(x, label).unwrap();
+        let ratio = ReplayConfig::default().ratio as usize;
+        assert_eq!(loaded.replay().unwrap(), ratio, "keeps and replays from then on");
     }
 
     #[test]

@@ -1,20 +1,15 @@
 //! Deterministic random data for the learner's tests.
 
-/// SplitMix64: a tiny, fast, well-mixed generator; the same seed gives the same stream on every
-/// platform.
-pub(crate) struct Rng(u64);
+/// The crate's [`SplitMix64`](crate::learn::SplitMix64), with the draws tests want.
+pub(crate) struct Rng(crate::learn::SplitMix64);
 
 impl Rng {
     pub(crate) fn new(seed: u64) -> Rng {
-        Rng(seed)
+        Rng(crate::learn::SplitMix64(seed))
     }
 
     pub(crate) fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in [0, 1), from the top 53 bits.

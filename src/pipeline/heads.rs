@@ -146,6 +146,9 @@ impl Head for OnlineLrHead {
                 }
             }
         }
+        if let Err(error) = self.model.replay() {
+            tracing::error!(%error, "replaying recent examples");
+        }
         // The state after each epoch has no SGD step pending, so that a checkpoint of it
         // continues exactly as this learner does.
         self.model.flush();
