@@ -1,7 +1,7 @@
 //! The learner's configuration: which optimizer with which hyperparameters, standardisation and
 //! classes. Every field has a documented default, and unknown keys are errors.
 
-use super::LearnError;
+use super::{ClassWeights, LearnError};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 
@@ -19,6 +19,12 @@ pub struct LearnerConfig {
     /// A fixed list of classes, in index order; labels outside it are errors. Empty (the
     /// default) discovers classes as labels arrive.
     pub classes: Vec<String>,
+    /// How much each class's examples count, for imbalanced streams: none (the default),
+    /// balanced (`n / (classes × n_c)` from the counts of labels learned so far), or
+    /// `class=weight,...` (classes not named weigh 1; a class named may be discovered later,
+    /// but must be one of `classes` when they are fixed). Applied by
+    /// [`learn`](super::SoftmaxRegression::learn); the batch trainer passes its own weights.
+    pub class_weights: ClassWeights,
 }
 
 impl Default for LearnerConfig {
@@ -28,6 +34,7 @@ impl Default for LearnerConfig {
             standardize: true,
             max_classes: 1000,
             classes: Vec::new(),
+            class_weights: ClassWeights::None,
         }
     }
 }
@@ -48,6 +55,14 @@ impl LearnerConfig {
         let mut seen = HashSet::new();
         if let Some(dup) = self.classes.iter().find(|c| !seen.insert(c.as_str())) {
             return Err(invalid("classes", format!("lists {dup:?} twice")));
+        }
+        if !self.classes.is_empty() {
+            if let Some(unknown) = self.class_weights.unknown_class(&self.classes) {
+                return Err(invalid(
+                    "class_weights",
+                    format!("gives a weight to {unknown:?}, which is not one of the classes fixed by learner.classes"),
+                ));
+            }
         }
         Ok(())
     }
@@ -264,6 +279,7 @@ mod tests {
         assert!(c.standardize);
         assert_eq!(c.max_classes, 1000);
         assert!(c.classes.is_empty());
+        assert_eq!(c.class_weights, ClassWeights::None);
         assert_eq!(
             c.optimizer,
             OptimizerConfig::Adagrad(AdagradConfig { learning_rate: 0.01, epsilon: 1e-8, l2: 0.0 })
@@ -310,6 +326,7 @@ mod tests {
             standardize: false,
             max_classes: 7,
             classes: vec!["cat".into(), "dog".into()],
+            class_weights: "dog=2.5".parse().unwrap(),
         };
         let json = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<LearnerConfig>(&json).unwrap(), c);

@@ -5,13 +5,15 @@
 //! - [`SoftmaxRegression`]: the model, with classes discovered from labels or fixed by config,
 //!   running feature standardisation ([`RunningStandardizer`]), SGD, AdaGrad or FTRL-Proximal
 //!   ([`OptimizerConfig`]), test-then-train updates that report how well the example was
-//!   predicted ([`UpdateOutcome`]), and safetensors snapshots (files or bytes).
+//!   predicted ([`UpdateOutcome`]), class weights for imbalanced data ([`ClassWeights`]), and
+//!   safetensors snapshots (files or bytes).
 //! - [`Prequential`]: accuracy and log-loss of those predictions, in total and over a window.
 //!
 //! The module is pure computation: no I/O beyond snapshots, no threads, no randomness. An
 //! update costs a few microseconds for 1280 features and 10 classes (`cargo bench --bench
 //! learner`), so the learner keeps up with any CNN.
 
+mod class_weights;
 mod config;
 mod kernels;
 mod model;
@@ -22,6 +24,7 @@ mod standardize;
 #[cfg(test)]
 mod testutil;
 
+pub use class_weights::{ClassWeights, ClassWeightsError};
 pub use config::{AdagradConfig, FtrlConfig, LearnerConfig, LearningRateSchedule, OptimizerConfig, SgdConfig};
 pub use kernels::{argmax, SimdPath, VARIANCE_EPSILON};
 pub use model::{SoftmaxRegression, UpdateOutcome};

@@ -6,7 +6,9 @@
 //!   `optimizer.sum_sq_bias` `[K]`; FTRL `optimizer.{z,n}_weight` `[K, D]` and
 //!   `optimizer.{z,n}_bias` `[K]`; nothing for SGD;
 //! - with standardisation, `standardizer.mean` and `standardizer.m2` f32 `[D]` and
-//!   `standardizer.count` u64 `[]`.
+//!   `standardizer.count` u64 `[]`;
+//! - `class_counts` u64 `[K]`: the examples learned of each class, behind balanced class
+//!   weights. Snapshots written before it existed load with zero counts.
 //!
 //! Metadata (strings): `dlpipe.format` = `softmax_regression`, `dlpipe.format_version`,
 //! `dlpipe.classes` (JSON array), `dlpipe.config` (the [`LearnerConfig`] as JSON),
@@ -38,6 +40,8 @@ const KEY_VERSION: &str = "dlpipe.format_version";
 const KEY_CLASSES: &str = "dlpipe.classes";
 const KEY_CONFIG: &str = "dlpipe.config";
 const KEY_UPDATES: &str = "dlpipe.updates";
+/// The tensor of class counts.
+const CLASS_COUNTS: &str = "class_counts";
 
 /// Why a snapshot could not be written or read.
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +144,8 @@ impl SoftmaxRegression {
             tensors.push(("standardizer.m2", Dtype::F32, vec![d], f32_bytes(s.m2())));
             tensors.push(("standardizer.count", Dtype::U64, vec![], s.count().to_le_bytes().to_vec()));
         }
+        let counts = self.class_counts.iter().flat_map(|c| c.to_le_bytes()).collect();
+        tensors.push((CLASS_COUNTS, Dtype::U64, vec![k], counts));
         let views = tensors
             .iter()
             .map(|(name, dtype, shape, data)| Ok((*name, TensorView::new(*dtype, shape.clone(), data)?)))
@@ -229,6 +235,7 @@ fn deserialize(bytes: &[u8]) -> Result<(SoftmaxRegression, BTreeMap<String, Stri
     } else {
         None
     };
+    let class_counts = class_counts(&tensors, k, &mut used)?;
     // A tensor the config does not explain means the snapshot and config disagree (say, the
     // config was edited): refuse rather than silently drop state.
     if let Some(name) = tensors.names().into_iter().find(|name| !used.contains(name)) {
@@ -248,11 +255,25 @@ fn deserialize(bytes: &[u8]) -> Result<(SoftmaxRegression, BTreeMap<String, Stri
         scratch_features: vec![0.0; if standardizer.is_some() { d } else { 0 }],
         standardizer,
         updates,
+        class_counts,
         simd: SimdPath::detect(),
         scratch_classes: vec![0.0; k],
         config,
     };
     Ok((model, extra))
+}
+
+/// The class counts of a snapshot, or zeros for one written before they were kept (adding
+/// the name to `used` when present).
+fn class_counts(tensors: &SafeTensors<'_>, k: usize, used: &mut Vec<&str>) -> Result<Vec<u64>, SnapshotError> {
+    if !tensors.names().contains(&CLASS_COUNTS) {
+        return Ok(vec![0; k]);
+    }
+    used.push(CLASS_COUNTS);
+    let view = tensors.tensor(CLASS_COUNTS)?;
+    check_dtype(CLASS_COUNTS, &view, Dtype::U64)?;
+    check_shape(CLASS_COUNTS, &view, &[k])?;
+    Ok(view.data().chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))).collect())
 }
 
 fn check_dtype(name: &'static str, view: &TensorView<'_>, expected: Dtype) -> Result<(), SnapshotError> {
@@ -280,7 +301,7 @@ mod tests {
     use super::*;
     use crate::learn::config::{AdagradConfig, FtrlConfig, OptimizerConfig, SgdConfig};
     use crate::learn::testutil::Rng;
-    use crate::learn::LearningRateSchedule;
+    use crate::learn::{ClassWeights, LearningRateSchedule};
 
     fn configs() -> Vec<LearnerConfig> {
         let optimizers = [
@@ -322,6 +343,7 @@ mod tests {
         assert_eq!(a.classes(), b.classes());
         assert_eq!(a.updates(), b.updates());
         assert_eq!(a.config(), b.config());
+        assert_eq!(a.class_counts(), b.class_counts());
         for (x, label) in examples(2, a.dim(), 200) {
             assert_eq!(bits(&a.predict_proba(&x).unwrap()), bits(&b.predict_proba(&x).unwrap()));
             let (oa, ob) = (a.learn(&x, &label).unwrap(), b.learn(&x, &label).unwrap());
@@ -331,6 +353,7 @@ mod tests {
         assert_eq!(bits(a.bias()), bits(b.bias()));
         assert_eq!(a.optimizer, b.optimizer);
         assert_eq!(a.standardizer(), b.standardizer());
+        assert_eq!(a.class_counts(), b.class_counts());
     }
 
     #[test]
@@ -363,6 +386,72 @@ mod tests {
         }
     }
 
+    /// A model learning with balanced class weights: its running class counts are part of the
+    /// snapshot, and the loaded model weighs the next examples exactly as the saved one.
+    #[test]
+    fn class_counts_round_trip_and_balanced_learning_continues_identically() {
+        let balanced = LearnerConfig { class_weights: ClassWeights::Balanced, ..LearnerConfig::default() };
+        let mut model = SoftmaxRegression::new(11, balanced).unwrap();
+        // Imbalanced: "class 0" three times as often as the others.
+        for (i, (x, label)) in examples(4, 11, 400).into_iter().enumerate() {
+            if label == "class 0" || i % 3 == 0 {
+                model.learn(&x, &label).unwrap();
+            }
+        }
+        let counts = model.class_counts().to_vec();
+        assert_eq!(counts.iter().sum::<u64>(), model.updates());
+        assert!(counts[model.find_class("class 0").unwrap()] > 2 * counts.iter().min().unwrap(), "{counts:?}");
+        let (loaded, _) = SoftmaxRegression::from_bytes(&model.to_bytes(&BTreeMap::new()).unwrap()).unwrap();
+        assert_eq!(loaded.class_counts(), counts);
+        assert_eq!(loaded.config().class_weights, ClassWeights::Balanced);
+        assert_identical_futures(model, loaded);
+    }
+
+    /// A snapshot written before class counts and class weights existed: no `class_counts`
+    /// tensor, no `class_weights` in the config. It loads with zero counts and no class weights.
+    #[test]
+    fn a_snapshot_without_class_counts_loads_with_zero_counts() {
+        let mut model = SoftmaxRegression::new(6, LearnerConfig::default()).unwrap();
+        for (x, label) in examples(5, 6, 60) {
+            model.learn(&x, &label).unwrap();
+        }
+        let bytes = model.to_bytes(&BTreeMap::new()).unwrap();
+        let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+        let mut metadata = header.metadata().clone().unwrap();
+        let mut config: serde_json::Value = serde_json::from_str(&metadata[KEY_CONFIG]).unwrap();
+        assert!(config.as_object_mut().unwrap().remove("class_weights").is_some());
+        metadata.insert(KEY_CONFIG.into(), config.to_string());
+        let tensors = SafeTensors::deserialize(&bytes).unwrap();
+        let old_tensors: Vec<_> = tensors.tensors().into_iter().filter(|(name, _)| name != CLASS_COUNTS).collect();
+        assert_eq!(old_tensors.len(), tensors.len() - 1);
+        let old = safetensors::serialize(old_tensors, Some(metadata)).unwrap();
+
+        let (loaded, _) = SoftmaxRegression::from_bytes(&old).unwrap();
+        assert_eq!(loaded.class_counts(), [0; 4]);
+        assert_eq!(loaded.config(), model.config());
+        assert_eq!(bits(&loaded.weights()), bits(&model.weights()));
+        assert_eq!(loaded.updates(), model.updates());
+        // It learns on, counting from zero.
+        let mut loaded = loaded;
+        loaded.learn(&[0.5; 6], "class 2").unwrap();
+        let index = loaded.find_class("class 2").unwrap();
+        assert_eq!(loaded.class_counts().iter().sum::<u64>(), 1);
+        assert_eq!(loaded.class_counts()[index], 1);
+
+        // A class_counts tensor of the wrong shape is refused.
+        let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+        let short = [0u8; 8];
+        let mut damaged: Vec<(String, TensorView<'_>)> =
+            tensors.tensors().into_iter().filter(|(name, _)| name != CLASS_COUNTS).collect();
+        damaged.push((CLASS_COUNTS.into(), TensorView::new(Dtype::U64, vec![1], &short).unwrap()));
+        let damaged = safetensors::serialize(damaged, header.metadata().clone()).unwrap();
+        let err = SoftmaxRegression::from_bytes(&damaged).unwrap_err();
+        assert!(
+            matches!(&err, LearnError::Snapshot { source: SnapshotError::Shape { name: CLASS_COUNTS, .. }, .. }),
+            "{err:?}"
+        );
+    }
+
     #[test]
     fn file_round_trip_and_metadata_layout() {
         let dir = tempfile::tempdir().unwrap();
@@ -384,7 +473,10 @@ mod tests {
         let tensors = SafeTensors::deserialize(&bytes).unwrap();
         let mut names = tensors.names();
         names.sort();
-        assert_eq!(names, ["bias", "standardizer.count", "standardizer.m2", "standardizer.mean", "weight"]);
+        assert_eq!(
+            names,
+            ["bias", "class_counts", "standardizer.count", "standardizer.m2", "standardizer.mean", "weight"]
+        );
         assert_eq!(tensors.tensor("weight").unwrap().shape(), [4, 5]);
         let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
         let metadata = header.metadata().clone().unwrap();
