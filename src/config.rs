@@ -5,8 +5,7 @@
 use crate::fetch::address::NetworkError;
 use crate::fetch::FetchConfig;
 use crate::image::ImageLimits;
-use crate::learn::{AdagradConfig, LearnError, LearnerConfig, OptimizerConfig};
-use crate::transfer::{ClassWeights, ClassWeightsError};
+use crate::learn::{AdagradConfig, ClassWeights, LearnError, LearnerConfig, OptimizerConfig};
 use dlpipe_operators::EpochPolicy;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -39,8 +38,9 @@ pub struct TrainConfig {
     /// `[learner]` applies as it is). Many passes over a fixed set want smaller steps than one
     /// pass over a stream.
     pub optimizer: OptimizerConfig,
-    /// "none", "balanced" (n / (classes × n_c)), or "class=weight,class=weight".
-    pub class_weights: String,
+    /// "none", "balanced" (n / (classes × n_c)), or "class=weight,class=weight", in place of
+    /// `learner.class_weights` (as `optimizer`).
+    pub class_weights: ClassWeights,
     /// Folder of the feature cache; empty turns it off.
     pub feature_cache: PathBuf,
 }
@@ -52,7 +52,7 @@ impl Default for TrainConfig {
             seed: 42,
             epochs: 10,
             optimizer: OptimizerConfig::Adagrad(AdagradConfig { learning_rate: 0.01, ..AdagradConfig::default() }),
-            class_weights: "none".into(),
+            class_weights: ClassWeights::None,
             feature_cache: ".cache/features".into(),
         }
     }
@@ -425,8 +425,6 @@ pub enum ConfigError {
     /// `[learner]` is out of range.
     #[error(transparent)]
     Learner(LearnError),
-    #[error("train.class_weights: {0}")]
-    ClassWeights(ClassWeightsError),
     /// An entry of `fetch.allowed_networks` is not a network.
     #[error("fetch.allowed_networks: {0}")]
     AllowedNetwork(NetworkError),
@@ -528,7 +526,6 @@ impl Config {
         if self.train.epochs == 0 {
             return Err(invalid_value("train.epochs must be at least 1"));
         }
-        self.train.class_weights.parse::<ClassWeights>().map_err(ConfigError::ClassWeights)?;
         Ok(())
     }
 
@@ -614,6 +611,41 @@ mod tests {
             let config = Config::from_toml(&std::fs::read_to_string(dir.join(name)).unwrap()).unwrap();
             config.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
         }
+    }
+
+    #[test]
+    fn class_weights_parse_and_bad_ones_are_errors_naming_the_key() {
+        let learner = |toml: &str| Config::from_toml(&format!("[learner]\n{toml}\n"));
+        let given = learner("class_weights = \"shirt=2, coat=1.5\"").unwrap();
+        let expected = BTreeMap::from([("coat".to_string(), 1.5), ("shirt".to_string(), 2.0)]);
+        assert_eq!(given.learner.class_weights, ClassWeights::Given(expected));
+        given.validate().unwrap();
+        assert_eq!(learner("class_weights = \"balanced\"").unwrap().learner.class_weights, ClassWeights::Balanced);
+        assert_eq!(
+            Config::from_toml("[train]\nclass_weights = \"balanced\"").unwrap().train.class_weights,
+            ClassWeights::Balanced
+        );
+        let cases = [
+            ("class_weights = \"shirt\"", "is not class=weight"),
+            ("class_weights = \"shirt=heavy\"", "not a number"),
+            ("class_weights = \"shirt=-1\"", "non-negative"),
+            ("class_weights = \"Balanced\"", "is not class=weight"),
+            ("class_weights = 2", "invalid type"),
+        ];
+        for (toml, reason) in cases {
+            for section in ["learner", "train"] {
+                let err = Config::from_toml(&format!("[{section}]\n{toml}\n")).unwrap_err().to_string();
+                assert!(
+                    err.contains(reason) && err.contains("class_weights") && err.contains("line 2"),
+                    "{toml}: {err}"
+                );
+            }
+        }
+        // A fixed weight may name a class still to be discovered, not one outside a fixed list.
+        let fixed = learner("classes = [\"coat\", \"bag\"]\nclass_weights = \"shirt=2\"").unwrap();
+        let err = fixed.validate().unwrap_err().to_string();
+        assert!(err.contains("class_weights") && err.contains("\"shirt\"") && err.contains("learner.classes"), "{err}");
+        learner("classes = [\"coat\", \"shirt\"]\nclass_weights = \"shirt=2\"").unwrap().validate().unwrap();
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {

@@ -4,7 +4,7 @@ use crate::config::ConfigError;
 use crate::fetch::FetchError;
 use crate::image::{DecodeError, FileError, PreprocessError};
 use crate::kafka::KafkaError;
-use crate::learn::LearnError;
+use crate::learn::{ClassWeightsError, LearnError};
 use crate::metrics::ServeError;
 use crate::model::ModelError;
 use crate::npy::NpyError;
@@ -12,7 +12,7 @@ use crate::transfer::cache::CacheError;
 use crate::transfer::dataset::DatasetError;
 use crate::transfer::features::{FeaturizeError, ImageError};
 use crate::transfer::plot::PlotError;
-use crate::transfer::{ClassWeightsError, ClassifierError};
+use crate::transfer::ClassifierError;
 
 /// Any error of the dlpipe library: one variant per module error, each shown as it is.
 ///

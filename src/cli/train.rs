@@ -5,9 +5,9 @@
 use super::batch_features::{featurize_uris, load_featurizers, FeaturizeFlags};
 use anyhow::Context;
 use dlpipe::config::Config;
-use dlpipe::learn::{LearnerConfig, OptimizerConfig, ReplayConfig};
+use dlpipe::learn::{ClassWeights, LearnerConfig, OptimizerConfig, ReplayConfig};
 use dlpipe::transfer::train::{train, Examples, Schedule};
-use dlpipe::transfer::{classes_of, dataset, evaluate, plot, ClassWeights, Classifier, TrainingRecord};
+use dlpipe::transfer::{classes_of, dataset, evaluate, plot, Classifier, TrainingRecord};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -51,12 +51,20 @@ pub struct TrainArgs {
     featurize: FeaturizeFlags,
 }
 
-/// The learner config with the command line's optimizer settings applied.
+/// The learner config with `[train]`'s optimizer and class weights, and the command line's
+/// settings, applied.
 fn learner_config(config: &Config, args: &TrainArgs) -> anyhow::Result<LearnerConfig> {
     let mut learner = config.learner.clone();
     learner.optimizer = config.train.optimizer.clone();
     // Epochs over the whole set do what replay does for a stream.
     learner.replay = ReplayConfig::OFF;
+    // The classifier's config says how it learned, and a stream that starts from it (`run
+    // --init-model`) goes on with these weights. Training passes its weights, resolved from
+    // them, with every update, which applies no config weights on top.
+    learner.class_weights = match &args.class_weights {
+        Some(text) => text.parse::<ClassWeights>().context("--class-weights")?,
+        None => config.train.class_weights.clone(),
+    };
     if let Some(kind) = &args.optimizer {
         if kind != learner.optimizer.name() {
             learner.optimizer = serde_json::from_value(serde_json::json!({ "kind": kind }))
@@ -88,8 +96,6 @@ pub fn run(config: &Config, args: TrainArgs) -> anyhow::Result<()> {
     if epochs == 0 {
         anyhow::bail!("--epochs must be at least 1");
     }
-    let class_weights: ClassWeights =
-        args.class_weights.as_deref().unwrap_or(&config.train.class_weights).parse().context("class weights")?;
     let mut learner = learner_config(config, &args)?;
 
     let examples = dataset::load(&args.data)?;
@@ -127,7 +133,7 @@ pub fn run(config: &Config, args: TrainArgs) -> anyhow::Result<()> {
     if train_labels.is_empty() {
         anyhow::bail!("no training example has features");
     }
-    let weights = class_weights.resolve(&classes, &train_labels)?;
+    let weights = learner.class_weights.resolve(&classes, &train_labels)?;
 
     let started = Instant::now();
     let progress = ProgressBar::new(epochs as u64).with_style(

@@ -1,7 +1,7 @@
 //! The learner's configuration: which optimizer with which hyperparameters, standardisation and
 //! classes. Every field has a documented default, and unknown keys are errors.
 
-use super::LearnError;
+use super::{ClassWeights, LearnError};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 
@@ -22,6 +22,12 @@ pub struct LearnerConfig {
     /// A fixed list of classes, in index order; labels outside it are errors. Empty (the
     /// default) discovers classes as labels arrive.
     pub classes: Vec<String>,
+    /// How much each class's examples count, for imbalanced streams: none (the default),
+    /// balanced (`n / (classes × n_c)` from the counts of labels learned so far), or
+    /// `class=weight,...` (classes not named weigh 1; a class named may be discovered later,
+    /// but must be one of `classes` when they are fixed). Applied by
+    /// [`learn`](super::SoftmaxRegression::learn); the batch trainer passes its own weights.
+    pub class_weights: ClassWeights,
     /// Replay of recent examples at each epoch's end (the stream's learner). Default: the
     /// newest 500 examples, 3 replays per new example.
     pub replay: ReplayConfig,
@@ -30,8 +36,8 @@ pub struct LearnerConfig {
 /// Experience replay: the learner keeps its newest `capacity` labelled examples and, at the end
 /// of each epoch of the stream, learns `ratio` examples drawn from them for each new one. One
 /// pass over a stream then learns about as well as several passes over a batch would: on
-/// 3,000 Fashion-MNIST images (16 orders), held-out accuracy 0.865-0.879 where no replay
-/// gives 0.849-0.876, prequential accuracy 1.5 points higher (README, "Calibration").
+/// 3,000 Fashion-MNIST images streamed 5 times, held-out accuracy 0.869-0.881 and ECE
+/// 0.030-0.040, where without replay it moved between 0.849 and 0.874 (README, "Calibration").
 ///
 /// Replays change only the weights: they are not updates (the model's version counts learned
 /// examples), not prequential outcomes, and the standardisation statistics do not see them
@@ -71,6 +77,7 @@ impl Default for LearnerConfig {
             standardize: true,
             max_classes: 1000,
             classes: Vec::new(),
+            class_weights: ClassWeights::None,
             replay: ReplayConfig::default(),
         }
     }
@@ -102,6 +109,14 @@ impl LearnerConfig {
         let mut seen = HashSet::new();
         if let Some(dup) = self.classes.iter().find(|c| !seen.insert(c.as_str())) {
             return Err(invalid("classes", format!("lists {dup:?} twice")));
+        }
+        if !self.classes.is_empty() {
+            if let Some(unknown) = self.class_weights.unknown_class(&self.classes) {
+                return Err(invalid(
+                    "class_weights",
+                    format!("gives a weight to {unknown:?}, which is not one of the classes fixed by learner.classes"),
+                ));
+            }
         }
         Ok(())
     }
@@ -319,6 +334,7 @@ mod tests {
         assert!(c.standardize);
         assert_eq!(c.max_classes, 1000);
         assert!(c.classes.is_empty());
+        assert_eq!(c.class_weights, ClassWeights::None);
         assert_eq!(
             c.optimizer,
             OptimizerConfig::Adagrad(AdagradConfig { learning_rate: 0.005, epsilon: 1e-8, l2: 0.0 })
@@ -366,6 +382,7 @@ mod tests {
             standardize: false,
             max_classes: 7,
             classes: vec!["cat".into(), "dog".into()],
+            class_weights: "dog=2.5".parse().unwrap(),
             replay: ReplayConfig { capacity: 64, ratio: 0.5 },
         };
         let json = serde_json::to_string(&c).unwrap();

@@ -5,8 +5,9 @@
 //! - [`SoftmaxRegression`]: the model, with classes discovered from labels or fixed by config,
 //!   running feature standardisation ([`RunningStandardizer`]), SGD, AdaGrad or FTRL-Proximal
 //!   ([`OptimizerConfig`]), test-then-train updates that report how well the example was
-//!   predicted ([`UpdateOutcome`]), replay of recent examples at each epoch's end
-//!   ([`ReplayConfig`]), and safetensors snapshots (files or bytes).
+//!   predicted ([`UpdateOutcome`]), class weights for imbalanced data ([`ClassWeights`]), replay
+//!   of recent examples at each epoch's end ([`ReplayConfig`]), and safetensors snapshots
+//!   (files or bytes).
 //! - [`Prequential`]: accuracy and log-loss of those predictions, in total and over a window.
 //!
 //! The module is pure computation: no I/O beyond snapshots, no threads, and no randomness
@@ -14,6 +15,7 @@
 //! update costs a few microseconds for 1280 features and 10 classes (`cargo bench --bench
 //! learner`), so the learner keeps up with any CNN.
 
+mod class_weights;
 mod config;
 mod kernels;
 mod model;
@@ -26,6 +28,7 @@ mod standardize;
 #[cfg(test)]
 mod testutil;
 
+pub use class_weights::{ClassWeights, ClassWeightsError};
 pub use config::{
     AdagradConfig, FtrlConfig, LearnerConfig, LearningRateSchedule, OptimizerConfig, ReplayConfig, SgdConfig,
 };

@@ -51,6 +51,8 @@ pub struct SoftmaxRegression {
     pub(super) optimizer: Optimizer,
     pub(super) standardizer: Option<RunningStandardizer>,
     pub(super) updates: u64,
+    /// Examples learned of each class: the running counts behind balanced class weights.
+    pub(super) class_counts: Vec<u64>,
     pub(super) simd: SimdPath,
     /// The standardised features of the example being learned (`D`), reused so that an update
     /// allocates nothing.
@@ -81,6 +83,7 @@ impl SoftmaxRegression {
             optimizer,
             standardizer: config.standardize.then(|| RunningStandardizer::new(dim)),
             updates: 0,
+            class_counts: Vec::new(),
             simd: SimdPath::detect(),
             scratch_features: vec![0.0; if config.standardize { dim } else { 0 }],
             scratch_classes: Vec::new(),
@@ -141,6 +144,7 @@ impl SoftmaxRegression {
         self.classes.push(label);
         self.weights.resize(self.weights.len() + self.dim, 0.0);
         self.bias.push(0.0);
+        self.class_counts.push(0);
         self.optimizer.add_class(self.dim);
         self.scratch_classes.push(0.0);
         self.pending.steps.push(0.0);
@@ -161,6 +165,11 @@ impl SoftmaxRegression {
         self.updates
     }
 
+    /// The examples learned of each class index, whatever their weights.
+    pub fn class_counts(&self) -> &[u64] {
+        &self.class_counts
+    }
+
     /// A copy that predicts exactly as this model does now, without the optimizer's state (its
     /// accumulators are as large as the weights, or twice, and a copy kept only to predict
     /// never needs them). The copy must not learn: its optimizer knows no class.
@@ -176,6 +185,7 @@ impl SoftmaxRegression {
             optimizer: Optimizer::new(&self.config.optimizer, 0, self.dim),
             standardizer: self.standardizer.clone(),
             updates: self.updates,
+            class_counts: self.class_counts.clone(),
             simd: self.simd,
             scratch_features: Vec::new(),
             scratch_classes: Vec::new(),
@@ -297,6 +307,10 @@ impl SoftmaxRegression {
     /// [`update`](Self::update) with the example's gradient scaled by `weight` (class weights,
     /// importance weights): a weight of 2 moves the model as two copies of the example would to
     /// first order. The outcome is unweighted. `weight` must be finite and non-negative.
+    ///
+    /// `weight` is the whole weight: the config's class weights are not applied on top (that is
+    /// [`learn`](Self::learn)'s job), so the batch trainer, which resolves its own, weighs once.
+    /// The example is counted in [`class_counts`](Self::class_counts) all the same.
     pub fn update_weighted(&mut self, x: &[f32], label: usize, weight: f32) -> Result<UpdateOutcome, LearnError> {
         if !(weight.is_finite() && weight >= 0.0) {
             return Err(LearnError::Config {
@@ -323,6 +337,7 @@ impl SoftmaxRegression {
         };
         let outcome = self.step(x, standardized, label, weight)?;
         self.updates += 1;
+        self.class_counts[label] += 1;
         self.replay.remember(x, label);
         Ok(outcome)
     }
@@ -330,8 +345,8 @@ impl SoftmaxRegression {
     /// Learns again from examples kept for replay: `learner.replay.ratio` per example learned
     /// since the last call, drawn from the newest `learner.replay.capacity` (see
     /// [`ReplayConfig`](super::ReplayConfig)). The stream calls it at each epoch's end. Returns
-    /// the number replayed. Replays are not updates: the version stays, and the standardisation
-    /// statistics are those of the examples learned.
+    /// the number replayed. Replays are not updates: the version, the class counts and the
+    /// standardisation statistics stay those of the examples learned; class weights apply.
     pub fn replay(&mut self) -> Result<usize, LearnError> {
         let rows = self.replay.draw();
         let buffer = std::mem::take(&mut self.replay);
@@ -341,7 +356,8 @@ impl SoftmaxRegression {
             if let Some(s) = &self.standardizer {
                 s.transform_with(self.simd, x, &mut self.scratch_features);
             }
-            if let Err(e) = self.step(x, self.standardizer.is_some(), label, 1.0) {
+            let weight = self.config.class_weights.counted_weight(&self.classes[label], label, &self.class_counts);
+            if let Err(e) = self.step(x, self.standardizer.is_some(), label, weight) {
                 replayed = Err(e);
                 break;
             }
@@ -403,8 +419,10 @@ impl SoftmaxRegression {
         Ok(UpdateOutcome { loss, correct })
     }
 
-    /// [`class_index`](Self::class_index) and [`update`](Self::update) in one: learns one
-    /// example labelled `label`. An invalid feature vector adds no class.
+    /// [`class_index`](Self::class_index) and [`update_weighted`](Self::update_weighted) in one:
+    /// learns one example labelled `label`, weighted by the config's class weights (see
+    /// [`ClassWeights::stream_weight`](super::ClassWeights::stream_weight)). An invalid
+    /// feature vector adds no class.
     pub fn learn(&mut self, x: &[f32], label: &str) -> Result<UpdateOutcome, LearnError> {
         let index = match self.find_class(label) {
             Some(index) => index,
@@ -413,7 +431,8 @@ impl SoftmaxRegression {
                 self.class_index(label)?
             }
         };
-        self.update(x, index)
+        let weight = self.config.class_weights.stream_weight(label, index, &self.class_counts);
+        self.update_weighted(x, index, weight)
     }
 }
 
@@ -461,6 +480,7 @@ impl fmt::Debug for SoftmaxRegression {
             .field("dim", &self.dim)
             .field("classes", &self.classes)
             .field("updates", &self.updates)
+            .field("class_counts", &self.class_counts)
             .field("config", &self.config)
             .field("simd", &self.simd)
             .finish_non_exhaustive()
@@ -676,6 +696,58 @@ mod tests {
             let numeric = (reference_loss(&w0, &plus, &x64, y) - reference_loss(&w0, &minus, &x64, y)) / (2.0 * h);
             let analytic = b0[c] - model.bias[c] as f64;
             assert!((numeric - analytic).abs() < 1e-5, "bias {c}: numeric {numeric}, step {analytic}");
+        }
+    }
+
+    /// `learn` weighs each example by the config's class weights (balanced: from the running
+    /// counts, this example included), exactly as `update_weighted` with the weight worked out
+    /// here from the formula; and it counts every example, whatever its weight.
+    #[test]
+    fn learn_weighs_examples_by_the_configs_class_weights() {
+        let mut rng = Rng::new(5);
+        // 8:2:1, with class "c" first seen after 30 examples.
+        let stream: Vec<(Vec<f32>, usize)> = (0..120)
+            .map(|i| {
+                let class = match i % 11 {
+                    _ if i < 30 => i % 2 * (i % 5 / 4),
+                    0 => 2,
+                    1 | 2 => 1,
+                    _ => 0,
+                };
+                let x: Vec<f32> = (0..9).map(|d| rng.normal() + if d % 3 == class { 1.5 } else { 0.0 }).collect();
+                (x, class)
+            })
+            .collect();
+        let names = ["a", "b", "c"];
+        for (weights, optimizer) in [("balanced", sgd()), ("balanced", all_optimizers()[2].clone()), ("c=3,z=7", sgd())]
+        {
+            let with = |class_weights: &str| LearnerConfig {
+                class_weights: class_weights.parse().unwrap(),
+                ..config(optimizer.clone(), true)
+            };
+            let mut learned = SoftmaxRegression::new(9, with(weights)).unwrap();
+            let mut by_hand = SoftmaxRegression::new(9, with("none")).unwrap();
+            let mut unweighted = SoftmaxRegression::new(9, with("none")).unwrap();
+            let mut counts = [0u64; 3];
+            for (x, class) in &stream {
+                counts[*class] += 1;
+                let weight = match weights {
+                    "balanced" => {
+                        let (n, seen) = (counts.iter().sum::<u64>(), counts.iter().filter(|&&c| c > 0).count());
+                        (n as f64 / (seen as f64 * counts[*class] as f64)) as f32
+                    }
+                    _ => [1.0, 1.0, 3.0][*class],
+                };
+                learned.learn(x, names[*class]).unwrap();
+                let index = by_hand.class_index(names[*class]).unwrap();
+                by_hand.update_weighted(x, index, weight).unwrap();
+                unweighted.learn(x, names[*class]).unwrap();
+            }
+            assert_eq!(state_bits(&learned), state_bits(&by_hand), "{weights} {optimizer:?}");
+            assert_ne!(state_bits(&learned), state_bits(&unweighted), "{weights}: the weights change nothing");
+            assert_eq!(learned.classes(), names, "discovered in the order of the stream");
+            assert_eq!(learned.class_counts(), counts);
+            assert_eq!(unweighted.class_counts(), counts);
         }
     }
 

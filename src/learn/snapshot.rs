@@ -10,6 +10,8 @@
 //! - with replay, the `N` examples kept: `replay.features` f32 `[N, D]`, `replay.labels` u32
 //!   `[N]`, and `replay.state` u64 `[3]` (ring position, generator, replays owed as f64 bits).
 //!   A snapshot without them (written before replay) loads with nothing kept.
+//! - `class_counts` u64 `[K]`: the examples learned of each class, behind balanced class
+//!   weights. Snapshots written before it existed load with zero counts.
 //!
 //! Metadata (strings): `dlpipe.format` = `softmax_regression`, `dlpipe.format_version`,
 //! `dlpipe.classes` (JSON array), `dlpipe.config` (the [`LearnerConfig`] as JSON),
@@ -42,6 +44,8 @@ const KEY_VERSION: &str = "dlpipe.format_version";
 const KEY_CLASSES: &str = "dlpipe.classes";
 const KEY_CONFIG: &str = "dlpipe.config";
 const KEY_UPDATES: &str = "dlpipe.updates";
+/// The tensor of class counts.
+const CLASS_COUNTS: &str = "class_counts";
 
 /// Why a snapshot could not be written or read.
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +161,8 @@ impl SoftmaxRegression {
             ));
             tensors.push(("replay.state", Dtype::U64, vec![3], state.iter().flat_map(|v| v.to_le_bytes()).collect()));
         }
+        let counts = self.class_counts.iter().flat_map(|c| c.to_le_bytes()).collect();
+        tensors.push((CLASS_COUNTS, Dtype::U64, vec![k], counts));
         let views = tensors
             .iter()
             .map(|(name, dtype, shape, data)| Ok((*name, TensorView::new(*dtype, shape.clone(), data)?)))
@@ -252,6 +258,7 @@ fn deserialize(bytes: &[u8]) -> Result<(SoftmaxRegression, BTreeMap<String, Stri
         // Replay off, or a snapshot from before replay: nothing kept yet.
         ReplayBuffer::new(d, config.replay)
     };
+    let class_counts = class_counts(&tensors, k, &mut used)?;
     // A tensor the config does not explain means the snapshot and config disagree (say, the
     // config was edited): refuse rather than silently drop state.
     if let Some(name) = tensors.names().into_iter().find(|name| !used.contains(name)) {
@@ -271,6 +278,7 @@ fn deserialize(bytes: &[u8]) -> Result<(SoftmaxRegression, BTreeMap<String, Stri
         scratch_features: vec![0.0; if standardizer.is_some() { d } else { 0 }],
         standardizer,
         updates,
+        class_counts,
         simd: SimdPath::detect(),
         scratch_classes: vec![0.0; k],
         replay,
@@ -316,6 +324,19 @@ fn replay_buffer(
         .ok_or(SnapshotError::ReplayMisfit { capacity: config.replay.capacity, classes: k })
 }
 
+/// The class counts of a snapshot, or zeros for one written before they were kept (adding
+/// the name to `used` when present).
+fn class_counts(tensors: &SafeTensors<'_>, k: usize, used: &mut Vec<&str>) -> Result<Vec<u64>, SnapshotError> {
+    if !tensors.names().contains(&CLASS_COUNTS) {
+        return Ok(vec![0; k]);
+    }
+    used.push(CLASS_COUNTS);
+    let view = tensors.tensor(CLASS_COUNTS)?;
+    check_dtype(CLASS_COUNTS, &view, Dtype::U64)?;
+    check_shape(CLASS_COUNTS, &view, &[k])?;
+    Ok(view.data().chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))).collect())
+}
+
 fn check_dtype(name: &'static str, view: &TensorView<'_>, expected: Dtype) -> Result<(), SnapshotError> {
     if view.dtype() == expected {
         Ok(())
@@ -341,7 +362,7 @@ mod tests {
     use super::*;
     use crate::learn::config::{AdagradConfig, FtrlConfig, OptimizerConfig, ReplayConfig, SgdConfig};
     use crate::learn::testutil::Rng;
-    use crate::learn::LearningRateSchedule;
+    use crate::learn::{ClassWeights, LearningRateSchedule};
 
     fn configs() -> Vec<LearnerConfig> {
         let optimizers = [
@@ -383,6 +404,7 @@ mod tests {
         assert_eq!(a.classes(), b.classes());
         assert_eq!(a.updates(), b.updates());
         assert_eq!(a.config(), b.config());
+        assert_eq!(a.class_counts(), b.class_counts());
         for (i, (x, label)) in examples(2, a.dim(), 200).into_iter().enumerate() {
             assert_eq!(bits(&a.predict_proba(&x).unwrap()), bits(&b.predict_proba(&x).unwrap()));
             let (oa, ob) = (a.learn(&x, &label).unwrap(), b.learn(&x, &label).unwrap());
@@ -397,6 +419,7 @@ mod tests {
         assert_eq!(bits(a.bias()), bits(b.bias()));
         assert_eq!(a.optimizer, b.optimizer);
         assert_eq!(a.standardizer(), b.standardizer());
+        assert_eq!(a.class_counts(), b.class_counts());
     }
 
     #[test]
@@ -429,6 +452,72 @@ mod tests {
         }
     }
 
+    /// A model learning with balanced class weights: its running class counts are part of the
+    /// snapshot, and the loaded model weighs the next examples exactly as the saved one.
+    #[test]
+    fn class_counts_round_trip_and_balanced_learning_continues_identically() {
+        let balanced = LearnerConfig { class_weights: ClassWeights::Balanced, ..LearnerConfig::default() };
+        let mut model = SoftmaxRegression::new(11, balanced).unwrap();
+        // Imbalanced: "class 0" three times as often as the others.
+        for (i, (x, label)) in examples(4, 11, 400).into_iter().enumerate() {
+            if label == "class 0" || i % 3 == 0 {
+                model.learn(&x, &label).unwrap();
+            }
+        }
+        let counts = model.class_counts().to_vec();
+        assert_eq!(counts.iter().sum::<u64>(), model.updates());
+        assert!(counts[model.find_class("class 0").unwrap()] > 2 * counts.iter().min().unwrap(), "{counts:?}");
+        let (loaded, _) = SoftmaxRegression::from_bytes(&model.to_bytes(&BTreeMap::new()).unwrap()).unwrap();
+        assert_eq!(loaded.class_counts(), counts);
+        assert_eq!(loaded.config().class_weights, ClassWeights::Balanced);
+        assert_identical_futures(model, loaded);
+    }
+
+    /// A snapshot written before class counts and class weights existed: no `class_counts`
+    /// tensor, no `class_weights` in the config. It loads with zero counts and no class weights.
+    #[test]
+    fn a_snapshot_without_class_counts_loads_with_zero_counts() {
+        let mut model = SoftmaxRegression::new(6, LearnerConfig::default()).unwrap();
+        for (x, label) in examples(5, 6, 60) {
+            model.learn(&x, &label).unwrap();
+        }
+        let bytes = model.to_bytes(&BTreeMap::new()).unwrap();
+        let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+        let mut metadata = header.metadata().clone().unwrap();
+        let mut config: serde_json::Value = serde_json::from_str(&metadata[KEY_CONFIG]).unwrap();
+        assert!(config.as_object_mut().unwrap().remove("class_weights").is_some());
+        metadata.insert(KEY_CONFIG.into(), config.to_string());
+        let tensors = SafeTensors::deserialize(&bytes).unwrap();
+        let old_tensors: Vec<_> = tensors.tensors().into_iter().filter(|(name, _)| name != CLASS_COUNTS).collect();
+        assert_eq!(old_tensors.len(), tensors.len() - 1);
+        let old = safetensors::serialize(old_tensors, Some(metadata)).unwrap();
+
+        let (loaded, _) = SoftmaxRegression::from_bytes(&old).unwrap();
+        assert_eq!(loaded.class_counts(), [0; 4]);
+        assert_eq!(loaded.config(), model.config());
+        assert_eq!(bits(&loaded.weights()), bits(&model.weights()));
+        assert_eq!(loaded.updates(), model.updates());
+        // It learns on, counting from zero.
+        let mut loaded = loaded;
+        loaded.learn(&[0.5; 6], "class 2").unwrap();
+        let index = loaded.find_class("class 2").unwrap();
+        assert_eq!(loaded.class_counts().iter().sum::<u64>(), 1);
+        assert_eq!(loaded.class_counts()[index], 1);
+
+        // A class_counts tensor of the wrong shape is refused.
+        let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+        let short = [0u8; 8];
+        let mut damaged: Vec<(String, TensorView<'_>)> =
+            tensors.tensors().into_iter().filter(|(name, _)| name != CLASS_COUNTS).collect();
+        damaged.push((CLASS_COUNTS.into(), TensorView::new(Dtype::U64, vec![1], &short).unwrap()));
+        let damaged = safetensors::serialize(damaged, header.metadata().clone()).unwrap();
+        let err = SoftmaxRegression::from_bytes(&damaged).unwrap_err();
+        assert!(
+            matches!(&err, LearnError::Snapshot { source: SnapshotError::Shape { name: CLASS_COUNTS, .. }, .. }),
+            "{err:?}"
+        );
+    }
+
     #[test]
     fn file_round_trip_and_metadata_layout() {
         let dir = tempfile::tempdir().unwrap();
@@ -450,12 +539,9 @@ mod tests {
         let tensors = SafeTensors::deserialize(&bytes).unwrap();
         let mut names = tensors.names();
         names.sort();
-        let expected = ["bias", "replay.features", "replay.labels", "replay.state"].into_iter().chain([
-            "standardizer.count",
-            "standardizer.m2",
-            "standardizer.mean",
-            "weight",
-        ]);
+        let expected = ["bias", "class_counts", "replay.features", "replay.labels", "replay.state"]
+            .into_iter()
+            .chain(["standardizer.count", "standardizer.m2", "standardizer.mean", "weight"]);
         assert_eq!(names, expected.collect::<Vec<_>>());
         assert_eq!(tensors.tensor("weight").unwrap().shape(), [4, 5]);
         assert_eq!(tensors.tensor("replay.features").unwrap().shape(), [50, 5]);

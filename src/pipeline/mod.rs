@@ -267,12 +267,36 @@ fn online_head(
             let every = if start.checkpoints && index == 0 { config.pipeline.checkpoint_every_epochs } else { 0 };
             let counters = metrics.learner.clone();
             let head = heads::online_head(config, manifest, start.init_model, start.restored, every, counters)?;
+            if index == 0 {
+                log_class_weights(config, head.model.config(), start);
+            }
             Ok(Some(Rc::new(RefCell::new(head))))
         }
         HeadKind::Imagenet if !manifest.has(OutputKind::Logits) || manifest.class_names.is_empty() => {
             Err(PipelineError::Head { head: "imagenet", needs: "named classes", model: manifest.name.clone() })
         }
         HeadKind::Imagenet => Ok(None),
+    }
+}
+
+/// Says which class weights the stream learner applies. They are the model's: a checkpoint's
+/// or an init model's config rules over `[learner]`, class weights included, so a different
+/// configured value is a warning.
+fn log_class_weights(config: &Config, model: &crate::learn::LearnerConfig, start: &Start) {
+    let applied = &model.class_weights;
+    let from = match (start.init_model, start.restored) {
+        (Some(_), _) => "the init model",
+        (None, Some(_)) => "the checkpoint",
+        (None, None) => "learner.class_weights",
+    };
+    tracing::info!(class_weights = %applied, from, "stream learner class weights");
+    if *applied != config.learner.class_weights {
+        tracing::warn!(
+            configured = %config.learner.class_weights,
+            applied = %applied,
+            "learner.class_weights differs from the class weights {from} learns with; those apply, as the rest of \
+             its learner config does"
+        );
     }
 }
 

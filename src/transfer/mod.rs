@@ -23,7 +23,7 @@ pub use classifier::{Classifier, ClassifierError, TrainingRecord};
 pub use dataset::{Example, Split};
 pub use evaluate::Evaluation;
 pub use features::{extract_features, Features, FeaturizeOptions};
-pub use train::{ClassWeights, ClassWeightsError, EpochStats};
+pub use train::EpochStats;
 
 /// The sorted set of labels of `examples`: the classes of a classifier trained on them.
 pub fn classes_of<'a>(examples: impl IntoIterator<Item = &'a Example>) -> Vec<String> {

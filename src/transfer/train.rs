@@ -5,87 +5,7 @@ use super::dataset::{shuffle, SplitMix64};
 use super::evaluate::evaluate;
 use crate::learn::{LearnError, LearnerConfig, SoftmaxRegression};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::time::Instant;
-
-/// How much each class's examples count.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ClassWeights {
-    /// Every example counts once.
-    #[default]
-    None,
-    /// `n / (classes × n_c)`, as scikit-learn's `class_weight="balanced"`: rare classes count
-    /// as much in total as common ones.
-    Balanced,
-    /// Given weights; classes not named weigh 1.
-    Given(BTreeMap<String, f32>),
-}
-
-/// Why class weights cannot be read or used; the message names the class or the text at fault.
-#[derive(Clone, Debug, PartialEq, thiserror::Error)]
-pub enum ClassWeightsError {
-    #[error("{pair:?} is not class=weight (or use none, balanced)")]
-    NotAPair { pair: String },
-    #[error("the weight of {class:?} is not a number: {weight:?}")]
-    NotANumber { class: String, weight: String },
-    #[error("the weight of {class:?} must be finite and non-negative, got {weight}")]
-    OutOfRange { class: String, weight: f32 },
-    #[error("class weight for {class:?}, which is not a class of the data ({classes:?})")]
-    UnknownClass { class: String, classes: Vec<String> },
-}
-
-impl std::str::FromStr for ClassWeights {
-    type Err = ClassWeightsError;
-
-    /// `none`, `balanced`, or `class=weight,class=weight`.
-    fn from_str(s: &str) -> Result<ClassWeights, ClassWeightsError> {
-        match s.trim() {
-            "none" | "" => Ok(ClassWeights::None),
-            "balanced" => Ok(ClassWeights::Balanced),
-            list => list
-                .split(',')
-                .map(|pair| {
-                    let (class, weight) =
-                        pair.split_once('=').ok_or_else(|| ClassWeightsError::NotAPair { pair: pair.into() })?;
-                    let number: f32 = weight
-                        .trim()
-                        .parse()
-                        .map_err(|_| ClassWeightsError::NotANumber { class: class.into(), weight: weight.into() })?;
-                    if !(number.is_finite() && number >= 0.0) {
-                        return Err(ClassWeightsError::OutOfRange { class: class.into(), weight: number });
-                    }
-                    Ok((class.trim().to_string(), number))
-                })
-                .collect::<Result<_, _>>()
-                .map(ClassWeights::Given),
-        }
-    }
-}
-
-impl ClassWeights {
-    /// The weight of each class index, for `labels` (class indices) of the training set.
-    pub fn resolve(&self, classes: &[String], labels: &[usize]) -> Result<Vec<f32>, ClassWeightsError> {
-        match self {
-            ClassWeights::None => Ok(vec![1.0; classes.len()]),
-            ClassWeights::Balanced => {
-                let mut counts = vec![0usize; classes.len()];
-                labels.iter().for_each(|&l| counts[l] += 1);
-                let present = counts.iter().filter(|&&c| c > 0).count().max(1);
-                Ok(counts
-                    .iter()
-                    .map(|&c| if c == 0 { 1.0 } else { labels.len() as f32 / (present as f32 * c as f32) })
-                    .collect())
-            }
-            ClassWeights::Given(given) => {
-                if let Some(unknown) = given.keys().find(|k| !classes.contains(k)) {
-                    return Err(ClassWeightsError::UnknownClass { class: unknown.clone(), classes: classes.to_vec() });
-                }
-                Ok(classes.iter().map(|c| given.get(c).copied().unwrap_or(1.0)).collect())
-            }
-        }
-    }
-}
 
 /// Loss and accuracy after one epoch.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -178,25 +98,36 @@ pub fn train(
 mod tests {
     use super::*;
 
+    /// The batch trainer weighs each example once, by the schedule's resolved weights: a
+    /// config with class weights (which `dlpipe train` sets, to record them) adds nothing on
+    /// top. And the model counts every pass's examples.
     #[test]
-    fn class_weights_parse_and_resolve() {
+    fn the_schedules_weights_are_applied_once() {
+        let mut rng = SplitMix64(11);
+        let dim = 6;
+        let (mut x, mut labels) = (Vec::new(), Vec::new());
+        for i in 0..300 {
+            // 6:3:1.
+            let label = [0, 0, 0, 0, 0, 0, 1, 1, 1, 2][i % 10];
+            x.extend((0..dim).map(|d| (rng.next_u64() % 1000) as f32 / 500.0 + if d == label { 1.0 } else { 0.0 }));
+            labels.push(label);
+        }
+        let examples = Examples { x: &x, labels: &labels };
         let classes: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
-        let labels = [0, 0, 0, 1, 2, 2];
-        assert_eq!("none".parse::<ClassWeights>().unwrap().resolve(&classes, &labels).unwrap(), vec![1.0; 3]);
-        let balanced = "balanced".parse::<ClassWeights>().unwrap().resolve(&classes, &labels).unwrap();
-        assert_eq!(balanced, vec![6.0 / 9.0, 2.0, 1.0]);
-        let given = "b=2.5, c=0".parse::<ClassWeights>().unwrap();
-        assert_eq!(given.resolve(&classes, &labels).unwrap(), vec![1.0, 2.5, 0.0]);
-        assert!("d=1"
-            .parse::<ClassWeights>()
-            .unwrap()
-            .resolve(&classes, &labels)
-            .unwrap_err()
-            .to_string()
-            .contains("\"d\""));
-        assert!("a=x".parse::<ClassWeights>().unwrap_err().to_string().contains("not a number"));
-        assert!("a=-1".parse::<ClassWeights>().unwrap_err().to_string().contains("non-negative"));
-        assert!("a".parse::<ClassWeights>().unwrap_err().to_string().contains("class=weight"));
+        let balanced = crate::learn::ClassWeights::Balanced;
+        let weights = balanced.resolve(&classes, &labels).unwrap();
+        assert_eq!(weights, [300.0 / (3.0 * 180.0), 300.0 / (3.0 * 90.0), 300.0 / (3.0 * 30.0)]);
+        let config = |class_weights| LearnerConfig { classes: classes.clone(), class_weights, ..Default::default() };
+        let run = |class_weights, schedule_weights: &[f32]| {
+            let schedule = Schedule { epochs: 3, seed: 5, class_weights: schedule_weights };
+            train(dim, config(class_weights), &examples, None, &schedule, |_| {}).unwrap().0
+        };
+        let recorded = run(balanced.clone(), &weights);
+        let plain = run(crate::learn::ClassWeights::None, &weights);
+        assert_eq!(recorded.weights(), plain.weights());
+        assert_eq!(recorded.bias(), plain.bias());
+        assert_ne!(run(balanced, &[1.0; 3]).weights(), plain.weights(), "the schedule's weights count");
+        assert_eq!(recorded.class_counts(), [3 * 180, 3 * 90, 3 * 30]);
     }
 
     /// Two Gaussian blobs per class in 8 dimensions: more epochs fit better, and the same seed
