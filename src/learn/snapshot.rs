@@ -177,12 +177,16 @@ fn to_json<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).expect("serialising a config or class list to JSON cannot fail")
 }
 
-fn deserialize(bytes: &[u8]) -> Result<(SoftmaxRegression, BTreeMap<String, String>), SnapshotError> {
-    let (_, header) = SafeTensors::read_metadata(bytes)?;
-    let tensors = SafeTensors::deserialize(bytes)?;
-    let metadata: HashMap<String, String> = header.metadata().clone().unwrap_or_default();
-    let get = |key: &'static str| metadata.get(key).ok_or(SnapshotError::MissingMetadata(key));
+/// What a snapshot's own metadata says, checked against itself.
+struct Header {
+    classes: Vec<String>,
+    class_ids: HashMap<String, usize>,
+    config: LearnerConfig,
+    updates: u64,
+}
 
+fn header_of(metadata: &HashMap<String, String>) -> Result<Header, SnapshotError> {
+    let get = |key: &'static str| metadata.get(key).ok_or(SnapshotError::MissingMetadata(key));
     let format = get(KEY_FORMAT)?;
     if format != FORMAT {
         return Err(SnapshotError::NotAModel(format.clone()));
@@ -216,6 +220,14 @@ fn deserialize(bytes: &[u8]) -> Result<(SoftmaxRegression, BTreeMap<String, Stri
             return Err(SnapshotError::Metadata { key: KEY_CLASSES, reason: format!("lists {class:?} twice") });
         }
     }
+    Ok(Header { classes, class_ids, config, updates })
+}
+
+fn deserialize(bytes: &[u8]) -> Result<(SoftmaxRegression, BTreeMap<String, String>), SnapshotError> {
+    let (_, header) = SafeTensors::read_metadata(bytes)?;
+    let tensors = SafeTensors::deserialize(bytes)?;
+    let metadata: HashMap<String, String> = header.metadata().clone().unwrap_or_default();
+    let Header { classes, class_ids, config, updates } = header_of(&metadata)?;
 
     // The weight tensor's shape gives D; every other shape must agree with it.
     let weight = tensors.tensor("weight")?;
