@@ -57,7 +57,7 @@ fn to_end(run: &Run, workers: usize, processes: usize) {
         .map(|p| {
             let log = run.dir.path().join(format!("process-{p}.log"));
             let child = run
-                .command(&["--stop-at-end", "-w", "1", "-n", "2", "-p", &p.to_string(), "-h", &hosts])
+                .command(&["--stop-at-end", "-w", "1", "-n", "2", "-p", &p.to_string(), "--hostfile", &hosts])
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&log).unwrap())
                 .spawn()

@@ -173,7 +173,7 @@ fn one_worker_two_workers_and_two_processes_learn_and_predict_the_same() {
         .map(|p| {
             KillOnDrop(
                 procs
-                    .command(&["--stop-at-end", "-w", "1", "-n", "2", "-p", &p.to_string(), "-h", hosts])
+                    .command(&["--stop-at-end", "-w", "1", "-n", "2", "-p", &p.to_string(), "--hostfile", hosts])
                     .stdout(Stdio::null())
                     .stderr(Stdio::piped())
                     .spawn()

@@ -7,7 +7,6 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 #[derive(clap::Args, Debug)]
-#[command(disable_help_flag = true)]
 pub struct RunArgs {
     /// Worker threads per process (timely's -w).
     #[arg(short = 'w', long, default_value_t = 1)]
@@ -18,8 +17,8 @@ pub struct RunArgs {
     /// This process's index, 0..n (timely's -p).
     #[arg(short = 'p', long, default_value_t = 0)]
     process: usize,
-    /// File of host:port lines, one per process (timely's -h).
-    #[arg(short = 'h', long, value_name = "HOSTFILE")]
+    /// File of host:port lines, one per process (timely's -h; dlpipe's -h is help).
+    #[arg(long, value_name = "HOSTFILE")]
     hostfile: Option<PathBuf>,
     /// Start the online classifier from a classifier file or snapshot (instead of the group's
     /// newest checkpoint).
@@ -32,9 +31,6 @@ pub struct RunArgs {
     /// Read each partition up to its end offset at start-up, publish, commit, and exit.
     #[arg(long)]
     stop_at_end: bool,
-    /// Print help.
-    #[arg(long, action = clap::ArgAction::Help)]
-    help: Option<bool>,
 }
 
 pub fn run(mut config: Config, args: RunArgs) -> anyhow::Result<()> {
@@ -57,7 +53,7 @@ pub fn run(mut config: Config, args: RunArgs) -> anyhow::Result<()> {
         timely_args.extend(["-n".into(), args.processes.to_string(), "-p".into(), args.process.to_string()]);
         match &args.hostfile {
             Some(h) => timely_args.extend(["-h".into(), h.display().to_string()]),
-            None => anyhow::bail!("-n {} needs -h HOSTFILE with one host:port line per process", args.processes),
+            None => anyhow::bail!("-n {} needs --hostfile FILE with one host:port line per process", args.processes),
         }
     }
     let stop = Arc::new(AtomicBool::new(false));
