@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+mod layers;
+pub use layers::{is_secret_key, Layered, Source, ENV_PREFIX};
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -422,6 +425,9 @@ pub enum ConfigError {
     /// `${` in the value of `key` without its `}`.
     #[error("{key}: unclosed ${{ in {text:?}")]
     UnclosedVariable { key: String, text: String },
+    /// A `DLPIPE__*` variable names no key, or a value the key cannot take.
+    #[error("environment variable {name}: {reason}")]
+    Env { name: String, reason: String },
     /// `[learner]` is out of range.
     #[error(transparent)]
     Learner(LearnError),
@@ -439,24 +445,14 @@ fn toml_message(error: &toml::de::Error) -> String {
 }
 
 impl Config {
-    /// Reads a TOML file, then applies the environment (see [`KafkaConfig::resolve_env`]).
+    /// Reads a TOML file, then applies the environment (see [`Config::load_layered`]).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        let mut config =
-            toml::from_str::<Config>(&text).map_err(|error| ConfigError::Parse { path: path.into(), error })?;
-        let invalid = |error| ConfigError::Invalid { path: path.into(), error: Box::new(error) };
-        config.kafka.resolve_env(std::env::vars()).map_err(invalid)?;
-        config.validate().map_err(invalid)?;
-        Ok(config)
+        Ok(Config::load_layered(Some(path), std::env::vars())?.config)
     }
 
     /// Defaults plus the environment: what dlpipe uses without `-c`.
     pub fn from_env() -> Result<Config, ConfigError> {
-        let mut config = Config::default();
-        let invalid = |error| ConfigError::Invalid { path: "(defaults)".into(), error: Box::new(error) };
-        config.kafka.resolve_env(std::env::vars()).map_err(invalid)?;
-        config.validate().map_err(invalid)?;
-        Ok(config)
+        Ok(Config::load_layered(None, std::env::vars())?.config)
     }
 
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
@@ -683,6 +679,74 @@ mod tests {
             "kafka.properties.\"sasl.password\": environment variable NOT_SET_ANYWHERE is not set (the value refers \
              to it as ${NOT_SET_ANYWHERE})"
         );
+    }
+
+    #[test]
+    fn every_key_is_settable_from_the_environment() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), "[pipeline]\ninput_topic = \"from-file\"\ntop_k = 5\n").unwrap();
+        let layered = Config::load_layered(
+            Some(file.path()),
+            env(&[
+                ("DLPIPE__PIPELINE__INPUT_TOPIC", "from-env"),
+                ("DLPIPE__LEARNER__REPLAY__CAPACITY", "256"),
+                ("DLPIPE__MODEL__DEVICES", "[\"cuda:0\", \"cuda:1\"]"),
+                ("DLPIPE__PIPELINE__EPOCHS", "{ by = \"offsets\", records = 16 }"),
+                ("DLPIPE__PIPELINE__GROUP_ID", "2024"),
+                ("DLPIPE__PIPELINE__STOP_AT_END", "true"),
+                ("DLPIPE__KAFKA__BROKERS", "env-generic:9092"),
+                ("DLPIPE_KAFKA_BROKERS", "env-specific:9092"),
+                ("DLPIPE__KAFKA__PROPERTIES", "{ \"security.protocol\" = \"SSL\", \"sasl.password\" = \"a\" }"),
+                ("DLPIPE_KAFKA__SASL_PASSWORD", "b"),
+                ("DLPIPE_LOG", "debug"),
+            ]),
+        )
+        .unwrap();
+        let c = &layered.config;
+        assert_eq!(c.pipeline.input_topic, "from-env");
+        assert_eq!(c.pipeline.top_k, 5);
+        assert_eq!(c.learner.replay.capacity, 256);
+        assert_eq!(c.learner.replay.ratio, Config::default().learner.replay.ratio, "the rest of the table stays");
+        assert_eq!(c.model.devices, ["cuda:0", "cuda:1"]);
+        assert_eq!(c.pipeline.epochs, EpochPolicy::Offsets { records: 16 });
+        assert_eq!(c.pipeline.group_id, "2024", "a value that is TOML but not for the key is a string");
+        assert!(c.pipeline.stop_at_end);
+        assert_eq!(c.kafka.brokers, "env-specific:9092", "DLPIPE_KAFKA_BROKERS wins over DLPIPE__KAFKA__BROKERS");
+        assert_eq!(c.kafka.properties["security.protocol"], "SSL");
+        assert_eq!(c.kafka.properties["sasl.password"], "b", "DLPIPE_KAFKA__<PROPERTY> wins");
+        let key = |path: &str| path.split('.').map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(layered.source(&key("pipeline.input_topic")), Source::Env("DLPIPE__PIPELINE__INPUT_TOPIC".into()));
+        assert_eq!(layered.source(&key("pipeline.top_k")), Source::File);
+        assert_eq!(layered.source(&key("pipeline.max_backlog")), Source::Default);
+        assert_eq!(layered.source(&key("learner.replay.ratio")), Source::Default);
+        assert_eq!(layered.source(&key("pipeline.epochs.records")), Source::Env("DLPIPE__PIPELINE__EPOCHS".into()));
+        assert_eq!(layered.source(&key("kafka.brokers")), Source::Env("DLPIPE_KAFKA_BROKERS".into()));
+        let password = vec!["kafka".into(), "properties".into(), "sasl.password".into()];
+        assert_eq!(layered.source(&password), Source::Env("DLPIPE_KAFKA__SASL_PASSWORD".into()));
+        assert!(is_secret_key(&password) && !is_secret_key(&key("kafka.brokers")));
+    }
+
+    #[test]
+    fn bad_environment_variables_are_errors_naming_them() {
+        let cases = [
+            ("DLPIPE__PIPELINE__INPUT_TOPIK", "x", "unknown field `input_topik`"),
+            ("DLPIPE__PIPELIN__INPUT_TOPIC", "x", "unknown field `pipelin`"),
+            ("DLPIPE__MODEL__BATCH_SIZE", "big", "model.batch_size = \"big\": invalid type: string \"big\""),
+            ("DLPIPE__MODEL__DEVICES", "[1, 2]", "invalid type"),
+            ("DLPIPE__PIPELINE__INPUT_TOPIC__X", "x", "pipeline.input_topic is not a table"),
+            ("DLPIPE__PIPELINE____TOP_K", "3", "empty key"),
+            ("DLPIPE__KAFKA__PROPERTIES__SASL_PASSWORD", "x", "DLPIPE_KAFKA__<PROPERTY>"),
+        ];
+        for (name, value, reason) in cases {
+            let err = Config::load_layered(None, env(&[(name, value)])).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("environment variable {name}: ")) && err.contains(reason),
+                "{name}: {err}"
+            );
+        }
+        // Values that parse but cannot work are refused as a file's would be.
+        let err = Config::load_layered(None, env(&[("DLPIPE__PIPELINE__TOP_K", "0")])).unwrap_err().to_string();
+        assert!(err.contains("pipeline.top_k must be at least 1"), "{err}");
     }
 
     #[test]

@@ -155,7 +155,9 @@ fn spawn(run: &Run, processes: usize) -> Vec<Process> {
     std::fs::write(&hosts, format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port())).unwrap();
     let hosts = hosts.to_str().unwrap().to_owned();
     (0..processes)
-        .map(|p| quiet(run.command(&["--stop-at-end", "-w", "1", "-n", "2", "-p", &p.to_string(), "--hostfile", &hosts])))
+        .map(|p| {
+            quiet(run.command(&["--stop-at-end", "-w", "1", "-n", "2", "-p", &p.to_string(), "--hostfile", &hosts]))
+        })
         .collect()
 }
 

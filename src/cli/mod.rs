@@ -3,6 +3,7 @@
 mod batch_features;
 mod bench;
 mod bench_learning;
+mod config;
 mod evaluate;
 mod featurize;
 mod predict;
@@ -29,6 +30,10 @@ pub struct Cli {
     /// More logging (-v debug, -vv trace). DLPIPE_LOG takes a full tracing filter.
     #[arg(short = 'v', long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// Log lines as plain text, or as one JSON object per line (level, target, fields, spans)
+    /// for a log pipeline.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true, env = "DLPIPE_LOG_FORMAT")]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -51,14 +56,21 @@ pub enum Command {
     Produce(produce::ProduceArgs),
     /// Print predictions or dead letters from a topic.
     Tail(tail::TailArgs),
+    /// Show the effective configuration with each value's source, or check it.
+    Config(config::ConfigArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let command = match cli.command {
+        Command::Config(args) => return config::run(cli.config.as_deref(), args),
+        command => command,
+    };
     let config = match &cli.config {
         Some(path) => Config::load(path)?,
         None => Config::from_env()?,
     };
-    match cli.command {
+    match command {
+        Command::Config(_) => unreachable!("handled above"),
         Command::Predict(args) => predict::run(&config, args),
         Command::Featurize(args) => featurize::run(&config, args),
         Command::Bench(args) => bench::run(&config, args),
@@ -70,7 +82,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-pub fn init_logging(verbose: u8) {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+pub fn init_logging(verbose: u8, format: LogFormat) {
     let default = match verbose {
         0 => "info",
         1 => "debug",
@@ -78,14 +96,15 @@ pub fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("DLPIPE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},rdkafka=warn")));
-    // Colours only for a terminal: logs captured to files or CI stay plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(ansi)
-        .init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        // A log pipeline indexes the target and the span fields (worker, partition, ...).
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(true).init(),
+        // Colours only for a terminal: logs captured to files or CI stay plain text.
+        LogFormat::Text => {
+            builder.with_target(false).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init()
+        }
+    }
 }
 
 /// Loads the model named on the command line (or in the config) onto one device (the given
