@@ -75,13 +75,16 @@ fn config_show_prints_each_value_with_its_source_and_redacts_secrets() {
     assert_eq!(Config::from_toml(&shown).unwrap(), expected);
 }
 
+/// `dlpipe` arguments, environment variables, and what the error must say.
+type CheckCase<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+
 #[test]
 fn config_check_names_the_key_and_the_reason_or_summarises() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("dlpipe.toml");
     let path = file.to_str().unwrap();
     std::fs::write(&file, "[pipeline]\ntop_k = 0\n").unwrap();
-    let cases: [(&[&str], &[(&str, &str)], &str); 4] = [
+    let cases: [CheckCase; 4] = [
         (&["-c", path, "config", "check"], &[], "pipeline.top_k must be at least 1"),
         (&["config", "check"], &[("DLPIPE__PIPELINE__TOP_K", "0")], "pipeline.top_k must be at least 1"),
         (&["config", "check"], &[("DLPIPE__PIPELINE__TOPK", "3")], "environment variable DLPIPE__PIPELINE__TOPK"),
