@@ -736,6 +736,12 @@ mod tests {
             ("DLPIPE__PIPELINE__INPUT_TOPIC__X", "x", "pipeline.input_topic is not a table"),
             ("DLPIPE__PIPELINE____TOP_K", "3", "empty key"),
             ("DLPIPE__KAFKA__PROPERTIES__SASL_PASSWORD", "x", "DLPIPE_KAFKA__<PROPERTY>"),
+            ("DLPIPE__PIPELINE__EPOCHS__RECORDS", "16", "pipeline.epochs.records is not a key"),
+            (
+                "DLPIPE__PIPELINE__EPOCHS",
+                "{ by = \"time\", millis = 500, records = 16 }",
+                "pipeline.epochs.records is not a key",
+            ),
         ];
         for (name, value, reason) in cases {
             let err = Config::load_layered(None, env(&[(name, value)])).unwrap_err().to_string();

@@ -126,7 +126,8 @@ fn apply_override(table: &mut toml::Table, over: &EnvOverride) -> Result<(), Con
         let mut candidate = table.clone();
         set_path(&mut candidate, &over.path, value).map_err(env_error)?;
         match toml::Value::Table(candidate.clone()).try_into::<Config>() {
-            Ok(_) => {
+            Ok(config) => {
+                ignored_key(&config, &over.path, &value_of(&candidate, &over.path)).map_err(env_error)?;
                 *table = candidate;
                 return Ok(());
             }
@@ -137,6 +138,36 @@ fn apply_override(table: &mut toml::Table, over: &EnvOverride) -> Result<(), Con
     }
     let error = first_error.expect("at least one candidate");
     Err(env_error(format!("{} = {:?}: {}", over.path.join("."), over.raw, error.message().trim_end())))
+}
+
+/// An error naming a key under `path` (set to `value`) that the configuration does not keep:
+/// serde passes over some (an unknown key beside a tagged table's `by`), but a variable that
+/// sets nothing is a mistake.
+fn ignored_key(config: &Config, path: &[String], value: &toml::Value) -> Result<(), String> {
+    let effective = toml::Table::try_from(config).expect("a config serializes to TOML");
+    let mut leaves = Vec::new();
+    leaf_paths(value, &mut path.to_vec(), &mut leaves);
+    match leaves.into_iter().find(|leaf| lookup(&effective, leaf).is_none()) {
+        Some(leaf) => Err(format!("{} is not a key of the configuration (it would be ignored)", leaf.join("."))),
+        None => Ok(()),
+    }
+}
+
+fn leaf_paths(value: &toml::Value, path: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+    match value.as_table() {
+        Some(table) if !table.is_empty() => {
+            for (key, sub) in table {
+                path.push(key.clone());
+                leaf_paths(sub, path, out);
+                path.pop();
+            }
+        }
+        _ => out.push(path.clone()),
+    }
+}
+
+fn value_of(table: &toml::Table, path: &[String]) -> toml::Value {
+    lookup(table, path).cloned().expect("the value was just set")
 }
 
 /// `raw` as a TOML value (number, boolean, array, inline table, quoted string), if it is one.
