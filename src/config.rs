@@ -5,7 +5,7 @@
 use crate::fetch::address::NetworkError;
 use crate::fetch::FetchConfig;
 use crate::image::ImageLimits;
-use crate::learn::{AdagradConfig, ClassWeights, LearnError, LearnerConfig, OptimizerConfig};
+use crate::learn::{AdagradConfig, ClassWeights, DriftConfig, LearnError, LearnerConfig, OptimizerConfig};
 use dlpipe_operators::EpochPolicy;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -23,6 +23,7 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     pub fetch: FetchConfig,
     pub learner: LearnerConfig,
+    pub drift: DriftConfig,
     pub train: TrainConfig,
     pub metrics: MetricsConfig,
 }
@@ -503,6 +504,10 @@ impl Config {
             ));
         }
         self.learner.validate().map_err(ConfigError::Learner)?;
+        self.drift.validate().map_err(|e| match e {
+            LearnError::Config { field, reason } => invalid_value(format!("{field} {reason}")),
+            other => ConfigError::Learner(other),
+        })?;
         let listen = self.metrics.listen.trim();
         let host_port =
             listen.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
@@ -777,6 +782,8 @@ mod tests {
             ("[image]\nmax_aspect_ratio = 0\n", "max_aspect_ratio"),
             ("[model]\nbatch_size = 0\n", "model.batch_size"),
             ("[kafka]\nretry_timeout_secs = 0\n", "kafka.retry_timeout_secs"),
+            ("[drift]\nthreshold = -1.0\n", "drift.threshold must be finite and positive"),
+            ("[drift]\ndelta = -0.1\n", "drift.delta"),
         ];
         for (toml, expected) in cases {
             let err = Config::from_toml(toml).unwrap().validate().unwrap_err().to_string();

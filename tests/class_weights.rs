@@ -174,6 +174,7 @@ fn a_restart_from_a_checkpoint_continues_balanced_learning_bit_for_bit() {
         learned_offsets: Default::default(),
         published_offsets: Default::default(),
         prequential: state.prequential.state(),
+        drift: state.drift.as_ref().map(|d| d.state()),
         written_at_ms: 0,
     };
     let bytes = dlpipe::pipeline::model_topic::encode(&state, &info, &Default::default()).unwrap();

@@ -9,6 +9,8 @@
 //!   of recent examples at each epoch's end ([`ReplayConfig`]), and safetensors snapshots
 //!   (files or bytes).
 //! - [`Prequential`]: accuracy and log-loss of those predictions, in total and over a window.
+//! - [`PageHinkley`]: drift detection on those log-losses, and the [`DriftAction`] the
+//!   learner takes on a detection ([`DriftConfig`], the `[drift]` config section).
 //!
 //! The module is pure computation: no I/O beyond snapshots, no threads, and no randomness
 //! but a seeded [`SplitMix64`] whose state is in snapshots. An
@@ -17,6 +19,7 @@
 
 mod class_weights;
 mod config;
+mod drift;
 mod kernels;
 mod model;
 mod optimizer;
@@ -32,6 +35,7 @@ pub use class_weights::{ClassWeights, ClassWeightsError};
 pub use config::{
     AdagradConfig, FtrlConfig, LearnerConfig, LearningRateSchedule, OptimizerConfig, ReplayConfig, SgdConfig,
 };
+pub use drift::{DriftAction, DriftConfig, PageHinkley, PageHinkleyState};
 pub use kernels::{argmax, SimdPath, VARIANCE_EPSILON};
 pub use model::{SoftmaxRegression, UpdateOutcome};
 pub use prequential::{Prequential, PrequentialState};

@@ -53,6 +53,9 @@ pub struct SoftmaxRegression {
     pub(super) updates: u64,
     /// Examples learned of each class: the running counts behind balanced class weights.
     pub(super) class_counts: Vec<u64>,
+    /// The update count at which SGD's learning-rate schedule (re)started: the schedule's `t`
+    /// is `updates - schedule_start` (see [`reset`](Self::reset)).
+    pub(super) schedule_start: u64,
     pub(super) simd: SimdPath,
     /// The standardised features of the example being learned (`D`), reused so that an update
     /// allocates nothing.
@@ -84,6 +87,7 @@ impl SoftmaxRegression {
             standardizer: config.standardize.then(|| RunningStandardizer::new(dim)),
             updates: 0,
             class_counts: Vec::new(),
+            schedule_start: 0,
             simd: SimdPath::detect(),
             scratch_features: vec![0.0; if config.standardize { dim } else { 0 }],
             scratch_classes: Vec::new(),
@@ -160,6 +164,44 @@ impl SoftmaxRegression {
         }
     }
 
+    /// Keeps the weights and biases, and forgets what the optimizer has accumulated, so that
+    /// the next steps are as large as the first ones were (after a drift, a model whose
+    /// AdaGrad or FTRL rates have shrunk over thousands of examples relearns slowly): AdaGrad's
+    /// and FTRL's accumulated squared gradients restart from zero (see `Optimizer::restart`),
+    /// and SGD's learning-rate schedule from its first rate (a constant rate has nothing to
+    /// restart). The examples kept for replay are forgotten: after a drift they teach what the
+    /// labels no longer mean (kept, accuracy after a permutation of every Fashion-MNIST label
+    /// fell by another 14-15 points, tests/drift.rs). Classes, standardisation
+    /// statistics, class counts and the update count stay.
+    pub fn restart_step_size(&mut self) {
+        self.flush();
+        self.optimizer.restart(&self.weights, &self.bias);
+        self.schedule_start = self.updates;
+        self.replay.forget();
+    }
+
+    /// Starts the classifier afresh: zero weights and biases, a new optimizer, SGD's schedule
+    /// from its first rate, nothing kept for replay (see
+    /// [`restart_step_size`](Self::restart_step_size)). The classes, the standardisation
+    /// statistics and the class counts stay (they describe the features and the stream, not
+    /// what the labels mean), and so does the update count, the model's version, which keeps
+    /// increasing.
+    pub fn reset(&mut self) {
+        // The pending SGD step belongs to the weights being discarded.
+        self.pending.active = false;
+        self.weights.fill(0.0);
+        self.bias.fill(0.0);
+        self.optimizer = Optimizer::new(&self.config.optimizer, self.classes.len(), self.dim);
+        self.schedule_start = self.updates;
+        self.replay.forget();
+    }
+
+    /// The update count at which SGD's learning-rate schedule last (re)started (0 unless
+    /// [`reset`](Self::reset) or [`restart_step_size`](Self::restart_step_size) ran).
+    pub fn schedule_start(&self) -> u64 {
+        self.schedule_start
+    }
+
     /// Updates applied so far: the model's version.
     pub fn updates(&self) -> u64 {
         self.updates
@@ -186,6 +228,7 @@ impl SoftmaxRegression {
             standardizer: self.standardizer.clone(),
             updates: self.updates,
             class_counts: self.class_counts.clone(),
+            schedule_start: self.schedule_start,
             simd: self.simd,
             scratch_features: Vec::new(),
             scratch_classes: Vec::new(),
@@ -375,6 +418,7 @@ impl SoftmaxRegression {
             bias,
             optimizer,
             updates,
+            schedule_start,
             simd,
             scratch_features,
             scratch_classes,
@@ -404,7 +448,7 @@ impl SoftmaxRegression {
         if weight != 1.0 {
             probs.iter_mut().for_each(|g| *g *= weight);
         }
-        if let Some(decay) = optimizer.step(*simd, *updates, weights, bias, features, probs) {
+        if let Some(decay) = optimizer.step(*simd, *updates - *schedule_start, weights, bias, features, probs) {
             // SGD: keep the step, to apply with the next forward pass.
             pending.steps.copy_from_slice(probs);
             pending.decay = decay;
@@ -1000,6 +1044,101 @@ mod tests {
         assert_eq!(model.classes()[top[0].0], format!("class{y}"));
         assert!(top[0].1 >= top[1].1);
         assert_eq!(model.top_k(&x, 10).unwrap().len(), 3);
+    }
+
+    /// `model` after learning 300 examples of a 3-class problem, with the examples that follow.
+    fn trained(optimizer: OptimizerConfig) -> (SoftmaxRegression, Vec<(Vec<f32>, usize)>) {
+        let mut model = SoftmaxRegression::new(20, config(optimizer, true)).unwrap();
+        let mut data = Separable::new(31, 20, 3, 20);
+        run(&mut model, &mut data, 300, 1);
+        (model, (0..100).map(|_| data.sample()).collect())
+    }
+
+    #[test]
+    fn restarting_the_step_size_keeps_the_predictions_and_makes_steps_large_again() {
+        let inverse_scaling = OptimizerConfig::Sgd(SgdConfig {
+            learning_rate: 0.5,
+            schedule: LearningRateSchedule::InverseScaling { power_t: 0.5 },
+            l2: 0.0,
+        });
+        let ftrl_l1 = OptimizerConfig::Ftrl(FtrlConfig { l1: 0.5, l2: 0.1, ..FtrlConfig::default() });
+        for optimizer in [all_optimizers(), vec![inverse_scaling, ftrl_l1]].concat() {
+            let (mut model, next) = trained(optimizer.clone());
+            let before = model.clone();
+            model.restart_step_size();
+            assert_eq!((model.updates(), model.schedule_start()), (300, 300), "{optimizer:?}");
+            assert!(before.replay.len() > 0 && model.replay.len() == 0, "the replay buffer is forgotten");
+            assert_eq!(model.replay().unwrap(), 0, "and owes no replays");
+            assert_eq!(model.weights(), before.weights(), "{optimizer:?}: the weights stay");
+            assert_eq!(model.bias(), before.bias());
+            assert_eq!(model.classes(), before.classes());
+            match &model.optimizer {
+                Optimizer::Sgd(_) => {}
+                Optimizer::Adagrad { sum_sq_weight, sum_sq_bias, .. } => {
+                    assert!(sum_sq_weight.iter().chain(sum_sq_bias).all(|&g| g == 0.0))
+                }
+                Optimizer::Ftrl { config: c, z_weight, n_weight, .. } => {
+                    assert!(n_weight.iter().all(|&n| n == 0.0));
+                    // z gives back the weights FTRL keeps materialised (to rounding: z holds
+                    // l1 besides the weight's share).
+                    let p = kernels::FtrlParams { inv_alpha: 1.0 / c.alpha, beta: c.beta, l1: c.l1, l2: c.l2 };
+                    for (&z, &w) in z_weight.iter().zip(model.weights().iter()) {
+                        let again = kernels::ftrl_weight(z, 0.0, p);
+                        let tolerance = 1e-6 * (w.abs() + c.l1);
+                        assert!((again - w).abs() <= tolerance, "{optimizer:?}: z {z} gives {again}, not {w}");
+                    }
+                }
+            }
+            // The next step is as large as the first steps were: well above the settled one,
+            // except for a constant SGD rate, which has nothing to restart.
+            let (x, y) = &next[0];
+            let step = |mut m: SoftmaxRegression| {
+                let start = m.bias().to_vec();
+                m.update(x, *y).unwrap();
+                m.bias().iter().zip(&start).map(|(a, b)| (a - b).abs()).sum::<f32>()
+            };
+            let (restarted, settled) = (step(model), step(before));
+            let constant_sgd =
+                matches!(&optimizer, OptimizerConfig::Sgd(c) if c.schedule == LearningRateSchedule::Constant);
+            if constant_sgd {
+                assert_eq!(restarted, settled);
+            } else {
+                assert!(
+                    restarted > 3.0 * settled,
+                    "{optimizer:?}: step {restarted} after a restart, {settled} without"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_reset_model_learns_as_a_new_one_with_its_classes_and_standardisation() {
+        let inverse_time = OptimizerConfig::Sgd(SgdConfig {
+            schedule: LearningRateSchedule::InverseTime { decay: 0.1 },
+            ..SgdConfig::default()
+        });
+        for optimizer in [all_optimizers(), vec![inverse_time]].concat() {
+            let (mut model, next) = trained(optimizer.clone());
+            // A pending SGD step belongs to the old weights and must not reach the new ones.
+            assert!(model.replay.len() > 0);
+            model.reset();
+            assert_eq!((model.updates(), model.schedule_start()), (300, 300));
+            assert_eq!(model.replay.len(), 0, "the replay buffer is forgotten");
+            assert!(model.weights().iter().chain(model.bias()).all(|&w| w == 0.0), "{optimizer:?}");
+            let uniform = model.predict_proba(&next[0].0).unwrap();
+            assert!(uniform.iter().all(|&p| p == 1.0 / 3.0), "{uniform:?}");
+            let mut fresh = SoftmaxRegression::new(20, config(optimizer.clone(), true)).unwrap();
+            for class in model.classes() {
+                fresh.class_index(class).unwrap();
+            }
+            fresh.standardizer = model.standardizer.clone();
+            for (x, y) in &next {
+                let (a, b) = (model.update(x, *y).unwrap(), fresh.update(x, *y).unwrap());
+                assert_eq!((a.loss.to_bits(), a.correct), (b.loss.to_bits(), b.correct), "{optimizer:?}");
+            }
+            assert_eq!(state_bits(&model), state_bits(&fresh), "{optimizer:?}");
+            assert_eq!(model.updates(), 400);
+        }
     }
 
     #[test]

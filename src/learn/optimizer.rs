@@ -56,6 +56,32 @@ impl Optimizer {
         }
     }
 
+    /// Forgets the accumulated statistics while keeping the weights and biases as they are, so
+    /// that the next steps are as large as the first ones were: AdaGrad's squared gradients
+    /// are zeroed; FTRL's `n` is zeroed and its `z` set to the value that gives the current
+    /// weight with `n = 0` (FTRL's weights are a function of `z` and `n`: zeroing `z` too would
+    /// zero the weights). Plain SGD keeps nothing: its schedule is the model's to restart.
+    pub(crate) fn restart(&mut self, weights: &[f32], bias: &[f32]) {
+        match self {
+            Optimizer::Sgd(_) => {}
+            Optimizer::Adagrad { sum_sq_weight, sum_sq_bias, .. } => {
+                sum_sq_weight.fill(0.0);
+                sum_sq_bias.fill(0.0);
+            }
+            Optimizer::Ftrl { config, z_weight, n_weight, z_bias, n_bias } => {
+                let FtrlConfig { alpha, beta, l1, l2 } = *config;
+                let params = FtrlParams { inv_alpha: 1.0 / alpha, beta, l1, l2 };
+                let bias_params = FtrlParams { l1: 0.0, l2: 0.0, ..params };
+                for ((z, n), &w) in z_weight.iter_mut().zip(n_weight.iter_mut()).zip(weights) {
+                    (*z, *n) = (ftrl_z_of_weight(w, params), 0.0);
+                }
+                for ((z, n), &b) in z_bias.iter_mut().zip(n_bias.iter_mut()).zip(bias) {
+                    (*z, *n) = (ftrl_z_of_weight(b, bias_params), 0.0);
+                }
+            }
+        }
+    }
+
     /// The state's tensors, named as in snapshots.
     pub(crate) fn tensors(&self) -> Vec<StateTensor<'_>> {
         match self {
@@ -139,4 +165,14 @@ impl Optimizer {
             }
         }
     }
+}
+
+/// The FTRL accumulator `z` that gives weight `w` when `n = 0`: the inverse of
+/// `kernels::ftrl_weight` there, `w = (l1 sign(z) - z) / (beta / alpha + l2)`. Zero for a zero
+/// weight (any `|z| <= l1` gives one).
+fn ftrl_z_of_weight(w: f32, p: FtrlParams) -> f32 {
+    if w == 0.0 {
+        return 0.0;
+    }
+    -(w * (p.beta * p.inv_alpha + p.l2)) - p.l1.copysign(w)
 }

@@ -61,6 +61,15 @@ impl ReplayBuffer {
         (0..n as u64).map(|_| self.rng.below(self.labels.len() as u64) as usize).collect()
     }
 
+    /// Forgets the examples held and the replays owed (the generator goes on): after a drift
+    /// they teach what the labels no longer mean.
+    pub(crate) fn forget(&mut self) {
+        self.features.clear();
+        self.labels.clear();
+        self.next = 0;
+        self.owed = 0.0;
+    }
+
     /// Row `row`: its features and class index.
     pub(crate) fn example(&self, row: usize) -> (&[f32], usize) {
         (&self.features[row * self.dim..][..self.dim], self.labels[row] as usize)

@@ -15,7 +15,9 @@
 //!
 //! Metadata (strings): `dlpipe.format` = `softmax_regression`, `dlpipe.format_version`,
 //! `dlpipe.classes` (JSON array), `dlpipe.config` (the [`LearnerConfig`] as JSON),
-//! `dlpipe.updates`; plus the caller's own entries, whose keys must not start with `dlpipe.`.
+//! `dlpipe.updates`, `dlpipe.schedule_start` (the update count at which SGD's schedule last
+//! restarted; absent in older snapshots, read as 0); plus the caller's own entries, whose keys
+//! must not start with `dlpipe.`.
 //!
 //! A snapshot holds the complete state, so a loaded model predicts the same bits and continues
 //! learning exactly as the saved one would have.
@@ -46,6 +48,7 @@ const KEY_CONFIG: &str = "dlpipe.config";
 const KEY_UPDATES: &str = "dlpipe.updates";
 /// The tensor of class counts.
 const CLASS_COUNTS: &str = "class_counts";
+const KEY_SCHEDULE_START: &str = "dlpipe.schedule_start";
 
 /// Why a snapshot could not be written or read.
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +137,7 @@ impl SoftmaxRegression {
         metadata.insert(KEY_CLASSES.into(), to_json(&self.classes));
         metadata.insert(KEY_CONFIG.into(), to_json(&self.config));
         metadata.insert(KEY_UPDATES.into(), self.updates.to_string());
+        metadata.insert(KEY_SCHEDULE_START.into(), self.schedule_start.to_string());
 
         let (k, d) = (self.classes.len(), self.dim);
         let mut tensors: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = vec![
@@ -183,6 +187,7 @@ struct Header {
     class_ids: HashMap<String, usize>,
     config: LearnerConfig,
     updates: u64,
+    schedule_start: u64,
 }
 
 fn header_of(metadata: &HashMap<String, String>) -> Result<Header, SnapshotError> {
@@ -202,6 +207,7 @@ fn header_of(metadata: &HashMap<String, String>) -> Result<Header, SnapshotError
     let updates: u64 = get(KEY_UPDATES)?
         .parse()
         .map_err(|e| SnapshotError::Metadata { key: KEY_UPDATES, reason: format!("not a count: {e}") })?;
+    let schedule_start = schedule_start(metadata.get(KEY_SCHEDULE_START), updates)?;
     if !config.classes.is_empty() && config.classes != classes {
         return Err(SnapshotError::Metadata {
             key: KEY_CLASSES,
@@ -220,14 +226,14 @@ fn header_of(metadata: &HashMap<String, String>) -> Result<Header, SnapshotError
             return Err(SnapshotError::Metadata { key: KEY_CLASSES, reason: format!("lists {class:?} twice") });
         }
     }
-    Ok(Header { classes, class_ids, config, updates })
+    Ok(Header { classes, class_ids, config, updates, schedule_start })
 }
 
 fn deserialize(bytes: &[u8]) -> Result<(SoftmaxRegression, BTreeMap<String, String>), SnapshotError> {
     let (_, header) = SafeTensors::read_metadata(bytes)?;
     let tensors = SafeTensors::deserialize(bytes)?;
     let metadata: HashMap<String, String> = header.metadata().clone().unwrap_or_default();
-    let Header { classes, class_ids, config, updates } = header_of(&metadata)?;
+    let Header { classes, class_ids, config, updates, schedule_start } = header_of(&metadata)?;
 
     // The weight tensor's shape gives D; every other shape must agree with it.
     let weight = tensors.tensor("weight")?;
@@ -291,6 +297,7 @@ fn deserialize(bytes: &[u8]) -> Result<(SoftmaxRegression, BTreeMap<String, Stri
         standardizer,
         updates,
         class_counts,
+        schedule_start,
         simd: SimdPath::detect(),
         scratch_classes: vec![0.0; k],
         replay,
@@ -347,6 +354,16 @@ fn class_counts(tensors: &SafeTensors<'_>, k: usize, used: &mut Vec<&str>) -> Re
     check_dtype(CLASS_COUNTS, &view, Dtype::U64)?;
     check_shape(CLASS_COUNTS, &view, &[k])?;
     Ok(view.data().chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))).collect())
+}
+
+/// The snapshot's `dlpipe.schedule_start`: 0 where it has none (written before schedules
+/// could restart), else a count of at most `updates`.
+fn schedule_start(text: Option<&String>, updates: u64) -> Result<u64, SnapshotError> {
+    let Some(text) = text else { return Ok(0) };
+    text.parse::<u64>().ok().filter(|&start| start <= updates).ok_or_else(|| SnapshotError::Metadata {
+        key: KEY_SCHEDULE_START,
+        reason: format!("{text:?} is not a count of at most dlpipe.updates = {updates}"),
+    })
 }
 
 fn check_dtype(name: &'static str, view: &TensorView<'_>, expected: Dtype) -> Result<(), SnapshotError> {
@@ -603,6 +620,40 @@ mod tests {
         let (loaded, _) = SoftmaxRegression::from_bytes(&model.to_bytes(&BTreeMap::new()).unwrap()).unwrap();
         assert_eq!((loaded.dim(), loaded.num_classes()), (8, 0));
         assert_identical_futures(model, loaded);
+    }
+
+    #[test]
+    fn a_restarted_schedule_round_trips_and_older_snapshots_read_as_never_restarted() {
+        for config in configs() {
+            let mut model = SoftmaxRegression::new(11, config.clone()).unwrap();
+            for (i, (x, label)) in examples(4, 11, 120).into_iter().enumerate() {
+                if i == 100 {
+                    model.restart_step_size();
+                }
+                model.learn(&x, &label).unwrap();
+            }
+            let bytes = model.to_bytes(&BTreeMap::new()).unwrap();
+            let (loaded, _) = SoftmaxRegression::from_bytes(&bytes).unwrap();
+            assert_eq!((loaded.schedule_start(), loaded.updates()), (100, 120), "{config:?}");
+            assert_identical_futures(model, loaded);
+        }
+        let mut model = SoftmaxRegression::new(3, LearnerConfig::default()).unwrap();
+        model.learn(&[1.0, 2.0, 3.0], "x").unwrap();
+        let rewritten = |value: Option<&str>| {
+            let bytes = model.to_bytes(&BTreeMap::new()).unwrap();
+            let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+            let mut metadata = header.metadata().clone().unwrap();
+            match value {
+                Some(v) => metadata.insert(KEY_SCHEDULE_START.into(), v.into()),
+                None => metadata.remove(KEY_SCHEDULE_START),
+            };
+            let tensors = SafeTensors::deserialize(&bytes).unwrap();
+            SoftmaxRegression::from_bytes(&safetensors::serialize(tensors.tensors(), Some(metadata)).unwrap())
+        };
+        assert_eq!(rewritten(None).unwrap().0.schedule_start(), 0);
+        assert_eq!(rewritten(Some("1")).unwrap().0.schedule_start(), 1);
+        let err = rewritten(Some("2")).unwrap_err();
+        assert!(err.to_string().contains("dlpipe.schedule_start"), "{err}");
     }
 
     #[test]

@@ -261,6 +261,22 @@ pub const DEFINITIONS: &[MetricDef] = &[
         "Labels not learned (beyond learner.max_classes, or features of the wrong dimension).",
     ),
     def(
+        "dlpipe_learner_drifts_total",
+        C,
+        &["worker"],
+        B::None,
+        "Drifts the Page-Hinkley detector found in the learner's prequential log-loss ([drift]); each one is \
+         logged with its update number and takes drift.action.",
+    ),
+    def(
+        "dlpipe_learner_drift_statistic",
+        G,
+        &["worker"],
+        B::None,
+        "The drift detector's statistic as a fraction of drift.threshold, after the last epoch learned: a drift \
+         is detected at 1, and the statistic restarts from 0.",
+    ),
+    def(
         "dlpipe_feedback_joined_total",
         C,
         &["worker"],
@@ -377,6 +393,8 @@ pub struct Metrics {
     pub learner_examples: IntCounterVec,
     pub learner_correct: IntCounterVec,
     pub learner_refused: IntCounterVec,
+    pub learner_drifts: IntCounterVec,
+    pub learner_drift_statistic: GaugeVec,
     pub feedback_joined: IntCounterVec,
     pub feedback_label_delay: HistogramVec,
     pub feedback_retained_records: IntGaugeVec,
@@ -468,6 +486,8 @@ impl Metrics {
             learner_examples: b.counter("dlpipe_learner_examples_total"),
             learner_correct: b.counter("dlpipe_learner_correct_total"),
             learner_refused: b.counter("dlpipe_learner_refused_total"),
+            learner_drifts: b.counter("dlpipe_learner_drifts_total"),
+            learner_drift_statistic: b.gauge("dlpipe_learner_drift_statistic"),
             feedback_joined: b.counter("dlpipe_feedback_joined_total"),
             feedback_label_delay: b.histogram("dlpipe_feedback_label_delay_seconds"),
             feedback_retained_records: b.int_gauge("dlpipe_feedback_retained_records"),
@@ -533,6 +553,8 @@ impl Metrics {
                 examples: CounterByLabel::new(self.learner_examples.clone(), vec![w.clone()]),
                 correct: CounterByLabel::new(self.learner_correct.clone(), vec![w.clone()]),
                 refused: self.learner_refused.with_label_values(&[&w]),
+                drifts: self.learner_drifts.with_label_values(&[&w]),
+                drift_statistic: self.learner_drift_statistic.with_label_values(&[&w]),
             },
         }
     }
@@ -554,6 +576,8 @@ pub struct LearnerMetrics {
     pub examples: CounterByLabel,
     pub correct: CounterByLabel,
     pub refused: prometheus::IntCounter,
+    pub drifts: prometheus::IntCounter,
+    pub drift_statistic: prometheus::Gauge,
 }
 
 #[cfg(test)]

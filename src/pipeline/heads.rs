@@ -1,6 +1,6 @@
 //! The classifiers behind the `learn_predict` operator.
 
-use crate::learn::{LearnError, Prequential, SoftmaxRegression};
+use crate::learn::{DriftAction, LearnError, PageHinkley, Prequential, SoftmaxRegression};
 use crate::metrics::LearnerMetrics;
 use crate::model::top_k;
 use dlpipe_operators::{ClassScore, Epoch, Featured, Head, LabelledExample, Learner, Predict};
@@ -71,12 +71,18 @@ fn classify(model: &SoftmaxRegression, record: &Featured, k: usize) -> Vec<Class
 pub struct LearnerState {
     pub model: SoftmaxRegression,
     pub prequential: Prequential,
+    /// The drift detector, when it is on.
+    pub drift: Option<PageHinkley>,
 }
 
 /// Online softmax regression on the CNN features, test-then-train.
 pub struct OnlineLrHead {
     pub model: SoftmaxRegression,
     pub metrics: Prequential,
+    /// The drift detector on each learned example's prequential log-loss (None: off).
+    pub drift: Option<PageHinkley>,
+    /// What a detection does to the model.
+    pub drift_action: DriftAction,
     /// Give the learner's state for a checkpoint every this many epochs (0: never).
     checkpoint_every_epochs: u64,
     /// The learned frontier of the last state given.
@@ -89,7 +95,48 @@ pub struct OnlineLrHead {
 
 impl OnlineLrHead {
     pub fn new(model: SoftmaxRegression, metrics: Prequential, checkpoint_every_epochs: u64) -> OnlineLrHead {
-        OnlineLrHead { model, metrics, checkpoint_every_epochs, last_state: None, refused: 0, counters: None }
+        OnlineLrHead {
+            model,
+            metrics,
+            drift: None,
+            drift_action: DriftAction::None,
+            checkpoint_every_epochs,
+            last_state: None,
+            refused: 0,
+            counters: None,
+        }
+    }
+
+    /// The head with a drift detector (None: none) that takes `action` on a detection.
+    pub fn with_drift(mut self, detector: Option<PageHinkley>, action: DriftAction) -> OnlineLrHead {
+        self.drift = detector;
+        self.drift_action = action;
+        self
+    }
+
+    /// Feeds a learned example's loss to the drift detector; on a detection, logs it, counts
+    /// it and takes the configured action. Runs after the example is learned, so the action
+    /// leaves the model as the stream's next example will find it, at every worker alike.
+    fn watch_drift(&mut self, loss: f32) {
+        let Some(detector) = &mut self.drift else { return };
+        if !detector.observe(loss) {
+            return;
+        }
+        let action = self.drift_action;
+        tracing::warn!(
+            update = self.model.updates(),
+            detections = detector.detections(),
+            ?action,
+            "drift: the prequential log-loss has risen (Page-Hinkley test on drift.threshold)"
+        );
+        if let Some(c) = &self.counters {
+            c.drifts.inc();
+        }
+        match action {
+            DriftAction::None => {}
+            DriftAction::RestartStepSize => self.model.restart_step_size(),
+            DriftAction::Reset => self.model.reset(),
+        }
     }
 }
 
@@ -126,6 +173,7 @@ impl Head for OnlineLrHead {
                         }
                     }
                     self.metrics.record(outcome);
+                    self.watch_drift(outcome.loss);
                     if let Some(c) = &mut self.counters {
                         c.examples.with(&example.label).inc();
                         // Touched for every class, so per-class accuracy exists from the first example.
@@ -152,6 +200,9 @@ impl Head for OnlineLrHead {
         // The state after each epoch has no SGD step pending, so that a checkpoint of it
         // continues exactly as this learner does.
         self.model.flush();
+        if let (Some(c), Some(detector)) = (&self.counters, &self.drift) {
+            c.drift_statistic.set(detector.statistic_ratio());
+        }
     }
 }
 
@@ -165,14 +216,15 @@ impl Learner for OnlineLrHead {
             return None;
         }
         self.last_state = Some(frontier);
-        Some(LearnerState { model: self.model.clone(), prequential: self.metrics.clone() })
+        Some(LearnerState { model: self.model.clone(), prequential: self.metrics.clone(), drift: self.drift.clone() })
     }
 }
 
 /// The online classifier a run starts with: from `init_model` (a classifier file whose
-/// features must be this model's), else the group's `restored` checkpoint, else new. It
-/// checkpoints every `checkpoint_every` epochs (0: never).
-pub(super) fn online_head(
+/// features must be this model's), else the group's `restored` checkpoint (its classifier,
+/// prequential metrics and drift detector), else new. It checkpoints every `checkpoint_every`
+/// epochs (0: never).
+pub fn online_head(
     config: &crate::config::Config,
     manifest: &crate::model::Manifest,
     init_model: Option<&std::path::Path>,
@@ -186,21 +238,22 @@ pub(super) fn online_head(
     }
     let window = config.pipeline.prequential_window;
     let p = &config.pipeline;
-    let (model, prequential) = match (init_model, restored) {
+    let (model, prequential, drift) = match (init_model, restored) {
         (Some(path), _) => {
             let classifier = crate::transfer::classifier::Classifier::load(path)?;
             classifier.check_featurizer(manifest)?;
-            (classifier.model, Prequential::new(window))
+            (classifier.model, Prequential::new(window), config.drift.detector())
         }
         (None, Some(restored)) => {
             restored.check(&p.group_id, &p.input_topic, manifest)?;
-            (restored.model.clone(), restored.prequential(window))
+            (restored.model.clone(), restored.prequential(window), restored.drift(&config.drift))
         }
         (None, None) => {
-            (SoftmaxRegression::new(manifest.feature_dim, config.learner.clone())?, Prequential::new(window))
+            let model = SoftmaxRegression::new(manifest.feature_dim, config.learner.clone())?;
+            (model, Prequential::new(window), config.drift.detector())
         }
     };
-    let mut head = OnlineLrHead::new(model, prequential, checkpoint_every);
+    let mut head = OnlineLrHead::new(model, prequential, checkpoint_every).with_drift(drift, config.drift.action);
     head.counters = Some(counters);
     Ok(head)
 }

@@ -35,7 +35,7 @@ mod stall;
 mod work;
 
 pub use error::PipelineError;
-pub use heads::{ImagenetHead, LearnerState, OnlineLrHead};
+pub use heads::{online_head as online_lr_head, ImagenetHead, LearnerState, OnlineLrHead};
 pub use model_topic::{Checkpoint, CheckpointError, CheckpointInfo};
 
 use crate::config::{Config, DeliveryGuarantee, HeadKind};

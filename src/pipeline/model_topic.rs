@@ -20,7 +20,7 @@ use super::heads::LearnerState;
 use super::PipelineError;
 use crate::config::KafkaConfig;
 use crate::kafka::{client_config, with_retry};
-use crate::learn::{Prequential, PrequentialState, SoftmaxRegression};
+use crate::learn::{DriftConfig, PageHinkley, PageHinkleyState, Prequential, PrequentialState, SoftmaxRegression};
 use crate::metrics::kafka::LagContext;
 use crate::model::Manifest;
 use crate::transfer::classifier::KEY_FEATURIZER_SHA256;
@@ -58,6 +58,10 @@ pub struct CheckpointInfo {
     /// Per partition, the offset from which outputs are not yet known to be published.
     pub published_offsets: BTreeMap<i32, i64>,
     pub prequential: PrequentialState,
+    /// The drift detector's state, when it was on (absent in checkpoints written before there
+    /// was one: the detector then starts afresh).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<PageHinkleyState>,
     pub written_at_ms: i64,
 }
 
@@ -155,6 +159,13 @@ impl Checkpoint {
     /// The restored learner state's prequential metrics, with a window of `window` outcomes.
     pub fn prequential(&self, window: usize) -> Prequential {
         Prequential::from_state(&self.info.prequential, window)
+    }
+
+    /// The restored drift detector with `config`'s parameters: none when `config` turns it
+    /// off, a new one when the checkpoint has none (written with the detector off).
+    pub fn drift(&self, config: &DriftConfig) -> Option<PageHinkley> {
+        let restored = |state| PageHinkley::from_state(state, config);
+        config.detector().map(|new| self.info.drift.as_ref().map_or(new, restored))
     }
 }
 
@@ -420,6 +431,7 @@ impl CheckpointStore for CheckpointWriter {
             learned_offsets: learned.clone(),
             published_offsets: published.clone(),
             prequential: state.prequential.state(),
+            drift: state.drift.as_ref().map(PageHinkley::state),
             written_at_ms: dlpipe_operators::records::now_ms(),
         };
         let bytes = encode(state, &info, &self.featurizer)
