@@ -5,13 +5,10 @@
 
 mod common;
 
-use dlpipe::config::Config;
 use dlpipe::learn::{ClassWeights, LearnerConfig, Prequential, SoftmaxRegression};
-use dlpipe::model::{parse_device, Featurizer};
 use dlpipe::pipeline::{Checkpoint, CheckpointInfo, OnlineLrHead};
 use dlpipe::transfer::dataset::{shuffle, SplitMix64};
 use dlpipe::transfer::evaluate::{evaluate, Evaluation};
-use dlpipe::transfer::{extract_features, FeaturizeOptions};
 use dlpipe_operators::{Head, LabelledExample, Learner};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -40,20 +37,8 @@ fn images(side: &str, class: &str, n: usize) -> Vec<(String, String)> {
 
 /// The features of `images`, in order, from the cache (or the model, for images it lacks).
 fn features(images: &[(String, String)]) -> Vec<Vec<f32>> {
-    let config = Config::default();
-    let manifest = common::model_manifest("efficientnet_lite0");
-    let featurizer = Featurizer::load(&manifest, parse_device("cpu").unwrap()).unwrap();
-    let fetcher = dlpipe::fetch::Fetcher::new(config.fetch.clone()).unwrap();
-    let cache = common::root().join(&config.train.feature_cache);
-    let options = FeaturizeOptions {
-        fetcher: &fetcher,
-        limits: config.image,
-        batch_size: config.model.batch_size,
-        cache_dir: Some(&cache),
-        progress: false,
-    };
     let uris: Vec<String> = images.iter().map(|(uri, _)| uri.clone()).collect();
-    let features = extract_features(vec![featurizer], &uris, &options).unwrap();
+    let (_, features) = common::cached_features(&uris);
     println!("{} images: {} from the cache, {} computed", uris.len(), features.cached, features.computed);
     (0..uris.len()).map(|i| features.get(i).expect("every Fashion-MNIST image featurizes").to_vec()).collect()
 }

@@ -8,14 +8,12 @@
 mod common;
 
 use dlpipe::config::Config;
-use dlpipe::fetch::Fetcher;
 use dlpipe::learn::{DriftAction, DriftConfig};
-use dlpipe::model::{parse_device, resolve, Featurizer, Manifest};
+use dlpipe::model::Manifest;
 use dlpipe::pipeline::model_topic::{self, FORMAT_VERSION};
 use dlpipe::pipeline::{online_lr_head, Checkpoint, CheckpointInfo, OnlineLrHead};
 use dlpipe::transfer::classifier::featurizer_metadata;
 use dlpipe::transfer::dataset::{shuffle, SplitMix64};
-use dlpipe::transfer::{extract_features, FeaturizeOptions};
 use dlpipe_operators::{Head, LabelledExample, Learner};
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -36,23 +34,10 @@ type Image = (Vec<f32>, &'static str);
 fn images() -> &'static (Manifest, Vec<Image>) {
     static IMAGES: OnceLock<(Manifest, Vec<Image>)> = OnceLock::new();
     IMAGES.get_or_init(|| {
-        let config = Config::default();
-        let manifest_path = resolve("efficientnet_lite0", &common::root().join("models")).expect("make setup");
-        let featurizer = Featurizer::load(&manifest_path, parse_device("cpu").unwrap()).unwrap();
-        let manifest = featurizer.manifest().clone();
         let images = common::fashion(RECORDS, 0);
         let uris: Vec<String> = images.iter().map(|(path, _)| path.display().to_string()).collect();
-        let fetcher = Fetcher::new(config.fetch.clone()).unwrap();
-        let cache = common::root().join(&config.train.feature_cache);
-        let options = FeaturizeOptions {
-            fetcher: &fetcher,
-            limits: config.image,
-            batch_size: config.model.batch_size,
-            cache_dir: Some(&cache),
-            progress: false,
-        };
         let started = std::time::Instant::now();
-        let features = extract_features(vec![featurizer], &uris, &options).unwrap();
+        let (manifest, features) = common::cached_features(&uris);
         eprintln!(
             "features of {RECORDS} images in {:.1} s ({} from the cache, {} computed)",
             started.elapsed().as_secs_f64(),

@@ -178,3 +178,23 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// EfficientNet-Lite0's manifest and the features of `uris` (file paths or URIs), in order, from
+/// the project's feature cache (the model computes those it lacks, on the CPU, and fills it).
+pub fn cached_features(uris: &[String]) -> (dlpipe::model::Manifest, dlpipe::transfer::Features) {
+    let config = dlpipe::config::Config::default();
+    let device = dlpipe::model::parse_device("cpu").unwrap();
+    let featurizer = dlpipe::model::Featurizer::load(&model_manifest("efficientnet_lite0"), device).unwrap();
+    let manifest = featurizer.manifest().clone();
+    let fetcher = dlpipe::fetch::Fetcher::new(config.fetch.clone()).unwrap();
+    let cache = root().join(&config.train.feature_cache);
+    let options = dlpipe::transfer::FeaturizeOptions {
+        fetcher: &fetcher,
+        limits: config.image,
+        batch_size: config.model.batch_size,
+        cache_dir: Some(&cache),
+        progress: false,
+    };
+    let features = dlpipe::transfer::extract_features(vec![featurizer], uris, &options).unwrap();
+    (manifest, features)
+}
