@@ -5,7 +5,7 @@
 
 mod common;
 
-use dlpipe_operators::records::{ClassScore, DeadLetter, Epoch, ImageRecord, Outcome, Position, Prediction};
+use dlpipe_operators::records::{ClassScore, DeadLetter, Epoch, ImageRecord, ModelId, Outcome, Position, Prediction};
 use dlpipe_operators::{Delivery, KafkaSink, SharedBacklog, SinkContext, SinkSpec, TxnProducer};
 use rdkafka::consumer::{BaseConsumer, Consumer, DefaultConsumerContext};
 use rdkafka::producer::{BaseProducer, Producer};
@@ -49,7 +49,8 @@ impl Topics {
             input_topic: self.input.clone(),
             predictions_topic: self.predictions.clone(),
             dead_letter_topic: self.dead_letters.clone(),
-            features: None,
+            model: ModelId { name: "efficientnet_lite0".into(), sha256: "abc".into() },
+            features_topic: None,
             starts,
             give_up_after: Duration::from_secs(30),
             partial_commit_after: None,

@@ -49,7 +49,7 @@ pub use error::OperatorError;
 pub use featurize::{featurize, Batching, Featurize, ModelRow};
 pub use feedback_join::{feedback_join, FeedbackJoin, Joined};
 pub use fetch_decode::{fetch_decode, ByteBudget, FetchDecode, Prepare, PrepareError};
-pub use kafka_sink::{kafka_sink, Delivery, FeaturesOutput, KafkaSink, SinkContext, SinkSpec, TxnProducer};
+pub use kafka_sink::{kafka_sink, Delivery, KafkaSink, SinkContext, SinkSpec, TxnProducer};
 pub use kafka_source::{
     kafka_feedback_source, kafka_source, AssignedConsumer, EpochPolicy, FromMessage, PartitionRange, SourceSpec,
 };
@@ -59,7 +59,7 @@ pub use metrics::{
     SourceMetrics,
 };
 pub use records::{
-    ClassScore, DeadLetter, Decoded, Epoch, Featured, FeaturesModel, Feedback, ImageRecord, LabelledExample, Outcome,
+    ClassScore, DeadLetter, Decoded, Epoch, Featured, Feedback, ImageRecord, LabelledExample, ModelId, Outcome,
     Position, Prediction,
 };
 

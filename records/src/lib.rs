@@ -203,9 +203,10 @@ pub struct Prediction {
 
 impl Prediction {
     /// The output topic's JSON: `{"id","uri","label"?,"top_k":[{"class","probability"}],
-    /// "model_version","latency_ms","partition","offset"}`. Latency runs from the input
-    /// record's Kafka timestamp to the prediction.
-    pub fn to_json(&self) -> String {
+    /// "model","model_sha256","model_version","latency_ms","partition","offset"}`: `model` is
+    /// the CNN that featurized the record, `model_version` the classifier's updates. Latency
+    /// runs from the input record's Kafka timestamp to the prediction.
+    pub fn to_json(&self, model: &ModelId) -> String {
         #[derive(Serialize)]
         struct Out<'a> {
             id: &'a str,
@@ -213,6 +214,8 @@ impl Prediction {
             #[serde(skip_serializing_if = "Option::is_none")]
             label: Option<&'a str>,
             top_k: &'a [ClassScore],
+            model: &'a str,
+            model_sha256: &'a str,
             model_version: u64,
             #[serde(skip_serializing_if = "Option::is_none")]
             latency_ms: Option<i64>,
@@ -225,6 +228,8 @@ impl Prediction {
             uri: &r.uri,
             label: r.label.as_deref(),
             top_k: &self.top_k,
+            model: &model.name,
+            model_sha256: &model.sha256,
             model_version: self.model_version,
             latency_ms: r.kafka_ts_ms.map(|ts| (self.predicted_at_ms - ts).max(0)),
             partition: r.partition,
@@ -234,9 +239,9 @@ impl Prediction {
     }
 }
 
-/// The model whose features the features topic carries, as each message names it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FeaturesModel {
+/// The CNN that featurized the records, as every prediction and features message names it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ModelId {
     pub name: String,
     /// The TorchScript file's sha256 ("" when the manifest has none).
     pub sha256: String,
@@ -247,7 +252,7 @@ impl Prediction {
     /// "model_version","partition","offset"}`. Each f32 is written in its shortest form that
     /// reads back as the same f32, so a reader parsing the numbers as f32 gets the exact vector
     /// (a non-finite value, which a broken model could give, is written as `null`).
-    pub fn features_json(&self, model: &FeaturesModel) -> String {
+    pub fn features_json(&self, model: &ModelId) -> String {
         #[derive(Serialize)]
         struct Out<'a> {
             id: &'a str,
@@ -516,8 +521,10 @@ mod tests {
             predicted_at_ms: 1250,
             features: vec![0.1, -2.5e-8, 3.0],
         };
-        let v: serde_json::Value = serde_json::from_str(&p.to_json()).unwrap();
+        let model = ModelId { name: "m".into(), sha256: "abc".into() };
+        let v: serde_json::Value = serde_json::from_str(&p.to_json(&model)).unwrap();
         assert_eq!(v["id"], "a");
+        assert_eq!((v["model"].as_str(), v["model_sha256"].as_str()), (Some("m"), Some("abc")));
         assert_eq!(v["label"], "cat");
         assert_eq!(v["top_k"][0]["class"], "cat");
         assert_eq!(v["model_version"], 9);
@@ -525,7 +532,6 @@ mod tests {
         assert_eq!((v["partition"].as_i64(), v["offset"].as_i64()), (Some(1), Some(2)));
         assert!(v.get("features").is_none(), "predictions do not carry the features");
 
-        let model = FeaturesModel { name: "m".into(), sha256: "abc".into() };
         let v: serde_json::Value = serde_json::from_str(&p.features_json(&model)).unwrap();
         assert_eq!(
             (v["id"].as_str(), v["model"].as_str(), v["model_sha256"].as_str()),

@@ -45,8 +45,7 @@ use crate::model::{parse_device, resolve, Featurizer, Manifest, OutputKind};
 use crate::transfer::classifier::featurizer_metadata;
 use dataflow::{Classifier, Dataflow};
 use dlpipe_operators::{
-    Batching, ByteBudget, Delivery, Fatal, FeaturesModel, FeaturesOutput, Position, SharedBacklog, SinkContext,
-    SinkSpec, TxnProducer,
+    Batching, ByteBudget, Delivery, Fatal, ModelId, Position, SharedBacklog, SinkContext, SinkSpec, TxnProducer,
 };
 use kafka::LearnFrom;
 use rdkafka::consumer::BaseConsumer;
@@ -325,10 +324,8 @@ fn sink_spec(config: &Config, manifest: &Manifest, starts: Vec<Position>) -> Sin
         input_topic: p.input_topic.clone(),
         predictions_topic: p.predictions_topic.clone(),
         dead_letter_topic: p.dead_letter_topic.clone(),
-        features: (!p.features_topic.is_empty()).then(|| FeaturesOutput {
-            topic: p.features_topic.clone(),
-            model: FeaturesModel { name: manifest.name.clone(), sha256: manifest.sha256.clone().unwrap_or_default() },
-        }),
+        model: ModelId { name: manifest.name.clone(), sha256: manifest.sha256.clone().unwrap_or_default() },
+        features_topic: (!p.features_topic.is_empty()).then(|| p.features_topic.clone()),
         starts,
         give_up_after: Duration::from_secs(config.kafka.retry_timeout_secs),
         partial_commit_after: (p.delivery == DeliveryGuarantee::ExactlyOnce && p.partial_commit_ms > 0)

@@ -37,10 +37,10 @@ impl Outgoing {
                 let ts = p.record.kafka_ts_ms;
                 give(Outgoing {
                     sent: sent(MessageKind::Prediction { input_ts_ms: ts }, &p.record.id),
-                    payload: p.to_json(),
+                    payload: p.to_json(&spec.model),
                 });
-                if let Some(features) = &spec.features {
-                    let payload = p.features_json(&features.model);
+                if spec.features_topic.is_some() {
+                    let payload = p.features_json(&spec.model);
                     give(Outgoing { sent: sent(MessageKind::Features, &p.record.id), payload });
                 }
             }
@@ -88,7 +88,7 @@ impl Sent {
             MessageKind::Prediction { .. } => &spec.predictions_topic,
             MessageKind::DeadLetter | MessageKind::FeedbackDeadLetter => &spec.dead_letter_topic,
             MessageKind::Features => {
-                &spec.features.as_ref().expect("features are only sent with a features topic").topic
+                spec.features_topic.as_ref().expect("features are only sent with a features topic")
             }
         }
     }

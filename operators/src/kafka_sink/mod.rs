@@ -38,7 +38,7 @@ pub use messages::SinkContext;
 
 use crate::backlog::SharedBacklog;
 use crate::metrics::SinkMetrics;
-use crate::records::{Epoch, FeaturesModel, Outcome, Position};
+use crate::records::{Epoch, ModelId, Outcome, Position};
 use crate::Fatal;
 use at_least_once::AtLeastOnce;
 use exactly_once::ExactlyOnce;
@@ -72,7 +72,10 @@ pub struct SinkSpec {
     pub predictions_topic: String,
     pub dead_letter_topic: String,
     /// Where each predicted record's features go too, if anywhere.
-    pub features: Option<FeaturesOutput>,
+    /// The CNN every prediction and features message names.
+    pub model: ModelId,
+    /// The features topic: one message per predicted record, after its prediction.
+    pub features_topic: Option<String>,
     /// Where this run starts each of the worker's partitions, emitted at epoch 0.
     pub starts: Vec<Position>,
     /// How long exactly-once delivery retries a failing transaction before it stops the
@@ -83,13 +86,6 @@ pub struct SinkSpec {
     /// committed in a transaction of their own, with their offsets, before the epoch closes
     /// (a quiet partition holds an offset epoch open). `None`: only whole epochs.
     pub partial_commit_after: Option<Duration>,
-}
-
-/// The features topic: one message per predicted record, after its prediction.
-#[derive(Clone, Debug)]
-pub struct FeaturesOutput {
-    pub topic: String,
-    pub model: FeaturesModel,
 }
 
 /// What one step of a delivery mode did: the epochs it retired, each with its hold and the
@@ -111,7 +107,7 @@ pub trait KafkaSink<'scope> {
     /// partitions as epochs are published.
     ///
     /// ```no_run
-    /// use dlpipe_operators::{KafkaSink, Delivery, SharedBacklog, SinkContext, SinkSpec};
+    /// use dlpipe_operators::{KafkaSink, Delivery, ModelId, SharedBacklog, SinkContext, SinkSpec};
     /// use dlpipe_operators::records::Outcome;
     /// use rdkafka::config::ClientConfig;
     /// use rdkafka::consumer::{BaseConsumer, DefaultConsumerContext};
@@ -129,7 +125,8 @@ pub trait KafkaSink<'scope> {
     ///         input_topic: "images".into(),
     ///         predictions_topic: "predictions".into(),
     ///         dead_letter_topic: "dead-letters".into(),
-    ///         features: None,
+    ///         model: ModelId { name: "efficientnet_lite0".into(), sha256: String::new() },
+    ///         features_topic: None,
     ///         starts: Vec::new(),
     ///         give_up_after: Duration::from_secs(60),
     ///         partial_commit_after: None,
