@@ -6,7 +6,7 @@ use super::batch_features::{featurize_uris, load_featurizers, FeaturizeFlags};
 use anyhow::Context;
 use dlpipe::config::Config;
 use dlpipe::learn::{ClassWeights, LearnerConfig, OptimizerConfig, ReplayConfig};
-use dlpipe::transfer::train::{train, Examples, Schedule};
+use dlpipe::transfer::train::{train, EpochStats, Examples, Schedule};
 use dlpipe::transfer::{classes_of, dataset, evaluate, plot, Classifier, TrainingRecord};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
@@ -89,6 +89,48 @@ fn learner_config(config: &Config, args: &TrainArgs) -> anyhow::Result<LearnerCo
     Ok(learner)
 }
 
+/// The classes: the config's fixed list (which must cover the data), else the data's, sorted.
+fn classes_to_learn(learner: &LearnerConfig, examples: &[dataset::Example]) -> anyhow::Result<Vec<String>> {
+    if learner.classes.is_empty() {
+        return Ok(classes_of(examples));
+    }
+    if let Some(e) = examples.iter().find(|e| !learner.classes.contains(&e.label)) {
+        anyhow::bail!("{} is labelled {:?}, which learner.classes does not list", e.uri, e.label);
+    }
+    Ok(learner.classes.clone())
+}
+
+/// One epoch's line of the progress log.
+fn epoch_line(s: &EpochStats) -> String {
+    match (s.test_log_loss, s.test_accuracy) {
+        (Some(l), Some(a)) => format!(
+            "epoch {:>3}  train loss {:.4} acc {:.4}   held-out loss {l:.4} acc {a:.4}   ({:.2} s)",
+            s.epoch, s.train_log_loss, s.train_accuracy, s.seconds
+        ),
+        _ => format!(
+            "epoch {:>3}  train loss {:.4} acc {:.4}   ({:.2} s)",
+            s.epoch, s.train_log_loss, s.train_accuracy, s.seconds
+        ),
+    }
+}
+
+/// The training curve and, with a held-out set, its evaluation's plots, into `dir`.
+fn write_report(
+    dir: &std::path::Path,
+    out: &std::path::Path,
+    model: &str,
+    record: &TrainingRecord,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let title = format!("{} on {model} features", out.display());
+    plot::training_curve(&record.curve, &title, &dir.join("training_curve.png"))?;
+    if let Some(evaluation) = &record.held_out {
+        super::evaluate::write_report(evaluation, &format!("held-out: {title}"), dir)?;
+    }
+    eprintln!("report written to {}", dir.display());
+    Ok(())
+}
+
 pub fn run(config: &Config, args: TrainArgs) -> anyhow::Result<()> {
     let test_split = args.test_split.unwrap_or(config.train.test_split);
     let seed = args.seed.unwrap_or(config.train.seed);
@@ -100,15 +142,7 @@ pub fn run(config: &Config, args: TrainArgs) -> anyhow::Result<()> {
 
     let examples = dataset::load(&args.data)?;
     let split = dataset::stratified_split(&examples, test_split, seed)?;
-    // The classes: the config's fixed list (which must cover the data), else the data's, sorted.
-    let classes = if learner.classes.is_empty() {
-        classes_of(&examples)
-    } else {
-        if let Some(e) = examples.iter().find(|e| !learner.classes.contains(&e.label)) {
-            anyhow::bail!("{} is labelled {:?}, which learner.classes does not list", e.uri, e.label);
-        }
-        learner.classes.clone()
-    };
+    let classes = classes_to_learn(&learner, &examples)?;
     learner.classes = classes.clone();
     eprintln!(
         "{}: {} images of {} classes; {} for training, {} held out (test_split {test_split}, seed {seed})",
@@ -145,17 +179,7 @@ pub fn run(config: &Config, args: TrainArgs) -> anyhow::Result<()> {
     let held_out = (!test_labels.is_empty()).then_some(&test_set);
     let schedule = Schedule { epochs, seed, class_weights: &weights };
     let (model, curve) = train(manifest.feature_dim, learner, &train_set, held_out, &schedule, |s| {
-        let line = match (s.test_log_loss, s.test_accuracy) {
-            (Some(l), Some(a)) => format!(
-                "epoch {:>3}  train loss {:.4} acc {:.4}   held-out loss {l:.4} acc {a:.4}   ({:.2} s)",
-                s.epoch, s.train_log_loss, s.train_accuracy, s.seconds
-            ),
-            _ => format!(
-                "epoch {:>3}  train loss {:.4} acc {:.4}   ({:.2} s)",
-                s.epoch, s.train_log_loss, s.train_accuracy, s.seconds
-            ),
-        };
-        progress.suspend(|| eprintln!("{line}"));
+        progress.suspend(|| eprintln!("{}", epoch_line(s)));
         progress.inc(1);
     })?;
     progress.finish_and_clear();
@@ -189,13 +213,7 @@ pub fn run(config: &Config, args: TrainArgs) -> anyhow::Result<()> {
         println!("held-out evaluation ({} examples):\n{}", evaluation.examples, evaluation.table());
     }
     if let Some(dir) = &args.report {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let title = format!("{} on {} features", args.out.display(), manifest.name);
-        plot::training_curve(&record.curve, &title, &dir.join("training_curve.png"))?;
-        if let Some(evaluation) = &evaluation {
-            super::evaluate::write_report(evaluation, &format!("held-out: {title}"), dir)?;
-        }
-        eprintln!("report written to {}", dir.display());
+        write_report(dir, &args.out, &manifest.name, &record)?;
     }
     eprintln!(
         "classifier written to {} ({} classes, {} features of {}; {} epochs in {train_seconds:.1} s)",
