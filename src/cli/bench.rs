@@ -132,14 +132,36 @@ fn rss_bytes() -> Option<u64> {
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
+/// Features per image of the feedback join benchmark.
+const FEEDBACK_DIM: usize = 1280;
+
+/// The `i`-th unlabelled image of the feedback join benchmark, at input offset `offset`, with
+/// pseudo-random features drawn from `seed` (an LCG: cheap, and never the same twice).
+fn unlabelled_image(id: String, i: usize, offset: usize, seed: &mut u64) -> dlpipe_operators::Featured {
+    let features: Vec<f32> = (0..FEEDBACK_DIM)
+        .map(|_| {
+            *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (*seed >> 40) as f32 / (1u64 << 24) as f32
+        })
+        .collect();
+    let record = dlpipe_operators::ImageRecord {
+        id,
+        uri: String::new(),
+        label: None,
+        partition: (i % 4) as i32,
+        offset: offset as i64,
+        kafka_ts_ms: None,
+    };
+    dlpipe_operators::Featured { record, features, logits: None }
+}
+
 /// The feedback join on one timely worker, in this process: `ids` unlabelled images of 1280
 /// features over 10 epochs (retention 20 epochs), then a label for each in epoch 10, then
 /// epochs past every retention with nothing new. Prints RSS at each stage and the join's rate.
 fn feedback_join_table(ids: usize) -> anyhow::Result<()> {
-    use dlpipe_operators::{feedback_join, Featured, Feedback, FeedbackJoinMetrics, ImageRecord};
+    use dlpipe_operators::{feedback_join, Feedback, FeedbackJoinMetrics};
     use timely::dataflow::operators::Probe;
     use timely::dataflow::InputHandle;
-    const DIM: usize = 1280;
     const EPOCHS: u64 = 10;
     const RETENTION: u64 = 20;
     let mib = |b: Option<u64>| b.map_or("?".to_string(), |b| format!("{:.0}", b as f64 / (1 << 20) as f64));
@@ -176,21 +198,7 @@ fn feedback_join_table(ids: usize) -> anyhow::Result<()> {
                     labels.advance_to(epoch);
                     step_to(worker, epoch);
                 }
-                let features: Vec<f32> = (0..DIM)
-                    .map(|_| {
-                        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                        (seed >> 40) as f32 / (1u64 << 24) as f32
-                    })
-                    .collect();
-                let record = ImageRecord {
-                    id: format!("image-{wave}-{i:08}"),
-                    uri: String::new(),
-                    label: None,
-                    partition: (i % 4) as i32,
-                    offset: (wave * ids + i) as i64,
-                    kafka_ts_ms: None,
-                };
-                images.send(Featured { record, features, logits: None });
+                images.send(unlabelled_image(format!("image-{wave}-{i:08}"), i, wave * ids + i, &mut seed));
             }
             images.advance_to(base + EPOCHS);
             labels.advance_to(base + EPOCHS);
@@ -244,13 +252,17 @@ fn feedback_join_table(ids: usize) -> anyhow::Result<()> {
     })
     .map_err(anyhow::Error::msg)?;
     let rows: Vec<(String, String)> = guards.join().into_iter().flat_map(|r| r.unwrap_or_default()).collect();
-    println!("\n## feedback join (one worker, {DIM} features, retention {RETENTION} epochs)\n");
-    println!("| stage | resident memory |");
-    println!("|---|---|");
-    for (stage, rss) in rows {
-        println!("| {stage} | {rss} |");
-    }
+    println!("\n## feedback join (one worker, {FEEDBACK_DIM} features, retention {RETENTION} epochs)\n");
+    print_table(["stage", "resident memory"], rows);
     Ok(())
+}
+
+/// A two-column Markdown table.
+fn print_table(header: [&str; 2], rows: Vec<(String, String)>) {
+    println!("| {} | {} |\n|---|---|", header[0], header[1]);
+    for (a, b) in rows {
+        println!("| {a} | {b} |");
+    }
 }
 
 fn forward_table(config: &Config, args: &BenchArgs, min: Duration) -> anyhow::Result<()> {
