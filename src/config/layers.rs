@@ -89,6 +89,10 @@ impl Config {
     }
 }
 
+/// How the whole `[kafka.properties]` table is set from the environment, for the error that
+/// refuses one property at a time.
+const PROPERTIES_TABLE_EXAMPLE: &str = r#"DLPIPE__KAFKA__PROPERTIES='{ "security.protocol" = "SSL" }'"#;
+
 /// The `DLPIPE__*` variables of `env`, in name order, with the key paths they name.
 fn env_overrides(env: &BTreeMap<String, String>) -> Result<Vec<EnvOverride<'_>>, ConfigError> {
     let mut overrides = Vec::new();
@@ -103,8 +107,7 @@ fn env_overrides(env: &BTreeMap<String, String>) -> Result<Vec<EnvOverride<'_>>,
             // Property names have dots, which variable names cannot: they have their own rule.
             return Err(env_error(format!(
                 "set librdkafka properties with {KAFKA_PROPERTY_ENV_PREFIX}<PROPERTY> (e.g. \
-                 DLPIPE_KAFKA__SASL_PASSWORD for sasl.password), or the whole table as \
-                 DLPIPE__KAFKA__PROPERTIES='{{ \"security.protocol\" = \"SSL\" }}'"
+                 DLPIPE_KAFKA__SASL_PASSWORD for sasl.password), or the whole table as {PROPERTIES_TABLE_EXAMPLE}"
             )));
         }
         overrides.push(EnvOverride { name, path, raw });
