@@ -151,17 +151,7 @@ fn a_restart_from_a_checkpoint_continues_balanced_learning_bit_for_bit() {
         }
     }
     let state = checkpoint.expect("a checkpoint every epoch");
-    let info = CheckpointInfo {
-        format_version: dlpipe::pipeline::model_topic::FORMAT_VERSION,
-        group_id: "g".into(),
-        input_topic: "images".into(),
-        frontier: halfway as u64,
-        learned_offsets: Default::default(),
-        published_offsets: Default::default(),
-        prequential: state.prequential.state(),
-        drift: state.drift.as_ref().map(|d| d.state()),
-        written_at_ms: 0,
-    };
+    let info = CheckpointInfo::new(&state, "g", "images", halfway as u64, Default::default(), Default::default());
     let bytes = dlpipe::pipeline::model_topic::encode(&state, &info, &Default::default()).unwrap();
     let restored = Checkpoint::decode(&bytes).unwrap();
     assert_eq!(restored.model.class_counts(), state.model.class_counts());

@@ -10,7 +10,7 @@ mod common;
 use dlpipe::config::Config;
 use dlpipe::learn::{DriftAction, DriftConfig};
 use dlpipe::model::Manifest;
-use dlpipe::pipeline::model_topic::{self, FORMAT_VERSION};
+use dlpipe::pipeline::model_topic;
 use dlpipe::pipeline::{online_lr_head, Checkpoint, CheckpointInfo, OnlineLrHead};
 use dlpipe::transfer::classifier::featurizer_metadata;
 use dlpipe::transfer::dataset::{shuffle, SplitMix64};
@@ -195,17 +195,8 @@ fn a_label_permutation_is_detected_and_the_default_action_learns_the_new_labels(
 fn checkpoint_and_restore(head: &mut OnlineLrHead, frontier: u64, drift: &DriftConfig) -> OnlineLrHead {
     let state = head.learned_through(frontier).expect("a state every epoch");
     let config = Config { drift: drift.clone(), ..Config::default() };
-    let info = CheckpointInfo {
-        format_version: FORMAT_VERSION,
-        group_id: config.pipeline.group_id.clone(),
-        input_topic: config.pipeline.input_topic.clone(),
-        frontier,
-        learned_offsets: BTreeMap::new(),
-        published_offsets: BTreeMap::new(),
-        prequential: state.prequential.state(),
-        drift: state.drift.as_ref().map(|d| d.state()),
-        written_at_ms: 0,
-    };
+    let (group, input) = (&config.pipeline.group_id, &config.pipeline.input_topic);
+    let info = CheckpointInfo::new(&state, group, input, frontier, BTreeMap::new(), BTreeMap::new());
     let manifest = &images().0;
     let bytes = model_topic::encode(&state, &info, &featurizer_metadata(manifest)).unwrap();
     let restored = Checkpoint::decode(&bytes).unwrap();

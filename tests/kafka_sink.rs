@@ -123,7 +123,15 @@ fn outcome(partition: i32, offset: i64) -> Outcome {
     }
     let record = ImageRecord { id, uri: "file:///x.png".into(), label: None, partition, offset, kafka_ts_ms: None };
     let top_k = vec![ClassScore { class: "cat".into(), probability: 0.9 }];
-    Outcome::Predicted(Prediction { record, top_k, model_version: 0, predicted_at_ms: 0, features: Vec::new() })
+    let classifier = dlpipe_operators::ClassifierId::new_learner();
+    Outcome::Predicted(Prediction {
+        record,
+        top_k,
+        classifier,
+        model_version: 0,
+        predicted_at_ms: 0,
+        features: Vec::new(),
+    })
 }
 
 /// Runs the sink over `epochs` of outcomes; after each epoch is published (the sink's frontier

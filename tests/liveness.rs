@@ -39,6 +39,10 @@ impl Predict for Count {
     fn version(&self) -> u64 {
         self.version
     }
+
+    fn classifier(&self) -> dlpipe_operators::ClassifierId {
+        dlpipe_operators::ClassifierId::new_learner()
+    }
 }
 
 impl Head for Count {

@@ -332,6 +332,20 @@ fn every_dashboard_panel_has_data_and_every_alert_evaluates_against_a_real_prome
     assert_eq!(get_status(&metrics_address, "/healthz"), Some(200));
     eprintln!("pipeline ready after {:.1}s", started.elapsed().as_secs_f64());
 
+    // A challenger in shadow, scored beside the champion from a second from now: the run's own
+    // first snapshot.
+    let snapshot = dir.path().join("snapshots/latest.safetensors");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !snapshot.exists() {
+        assert!(Instant::now() < deadline, "no snapshot within 30 s:\n{}", run_log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let challenger = dir.path().join("challenger.safetensors");
+    std::fs::copy(&snapshot, &challenger).unwrap();
+    let (config_arg, challenger_arg) = (config.to_str().unwrap(), challenger.to_str().unwrap());
+    let promoted = common::dlpipe(&["-c", config_arg, "promote", challenger_arg, "--shadow", "--in", "1"]);
+    assert!(promoted.status.success(), "dlpipe promote:\n{}", String::from_utf8_lossy(&promoted.stderr));
+
     for w in 1..=2 {
         std::thread::sleep(Duration::from_secs(3));
         let (g, b) = wave(&input, w, 30, 8000 + 100 * w);
@@ -378,6 +392,8 @@ fn every_dashboard_panel_has_data_and_every_alert_evaluates_against_a_real_prome
         ("max(sum by (worker) (dlpipe_learner_examples_total))", labelled),
         ("max(dlpipe_learner_classes)", 10.0),
         ("count(dlpipe_build_info)", 1.0),
+        // The shadow's prequential accuracy, both windows, from each worker.
+        ("count(dlpipe_online_accuracy_ratio{model=\"shadow\"})", 4.0),
     ];
     for (expr, want) in checks {
         // Gauges refresh once a second: give the last scrape a moment to catch up.

@@ -25,6 +25,14 @@
 //! that, learning waits for the late records as it did before (memory stays bounded, and
 //! nothing changes but when).
 //!
+//! **Promotions** ([`learn_predict_states`]): a third input of classifiers announced to take
+//! over (or shadow) the head at an epoch ([`Promotion`], broadcast). One takes effect at
+//! epoch E = the greatest of its announced epoch, its timestamp (a promotion read after the
+//! stream passed its epoch applies as soon as it can) and the previous promotion's E (they
+//! apply in the order announced): after the records of epoch E are predicted and before E's
+//! examples are learned, once the promotions' frontier has passed E. So, like learning, where
+//! the switch falls depends only on the inputs and the epoch boundaries.
+//!
 //! **States** ([`learn_predict_states`], for a [`Learner`]): a second output carries the
 //! head's states. The operator holds a capability there at the learned frontier (every
 //! labelled example of the epochs before it learned, none of later ones), downgraded as that
@@ -32,10 +40,10 @@
 //! ([`Learner::learned_through`]), sent at that frontier. Once the labelled input is done and
 //! learned the frontier is `Epoch::MAX`: the final state is sent there and the capability
 //! dropped. So the states' frontier is the learned frontier, which is what checkpoints are cut
-//! at.
+//! at. A state at frontier F has also taken every promotion of the epochs before F.
 
 use crate::metrics::LearnPredictMetrics;
-use crate::records::{ClassScore, Epoch, Featured, LabelledExample, Prediction};
+use crate::records::{ClassScore, ClassifierId, Epoch, Featured, LabelledExample, Prediction, Promotion};
 use std::collections::BTreeMap;
 use std::time::Instant;
 use timely::container::CapacityContainerBuilder;
@@ -57,6 +65,8 @@ pub trait Predict: 'static {
     fn predict(&mut self, record: &Featured, k: usize) -> Vec<ClassScore>;
     /// The model version predictions report: updates applied so far.
     fn version(&self) -> u64;
+    /// Where the classifier started (a new learner, or the file it was loaded or promoted from).
+    fn classifier(&self) -> ClassifierId;
 }
 
 /// The classifier behind `learn_predict`: the online logistic regression, or a pretrained
@@ -69,6 +79,11 @@ pub trait Head: Predict {
     fn freeze(&self) -> Self::Frozen;
     /// Learns one epoch's labelled examples, given in (partition, offset) order.
     fn learn(&mut self, epoch: Epoch, examples: &[LabelledExample]);
+    /// Takes a promotion at `epoch` (see the module's doc): before learning that epoch. A head
+    /// that cannot take another classifier keeps its own, and says so.
+    fn promote(&mut self, epoch: Epoch, promotion: &Promotion) {
+        tracing::warn!(epoch, id = %promotion.id, "this classifier takes no promotion: it is ignored");
+    }
 }
 
 /// A head whose states are checkpointed: [`learn_predict_states`] sends them on.
@@ -100,24 +115,29 @@ pub fn learn_predict<'scope, H: Head>(
     top_k: usize,
     metrics: LearnPredictMetrics,
 ) -> StreamVec<'scope, Epoch, Prediction> {
-    build(featured, labelled, head, |_: &mut H, _| None::<()>, top_k, metrics).predictions
+    use timely::dataflow::operators::vec::ToStream;
+    let none = Vec::<Promotion>::new().to_stream(featured.scope());
+    build(featured, labelled, none, head, |_: &mut H, _| None::<()>, top_k, metrics).predictions
 }
 
-/// [`learn_predict()`], and the head's states as it learns (see the module's doc).
+/// [`learn_predict()`] taking `promotions` too, and the head's states as it learns (see the
+/// module's doc).
 pub fn learn_predict_states<'scope, H: Learner>(
     featured: StreamVec<'scope, Epoch, Featured>,
     labelled: StreamVec<'scope, Epoch, LabelledExample>,
+    promotions: StreamVec<'scope, Epoch, Promotion>,
     head: H,
     top_k: usize,
     metrics: LearnPredictMetrics,
 ) -> Learned<'scope, H::State> {
-    build(featured, labelled, head, H::learned_through, top_k, metrics)
+    build(featured, labelled, promotions, head, H::learned_through, top_k, metrics)
 }
 
 /// The operator, with `state_at` for the head's state at a learned frontier.
 fn build<'scope, H: Head, S: Clone + 'static>(
     featured: StreamVec<'scope, Epoch, Featured>,
     labelled: StreamVec<'scope, Epoch, LabelledExample>,
+    promotions: StreamVec<'scope, Epoch, Promotion>,
     head: H,
     mut state_at: impl FnMut(&mut H, Epoch) -> Option<S> + 'static,
     top_k: usize,
@@ -126,9 +146,11 @@ fn build<'scope, H: Head, S: Clone + 'static>(
     let mut builder = OperatorBuilder::new("LearnPredict".to_owned(), featured.scope());
     let mut input1 = builder.new_input(featured, Pipeline);
     let mut input2 = builder.new_input(labelled, Pipeline);
+    let mut input3 = builder.new_input(promotions, Pipeline);
     let (predicted, predictions) = builder.new_output();
-    // The states are of the labels only: a record that may still come holds back no state.
-    let (stated, states) = builder.new_output_connection([(1, Antichain::from_elem(0))]);
+    // The states are of the labels and promotions only: a record that may still come holds
+    // back no state.
+    let (stated, states) = builder.new_output_connection([(1, Antichain::from_elem(0)), (2, Antichain::from_elem(0))]);
     let mut predicted = OutputBuilder::<_, CapacityContainerBuilder<Vec<Prediction>>>::from(predicted);
     let mut stated = OutputBuilder::<_, CapacityContainerBuilder<Vec<S>>>::from(stated);
     builder.build(move |mut capabilities| {
@@ -141,6 +163,8 @@ fn build<'scope, H: Head, S: Clone + 'static>(
             metrics,
             records: BTreeMap::new(),
             examples: BTreeMap::new(),
+            promotions: BTreeMap::new(),
+            last_promotion: 0,
             frozen: BTreeMap::new(),
         };
         move |frontiers| {
@@ -158,11 +182,18 @@ fn build<'scope, H: Head, S: Clone + 'static>(
                     entry.append(batch);
                 }
             });
-            // Epochs below `labels_done` have all their labelled examples here; records of
-            // epochs at or after `records_done` may still come.
-            let records_done = frontiers[0].frontier().first().copied().unwrap_or(Epoch::MAX);
-            let labels_done = frontiers[1].frontier().first().copied().unwrap_or(Epoch::MAX);
-            let learned = learning.run(labels_done, records_done, &mut predicted.activate());
+            input3.for_each_stamp(|cap, data| {
+                let Some(&at) = cap.least() else { return };
+                for batch in data {
+                    learning.announce(at, batch);
+                }
+            });
+            // Epochs below `labels_done` have all their labelled examples here, below
+            // `promotions_done` all their promotions; records of epochs at or after
+            // `records_done` may still come.
+            let done = |i: usize| frontiers[i].frontier().first().copied().unwrap_or(Epoch::MAX);
+            let inputs = Done { records: done(0), labels: done(1), promotions: done(2) };
+            let learned = learning.run(inputs, &mut predicted.activate());
             if let Some(cap) = at_learned.as_mut().filter(|cap| *cap.time() < learned) {
                 cap.downgrade(&learned);
                 if let Some(state) = state_at(&mut learning.head, learned) {
@@ -186,33 +217,70 @@ struct Learning<H: Head> {
     records: BTreeMap<Epoch, (Capability<Epoch>, Vec<Featured>)>,
     /// Labelled examples by epoch, not yet learned.
     examples: BTreeMap<Epoch, Vec<LabelledExample>>,
+    /// Promotions by the epoch they take effect at, in the order announced.
+    promotions: BTreeMap<Epoch, Vec<Promotion>>,
+    /// The epoch the last promotion announced takes effect at: none takes effect earlier.
+    last_promotion: Epoch,
     /// The head as it was before learning epoch l, under l, while records of epoch l or
     /// earlier may still come.
     frozen: BTreeMap<Epoch, H::Frozen>,
+}
+
+/// The inputs' frontiers: the least epoch of records, labelled examples and promotions that
+/// may still come.
+#[derive(Clone, Copy)]
+struct Done {
+    records: Epoch,
+    labels: Epoch,
+    promotions: Epoch,
 }
 
 /// Where predictions go.
 type Predictions<'a> = OutputBuilderSession<'a, Epoch, CapacityContainerBuilder<Vec<Prediction>>>;
 
 impl<H: Head> Learning<H> {
-    /// Predicts and learns what can be, in order; returns the learned frontier.
-    fn run(&mut self, labels_done: Epoch, records_done: Epoch, output: &mut Predictions) -> Epoch {
+    /// Takes promotions stamped `at` (see the module's doc for the epoch each takes effect at).
+    fn announce(&mut self, at: Epoch, batch: &mut Vec<Promotion>) {
+        batch.sort_by_key(|p| p.offset);
+        for promotion in batch.drain(..) {
+            let epoch = promotion.at_epoch.unwrap_or(at).max(at).max(self.last_promotion);
+            self.last_promotion = epoch;
+            self.promotions.entry(epoch).or_default().push(promotion);
+        }
+    }
+
+    /// Predicts, promotes and learns what can be, in order: for each epoch, its records, then
+    /// its promotions, then its examples. Returns the learned frontier.
+    fn run(&mut self, done: Done, output: &mut Predictions) -> Epoch {
         loop {
             let next_records = self.records.keys().next().copied();
             let next_examples = self.examples.keys().next().copied();
-            // Records of epoch e: once every earlier epoch's examples are in and applied.
+            let next_promotion = self.promotions.keys().next().copied();
+            // Records of epoch e: once every earlier epoch's examples and promotions are in
+            // and applied.
             if let Some(e) = next_records {
-                if e <= labels_done && next_examples.is_none_or(|l| l >= e) {
+                let applied = next_examples.is_none_or(|l| l >= e) && next_promotion.is_none_or(|p| p >= e);
+                if e <= done.labels && e <= done.promotions && applied {
                     self.predict(e, output);
                     continue;
                 }
             }
+            // Promotions of epoch p: once every earlier epoch's examples are in and learned,
+            // every promotion of p is here, and the records of epochs <= p that are here are
+            // predicted.
+            if let Some(p) = next_promotion {
+                let ready = p <= done.labels && p < done.promotions && next_examples.is_none_or(|l| l >= p);
+                if ready && next_records.is_none_or(|e| e > p) && self.may_get_ahead(p, done.records) {
+                    self.promote(p, done.records);
+                    continue;
+                }
+            }
             // Examples of epoch l: once complete, once the records of epochs <= l that are
-            // here are predicted, and while a copy may still be kept for records to come.
+            // here are predicted and the promotions of epochs <= l taken.
             if let Some(l) = next_examples {
-                let may_learn_ahead = records_done > l || self.frozen.len() < MAX_FROZEN;
-                if l < labels_done && next_records.is_none_or(|e| e > l) && may_learn_ahead {
-                    self.learn(l, records_done);
+                let ready = l < done.labels && l < done.promotions && next_promotion.is_none_or(|p| p > l);
+                if ready && next_records.is_none_or(|e| e > l) && self.may_get_ahead(l, done.records) {
+                    self.learn(l, done.records);
                     continue;
                 }
             }
@@ -220,11 +288,33 @@ impl<H: Head> Learning<H> {
         }
         // A record still to come has an epoch of at least `records_done`: it needs no copy
         // kept under an earlier epoch.
-        self.frozen = self.frozen.split_off(&records_done);
+        self.frozen = self.frozen.split_off(&done.records);
         self.metrics.waiting.set(self.records.values().map(|(_, r)| r.len() as i64).sum());
         self.metrics.frozen.set(self.frozen.len() as i64);
-        let pending = self.examples.keys().next().copied().unwrap_or(Epoch::MAX);
-        labels_done.min(pending)
+        let pending = self.examples.keys().chain(self.promotions.keys()).min().copied().unwrap_or(Epoch::MAX);
+        done.labels.min(done.promotions).min(pending)
+    }
+
+    /// Whether the head may change at epoch `l` now: no record of epoch `l` or earlier may
+    /// still come, or a copy of the head before `l` is (or may still be) kept for them.
+    fn may_get_ahead(&self, l: Epoch, records_done: Epoch) -> bool {
+        records_done > l || self.frozen.len() < MAX_FROZEN || self.frozen.contains_key(&l)
+    }
+
+    /// Keeps a copy of the head as it is, before it changes at epoch `l`, if records of epoch
+    /// `l` or earlier may still come (the first copy under `l` stays: the head before `l`).
+    fn freeze_before(&mut self, l: Epoch, records_done: Epoch) {
+        if records_done <= l && !self.frozen.contains_key(&l) {
+            self.frozen.insert(l, self.head.freeze());
+        }
+    }
+
+    /// Takes the promotions of epoch `p`, in the order announced.
+    fn promote(&mut self, p: Epoch, records_done: Epoch) {
+        self.freeze_before(p, records_done);
+        for promotion in self.promotions.remove(&p).expect("key exists") {
+            self.head.promote(p, &promotion);
+        }
     }
 
     /// Predicts the records of epoch `e`.
@@ -238,7 +328,7 @@ impl<H: Head> Learning<H> {
             Some((_, copy)) => copy,
             None => &mut self.head,
         };
-        let version = predictor.version();
+        let (version, classifier) = (predictor.version(), predictor.classifier());
         let now = crate::records::now_ms();
         let mut session = output.session(&cap);
         for record in batch {
@@ -246,6 +336,7 @@ impl<H: Head> Learning<H> {
             session.give(Prediction {
                 record: record.record,
                 top_k,
+                classifier: classifier.clone(),
                 model_version: version,
                 predicted_at_ms: now,
                 features: record.features,
@@ -257,9 +348,7 @@ impl<H: Head> Learning<H> {
     /// Learns the examples of epoch `l`, first freezing the head if records of epoch `l` or
     /// earlier may still come.
     fn learn(&mut self, l: Epoch, records_done: Epoch) {
-        if records_done <= l {
-            self.frozen.insert(l, self.head.freeze());
-        }
+        self.freeze_before(l, records_done);
         let mut batch = self.examples.remove(&l).expect("key exists");
         batch.sort_by_key(|x| (x.partition, x.offset));
         let started = Instant::now();
@@ -278,6 +367,10 @@ impl<H: Head> Predict for std::rc::Rc<std::cell::RefCell<H>> {
     fn version(&self) -> u64 {
         self.borrow().version()
     }
+
+    fn classifier(&self) -> ClassifierId {
+        self.borrow().classifier()
+    }
 }
 
 impl<H: Head> Head for std::rc::Rc<std::cell::RefCell<H>> {
@@ -289,6 +382,10 @@ impl<H: Head> Head for std::rc::Rc<std::cell::RefCell<H>> {
 
     fn learn(&mut self, epoch: Epoch, examples: &[LabelledExample]) {
         self.borrow_mut().learn(epoch, examples)
+    }
+
+    fn promote(&mut self, epoch: Epoch, promotion: &Promotion) {
+        self.borrow_mut().promote(epoch, promotion)
     }
 }
 
@@ -307,7 +404,9 @@ pub trait LearnPredict<'scope> {
     /// complete.
     ///
     /// ```
-    /// use dlpipe_operators::{ClassScore, Epoch, Featured, Head, ImageRecord, LabelledExample, LearnPredict, Predict};
+    /// use dlpipe_operators::{
+    ///     ClassScore, ClassifierId, Epoch, Featured, Head, ImageRecord, LabelledExample, LearnPredict, Predict, Promotion,
+    /// };
     /// use timely::dataflow::operators::vec::ToStream;
     /// use timely::dataflow::operators::Inspect;
     ///
@@ -321,6 +420,9 @@ pub trait LearnPredict<'scope> {
     ///     fn version(&self) -> u64 {
     ///         self.0.len() as u64
     ///     }
+    ///     fn classifier(&self) -> ClassifierId {
+    ///         ClassifierId::new_learner()
+    ///     }
     /// }
     /// impl Head for Latest {
     ///     type Frozen = Latest;
@@ -329,6 +431,10 @@ pub trait LearnPredict<'scope> {
     ///     }
     ///     fn learn(&mut self, _epoch: Epoch, examples: &[LabelledExample]) {
     ///         self.0.extend(examples.iter().map(|x| x.label.clone()));
+    ///     }
+    ///     /// Takes a promoted list of labels, one per line.
+    ///     fn promote(&mut self, _epoch: Epoch, promotion: &Promotion) {
+    ///         self.0 = String::from_utf8_lossy(&promotion.classifier).lines().map(String::from).collect();
     ///     }
     /// }
     ///
@@ -357,11 +463,12 @@ pub trait LearnPredict<'scope> {
         metrics: LearnPredictMetrics,
     ) -> StreamVec<'scope, Epoch, Prediction>;
 
-    /// As [`learn_predict`](LearnPredict::learn_predict), and gives the head's states too,
-    /// each at its learned frontier (see the module's doc).
+    /// As [`learn_predict`](LearnPredict::learn_predict), taking `promotions` too, and gives
+    /// the head's states, each at its learned frontier (see the module's doc).
     fn learn_predict_states<H: Learner>(
         self,
         labelled: StreamVec<'scope, Epoch, LabelledExample>,
+        promotions: StreamVec<'scope, Epoch, Promotion>,
         head: H,
         top_k: usize,
         metrics: LearnPredictMetrics,
@@ -382,11 +489,12 @@ impl<'scope> LearnPredict<'scope> for StreamVec<'scope, Epoch, Featured> {
     fn learn_predict_states<H: Learner>(
         self,
         labelled: StreamVec<'scope, Epoch, LabelledExample>,
+        promotions: StreamVec<'scope, Epoch, Promotion>,
         head: H,
         top_k: usize,
         metrics: LearnPredictMetrics,
     ) -> Learned<'scope, H::State> {
-        learn_predict_states(self, labelled, head, top_k, metrics)
+        learn_predict_states(self, labelled, promotions, head, top_k, metrics)
     }
 }
 
@@ -401,8 +509,10 @@ mod tests {
     use timely::dataflow::operators::{Concat, Inspect, Probe};
     use timely::dataflow::{InputHandle, InputHandleVec};
 
-    /// A head whose predictions name its version: the labels it has learned, in order.
-    struct Labels(Vec<String>);
+    /// A head whose predictions name its version: the labels it has learned, in order (after
+    /// those of a promotion, its classifier's bytes, one label per line; it names the promotion).
+    #[derive(Clone, Default)]
+    struct Labels(Vec<String>, ClassifierId);
 
     impl Predict for Labels {
         fn predict(&mut self, _record: &Featured, _k: usize) -> Vec<ClassScore> {
@@ -412,17 +522,26 @@ mod tests {
         fn version(&self) -> u64 {
             self.0.len() as u64
         }
+
+        fn classifier(&self) -> ClassifierId {
+            self.1.clone()
+        }
     }
 
     impl Head for Labels {
         type Frozen = Labels;
 
         fn freeze(&self) -> Labels {
-            Labels(self.0.clone())
+            self.clone()
         }
 
         fn learn(&mut self, _epoch: Epoch, examples: &[LabelledExample]) {
             self.0.extend(examples.iter().map(|x| x.label.clone()));
+        }
+
+        fn promote(&mut self, _epoch: Epoch, promotion: &Promotion) {
+            self.0 = String::from_utf8_lossy(&promotion.classifier).lines().map(String::from).collect();
+            self.1 = promotion.id.clone();
         }
     }
 
@@ -448,14 +567,18 @@ mod tests {
         LabelledExample { partition: 1, offset, label: label.into(), features: vec![0.0] }
     }
 
-    /// `learn_predict_states` with a `Labels` head, fed by three inputs: records on time,
-    /// records that come late, and labelled examples; what it predicts, its gauge of frozen
-    /// copies, the states it gives (with their times) and their frontier.
+    /// `learn_predict_states` with a `Labels` head, fed by four inputs: records on time,
+    /// records that come late, labelled examples and promotions; what it predicts, its gauge
+    /// of frozen copies, the states it gives (with their times) and their frontier.
     struct Harness {
         on_time: InputHandleVec<Epoch, Featured>,
         late: InputHandleVec<Epoch, Featured>,
         labels: InputHandleVec<Epoch, LabelledExample>,
+        /// `None` once closed (tests without promotions close it at once).
+        promotions: Option<InputHandleVec<Epoch, Promotion>>,
         predicted: Rc<RefCell<Vec<Seen>>>,
+        /// Which classifier made each prediction, in the order of `predicted`.
+        classifiers: Rc<RefCell<Vec<ClassifierId>>>,
         frozen: prometheus::IntGauge,
         states: Rc<RefCell<Vec<(Epoch, String)>>>,
         learned: ProbeHandle<Epoch>,
@@ -472,9 +595,13 @@ mod tests {
         }
     }
 
-    fn harness(worker: &mut timely::worker::Worker) -> Harness {
+    /// The harness, with its promotions input closed unless `promoting`.
+    fn harness(worker: &mut timely::worker::Worker, promoting: bool) -> Harness {
         let (mut on_time, mut late, mut labels) = (InputHandle::new(), InputHandle::new(), InputHandle::new());
+        let mut promotions = InputHandle::new();
         let predicted: Rc<RefCell<Vec<Seen>>> = Rc::default();
+        let classifiers: Rc<RefCell<Vec<ClassifierId>>> = Rc::default();
+        let named = Rc::clone(&classifiers);
         let metrics = LearnPredictMetrics::default();
         let frozen = metrics.frozen.clone();
         let seen = Rc::clone(&predicted);
@@ -482,13 +609,15 @@ mod tests {
         let given = Rc::clone(&states);
         let learned = worker.dataflow::<Epoch, _, _>(|scope| {
             let records = on_time.to_stream(scope).concat(late.to_stream(scope));
-            let out = learn_predict_states(records, labels.to_stream(scope), Labels(Vec::new()), 1, metrics);
+            let (labelled, promoted) = (labels.to_stream(scope), promotions.to_stream(scope));
+            let out = learn_predict_states(records, labelled, promoted, Labels::default(), 1, metrics);
             out.predictions.inspect_core(move |event| {
                 let Ok((stamp, batch)) = event else { return };
                 let epoch = *stamp.least().expect("a stamped batch");
                 for p in batch {
                     let class = p.top_k.first().map(|c| c.class.clone()).unwrap_or_default();
                     seen.borrow_mut().push((epoch, p.record.id.clone(), p.model_version, class));
+                    named.borrow_mut().push(p.classifier.clone());
                 }
             });
             let states = out.states.inspect_core(move |event| {
@@ -498,13 +627,14 @@ mod tests {
             });
             states.probe().0
         });
-        Harness { on_time, late, labels, predicted, frozen, states, learned }
+        let promotions = promoting.then_some(promotions);
+        Harness { on_time, late, labels, promotions, predicted, classifiers, frozen, states, learned }
     }
 
     #[test]
     fn the_states_frontier_is_the_learned_frontier_and_a_state_comes_at_each_step_of_it() {
         timely::execute_directly(|worker| {
-            let mut harness = harness(worker);
+            let mut harness = harness(worker, false);
             for _ in 0..5 {
                 worker.step();
             }
@@ -546,10 +676,77 @@ mod tests {
         });
     }
 
+    fn promotion(offset: i64, at_epoch: Option<Epoch>, labels: &str) -> Promotion {
+        let id = ClassifierId(labels.to_uppercase());
+        let classifier = labels.as_bytes().to_vec();
+        Promotion { role: crate::records::PromotionRole::Champion, id, at_epoch, offset, classifier }
+    }
+
+    #[test]
+    fn a_promotion_takes_effect_at_its_epoch_once_known_and_promotions_apply_in_the_order_announced() {
+        timely::execute_directly(|worker| {
+            let mut harness = harness(worker, true);
+            let mut promotions = harness.promotions.take().expect("promoting");
+            // Epochs 0 to 7, a record and a label each, all here; a record of epoch 2 is late.
+            harness.late.advance_to(2);
+            for epoch in 0..8u64 {
+                harness.on_time.advance_to(epoch);
+                harness.labels.advance_to(epoch);
+                harness.on_time.send(record(&format!("r{epoch}"), epoch as i64));
+                harness.labels.send(example(&format!("l{epoch}"), epoch as i64));
+            }
+            let Harness { on_time, late, labels, predicted, classifiers, states, learned, .. } = harness;
+            on_time.close();
+            labels.close();
+            let step = |worker: &mut timely::worker::Worker| (0..20).for_each(|_| _ = worker.step());
+            // Until the promotions' frontier passes epoch 0, epoch 0 is not learned.
+            step(worker);
+            assert_eq!(predicted.borrow().len(), 1);
+            assert_eq!(learned.with_frontier(|f| f.first().copied()), Some(0));
+            // A announced for epoch 2: records of epoch 2 predicted before it, epoch 2 learned after.
+            promotions.send(promotion(10, Some(2), "a"));
+            promotions.advance_to(3);
+            step(worker);
+            assert_eq!(learned.with_frontier(|f| f.first().copied()), Some(3));
+            // B read at epoch 3, announced for epoch 1 (late): at epoch 3.
+            promotions.send(promotion(11, Some(1), "b"));
+            promotions.advance_to(4);
+            step(worker);
+            // C for epoch 6, then D for epoch 5: D is announced after C, so it applies after it.
+            promotions.send(promotion(12, Some(6), "c"));
+            promotions.send(promotion(13, Some(5), "d"));
+            promotions.close();
+            let mut late = late;
+            late.send(record("late", 99));
+            late.close();
+            while worker.step() {}
+            let seen: BTreeMap<String, (Epoch, u64, String, String)> = predicted
+                .borrow()
+                .iter()
+                .zip(classifiers.borrow().iter())
+                .map(|((e, id, version, class), by)| (id.clone(), (*e, *version, class.clone(), by.0.clone())))
+                .collect();
+            let want = |e, v, class: &str, by: &str| (e, v, class.to_owned(), by.to_owned());
+            let expected = BTreeMap::from([
+                ("r0".to_owned(), want(0, 0, "", "")),
+                ("r1".to_owned(), want(1, 1, "l0", "")),
+                ("r2".to_owned(), want(2, 2, "l0,l1", "")),
+                ("late".to_owned(), want(2, 2, "l0,l1", "")),
+                ("r3".to_owned(), want(3, 2, "a,l2", "A")),
+                ("r4".to_owned(), want(4, 2, "b,l3", "B")),
+                ("r5".to_owned(), want(5, 3, "b,l3,l4", "B")),
+                ("r6".to_owned(), want(6, 4, "b,l3,l4,l5", "B")),
+                ("r7".to_owned(), want(7, 2, "d,l6", "D")),
+            ]);
+            assert_eq!(seen, expected);
+            assert_eq!(states.borrow().last().cloned(), Some((Epoch::MAX, "d,l6,l7".to_owned())));
+        });
+    }
+
     #[test]
     fn a_late_record_holds_back_no_other_prediction_and_is_predicted_by_the_classifier_of_its_epoch() {
         timely::execute_directly(|worker| {
-            let Harness { mut on_time, mut late, mut labels, predicted, frozen, .. } = harness(worker);
+            let Harness { mut on_time, mut late, mut labels, predicted, frozen, .. } = harness(worker, false);
             // Epochs 0 to 3 on time, each with a record and a label; the record `late` of
             // epoch 1 has not come yet: its input stays at epoch 1.
             late.advance_to(1);
@@ -593,7 +790,8 @@ mod tests {
     #[test]
     fn past_max_frozen_copies_learning_waits_for_the_late_record() {
         timely::execute_directly(|worker| {
-            let Harness { mut on_time, mut late, mut labels, predicted, frozen, states, learned } = harness(worker);
+            let Harness { mut on_time, mut late, mut labels, predicted, frozen, states, learned, .. } =
+                harness(worker, false);
             let epochs = MAX_FROZEN as u64 + 10;
             late.advance_to(1);
             for epoch in 0..epochs {

@@ -59,8 +59,8 @@ pub use metrics::{
     SourceMetrics,
 };
 pub use records::{
-    ClassScore, DeadLetter, Decoded, Epoch, Featured, Feedback, ImageRecord, LabelledExample, ModelId, Outcome,
-    Position, Prediction,
+    ClassScore, ClassifierId, DeadLetter, Decoded, Epoch, Featured, Feedback, ImageRecord, LabelledExample, ModelId,
+    Outcome, Position, Prediction, Promotion, PromotionRole,
 };
 
 /// A fatal error the worker loop must stop on: a message the broker refused for good (dropping

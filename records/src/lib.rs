@@ -193,6 +193,8 @@ pub struct ClassScore {
 pub struct Prediction {
     pub record: ImageRecord,
     pub top_k: Vec<ClassScore>,
+    /// The classifier that predicted this record: where it started (see [`ClassifierId`]).
+    pub classifier: ClassifierId,
     /// Updates the classifier had applied when it predicted this record.
     pub model_version: u64,
     /// When the prediction was made (ms since the Unix epoch).
@@ -203,9 +205,10 @@ pub struct Prediction {
 
 impl Prediction {
     /// The output topic's JSON: `{"id","uri","label"?,"top_k":[{"class","probability"}],
-    /// "model","model_sha256","model_version","latency_ms","partition","offset"}`: `model` is
-    /// the CNN that featurized the record, `model_version` the classifier's updates. Latency
-    /// runs from the input record's Kafka timestamp to the prediction.
+    /// "model","model_sha256","classifier","model_version","latency_ms","partition","offset"}`:
+    /// `model` is the CNN that featurized the record; `classifier` and `model_version` name the
+    /// classifier that predicted it (where it started, and the updates it had learned since).
+    /// Latency runs from the input record's Kafka timestamp to the prediction.
     pub fn to_json(&self, model: &ModelId) -> String {
         #[derive(Serialize)]
         struct Out<'a> {
@@ -216,6 +219,7 @@ impl Prediction {
             top_k: &'a [ClassScore],
             model: &'a str,
             model_sha256: &'a str,
+            classifier: &'a str,
             model_version: u64,
             #[serde(skip_serializing_if = "Option::is_none")]
             latency_ms: Option<i64>,
@@ -230,6 +234,7 @@ impl Prediction {
             top_k: &self.top_k,
             model: &model.name,
             model_sha256: &model.sha256,
+            classifier: &self.classifier.0,
             model_version: self.model_version,
             latency_ms: r.kafka_ts_ms.map(|ts| (self.predicted_at_ms - ts).max(0)),
             partition: r.partition,
@@ -237,6 +242,52 @@ impl Prediction {
         })
         .expect("serialisable")
     }
+}
+
+/// Where a classifier started, as predictions name it: `new` for an online learner that
+/// started from nothing, else `sha256:` and the first 16 hex digits of the classifier file it
+/// started from (an `--init-model`, or a file `dlpipe promote` announced; dlpipe's
+/// `transfer::classifier::classifier_id`). With the updates it has learned since
+/// (`model_version`), it names the classifier exactly.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ClassifierId(pub String);
+
+impl ClassifierId {
+    /// The id of a learner that started from nothing.
+    pub fn new_learner() -> ClassifierId {
+        ClassifierId("new".into())
+    }
+}
+
+impl std::fmt::Display for ClassifierId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a promoted classifier becomes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PromotionRole {
+    /// It replaces the classifier that predicts (the champion), keeping on learning.
+    Champion,
+    /// It learns and is scored beside the champion, prequentially, on the same labelled
+    /// records; its predictions are never published.
+    Shadow,
+}
+
+/// A classifier announced on the model topic (`dlpipe promote`) to take over, or to shadow,
+/// the running one from an epoch on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Promotion {
+    pub role: PromotionRole,
+    /// The classifier file's id.
+    pub id: ClassifierId,
+    /// The epoch announced; `None`: as soon as the pipeline reads it.
+    pub at_epoch: Option<Epoch>,
+    /// Its offset in the model topic: promotions apply in this order.
+    pub offset: i64,
+    /// The classifier file's bytes.
+    pub classifier: Vec<u8>,
 }
 
 /// The CNN that featurized the records, as every prediction and features message names it.
@@ -517,6 +568,7 @@ mod tests {
         let p = Prediction {
             record,
             top_k: vec![ClassScore { class: "cat".into(), probability: 0.75 }],
+            classifier: ClassifierId("sha256:9a129038d9a00aed".into()),
             model_version: 9,
             predicted_at_ms: 1250,
             features: vec![0.1, -2.5e-8, 3.0],
@@ -528,6 +580,7 @@ mod tests {
         assert_eq!(v["label"], "cat");
         assert_eq!(v["top_k"][0]["class"], "cat");
         assert_eq!(v["model_version"], 9);
+        assert_eq!(v["classifier"], "sha256:9a129038d9a00aed");
         assert_eq!(v["latency_ms"], 250);
         assert_eq!((v["partition"].as_i64(), v["offset"].as_i64()), (Some(1), Some(2)));
         assert!(v.get("features").is_none(), "predictions do not carry the features");

@@ -8,6 +8,7 @@ mod evaluate;
 mod featurize;
 mod predict;
 mod produce;
+mod promote;
 mod run;
 mod tail;
 mod train;
@@ -56,6 +57,8 @@ pub enum Command {
     Produce(produce::ProduceArgs),
     /// Print predictions or dead letters from a topic.
     Tail(tail::TailArgs),
+    /// Make a running pipeline switch to a classifier at an epoch, or run one beside it in shadow.
+    Promote(promote::PromoteArgs),
     /// Show the effective configuration with each value's source, or check it.
     Config(config::ConfigArgs),
 }
@@ -79,6 +82,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Evaluate(args) => evaluate::run(&config, args),
         Command::Produce(args) => produce::run(&config, args),
         Command::Tail(args) => tail::run(&config, args),
+        Command::Promote(args) => promote::run(&config, args),
     }
 }
 

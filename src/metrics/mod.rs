@@ -322,15 +322,17 @@ pub const DEFINITIONS: &[MetricDef] = &[
     def(
         "dlpipe_online_accuracy_ratio",
         G,
-        &["worker", "window"],
+        &["worker", "window", "model"],
         B::None,
         "Prequential accuracy: over the whole run (`window=\"prequential\"`) and the last \
-         pipeline.prequential_window examples, 1000 by default (`window=\"recent\"`).",
+         pipeline.prequential_window examples, 1000 by default (`window=\"recent\"`); of the classifier \
+         that predicts (`model=\"champion\"`) and of a challenger in shadow (`model=\"shadow\"`, \
+         `dlpipe promote --shadow`).",
     ),
     def(
         "dlpipe_online_log_loss",
         G,
-        &["worker", "window"],
+        &["worker", "window", "model"],
         B::None,
         "Mean prequential log-loss (nats), with the same two windows as the accuracy.",
     ),

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! kafka_source ─► labelled / unlabelled lanes: fetch_decode ─► featurize
-//!   ─► learn_predict (labelled examples, inline or joined from the feedback topic, broadcast)
+//!   ─► learn_predict (labelled examples, inline or joined from the feedback topic, broadcast;
+//!                     promotions from the model topic, broadcast)
 //!   ─► kafka_sink (at least or exactly once) ─► checkpoint (worker 0 writes)
 //! ```
 //!
@@ -14,6 +15,7 @@
 
 use super::heads::{ImagenetHead, LearnerState, OnlineLrHead};
 use super::kafka::FeedbackReader;
+use super::promotions::PromotionReader;
 use super::work::Work;
 use crate::metrics::kafka::LagContext;
 use crate::metrics::WorkerMetrics;
@@ -38,8 +40,14 @@ pub(super) type Probes = Vec<(&'static str, ProbeHandle<Epoch>)>;
 /// What classifies the records.
 pub(super) enum Classifier {
     /// The online learner, learning the labelled records (inline, and with a feedback topic
-    /// joined late) from `learn_from` on in each partition.
-    Online { head: Rc<RefCell<OnlineLrHead>>, feedback: Option<Box<FeedbackReader>>, learn_from: BTreeMap<i32, i64> },
+    /// joined late) from `learn_from` on in each partition, and taking the promotions that
+    /// worker 0's reader reads.
+    Online {
+        head: Rc<RefCell<OnlineLrHead>>,
+        feedback: Option<Box<FeedbackReader>>,
+        learn_from: BTreeMap<i32, i64>,
+        promotions: Option<PromotionReader>,
+    },
     /// The model's own classes; learns nothing.
     Imagenet { class_names: Vec<String> },
 }
@@ -186,7 +194,7 @@ fn classify<'scope>(
     let scope = labelled.scope();
     let featured = labelled.clone().concat(unlabelled.clone());
     match classifier {
-        Classifier::Online { head, feedback, learn_from } => {
+        Classifier::Online { head, feedback, learn_from, promotions } => {
             let mut examples = labelled.flat_map(|f| LabelledExample::of(&f));
             let mut feedback_dead = None;
             if let Some(reader) = feedback {
@@ -203,7 +211,8 @@ fn classify<'scope>(
             // already: replayed only to publish their outputs.
             let examples =
                 examples.filter(move |x| learn_from.get(&x.partition).is_none_or(|from| x.offset >= *from)).broadcast();
-            let learned = featured.learn_predict_states(examples, head, top_k, metrics);
+            let promotions = super::promotions::promotions(&examples, promotions).broadcast();
+            let learned = featured.learn_predict_states(examples, promotions, head, top_k, metrics);
             Classified { predictions: learned.predictions, states: Some(learned.states), feedback_dead }
         }
         Classifier::Imagenet { class_names } => {

@@ -3,7 +3,9 @@
 use crate::learn::{DriftAction, LearnError, PageHinkley, Prequential, SoftmaxRegression};
 use crate::metrics::LearnerMetrics;
 use crate::model::top_k;
-use dlpipe_operators::{ClassScore, Epoch, Featured, Head, LabelledExample, Learner, Predict};
+use dlpipe_operators::{
+    ClassScore, ClassifierId, Epoch, Featured, Head, LabelledExample, Learner, Predict, Promotion, PromotionRole,
+};
 
 /// The pretrained model's own classes, from its logits. Learns nothing.
 #[derive(Clone)]
@@ -23,6 +25,10 @@ impl Predict for ImagenetHead {
     fn version(&self) -> u64 {
         0
     }
+
+    fn classifier(&self) -> ClassifierId {
+        ClassifierId("imagenet".into())
+    }
 }
 
 impl Head for ImagenetHead {
@@ -39,6 +45,7 @@ impl Head for ImagenetHead {
 /// then (see `learn_predict`'s late records).
 pub struct FrozenClassifier {
     model: SoftmaxRegression,
+    classifier: ClassifierId,
 }
 
 impl Predict for FrozenClassifier {
@@ -48,6 +55,10 @@ impl Predict for FrozenClassifier {
 
     fn version(&self) -> u64 {
         self.model.updates()
+    }
+
+    fn classifier(&self) -> ClassifierId {
+        self.classifier.clone()
     }
 }
 
@@ -70,15 +81,33 @@ fn classify(model: &SoftmaxRegression, record: &Featured, k: usize) -> Vec<Class
 #[derive(Clone)]
 pub struct LearnerState {
     pub model: SoftmaxRegression,
+    pub classifier: ClassifierId,
     pub prequential: Prequential,
     /// The drift detector, when it is on.
     pub drift: Option<PageHinkley>,
+    /// The model-topic offset of the last promotion taken.
+    pub promoted_through: Option<i64>,
+    pub shadow: Option<Shadow>,
+}
+
+/// A challenger (`dlpipe promote --shadow`): learns the same labelled records as the champion,
+/// scored prequentially beside it; never predicts for the output.
+#[derive(Clone)]
+pub struct Shadow {
+    pub classifier: ClassifierId,
+    pub model: SoftmaxRegression,
+    pub metrics: Prequential,
 }
 
 /// Online softmax regression on the CNN features, test-then-train.
 pub struct OnlineLrHead {
     pub model: SoftmaxRegression,
+    /// Where `model` started: predictions name it.
+    pub classifier: ClassifierId,
     pub metrics: Prequential,
+    /// The model-topic offset of the last promotion taken (a restart reads those after it).
+    pub promoted_through: Option<i64>,
+    pub shadow: Option<Shadow>,
     /// The drift detector on each learned example's prequential log-loss (None: off).
     pub drift: Option<PageHinkley>,
     /// What a detection does to the model.
@@ -97,7 +126,10 @@ impl OnlineLrHead {
     pub fn new(model: SoftmaxRegression, metrics: Prequential, checkpoint_every_epochs: u64) -> OnlineLrHead {
         OnlineLrHead {
             model,
+            classifier: ClassifierId::new_learner(),
             metrics,
+            promoted_through: None,
+            shadow: None,
             drift: None,
             drift_action: DriftAction::None,
             checkpoint_every_epochs,
@@ -107,10 +139,9 @@ impl OnlineLrHead {
         }
     }
 
-    /// The head with a drift detector (None: none) that takes `action` on a detection.
-    pub fn with_drift(mut self, detector: Option<PageHinkley>, action: DriftAction) -> OnlineLrHead {
+    /// The head with a drift detector (None: none).
+    pub fn with_drift(mut self, detector: Option<PageHinkley>) -> OnlineLrHead {
         self.drift = detector;
-        self.drift_action = action;
         self
     }
 
@@ -148,51 +179,74 @@ impl Predict for OnlineLrHead {
     fn version(&self) -> u64 {
         self.model.updates()
     }
+
+    fn classifier(&self) -> ClassifierId {
+        self.classifier.clone()
+    }
+}
+
+impl OnlineLrHead {
+    /// Learns one example (the shadow too), scoring it prequentially first.
+    fn learn_one(&mut self, example: &LabelledExample) {
+        if let Some(shadow) = &mut self.shadow {
+            // Its refusals (another class list, max_classes) lose nothing: the champion's count.
+            if let Ok(outcome) = shadow.model.learn(&example.features, &example.label) {
+                shadow.metrics.record(outcome);
+            }
+        }
+        let classes = self.model.num_classes();
+        match self.model.learn(&example.features, &example.label) {
+            Ok(outcome) => {
+                // A feed of made-up labels would otherwise fill max_classes unnoticed:
+                // every discovery is logged, and reaching the limit is a warning.
+                let now = self.model.num_classes();
+                if now > classes {
+                    let max = self.model.config().max_classes;
+                    tracing::info!(label = example.label, classes = now, max_classes = max, "new class discovered");
+                    if now == max {
+                        tracing::warn!(max_classes = max, "the classifier has max_classes classes: labels of any other class will be refused (learner.classes fixes the list)");
+                    }
+                }
+                self.metrics.record(outcome);
+                self.watch_drift(outcome.loss);
+                if let Some(c) = &mut self.counters {
+                    c.examples.with(&example.label).inc();
+                    // Touched for every class, so per-class accuracy exists from the first example.
+                    let correct = c.correct.with(&example.label);
+                    if outcome.correct {
+                        correct.inc();
+                    }
+                }
+            }
+            Err(error) => {
+                self.refused += 1;
+                if let Some(c) = &self.counters {
+                    c.refused.inc();
+                }
+                if self.refused <= 10 || matches!(error, LearnError::Dimension { .. }) {
+                    tracing::warn!(%error, partition = example.partition, offset = example.offset, "label not learned");
+                }
+            }
+        }
+    }
 }
 
 impl Head for OnlineLrHead {
     type Frozen = FrozenClassifier;
 
     fn freeze(&self) -> FrozenClassifier {
-        FrozenClassifier { model: self.model.predictor() }
+        FrozenClassifier { model: self.model.predictor(), classifier: self.classifier.clone() }
     }
 
     fn learn(&mut self, _epoch: Epoch, examples: &[LabelledExample]) {
         for example in examples {
-            let classes = self.model.num_classes();
-            match self.model.learn(&example.features, &example.label) {
-                Ok(outcome) => {
-                    // A feed of made-up labels would otherwise fill max_classes unnoticed:
-                    // every discovery is logged, and reaching the limit is a warning.
-                    let now = self.model.num_classes();
-                    if now > classes {
-                        let max = self.model.config().max_classes;
-                        tracing::info!(label = example.label, classes = now, max_classes = max, "new class discovered");
-                        if now == max {
-                            tracing::warn!(max_classes = max, "the classifier has max_classes classes: labels of any other class will be refused (learner.classes fixes the list)");
-                        }
-                    }
-                    self.metrics.record(outcome);
-                    self.watch_drift(outcome.loss);
-                    if let Some(c) = &mut self.counters {
-                        c.examples.with(&example.label).inc();
-                        // Touched for every class, so per-class accuracy exists from the first example.
-                        let correct = c.correct.with(&example.label);
-                        if outcome.correct {
-                            correct.inc();
-                        }
-                    }
-                }
-                Err(error) => {
-                    self.refused += 1;
-                    if let Some(c) = &self.counters {
-                        c.refused.inc();
-                    }
-                    if self.refused <= 10 || matches!(error, LearnError::Dimension { .. }) {
-                        tracing::warn!(%error, partition = example.partition, offset = example.offset, "label not learned");
-                    }
-                }
+            self.learn_one(example);
+        }
+        if let Some(shadow) = &mut self.shadow {
+            if let Err(error) = shadow.model.replay() {
+                tracing::error!(%error, "replaying recent examples (shadow)");
             }
+            shadow.model.flush();
         }
         if let Err(error) = self.model.replay() {
             tracing::error!(%error, "replaying recent examples");
@@ -202,6 +256,41 @@ impl Head for OnlineLrHead {
         self.model.flush();
         if let (Some(c), Some(detector)) = (&self.counters, &self.drift) {
             c.drift_statistic.set(detector.statistic_ratio());
+        }
+    }
+
+    /// The promoted classifier replaces the champion (which keeps its prequential metrics: they
+    /// score what predicts) or the shadow. One that is not a classifier of these features is
+    /// refused, at every worker alike.
+    fn promote(&mut self, epoch: Epoch, promotion: &Promotion) {
+        self.promoted_through = Some(promotion.offset);
+        let (id, role) = (&promotion.id, promotion.role);
+        let model = match SoftmaxRegression::from_bytes(&promotion.classifier) {
+            Ok((model, _)) if model.dim() == self.model.dim() => model,
+            Ok((model, _)) => {
+                let (dim, features) = (model.dim(), self.model.dim());
+                tracing::error!(%id, ?role, dim, features, "promotion refused: the classifier is of other features");
+                return;
+            }
+            Err(error) => {
+                tracing::error!(%id, ?role, %error, "promotion refused: not a classifier");
+                return;
+            }
+        };
+        tracing::info!(%id, ?role, epoch, updates = model.updates(), "promoted: learns from epoch {epoch} on");
+        let classifier = id.clone();
+        match role {
+            PromotionRole::Champion => {
+                self.model = model;
+                self.classifier = classifier;
+                if let Some(detector) = &mut self.drift {
+                    detector.restart();
+                }
+            }
+            PromotionRole::Shadow => {
+                let metrics = Prequential::new(self.metrics.window_capacity());
+                self.shadow = Some(Shadow { classifier, model, metrics });
+            }
         }
     }
 }
@@ -216,7 +305,14 @@ impl Learner for OnlineLrHead {
             return None;
         }
         self.last_state = Some(frontier);
-        Some(LearnerState { model: self.model.clone(), prequential: self.metrics.clone(), drift: self.drift.clone() })
+        Some(LearnerState {
+            model: self.model.clone(),
+            classifier: self.classifier.clone(),
+            prequential: self.metrics.clone(),
+            drift: self.drift.clone(),
+            promoted_through: self.promoted_through,
+            shadow: self.shadow.clone(),
+        })
     }
 }
 
@@ -238,22 +334,28 @@ pub fn online_head(
     }
     let window = config.pipeline.prequential_window;
     let p = &config.pipeline;
-    let (model, prequential, drift) = match (init_model, restored) {
+    let new = |model| OnlineLrHead::new(model, Prequential::new(window), checkpoint_every);
+    let mut head = match (init_model, restored) {
         (Some(path), _) => {
             let classifier = crate::transfer::classifier::Classifier::load(path)?;
             classifier.check_featurizer(manifest)?;
-            (classifier.model, Prequential::new(window), config.drift.detector())
+            OnlineLrHead { classifier: classifier.id, ..new(classifier.model) }.with_drift(config.drift.detector())
         }
         (None, Some(restored)) => {
             restored.check(&p.group_id, &p.input_topic, manifest)?;
-            (restored.model.clone(), restored.prequential(window), restored.drift(&config.drift))
+            let info = &restored.info;
+            let metrics = restored.prequential(window);
+            let shadow = restored.shadow(window);
+            let (classifier, promoted_through) = (info.classifier.clone(), info.promoted_through);
+            let head = OnlineLrHead { classifier, metrics, promoted_through, shadow, ..new(restored.model.clone()) };
+            head.with_drift(restored.drift(&config.drift))
         }
         (None, None) => {
             let model = SoftmaxRegression::new(manifest.feature_dim, config.learner.clone())?;
-            (model, Prequential::new(window), config.drift.detector())
+            new(model).with_drift(config.drift.detector())
         }
     };
-    let mut head = OnlineLrHead::new(model, prequential, checkpoint_every).with_drift(drift, config.drift.action);
+    head.drift_action = config.drift.action;
     head.counters = Some(counters);
     Ok(head)
 }

@@ -23,6 +23,7 @@
 //! | `run_loop.rs` | stepping the worker, its telemetry and the status line |
 //! | `stall.rs` | noticing a worker whose published frontier stands still |
 //! | `model_topic.rs` | the learner's checkpoints in the model topic: written (the `checkpoint` operator's store), read back at start-up |
+//! | `promotions.rs` | classifiers `dlpipe promote` announces on the model topic: read by worker 0, into `learn_predict` |
 //! | `error.rs` | [`PipelineError`]: why a run could not start or had to stop |
 
 mod dataflow;
@@ -30,6 +31,7 @@ mod error;
 mod heads;
 mod kafka;
 pub mod model_topic;
+pub mod promotions;
 mod run_loop;
 mod stall;
 mod work;
@@ -222,7 +224,8 @@ fn run_worker(
     tracing::info!(worker = index, model = manifest.name, device, "model loaded");
     let metrics = shared.metrics.for_worker(index, &p.input_topic);
     let online = online_head(config, &manifest, &start, index, &metrics)?;
-    let classifier = classifier(&online, feedback, &input.starts, &manifest);
+    let promotions = promotion_reader(config, &start, &online, index)?;
+    let classifier = classifier(&online, feedback, promotions, &input.starts, &manifest);
     let checkpoints = checkpoints(config, &start, &online, &consumer, &manifest, index, shared.metrics)?;
 
     let (backlog, fatal): (SharedBacklog, Fatal) = Default::default();
@@ -304,6 +307,7 @@ fn log_class_weights(config: &Config, model: &crate::learn::LearnerConfig, start
 fn classifier(
     online: &Option<Rc<RefCell<OnlineLrHead>>>,
     feedback: Option<kafka::FeedbackReader>,
+    promotions: Option<promotions::PromotionReader>,
     starts: &[Position],
     manifest: &Manifest,
 ) -> Classifier {
@@ -312,9 +316,31 @@ fn classifier(
             head: Rc::clone(head),
             feedback: feedback.map(Box::new),
             learn_from: starts.iter().map(|s| (s.partition, s.learned)).collect(),
+            promotions,
         },
         None => Classifier::Imagenet { class_names: manifest.class_names.clone() },
     }
+}
+
+/// Worker 0's reader of the group's promotions, for the online learner. A run that continues
+/// the group reads those its checkpoint has not taken (all of them without one); `--fresh` and
+/// `--init-model` choose the classifier, so only promotions announced from now on apply.
+fn promotion_reader(
+    config: &Config,
+    start: &Start,
+    online: &Option<Rc<RefCell<OnlineLrHead>>>,
+    index: usize,
+) -> Result<Option<promotions::PromotionReader>, PipelineError> {
+    if index != 0 || online.is_none() {
+        return Ok(None);
+    }
+    let from = match (start.continues, start.restored.and_then(|c| c.info.promoted_through)) {
+        (true, Some(taken)) => rdkafka::Offset::Offset(taken + 1),
+        (true, None) => rdkafka::Offset::Beginning,
+        (false, _) => rdkafka::Offset::End,
+    };
+    let p = &config.pipeline;
+    Ok(Some(promotions::PromotionReader::new(&config.kafka, &p.model_topic, &p.group_id, from)?))
 }
 
 /// The topics the sink writes, where each partition starts, and its retry and commit bounds.

@@ -10,13 +10,16 @@
 //! The group's offsets never run ahead of a checkpoint. The writer's transactional id is the
 //! group's, so a second pipeline of the same group fences the first.
 //!
+//! With a shadow classifier (`dlpipe promote --shadow`), its state goes in the same transaction,
+//! right after the checkpoint, under `checkpoint/<group id>/shadow`.
+//!
 //! `dlpipe run` reads the newest checkpoint of its group at start-up ([`read_latest`]) and
 //! resumes from it: the classifier and its prequential metrics continue, each partition is
 //! read again from the checkpoint's learned offset, and records before the group's committed
 //! offset are learned but not published again. So every labelled record is learned exactly
 //! once across restarts, however the run stopped.
 
-use super::heads::LearnerState;
+use super::heads::{LearnerState, Shadow};
 use super::PipelineError;
 use crate::config::KafkaConfig;
 use crate::kafka::{client_config, with_retry};
@@ -25,7 +28,7 @@ use crate::metrics::kafka::LagContext;
 use crate::model::Manifest;
 use crate::transfer::classifier::KEY_FEATURIZER_SHA256;
 use dlpipe_operators::transactions::{abort_retrying, commit_retrying, is_fenced, is_fenced_or_fatal};
-use dlpipe_operators::{CheckpointStore, Epoch, WriteError};
+use dlpipe_operators::{CheckpointStore, ClassifierId, Epoch, WriteError};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -62,13 +65,61 @@ pub struct CheckpointInfo {
     /// was one: the detector then starts afresh).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drift: Option<PageHinkleyState>,
+    /// Where the classifier started (older checkpoints: a new learner).
+    #[serde(default = "ClassifierId::new_learner")]
+    pub classifier: ClassifierId,
+    /// The model-topic offset of the last promotion taken: a restart reads those after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promoted_through: Option<i64>,
+    /// The shadow classifier, whose state is the message after this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowInfo>,
     pub written_at_ms: i64,
+}
+
+/// What a checkpoint records of its shadow besides the classifier.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShadowInfo {
+    pub classifier: ClassifierId,
+    pub prequential: PrequentialState,
+}
+
+impl CheckpointInfo {
+    /// The checkpoint of `state` at the learned `frontier`, written now.
+    pub fn new(
+        state: &LearnerState,
+        group_id: &str,
+        input_topic: &str,
+        frontier: Epoch,
+        learned_offsets: BTreeMap<i32, i64>,
+        published_offsets: BTreeMap<i32, i64>,
+    ) -> CheckpointInfo {
+        CheckpointInfo {
+            format_version: FORMAT_VERSION,
+            group_id: group_id.to_owned(),
+            input_topic: input_topic.to_owned(),
+            frontier,
+            learned_offsets,
+            published_offsets,
+            prequential: state.prequential.state(),
+            drift: state.drift.as_ref().map(PageHinkley::state),
+            classifier: state.classifier.clone(),
+            promoted_through: state.promoted_through,
+            shadow: state
+                .shadow
+                .as_ref()
+                .map(|s| ShadowInfo { classifier: s.classifier.clone(), prequential: s.metrics.state() }),
+            written_at_ms: dlpipe_operators::records::now_ms(),
+        }
+    }
 }
 
 /// A checkpoint read back.
 pub struct Checkpoint {
     pub info: CheckpointInfo,
     pub model: SoftmaxRegression,
+    /// The shadow's classifier (when `info.shadow` says there is one).
+    pub shadow_model: Option<SoftmaxRegression>,
     /// The classifier file's own metadata (featurizer, the checkpoint JSON, ...).
     pub metadata: BTreeMap<String, String>,
 }
@@ -76,6 +127,20 @@ pub struct Checkpoint {
 /// The key of a group's checkpoints in the model topic.
 pub fn message_key(group_id: &str) -> String {
     format!("checkpoint/{group_id}")
+}
+
+/// The key of the shadow's state that follows a checkpoint.
+pub fn shadow_key(group_id: &str) -> String {
+    format!("checkpoint/{group_id}/shadow")
+}
+
+/// The metadata key of a shadow message: the frontier and time of its checkpoint.
+const KEY_SHADOW_OF: &str = "shadow_of";
+
+/// The bytes of the shadow's state written with the checkpoint `info`.
+pub fn encode_shadow(shadow: &Shadow, info: &CheckpointInfo) -> Result<Vec<u8>, crate::learn::LearnError> {
+    let of = BTreeMap::from([(KEY_SHADOW_OF.to_owned(), format!("{}@{}", info.frontier, info.written_at_ms))]);
+    shadow.model.to_bytes(&of)
 }
 
 /// A checkpoint's bytes: the classifier file of `state` with `info` and `featurizer` in its
@@ -122,7 +187,38 @@ impl Checkpoint {
         if info.format_version != FORMAT_VERSION {
             return Err(CheckpointError::Version(info.format_version));
         }
-        Ok(Checkpoint { info, model, metadata })
+        Ok(Checkpoint { info, model, shadow_model: None, metadata })
+    }
+
+    /// The checkpoint with its shadow's state, if `bytes` (the shadow message that followed it)
+    /// is the one written with it; a warning and no shadow otherwise.
+    pub fn with_shadow(mut self, bytes: Option<&[u8]>) -> Checkpoint {
+        if self.info.shadow.is_none() {
+            return self;
+        }
+        let want = format!("{}@{}", self.info.frontier, self.info.written_at_ms);
+        match bytes.map(SoftmaxRegression::from_bytes) {
+            Some(Ok((model, metadata))) if metadata.get(KEY_SHADOW_OF) == Some(&want) => {
+                self.shadow_model = Some(model)
+            }
+            found => {
+                let found = found.map(|r| r.map(|(_, m)| m.get(KEY_SHADOW_OF).cloned()).map_err(|e| e.to_string()));
+                tracing::warn!(
+                    ?found,
+                    checkpoint = want,
+                    "the checkpoint's shadow is missing: the run goes on without one"
+                );
+                self.info.shadow = None;
+            }
+        }
+        self
+    }
+
+    /// The restored shadow, with a prequential window of `window` outcomes.
+    pub fn shadow(&self, window: usize) -> Option<Shadow> {
+        let (info, model) = (self.info.shadow.as_ref()?, self.shadow_model.clone()?);
+        let metrics = Prequential::from_state(&info.prequential, window);
+        Some(Shadow { classifier: info.classifier.clone(), model, metrics })
     }
 
     /// Checks that this checkpoint can continue a run of `group_id` on `input_topic` with the
@@ -190,15 +286,18 @@ pub fn read_latest(kafka: &KafkaConfig, topic: &str, group_id: &str) -> Result<O
     }
     let awaiting = format!("the offsets of model topic {topic} (its leader)");
     let (low, high) = with_retry(kafka, &awaiting, || consumer.fetch_watermarks(topic, 0, Duration::from_secs(10)))?;
-    let key = message_key(group_id);
+    let (key, shadow_key) = (message_key(group_id), shadow_key(group_id));
     let deadline = Instant::now() + Duration::from_secs(kafka.retry_timeout_secs.max(10));
     let mut end = high;
+    // The earliest shadow message of the windows already searched (after this one).
+    let mut later_shadow: Option<Vec<u8>> = None;
     while end > low {
         let start = (end - WINDOW).max(low);
         let mut assignment = TopicPartitionList::new();
         assignment.add_partition_offset(topic, 0, Offset::Offset(start))?;
         consumer.assign(&assignment)?;
-        let mut newest: Option<Vec<u8>> = None;
+        let mut newest: Option<(i64, Vec<u8>)> = None;
+        let mut shadows: Vec<(i64, Vec<u8>)> = Vec::new();
         loop {
             if Instant::now() > deadline {
                 let topic = topic.to_owned();
@@ -214,21 +313,27 @@ pub fn read_latest(kafka: &KafkaConfig, topic: &str, group_id: &str) -> Result<O
             if message.offset() >= end {
                 break;
             }
+            let payload = || message.payload().map(<[u8]>::to_vec).unwrap_or_default();
             if message.key() == Some(key.as_bytes()) {
-                newest = message.payload().map(<[u8]>::to_vec);
+                newest = Some((message.offset(), payload()));
+            } else if message.key() == Some(shadow_key.as_bytes()) {
+                shadows.push((message.offset(), payload()));
             }
             if message.offset() >= end - 1 {
                 break;
             }
         }
-        if let Some(bytes) = newest {
+        if let Some((offset, bytes)) = newest {
             let checkpoint = Checkpoint::decode(&bytes).map_err(|e| CheckpointError::Newest {
                 group_id: group_id.to_owned(),
                 topic: topic.to_owned(),
                 error: Box::new(e),
             })?;
-            return Ok(Some(checkpoint));
+            // Its shadow is the first shadow message after it (written in its transaction).
+            let shadow = shadows.into_iter().find(|(o, _)| *o > offset).map(|(_, b)| b).or(later_shadow);
+            return Ok(Some(checkpoint.with_shadow(shadow.as_deref())));
         }
+        later_shadow = shadows.into_iter().next().map(|(_, b)| b).or(later_shadow);
         end = start;
     }
     Ok(None)
@@ -322,8 +427,14 @@ impl CheckpointWriter {
         }
     }
 
-    /// Sends a checkpoint, and `offsets` for the group, in one transaction.
-    fn send(&mut self, bytes: &[u8], offsets: Option<&TopicPartitionList>) -> Result<(), WriteError> {
+    /// Sends a checkpoint (and its shadow's state), and `offsets` for the group, in one
+    /// transaction.
+    fn send(
+        &mut self,
+        bytes: &[u8],
+        shadow: Option<&[u8]>,
+        offsets: Option<&TopicPartitionList>,
+    ) -> Result<(), WriteError> {
         let timeout = Duration::from_secs(30);
         let group_id = self.group_id.clone();
         let fenced = |what: &str, error: &KafkaError| {
@@ -340,11 +451,13 @@ impl CheckpointWriter {
             }
         };
         self.producer.begin_transaction().map_err(|e| classify("cannot begin a checkpoint transaction", e))?;
-        let key = message_key(&self.group_id);
-        let sent = self
-            .producer
-            .send(BaseRecord::to(&self.model_topic).key(&key).payload(bytes))
-            .map_err(|(e, _)| classify(&format!("cannot send a checkpoint to {}", self.model_topic), e))
+        let (key, shadow_key) = (message_key(&self.group_id), shadow_key(&self.group_id));
+        let send = |key: &String, payload: &[u8]| {
+            self.producer.send(BaseRecord::to(&self.model_topic).key(key).payload(payload)).map_err(|(e, _)| e)
+        };
+        let sent = send(&key, bytes)
+            .and_then(|()| shadow.map_or(Ok(()), |shadow| send(&shadow_key, shadow)))
+            .map_err(|e| classify(&format!("cannot send a checkpoint to {}", self.model_topic), e))
             .and_then(|()| match offsets {
                 Some(list) => {
                     let group = self.committer.group_metadata().ok_or_else(|| {
@@ -423,24 +536,16 @@ impl CheckpointStore for CheckpointWriter {
         published: &BTreeMap<i32, i64>,
     ) -> Result<(), WriteError> {
         let started = Instant::now();
-        let info = CheckpointInfo {
-            format_version: FORMAT_VERSION,
-            group_id: self.group_id.clone(),
-            input_topic: self.input_topic.clone(),
-            frontier,
-            learned_offsets: learned.clone(),
-            published_offsets: published.clone(),
-            prequential: state.prequential.state(),
-            drift: state.drift.as_ref().map(PageHinkley::state),
-            written_at_ms: dlpipe_operators::records::now_ms(),
-        };
-        let bytes = encode(state, &info, &self.featurizer)
-            .map_err(|e| WriteError::Fatal(format!("cannot encode a checkpoint: {e}")))?;
-        if bytes.len() > MAX_CHECKPOINT_BYTES {
+        let (group, input) = (&self.group_id, &self.input_topic);
+        let info = CheckpointInfo::new(state, group, input, frontier, learned.clone(), published.clone());
+        let encoding = |e: crate::learn::LearnError| WriteError::Fatal(format!("cannot encode a checkpoint: {e}"));
+        let bytes = encode(state, &info, &self.featurizer).map_err(encoding)?;
+        let shadow = state.shadow.as_ref().map(|s| encode_shadow(s, &info)).transpose().map_err(encoding)?;
+        let biggest = bytes.len().max(shadow.as_ref().map_or(0, Vec::len));
+        if biggest > MAX_CHECKPOINT_BYTES {
             return Err(WriteError::Fatal(format!(
-                "the checkpoint is {} bytes, over the {MAX_CHECKPOINT_BYTES} the model topic accepts: fewer classes \
-                 (learner.max_classes) or another optimizer make it smaller",
-                bytes.len()
+                "the checkpoint is {biggest} bytes, over the {MAX_CHECKPOINT_BYTES} the model topic accepts: fewer \
+                 classes (learner.max_classes) or another optimizer make it smaller"
             )));
         }
         let mut list = TopicPartitionList::new();
@@ -448,7 +553,7 @@ impl CheckpointStore for CheckpointWriter {
             list.add_partition_offset(&self.input_topic, *partition, Offset::Offset(*offset)).expect("valid offset");
         }
         let offsets = (self.commit_offsets && !published.is_empty()).then_some(&list);
-        self.send(&bytes, offsets)?;
+        self.send(&bytes, shadow.as_deref(), offsets)?;
         self.write_files(state.model.updates(), &bytes);
         self.written.inc();
         self.write_seconds.observe(started.elapsed().as_secs_f64());

@@ -148,18 +148,21 @@ fn log_status(acked: Option<Epoch>, throughput: String, watched: &Watched, share
     }
 }
 
-/// Exports the online classifier's quality and size.
+/// Exports the online classifier's quality and size, and its shadow's quality.
 fn export_learner(metrics: &Metrics, worker: &str, head: &OnlineLrHead) {
-    let windows = [
-        ("prequential", head.metrics.accuracy(), head.metrics.mean_log_loss()),
-        ("recent", head.metrics.window_accuracy(), head.metrics.window_mean_log_loss()),
-    ];
-    for (window, accuracy, loss) in windows {
-        if let Some(a) = accuracy {
-            metrics.online_accuracy.with_label_values(&[worker, window]).set(a);
-        }
-        if let Some(l) = loss {
-            metrics.online_log_loss.with_label_values(&[worker, window]).set(l);
+    let shadow = head.shadow.as_ref().map(|s| ("shadow", &s.metrics));
+    for (model, prequential) in [("champion", &head.metrics)].into_iter().chain(shadow) {
+        let windows = [
+            ("prequential", prequential.accuracy(), prequential.mean_log_loss()),
+            ("recent", prequential.window_accuracy(), prequential.window_mean_log_loss()),
+        ];
+        for (window, accuracy, loss) in windows {
+            if let Some(a) = accuracy {
+                metrics.online_accuracy.with_label_values(&[worker, window, model]).set(a);
+            }
+            if let Some(l) = loss {
+                metrics.online_log_loss.with_label_values(&[worker, window, model]).set(l);
+            }
         }
     }
     metrics.learner_classes.with_label_values(&[worker]).set(head.model.num_classes() as i64);

@@ -8,6 +8,7 @@ use super::evaluate::Evaluation;
 use super::train::EpochStats;
 use crate::learn::{LearnError, SoftmaxRegression};
 use crate::model::Manifest;
+use dlpipe_operators::ClassifierId;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -60,9 +61,19 @@ pub enum ClassifierError {
     Dimension { path: PathBuf, classes: usize, model: String, dim: usize },
 }
 
+/// The id predictions name a classifier file by: `sha256:` and the first 16 hex digits of the
+/// file's sha256 (`sha256sum FILE` shows the same digits).
+pub fn classifier_id(bytes: &[u8]) -> ClassifierId {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(bytes);
+    ClassifierId(format!("sha256:{}", hex::encode(&digest[..8])))
+}
+
 /// A classifier and what its file says about it.
 pub struct Classifier {
     pub path: PathBuf,
+    /// What predictions call it ([`classifier_id`] of the file).
+    pub id: ClassifierId,
     pub model: SoftmaxRegression,
     pub featurizer_name: Option<String>,
     pub featurizer_sha256: Option<String>,
@@ -74,6 +85,7 @@ pub struct Classifier {
 impl Classifier {
     pub fn load(path: &Path) -> Result<Classifier, ClassifierError> {
         let (model, metadata) = SoftmaxRegression::load(path)?;
+        let bytes = std::fs::read(path).map_err(|source| LearnError::Io { path: path.into(), source })?;
         let training = match metadata.get(KEY_TRAINING) {
             Some(json) => Some(serde_json::from_str(json).map_err(|e| ClassifierError::Metadata {
                 path: path.into(),
@@ -85,6 +97,7 @@ impl Classifier {
         let non_empty = |key: &str| metadata.get(key).filter(|v| !v.is_empty()).cloned();
         Ok(Classifier {
             path: path.into(),
+            id: classifier_id(&bytes),
             featurizer_name: non_empty(KEY_FEATURIZER_NAME),
             featurizer_sha256: non_empty(KEY_FEATURIZER_SHA256),
             training,
