@@ -135,6 +135,9 @@ pub fn run(options: RunOptions) -> Result<Vec<WorkerSummary>, PipelineError> {
     let failed = Arc::new(AtomicBool::new(false));
     let fetched_bytes = Arc::new(ByteBudget::new(config.pipeline.max_fetched_bytes));
     let guards = timely::execute(timely_config, move |worker| {
+        // Every log line of this worker's thread names it (an error span: on whatever the
+        // filter lets through, warnings included, not only at info).
+        let _span = tracing::error_span!("worker", worker = worker.index()).entered();
         let shared = Shared {
             metrics: &metrics,
             readiness: &readiness,
