@@ -144,3 +144,41 @@ fn json_logs_are_one_json_object_per_line() {
         }
     }
 }
+
+#[test]
+fn json_logs_of_a_bad_record_name_the_worker_partition_offset_and_id() {
+    let input = common::unique("knobs-json-images");
+    let good = common::fashion(1, 0);
+    let missing = common::root().join("data/no-such-image.png");
+    let messages = vec![
+        (0, "good0".to_owned(), common::run::record("good0", &good[0].0, None)),
+        (1, "bad1".to_owned(), common::run::record("bad1", &missing, None)),
+    ];
+    common::produce(&input, 2, &messages);
+    let run = common::run::Run::new("knobs-json", &input, "");
+    // Two workers: partition 1 is worker 1's.
+    let stderr = run.to_end(&["--log-format", "json", "-w", "2"]);
+    let logs: Vec<serde_json::Value> =
+        stderr.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+    let (line, dead) = stderr
+        .lines()
+        .zip(&logs)
+        .find(|(_, l)| l["fields"]["message"] == "dead letter")
+        .unwrap_or_else(|| panic!("no dead letter logged:\n{stderr}"));
+    println!("the dead letter's log line: {line}");
+    let fields = &dead["fields"];
+    assert_eq!(
+        (&fields["id"], &fields["partition"], &fields["offset"]),
+        (&"bad1".into(), &1.into(), &0.into()),
+        "{dead}"
+    );
+    assert_eq!(fields["error_kind"], "not_found", "{dead}");
+    assert_eq!(dead["span"]["worker"], 1, "the worker's span: {dead}");
+    // Every line a worker logs carries its index, the same as the one it says it is.
+    let assigned: Vec<&serde_json::Value> =
+        logs.iter().filter(|l| l["fields"]["message"] == "assigned partitions").collect();
+    assert_eq!(assigned.len(), 2, "{stderr}");
+    for line in assigned {
+        assert_eq!(line["span"]["worker"], line["fields"]["worker"], "{line}");
+    }
+}

@@ -382,7 +382,8 @@ pub(super) fn bench_config(config: &Config, delivery: DeliveryGuarantee, what: &
 }
 
 fn run_options(config: Config, args: &BenchArgs, stop: Arc<AtomicBool>) -> RunOptions {
-    RunOptions { config, timely_args: vec!["-w".into(), args.workers.to_string()], init_model: None, fresh: true, stop }
+    let timely = dlpipe::pipeline::one_process(args.workers);
+    RunOptions { config, timely, metrics_port_offset: 0, init_model: None, fresh: true, stop }
 }
 
 /// Images/s of `dlpipe run --stop-at-end` over a backlog of `records` photos.

@@ -172,9 +172,9 @@ fn learning_run(
     publisher.finish(Duration::from_secs(60))?;
 
     let started = Instant::now();
-    let timely_args = vec!["-w".into(), args.learning_workers.to_string()];
+    let timely = dlpipe::pipeline::one_process(args.learning_workers);
     let stop = Arc::new(AtomicBool::new(false));
-    run_pipeline(RunOptions { config, timely_args, init_model: None, fresh: true, stop })?;
+    run_pipeline(RunOptions { config, timely, metrics_port_offset: 0, init_model: None, fresh: true, stop })?;
     let seconds = started.elapsed().as_secs_f64();
 
     let latest = snapshots.join("latest.safetensors");

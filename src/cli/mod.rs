@@ -4,6 +4,8 @@ mod batch_features;
 mod bench;
 mod bench_learning;
 mod config;
+#[cfg(test)]
+mod deploy_checks;
 mod evaluate;
 mod featurize;
 mod predict;

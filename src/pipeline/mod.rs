@@ -74,8 +74,11 @@ pub struct WorkerSummary {
 /// Options of one run beyond the config file.
 pub struct RunOptions {
     pub config: Config,
-    /// Timely's own arguments: -w, -n, -p, -h.
-    pub timely_args: Vec<String>,
+    /// Timely's workers and processes ([`one_process`], or a cluster).
+    pub timely: timely::Config,
+    /// Added to `metrics.listen`'s port: the process index where processes share a host, 0
+    /// where each has its own (a Kubernetes pod).
+    pub metrics_port_offset: usize,
     /// Start the online classifier from this classifier file or snapshot (not from the
     /// group's checkpoint).
     pub init_model: Option<PathBuf>,
@@ -88,7 +91,7 @@ pub struct RunOptions {
 
 /// Runs the pipeline until it stops (stop requested, stop-at-end reached, or an error).
 pub fn run(options: RunOptions) -> Result<Vec<WorkerSummary>, PipelineError> {
-    let RunOptions { config, timely_args, init_model, fresh, stop } = options;
+    let RunOptions { config, timely: mut timely_config, metrics_port_offset, init_model, fresh, stop } = options;
     config.validate_run()?;
     if config.model.intra_op_threads > 0 {
         tch::set_num_threads(config.model.intra_op_threads as i32);
@@ -116,17 +119,16 @@ pub fn run(options: RunOptions) -> Result<Vec<WorkerSummary>, PipelineError> {
         None
     };
     let config = Arc::new(config);
-    let mut timely_config = timely::Config::from_args(timely_args.into_iter()).map_err(PipelineError::Timely)?;
     dlpipe_operators::feedback_join::configure(&mut timely_config.worker);
-    let (process, local_workers) = match &timely_config.communication {
-        CommunicationConfig::Thread => (0, 1),
-        CommunicationConfig::Process(n) | CommunicationConfig::ProcessBinary(n) => (0, *n),
-        CommunicationConfig::Cluster { threads, process, .. } => (*process, *threads),
+    let local_workers = match &timely_config.communication {
+        CommunicationConfig::Thread => 1,
+        CommunicationConfig::Process(n) | CommunicationConfig::ProcessBinary(n) => *n,
+        CommunicationConfig::Cluster { threads, .. } => *threads,
     };
     let metrics = Arc::new(Metrics::new());
     let readiness = Arc::new(Readiness::new(local_workers, Arc::clone(&stop)));
     if !config.metrics.listen.trim().is_empty() {
-        let address = crate::metrics::server::address_for(config.metrics.listen.trim(), process)?;
+        let address = crate::metrics::server::address_for(config.metrics.listen.trim(), metrics_port_offset)?;
         let bound = crate::metrics::serve(address, Arc::clone(&metrics), Arc::clone(&readiness))?;
         tracing::info!(address = %bound, "serving /metrics, /healthz and /readyz");
     }
@@ -135,6 +137,9 @@ pub fn run(options: RunOptions) -> Result<Vec<WorkerSummary>, PipelineError> {
     let failed = Arc::new(AtomicBool::new(false));
     let fetched_bytes = Arc::new(ByteBudget::new(config.pipeline.max_fetched_bytes));
     let guards = timely::execute(timely_config, move |worker| {
+        // Every log line of this worker's thread names it (an error span: on whatever the
+        // filter lets through, warnings included, not only at info).
+        let _span = tracing::error_span!("worker", worker = worker.index()).entered();
         let shared = Shared {
             metrics: &metrics,
             readiness: &readiness,
@@ -171,6 +176,15 @@ pub fn run(options: RunOptions) -> Result<Vec<WorkerSummary>, PipelineError> {
     match errors.into_iter().next() {
         Some(error) => Err(error),
         None => Ok(summaries),
+    }
+}
+
+/// Timely's configuration for `workers` threads in one process, as timely's `-w workers`.
+pub fn one_process(workers: usize) -> timely::Config {
+    if workers > 1 {
+        timely::Config::process(workers)
+    } else {
+        timely::Config::thread()
     }
 }
 

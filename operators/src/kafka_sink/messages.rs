@@ -46,6 +46,18 @@ impl Outgoing {
             }
             Outcome::Dead(d) | Outcome::FeedbackDead(d) => {
                 metrics.dead_lettered.with(&d.error_kind).inc();
+                // The one place every dead letter passes (fetch, decode, parse, label errors):
+                // one log line each, with the fields a log pipeline finds the record by.
+                tracing::warn!(
+                    id = d.id.as_deref(),
+                    partition,
+                    offset,
+                    source = if input { "input" } else { "feedback" },
+                    uri = d.uri.as_deref(),
+                    error_kind = d.error_kind,
+                    error = d.error,
+                    "dead letter"
+                );
                 let kind = if input { MessageKind::DeadLetter } else { MessageKind::FeedbackDeadLetter };
                 give(Outgoing { sent: sent(kind, d.id.as_deref().unwrap_or_default()), payload: d.to_json() });
             }
