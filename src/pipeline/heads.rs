@@ -169,23 +169,7 @@ impl OnlineLrHead {
             DriftAction::Reset => self.model.reset(),
         }
     }
-}
 
-impl Predict for OnlineLrHead {
-    fn predict(&mut self, record: &Featured, k: usize) -> Vec<ClassScore> {
-        classify(&self.model, record, k)
-    }
-
-    fn version(&self) -> u64 {
-        self.model.updates()
-    }
-
-    fn classifier(&self) -> ClassifierId {
-        self.classifier.clone()
-    }
-}
-
-impl OnlineLrHead {
     /// Learns one example (the shadow too), scoring it prequentially first.
     fn learn_one(&mut self, example: &LabelledExample) {
         if let Some(shadow) = &mut self.shadow {
@@ -228,6 +212,20 @@ impl OnlineLrHead {
                 }
             }
         }
+    }
+}
+
+impl Predict for OnlineLrHead {
+    fn predict(&mut self, record: &Featured, k: usize) -> Vec<ClassScore> {
+        classify(&self.model, record, k)
+    }
+
+    fn version(&self) -> u64 {
+        self.model.updates()
+    }
+
+    fn classifier(&self) -> ClassifierId {
+        self.classifier.clone()
     }
 }
 
