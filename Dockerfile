@@ -38,7 +38,9 @@ ENV DLPIPE_CONFIG=/opt/dlpipe/configs/local.toml \
     DLPIPE_LOG_FORMAT=json
 
 USER 10001:10001
-WORKDIR /var/lib/dlpipe
+# The release's root: the built-in defaults (model.dir "models", for a config file that leaves it
+# out) are relative to the working directory. What dlpipe writes goes to the volume (ENV above).
+WORKDIR /opt/dlpipe
 VOLUME /var/lib/dlpipe
 EXPOSE 9898
 

@@ -241,7 +241,14 @@ fn the_container_image_predicts_streams_and_reports_ready() {
 
     let input = unique("image-images");
     produce(&input, 2, &messages(&images, "c", 2, |_| true));
+    // The configuration as a deployment gives it: a file mounted read-only and named by
+    // DLPIPE_CONFIG (it leaves model.dir out: the default, relative to the image's working
+    // directory, is the release's models/), and the environment, which wins over the file.
     let (predictions, env) = stream_env(&input, "127.0.0.1:0");
+    let etc = dir.path().join("etc");
+    let mut env = pipeline_keys_to_file(env, &etc.join("dlpipe.toml"));
+    env.push(("DLPIPE_CONFIG".into(), "/etc/dlpipe/dlpipe.toml".into()));
+    let mounts = [mounts[0].clone(), format!("{}:/etc/dlpipe:ro", etc.display())];
     let out = container.run(&env, &mounts, &command(&["run", "--stop-at-end"]));
     assert!(out.status.success(), "run in the image: {}", text(&out.stderr));
     let published = read_topic(&predictions, images.len(), Duration::from_secs(10));
@@ -284,4 +291,27 @@ fn stream_env(input: &str, listen: &str) -> (String, Vec<(String, String)>) {
         ("METRICS__LISTEN", listen.to_owned()),
     ];
     (predictions, env.into_iter().map(|(k, v)| (format!("DLPIPE__{k}"), v)).collect())
+}
+
+/// Writes the `DLPIPE__PIPELINE__*` variables of `env` as the `[pipeline]` section of a config
+/// file at `path` (its folder created), and returns the other variables.
+fn pipeline_keys_to_file(env: Vec<(String, String)>, path: &Path) -> Vec<(String, String)> {
+    let prefix = "DLPIPE__PIPELINE__";
+    let (pipeline, rest): (Vec<_>, Vec<_>) = env.into_iter().partition(|(name, _)| name.starts_with(prefix));
+    let lines: String = pipeline
+        .iter()
+        .map(|(name, value)| {
+            let key = name[prefix.len()..].to_ascii_lowercase();
+            // Tables and numbers as they are, the rest (topic names) as TOML strings.
+            let value = if value.starts_with('{') || value.parse::<i64>().is_ok() {
+                value.clone()
+            } else {
+                format!("{value:?}")
+            };
+            format!("{key} = {value}\n")
+        })
+        .collect();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, format!("[pipeline]\n{lines}")).unwrap();
+    rest
 }

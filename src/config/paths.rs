@@ -26,10 +26,9 @@ pub(super) fn resolve_against(table: &mut toml::Table, base: &Path) -> Result<()
         let Some(value) = lookup_mut(table, key) else { continue };
         let name = key.join(".");
         match value {
-            toml::Value::String(path) => {
-                if key != ["model", "name"] || names_a_file(path) {
-                    *path = joined(base, path, &name)?;
-                }
+            // A model name that is not a file is a name in model.dir.
+            toml::Value::String(path) if key != ["model", "name"] || names_a_file(path) => {
+                *path = joined(base, path, &name)?;
             }
             toml::Value::Array(paths) => {
                 for path in paths.iter_mut().filter_map(|p| match p {
