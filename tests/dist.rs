@@ -1,7 +1,9 @@
 //! The relocatable release (`make dist`, scripts/dist) away from the clone: unpacked into a
 //! temporary folder and run from another one, with an environment that names neither the clone
 //! nor libtorch, it loads only its own libraries and the system's, names the cat in a photo and
-//! runs a stream against the local broker.
+//! runs a stream against the local broker. And the container image made from it (`make image`,
+//! the Dockerfile built by buildah): its entry point does the same as the image's user, and its
+//! health check reports a live run ready.
 
 mod common;
 
