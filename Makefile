@@ -5,7 +5,7 @@ CARGO ?= cargo
 # One build profile for the demo, the tests and the benchmarks, so nothing is compiled twice.
 PROFILE_FLAGS := --release
 
-.PHONY: setup build demo test lint bench fuzz soak services-stop clean-data
+.PHONY: setup build demo test lint bench fuzz soak services-stop clean-data dist dist-cuda image
 
 setup:
 	scripts/setup
@@ -15,6 +15,19 @@ build: setup
 
 demo: build
 	scripts/demo
+
+# The relocatable release, dist/dlpipe-<version>-linux-x86_64.tar.gz: the binary, the libtorch
+# libraries it loads (found through $ORIGIN/../lib), models, configs, dashboards and docs
+# (README "Deploy"). dist-cuda also carries libtorch_cuda and the CUDA libraries.
+dist: setup
+	scripts/dist
+
+dist-cuda: setup
+	scripts/dist --cuda
+
+# The container image dlpipe:<version> (Dockerfile) from that release, built with buildah.
+image: setup
+	scripts/image
 
 test: setup
 	scripts/kafka start

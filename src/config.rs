@@ -1,6 +1,15 @@
 //! dlpipe's configuration: one TOML file, one struct per section, every key optional with the
 //! default documented in `configs/local.toml`. Unknown keys are errors, so a typo never silently
 //! falls back to a default.
+//!
+//! Relative paths in a config file (`model.dir`, `pipeline.snapshot_dir`, `train.feature_cache`,
+//! `fetch.file_root(s)`, a `model.name` that is a file: [`PATH_KEYS`]) are relative to the
+//! file's folder, never the working directory: `configs/local.toml` says `dir = "../models"`,
+//! and `dlpipe -c /opt/dlpipe/configs/local.toml` finds `/opt/dlpipe/models` from anywhere.
+//! The built-in defaults (no file, or a key the file leaves out) and `DLPIPE__*` variables are
+//! relative to the working directory, as command-line flags are: the defaults suit a run from
+//! the clone (or a release's root), and a variable is set where relative means the working
+//! directory.
 
 use crate::fetch::address::NetworkError;
 use crate::fetch::FetchConfig;
@@ -12,7 +21,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 mod layers;
+mod paths;
 pub use layers::{is_secret_key, Layered, Source, ENV_PREFIX};
+pub use paths::PATH_KEYS;
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -605,9 +616,25 @@ mod tests {
     #[test]
     fn shipped_configs_parse_and_document_the_defaults() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
-        let local = Config::from_toml(&std::fs::read_to_string(dir.join("local.toml")).unwrap()).unwrap();
-        // local.toml spells out every default, so that it doubles as the reference.
-        assert_eq!(local, Config::default());
+        let mut local = Config::from_toml(&std::fs::read_to_string(dir.join("local.toml")).unwrap()).unwrap();
+        // local.toml spells out every default, so that it doubles as the reference; its paths
+        // are relative to configs/, the defaults' to the clone's root: the same folders.
+        let defaults = Config::default();
+        for (given, default) in [
+            (&mut local.model.dir, &defaults.model.dir),
+            (&mut local.pipeline.snapshot_dir, &defaults.pipeline.snapshot_dir),
+            (&mut local.train.feature_cache, &defaults.train.feature_cache),
+        ] {
+            assert_eq!(*given, Path::new("..").join(default));
+            *given = default.clone();
+        }
+        assert_eq!(local, defaults);
+        let loaded = Config::load_layered(Some(&dir.join("local.toml")), env(&[])).unwrap().config;
+        assert_eq!(
+            loaded.model.dir.canonicalize().unwrap(),
+            dir.parent().unwrap().join("models").canonicalize().unwrap(),
+            "configs/local.toml finds models/ beside configs/"
+        );
         for name in ["gpu.toml", "cluster.toml", "late-labels.toml"] {
             let config = Config::from_toml(&std::fs::read_to_string(dir.join(name)).unwrap()).unwrap();
             config.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -758,6 +785,73 @@ mod tests {
         // Values that parse but cannot work are refused as a file's would be.
         let err = Config::load_layered(None, env(&[("DLPIPE__PIPELINE__TOP_K", "0")])).unwrap_err().to_string();
         assert!(err.contains("pipeline.top_k must be at least 1"), "{err}");
+    }
+
+    #[test]
+    fn relative_paths_in_a_file_are_relative_to_its_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("etc");
+        std::fs::create_dir(&folder).unwrap();
+        let file = folder.join("dlpipe.toml");
+        let write = |toml: &str| std::fs::write(&file, toml).unwrap();
+        write(
+            "[model]\nname = \"../exported/net.json\"\ndir = \"models\"\n[pipeline]\nsnapshot_dir = \"state/snapshots\"\n\
+             [train]\nfeature_cache = \"\"\n[fetch]\nfile_root = \"images\"\nfile_roots = [\"images\", \"/srv/images\"]\n",
+        );
+        let config = Config::load_layered(Some(&file), env(&[])).unwrap().config;
+        assert_eq!(config.model.name, folder.join("../exported/net.json").to_str().unwrap());
+        assert_eq!(config.model.dir, folder.join("models"));
+        assert_eq!(config.pipeline.snapshot_dir, folder.join("state/snapshots"));
+        assert_eq!(config.train.feature_cache, PathBuf::new(), "\"\" still turns the cache off");
+        assert_eq!(config.fetch.file_root, Some(folder.join("images")));
+        assert_eq!(config.fetch.file_roots, [folder.join("images"), PathBuf::from("/srv/images")]);
+
+        // A model name is a name in model.dir, not a path; keys the file leaves out keep the
+        // defaults, relative to the working directory.
+        write("[model]\nname = \"mobilenet_v2\"\n");
+        let config = Config::load_layered(Some(&file), env(&[])).unwrap().config;
+        assert_eq!(config.model.name, "mobilenet_v2");
+        assert_eq!(config.model.dir, Config::default().model.dir);
+
+        // A file named by a relative path: its folder as seen from the working directory at
+        // load time, made absolute so that later changes of directory do not move it.
+        let cwd = std::env::current_dir().unwrap();
+        let relative = paths::base_of(Path::new("configs/local.toml")).unwrap();
+        assert_eq!(relative, cwd.join("configs"));
+    }
+
+    #[test]
+    fn paths_from_the_environment_are_relative_to_the_working_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("dlpipe.toml");
+        std::fs::write(&file, "[model]\ndir = \"models\"\n[train]\nfeature_cache = \"cache\"\n").unwrap();
+        let layered = Config::load_layered(
+            Some(&file),
+            env(&[
+                ("DLPIPE__MODEL__DIR", "env-models"),
+                ("DLPIPE__PIPELINE__SNAPSHOT_DIR", "env-snapshots"),
+                ("DLPIPE__FETCH__FILE_ROOTS", "[\"env-images\"]"),
+            ]),
+        )
+        .unwrap();
+        let c = &layered.config;
+        assert_eq!(c.model.dir, PathBuf::from("env-models"));
+        assert_eq!(c.pipeline.snapshot_dir, PathBuf::from("env-snapshots"));
+        assert_eq!(c.fetch.file_roots, [PathBuf::from("env-images")]);
+        assert_eq!(c.train.feature_cache, dir.path().join("cache"), "the file's own path is still the file's");
+        let key = |path: &str| path.split('.').map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(layered.source(&key("model.dir")), Source::Env("DLPIPE__MODEL__DIR".into()));
+        assert_eq!(layered.source(&key("train.feature_cache")), Source::File);
+    }
+
+    #[test]
+    fn every_path_key_is_a_key_of_the_configuration() {
+        for key in PATH_KEYS {
+            let (section, name) = (key[0], key[1]);
+            let value = if name == "file_roots" { "[\"x\"]" } else { "\"x.json\"" };
+            let toml = format!("[{section}]\n{name} = {value}\n");
+            Config::from_toml(&toml).unwrap_or_else(|e| panic!("{}: {e}", key.join(".")));
+        }
     }
 
     #[test]

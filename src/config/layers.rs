@@ -1,6 +1,7 @@
 //! The layers of a configuration, lowest first: the defaults, the file, `DLPIPE__SECTION__KEY`
 //! environment variables, then the Kafka variables (`DLPIPE_KAFKA_BROKERS`,
-//! `DLPIPE_KAFKA__<PROPERTY>`), and where each value of the result comes from.
+//! `DLPIPE_KAFKA__<PROPERTY>`), and where each value of the result comes from. The file's
+//! relative paths are made relative to its folder as it is read (see [`super::paths`]).
 
 use super::{Config, ConfigError, KAFKA_PROPERTY_ENV_PREFIX};
 use std::collections::BTreeMap;
@@ -62,7 +63,11 @@ impl Config {
                     std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
                 // Parsed as a Config first, so that the file's own mistakes name its lines.
                 toml::from_str::<Config>(&text).map_err(|error| ConfigError::Parse { path: path.into(), error })?;
-                toml::from_str::<toml::Table>(&text).map_err(|error| ConfigError::Parse { path: path.into(), error })?
+                let mut table = toml::from_str::<toml::Table>(&text)
+                    .map_err(|error| ConfigError::Parse { path: path.into(), error })?;
+                super::paths::resolve_against(&mut table, &super::paths::base_of(path)?)
+                    .map_err(|error| ConfigError::Invalid { path: path.into(), error: Box::new(error) })?;
+                table
             }
             None => toml::Table::new(),
         };
