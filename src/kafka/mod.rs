@@ -220,6 +220,21 @@ pub struct DeliveryCounts {
 
 impl ClientContext for DeliveryCounts {}
 
+/// The context of consumers that read to a partition's end (`enable.partition.eof`): librdkafka
+/// reports each end as an error event, which the default context logs at error level; here it
+/// is news the caller handles, and other errors are logged as the default context does.
+pub struct ReadsToEnd;
+
+impl ClientContext for ReadsToEnd {
+    fn error(&self, error: RdKafkaError, reason: &str) {
+        if error.rdkafka_error_code() != Some(RDKafkaErrorCode::PartitionEOF) {
+            tracing::error!(target: "librdkafka", "librdkafka: {error} {reason}");
+        }
+    }
+}
+
+impl ConsumerContext for ReadsToEnd {}
+
 impl ProducerContext for DeliveryCounts {
     type DeliveryOpaque = ();
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {

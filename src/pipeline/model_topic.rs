@@ -22,7 +22,7 @@
 use super::heads::{LearnerState, Shadow};
 use super::PipelineError;
 use crate::config::KafkaConfig;
-use crate::kafka::{client_config, with_retry};
+use crate::kafka::{client_config, with_retry, ReadsToEnd};
 use crate::learn::{DriftConfig, PageHinkley, PageHinkleyState, Prequential, PrequentialState, SoftmaxRegression};
 use crate::metrics::kafka::LagContext;
 use crate::model::Manifest;
@@ -272,12 +272,12 @@ const WINDOW: i64 = 64;
 /// Reads the topic backwards from its end, a window of messages at a time (compaction keeps
 /// the newest message of each key, so the search ends soon after the last compaction).
 pub fn read_latest(kafka: &KafkaConfig, topic: &str, group_id: &str) -> Result<Option<Checkpoint>, PipelineError> {
-    let consumer: BaseConsumer = client_config(kafka)
+    let consumer: BaseConsumer<ReadsToEnd> = client_config(kafka)
         .set("group.id", "dlpipe-checkpoint-reader")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("receive.message.max.bytes", (MAX_CHECKPOINT_BYTES * 2).to_string())
-        .create()?;
+        .create_with_context(ReadsToEnd)?;
     let metadata = crate::kafka::metadata(kafka, Some(topic))?;
     let exists =
         metadata.topics().iter().any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());

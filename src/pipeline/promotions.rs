@@ -18,7 +18,7 @@
 
 use super::PipelineError;
 use crate::config::KafkaConfig;
-use crate::kafka::client_config;
+use crate::kafka::{client_config, ReadsToEnd};
 use crate::transfer::classifier::classifier_id;
 use dlpipe_operators::{Epoch, LabelledExample, Promotion, PromotionRole};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -48,7 +48,7 @@ const POLL_EVERY: Duration = Duration::from_millis(200);
 
 /// Worker 0's reader of its group's promotions.
 pub struct PromotionReader {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<ReadsToEnd>,
     group_id: String,
     /// Whether everything in the topic has been read (until a message comes).
     at_end: bool,
@@ -58,12 +58,12 @@ impl PromotionReader {
     /// A reader of `group_id`'s promotions in the model `topic`, from `from`.
     pub fn new(kafka: &KafkaConfig, topic: &str, group_id: &str, from: Offset) -> Result<Self, PipelineError> {
         let max = (super::model_topic::MAX_CHECKPOINT_BYTES * 2).to_string();
-        let consumer: BaseConsumer = client_config(kafka)
+        let consumer: BaseConsumer<ReadsToEnd> = client_config(kafka)
             .set("group.id", "dlpipe-promotion-reader")
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
             .set("receive.message.max.bytes", &max)
-            .create()?;
+            .create_with_context(ReadsToEnd)?;
         let mut assignment = TopicPartitionList::new();
         assignment.add_partition_offset(topic, 0, from)?;
         consumer.assign(&assignment)?;
