@@ -87,7 +87,7 @@ fn one_prediction_per_good_record_and_one_dead_letter_per_bad_input() {
     let input = common::unique("dl-images");
     let dir = tempfile::tempdir().unwrap();
     let text = dir.path().join("text.png");
-    std::fs::write(&text, b"just some text, named like an image").unwrap();
+    std::fs::write(&text, b"SECRET-token-91c2, named like an image").unwrap();
     let coffee = std::fs::read(common::sample("coffee.jpg")).unwrap();
     let truncated = dir.path().join("truncated.jpg");
     std::fs::write(&truncated, &coffee[..coffee.len() / 3]).unwrap();
@@ -142,6 +142,10 @@ fn one_prediction_per_good_record_and_one_dead_letter_per_bad_input() {
     }
     let scheme = dead.iter().find(|d| d["id"] == "scheme").unwrap();
     assert!(scheme["error"].as_str().unwrap().contains("s3://bucket/cat.jpg"), "the error names the input: {scheme}");
+    // Any producer may name any file: the dead letter says what it is, never what it says.
+    let text = dead.iter().find(|d| d["id"] == "text").unwrap();
+    assert!(text["error"].as_str().unwrap().contains("bytes of text"), "{text}");
+    assert!(!text.to_string().contains("SECRET"), "the dead letter quotes the file: {text}");
     assert!(dead.iter().all(|d| d["raw"].is_string() && d["error"].is_string()));
 }
 
