@@ -156,6 +156,40 @@ fn predictions_by_id(topic: &str, n: usize) -> BTreeMap<String, (String, u64)> {
         .collect()
 }
 
+/// The image bytes in the record (a `data:` URI) are the same input as the file they came from:
+/// the same stream sent both ways learns and predicts the same, bit for bit.
+#[test]
+fn data_uris_predict_exactly_as_the_files_they_carry() {
+    use base64::Engine;
+    let images = fashion(30, 300);
+    let by_file = messages(&images, "r", 2, |i| i % 3 != 2);
+    let inline: Vec<(i32, String, String)> = by_file
+        .iter()
+        .zip(&images)
+        .map(|((partition, id, payload), (path, _))| {
+            let mut record: Value = serde_json::from_str(payload).unwrap();
+            let text = base64::engine::general_purpose::STANDARD.encode(std::fs::read(path).unwrap());
+            record["uri"] = format!("data:image/png;base64,{text}").into();
+            (*partition, id.clone(), record.to_string())
+        })
+        .collect();
+    let extra = "epochs = { by = \"offsets\", records = 4 }\n";
+    let runs: Vec<Run> = [("datafile", &by_file), ("datainline", &inline)]
+        .iter()
+        .map(|(name, messages)| {
+            let input = common::unique(name);
+            produce(&input, 2, messages);
+            let run = Run::new(name, &input, extra);
+            run.to_end(&[]);
+            run
+        })
+        .collect();
+    let reference = predictions_by_id(&runs[0].predictions, images.len());
+    assert_eq!(reference.len(), images.len());
+    assert!(reference.values().any(|(_, v)| *v > 0), "later records are predicted by a model that has learned");
+    assert_eq!(predictions_by_id(&runs[1].predictions, images.len()), reference);
+}
+
 #[test]
 fn one_worker_two_workers_and_two_processes_learn_and_predict_the_same() {
     let input = common::unique("det-images");
