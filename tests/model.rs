@@ -120,7 +120,8 @@ fn bad_images_get_clear_errors_and_the_good_ones_still_get_predictions() {
     let dir = tempfile::tempdir().unwrap();
     let p = |name: &str| dir.path().join(name);
     std::fs::write(p("empty.jpg"), b"").unwrap();
-    std::fs::write(p("text.jpg"), b"this is a text file, not a JPEG\n").unwrap();
+    // A text file whose first bytes are a secret: the error must say what it is, not quote it.
+    std::fs::write(p("text.jpg"), b"SECRET-token-91c2 is a text file, not a JPEG\n").unwrap();
     let coffee = std::fs::read(common::sample("coffee.jpg")).unwrap();
     std::fs::write(p("truncated.jpg"), &coffee[..coffee.len() / 3]).unwrap();
     // A real PNG whose header claims 60000 x 60000 pixels (a decompression bomb's shape).
@@ -153,7 +154,7 @@ fn bad_images_get_clear_errors_and_the_good_ones_still_get_predictions() {
         ("empty.jpg", "empty", "0 bytes"),
         ("huge.png", "too_large", "60000x60000"),
         ("missing.jpg", "not_found", "missing.jpg"),
-        ("text.jpg", "unsupported_format", "\"this is "),
+        ("text.jpg", "unsupported_format", "45 bytes of text"),
         ("truncated.jpg", "undecodable", "truncated.jpg"),
     ] {
         let line = by_file[file];
@@ -163,6 +164,7 @@ fn bad_images_get_clear_errors_and_the_good_ones_still_get_predictions() {
             error.contains(file) && error.contains(says),
             "{file}: the error names the input and the cause: {error}"
         );
+        assert!(!error.contains("SECRET") && !error.contains("91c2"), "{file}: the error quotes the file: {error}");
     }
 }
 

@@ -87,7 +87,7 @@ fn one_prediction_per_good_record_and_one_dead_letter_per_bad_input() {
     let input = common::unique("dl-images");
     let dir = tempfile::tempdir().unwrap();
     let text = dir.path().join("text.png");
-    std::fs::write(&text, b"just some text, named like an image").unwrap();
+    std::fs::write(&text, b"SECRET-token-91c2, named like an image").unwrap();
     let coffee = std::fs::read(common::sample("coffee.jpg")).unwrap();
     let truncated = dir.path().join("truncated.jpg");
     std::fs::write(&truncated, &coffee[..coffee.len() / 3]).unwrap();
@@ -142,6 +142,10 @@ fn one_prediction_per_good_record_and_one_dead_letter_per_bad_input() {
     }
     let scheme = dead.iter().find(|d| d["id"] == "scheme").unwrap();
     assert!(scheme["error"].as_str().unwrap().contains("s3://bucket/cat.jpg"), "the error names the input: {scheme}");
+    // Any producer may name any file: the dead letter says what it is, never what it says.
+    let text = dead.iter().find(|d| d["id"] == "text").unwrap();
+    assert!(text["error"].as_str().unwrap().contains("bytes of text"), "{text}");
+    assert!(!text.to_string().contains("SECRET"), "the dead letter quotes the file: {text}");
     assert!(dead.iter().all(|d| d["raw"].is_string() && d["error"].is_string()));
 }
 
@@ -150,6 +154,40 @@ fn predictions_by_id(topic: &str, n: usize) -> BTreeMap<String, (String, u64)> {
         .into_iter()
         .map(|p| (p["id"].as_str().unwrap().to_owned(), (p["top_k"].to_string(), p["model_version"].as_u64().unwrap())))
         .collect()
+}
+
+/// The image bytes in the record (a `data:` URI) are the same input as the file they came from:
+/// the same stream sent both ways learns and predicts the same, bit for bit.
+#[test]
+fn data_uris_predict_exactly_as_the_files_they_carry() {
+    use base64::Engine;
+    let images = fashion(30, 300);
+    let by_file = messages(&images, "r", 2, |i| i % 3 != 2);
+    let inline: Vec<(i32, String, String)> = by_file
+        .iter()
+        .zip(&images)
+        .map(|((partition, id, payload), (path, _))| {
+            let mut record: Value = serde_json::from_str(payload).unwrap();
+            let text = base64::engine::general_purpose::STANDARD.encode(std::fs::read(path).unwrap());
+            record["uri"] = format!("data:image/png;base64,{text}").into();
+            (*partition, id.clone(), record.to_string())
+        })
+        .collect();
+    let extra = "epochs = { by = \"offsets\", records = 4 }\n";
+    let runs: Vec<Run> = [("datafile", &by_file), ("datainline", &inline)]
+        .iter()
+        .map(|(name, messages)| {
+            let input = common::unique(name);
+            produce(&input, 2, messages);
+            let run = Run::new(name, &input, extra);
+            run.to_end(&[]);
+            run
+        })
+        .collect();
+    let reference = predictions_by_id(&runs[0].predictions, images.len());
+    assert_eq!(reference.len(), images.len());
+    assert!(reference.values().any(|(_, v)| *v > 0), "later records are predicted by a model that has learned");
+    assert_eq!(predictions_by_id(&runs[1].predictions, images.len()), reference);
 }
 
 #[test]

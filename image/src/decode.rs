@@ -41,8 +41,10 @@ pub enum DecodeError {
     Empty,
     #[error("input is {bytes} bytes, over the limit of {limit} bytes (image.max_encoded_bytes)")]
     TooManyBytes { bytes: u64, limit: u64 },
-    #[error("not a supported image format (JPEG, PNG, WebP, BMP, TIFF, GIF); it starts with {magic}")]
-    UnknownFormat { magic: String },
+    /// The message says what kind of content it is, never which bytes: an input may name any
+    /// file the process can read (`file:///etc/passwd`), and the error goes to dead letters.
+    #[error("not an image in a supported format (JPEG, PNG, WebP, BMP, TIFF, GIF): {bytes} bytes of {content}")]
+    UnknownFormat { bytes: u64, content: &'static str },
     #[error("{width}x{height} image exceeds the limits ({max_pixels} pixels, {max_side} per side; image.max_pixels, image.max_side)")]
     TooLarge { width: u32, height: u32, max_pixels: u64, max_side: u32 },
     #[error("{width}x{height} image is too elongated: its sides differ by more than {max}:1 (image.max_aspect_ratio), and resizing it would make it huge")]
@@ -67,7 +69,8 @@ pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage, DecodeErro
     if bytes.len() as u64 > limits.max_encoded_bytes {
         return Err(DecodeError::TooManyBytes { bytes: bytes.len() as u64, limit: limits.max_encoded_bytes });
     }
-    let format = image::guess_format(bytes).map_err(|_| DecodeError::UnknownFormat { magic: magic(bytes) })?;
+    let format = image::guess_format(bytes)
+        .map_err(|_| DecodeError::UnknownFormat { bytes: bytes.len() as u64, content: content_kind(bytes) })?;
     let format_name = format.extensions_str().first().copied().unwrap_or("image");
     let corrupt = |source| DecodeError::Corrupt { format: format_name, source };
     if format == image::ImageFormat::Jpeg {
@@ -129,13 +132,20 @@ fn too_large_or(
     }
 }
 
-/// The first bytes of an unrecognised input, printable, for the error message.
-fn magic(bytes: &[u8]) -> String {
-    let head = &bytes[..bytes.len().min(8)];
-    if head.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
-        format!("the text {:?}", String::from_utf8_lossy(head))
+/// What an unrecognised input is, in words that quote none of its bytes: "text" (its first
+/// bytes are UTF-8 without control characters other than whitespace) or "binary data".
+fn content_kind(bytes: &[u8]) -> &'static str {
+    let head = &bytes[..bytes.len().min(512)];
+    // A multi-byte character cut off by the 512-byte window is still text.
+    let valid = match std::str::from_utf8(head) {
+        Ok(text) => text,
+        Err(e) if e.error_len().is_none() => std::str::from_utf8(&head[..e.valid_up_to()]).unwrap_or(""),
+        Err(_) => return "binary data",
+    };
+    if valid.chars().all(|c| !c.is_control() || matches!(c, '\t' | '\n' | '\r' | '\x0c')) {
+        "text"
     } else {
-        format!("bytes {}", head.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" "))
+        "binary data"
     }
 }
 
@@ -189,7 +199,7 @@ mod tests {
         let limits = ImageLimits::default();
         assert!(matches!(decode(b"", &limits), Err(DecodeError::Empty)));
         let err = decode(b"hello, I am not a picture", &limits).unwrap_err();
-        assert!(err.to_string().contains("\"hello, I\""), "{err}");
+        assert!(matches!(err, DecodeError::UnknownFormat { bytes: 25, content: "text" }), "{err:?}");
 
         let jpeg = encode(&DynamicImage::ImageRgb8(gradient(64, 64)), ImageFormat::Jpeg);
         let err = decode(&jpeg[..jpeg.len() / 2], &limits).unwrap_err();
@@ -202,6 +212,25 @@ mod tests {
         let few_pixels = ImageLimits { max_pixels: 1000, ..limits };
         let err = decode(&jpeg, &few_pixels).unwrap_err();
         assert!(matches!(err, DecodeError::TooLarge { width: 64, height: 64, .. }), "{err:?}");
+    }
+
+    #[test]
+    fn an_unrecognised_input_is_described_without_quoting_its_bytes() {
+        let limits = ImageLimits::default();
+        let secret = "root:x:0:0:SECRET-7f3a:/root:/bin/bash\n";
+        let err = decode(secret.as_bytes(), &limits).unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains(&format!("{} bytes of text", secret.len())), "{message}");
+        for quoted in ["root", "SECRET", "7f3a", "bash"] {
+            assert!(!message.contains(quoted), "the message quotes the input: {message}");
+        }
+        // Non-ASCII text, cut by the window inside a character, is still text.
+        let accents = format!("a{}", "é".repeat(600));
+        assert!(decode(accents.as_bytes(), &limits).unwrap_err().to_string().contains("bytes of text"));
+        let binary = [0x7f, 0x45, 0x4c, 0x46, 2, 1, 1, 0, 0xde, 0xad, 0xbe, 0xef];
+        let message = decode(&binary, &limits).unwrap_err().to_string();
+        assert!(message.contains("12 bytes of binary data"), "{message}");
+        assert!(!message.contains("7f") && !message.contains("ELF") && !message.contains("de ad"), "{message}");
     }
 
     #[test]

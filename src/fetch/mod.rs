@@ -11,6 +11,9 @@
 //!   (`HTTP_PROXY`, `HTTPS_PROXY`, `NO_PROXY`, ...).
 //! - `file:///abs/path` and `file://localhost/abs/path` (percent-encoded), and plain paths (any
 //!   string without a `scheme:` prefix), unless [`FetchConfig::allow_file`] is off.
+//! - `data:` URIs (RFC 2397), the image bytes in the URI itself, e.g.
+//!   `data:image/png;base64,iVBOR...`. The media type is ignored (the decoder sniffs the format);
+//!   the size limit is checked on the length of the text, before anything is decoded.
 //!
 //! A [`Fetcher`] is cheap to clone and safe to share: the decode threads of a worker all use one,
 //! so they share its pool of keep-alive connections.
@@ -99,7 +102,8 @@ pub enum FetchError {
     #[error("{uri}: unsupported URI scheme `{scheme}:`; supported: {supported}")]
     UnsupportedScheme { uri: String, scheme: String, supported: &'static str },
 
-    /// `invalid_uri`: empty, unparsable, or a file URI naming a remote host.
+    /// `invalid_uri`: empty, unparsable, a file URI naming a remote host, or a `data:` URI
+    /// without a comma or with invalid base64.
     #[error("{uri} is not a valid URI: {reason}")]
     InvalidUri { uri: String, reason: String },
 
@@ -134,8 +138,9 @@ pub enum FetchError {
     #[error("{}", too_large_message(uri, *size, *limit))]
     TooLarge {
         uri: String,
-        /// The size announced (`Content-Length`) or found (file metadata); `None` when the data
-        /// ran past the limit while being read.
+        /// The size announced (`Content-Length`), found (file metadata) or computed from the
+        /// length of a `data:` URI's text; `None` when the data ran past the limit while being
+        /// read.
         size: Option<u64>,
         limit: u64,
     },
@@ -249,8 +254,9 @@ fn too_large_message(uri: &str, size: Option<u64>, limit: u64) -> String {
 #[derive(Debug)]
 pub struct FetchOutcome {
     pub result: Result<Vec<u8>, FetchError>,
-    /// HTTP requests sent, including retries; 1 for a local file; 0 when the URI was rejected
-    /// before any I/O (unsupported scheme, invalid URI, local files disabled).
+    /// HTTP requests sent, including retries; 1 for a local file or a decoded `data:` URI; 0 when
+    /// the URI was rejected before any I/O (unsupported scheme, invalid URI, local files
+    /// disabled, a `data:` URI too large or malformed).
     pub attempts: u32,
 }
 
@@ -341,6 +347,12 @@ impl Fetcher {
     pub fn fetch_with_attempts(&self, uri: &str, max_bytes: u64) -> FetchOutcome {
         match self.target(uri) {
             Ok(Target::Http) => self.fetch_http(uri, max_bytes),
+            Ok(Target::Data) => {
+                let result = data_uri_bytes(uri, max_bytes);
+                // Nothing to retry; a refused URI, as elsewhere, counts no attempt.
+                let attempts = u32::from(result.is_ok());
+                FetchOutcome { result, attempts }
+            }
             Ok(Target::File(path)) => match self.confine(uri, &path) {
                 Ok(path) => FetchOutcome { result: read_file(uri, &path, max_bytes), attempts: 1 },
                 Err(error) => FetchOutcome { result: Err(error), attempts: 0 },
@@ -357,11 +369,12 @@ impl Fetcher {
         let scheme = scheme(uri);
         match scheme {
             Some(s) if s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https") => return Ok(Target::Http),
+            Some(s) if s.eq_ignore_ascii_case("data") => return Ok(Target::Data),
             Some(s) if !s.eq_ignore_ascii_case("file") => {
                 let supported = if self.config.allow_file {
-                    "http://, https://, file:// and plain file paths"
+                    "http://, https://, data:, file:// and plain file paths"
                 } else {
-                    "http:// and https:// (local files are disabled)"
+                    "http://, https:// and data: (local files are disabled)"
                 };
                 return Err(FetchError::UnsupportedScheme { uri: uri.into(), scheme: s.into(), supported });
             }
@@ -466,7 +479,37 @@ fn lexically_inside(path: &Path, root: &Path) -> bool {
 
 enum Target {
     Http,
+    Data,
     File(PathBuf),
+}
+
+/// The bytes of a `data:[<media type>][;base64],<data>` URI (RFC 2397): base64 (standard
+/// alphabet, padding optional) after `;base64`, percent-encoded octets otherwise. The decoded
+/// size follows from the length of the text, so an oversized URI is refused before decoding.
+fn data_uri_bytes(uri: &str, max_bytes: u64) -> Result<Vec<u8>, FetchError> {
+    use base64::Engine;
+    let invalid = |reason: &str| FetchError::InvalidUri { uri: uri.into(), reason: reason.into() };
+    let too_large = |size| FetchError::TooLarge { uri: uri.into(), size: Some(size), limit: max_bytes };
+    let (header, text) = uri["data:".len()..]
+        .split_once(',')
+        .ok_or_else(|| invalid("a data: URI needs a comma before its data, e.g. data:image/png;base64,iVBOR..."))?;
+    let is_base64 = header.rsplit(';').next().is_some_and(|p| p.eq_ignore_ascii_case("base64"));
+    if !is_base64 {
+        // Each `%XY` is one octet, every other character one.
+        let size = (text.len() - 2 * text.bytes().filter(|&b| b == b'%').count().min(text.len() / 3)) as u64;
+        if size > max_bytes {
+            return Err(too_large(size));
+        }
+        return percent_decode(text).ok_or_else(|| invalid("`%` must be followed by two hex digits"));
+    }
+    // Four characters carry three bytes; padding carries none.
+    let size = (text.trim_end_matches('=').len() as u64).saturating_mul(3) / 4;
+    if size > max_bytes {
+        return Err(too_large(size));
+    }
+    base64::engine::general_purpose::STANDARD_PAD_INDIFFERENT
+        .decode(text)
+        .map_err(|e| invalid(&format!("its data is not valid base64 ({e})")))
 }
 
 /// The scheme of `uri` per RFC 3986 (a letter, then letters, digits, `+`, `-` or `.`, then
@@ -1041,14 +1084,66 @@ mod tests {
     #[test]
     fn unknown_schemes_are_unsupported() {
         let fetcher = fetcher(fast_config());
-        for (uri, scheme) in
-            [("s3://bucket/cat.jpg", "s3"), ("ftp://host/cat.jpg", "ftp"), ("data:image/png;base64,AAAA", "data")]
-        {
+        for (uri, scheme) in [("s3://bucket/cat.jpg", "s3"), ("ftp://host/cat.jpg", "ftp")] {
             let (error, attempts) = fetch_err(&fetcher, uri, 1024);
             assert_eq!(error.kind(), "unsupported_scheme");
             assert!(matches!(&error, FetchError::UnsupportedScheme { scheme: s, .. } if s == scheme));
-            assert!(error.to_string().contains("http://, https://, file://"), "{error}");
+            assert!(error.to_string().contains("http://, https://, data:, file://"), "{error}");
             assert_eq!(attempts, 0);
+        }
+    }
+
+    #[test]
+    fn data_uris_carry_their_bytes_in_base64_or_percent_encoded() {
+        let png = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/fashion-mnist/test/0/00000.png"));
+        // Any bytes do; a real PNG when the data folder is there.
+        let bytes = png.unwrap_or_else(|_| (0..=255u8).cycle().take(1000).collect());
+        use base64::Engine;
+        let text = base64::engine::general_purpose::STANDARD.encode(&bytes);
+        // Local files disabled: data: URIs need no file access.
+        let fetcher = fetcher(FetchConfig { allow_file: false, ..fast_config() });
+        for uri in [format!("data:image/png;base64,{text}"), format!("DATA:;BASE64,{}", text.trim_end_matches('='))] {
+            let outcome = fetcher.fetch_with_attempts(&uri, bytes.len() as u64);
+            assert_eq!(outcome.result.unwrap(), bytes, "{}", &uri[..20]);
+            assert_eq!(outcome.attempts, 1);
+        }
+        let got = fetcher.fetch("data:text/plain,a%2Cb%00c,d", 7).unwrap();
+        assert_eq!(got, b"a,b\0c,d");
+        assert_eq!(fetcher.fetch("data:,", 0).unwrap(), b"");
+    }
+
+    #[test]
+    fn data_uris_over_the_limit_are_refused_from_their_length_alone() {
+        let fetcher = fetcher(fast_config());
+        // 8 characters are 6 bytes; "!" is not base64, so refusing it proves nothing was decoded.
+        let (error, attempts) = fetch_err(&fetcher, "data:image/png;base64,!!!!!!!!", 5);
+        assert!(matches!(error, FetchError::TooLarge { size: Some(6), limit: 5, .. }), "{error:?}");
+        assert_eq!(attempts, 0);
+        let (error, _) = fetch_err(&fetcher, "data:image/png;base64,!!!!!!!!", 6);
+        assert_eq!(error.kind(), "invalid_uri", "within the limit it is decoded: {error}");
+        // Padding carries no bytes: "AAAAAA==" is 4 bytes.
+        assert_eq!(fetcher.fetch("data:;base64,AAAAAA==", 4).unwrap(), [0, 0, 0, 0]);
+        let (error, _) = fetch_err(&fetcher, "data:;base64,AAAAAA==", 3);
+        assert!(matches!(error, FetchError::TooLarge { size: Some(4), limit: 3, .. }), "{error:?}");
+        // Percent-encoded: "%41%42c" is 3 bytes.
+        assert_eq!(fetcher.fetch("data:,%41%42c", 3).unwrap(), b"ABc");
+        let (error, _) = fetch_err(&fetcher, "data:,%41%42c", 2);
+        assert!(matches!(error, FetchError::TooLarge { size: Some(3), limit: 2, .. }), "{error:?}");
+    }
+
+    #[test]
+    fn malformed_data_uris_are_invalid() {
+        let fetcher = fetcher(fast_config());
+        for (uri, says) in [
+            ("data:image/png;base64", "comma"),
+            ("data:image/png;base64,iVBO%2BRw", "base64"),
+            ("data:image/png;base64,AAAAA", "base64"),
+            ("data:,100%", "%"),
+        ] {
+            let (error, attempts) = fetch_err(&fetcher, uri, 1024);
+            assert_eq!(error.kind(), "invalid_uri", "{uri}: {error}");
+            assert!(error.to_string().contains(says), "{uri}: {error}");
+            assert_eq!(attempts, 0, "{uri}");
         }
     }
 

@@ -87,7 +87,9 @@ fn load_folder(dir: &Path) -> Result<Vec<Example>, DatasetError> {
 
 /// A plain relative path resolves against `base`; URIs and absolute paths stay as they are.
 fn resolve(uri: &str, base: &Path) -> String {
-    if uri.contains("://") || Path::new(uri).is_absolute() {
+    // `data:` URIs carry the image itself and have no `//`.
+    let is_data = uri.get(..5).is_some_and(|s| s.eq_ignore_ascii_case("data:"));
+    if is_data || uri.contains("://") || Path::new(uri).is_absolute() {
         uri.to_string()
     } else {
         base.join(uri).to_string_lossy().into_owned()
@@ -236,11 +238,16 @@ mod tests {
     fn csv_and_jsonl_lists_resolve_relative_paths_and_name_bad_lines() {
         let dir = tempfile::tempdir().unwrap();
         let csv = dir.path().join("list.csv");
-        std::fs::write(&csv, "uri,label\ncats/1.jpg,cat\n\"/abs/dog 2.jpg\",dog\nhttp://h/x.png,cat\n").unwrap();
+        std::fs::write(
+            &csv,
+            "uri,label\ncats/1.jpg,cat\n\"/abs/dog 2.jpg\",dog\nhttp://h/x.png,cat\n\"data:image/png;base64,iVBO\",cat\n",
+        )
+        .unwrap();
         let got = load(&csv).unwrap();
         assert_eq!(got[0].uri, dir.path().join("cats/1.jpg").to_string_lossy());
         assert_eq!(got[1], Example { uri: "/abs/dog 2.jpg".into(), label: "dog".into() });
         assert_eq!(got[2].uri, "http://h/x.png");
+        assert_eq!(got[3].uri, "data:image/png;base64,iVBO");
 
         let headerless = dir.path().join("plain.csv");
         std::fs::write(&headerless, "a.png,x\nb.png\n").unwrap();
