@@ -514,6 +514,10 @@ impl Config {
                  stalled server holds a fetch thread forever",
             ));
         }
+        if self.fetch.max_per_host == 0 {
+            return Err(invalid_value("fetch.max_per_host must be at least 1"));
+        }
+        crate::fetch::auth::Credentials::check(&self.fetch.http_auth)?;
         self.learner.validate().map_err(ConfigError::Learner)?;
         self.drift.validate().map_err(|e| match e {
             LearnError::Config { field, reason } => invalid_value(format!("{field} {reason}")),

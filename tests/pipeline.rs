@@ -707,3 +707,119 @@ fn the_features_topic_carries_each_predicted_records_features_as_dlpipe_featuriz
         worst.1
     );
 }
+
+/// tools/bearer_http_server.py serving the Fashion-MNIST images to `token` only, each response
+/// held `delay_ms`; its base URL.
+fn bearer_server(token: &str, delay_ms: u32) -> (KillOnDrop, String) {
+    let mut child = Command::new(common::python())
+        .arg(common::root().join("tools/bearer_http_server.py"))
+        .args(["--root", "data/fashion-mnist", "--delay-ms", &delay_ms.to_string()])
+        .env("BEARER_TOKEN", token)
+        .current_dir(common::root())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first_line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut first_line).unwrap();
+    let port = first_line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("{first_line:?}")).to_owned();
+    (KillOnDrop(child), format!("http://127.0.0.1:{port}"))
+}
+
+/// The body of `GET path` on `address`, HTTP/1.0 so the server closes when done.
+fn http_get(address: &str, path: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response.split_once("\r\n\r\n").map_or("", |(_, body)| body).to_owned()
+}
+
+/// `dlpipe run` on `run`'s config plus `fetch` (TOML for `[fetch]`) and `tail` (appended),
+/// `env` set, debug logging on, metrics on a known port; waits for `want` predictions and dead
+/// letters together, then returns them, the `/metrics` text and the log.
+fn run_http_auth(
+    run: &Run,
+    fetch: &str,
+    tail: &str,
+    env: &[(&str, &str)],
+    want: usize,
+) -> (Vec<Value>, Vec<Value>, String, String) {
+    let metrics = format!("127.0.0.1:{}", common::free_port());
+    let config = std::fs::read_to_string(run.config()).unwrap();
+    let config = config
+        .replace("[fetch]\n", &format!("[fetch]\n{fetch}"))
+        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{metrics}\""));
+    std::fs::write(run.config(), format!("{config}\n{tail}")).unwrap();
+    let log = run.dir.path().join(format!("{}.log", common::unique("auth-run")));
+    let mut command = run.command(&[]);
+    command.envs(env.iter().copied()).env("DLPIPE_LOG", "debug");
+    let child = command.stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+    let _child = KillOnDrop(child);
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let (mut predictions, mut dead) = (Vec::new(), Vec::new());
+    while predictions.len() + dead.len() < want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_secs(1));
+        predictions = read_topic(&run.predictions, want, Duration::from_millis(500));
+        dead = read_topic(&run.dead, want, Duration::from_millis(500));
+    }
+    let scraped = http_get(&metrics, "/metrics");
+    (predictions, dead, scraped, std::fs::read_to_string(&log).unwrap())
+}
+
+/// Images behind a server that requires a bearer token: with the token configured every record
+/// is predicted (and a path the token may not read is `unauthorized`), at most `max_per_host`
+/// requests at once; without it each record is dead-lettered `unauthorized`. The token is in no
+/// log line (at debug level, ureq's included), no dead letter and no metric.
+#[test]
+fn http_auth_sends_the_token_to_its_host_only_and_never_shows_it() {
+    let token = format!("tok-{}", common::unique("secret"));
+    let (_server, url) = bearer_server(&token, 50);
+    let images = fashion(24, 600);
+    let data = common::root().join("data/fashion-mnist");
+    let mut messages: Vec<(i32, String, String)> = images
+        .iter()
+        .enumerate()
+        .map(|(i, (path, label))| {
+            let uri = format!("{url}/{}", path.strip_prefix(&data).unwrap().display());
+            let record = serde_json::json!({"id": format!("a{i}"), "uri": uri, "label": label});
+            (i as i32 % 2, format!("a{i}"), record.to_string())
+        })
+        .collect();
+    let forbidden = serde_json::json!({"id": "forbidden", "uri": format!("{url}/forbidden/x.png")}).to_string();
+    messages.insert(5, (1, "forbidden".into(), forbidden));
+    let input = common::unique("auth-images");
+    produce(&input, 2, &messages);
+
+    let with = Run::new("auth", &input, "");
+    let rule = "[[fetch.http_auth]]\nhost = \"127.0.0.1\"\nkind = \"bearer\"\nsecret_env = \"IMAGES_TOKEN\"\n";
+    let (predictions, dead, metrics, log) =
+        run_http_auth(&with, "max_per_host = 2\n", rule, &[("IMAGES_TOKEN", &token)], messages.len());
+    assert_eq!(predictions.len(), images.len(), "every record with the token is predicted; dead: {dead:?}\n{log}");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!((dead[0]["id"].as_str(), dead[0]["error_kind"].as_str()), (Some("forbidden"), Some("unauthorized")));
+    let error = dead[0]["error"].as_str().unwrap();
+    assert!(error.contains("HTTP 403 Forbidden") && error.contains("rule for 127.0.0.1"), "{error}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("dlpipe_records_dead_lettered_total") && l.contains("reason=\"unauthorized\"")),
+        "{metrics}"
+    );
+    assert!(log.contains("DEBUG"), "the run logged at debug level, where ureq logs its requests");
+    for (what, text) in [("log", &log), ("dead letter", &serde_json::to_string(&dead).unwrap()), ("metrics", &metrics)]
+    {
+        assert!(!text.contains(&token), "the token appears in the {what}:\n{text}");
+    }
+    let peak: usize = http_get(url.trim_start_matches("http://"), "/_peak").trim().parse().unwrap();
+    assert_eq!(peak, 2, "fetch.max_per_host = 2 caps the requests in progress at once at 2");
+
+    let without = Run::new("noauth", &input, "");
+    let (predictions, dead, _, log) = run_http_auth(&without, "", "", &[], messages.len());
+    assert!(predictions.is_empty(), "{predictions:?}");
+    assert_eq!(dead.len(), messages.len(), "{log}");
+    for d in &dead {
+        assert_eq!(d["error_kind"], "unauthorized", "{d}");
+        let error = d["error"].as_str().unwrap();
+        assert!(error.contains("no fetch.http_auth rule matches host 127.0.0.1"), "{error}");
+    }
+}

@@ -29,6 +29,7 @@ use std::time::Duration;
 use tracing::debug;
 
 pub mod address;
+pub mod auth;
 
 /// How URIs are fetched. Every field is optional in configuration files.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +74,14 @@ pub struct FetchConfig {
     /// multicast and reserved addresses are otherwise refused, so a URI cannot turn dlpipe
     /// into a probe of the network it runs in. Default empty.
     pub allowed_networks: Vec<String>,
+    /// Requests at once to one host (host and port), across all fetch threads of a process; more
+    /// wait their turn, so that a burst of records cannot overload one image server. At least 1.
+    /// Default 8.
+    pub max_per_host: usize,
+    /// Credentials for http(s) hosts, one `[[fetch.http_auth]]` table each; the first whose
+    /// `host` matches is sent. Secrets come from the environment or files, never the config
+    /// file; see [`auth::HttpAuthRule`]. Default none.
+    pub http_auth: Vec<auth::HttpAuthRule>,
 }
 
 impl Default for FetchConfig {
@@ -89,6 +98,8 @@ impl Default for FetchConfig {
             file_root: None,
             file_roots: Vec::new(),
             allowed_networks: Vec::new(),
+            max_per_host: 8,
+            http_auth: Vec::new(),
         }
     }
 }
@@ -124,6 +135,17 @@ pub enum FetchError {
     /// `not_found`: HTTP 404 or 410.
     #[error("{uri}: the server has no such resource (HTTP {}); check the URI", status_text(*status))]
     HttpNotFound { uri: String, status: u16 },
+
+    /// `unauthorized`: HTTP 401 or 403: the credentials sent (or their absence) were refused.
+    #[error("{uri}: the server refused access (HTTP {}) {}", status_text(*status), unauthorized_hint(host, rule.as_deref()))]
+    Unauthorized {
+        uri: String,
+        status: u16,
+        /// The host that refused (after redirects).
+        host: String,
+        /// The host pattern of the `fetch.http_auth` rule whose credentials were sent, if any.
+        rule: Option<String>,
+    },
 
     /// `unreadable`: the path exists but cannot be read (permissions, a directory, I/O error).
     #[error("{uri}: cannot read {}: {source}", path.display())]
@@ -185,6 +207,7 @@ impl FetchError {
             FetchError::ForbiddenLocalFile { .. } => "forbidden_local_file",
             FetchError::ForbiddenAddress { .. } => "forbidden_address",
             FetchError::FileNotFound { .. } | FetchError::HttpNotFound { .. } => "not_found",
+            FetchError::Unauthorized { .. } => "unauthorized",
             FetchError::Unreadable { .. } => "unreadable",
             FetchError::TooLarge { .. } => "too_large",
             FetchError::HttpStatus { .. } => "http_status",
@@ -202,6 +225,7 @@ impl FetchError {
             | FetchError::ForbiddenAddress { uri, .. }
             | FetchError::FileNotFound { uri, .. }
             | FetchError::HttpNotFound { uri, .. }
+            | FetchError::Unauthorized { uri, .. }
             | FetchError::Unreadable { uri, .. }
             | FetchError::TooLarge { uri, .. }
             | FetchError::HttpStatus { uri, .. }
@@ -226,6 +250,17 @@ fn after_attempts(attempts: u32) -> String {
         format!(" after {attempts} attempts")
     } else {
         String::new()
+    }
+}
+
+/// What to check after a 401 or 403: the credentials sent, or the missing rule.
+fn unauthorized_hint(host: &str, rule: Option<&str>) -> String {
+    match rule {
+        Some(pattern) => format!(
+            "to the credentials of the fetch.http_auth rule for {pattern}; check that its secret is current and \
+             grants access to this resource"
+        ),
+        None => format!("and no fetch.http_auth rule matches host {host}; add one if the server needs credentials"),
     }
 }
 
@@ -274,6 +309,10 @@ pub struct Fetcher {
     config: Arc<FetchConfig>,
     /// `config.file_roots`, canonicalised once.
     roots: Arc<Vec<PathBuf>>,
+    /// `config.http_auth` with the secrets read.
+    credentials: Arc<auth::Credentials>,
+    /// `config.max_per_host`, shared by all clones.
+    per_host: Arc<auth::HostLimiter>,
 }
 
 /// Folders no image is read from, whatever `file_roots` says: kernel and device files.
@@ -281,8 +320,8 @@ const SYSTEM_DIRS: [&str; 3] = ["/proc", "/sys", "/dev"];
 
 impl Fetcher {
     /// A fetcher with its own connection pool; create one per process and clone it. Fails on
-    /// a `file_roots` folder that does not exist or an `allowed_networks` entry that is not
-    /// a network.
+    /// a `file_roots` folder that does not exist, an `allowed_networks` entry that is not
+    /// a network, or an `http_auth` rule whose secret cannot be read.
     pub fn new(config: FetchConfig) -> Result<Fetcher, ConfigError> {
         Fetcher::with_agent_config(config, |builder| builder)
     }
@@ -303,11 +342,19 @@ impl Fetcher {
             .iter()
             .map(|r| std::fs::canonicalize(r).map_err(|error| ConfigError::FileRoot { path: r.clone(), error }))
             .collect::<Result<Vec<_>, _>>()?;
+        let credentials = auth::Credentials::resolve(&config.http_auth, |name| std::env::var(name).ok())?;
+        let per_host = Arc::new(auth::HostLimiter::new(config.max_per_host));
         let resolver = address::CheckedResolver::new(address::AddressPolicy { allowed, allow_all: false });
         let agent_config = adjust(agent_config(&config)).build();
         let agent =
             ureq::Agent::with_parts(agent_config, ureq::unversioned::transport::DefaultConnector::default(), resolver);
-        Ok(Fetcher { agent, config: Arc::new(config), roots: Arc::new(roots) })
+        Ok(Fetcher {
+            agent,
+            config: Arc::new(config),
+            roots: Arc::new(roots),
+            credentials: Arc::new(credentials),
+            per_host,
+        })
     }
 
     /// Checks a local path against the roots: the canonical path (`..` and links resolved) must
@@ -421,29 +468,91 @@ impl Fetcher {
         }
     }
 
+    /// One attempt: the request and its redirects, each hop under its own host's limit and with
+    /// its own host's credentials. Redirects are followed here, not by ureq, which would carry
+    /// a custom header (an API key) on to whatever host a redirect names.
     fn http_attempt(&self, uri: &str, max_bytes: u64) -> Result<Vec<u8>, HttpFailure> {
-        let mut response = self.agent.get(uri).call().map_err(HttpFailure::from)?;
-        let status = response.status().as_u16();
-        if !response.status().is_success() {
-            let retry_after = response
-                .headers()
-                .get(ureq::http::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
-            // The response is dropped unread: the connection is closed rather than pooled,
-            // which is cheaper than draining an error page we do not need.
-            return Err(HttpFailure::Status { status, retry_after });
-        }
-        // ureq reports no length for compressed bodies, whose Content-Length is not the size
-        // of the data we get; those, and chunked bodies, are caught by the read limit below.
-        if let Some(size) = response.body().content_length() {
-            if size > max_bytes {
-                return Err(HttpFailure::TooLarge { size: Some(size), limit: max_bytes });
+        let mut current = uri.to_owned();
+        // Once a redirect leaves https for http, no credentials go out in clear text.
+        let mut downgraded = false;
+        let mut hops = 0;
+        loop {
+            let (host, host_port) = host_and_port(&current);
+            let credentials = if downgraded { None } else { self.credentials.for_host(&host) };
+            let _permit = self.per_host.acquire(&host_port);
+            let mut request = self.agent.get(&current);
+            if let Some((name, value, _)) = credentials {
+                request = request.header(name.clone(), value.clone());
             }
+            let mut response = request.call().map_err(HttpFailure::from)?;
+            let status = response.status().as_u16();
+            if matches!(status, 301 | 302 | 303 | 307 | 308) && hops < MAX_REDIRECTS {
+                let location = response.headers().get(ureq::http::header::LOCATION).and_then(|l| l.to_str().ok());
+                if let Some(next) = location.and_then(|l| redirect_target(&current, l)) {
+                    downgraded |= is_scheme(&current, "https") && is_scheme(&next, "http");
+                    (current, hops) = (next, hops + 1);
+                    continue;
+                }
+            }
+            if !response.status().is_success() {
+                let retry_after = response
+                    .headers()
+                    .get(ureq::http::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs);
+                let rule = credentials.map(|(_, _, pattern)| pattern.to_string());
+                // The response is dropped unread: the connection is closed rather than pooled,
+                // which is cheaper than draining an error page we do not need.
+                return Err(HttpFailure::Status { status, retry_after, host, rule });
+            }
+            // ureq reports no length for compressed bodies, whose Content-Length is not the size
+            // of the data we get; those, and chunked bodies, are caught by the read limit below.
+            if let Some(size) = response.body().content_length() {
+                if size > max_bytes {
+                    return Err(HttpFailure::TooLarge { size: Some(size), limit: max_bytes });
+                }
+            }
+            return response.body_mut().with_config().limit(max_bytes).read_to_vec().map_err(HttpFailure::from);
         }
-        response.body_mut().with_config().limit(max_bytes).read_to_vec().map_err(HttpFailure::from)
     }
+}
+
+/// Redirects followed before a 3xx is taken as the answer (as many as ureq's default).
+const MAX_REDIRECTS: u32 = 10;
+
+/// The host of an http(s) URI (for credentials) and `host:port` (for the per-host limit);
+/// empty for a URI ureq will refuse anyway.
+fn host_and_port(uri: &str) -> (String, String) {
+    let Ok(parsed) = uri.parse::<ureq::http::Uri>() else { return Default::default() };
+    let host = parsed.host().unwrap_or("").to_ascii_lowercase();
+    let port = parsed.port_u16().unwrap_or(if parsed.scheme_str() == Some("https") { 443 } else { 80 });
+    let host_port = format!("{host}:{port}");
+    (host, host_port)
+}
+
+fn is_scheme(uri: &str, want: &str) -> bool {
+    scheme(uri).is_some_and(|s| s.eq_ignore_ascii_case(want))
+}
+
+/// The absolute URI a `Location` header names, relative to `base` (RFC 3986 §5.2, without
+/// dot-segment removal, which servers resolve themselves).
+fn redirect_target(base: &str, location: &str) -> Option<String> {
+    if scheme(location).is_some() {
+        return Some(location.to_owned());
+    }
+    let parsed = base.parse::<ureq::http::Uri>().ok()?;
+    let (scheme, authority) = (parsed.scheme_str()?, parsed.authority()?.as_str());
+    Some(if location.starts_with("//") {
+        format!("{scheme}:{location}")
+    } else if location.starts_with('/') {
+        format!("{scheme}://{authority}{location}")
+    } else {
+        let path = parsed.path();
+        let folder = &path[..path.rfind('/').map_or(0, |i| i + 1)];
+        let folder = if folder.is_empty() { "/" } else { folder };
+        format!("{scheme}://{authority}{folder}{location}")
+    })
 }
 
 /// Agent settings from a [`FetchConfig`]; separate so tests can adjust them (e.g. the proxy).
@@ -455,7 +564,9 @@ fn agent_config(config: &FetchConfig) -> ureq::config::ConfigBuilder<ureq::types
         .user_agent(config.user_agent.as_str())
         // Statuses are classified here (retry or not, not_found or http_status).
         .http_status_as_error(false)
-        // A redirect loop then ends as an ordinary `http_status` error naming the 3xx status.
+        // Redirects are followed by `http_attempt`, hop by hop; a redirect loop then ends as an
+        // ordinary `http_status` error naming the 3xx status.
+        .max_redirects(0)
         .max_redirects_will_error(false)
 }
 
@@ -616,8 +727,17 @@ fn read_file(uri: &str, path: &Path, max_bytes: u64) -> Result<Vec<u8>, FetchErr
 
 /// One failed HTTP attempt, before it is known whether it is retried.
 enum HttpFailure {
-    Status { status: u16, retry_after: Option<Duration> },
-    TooLarge { size: Option<u64>, limit: u64 },
+    /// `host` answered `status`; `rule` is the host pattern whose credentials were sent.
+    Status {
+        status: u16,
+        retry_after: Option<Duration>,
+        host: String,
+        rule: Option<String>,
+    },
+    TooLarge {
+        size: Option<u64>,
+        limit: u64,
+    },
     Ureq(ureq::Error),
 }
 
@@ -670,6 +790,9 @@ impl HttpFailure {
         let uri = uri.to_owned();
         match self {
             HttpFailure::Status { status: status @ (404 | 410), .. } => FetchError::HttpNotFound { uri, status },
+            HttpFailure::Status { status: status @ (401 | 403), host, rule, .. } => {
+                FetchError::Unauthorized { uri, status, host, rule }
+            }
             HttpFailure::Status { status, .. } => FetchError::HttpStatus { uri, status, attempts },
             HttpFailure::TooLarge { size, limit } => FetchError::TooLarge { uri, size, limit },
             HttpFailure::Ureq(ureq::Error::Timeout(timeout)) => {
@@ -763,7 +886,12 @@ mod tests {
 
     impl Server {
         fn start(reply: impl Fn(usize) -> Reply + Send + Sync + 'static) -> Server {
-            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            Server::start_on("127.0.0.1", reply)
+        }
+
+        /// [`Server::start`] on another loopback address, e.g. to be another host.
+        fn start_on(ip: &str, reply: impl Fn(usize) -> Reply + Send + Sync + 'static) -> Server {
+            let listener = TcpListener::bind((ip, 0)).unwrap();
             let addr = listener.local_addr().unwrap();
             let hits = Arc::new(AtomicUsize::new(0));
             let requests = Arc::new(Mutex::new(Vec::new()));
@@ -871,12 +999,114 @@ mod tests {
 
     #[test]
     fn other_4xx_fail_at_once_with_the_status() {
-        let server = Server::start(|_| response("403 Forbidden", &[], b""));
+        let server = Server::start(|_| response("418 I'm a teapot", &[], b""));
         let (error, attempts) = fetch_err(&fetcher(fast_config()), &server.url("/secret.jpg"), 1024);
         assert_eq!(error.kind(), "http_status");
-        assert!(error.to_string().contains("HTTP 403 Forbidden"), "{error}");
-        assert!(matches!(error, FetchError::HttpStatus { status: 403, attempts: 1, .. }));
+        assert!(error.to_string().contains("HTTP 418 I'm a teapot"), "{error}");
+        assert!(matches!(error, FetchError::HttpStatus { status: 418, attempts: 1, .. }));
         assert_eq!((attempts, server.hits()), (1, 1));
+    }
+
+    fn api_key_rule(host: &str) -> auth::HttpAuthRule {
+        auth::HttpAuthRule {
+            host: host.into(),
+            kind: auth::AuthKind::Header,
+            user: None,
+            header: Some("X-Api-Key".into()),
+            secret_env: None,
+            secret_file: None,
+        }
+    }
+
+    /// A fetcher whose only rule sends `X-Api-Key: key-123` to `host`.
+    fn fetcher_with_key(host: &str) -> Fetcher {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("key");
+        std::fs::write(&file, "key-123\n").unwrap();
+        let rule = auth::HttpAuthRule { secret_file: Some(file), ..api_key_rule(host) };
+        fetcher(FetchConfig { http_auth: vec![rule], ..fast_config() })
+    }
+
+    #[test]
+    fn http_401_and_403_are_unauthorized_without_retry_naming_the_rule() {
+        for status in ["401 Unauthorized", "403 Forbidden"] {
+            let server = Server::start(move |_| response(status, &[], b"go away"));
+            let (error, attempts) = fetch_err(&fetcher_with_key("127.0.0.1"), &server.url("/a.jpg"), 1024);
+            assert_eq!(error.kind(), "unauthorized");
+            let message = error.to_string();
+            assert!(message.contains(status) && message.contains("rule for 127.0.0.1"), "{message}");
+            assert!(!message.contains("key-123"), "{message}");
+            assert_eq!((attempts, server.hits()), (1, 1));
+            let request = server.requests.lock().unwrap()[0].to_ascii_lowercase();
+            assert!(request.contains("x-api-key: key-123"), "{request}");
+            // Without a rule the message says so.
+            let (error, _) = fetch_err(&fetcher(fast_config()), &server.url("/a.jpg"), 1024);
+            assert!(error.to_string().contains("no fetch.http_auth rule matches host 127.0.0.1"), "{error}");
+        }
+    }
+
+    #[test]
+    fn credentials_follow_redirects_only_to_their_own_host() {
+        // 127.0.0.1 has the key; it redirects first within itself (relative Location), then to
+        // 127.0.0.2, another host, which must not see the key.
+        let other = Server::start_on("127.0.0.2", |_| response("200 OK", &[], b"image"));
+        let elsewhere = format!("Location: http://127.0.0.2:{}/b.jpg", other.addr.port());
+        let keyed = Server::start(move |n| match n {
+            0 => response("302 Found", &["Location: next/a.jpg"], b""),
+            _ => response("301 Moved Permanently", &[elsewhere.as_str()], b""),
+        });
+        let outcome = fetcher_with_key("127.0.0.1").fetch_with_attempts(&keyed.url("/dir/a.jpg"), 1024);
+        assert_eq!(outcome.result.unwrap(), b"image");
+        assert_eq!(outcome.attempts, 1, "redirects are hops of one attempt");
+        let requests = keyed.requests.lock().unwrap().clone();
+        assert!(requests[1].starts_with("GET /dir/next/a.jpg "), "{requests:?}");
+        assert!(requests.iter().all(|r| r.to_ascii_lowercase().contains("x-api-key: key-123")), "{requests:?}");
+        let forwarded = other.requests.lock().unwrap()[0].to_ascii_lowercase();
+        assert!(!forwarded.contains("x-api-key") && !forwarded.contains("key-123"), "{forwarded}");
+    }
+
+    #[test]
+    fn a_redirect_loop_ends_as_http_status_after_max_redirects() {
+        let server = Server::start(|_| response("302 Found", &["Location: /again"], b""));
+        let (error, attempts) = fetch_err(&fetcher(fast_config()), &server.url("/start"), 1024);
+        assert!(matches!(error, FetchError::HttpStatus { status: 302, .. }), "{error}");
+        assert_eq!((attempts, server.hits()), (1, MAX_REDIRECTS as usize + 1));
+    }
+
+    #[test]
+    fn redirect_targets_resolve_against_the_current_uri() {
+        let base = "https://h.example:8443/a/b/c.jpg?x=1";
+        assert_eq!(redirect_target(base, "http://o/p").unwrap(), "http://o/p");
+        assert_eq!(redirect_target(base, "//cdn.example/p").unwrap(), "https://cdn.example/p");
+        assert_eq!(redirect_target(base, "/root.jpg").unwrap(), "https://h.example:8443/root.jpg");
+        assert_eq!(redirect_target(base, "d.jpg").unwrap(), "https://h.example:8443/a/b/d.jpg");
+        assert_eq!(host_and_port(base), ("h.example".into(), "h.example:8443".into()));
+        assert_eq!(host_and_port("https://H.example/x").1, "h.example:443");
+        assert_eq!(host_and_port("http://h.example/x").1, "h.example:80");
+    }
+
+    #[test]
+    fn requests_to_one_host_wait_for_a_place_under_max_per_host() {
+        let (active, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (a, p) = (Arc::clone(&active), Arc::clone(&peak));
+        let server = Server::start(move |_| {
+            let now = a.fetch_add(1, Ordering::SeqCst) + 1;
+            p.fetch_max(now, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(40));
+            a.fetch_sub(1, Ordering::SeqCst);
+            response("200 OK", &[], b"x")
+        });
+        let fetcher = fetcher(FetchConfig { max_per_host: 3, ..fast_config() });
+        let threads: Vec<_> = (0..12)
+            .map(|_| {
+                let (fetcher, uri) = (fetcher.clone(), server.url("/x"));
+                std::thread::spawn(move || fetcher.fetch(&uri, 10).unwrap())
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert_eq!(peak.load(Ordering::SeqCst), 3, "at most max_per_host requests at once, and that many");
     }
 
     #[test]
