@@ -227,8 +227,11 @@ fn inline_and_raw_images_predict_exactly_as_the_files_they_carry() {
     }
 }
 
-/// Publishes raw messages: `(key, value, headers)`, all to partition 0.
-fn produce_raw(topic: &str, messages: &[(Option<&str>, Vec<u8>, Vec<(&str, &str)>)]) {
+/// A raw input message: its key, value and headers.
+type RawMessage<'a> = (Option<&'a str>, Vec<u8>, Vec<(&'a str, &'a str)>);
+
+/// Publishes raw messages, all to partition 0.
+fn produce_raw(topic: &str, messages: &[RawMessage<'_>]) {
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
     let kafka = common::kafka_config();

@@ -158,6 +158,8 @@ impl FromMessage for Feedback {
 ///     });
 /// });
 /// ```
+// Dead letters travel as data (see `FromMessage`).
+#[allow(clippy::result_large_err)]
 pub fn kafka_source<'scope, R: FromMessage, C: ConsumerContext + 'static>(
     scope: Scope<'scope, Epoch>,
     consumer: AssignedConsumer<C>,
@@ -175,6 +177,8 @@ pub fn kafka_source<'scope, R: FromMessage, C: ConsumerContext + 'static>(
 /// policy as the input. **Out:** per message, `Ok(Feedback)` or `Err(DeadLetter)`. Feedback
 /// is not counted in the backlog (it produces no output of its own) and is never paused:
 /// it is small, and an image's label must not wait behind images.
+// Dead letters travel as data (see `FromMessage`).
+#[allow(clippy::result_large_err)]
 pub fn kafka_feedback_source<'scope, C: ConsumerContext + 'static>(
     scope: Scope<'scope, Epoch>,
     consumer: AssignedConsumer<C>,

@@ -258,7 +258,9 @@ impl ImageRecord {
         let dead = |kind: &str, error: String| match image {
             Some(image) => {
                 let summary = inline_summary(Some(id), Some(uri), label.as_deref(), image.decoded_len());
-                m.dead(kind, error, summary.as_bytes())
+                // Named by its id, as the dead letters of later stages are (a raw message's id
+                // is in a header, not the key).
+                DeadLetter { id: Some(truncate(id, MAX_ID_BYTES)), ..m.dead(kind, error, summary.as_bytes()) }
             }
             None => m.dead(kind, error, m.payload.unwrap_or_default()),
         };
@@ -765,7 +767,7 @@ mod tests {
         let r = ImageRecord::parse_message(&raw, &InputMessage { payload: Some(b"{}"), ..m }).unwrap();
         assert_eq!(r.image, Some(InlineImage::Raw(b"{}".to_vec())));
         let d = ImageRecord::parse_message(&raw, &InputMessage { payload: Some(&[7; 5]), ..m }).unwrap_err();
-        assert_eq!((d.error_kind.as_str(), d.id.as_deref()), ("too_large", Some("k")));
+        assert_eq!((d.error_kind.as_str(), d.id.as_deref()), ("too_large", Some("img-1")));
         assert!(d.raw.contains(r#""image_bytes":5"#) && d.raw.contains("img-1"), "{}", d.raw);
         assert_eq!(
             ImageRecord::parse_message(&raw, &InputMessage { payload: None, ..m }).unwrap_err().error_kind,

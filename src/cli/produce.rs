@@ -68,7 +68,7 @@ fn shuffle<T>(items: &mut [T], seed: u64) {
 }
 
 pub fn run(config: &Config, args: ProduceArgs) -> anyhow::Result<()> {
-    let topic = match (args.topic, args.feedback) {
+    let topic = match (args.topic.clone(), args.feedback) {
         (Some(topic), _) => topic,
         (None, false) => config.pipeline.input_topic.clone(),
         (None, true) if config.pipeline.feedback_topic.is_empty() => {
