@@ -260,7 +260,8 @@ impl ImageRecord {
                 let summary = inline_summary(Some(id), Some(uri), label.as_deref(), image.decoded_len());
                 // Named by its id, as the dead letters of later stages are (a raw message's id
                 // is in a header, not the key).
-                DeadLetter { id: Some(truncate(id, MAX_ID_BYTES)), ..m.dead(kind, error, summary.as_bytes()) }
+                let (id, uri) = (Some(truncate(id, MAX_ID_BYTES)), Some(truncate(uri, MAX_URI_BYTES)));
+                DeadLetter { id, uri, ..m.dead(kind, error, summary.as_bytes()) }
             }
             None => m.dead(kind, error, m.payload.unwrap_or_default()),
         };
