@@ -15,6 +15,7 @@ use crate::fetch::address::NetworkError;
 use crate::fetch::FetchConfig;
 use crate::image::ImageLimits;
 use crate::learn::{AdagradConfig, ClassWeights, DriftConfig, LearnError, LearnerConfig, OptimizerConfig};
+use dlpipe_operators::records::InputFormat;
 use dlpipe_operators::EpochPolicy;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -151,6 +152,10 @@ impl Retention {
 pub struct PipelineConfig {
     /// Topic of image records (`{"id","uri","label"?}` or bare URIs).
     pub input_topic: String,
+    /// How the input topic carries images: `json` (records with a `uri` to fetch or a base64
+    /// `image`, or bare URIs) or `raw` (the message value is the image's bytes, the id and label
+    /// are the `dlpipe-id` and `dlpipe-label` headers).
+    pub input_format: InputFormat,
     /// Topic predictions are published to, keyed by record id.
     pub predictions_topic: String,
     /// Topic of inputs that could not be processed.
@@ -228,6 +233,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         PipelineConfig {
             input_topic: "images".into(),
+            input_format: InputFormat::Json,
             predictions_topic: "predictions".into(),
             dead_letter_topic: "dead-letters".into(),
             features_topic: String::new(),

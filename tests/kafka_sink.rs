@@ -121,7 +121,8 @@ fn outcome(partition: i32, offset: i64) -> Outcome {
             offset,
         ));
     }
-    let record = ImageRecord { id, uri: "file:///x.png".into(), label: None, partition, offset, kafka_ts_ms: None };
+    let record =
+        ImageRecord { id, uri: "file:///x.png".into(), label: None, partition, offset, kafka_ts_ms: None, image: None };
     let top_k = vec![ClassScore { class: "cat".into(), probability: 0.9 }];
     let classifier = dlpipe_operators::ClassifierId::new_learner();
     Outcome::Predicted(Prediction {

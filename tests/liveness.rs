@@ -102,6 +102,7 @@ fn run_source(case: &Case, topic: &str) -> Result<Outcome, String> {
             epochs: EpochPolicy::Offsets { records: case.records_per_epoch },
             max_backlog: case.max_backlog,
             max_poll: 256,
+            input: dlpipe_operators::records::InputSpec::JSON_URIS,
         };
         let backlog: SharedBacklog = Rc::new(RefCell::new(Backlog::default()));
         let released = Rc::new(RefCell::new(Vec::new()));

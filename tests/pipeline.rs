@@ -190,6 +190,141 @@ fn data_uris_predict_exactly_as_the_files_they_carry() {
     assert_eq!(predictions_by_id(&runs[1].predictions, images.len()), reference);
 }
 
+/// `dlpipe produce` of the same files three ways: file:// URIs, base64 `image` fields
+/// (`--inline`) and raw values with id and label headers (`--raw`, read with
+/// `pipeline.input_format = "raw"`). Each is the same input: the same predictions, bit for bit.
+#[test]
+fn inline_and_raw_images_predict_exactly_as_the_files_they_carry() {
+    let folder = common::root().join("data/fashion-mnist/test");
+    let folder = folder.to_str().unwrap();
+    let extra = "epochs = { by = \"offsets\", records = 4 }\n";
+    let runs: Vec<Run> = [
+        ("bytesfile", None, ""),
+        ("bytesinline", Some("--inline"), ""),
+        ("bytesraw", Some("--raw"), "input_format = \"raw\"\n"),
+    ]
+    .iter()
+    .map(|(name, how, format)| {
+        let input = common::unique(name);
+        let run = Run::new(name, &input, &format!("{extra}{format}"));
+        let config = run.config();
+        let mut args = vec!["-c", config.to_str().unwrap(), "produce", "--topic", &input, "--partitions", "2"];
+        args.extend(["--labels-from-dirs", "--shuffle", "7", "--limit", "30"]);
+        args.extend(how.iter().copied().chain([folder]));
+        let out = common::dlpipe(&args);
+        assert!(out.status.success(), "produce {how:?}: {}", String::from_utf8_lossy(&out.stderr));
+        run.to_end(&[]);
+        run
+    })
+    .collect();
+    let reference = predictions_by_id(&runs[0].predictions, 30);
+    assert_eq!(reference.len(), 30);
+    assert!(reference.values().any(|(_, v)| *v > 0), "later records are predicted by a model that has learned");
+    for run in &runs[1..] {
+        assert_eq!(predictions_by_id(&run.predictions, 30), reference, "{}", run.predictions);
+        let predictions = read_topic(&run.predictions, 30, Duration::from_secs(5));
+        assert!(predictions.iter().all(|p| p["uri"] == "inline:"), "{}", predictions[0]);
+    }
+}
+
+/// A raw input message: its key, value and headers.
+type RawMessage<'a> = (Option<&'a str>, Vec<u8>, Vec<(&'a str, &'a str)>);
+
+/// Publishes raw messages, all to partition 0.
+fn produce_raw(topic: &str, messages: &[RawMessage<'_>]) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let kafka = common::kafka_config();
+    dlpipe::kafka::ensure_topic(
+        &kafka,
+        topic,
+        dlpipe::kafka::TopicSpec { partitions: 1, replication_factor: 1, configs: &[] },
+    )
+    .unwrap();
+    let producer: BaseProducer = dlpipe::kafka::client_config(&kafka).create().unwrap();
+    for (key, value, headers) in messages {
+        let headers = headers
+            .iter()
+            .fold(OwnedHeaders::new(), |all, (key, value)| all.insert(Header { key, value: Some(*value) }));
+        let mut record = BaseRecord::to(topic).partition(0).payload(value).headers(headers);
+        if let Some(key) = key {
+            record = record.key(*key);
+        }
+        producer.send(record).map_err(|(e, _)| e).unwrap();
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+}
+
+/// Images in the record over `image.max_encoded_bytes` are dead-lettered `too_large` by the
+/// source, before any decoding (an oversized image that is not even valid base64 is too large,
+/// not invalid), and no dead letter quotes an image; a raw message without the id header takes
+/// its key as id, or without a key `<partition>-<offset>`, as a JSON record without an id does.
+#[test]
+fn oversized_inline_images_are_dead_letters_before_decoding_and_raw_messages_without_an_id_get_one() {
+    use base64::Engine;
+    let images = fashion(2, 500);
+    let (small, large) = (std::fs::read(&images[0].0).unwrap(), std::fs::read(&images[1].0).unwrap());
+    let limit = small.len().max(large.len()) - 1;
+    let (small, large) = if small.len() < large.len() { (small, large) } else { (large, small) };
+    let encode = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let extra = format!("[image]\nmax_encoded_bytes = {limit}\n");
+    let json_input = common::unique("bytes-json");
+    let json_messages: Vec<(i32, String, String)> = [
+        ("fits", encode(&small)),
+        ("large", encode(&large)),
+        ("large-junk", "!".repeat(4 * limit)),
+        ("junk", "!!!!".into()),
+    ]
+    .into_iter()
+    .map(|(id, image)| (0, id.to_owned(), serde_json::json!({"id": id, "image": image}).to_string()))
+    .collect();
+    produce(&json_input, 1, &json_messages);
+    let json = Run::new("bytesjson", &json_input, "");
+    std::fs::write(json.config(), std::fs::read_to_string(json.config()).unwrap() + &extra).unwrap();
+    json.to_end(&[]);
+    let raw_input = common::unique("bytes-raw");
+    produce_raw(
+        &raw_input,
+        &[
+            (None, small.clone(), vec![]),
+            (Some("keyed"), small.clone(), vec![]),
+            (Some("key"), small.clone(), vec![("dlpipe-id", "named"), ("dlpipe-label", "shirt")]),
+            (None, large.clone(), vec![("dlpipe-id", "raw-large")]),
+        ],
+    );
+    let raw = Run::new("bytesraw2", &raw_input, "input_format = \"raw\"\n");
+    std::fs::write(raw.config(), std::fs::read_to_string(raw.config()).unwrap() + &extra).unwrap();
+    raw.to_end(&[]);
+
+    let dead: Vec<Value> = [&json, &raw].iter().flat_map(|r| read_topic(&r.dead, 10, Duration::from_secs(5))).collect();
+    let kinds: BTreeMap<String, String> = dead
+        .iter()
+        .map(|d| (d["id"].as_str().unwrap().to_owned(), d["error_kind"].as_str().unwrap().to_owned()))
+        .collect();
+    let want: BTreeMap<String, String> =
+        [("large", "too_large"), ("large-junk", "too_large"), ("junk", "invalid_image"), ("raw-large", "too_large")]
+            .into_iter()
+            .map(|(id, kind)| (id.to_owned(), kind.to_owned()))
+            .collect();
+    assert_eq!(kinds, want, "{dead:?}");
+    for d in &dead {
+        assert!(d["raw"].as_str().unwrap().len() < 200, "a dead letter quotes no image: {d}");
+        assert!(!d.to_string().contains(&encode(&large)[..40]), "{d}");
+    }
+    let large_dead = dead.iter().find(|d| d["id"] == "large").unwrap();
+    assert!(
+        large_dead["error"].as_str().unwrap().contains(&format!("{} bytes, over the limit of {limit}", large.len())),
+        "{large_dead}"
+    );
+    let predicted: BTreeSet<String> = [&json, &raw]
+        .iter()
+        .flat_map(|r| read_topic(&r.predictions, 4, Duration::from_secs(5)))
+        .map(|p| p["id"].as_str().unwrap().to_owned())
+        .collect();
+    let want: BTreeSet<String> = ["fits", "0-0", "keyed", "named"].into_iter().map(String::from).collect();
+    assert_eq!(predicted, want);
+}
+
 #[test]
 fn one_worker_two_workers_and_two_processes_learn_and_predict_the_same() {
     let input = common::unique("det-images");

@@ -168,7 +168,7 @@ pub trait Featurize<'scope> {
     /// timely::example(|scope| {
     ///     let decoded = |offset: i64| Decoded {
     ///         record: ImageRecord {
-    ///             id: offset.to_string(), uri: "mem://x".into(), label: None, partition: 0, offset, kafka_ts_ms: None,
+    ///             id: offset.to_string(), uri: "mem://x".into(), label: None, partition: 0, offset, kafka_ts_ms: None, image: None,
     ///         },
     ///         pixels: vec![offset as f32, 1.0],
     ///     };
@@ -237,6 +237,7 @@ mod tests {
             partition: 0,
             offset: i,
             kafka_ts_ms: None,
+            image: None,
         };
         Decoded { record, pixels: vec![i as f32] }
     }

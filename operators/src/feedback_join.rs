@@ -301,7 +301,7 @@ pub trait FeedbackJoin<'scope> {
     ///
     /// let examples = timely::example(|scope| {
     ///     let record = ImageRecord {
-    ///         id: "cat-1".into(), uri: "mem://cat".into(), label: None, partition: 0, offset: 7, kafka_ts_ms: None,
+    ///         id: "cat-1".into(), uri: "mem://cat".into(), label: None, partition: 0, offset: 7, kafka_ts_ms: None, image: None,
     ///     };
     ///     let featured = vec![Featured { record, features: vec![0.5, 0.25], logits: None }].to_stream(scope);
     ///     let label = Feedback { id: "cat-1".into(), label: "cat".into(), ts_ms: 1, partition: 0, offset: 0 };
@@ -351,8 +351,15 @@ mod tests {
     }
 
     fn image(id: &str, partition: i32, offset: i64) -> Featured {
-        let record =
-            ImageRecord { id: id.into(), uri: format!("u/{id}"), label: None, partition, offset, kafka_ts_ms: None };
+        let record = ImageRecord {
+            id: id.into(),
+            uri: format!("u/{id}"),
+            label: None,
+            partition,
+            offset,
+            kafka_ts_ms: None,
+            image: None,
+        };
         Featured { record, features: vec![offset as f32, -0.5, f32::MIN_POSITIVE], logits: None }
     }
 

@@ -159,10 +159,14 @@ where
                             let _ = activator.activate();
                         }
                     };
+                    let mut record = record;
                     let bytes = match guarded("fetching", &record, || fetch(&record)) {
                         Ok(bytes) => bytes,
                         Err(e) => return done(Err(record.dead_letter(&e.kind, e.message))),
                     };
+                    // An image the record carried is in `bytes` now: held once, and never in
+                    // the outputs downstream.
+                    record.image = None;
                     let held = bytes.len() as u64;
                     budget.acquire(held);
                     rayon::spawn(move || {
@@ -251,7 +255,7 @@ pub trait FetchDecode<'scope> {
     ///
     /// timely::example(|scope| {
     ///     let record = |id: &str| ImageRecord {
-    ///         id: id.into(), uri: format!("mem://{id}"), label: None, partition: 0, offset: 0, kafka_ts_ms: None,
+    ///         id: id.into(), uri: format!("mem://{id}"), label: None, partition: 0, offset: 0, kafka_ts_ms: None, image: None,
     ///     };
     ///     let prepare = Prepare {
     ///         // The bytes behind a URI, and the pixels of those bytes.
@@ -304,7 +308,15 @@ mod tests {
     use timely::dataflow::operators::vec::ToStream;
 
     fn record(i: i64, uri: &str) -> ImageRecord {
-        ImageRecord { id: format!("r{i}"), uri: uri.into(), label: None, partition: 0, offset: i, kafka_ts_ms: None }
+        ImageRecord {
+            id: format!("r{i}"),
+            uri: uri.into(),
+            label: None,
+            partition: 0,
+            offset: i,
+            kafka_ts_ms: None,
+            image: None,
+        }
     }
 
     /// Runs `records` through `fetch_decode` on one worker and returns its outputs in offset order.

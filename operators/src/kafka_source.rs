@@ -35,11 +35,11 @@
 
 use crate::backlog::{SharedBacklog, Unread};
 use crate::metrics::SourceMetrics;
-use crate::records::{DeadLetter, Epoch, Feedback, ImageRecord};
+use crate::records::{DeadLetter, Epoch, Feedback, ImageRecord, InputMessage, InputSpec, ID_HEADER, LABEL_HEADER};
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, KafkaResult};
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -78,6 +78,8 @@ pub struct SourceSpec {
     pub max_backlog: usize,
     /// Most messages taken per activation, so that other operators get the thread.
     pub max_poll: usize,
+    /// How image records are carried (the feedback source ignores it).
+    pub input: InputSpec,
 }
 
 struct PartitionState {
@@ -95,19 +97,31 @@ impl PartitionState {
 /// letter of a payload that is not one (dead letters travel as data; boxing buys nothing).
 #[allow(clippy::result_large_err)]
 pub trait FromMessage: Clone + Sized + 'static {
-    fn from_message(message: &BorrowedMessage<'_>) -> Result<Self, DeadLetter>;
+    fn from_message(message: &BorrowedMessage<'_>, input: &InputSpec) -> Result<Self, DeadLetter>;
 }
 
 impl FromMessage for ImageRecord {
-    fn from_message(message: &BorrowedMessage<'_>) -> Result<ImageRecord, DeadLetter> {
-        let (payload, key, partition, offset) =
-            (message.payload(), message.key(), message.partition(), message.offset());
-        ImageRecord::parse(payload, key, partition, offset, message.timestamp().to_millis())
+    fn from_message(message: &BorrowedMessage<'_>, input: &InputSpec) -> Result<ImageRecord, DeadLetter> {
+        // The last of a repeated header wins, as later headers override earlier ones.
+        let header = |name: &str| {
+            let headers = message.headers()?;
+            headers.iter().filter(|h| h.key == name).last().and_then(|h| h.value)
+        };
+        let message = InputMessage {
+            payload: message.payload(),
+            key: message.key(),
+            id_header: header(ID_HEADER),
+            label_header: header(LABEL_HEADER),
+            partition: message.partition(),
+            offset: message.offset(),
+            kafka_ts_ms: message.timestamp().to_millis(),
+        };
+        ImageRecord::parse_message(input, &message)
     }
 }
 
 impl FromMessage for Feedback {
-    fn from_message(message: &BorrowedMessage<'_>) -> Result<Feedback, DeadLetter> {
+    fn from_message(message: &BorrowedMessage<'_>, _input: &InputSpec) -> Result<Feedback, DeadLetter> {
         let (payload, key, partition, offset) =
             (message.payload(), message.key(), message.partition(), message.offset());
         Feedback::parse(payload, key, partition, offset, message.timestamp().to_millis())
@@ -122,6 +136,7 @@ impl FromMessage for Feedback {
 /// `metrics.consumed` counts the messages taken, by partition.
 ///
 /// ```no_run
+/// use dlpipe_operators::records::{InputFormat, InputSpec};
 /// use dlpipe_operators::{kafka_source, AssignedConsumer, EpochPolicy, ImageRecord, PartitionRange, SourceSpec};
 /// use rdkafka::config::ClientConfig;
 /// use rdkafka::consumer::BaseConsumer;
@@ -135,13 +150,16 @@ impl FromMessage for Feedback {
 ///     let partitions = vec![PartitionRange { partition: 0, start: 0, end: Some(100) }];
 ///     let assigned = AssignedConsumer::assign(Arc::new(consumer), "images", &partitions).unwrap();
 ///     let epochs = EpochPolicy::Offsets { records: 10 };
-///     let spec = SourceSpec { topic: "images".into(), partitions, epochs, max_backlog: 1000, max_poll: 256 };
+///     let input = InputSpec { format: InputFormat::Json, max_image_bytes: 32 << 20 };
+///     let spec = SourceSpec { topic: "images".into(), partitions, epochs, max_backlog: 1000, max_poll: 256, input };
 ///     worker.dataflow::<u64, _, _>(|scope| {
 ///         kafka_source::<ImageRecord, _>(scope, assigned, spec, Default::default(), Default::default(), Default::default())
 ///             .inspect(|record| println!("{record:?}"));
 ///     });
 /// });
 /// ```
+// Dead letters travel as data (see `FromMessage`).
+#[allow(clippy::result_large_err)]
 pub fn kafka_source<'scope, R: FromMessage, C: ConsumerContext + 'static>(
     scope: Scope<'scope, Epoch>,
     consumer: AssignedConsumer<C>,
@@ -150,7 +168,8 @@ pub fn kafka_source<'scope, R: FromMessage, C: ConsumerContext + 'static>(
     stop: Arc<AtomicBool>,
     metrics: SourceMetrics,
 ) -> StreamVec<'scope, Epoch, Result<R, DeadLetter>> {
-    messages(scope, "KafkaSource", consumer, spec, Some(backlog), stop, metrics, R::from_message)
+    let input = spec.input;
+    messages(scope, "KafkaSource", consumer, spec, Some(backlog), stop, metrics, move |m| R::from_message(m, &input))
 }
 
 /// Reads the feedback topic's `spec.partitions` with `consumer` (assigned to them, as the
@@ -158,6 +177,8 @@ pub fn kafka_source<'scope, R: FromMessage, C: ConsumerContext + 'static>(
 /// policy as the input. **Out:** per message, `Ok(Feedback)` or `Err(DeadLetter)`. Feedback
 /// is not counted in the backlog (it produces no output of its own) and is never paused:
 /// it is small, and an image's label must not wait behind images.
+// Dead letters travel as data (see `FromMessage`).
+#[allow(clippy::result_large_err)]
 pub fn kafka_feedback_source<'scope, C: ConsumerContext + 'static>(
     scope: Scope<'scope, Epoch>,
     consumer: AssignedConsumer<C>,
@@ -165,7 +186,10 @@ pub fn kafka_feedback_source<'scope, C: ConsumerContext + 'static>(
     stop: Arc<AtomicBool>,
     metrics: SourceMetrics,
 ) -> StreamVec<'scope, Epoch, Result<Feedback, DeadLetter>> {
-    messages(scope, "KafkaFeedbackSource", consumer, spec, None, stop, metrics, Feedback::from_message)
+    let input = spec.input;
+    messages(scope, "KafkaFeedbackSource", consumer, spec, None, stop, metrics, move |m| {
+        Feedback::from_message(m, &input)
+    })
 }
 
 /// The source of both: each message of the assigned partitions, as `parse` makes it.

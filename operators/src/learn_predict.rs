@@ -441,7 +441,7 @@ pub trait LearnPredict<'scope> {
     /// timely::example(|scope| {
     ///     let featured = |offset: i64| Featured {
     ///         record: ImageRecord {
-    ///             id: offset.to_string(), uri: "mem://x".into(), label: None, partition: 0, offset, kafka_ts_ms: None,
+    ///             id: offset.to_string(), uri: "mem://x".into(), label: None, partition: 0, offset, kafka_ts_ms: None, image: None,
     ///         },
     ///         features: vec![0.0],
     ///         logits: None,
@@ -555,8 +555,15 @@ mod tests {
     }
 
     fn record(id: &str, offset: i64) -> Featured {
-        let record =
-            ImageRecord { id: id.into(), uri: format!("u/{id}"), label: None, partition: 0, offset, kafka_ts_ms: None };
+        let record = ImageRecord {
+            id: id.into(),
+            uri: format!("u/{id}"),
+            label: None,
+            partition: 0,
+            offset,
+            kafka_ts_ms: None,
+            image: None,
+        };
         Featured { record, features: vec![0.0], logits: None }
     }
 

@@ -38,25 +38,122 @@ pub fn truncate(text: &str, max: usize) -> String {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ImageRecord {
     pub id: String,
+    /// Where the image is fetched from; for a record that carries its image, the producer's
+    /// `uri` (a name, never fetched) or [`INLINE_URI`].
     pub uri: String,
     pub label: Option<String>,
     pub partition: i32,
     pub offset: i64,
     /// The Kafka record's timestamp (ms since the Unix epoch), when it has one.
     pub kafka_ts_ms: Option<i64>,
+    /// The image's bytes when the record carries them (then `uri` is not fetched). Dropped
+    /// once fetched: no output, dead letter or log carries them.
+    pub image: Option<InlineImage>,
 }
 
-/// The JSON an input record may carry; `id` and `label` are optional.
+/// The `uri` of a record that carries its image and names no uri of its own.
+pub const INLINE_URI: &str = "inline:";
+
+/// Kafka header of a raw image message (`pipeline.input_format = "raw"`) with the record's id.
+pub const ID_HEADER: &str = "dlpipe-id";
+/// Kafka header of a raw image message with the record's label.
+pub const LABEL_HEADER: &str = "dlpipe-label";
+
+/// How the input topic's messages carry images: `json` records (`{"id","uri"|"image","label"?}`
+/// or bare URIs), or `raw` image bytes as the value with id and label in headers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InputFormat {
+    #[default]
+    Json,
+    Raw,
+}
+
+/// What parsing an input message needs beyond the message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InputSpec {
+    pub format: InputFormat,
+    /// Largest image a record may carry, in (decoded) bytes: larger ones are dead letters
+    /// `too_large` before anything is decoded, and never wait in the backlog.
+    pub max_image_bytes: u64,
+}
+
+impl InputSpec {
+    /// JSON records that name their images (bare URIs or `{"id","uri","label"?}`): any record
+    /// with an image is refused as too large. For readers of records without images.
+    pub const JSON_URIS: InputSpec = InputSpec { format: InputFormat::Json, max_image_bytes: 0 };
+}
+
+/// Image bytes carried in the record: base64 text (the JSON `image` field; decoded on a fetch
+/// thread, not on the worker's) or the raw message value.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub enum InlineImage {
+    Base64(String),
+    Raw(Vec<u8>),
+}
+
+impl InlineImage {
+    /// The image's size in bytes, known before decoding: four base64 characters carry three
+    /// bytes, padding none.
+    pub fn decoded_len(&self) -> u64 {
+        match self {
+            InlineImage::Base64(text) => (text.trim_end_matches('=').len() as u64).saturating_mul(3) / 4,
+            InlineImage::Raw(bytes) => bytes.len() as u64,
+        }
+    }
+}
+
+/// Its size only: a record's Debug (in logs, panics) never prints an image.
+impl std::fmt::Debug for InlineImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            InlineImage::Base64(text) => write!(f, "Base64({} chars)", text.len()),
+            InlineImage::Raw(bytes) => write!(f, "Raw({} bytes)", bytes.len()),
+        }
+    }
+}
+
+/// The JSON an input record may carry; `id` and `label` are optional, and one of `uri` and
+/// `image` is needed.
 #[derive(Deserialize)]
 struct InputJson {
     id: Option<serde_json::Value>,
     uri: Option<String>,
     label: Option<serde_json::Value>,
+    image: Option<String>,
+}
+
+/// One message of the input topic, as the parsers see it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InputMessage<'a> {
+    pub payload: Option<&'a [u8]>,
+    pub key: Option<&'a [u8]>,
+    /// The [`ID_HEADER`] and [`LABEL_HEADER`] headers' values (read by the raw format only).
+    pub id_header: Option<&'a [u8]>,
+    pub label_header: Option<&'a [u8]>,
+    pub partition: i32,
+    pub offset: i64,
+    pub kafka_ts_ms: Option<i64>,
+}
+
+impl InputMessage<'_> {
+    /// The id of a record that names none: the message key, else `"<partition>-<offset>"`.
+    fn default_id(&self) -> String {
+        self.key
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .unwrap_or(format!("{}-{}", self.partition, self.offset))
+    }
+
+    fn dead(&self, kind: &str, error: String, raw: &[u8]) -> DeadLetter {
+        DeadLetter::of_message(kind, &error, raw, self.key, self.partition, self.offset)
+    }
 }
 
 impl ImageRecord {
     /// Parses a Kafka payload: JSON `{"id": "...", "uri": "...", "label": "..."}` (id and label
-    /// optional; numbers are accepted for both) or a bare URI string.
+    /// optional; numbers are accepted for both; `"image": "<base64>"` in place of or beside
+    /// `uri`) or a bare URI string. No limit on an inline image's size: see
+    /// [`ImageRecord::parse_message`].
     ///
     /// The error is the dead letter itself (it travels on as data, so boxing it would only
     /// add an allocation). Without an id, the
@@ -69,22 +166,47 @@ impl ImageRecord {
         offset: i64,
         kafka_ts_ms: Option<i64>,
     ) -> Result<ImageRecord, DeadLetter> {
-        let raw = payload.unwrap_or_default();
-        let dead = |kind: &str, error: String| DeadLetter::of_message(kind, &error, raw, key, partition, offset);
+        let message = InputMessage { payload, key, partition, offset, kafka_ts_ms, ..Default::default() };
+        Self::parse_json(&message, u64::MAX)
+    }
+
+    /// Parses an input message in `spec`'s format. An image carried in the record larger than
+    /// `spec.max_image_bytes` is a dead letter `too_large`, judged on its length before any
+    /// decoding. Raw messages: the value is the image, the id is the [`ID_HEADER`] header
+    /// (else the key, else `"<partition>-<offset>"`, as for JSON), the label the
+    /// [`LABEL_HEADER`] header. A dead letter of a record with an image quotes none of it.
+    #[allow(clippy::result_large_err)]
+    pub fn parse_message(spec: &InputSpec, message: &InputMessage<'_>) -> Result<ImageRecord, DeadLetter> {
+        match spec.format {
+            InputFormat::Json => Self::parse_json(message, spec.max_image_bytes),
+            InputFormat::Raw => Self::parse_raw(message, spec.max_image_bytes),
+        }
+    }
+
+    #[allow(clippy::result_large_err)]
+    fn parse_json(m: &InputMessage<'_>, max_image_bytes: u64) -> Result<ImageRecord, DeadLetter> {
+        let (partition, offset) = (m.partition, m.offset);
+        let raw = m.payload.unwrap_or_default();
+        let dead = |kind: &str, error: String| m.dead(kind, error, raw);
         let text = std::str::from_utf8(raw)
             .map_err(|e| dead("malformed_record", format!("payload at {partition}:{offset} is not UTF-8: {e}")))?
             .trim();
-        let default_id =
-            || key.map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or(format!("{partition}-{offset}"));
-        let (id, uri, label) = if text.starts_with('{') {
+        let (id, uri, label, image) = if text.starts_with('{') {
             let json: InputJson = serde_json::from_str(text).map_err(|e| {
                 dead("malformed_json", format!("record at {partition}:{offset} is not valid JSON of the form {{\"id\",\"uri\",\"label\"?}}: {e}"))
             })?;
-            let uri = json
-                .uri
-                .filter(|u| !u.trim().is_empty())
-                .ok_or_else(|| dead("missing_uri", format!("record at {partition}:{offset} has no \"uri\" field")))?;
-            (json.id.map(value_to_string).unwrap_or_else(default_id), uri, json.label.map(value_to_string))
+            let id = json.id.map(value_to_string).unwrap_or_else(|| m.default_id());
+            let uri = json.uri.filter(|u| !u.trim().is_empty());
+            let label = json.label.map(value_to_string);
+            match json.image {
+                Some(image) => (id, uri.unwrap_or_else(|| INLINE_URI.into()), label, Some(InlineImage::Base64(image))),
+                None => {
+                    let uri = uri.ok_or_else(|| {
+                        dead("missing_uri", format!("record at {partition}:{offset} has no \"uri\" or \"image\" field"))
+                    })?;
+                    (id, uri, label, None)
+                }
+            }
         } else if text.is_empty() {
             return Err(dead("missing_uri", format!("record at {partition}:{offset} is empty")));
         } else if text.chars().any(char::is_whitespace) || text.starts_with('[') || text.starts_with('"') {
@@ -93,18 +215,65 @@ impl ImageRecord {
                 format!("record at {partition}:{offset} is neither a JSON object nor a bare URI"),
             ));
         } else {
-            (default_id(), text.to_owned(), None)
+            (m.default_id(), text.to_owned(), None, None)
+        };
+        Self::checked(
+            m,
+            ImageRecord { id, uri, label, partition, offset, kafka_ts_ms: m.kafka_ts_ms, image },
+            max_image_bytes,
+        )
+    }
+
+    #[allow(clippy::result_large_err)]
+    fn parse_raw(m: &InputMessage<'_>, max_image_bytes: u64) -> Result<ImageRecord, DeadLetter> {
+        let at = format!("record at {}:{}", m.partition, m.offset);
+        let header = |value: &[u8], name: &str| {
+            String::from_utf8(value.to_vec()).map_err(|_| {
+                // Quoting the summary, never the value: that is the image.
+                let summary = inline_summary(None, None, None, m.payload.map_or(0, |p| p.len() as u64));
+                m.dead("malformed_record", format!("{at}: header {name} is not UTF-8"), summary.as_bytes())
+            })
+        };
+        let id = m.id_header.map(|h| header(h, ID_HEADER)).transpose()?.unwrap_or_else(|| m.default_id());
+        let label = m.label_header.map(|h| header(h, LABEL_HEADER)).transpose()?;
+        let image = Some(InlineImage::Raw(m.payload.unwrap_or_default().to_vec()));
+        let record = ImageRecord {
+            id,
+            uri: INLINE_URI.into(),
+            label,
+            partition: m.partition,
+            offset: m.offset,
+            kafka_ts_ms: m.kafka_ts_ms,
+            image,
+        };
+        Self::checked(m, record, max_image_bytes)
+    }
+
+    /// `record` if every field fits its limit, else its dead letter (quoting the message, or
+    /// for a record with an image a summary of it).
+    #[allow(clippy::result_large_err)]
+    fn checked(m: &InputMessage<'_>, record: ImageRecord, max_image_bytes: u64) -> Result<ImageRecord, DeadLetter> {
+        let ImageRecord { id, uri, label, image, .. } = &record;
+        let at = format!("record at {}:{}", m.partition, m.offset);
+        let dead = |kind: &str, error: String| match image {
+            Some(image) => {
+                let summary = inline_summary(Some(id), Some(uri), label.as_deref(), image.decoded_len());
+                // Named by its id, as the dead letters of later stages are (a raw message's id
+                // is in a header, not the key).
+                let (id, uri) = (Some(truncate(id, MAX_ID_BYTES)), Some(truncate(uri, MAX_URI_BYTES)));
+                DeadLetter { id, uri, ..m.dead(kind, error, summary.as_bytes()) }
+            }
+            None => m.dead(kind, error, m.payload.unwrap_or_default()),
         };
         // Every field is copied into the outputs: one that could make them larger than the
         // broker accepts would stop the pipeline on this record again after every restart.
-        let at = format!("record at {partition}:{offset}");
         if id.len() > MAX_ID_BYTES {
             return Err(dead("id_too_long", format!("{at}: id is {} bytes, over {MAX_ID_BYTES}", id.len())));
         }
         if uri.len() > MAX_URI_BYTES {
             return Err(dead("uri_too_long", format!("{at}: uri is {} bytes, over {MAX_URI_BYTES}", uri.len())));
         }
-        match &label {
+        match label {
             Some(l) if l.len() > MAX_LABEL_BYTES => {
                 return Err(dead("invalid_label", format!("{at}: label is {} bytes, over {MAX_LABEL_BYTES}", l.len())))
             }
@@ -116,7 +285,17 @@ impl ImageRecord {
             }
             _ => {}
         }
-        Ok(ImageRecord { id, uri, label, partition, offset, kafka_ts_ms })
+        match image.as_ref().map(InlineImage::decoded_len) {
+            Some(0) => Err(dead("missing_image", format!("{at}: its image is empty"))),
+            // Refused here, so an oversized image never waits in the backlog.
+            Some(size) if size > max_image_bytes => Err(dead(
+                "too_large",
+                format!(
+                    "{at}: its image is {size} bytes, over the limit of {max_image_bytes} (image.max_encoded_bytes)"
+                ),
+            )),
+            _ => Ok(record),
+        }
     }
 
     /// A dead letter for this record.
@@ -134,6 +313,12 @@ impl ImageRecord {
             offset: self.offset,
         }
     }
+}
+
+/// What a dead letter quotes of a record that carries its image: its fields and the image's
+/// size, never its bytes.
+fn inline_summary(id: Option<&str>, uri: Option<&str>, label: Option<&str>, image_bytes: u64) -> String {
+    serde_json::json!({"id": id, "uri": uri, "label": label, "image_bytes": image_bytes}).to_string()
 }
 
 /// A JSON string's text, or any other JSON value as written (ids and labels may be numbers).
@@ -505,6 +690,104 @@ impl Feedback {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn spec(format: InputFormat, max_image_bytes: u64) -> InputSpec {
+        InputSpec { format, max_image_bytes }
+    }
+
+    #[test]
+    fn json_records_may_carry_a_base64_image_judged_on_its_length_before_decoding() {
+        let json = spec(InputFormat::Json, 6);
+        // 8 base64 characters are 6 bytes: within the limit; the text is kept, not decoded.
+        let m = InputMessage { payload: Some(br#"{"id":"a","image":"iVBORw0K","label":"cat"}"#), ..Default::default() };
+        let r = ImageRecord::parse_message(&json, &m).unwrap();
+        assert_eq!((r.id.as_str(), r.uri.as_str(), r.label.as_deref()), ("a", INLINE_URI, Some("cat")));
+        assert_eq!(r.image, Some(InlineImage::Base64("iVBORw0K".into())));
+        assert_eq!(format!("{:?}", r.image.unwrap()), "Base64(8 chars)", "Debug prints no bytes");
+        // A uri beside the image is kept as its name.
+        let m = InputMessage {
+            payload: Some(br#"{"uri":"cam/1.png","image":"iVBORw=="}"#),
+            offset: 3,
+            ..Default::default()
+        };
+        let r = ImageRecord::parse_message(&json, &m).unwrap();
+        assert_eq!((r.id.as_str(), r.uri.as_str()), ("0-3", "cam/1.png"));
+        // 12 characters, 9 bytes: too large, whatever the characters are (never decoded here).
+        let payload = br#"{"id":"b","image":"!!!!!!!!!!!!"}"#;
+        let d = ImageRecord::parse_message(&json, &InputMessage { payload: Some(payload), ..Default::default() })
+            .unwrap_err();
+        assert_eq!(d.error_kind, "too_large");
+        assert!(d.error.contains("9 bytes, over the limit of 6"), "{}", d.error);
+        assert!(!d.raw.contains("!!!!") && d.raw.contains(r#""image_bytes":9"#), "quotes no image: {}", d.raw);
+        let d = ImageRecord::parse_message(
+            &json,
+            &InputMessage { payload: Some(br#"{"image":""}"#), ..Default::default() },
+        )
+        .unwrap_err();
+        assert_eq!(d.error_kind, "missing_image");
+        // Other limits still apply, and their dead letters quote no image either.
+        let payload = format!(r#"{{"id":"c","image":"QUFB","label":"{}"}}"#, "x".repeat(MAX_LABEL_BYTES + 1));
+        let d = ImageRecord::parse_message(
+            &json,
+            &InputMessage { payload: Some(payload.as_bytes()), ..Default::default() },
+        )
+        .unwrap_err();
+        assert_eq!(d.error_kind, "invalid_label");
+        assert!(!d.raw.contains("QUFB"), "{}", d.raw);
+        // Records without an image parse as before.
+        let r =
+            ImageRecord::parse_message(&json, &InputMessage { payload: Some(b"a.png"), ..Default::default() }).unwrap();
+        assert_eq!((r.uri.as_str(), r.image), ("a.png", None));
+    }
+
+    #[test]
+    fn raw_messages_are_the_image_with_id_and_label_in_headers() {
+        let raw = spec(InputFormat::Raw, 4);
+        let m = InputMessage {
+            payload: Some(&[1, 2, 3, 4]),
+            key: Some(b"k"),
+            id_header: Some(b"img-1"),
+            label_header: Some(b"cat"),
+            partition: 2,
+            offset: 9,
+            kafka_ts_ms: Some(5),
+        };
+        let r = ImageRecord::parse_message(&raw, &m).unwrap();
+        assert_eq!((r.id.as_str(), r.uri.as_str(), r.label.as_deref()), ("img-1", INLINE_URI, Some("cat")));
+        assert_eq!(
+            (r.image, r.partition, r.offset, r.kafka_ts_ms),
+            (Some(InlineImage::Raw(vec![1, 2, 3, 4])), 2, 9, Some(5))
+        );
+        // Without the id header: the key, else partition-offset.
+        let r = ImageRecord::parse_message(&raw, &InputMessage { id_header: None, ..m }).unwrap();
+        assert_eq!((r.id.as_str(), r.label.as_deref()), ("k", Some("cat")));
+        let r = ImageRecord::parse_message(&raw, &InputMessage { id_header: None, key: None, label_header: None, ..m })
+            .unwrap();
+        assert_eq!((r.id.as_str(), r.label), ("2-9", None));
+        // A JSON-looking value is an image too (raw format reads no JSON).
+        let r = ImageRecord::parse_message(&raw, &InputMessage { payload: Some(b"{}"), ..m }).unwrap();
+        assert_eq!(r.image, Some(InlineImage::Raw(b"{}".to_vec())));
+        let d = ImageRecord::parse_message(&raw, &InputMessage { payload: Some(&[7; 5]), ..m }).unwrap_err();
+        assert_eq!((d.error_kind.as_str(), d.id.as_deref()), ("too_large", Some("img-1")));
+        assert!(d.raw.contains(r#""image_bytes":5"#) && d.raw.contains("img-1"), "{}", d.raw);
+        assert_eq!(
+            ImageRecord::parse_message(&raw, &InputMessage { payload: None, ..m }).unwrap_err().error_kind,
+            "missing_image"
+        );
+        let d = ImageRecord::parse_message(&raw, &InputMessage { label_header: Some(&[0xff]), ..m }).unwrap_err();
+        assert_eq!(d.error_kind, "malformed_record");
+        assert_eq!(
+            ImageRecord::parse_message(&raw, &InputMessage { label_header: Some(b" "), ..m }).unwrap_err().error_kind,
+            "invalid_label"
+        );
+        // Readers of records that name their images refuse any image.
+        let d = ImageRecord::parse_message(
+            &InputSpec::JSON_URIS,
+            &InputMessage { payload: Some(br#"{"image":"QUFB"}"#), ..m },
+        )
+        .unwrap_err();
+        assert_eq!(d.error_kind, "too_large");
+    }
 
     #[test]
     fn parses_json_bare_uris_and_rejects_the_rest() {

@@ -151,6 +151,7 @@ fn unlabelled_image(id: String, i: usize, offset: usize, seed: &mut u64) -> dlpi
         partition: (i % 4) as i32,
         offset: offset as i64,
         kafka_ts_ms: None,
+        image: None,
     };
     dlpipe_operators::Featured { record, features, logits: None }
 }

@@ -1,12 +1,16 @@
 //! `dlpipe produce`: publish image records (`{"id","uri","label"?}`) for files to a topic, or
 //! (`--feedback`) their labels as feedback records (`{"id","label"}`), with the same ids.
+//! `--inline` puts each file's bytes in the record (`{"id","image":"<base64>","label"?}`),
+//! `--raw` sends them as the message value with the id and label in headers (for
+//! `pipeline.input_format = "raw"`).
 
 use anyhow::Context;
 use dlpipe::config::Config;
 use dlpipe::image::list_labelled_images;
 use dlpipe::kafka::{client_config, ensure_topic, topic_partitions, wait_for_cluster, Publisher, TopicSpec};
+use dlpipe_operators::records::{ID_HEADER, LABEL_HEADER};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Debug)]
@@ -23,6 +27,14 @@ pub struct ProduceArgs {
     /// without --labels-from-dirs (same files, same --shuffle and --limit: same ids).
     #[arg(long, conflicts_with = "labels_from_dirs")]
     feedback: bool,
+    /// Carry each file's bytes in its record, base64 in an `image` field, rather than its
+    /// file:// URI.
+    #[arg(long, conflicts_with_all = ["feedback", "raw"])]
+    inline: bool,
+    /// Send each file's bytes as the message value, the id and label in the `dlpipe-id` and
+    /// `dlpipe-label` headers (for pipeline.input_format = "raw").
+    #[arg(long, conflicts_with = "feedback")]
+    raw: bool,
     /// Records per second (0: as fast as the broker takes them).
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
@@ -56,7 +68,7 @@ fn shuffle<T>(items: &mut [T], seed: u64) {
 }
 
 pub fn run(config: &Config, args: ProduceArgs) -> anyhow::Result<()> {
-    let topic = match (args.topic, args.feedback) {
+    let topic = match (args.topic.clone(), args.feedback) {
         (Some(topic), _) => topic,
         (None, false) => config.pipeline.input_topic.clone(),
         (None, true) if config.pipeline.feedback_topic.is_empty() => {
@@ -93,23 +105,20 @@ pub fn run(config: &Config, args: ProduceArgs) -> anyhow::Result<()> {
     );
     let started = Instant::now();
     for (i, (path, label)) in files.iter().enumerate() {
-        let absolute = std::fs::canonicalize(path).with_context(|| format!("{}", path.display()))?;
         let id = path.display().to_string();
-        let mut record = if args.feedback {
-            let Some(label) = label else {
-                anyhow::bail!("{} is not inside a class sub-folder: --feedback has no label for it", path.display())
-            };
-            serde_json::json!({ "id": id, "label": label, "ts": dlpipe_operators::records::now_ms() })
-        } else {
-            serde_json::json!({ "id": id, "uri": format!("file://{}", absolute.display()) })
-        };
-        if args.labels_from_dirs {
-            match label {
-                Some(label) => record["label"] = label.clone().into(),
-                None => anyhow::bail!("{} is not inside a class sub-folder (--labels-from-dirs)", path.display()),
-            }
+        if args.labels_from_dirs && label.is_none() {
+            anyhow::bail!("{} is not inside a class sub-folder (--labels-from-dirs)", path.display())
         }
-        publisher.send(&topic, &id, &record.to_string())?;
+        if args.raw {
+            let bytes = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
+            let mut headers = vec![(ID_HEADER, id.as_str())];
+            if let (true, Some(label)) = (args.labels_from_dirs, label) {
+                headers.push((LABEL_HEADER, label.as_str()));
+            }
+            publisher.send_with_headers(&topic, &id, &bytes, &headers)?;
+        } else {
+            publisher.send(&topic, &id, &record_of(&args, path, &id, label.as_deref())?.to_string())?;
+        }
         progress.inc(1);
         if args.rate > 0.0 {
             let due = started + Duration::from_secs_f64((i + 1) as f64 / args.rate);
@@ -122,4 +131,26 @@ pub fn run(config: &Config, args: ProduceArgs) -> anyhow::Result<()> {
     progress.finish_and_clear();
     eprintln!("published {acked} record(s) to {topic} in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The JSON record of one file: its feedback label, its image's base64 bytes (`--inline`) or
+/// its file:// URI.
+fn record_of(args: &ProduceArgs, path: &Path, id: &str, label: Option<&str>) -> anyhow::Result<serde_json::Value> {
+    use base64::Engine;
+    let mut record = if args.feedback {
+        let Some(label) = label else {
+            anyhow::bail!("{} is not inside a class sub-folder: --feedback has no label for it", path.display())
+        };
+        serde_json::json!({ "id": id, "label": label, "ts": dlpipe_operators::records::now_ms() })
+    } else if args.inline {
+        let bytes = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
+        serde_json::json!({ "id": id, "image": base64::engine::general_purpose::STANDARD.encode(bytes) })
+    } else {
+        let absolute = std::fs::canonicalize(path).with_context(|| format!("{}", path.display()))?;
+        serde_json::json!({ "id": id, "uri": format!("file://{}", absolute.display()) })
+    };
+    if let (true, Some(label)) = (args.labels_from_dirs, label) {
+        record["label"] = label.into();
+    }
+    Ok(record)
 }

@@ -268,7 +268,24 @@ impl Publisher {
 
     /// Queues one message, waiting while the producer's queue is full.
     pub fn send(&self, topic: &str, key: &str, payload: &str) -> Result<(), KafkaError> {
+        self.send_with_headers(topic, key, payload.as_bytes(), &[])
+    }
+
+    /// Queues one message with any payload and headers (name, value).
+    pub fn send_with_headers(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+        headers: &[(&str, &str)],
+    ) -> Result<(), KafkaError> {
         let mut record = BaseRecord::to(topic).key(key).payload(payload);
+        if !headers.is_empty() {
+            let owned = headers.iter().fold(rdkafka::message::OwnedHeaders::new(), |all, (key, value)| {
+                all.insert(rdkafka::message::Header { key, value: Some(*value) })
+            });
+            record = record.headers(owned);
+        }
         loop {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),

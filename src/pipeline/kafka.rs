@@ -9,6 +9,7 @@ use crate::config::{Config, DeliveryGuarantee, KafkaConfig, StartFrom};
 use crate::kafka::{client_config, ensure_topics, topic_partitions, with_retry, TopicSpec};
 use crate::metrics::kafka::{LagContext, STATISTICS_INTERVAL_MS};
 use crate::metrics::Metrics;
+use dlpipe_operators::records::InputSpec;
 use dlpipe_operators::{
     AssignedConsumer, CounterByLabel, Epoch, EpochPolicy, FeedbackJoinMetrics, PartitionRange, Position, SinkContext,
     SourceMetrics, SourceSpec,
@@ -112,6 +113,7 @@ pub(super) fn assign_input(
         epochs: p.epochs,
         max_backlog: p.max_backlog,
         max_poll: 256,
+        input: InputSpec { format: p.input_format, max_image_bytes: config.image.max_encoded_bytes },
     };
     Ok(Input { assigned, source, starts })
 }
@@ -275,7 +277,14 @@ pub(super) fn feedback_reader(
     let consumed = CounterByLabel::new(metrics.records_consumed.clone(), vec![worker_label.to_owned(), topic.into()]);
     Ok(FeedbackReader {
         consumer,
-        spec: SourceSpec { topic: topic.into(), partitions: ranges, epochs: p.epochs, max_backlog: 1, max_poll: 256 },
+        spec: SourceSpec {
+            topic: topic.into(),
+            partitions: ranges,
+            epochs: p.epochs,
+            max_backlog: 1,
+            max_poll: 256,
+            input: InputSpec::JSON_URIS,
+        },
         retention,
         source_metrics: SourceMetrics { consumed },
         join_metrics: metrics.feedback_join(index),

@@ -10,6 +10,7 @@ use crate::fetch::Fetcher;
 use crate::image::decode;
 use crate::metrics::Metrics;
 use crate::model::{Featurizer, ModelError};
+use dlpipe_operators::records::InlineImage;
 use dlpipe_operators::{ImageRecord, ModelRow, PrepareError};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -46,9 +47,14 @@ impl Work {
         let fetched_bytes = metrics.fetched_bytes.with_label_values(&[worker]);
         let fetch: Fetch = Arc::new(move |record: &ImageRecord| {
             let started = Instant::now();
-            let bytes = fetcher.fetch(&record.uri, limits.max_encoded_bytes);
+            let bytes = match &record.image {
+                Some(image) => inline_bytes(record, image, limits.max_encoded_bytes),
+                None => fetcher
+                    .fetch(&record.uri, limits.max_encoded_bytes)
+                    .map_err(|e| PrepareError::new(e.kind(), e.to_string())),
+            };
             fetch_seconds.observe(started.elapsed().as_secs_f64());
-            let bytes = bytes.map_err(|e| PrepareError::new(e.kind(), e.to_string()))?;
+            let bytes = bytes?;
             fetched_bytes.inc_by(bytes.len() as u64);
             Ok(bytes)
         });
@@ -82,5 +88,25 @@ impl Work {
                 Ok((0..n).map(row).collect())
             }));
         Ok(Work { fetch, decode, model })
+    }
+}
+
+/// The bytes of an image the record carries. The source refused oversized ones already; the
+/// size is checked again here (before decoding the base64) so that no path decodes an image
+/// over the limit.
+fn inline_bytes(record: &ImageRecord, image: &InlineImage, max_bytes: u64) -> Result<Vec<u8>, PrepareError> {
+    use base64::Engine;
+    let size = image.decoded_len();
+    if size > max_bytes {
+        let message = format!("record {}: its image is {size} bytes, over the limit of {max_bytes}", record.id);
+        return Err(PrepareError::new("too_large", message));
+    }
+    match image {
+        InlineImage::Raw(bytes) => Ok(bytes.clone()),
+        InlineImage::Base64(text) => {
+            base64::engine::general_purpose::STANDARD_PAD_INDIFFERENT.decode(text).map_err(|e| {
+                PrepareError::new("invalid_image", format!("record {}: its image is not valid base64 ({e})", record.id))
+            })
+        }
     }
 }
