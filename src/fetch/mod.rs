@@ -29,6 +29,7 @@ use std::time::Duration;
 use tracing::debug;
 
 pub mod address;
+pub mod store;
 
 /// How URIs are fetched. Every field is optional in configuration files.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +74,8 @@ pub struct FetchConfig {
     /// multicast and reserved addresses are otherwise refused, so a URI cannot turn dlpipe
     /// into a probe of the network it runs in. Default empty.
     pub allowed_networks: Vec<String>,
+    /// `s3://` URIs: endpoint, region, credentials (`[fetch.s3]`; see [`store::S3Config`]).
+    pub s3: store::S3Config,
 }
 
 impl Default for FetchConfig {
@@ -89,6 +92,7 @@ impl Default for FetchConfig {
             file_root: None,
             file_roots: Vec::new(),
             allowed_networks: Vec::new(),
+            s3: store::S3Config::default(),
         }
     }
 }
@@ -166,6 +170,11 @@ pub enum FetchError {
         attempts: u32,
     },
 
+    /// An `s3://` object that could not be read: `not_found`, `unauthorized`, `forbidden`,
+    /// `http_status`, `network`, `timeout` or `store_config` (see [`store::StoreError`]).
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+
     /// `network`: DNS, refused or reset connections, TLS, malformed HTTP.
     #[error("{uri}: network error{}: {source}; check that the host is reachable from here", after_attempts(*attempts))]
     Network {
@@ -190,6 +199,7 @@ impl FetchError {
             FetchError::HttpStatus { .. } => "http_status",
             FetchError::Timeout { .. } => "timeout",
             FetchError::Network { .. } => "network",
+            FetchError::Store(error) => error.kind(),
         }
     }
 
@@ -207,6 +217,7 @@ impl FetchError {
             | FetchError::HttpStatus { uri, .. }
             | FetchError::Timeout { uri, .. }
             | FetchError::Network { uri, .. } => uri,
+            FetchError::Store(error) => error.uri(),
         }
     }
 }
@@ -274,6 +285,10 @@ pub struct Fetcher {
     config: Arc<FetchConfig>,
     /// `config.file_roots`, canonicalised once.
     roots: Arc<Vec<PathBuf>>,
+    /// The address policy, for object-store endpoints (ureq's resolver holds its own copy).
+    policy: Arc<address::AddressPolicy>,
+    /// Clients of the `s3://` buckets seen so far.
+    s3: Arc<store::S3Stores>,
 }
 
 /// Folders no image is read from, whatever `file_roots` says: kernel and device files.
@@ -303,11 +318,13 @@ impl Fetcher {
             .iter()
             .map(|r| std::fs::canonicalize(r).map_err(|error| ConfigError::FileRoot { path: r.clone(), error }))
             .collect::<Result<Vec<_>, _>>()?;
-        let resolver = address::CheckedResolver::new(address::AddressPolicy { allowed, allow_all: false });
+        let policy = address::AddressPolicy { allowed, allow_all: false };
+        let resolver = address::CheckedResolver::new(policy.clone());
         let agent_config = adjust(agent_config(&config)).build();
         let agent =
             ureq::Agent::with_parts(agent_config, ureq::unversioned::transport::DefaultConnector::default(), resolver);
-        Ok(Fetcher { agent, config: Arc::new(config), roots: Arc::new(roots) })
+        let (policy, s3) = (Arc::new(policy), Arc::default());
+        Ok(Fetcher { agent, config: Arc::new(config), roots: Arc::new(roots), policy, s3 })
     }
 
     /// Checks a local path against the roots: the canonical path (`..` and links resolved) must
@@ -347,6 +364,7 @@ impl Fetcher {
     pub fn fetch_with_attempts(&self, uri: &str, max_bytes: u64) -> FetchOutcome {
         match self.target(uri) {
             Ok(Target::Http) => self.fetch_http(uri, max_bytes),
+            Ok(Target::S3) => self.s3.fetch(uri, max_bytes, &self.config, &self.policy),
             Ok(Target::Data) => {
                 let result = data_uri_bytes(uri, max_bytes);
                 // Nothing to retry; a refused URI, as elsewhere, counts no attempt.
@@ -370,11 +388,12 @@ impl Fetcher {
         match scheme {
             Some(s) if s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https") => return Ok(Target::Http),
             Some(s) if s.eq_ignore_ascii_case("data") => return Ok(Target::Data),
+            Some(s) if s.eq_ignore_ascii_case("s3") => return Ok(Target::S3),
             Some(s) if !s.eq_ignore_ascii_case("file") => {
                 let supported = if self.config.allow_file {
-                    "http://, https://, data:, file:// and plain file paths"
+                    "http://, https://, s3://, data:, file:// and plain file paths"
                 } else {
-                    "http://, https:// and data: (local files are disabled)"
+                    "http://, https://, s3:// and data: (local files are disabled)"
                 };
                 return Err(FetchError::UnsupportedScheme { uri: uri.into(), scheme: s.into(), supported });
             }
@@ -479,6 +498,7 @@ fn lexically_inside(path: &Path, root: &Path) -> bool {
 
 enum Target {
     Http,
+    S3,
     Data,
     File(PathBuf),
 }
