@@ -1097,18 +1097,18 @@ mod tests {
             assert_eq!(error.kind(), "forbidden_local_file", "{uri}");
             assert_eq!(attempts, 0);
         }
-        let (error, _) = fetch_err(&fetcher, "s3://bucket/cat.jpg", 1024);
+        let (error, _) = fetch_err(&fetcher, "gs://bucket/cat.jpg", 1024);
         assert!(error.to_string().contains("local files are disabled"), "{error}");
     }
 
     #[test]
     fn unknown_schemes_are_unsupported() {
         let fetcher = fetcher(fast_config());
-        for (uri, scheme) in [("s3://bucket/cat.jpg", "s3"), ("ftp://host/cat.jpg", "ftp")] {
+        for (uri, scheme) in [("gs://bucket/cat.jpg", "gs"), ("ftp://host/cat.jpg", "ftp")] {
             let (error, attempts) = fetch_err(&fetcher, uri, 1024);
             assert_eq!(error.kind(), "unsupported_scheme");
             assert!(matches!(&error, FetchError::UnsupportedScheme { scheme: s, .. } if s == scheme));
-            assert!(error.to_string().contains("http://, https://, data:, file://"), "{error}");
+            assert!(error.to_string().contains("http://, https://, s3://, data:, file://"), "{error}");
             assert_eq!(attempts, 0);
         }
     }
