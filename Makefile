@@ -31,6 +31,7 @@ image: setup
 
 test: setup
 	scripts/kafka start
+	scripts/s3 start
 	$(CARGO) test $(PROFILE_FLAGS) --workspace --no-fail-fast -- --show-output
 
 # Coverage-guided fuzzing (cargo-fuzz, libFuzzer, stable Rust) of the record parsers and of image
@@ -54,3 +55,4 @@ lint:
 services-stop:
 	scripts/kafka stop
 	scripts/prometheus stop
+	scripts/s3 stop

@@ -372,7 +372,7 @@ impl KafkaConfig {
 
 /// Replaces every `${NAME}` in `text`, the value of `key`, with the variable's value; `$$` is a
 /// literal `$`.
-fn expand_env(key: &str, text: &str, env: &BTreeMap<String, String>) -> Result<String, ConfigError> {
+pub(crate) fn expand_env(key: &str, text: &str, env: &BTreeMap<String, String>) -> Result<String, ConfigError> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(at) = rest.find('$') {

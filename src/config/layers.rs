@@ -80,6 +80,7 @@ impl Config {
         let mut config: Config = toml::Value::Table(table).try_into().map_err(ConfigError::Toml)?;
         let invalid = |error| ConfigError::Invalid { path: label.into(), error: Box::new(error) };
         config.kafka.resolve_env(env.clone()).map_err(invalid)?;
+        config.fetch.s3.resolve_env(&env).map_err(invalid)?;
         config.validate().map_err(invalid)?;
         let env_names = env
             .iter()

@@ -30,6 +30,7 @@ use tracing::debug;
 
 pub mod address;
 pub mod auth;
+pub mod store;
 
 /// How URIs are fetched. Every field is optional in configuration files.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,6 +83,8 @@ pub struct FetchConfig {
     /// `host` matches is sent. Secrets come from the environment or files, never the config
     /// file; see [`auth::HttpAuthRule`]. Default none.
     pub http_auth: Vec<auth::HttpAuthRule>,
+    /// `s3://` URIs: endpoint, region, credentials (`[fetch.s3]`; see [`store::S3Config`]).
+    pub s3: store::S3Config,
 }
 
 impl Default for FetchConfig {
@@ -100,6 +103,7 @@ impl Default for FetchConfig {
             allowed_networks: Vec::new(),
             max_per_host: 8,
             http_auth: Vec::new(),
+            s3: store::S3Config::default(),
         }
     }
 }
@@ -188,6 +192,11 @@ pub enum FetchError {
         attempts: u32,
     },
 
+    /// An `s3://` object that could not be read: `not_found`, `unauthorized`, `forbidden`,
+    /// `http_status`, `network`, `timeout` or `store_config` (see [`store::StoreError`]).
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+
     /// `network`: DNS, refused or reset connections, TLS, malformed HTTP.
     #[error("{uri}: network error{}: {source}; check that the host is reachable from here", after_attempts(*attempts))]
     Network {
@@ -213,6 +222,7 @@ impl FetchError {
             FetchError::HttpStatus { .. } => "http_status",
             FetchError::Timeout { .. } => "timeout",
             FetchError::Network { .. } => "network",
+            FetchError::Store(error) => error.kind(),
         }
     }
 
@@ -231,6 +241,7 @@ impl FetchError {
             | FetchError::HttpStatus { uri, .. }
             | FetchError::Timeout { uri, .. }
             | FetchError::Network { uri, .. } => uri,
+            FetchError::Store(error) => error.uri(),
         }
     }
 }
@@ -313,6 +324,10 @@ pub struct Fetcher {
     credentials: Arc<auth::Credentials>,
     /// `config.max_per_host`, shared by all clones.
     per_host: Arc<auth::HostLimiter>,
+    /// The address policy, for object-store endpoints (ureq's resolver holds its own copy).
+    policy: Arc<address::AddressPolicy>,
+    /// Clients of the `s3://` buckets seen so far.
+    s3: Arc<store::S3Stores>,
 }
 
 /// Folders no image is read from, whatever `file_roots` says: kernel and device files.
@@ -344,7 +359,8 @@ impl Fetcher {
             .collect::<Result<Vec<_>, _>>()?;
         let credentials = auth::Credentials::resolve(&config.http_auth, |name| std::env::var(name).ok())?;
         let per_host = Arc::new(auth::HostLimiter::new(config.max_per_host));
-        let resolver = address::CheckedResolver::new(address::AddressPolicy { allowed, allow_all: false });
+        let policy = address::AddressPolicy { allowed, allow_all: false };
+        let resolver = address::CheckedResolver::new(policy.clone());
         let agent_config = adjust(agent_config(&config)).build();
         let agent =
             ureq::Agent::with_parts(agent_config, ureq::unversioned::transport::DefaultConnector::default(), resolver);
@@ -354,6 +370,8 @@ impl Fetcher {
             roots: Arc::new(roots),
             credentials: Arc::new(credentials),
             per_host,
+            policy: Arc::new(policy),
+            s3: Arc::default(),
         })
     }
 
@@ -394,6 +412,7 @@ impl Fetcher {
     pub fn fetch_with_attempts(&self, uri: &str, max_bytes: u64) -> FetchOutcome {
         match self.target(uri) {
             Ok(Target::Http) => self.fetch_http(uri, max_bytes),
+            Ok(Target::S3) => self.s3.fetch(uri, max_bytes, &self.config, &self.policy),
             Ok(Target::Data) => {
                 let result = data_uri_bytes(uri, max_bytes);
                 // Nothing to retry; a refused URI, as elsewhere, counts no attempt.
@@ -417,11 +436,12 @@ impl Fetcher {
         match scheme {
             Some(s) if s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https") => return Ok(Target::Http),
             Some(s) if s.eq_ignore_ascii_case("data") => return Ok(Target::Data),
+            Some(s) if s.eq_ignore_ascii_case("s3") => return Ok(Target::S3),
             Some(s) if !s.eq_ignore_ascii_case("file") => {
                 let supported = if self.config.allow_file {
-                    "http://, https://, data:, file:// and plain file paths"
+                    "http://, https://, s3://, data:, file:// and plain file paths"
                 } else {
-                    "http://, https:// and data: (local files are disabled)"
+                    "http://, https://, s3:// and data: (local files are disabled)"
                 };
                 return Err(FetchError::UnsupportedScheme { uri: uri.into(), scheme: s.into(), supported });
             }
@@ -590,6 +610,7 @@ fn lexically_inside(path: &Path, root: &Path) -> bool {
 
 enum Target {
     Http,
+    S3,
     Data,
     File(PathBuf),
 }
@@ -1307,18 +1328,18 @@ mod tests {
             assert_eq!(error.kind(), "forbidden_local_file", "{uri}");
             assert_eq!(attempts, 0);
         }
-        let (error, _) = fetch_err(&fetcher, "s3://bucket/cat.jpg", 1024);
+        let (error, _) = fetch_err(&fetcher, "gs://bucket/cat.jpg", 1024);
         assert!(error.to_string().contains("local files are disabled"), "{error}");
     }
 
     #[test]
     fn unknown_schemes_are_unsupported() {
         let fetcher = fetcher(fast_config());
-        for (uri, scheme) in [("s3://bucket/cat.jpg", "s3"), ("ftp://host/cat.jpg", "ftp")] {
+        for (uri, scheme) in [("gs://bucket/cat.jpg", "gs"), ("ftp://host/cat.jpg", "ftp")] {
             let (error, attempts) = fetch_err(&fetcher, uri, 1024);
             assert_eq!(error.kind(), "unsupported_scheme");
             assert!(matches!(&error, FetchError::UnsupportedScheme { scheme: s, .. } if s == scheme));
-            assert!(error.to_string().contains("http://, https://, data:, file://"), "{error}");
+            assert!(error.to_string().contains("http://, https://, s3://, data:, file://"), "{error}");
             assert_eq!(attempts, 0);
         }
     }

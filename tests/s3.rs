@@ -1,0 +1,185 @@
+//! `s3://` URIs against a real S3-compatible server: moto's standalone server, started by
+//! `scripts/s3 start`, which enforces signed requests with an access key of its own IAM.
+
+mod common;
+
+use common::run::{messages, read_topic, Run};
+use common::{fashion, produce};
+use dlpipe::fetch::store::S3Config;
+use dlpipe::fetch::{FetchConfig, Fetcher};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// The server's endpoint and its access key id and secret, starting it on first use.
+struct Server {
+    endpoint: String,
+    key_id: String,
+    secret: String,
+}
+
+fn server() -> &'static Server {
+    static SERVER: OnceLock<Server> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        let script = common::root().join("scripts/s3");
+        let status = Command::new(&script).arg("start").status().expect("run scripts/s3");
+        assert!(status.success(), "scripts/s3 start failed; see its output above");
+        let text = |arg: &str| String::from_utf8(Command::new(&script).arg(arg).output().unwrap().stdout).unwrap();
+        let env = std::fs::read_to_string(text("env").trim()).unwrap();
+        let value = |name: &str| {
+            env.lines().find_map(|l| l.strip_prefix(&format!("{name}="))).unwrap_or_else(|| panic!("{name}")).to_owned()
+        };
+        Server {
+            endpoint: text("url").trim().to_owned(),
+            key_id: value("AWS_ACCESS_KEY_ID"),
+            secret: value("AWS_SECRET_ACCESS_KEY"),
+        }
+    })
+}
+
+/// Creates `bucket` and uploads each file under its key, through the server's own API (boto3).
+fn upload(bucket: &str, objects: &[(String, PathBuf)]) {
+    let s = server();
+    let list: Vec<Value> = objects.iter().map(|(k, p)| serde_json::json!([k, p])).collect();
+    let script = "import sys, json, boto3\n\
+        url, key, secret, bucket, objects = sys.argv[1:6]\n\
+        s3 = boto3.client('s3', endpoint_url=url, region_name='us-east-1', aws_access_key_id=key, aws_secret_access_key=secret)\n\
+        s3.create_bucket(Bucket=bucket)\n\
+        for k, p in json.loads(objects): s3.upload_file(p, bucket, k)\n";
+    let status = Command::new(common::python())
+        .args(["-c", script, &s.endpoint, &s.key_id, &s.secret, bucket])
+        .arg(serde_json::to_string(&list).unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success(), "uploading to {bucket} failed");
+}
+
+fn s3_config(secret: &str) -> S3Config {
+    let s = server();
+    S3Config {
+        endpoint: Some(s.endpoint.clone()),
+        access_key_id: Some(s.key_id.clone()),
+        secret_access_key: Some(secret.to_owned()),
+        ..S3Config::default()
+    }
+}
+
+fn bucket_name(prefix: &str) -> String {
+    // Bucket names: lower case, at most 63 characters.
+    let unique = common::unique(prefix).to_ascii_lowercase();
+    unique[..unique.len().min(63)].to_owned()
+}
+
+#[test]
+fn objects_are_fetched_and_failures_get_distinct_kinds() {
+    let bucket = bucket_name("fetch");
+    let images = fashion(3, 0);
+    let objects: Vec<(String, PathBuf)> =
+        images.iter().enumerate().map(|(i, (p, c))| (format!("{c}/{i}.png"), p.clone())).collect();
+    upload(&bucket, &objects);
+    let config = |secret: &str, allowed: &[&str]| FetchConfig {
+        s3: s3_config(secret),
+        allowed_networks: allowed.iter().map(|a| a.to_string()).collect(),
+        max_retries: 0,
+        ..FetchConfig::default()
+    };
+    let fetcher = Fetcher::new(config(&server().secret, &["127.0.0.1"])).unwrap();
+    for (key, path) in &objects {
+        let outcome = fetcher.fetch_with_attempts(&format!("s3://{bucket}/{key}"), 1 << 20);
+        assert_eq!(outcome.result.unwrap(), std::fs::read(path).unwrap(), "{key}");
+        assert_eq!(outcome.attempts, 1);
+    }
+    let kind = |fetcher: &Fetcher, uri: &str, max: u64| fetcher.fetch(uri, max).unwrap_err().kind();
+    let first = format!("s3://{bucket}/{}", objects[0].0);
+    assert_eq!(kind(&fetcher, &format!("s3://{bucket}/missing.png"), 1 << 20), "not_found");
+    assert_eq!(kind(&fetcher, "s3://no-such-bucket-dlpipe/x.png", 1 << 20), "not_found");
+    assert_eq!(kind(&fetcher, &first, 10), "too_large");
+    let wrong = Fetcher::new(config("not-the-secret", &["127.0.0.1"])).unwrap();
+    let error = wrong.fetch(&first, 1 << 20).unwrap_err();
+    assert_eq!(error.kind(), "unauthorized", "{error}");
+    assert!(!error.to_string().contains("not-the-secret"), "{error}");
+    // The endpoint is on loopback: refused unless allowed, before any request.
+    let closed = Fetcher::new(config(&server().secret, &[])).unwrap();
+    let outcome = closed.fetch_with_attempts(&first, 1 << 20);
+    assert_eq!(outcome.result.unwrap_err().kind(), "forbidden_address");
+    assert_eq!(outcome.attempts, 0);
+}
+
+#[test]
+fn a_store_endpoint_by_name_obeys_the_address_policy() {
+    let s3 = S3Config { endpoint: Some(server().endpoint.replace("127.0.0.1", "localhost")), ..s3_config("x") };
+    let fetcher = Fetcher::new(FetchConfig { s3, max_retries: 0, ..FetchConfig::default() }).unwrap();
+    let error = fetcher.fetch("s3://any-bucket/x.png", 1 << 20).unwrap_err();
+    assert_eq!(error.kind(), "forbidden_address", "{error}");
+}
+
+/// The stream from `s3://` URIs predicts exactly as from the same files by `file://`; a missing
+/// object and a wrong secret are dead-lettered, each with its own kind.
+#[test]
+fn s3_uris_predict_exactly_as_the_files_they_name() {
+    let images = fashion(30, 300);
+    let bucket = bucket_name("stream");
+    let objects: Vec<(String, PathBuf)> =
+        images.iter().map(|(p, c)| (format!("{c}/{}", file_name(p)), p.clone())).collect();
+    upload(&bucket, &objects);
+    let by_file = messages(&images, "r", 2, |i| i % 3 != 2);
+    let by_s3: Vec<(i32, String, String)> = by_file
+        .iter()
+        .zip(&objects)
+        .map(|((partition, id, payload), (key, _))| {
+            let mut record: Value = serde_json::from_str(payload).unwrap();
+            record["uri"] = format!("s3://{bucket}/{key}").into();
+            (*partition, id.clone(), record.to_string())
+        })
+        .collect();
+    let missing = serde_json::json!({"id": "missing", "uri": format!("s3://{bucket}/none.png")}).to_string();
+    let by_s3 = [by_s3, vec![(0, "missing".into(), missing)]].concat();
+    let s = server();
+    let store = |secret: &str| {
+        format!(
+            "epochs = {{ by = \"offsets\", records = 4 }}\n[fetch.s3]\nendpoint = \"{}\"\naccess_key_id = \"{}\"\n\
+             secret_access_key = \"{secret}\"\n",
+            s.endpoint, s.key_id
+        )
+    };
+    let run = |name: &str, messages: &[(i32, String, String)], extra: &str| {
+        let input = common::unique(name);
+        produce(&input, 2, messages);
+        let run = Run::new(name, &input, extra);
+        run.to_end(&[]);
+        run
+    };
+    let file_run = run("s3file", &by_file, &store(&s.secret));
+    let s3_run = run("s3store", &by_s3, &store(&s.secret));
+    let reference = predictions_by_id(&file_run.predictions, images.len());
+    assert_eq!(reference.len(), images.len());
+    assert!(reference.values().any(|(_, v)| *v > 0), "later records are predicted by a model that has learned");
+    assert_eq!(predictions_by_id(&s3_run.predictions, images.len() + 1), reference);
+    let dead = read_topic(&s3_run.dead, 2, Duration::from_secs(5));
+    let kinds: Vec<(&str, &str)> =
+        dead.iter().map(|d| (d["id"].as_str().unwrap(), d["error_kind"].as_str().unwrap())).collect();
+    assert_eq!(kinds, [("missing", "not_found")]);
+
+    let wrong = run("s3wrong", &by_s3[..2], &store("not-the-secret"));
+    let dead = read_topic(&wrong.dead, 3, Duration::from_secs(5));
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    for d in &dead {
+        assert_eq!(d["error_kind"], "unauthorized", "{d}");
+        assert!(!d.to_string().contains("not-the-secret"), "{d}");
+    }
+}
+
+fn file_name(path: &std::path::Path) -> String {
+    path.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+/// `id → (top_k, model version)` of the predictions on `topic`: the scores, bit for bit.
+fn predictions_by_id(topic: &str, n: usize) -> BTreeMap<String, (String, u64)> {
+    read_topic(topic, n, Duration::from_secs(5))
+        .into_iter()
+        .map(|p| (p["id"].as_str().unwrap().to_owned(), (p["top_k"].to_string(), p["model_version"].as_u64().unwrap())))
+        .collect()
+}
