@@ -453,7 +453,11 @@ pub enum ConfigError {
     #[error("fetch.allowed_networks: {0}")]
     AllowedNetwork(NetworkError),
     /// A folder of `fetch.file_roots` cannot be resolved (it must exist).
-    #[error("fetch.file_roots: {} cannot be used: {error}", path.display())]
+    #[error(
+        "fetch.file_roots: {} cannot be used: {error}; name folders that exist (relative to the config \
+         file), or set file_roots = [] to allow any local file",
+        path.display()
+    )]
     FileRoot { path: PathBuf, error: std::io::Error },
 }
 
@@ -634,6 +638,7 @@ mod tests {
             (&mut local.model.dir, &defaults.model.dir),
             (&mut local.pipeline.snapshot_dir, &defaults.pipeline.snapshot_dir),
             (&mut local.train.feature_cache, &defaults.train.feature_cache),
+            (&mut local.fetch.file_roots[0], &defaults.fetch.file_roots[0]),
         ] {
             assert_eq!(*given, Path::new("..").join(default));
             *given = default.clone();

@@ -124,6 +124,8 @@ fn the_release_predicts_and_streams_away_from_the_clone() {
     let (predictions, mut env) = stream_env(&input, "127.0.0.1:0");
     // A relative path given in the environment: relative to the working directory.
     env.push(("DLPIPE__PIPELINE__SNAPSHOT_DIR".into(), "snapshots".into()));
+    // The images are not in the release's data/, the default root of records' files: name theirs.
+    env.push(("DLPIPE__FETCH__FILE_ROOTS".into(), format!("[{:?}]", work.display().to_string())));
     let log = dir.path().join("run.log");
     let child = hidden(&dlpipe, &work)
         .arg("-c")
@@ -229,13 +231,14 @@ fn the_container_image_predicts_streams_and_reports_ready() {
         .enumerate()
         .map(|(i, (path, label))| {
             std::fs::copy(path, dir.path().join(format!("{i}.png"))).unwrap();
-            (PathBuf::from(format!("/data/{i}.png")), label)
+            (PathBuf::from(format!("/opt/dlpipe/data/{i}.png")), label)
         })
         .collect();
-    let mounts = [format!("{}:/data:ro", dir.path().display())];
+    // Images go in the release's data/, the default root of the files records may name.
+    let mounts = [format!("{}:/opt/dlpipe/data:ro", dir.path().display())];
     let command = |args: &[&str]| [entrypoint.clone(), args.iter().map(|a| a.to_string()).collect()].concat();
 
-    let out = container.run(&[], &mounts, &command(&["predict", "--json", "/data/cat.jpg"]));
+    let out = container.run(&[], &mounts, &command(&["predict", "--json", "/opt/dlpipe/data/cat.jpg"]));
     assert!(out.status.success(), "predict in the image: {}", text(&out.stderr));
     let prediction: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let top = prediction["top_k"][0]["class"].as_u64().unwrap();

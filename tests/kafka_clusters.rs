@@ -18,6 +18,7 @@ fn config(dir: &Path, name: &str, brokers: &str, kafka_extra: &str, pipeline_ext
     let path = dir.join(format!("{name}.toml"));
     let toml = format!(
         "[model]\ndir = \"{models}\"\nbatch_size = 8\n\n[metrics]\nlisten = \"\"\n\n\
+         [fetch]\nfile_roots = [{dir:?}]\n\n\
          [kafka]\nbrokers = \"{brokers}\"\nretry_timeout_secs = 90\n{kafka_extra}\n\n\
          [pipeline]\ninput_topic = \"{name}-images\"\npredictions_topic = \"{name}-predictions\"\n\
          dead_letter_topic = \"{name}-dead-letters\"\nmodel_topic = \"{name}-models\"\ngroup_id = \"{name}\"\n\
@@ -25,6 +26,7 @@ fn config(dir: &Path, name: &str, brokers: &str, kafka_extra: &str, pipeline_ext
          {pipeline_extra}\n",
         models = root().join("models").display(),
         snapshots = dir.join("snapshots").display(),
+        dir = dir.display().to_string(),
     );
     std::fs::write(&path, toml).unwrap();
     path

@@ -230,7 +230,7 @@ fn wave(topic: &str, wave: usize, good: usize, skip: usize) -> (usize, usize) {
         })
         .collect();
     let bad = [
-        record(&format!("w{wave}-missing"), Path::new("/no/such/image.png"), "bag"),
+        record(&format!("w{wave}-missing"), &common::root().join("data/no-such-image.png"), "bag"),
         "{\"id\": \"broken".to_owned(),
         serde_json::json!({"id": format!("w{wave}-s3"), "uri": "gs://bucket/cat.jpg"}).to_string(),
     ];

@@ -98,7 +98,9 @@ fn one_prediction_per_good_record_and_one_dead_letter_per_bad_input() {
     // Every third good record is unlabelled: it is predicted, not learned from.
     let mut messages = messages(&good, "good-", 2, |i| i % 3 != 0);
     let bad = [
-        ("missing", record("missing", Path::new("/no/such/image.png"), None), "not_found"),
+        ("missing", record("missing", &dir.path().join("missing.png"), None), "not_found"),
+        // Outside fetch.file_roots: refused unread, so the dead letter cannot quote it.
+        ("passwd", record("passwd", Path::new("/etc/passwd"), None), "forbidden_local_file"),
         ("text", record("text", &text, None), "unsupported_format"),
         ("truncated", record("truncated", &truncated, None), "undecodable"),
         ("badjson", "{\"id\": \"badjson\", \"uri\": ".to_string(), "malformed_json"),
@@ -146,6 +148,9 @@ fn one_prediction_per_good_record_and_one_dead_letter_per_bad_input() {
     let text = dead.iter().find(|d| d["id"] == "text").unwrap();
     assert!(text["error"].as_str().unwrap().contains("bytes of text"), "{text}");
     assert!(!text.to_string().contains("SECRET"), "the dead letter quotes the file: {text}");
+    let passwd = dead.iter().find(|d| d["id"] == "passwd").unwrap();
+    assert!(passwd["error"].as_str().unwrap().contains("outside fetch.file_roots"), "{passwd}");
+    assert!(!passwd.to_string().contains("root:"), "{passwd}");
     assert!(dead.iter().all(|d| d["raw"].is_string() && d["error"].is_string()));
 }
 

@@ -172,6 +172,91 @@ fn s3_uris_predict_exactly_as_the_files_they_name() {
     }
 }
 
+/// `tools/fault_proxy.py` in front of the server: the first `fail_first` requests for each
+/// object are answered `503 SlowDown`, as S3 throttles, and the rest are forwarded unchanged.
+struct SlowDown {
+    child: std::process::Child,
+    endpoint: String,
+}
+
+impl SlowDown {
+    fn start(fail_first: u32) -> SlowDown {
+        let mut child = Command::new(common::python())
+            .arg(common::root().join("tools/fault_proxy.py"))
+            .arg(&server().endpoint)
+            .args(["--fail-first", &fail_first.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start tools/fault_proxy.py");
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+        let port = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("fault proxy said {line:?}"));
+        SlowDown { child, endpoint: format!("http://127.0.0.1:{port}") }
+    }
+}
+
+impl Drop for SlowDown {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A store that throttles (`503 SlowDown`) is retried with backoff until it answers, within
+/// `fetch.max_retries`; past them the record is dead-lettered `http_status`, naming the status.
+/// In the stream every throttled record is still predicted.
+#[test]
+fn a_throttling_store_is_retried_and_the_stream_loses_nothing() {
+    let bucket = bucket_name("slowdown");
+    let images = fashion(6, 600);
+    let objects: Vec<(String, PathBuf)> =
+        images.iter().map(|(p, c)| (format!("{c}/{}", file_name(p)), p.clone())).collect();
+    upload(&bucket, &objects);
+    let proxy = SlowDown::start(2);
+    let config = |max_retries| FetchConfig {
+        s3: S3Config { endpoint: Some(proxy.endpoint.clone()), ..s3_config(&server().secret) },
+        allowed_networks: vec!["127.0.0.1".into()],
+        max_retries,
+        backoff_initial_ms: 20,
+        ..FetchConfig::default()
+    };
+    let fetcher = Fetcher::new(config(3)).unwrap();
+    let (key, path) = &objects[0];
+    let outcome = fetcher.fetch_with_attempts(&format!("s3://{bucket}/{key}"), 1 << 20);
+    assert_eq!(outcome.result.unwrap(), std::fs::read(path).unwrap());
+    assert_eq!(outcome.attempts, 3, "two 503 SlowDown answers, then the object");
+    let outcome =
+        Fetcher::new(config(1)).unwrap().fetch_with_attempts(&format!("s3://{bucket}/{}", objects[1].0), 1 << 20);
+    let error = outcome.result.unwrap_err();
+    assert_eq!((error.kind(), outcome.attempts), ("http_status", 2), "{error}");
+    assert!(error.to_string().contains("503"), "{error}");
+
+    // The stream (default retries, 3): the objects not fetched above are throttled twice each.
+    let records: Vec<(i32, String, String)> = objects
+        .iter()
+        .enumerate()
+        .map(|(i, (key, _))| {
+            let id = format!("t{i}");
+            let uri = format!("s3://{bucket}/{key}");
+            (i as i32 % 2, id.clone(), serde_json::json!({"id": id, "uri": uri}).to_string())
+        })
+        .collect();
+    let s = server();
+    let extra = format!(
+        "[fetch.s3]\nendpoint = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
+        proxy.endpoint, s.key_id, s.secret
+    );
+    let input = common::unique("s3slow");
+    produce(&input, 2, &records);
+    let run = Run::new("s3slow", &input, &extra);
+    run.to_end(&[]);
+    let predicted = read_topic(&run.predictions, records.len(), Duration::from_secs(5));
+    let mut ids: Vec<&str> = predicted.iter().map(|p| p["id"].as_str().unwrap()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["t0", "t1", "t2", "t3", "t4", "t5"]);
+    assert!(read_topic(&run.dead, 1, Duration::from_secs(2)).is_empty());
+}
+
 fn file_name(path: &std::path::Path) -> String {
     path.file_name().unwrap().to_string_lossy().into_owned()
 }

@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use dlpipe::config::Config;
-use dlpipe::fetch::Fetcher;
+use dlpipe::fetch::{FetchConfig, Fetcher};
 use dlpipe::model::{parse_device, resolve, Featurizer};
 use dlpipe::transfer::{extract_features, Features, FeaturizeOptions};
 use std::path::{Path, PathBuf};
@@ -57,7 +57,8 @@ pub fn featurize_uris(
 ) -> anyhow::Result<Features> {
     let cache_dir = flags.feature_cache.clone().unwrap_or_else(|| config.train.feature_cache.clone());
     let cache_dir: Option<&Path> = (!flags.no_cache && !cache_dir.as_os_str().is_empty()).then_some(&cache_dir);
-    let fetcher = Fetcher::new(config.fetch.clone())?;
+    // The user names these files; file_roots guard the stream against its producers.
+    let fetcher = Fetcher::new(FetchConfig { file_roots: Vec::new(), ..config.fetch.clone() })?;
     let options = FeaturizeOptions {
         fetcher: &fetcher,
         limits: config.image,

@@ -66,9 +66,11 @@ pub struct FetchConfig {
     /// Folder that relative plain paths resolve against; unset, they resolve against the current
     /// directory. A base, not a sandbox: `file_roots` confines. Default unset.
     pub file_root: Option<PathBuf>,
-    /// Folders that local files must be in, after resolving `..` and symbolic links; empty
-    /// allows any regular file except under /proc, /sys and /dev (always refused). Set it
-    /// whenever the input topic is not fully trusted. Default empty.
+    /// Folders that local files named by records must be in, after resolving `..` and symbolic
+    /// links: a producer cannot make dlpipe read (or dead-letter the start of) any other file.
+    /// Each must exist when `allow_file` is on. `[]` allows any regular file except under /proc,
+    /// /sys and /dev (always refused). The batch commands read whatever files their user names.
+    /// Default `["data"]` (the clone's data folder; `configs/local.toml` says `"../data"`).
     pub file_roots: Vec<PathBuf>,
     /// Internal networks (CIDR, e.g. `"10.1.0.0/16"`, or single addresses) that http(s) URIs
     /// may reach. Loopback, private, link-local (169.254.169.254: cloud metadata), CGNAT,
@@ -99,7 +101,7 @@ impl Default for FetchConfig {
             user_agent: concat!("dlpipe/", env!("CARGO_PKG_VERSION")).to_owned(),
             allow_file: true,
             file_root: None,
-            file_roots: Vec::new(),
+            file_roots: vec![PathBuf::from("data")],
             allowed_networks: Vec::new(),
             max_per_host: 8,
             http_auth: Vec::new(),
@@ -352,9 +354,11 @@ impl Fetcher {
             .iter()
             .map(|n| n.parse::<address::Network>().map_err(ConfigError::AllowedNetwork))
             .collect::<Result<Vec<_>, _>>()?;
+        // Roots matter (and must exist) only where local files may be read at all.
         let roots = config
             .file_roots
             .iter()
+            .filter(|_| config.allow_file)
             .map(|r| std::fs::canonicalize(r).map_err(|error| ConfigError::FileRoot { path: r.clone(), error }))
             .collect::<Result<Vec<_>, _>>()?;
         let credentials = auth::Credentials::resolve(&config.http_auth, |name| std::env::var(name).ok())?;
@@ -642,6 +646,74 @@ fn data_uri_bytes(uri: &str, max_bytes: u64) -> Result<Vec<u8>, FetchError> {
     base64::engine::general_purpose::STANDARD_PAD_INDIFFERENT
         .decode(text)
         .map_err(|e| invalid(&format!("its data is not valid base64 ({e})")))
+}
+
+/// Where an image comes from, for metrics: one of a fixed list, so that labels stay bounded
+/// whatever URIs producers send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    File,
+    Http,
+    Https,
+    S3,
+    Gs,
+    Az,
+    Data,
+    /// Bytes carried in the record itself (a base64 `image` field or a raw message value).
+    Inline,
+    /// Any other scheme (refused as unsupported).
+    Other,
+}
+
+impl Scheme {
+    /// Every scheme, in the order of [`index`](Self::index).
+    pub const ALL: [Scheme; 9] = [
+        Scheme::File,
+        Scheme::Http,
+        Scheme::Https,
+        Scheme::S3,
+        Scheme::Gs,
+        Scheme::Az,
+        Scheme::Data,
+        Scheme::Inline,
+        Scheme::Other,
+    ];
+
+    /// The scheme of a URI; plain paths are files.
+    pub fn of(uri: &str) -> Scheme {
+        let Some(s) = scheme(uri) else { return Scheme::File };
+        let is = |name: &str| s.eq_ignore_ascii_case(name);
+        match () {
+            _ if is("file") => Scheme::File,
+            _ if is("http") => Scheme::Http,
+            _ if is("https") => Scheme::Https,
+            _ if is("s3") => Scheme::S3,
+            _ if is("gs") => Scheme::Gs,
+            _ if is("az") || is("abfs") || is("abfss") => Scheme::Az,
+            _ if is("data") => Scheme::Data,
+            _ => Scheme::Other,
+        }
+    }
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::File => "file",
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+            Scheme::S3 => "s3",
+            Scheme::Gs => "gs",
+            Scheme::Az => "az",
+            Scheme::Data => "data",
+            Scheme::Inline => "inline",
+            Scheme::Other => "other",
+        }
+    }
+
+    /// Position in [`ALL`](Self::ALL).
+    pub fn index(self) -> usize {
+        self as usize
+    }
 }
 
 /// The scheme of `uri` per RFC 3986 (a letter, then letters, digits, `+`, `-` or `.`, then
@@ -968,6 +1040,8 @@ mod tests {
             max_retries: 3,
             backoff_initial_ms: 1,
             backoff_max_ms: 5,
+            // These tests read files in temporary folders; the roots have tests of their own.
+            file_roots: Vec::new(),
             ..FetchConfig::default()
         }
     }
@@ -1529,5 +1603,45 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("fetch.file_roots"));
+    }
+
+    /// The default confines records to the clone's data folder (tests run in the crate root):
+    /// `/etc/passwd` is refused unread, not dead-lettered with its first bytes.
+    #[test]
+    fn the_default_roots_are_the_data_folder() {
+        let defaults = Fetcher::new(FetchConfig::default()).unwrap();
+        let sample = std::fs::canonicalize("data/samples/chelsea_cat.jpg").expect("make setup installs the samples");
+        assert!(defaults.fetch(&format!("file://{}", sample.display()), 1 << 20).is_ok());
+        assert!(defaults.fetch("data/samples/chelsea_cat.jpg", 1 << 20).is_ok());
+        for uri in ["file:///etc/passwd", "/etc/passwd", "data/../Cargo.toml"] {
+            let error = defaults.fetch(uri, 1 << 20).unwrap_err();
+            assert_eq!(error.kind(), "forbidden_local_file", "{uri}: {error}");
+            assert!(!error.to_string().contains("root:"), "{error}");
+        }
+        // A missing default root does not matter where local files are off.
+        let elsewhere = FetchConfig { file_roots: vec!["no/such/folder".into()], ..FetchConfig::default() };
+        assert!(Fetcher::new(elsewhere.clone()).is_err());
+        assert!(Fetcher::new(FetchConfig { allow_file: false, ..elsewhere }).is_ok());
+    }
+
+    #[test]
+    fn schemes_are_a_fixed_list_for_metrics() {
+        for (uri, want) in [
+            ("/data/a.png", Scheme::File),
+            ("images/a.png", Scheme::File),
+            ("FILE:///a.png", Scheme::File),
+            ("https://example.com/a.jpg", Scheme::Https),
+            ("s3://bucket/a.jpg", Scheme::S3),
+            ("gs://bucket/a.jpg", Scheme::Gs),
+            ("abfs://container/a.jpg", Scheme::Az),
+            ("data:image/png;base64,AA==", Scheme::Data),
+            ("ftp://example.com/a.jpg", Scheme::Other),
+            ("x-unheard-of-scheme-1://a", Scheme::Other),
+        ] {
+            assert_eq!(Scheme::of(uri), want, "{uri}");
+        }
+        for (i, scheme) in Scheme::ALL.iter().enumerate() {
+            assert_eq!(scheme.index(), i, "{scheme:?}");
+        }
     }
 }

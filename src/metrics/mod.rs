@@ -9,8 +9,9 @@
 //! counters, base units (`_seconds`, `_bytes`, `_ratio`) in the name.
 //!
 //! Label cardinality is bounded by the deployment, never by the data: `worker` by the number of
-//! timely workers, `partition` by the input topic's partitions, `reason` by the fixed list of
-//! dead-letter kinds, `class` by `learner.max_classes`, `device` by `model.devices`.
+//! timely workers, `partition` by the input topic's partitions, `reason` and `kind` by the fixed
+//! lists of error kinds, `scheme` by the fixed list of [`Scheme`](crate::fetch::Scheme)s,
+//! `class` by `learner.max_classes`, `device` by `model.devices`.
 
 pub mod devices;
 pub mod kafka;
@@ -129,13 +130,33 @@ pub const DEFINITIONS: &[MetricDef] = &[
         B::None,
         "Messages the broker refused for good; the worker stops on the first one.",
     ),
-    def("dlpipe_fetched_bytes_total", C, &["worker"], B::None, "Encoded image bytes fetched (file and http)."),
+    def(
+        "dlpipe_fetched_bytes_total",
+        C,
+        &["worker", "scheme"],
+        B::None,
+        "Encoded image bytes fetched, by where they came from (`file`, `https`, `s3`, `inline`, ...).",
+    ),
     def(
         "dlpipe_fetch_duration_seconds",
         H,
-        &["worker"],
+        &["worker", "scheme"],
         B::Seconds,
-        "Fetching one image (file read or http request, with retries), successful or not.",
+        "Fetching one image (file read, http or object-store request, with retries), successful or not.",
+    ),
+    def(
+        "dlpipe_fetch_errors_total",
+        C,
+        &["worker", "scheme", "kind"],
+        B::None,
+        "Images that could not be fetched, by scheme and error kind (`not_found`, `unauthorized`, ...).",
+    ),
+    def(
+        "dlpipe_fetch_retries_total",
+        C,
+        &["worker", "scheme"],
+        B::None,
+        "Requests repeated after a transient failure (timeout, connection error, 5xx, 429).",
     ),
     def(
         "dlpipe_decode_duration_seconds",
@@ -377,6 +398,8 @@ pub struct Metrics {
     pub messages_failed: IntCounterVec,
     pub fetched_bytes: IntCounterVec,
     pub fetch_seconds: HistogramVec,
+    pub fetch_errors: IntCounterVec,
+    pub fetch_retries: IntCounterVec,
     pub decode_seconds: HistogramVec,
     pub featurize_seconds: HistogramVec,
     pub featurize_batch: HistogramVec,
@@ -470,6 +493,8 @@ impl Metrics {
             messages_failed: b.counter("dlpipe_messages_failed_total"),
             fetched_bytes: b.counter("dlpipe_fetched_bytes_total"),
             fetch_seconds: b.histogram("dlpipe_fetch_duration_seconds"),
+            fetch_errors: b.counter("dlpipe_fetch_errors_total"),
+            fetch_retries: b.counter("dlpipe_fetch_retries_total"),
             decode_seconds: b.histogram("dlpipe_decode_duration_seconds"),
             featurize_seconds: b.histogram("dlpipe_featurize_duration_seconds"),
             featurize_batch: b.histogram("dlpipe_featurize_batch_records"),

@@ -66,7 +66,9 @@ fn every_definition_is_registered_once_and_follows_the_naming_conventions() {
                     "stage",
                     "operator",
                     "window",
-                    "version"
+                    "version",
+                    "scheme",
+                    "kind"
                 ]
                 .contains(label),
                 "{}: label {label} is not one of the documented ones",

@@ -6,15 +6,16 @@
 use super::PipelineError;
 use crate::batch::preprocess_into;
 use crate::config::Config;
-use crate::fetch::Fetcher;
+use crate::fetch::{Fetcher, Scheme};
 use crate::image::decode;
 use crate::metrics::Metrics;
 use crate::model::{Featurizer, ModelError};
 use dlpipe_operators::records::InlineImage;
 use dlpipe_operators::{ImageRecord, ModelRow, PrepareError};
+use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec};
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 /// Fetches a record's encoded image.
@@ -42,21 +43,21 @@ impl Work {
     ) -> Result<Work, PipelineError> {
         let fetcher = Fetcher::new(config.fetch.clone())?;
         let limits = config.image;
-        let fetch_seconds = metrics.fetch_seconds.with_label_values(&[worker]);
         let decode_seconds = metrics.decode_seconds.with_label_values(&[worker]);
-        let fetched_bytes = metrics.fetched_bytes.with_label_values(&[worker]);
+        let fetch_metrics = FetchMetrics::new(metrics, worker);
         let fetch: Fetch = Arc::new(move |record: &ImageRecord| {
             let started = Instant::now();
-            let bytes = match &record.image {
-                Some(image) => inline_bytes(record, image, limits.max_encoded_bytes),
-                None => fetcher
-                    .fetch(&record.uri, limits.max_encoded_bytes)
-                    .map_err(|e| PrepareError::new(e.kind(), e.to_string())),
+            let (scheme, bytes, retries) = match &record.image {
+                Some(image) => (Scheme::Inline, inline_bytes(record, image, limits.max_encoded_bytes), 0),
+                None => {
+                    let outcome = fetcher.fetch_with_attempts(&record.uri, limits.max_encoded_bytes);
+                    let retries = outcome.retries();
+                    let bytes = outcome.result.map_err(|e| PrepareError::new(e.kind(), e.to_string()));
+                    (Scheme::of(&record.uri), bytes, retries)
+                }
             };
-            fetch_seconds.observe(started.elapsed().as_secs_f64());
-            let bytes = bytes?;
-            fetched_bytes.inc_by(bytes.len() as u64);
-            Ok(bytes)
+            fetch_metrics.observe(scheme, started, &bytes, retries);
+            bytes
         });
         let preprocess = featurizer.preprocess().clone();
         let decode: Decode = Arc::new(move |record: &ImageRecord, bytes: &[u8]| {
@@ -88,6 +89,55 @@ impl Work {
                 Ok((0..n).map(row).collect())
             }));
         Ok(Work { fetch, decode, model })
+    }
+}
+
+/// One worker's fetch metrics by [`Scheme`]: the handles of each scheme are made on its first
+/// image, so that only the schemes a deployment uses appear in `/metrics`.
+struct FetchMetrics {
+    worker: String,
+    seconds: HistogramVec,
+    bytes: IntCounterVec,
+    retries: IntCounterVec,
+    errors: IntCounterVec,
+    by_scheme: [OnceLock<SchemeHandles>; Scheme::ALL.len()],
+}
+
+struct SchemeHandles {
+    seconds: Histogram,
+    bytes: IntCounter,
+    retries: IntCounter,
+}
+
+impl FetchMetrics {
+    fn new(metrics: &Metrics, worker: &str) -> FetchMetrics {
+        FetchMetrics {
+            worker: worker.to_owned(),
+            seconds: metrics.fetch_seconds.clone(),
+            bytes: metrics.fetched_bytes.clone(),
+            retries: metrics.fetch_retries.clone(),
+            errors: metrics.fetch_errors.clone(),
+            by_scheme: Default::default(),
+        }
+    }
+
+    fn observe(&self, scheme: Scheme, started: Instant, bytes: &Result<Vec<u8>, PrepareError>, retries: u32) {
+        let handles = self.by_scheme[scheme.index()].get_or_init(|| {
+            let labels = [self.worker.as_str(), scheme.as_str()];
+            SchemeHandles {
+                seconds: self.seconds.with_label_values(&labels),
+                bytes: self.bytes.with_label_values(&labels),
+                retries: self.retries.with_label_values(&labels),
+            }
+        });
+        handles.seconds.observe(started.elapsed().as_secs_f64());
+        handles.retries.inc_by(u64::from(retries));
+        match bytes {
+            Ok(bytes) => handles.bytes.inc_by(bytes.len() as u64),
+            Err(error) => {
+                self.errors.with_label_values(&[self.worker.as_str(), scheme.as_str(), error.kind.as_str()]).inc()
+            }
+        }
     }
 }
 

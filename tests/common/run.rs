@@ -109,7 +109,7 @@ impl Run {
         let model_topic = super::unique(&format!("{name}-models"));
         let toml = format!(
             "[model]\ndir = \"{models}\"\nbatch_size = 16\n\n[kafka]\nbrokers = \"{brokers}\"\n\n\
-             [metrics]\nlisten = \"127.0.0.1:0\"\n\n[fetch]\nallowed_networks = [\"127.0.0.0/8\"]\n\n[pipeline]\n\
+             [metrics]\nlisten = \"127.0.0.1:0\"\n\n[fetch]\nallowed_networks = [\"127.0.0.0/8\"]\nfile_roots = [{data:?}, {tmp:?}]\n\n[pipeline]\n\
              input_topic = \"{input}\"\npredictions_topic = \"{predictions}\"\ndead_letter_topic = \"{dead}\"\n\
              model_topic = \"{models_topic}\"\ngroup_id = \"{group}\"\nsnapshot_dir = \"{snapshots}\"\n\
              topic_partitions = 2\nstatus_interval_secs = 2\n{extra}\n",
@@ -117,6 +117,9 @@ impl Run {
             models_topic = model_topic,
             group = group,
             snapshots = dir.path().join("snapshots").display(),
+            // The shipped default, data/, and the temporary folder tests write hostile files to.
+            data = super::root().join("data").display().to_string(),
+            tmp = std::env::temp_dir().display().to_string(),
         );
         std::fs::write(dir.path().join("config.toml"), toml).unwrap();
         Run { dir, predictions, dead, group, model_topic, brokers: brokers.to_owned() }
