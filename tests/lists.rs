@@ -321,7 +321,7 @@ fn predict_reads_s3_and_data_uris_as_files() {
 }
 
 /// A prefix with no images and a list line with a scheme dlpipe cannot fetch are errors that
-/// name the prefix and the line, before anything is published or predicted.
+/// name the prefix and the line, before anything is published, predicted or featurized.
 #[test]
 fn an_empty_prefix_and_an_unknown_scheme_are_named() {
     let bucket = bucket_with(unsigned(), "lists-bad", &[("docs/readme.txt".into(), common::root().join("Cargo.toml"))]);
@@ -339,6 +339,8 @@ fn an_empty_prefix_and_an_unknown_scheme_are_named() {
     let named = format!("{}, line 3", list.display());
     let error = cli.fails(&["produce", "--topic", "unused", path_text(&list)]);
     assert!(error.contains(&named) && error.contains("unsupported URI scheme `ftp:`"), "{error}");
-    let error = cli.fails(&["predict", path_text(&list)]);
-    assert!(error.contains(&named) && error.contains("ftp"), "{error}");
+    for args in [vec!["predict", path_text(&list)], vec!["featurize", "--data", path_text(&list), "-o", "unused.npy"]] {
+        let error = cli.fails(&args);
+        assert!(error.contains(&named) && error.contains("unsupported URI scheme `ftp:`"), "{args:?}: {error}");
+    }
 }

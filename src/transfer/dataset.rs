@@ -43,14 +43,28 @@ pub enum DatasetError {
 /// Reads a dataset: a folder of class sub-folders (recursively; sorted by path), or a list
 /// ([`read_list`]) in which every line has a label.
 pub fn load(path: &Path) -> Result<Vec<Example>, DatasetError> {
+    load_checked(path, |_| Ok::<(), std::convert::Infallible>(()))
+}
+
+/// Like [`load`], with every URI of a list passed to `check` (e.g. `Fetcher::check`: a scheme
+/// dlpipe cannot fetch); a URI it refuses is an error naming its line.
+pub fn load_checked<E: std::fmt::Display>(
+    path: &Path,
+    check: impl Fn(&str) -> Result<(), E>,
+) -> Result<Vec<Example>, DatasetError> {
     if path.is_dir() {
         return load_folder(path);
     }
     read_list(path)?
         .into_iter()
-        .map(|entry| match entry.label {
-            Some(label) => Ok(Example { uri: entry.uri, label }),
-            None => Err(bad_line(path, entry.line, format!("{} has no label (expected uri,label)", entry.uri))),
+        .map(|entry| {
+            if is_uri(&entry.uri) {
+                check(&entry.uri).map_err(|e| bad_line(path, entry.line, e.to_string()))?;
+            }
+            match entry.label {
+                Some(label) => Ok(Example { uri: entry.uri, label }),
+                None => Err(bad_line(path, entry.line, format!("{} has no label (expected uri,label)", entry.uri))),
+            }
         })
         .collect()
 }
