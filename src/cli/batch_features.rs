@@ -47,6 +47,13 @@ pub fn load_featurizers(config: &Config, name: &str, flags: &FeaturizeFlags) -> 
     Ok(featurizers)
 }
 
+/// The labelled images of `--data` (a folder or a list), each URI of a list checked first: a
+/// scheme dlpipe cannot fetch fails here, naming its line, rather than image by image.
+pub fn load_dataset(config: &Config, path: &Path) -> anyhow::Result<Vec<dlpipe::transfer::Example>> {
+    let fetcher = Fetcher::new(config.fetch.clone())?;
+    Ok(dlpipe::transfer::dataset::load_checked(path, |uri| fetcher.check(uri))?)
+}
+
 /// The features of `uris` with the command's flags, logging a summary and every image that
 /// has none (those are left out of what follows, never silently).
 pub fn featurize_uris(

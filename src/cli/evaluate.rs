@@ -59,7 +59,7 @@ fn write_json(evaluation: &Evaluation, path: &Path) -> anyhow::Result<()> {
 
 pub fn run(config: &Config, args: EvaluateArgs) -> anyhow::Result<()> {
     let classifier = Classifier::load(&args.classifier)?;
-    let mut examples = dataset::load(&args.data)?;
+    let mut examples = super::batch_features::load_dataset(config, &args.data)?;
     if args.split != Part::All {
         let Some(record) = &classifier.training else {
             anyhow::bail!(

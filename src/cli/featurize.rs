@@ -7,7 +7,6 @@ use anyhow::Context;
 use dlpipe::config::Config;
 use dlpipe::image::list_labelled_images;
 use dlpipe::npy::NpyWriter;
-use dlpipe::transfer::dataset;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -46,7 +45,7 @@ pub fn index_path(npy: &Path) -> PathBuf {
 pub fn run(config: &Config, args: FeaturizeArgs) -> anyhow::Result<()> {
     let mut images: Vec<(String, Option<String>)> = Vec::new();
     if let Some(data) = &args.data {
-        images.extend(dataset::load(data)?.into_iter().map(|e| (e.uri, Some(e.label))));
+        images.extend(super::batch_features::load_dataset(config, data)?.into_iter().map(|e| (e.uri, Some(e.label))));
     }
     images.extend(
         list_labelled_images(&args.inputs)?.into_iter().map(|(p, label)| (p.to_string_lossy().into_owned(), label)),

@@ -3,15 +3,17 @@
 
 use super::batch_features::{featurize_uris, load_featurizers, FeaturizeFlags};
 use super::load_featurizer;
-use dlpipe::batch::{run_files, FileOutcome};
+use anyhow::Context;
+use dlpipe::batch::{preprocess_into, run_inputs, InputOutcome};
 use dlpipe::config::Config;
-use dlpipe::image::list_images;
+use dlpipe::fetch::Fetcher;
+use dlpipe::image::{decode, list_images, read_file};
 use dlpipe::model::ClassProbability;
 use dlpipe::model::{top_k, OutputKind, WeightsSource};
-use dlpipe::transfer::Classifier;
+use dlpipe::transfer::{dataset, Classifier};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
@@ -35,9 +37,66 @@ pub struct PredictArgs {
     /// from the model's features instead of the model's own classes.
     #[arg(long, value_name = "FILE")]
     classifier: Option<PathBuf>,
-    /// Image files, or folders to search for images.
-    #[arg(required = true, value_name = "IMAGES|DIR")]
-    inputs: Vec<PathBuf>,
+    /// Image files, folders to search for images, URIs (file://, http(s)://, s3://, data:),
+    /// or lists of them (.csv / .jsonl, as `train` reads; labels are ignored).
+    #[arg(required = true, value_name = "IMAGES|DIR|URI|LIST")]
+    inputs: Vec<String>,
+}
+
+/// Why an image never reached the model.
+struct Failure {
+    message: String,
+    kind: &'static str,
+}
+
+/// The images of the inputs, in order: a local path for each file (read directly), URIs as
+/// given (fetched with fetch.*), each list's URIs checked line by line.
+fn input_images(inputs: &[String], fetcher: &Fetcher) -> anyhow::Result<Vec<String>> {
+    let mut images = Vec::new();
+    for input in inputs {
+        let path = Path::new(input);
+        if dataset::is_uri(input) {
+            fetcher.check(input)?;
+            images.push(input.clone());
+        } else if dataset::is_list(path) && path.is_file() {
+            for entry in dataset::read_list(path)? {
+                if dataset::is_uri(&entry.uri) {
+                    fetcher.check(&entry.uri).with_context(|| format!("{}, line {}", path.display(), entry.line))?;
+                }
+                images.push(entry.uri);
+            }
+        } else {
+            let files = list_images(&[path.to_path_buf()]).with_context(|| input.clone())?;
+            images.extend(files.into_iter().map(|p| p.display().to_string()));
+        }
+    }
+    Ok(images)
+}
+
+/// The model-ready pixels of one image (a local path or a URI) into `out`.
+fn prepare_image(
+    image: &str,
+    fetcher: &Fetcher,
+    limits: &dlpipe::image::ImageLimits,
+    preprocess: &dlpipe::image::Preprocess,
+    out: &mut [f32],
+) -> Result<(), Failure> {
+    let failed = |kind: &'static str, message: String| Failure { message, kind };
+    let pixels = if dataset::is_uri(image) {
+        let bytes = fetcher.fetch(image, limits.max_encoded_bytes).map_err(|e| failed(e.kind(), e.to_string()))?;
+        decode(&bytes, limits).map_err(|e| failed(e.kind(), format!("{}: {e}", shown(image))))?
+    } else {
+        read_file(Path::new(image), limits).map_err(|e| failed(e.kind(), e.to_string()))?
+    };
+    preprocess_into(preprocess, &pixels, out).map_err(|e| failed(e.kind(), format!("{}: {e}", shown(image))))
+}
+
+/// How an image is named in the output: as given, but a long `data:` URI cut short.
+fn shown(image: &str) -> String {
+    match dataset::is_uri(image) && image.len() > 64 && image[..5].eq_ignore_ascii_case("data:") {
+        true => format!("{}…", &image[..(0..=48).rev().find(|&i| image.is_char_boundary(i)).unwrap_or(0)]),
+        false => image.to_owned(),
+    }
 }
 
 #[derive(serde::Serialize)]
@@ -52,8 +111,9 @@ struct JsonLine<'a> {
 }
 
 pub fn run(config: &Config, args: PredictArgs) -> anyhow::Result<()> {
-    let paths = list_images(&args.inputs)?;
-    if paths.is_empty() {
+    let fetcher = Fetcher::new(config.fetch.clone())?;
+    let images = input_images(&args.inputs, &fetcher)?;
+    if images.is_empty() {
         anyhow::bail!(
             "no images found in {:?} (looked for {})",
             args.inputs,
@@ -61,7 +121,7 @@ pub fn run(config: &Config, args: PredictArgs) -> anyhow::Result<()> {
         );
     }
     if let Some(classifier) = &args.classifier {
-        return with_classifier(config, &args, classifier, &paths);
+        return with_classifier(config, &args, classifier, &images);
     }
     let featurizer = load_featurizer(config, args.model.as_deref(), args.device.as_deref())?;
     let manifest = featurizer.manifest().clone();
@@ -74,11 +134,11 @@ pub fn run(config: &Config, args: PredictArgs) -> anyhow::Result<()> {
     if manifest.weights.source == WeightsSource::Untrained {
         eprintln!("WARNING: model {} has UNTRAINED weights; these predictions are meaningless", manifest.name);
     }
-    let progress = ProgressBar::new(paths.len() as u64).with_style(
+    let progress = ProgressBar::new(images.len() as u64).with_style(
         ProgressStyle::with_template("{spinner} {pos}/{len} images [{elapsed_precise}] {per_sec}")
             .expect("valid template"),
     );
-    if paths.len() < 64 {
+    if images.len() < 64 {
         progress.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let started = Instant::now();
@@ -86,49 +146,37 @@ pub fn run(config: &Config, args: PredictArgs) -> anyhow::Result<()> {
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut failed = 0usize;
     let mut write_result: std::io::Result<()> = Ok(());
-    run_files(
-        &featurizer,
-        &config.image,
-        &paths,
-        args.batch_size.unwrap_or(config.model.batch_size),
-        |_, path, outcome| {
-            progress.inc(1);
-            let shown = path.display().to_string();
-            let line = match outcome {
-                FileOutcome::Done { outputs, row } => {
-                    let classes = top_k(
-                        outputs.logits_row(row).expect("logits checked above"),
-                        args.top_k,
-                        &manifest.class_names,
-                    );
-                    predicted_line(&shown, classes, args.json)
-                }
-                FileOutcome::Failed(error) => {
-                    failed += 1;
-                    if args.json {
-                        serde_json::to_string(&JsonLine {
-                            path: &shown,
-                            top_k: None,
-                            error: Some(error.to_string()),
-                            error_kind: Some(error.kind()),
-                        })
-                        .expect("serialisable")
-                    } else {
-                        progress.suspend(|| eprintln!("error: {error}"));
-                        return;
-                    }
-                }
-            };
-            if write_result.is_ok() {
-                write_result = progress.suspend(|| writeln!(out, "{line}"));
+    let preprocess = featurizer.preprocess();
+    let prepare = |i: usize, out: &mut [f32]| prepare_image(&images[i], &fetcher, &config.image, preprocess, out);
+    let batch_size = args.batch_size.unwrap_or(config.model.batch_size);
+    run_inputs(&featurizer, images.len(), batch_size, prepare, |i, outcome| {
+        progress.inc(1);
+        let shown = shown(&images[i]);
+        let line = match outcome {
+            InputOutcome::Done { outputs, row } => {
+                let logits = outputs.logits_row(row).expect("logits checked above");
+                predicted_line(&shown, top_k(logits, args.top_k, &manifest.class_names), args.json)
             }
-        },
-    )?;
+            InputOutcome::Failed(error) => {
+                failed += 1;
+                if !args.json {
+                    progress.suspend(|| eprintln!("error: {}", error.message));
+                    return;
+                }
+                let line =
+                    JsonLine { path: &shown, top_k: None, error: Some(error.message), error_kind: Some(error.kind) };
+                serde_json::to_string(&line).expect("serialisable")
+            }
+        };
+        if write_result.is_ok() {
+            write_result = progress.suspend(|| writeln!(out, "{line}"));
+        }
+    })?;
     out.flush()?;
     write_result?;
     progress.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
-    let done = paths.len() - failed;
+    let done = images.len() - failed;
     tracing::info!(
         "predicted {done} image(s) in {seconds:.2} s ({:.1} images/s) with {}{}",
         done as f64 / seconds,
@@ -136,7 +184,7 @@ pub fn run(config: &Config, args: PredictArgs) -> anyhow::Result<()> {
         if failed > 0 { format!("; {failed} failed") } else { String::new() }
     );
     if failed > 0 {
-        anyhow::bail!("{failed} of {} input(s) could not be processed (see the errors above)", paths.len());
+        anyhow::bail!("{failed} of {} input(s) could not be processed (see the errors above)", images.len());
     }
     Ok(())
 }
@@ -156,12 +204,7 @@ fn predicted_line(path: &str, classes: Vec<ClassProbability>, json: bool) -> Str
 }
 
 /// Predicts with a trained classifier on the features of the model it records.
-fn with_classifier(
-    config: &Config,
-    args: &PredictArgs,
-    path: &std::path::Path,
-    paths: &[PathBuf],
-) -> anyhow::Result<()> {
+fn with_classifier(config: &Config, args: &PredictArgs, path: &std::path::Path, uris: &[String]) -> anyhow::Result<()> {
     let classifier = Classifier::load(path)?;
     let flags = FeaturizeFlags {
         devices: args.device.iter().cloned().collect(),
@@ -173,12 +216,12 @@ fn with_classifier(
     let model_name = classifier.featurizer_model(args.model.as_deref())?.to_string();
     let featurizers = load_featurizers(config, &model_name, &flags)?;
     classifier.check_featurizer(featurizers[0].manifest())?;
-    let uris: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
-    let features = featurize_uris(config, featurizers, &uris, &flags)?;
+    let features = featurize_uris(config, featurizers, uris, &flags)?;
     let classes = classifier.model.classes();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     for (i, uri) in uris.iter().enumerate() {
+        let uri = &shown(uri);
         let line = match (&features.rows[i], features.get(i)) {
             (_, Some(x)) => {
                 let top: Vec<ClassProbability> = classifier
@@ -212,7 +255,7 @@ fn with_classifier(
     out.flush()?;
     let failed = features.failures().count();
     if failed > 0 {
-        anyhow::bail!("{failed} of {} input(s) could not be processed (see the errors above)", paths.len());
+        anyhow::bail!("{failed} of {} input(s) could not be processed (see the errors above)", uris.len());
     }
     Ok(())
 }

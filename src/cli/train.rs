@@ -140,7 +140,7 @@ pub fn run(config: &Config, args: TrainArgs) -> anyhow::Result<()> {
     }
     let mut learner = learner_config(config, &args)?;
 
-    let examples = dataset::load(&args.data)?;
+    let examples = super::batch_features::load_dataset(config, &args.data)?;
     let split = dataset::stratified_split(&examples, test_split, seed)?;
     let classes = classes_to_learn(&learner, &examples)?;
     learner.classes = classes.clone();

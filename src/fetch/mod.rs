@@ -431,6 +431,26 @@ impl Fetcher {
         }
     }
 
+    /// Whether `uri` can be fetched at all, decided from the URI alone (its scheme, whether local
+    /// files are allowed) with no I/O: a list of URIs is checked line by line with this before
+    /// anything is published.
+    pub fn check(&self, uri: &str) -> Result<(), FetchError> {
+        self.target(uri).map(|_| ())
+    }
+
+    /// The URIs of the objects under an object-store prefix (`s3://bucket/photos/`), recursively,
+    /// sorted by key; see [`store::S3Stores::list`]. Other schemes cannot be listed.
+    pub fn list(&self, prefix_uri: &str) -> Result<Vec<String>, FetchError> {
+        match self.target(prefix_uri)? {
+            Target::S3 => self.s3.list(prefix_uri, &self.config, &self.policy),
+            _ => Err(FetchError::UnsupportedScheme {
+                uri: prefix_uri.into(),
+                scheme: scheme(prefix_uri).unwrap_or("file").into(),
+                supported: "s3:// (object-store prefixes; list local folders as paths)",
+            }),
+        }
+    }
+
     /// Decides from the URI alone what to do with it, so that refused URIs cost no I/O.
     fn target(&self, uri: &str) -> Result<Target, FetchError> {
         if uri.is_empty() {
@@ -759,7 +779,7 @@ fn file_uri_path(uri: &str) -> Result<PathBuf, FetchError> {
 }
 
 /// `text` with each `%XY` decoded; `None` where a `%` is not followed by two hex digits.
-fn percent_decode(text: &str) -> Option<Vec<u8>> {
+pub fn percent_decode(text: &str) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(text.len());
     let mut bytes = text.bytes();
     while let Some(b) = bytes.next() {

@@ -19,7 +19,7 @@ use crate::config::ConfigError;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::client::{DnsFuture, DnsResolver, HttpErrorKind};
 use object_store::path::Path;
-use object_store::{ClientOptions, ObjectStoreExt, RetryConfig};
+use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, RetryConfig};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::net::{IpAddr, ToSocketAddrs};
@@ -208,6 +208,39 @@ impl S3Stores {
             }
         };
         fetch_with_retries(&store, uri, &key, max_bytes, config)
+    }
+
+    /// The `s3://` URIs of every object under `prefix_uri` (`s3://bucket/photos/`, or
+    /// `s3://bucket` for all of it), recursively, sorted by key. The prefix is a folder:
+    /// `photos/` lists `photos/cat/1.png` but not `photos2/1.png`. Each URI is the prefix as
+    /// given, then the rest of the key percent-encoded (anything but letters, digits, `-._~/`),
+    /// so that fetching it reads that very key. A listing is one request per 1000 keys, not
+    /// retried: it runs once, from the command line.
+    pub(super) fn list(
+        &self,
+        prefix_uri: &str,
+        config: &FetchConfig,
+        policy: &AddressPolicy,
+    ) -> Result<Vec<String>, FetchError> {
+        use futures_util::TryStreamExt;
+        let (bucket, prefix) = parse_s3_prefix(prefix_uri)?;
+        if let Some(reason) = config.s3.endpoint.as_deref().and_then(|e| literal_refusal(e, policy)) {
+            return Err(FetchError::ForbiddenAddress { uri: prefix_uri.into(), reason });
+        }
+        let store = self
+            .store(bucket, config, policy)
+            .map_err(|source| StoreError::Config { uri: prefix_uri.into(), source })?;
+        let listing = store.list((!prefix.is_root()).then_some(&prefix)).try_collect::<Vec<_>>();
+        let objects = runtime().block_on(listing).map_err(|error| match status_of(&error) {
+            // A listing's 404 is a missing bucket (object_store reports it as a generic error).
+            Some(404) => StoreError::NotFound { uri: prefix_uri.into() }.into(),
+            _ => classify(prefix_uri, error, 1),
+        })?;
+        let mut keys: Vec<String> = objects.into_iter().map(|o| o.location.as_ref().to_owned()).collect();
+        keys.sort_unstable();
+        let base = prefix_uri.trim_end_matches('/');
+        let below = |key: &str| key.strip_prefix(prefix.as_ref()).unwrap_or(key).trim_start_matches('/').to_owned();
+        Ok(keys.iter().map(|key| format!("{base}/{}", encode_key(&below(key)))).collect())
     }
 
     fn store(&self, bucket: &str, config: &FetchConfig, policy: &AddressPolicy) -> object_store::Result<Arc<AmazonS3>> {
@@ -403,6 +436,32 @@ fn parse_s3_uri(uri: &str) -> Result<(&str, Path), FetchError> {
     Ok((bucket, key))
 }
 
+/// `(bucket, prefix)` of `s3://bucket/prefix/` (or `s3://bucket`: the root); the prefix is
+/// percent-decoded.
+fn parse_s3_prefix(uri: &str) -> Result<(&str, Path), FetchError> {
+    let invalid = |reason: &str| FetchError::InvalidUri { uri: uri.into(), reason: reason.into() };
+    let rest = uri.get("s3://".len()..).filter(|_| uri[..5].eq_ignore_ascii_case("s3://"));
+    let (bucket, prefix) = rest.map(|r| r.split_once('/').unwrap_or((r, ""))).unwrap_or_default();
+    if bucket.is_empty() {
+        return Err(invalid("an S3 prefix names a bucket: s3://bucket/prefix/"));
+    }
+    let prefix = Path::from_url_path(prefix).map_err(|e| invalid(&format!("bad prefix: {e}")))?;
+    Ok((bucket, prefix))
+}
+
+/// `key` percent-encoded for a URI path: every byte but letters, digits, `-._~` and `/`.
+fn encode_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for byte in key.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~/".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
 /// Why an endpoint given as a literal IP address is refused (no DNS lookup happens for those,
 /// so the resolver cannot check them).
 fn literal_refusal(endpoint: &str, policy: &AddressPolicy) -> Option<String> {
@@ -461,6 +520,20 @@ mod tests {
         for bad in ["s3://photos", "s3://photos/", "s3:///key"] {
             assert_eq!(parse_s3_uri(bad).unwrap_err().kind(), "invalid_uri", "{bad}");
         }
+    }
+
+    #[test]
+    fn prefixes_name_a_bucket_and_listed_keys_round_trip_through_their_uris() {
+        let (bucket, prefix) = parse_s3_prefix("s3://photos/a%20b/").unwrap();
+        assert_eq!((bucket, prefix.as_ref()), ("photos", "a b"));
+        assert!(parse_s3_prefix("S3://photos").unwrap().1.is_root());
+        for bad in ["s3://", "s3:///x", "s3:/photos"] {
+            assert_eq!(parse_s3_prefix(bad).unwrap_err().kind(), "invalid_uri", "{bad}");
+        }
+        let key = "cat 1/100%#?é.png";
+        let uri = format!("s3://b/{}", encode_key(key));
+        assert_eq!(uri, "s3://b/cat%201/100%25%23%3F%C3%A9.png");
+        assert_eq!(parse_s3_uri(&uri).unwrap().1.as_ref(), key);
     }
 
     #[test]

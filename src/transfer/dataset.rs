@@ -6,8 +6,8 @@ pub use crate::learn::SplitMix64;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// One labelled image. `uri` is a path, a `file://` URI or an `http(s)://` URI, as the stream
-/// accepts them.
+/// One labelled image. `uri` is a path or any URI the stream accepts (`file://`, `http(s)://`,
+/// `s3://`, `data:`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Example {
     pub uri: String,
@@ -40,30 +40,89 @@ pub enum DatasetError {
     Ratio(f64),
 }
 
-/// Reads a dataset: a folder of class sub-folders (recursively; sorted by path), a `.csv` with
-/// columns `uri,label` (a header row naming them is optional), or a `.jsonl` of
-/// `{"uri": ..., "label": ...}` objects (`"path"` is accepted for `"uri"`, so `dlpipe
-/// featurize`'s row index is a dataset too). Relative paths in a list resolve against the
-/// list's folder.
+/// Reads a dataset: a folder of class sub-folders (recursively; sorted by path), or a list
+/// ([`read_list`]) in which every line has a label.
 pub fn load(path: &Path) -> Result<Vec<Example>, DatasetError> {
+    load_checked(path, |_| Ok::<(), std::convert::Infallible>(()))
+}
+
+/// Like [`load`], with every URI of a list passed to `check` (e.g. `Fetcher::check`: a scheme
+/// dlpipe cannot fetch); a URI it refuses is an error naming its line.
+pub fn load_checked<E: std::fmt::Display>(
+    path: &Path,
+    check: impl Fn(&str) -> Result<(), E>,
+) -> Result<Vec<Example>, DatasetError> {
     if path.is_dir() {
         return load_folder(path);
     }
+    read_list(path)?
+        .into_iter()
+        .map(|entry| {
+            if is_uri(&entry.uri) {
+                check(&entry.uri).map_err(|e| bad_line(path, entry.line, e.to_string()))?;
+            }
+            match entry.label {
+                Some(label) => Ok(Example { uri: entry.uri, label }),
+                None => Err(bad_line(path, entry.line, format!("{} has no label (expected uri,label)", entry.uri))),
+            }
+        })
+        .collect()
+}
+
+/// One line of a list: its URI (a relative path resolved against the list's folder), its label
+/// if the line gives one, and its line number (from 1), for errors that name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListEntry {
+    pub uri: String,
+    pub label: Option<String>,
+    pub line: usize,
+}
+
+/// Reads a list of images: a `.csv` with columns `uri,label` (a header row naming them is
+/// optional; the label column may be missing or empty), or a `.jsonl` of `{"uri": ...,
+/// "label": ...}` objects (`"path"` is accepted for `"uri"`, so `dlpipe featurize`'s row index
+/// is a list too; `"label"` is optional). Relative paths resolve against the list's folder.
+/// `train`, `evaluate`, `featurize`, `predict` and `produce` all read lists with this.
+pub fn read_list(path: &Path) -> Result<Vec<ListEntry>, DatasetError> {
     if !path.exists() {
         return Err(DatasetError::Missing { path: path.into() });
     }
     let text = std::fs::read_to_string(path).map_err(|source| DatasetError::Io { path: path.into(), source })?;
     let base = path.parent().unwrap_or(Path::new("."));
-    let extension = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
-    let examples = match extension.as_deref() {
-        Some("csv") => parse_csv(path, &text, base)?,
-        Some("jsonl") | Some("ndjson") => parse_jsonl(path, &text, base)?,
-        _ => return Err(DatasetError::UnknownFormat { path: path.into() }),
+    let entries = match list_format(path) {
+        Some(ListFormat::Csv) => parse_csv(path, &text, base)?,
+        Some(ListFormat::Jsonl) => parse_jsonl(path, &text, base)?,
+        None => return Err(DatasetError::UnknownFormat { path: path.into() }),
     };
-    if examples.is_empty() {
+    if entries.is_empty() {
         return Err(DatasetError::Empty { path: path.into() });
     }
-    Ok(examples)
+    Ok(entries)
+}
+
+enum ListFormat {
+    Csv,
+    Jsonl,
+}
+
+/// The list format its extension names (`.csv`, `.jsonl` or `.ndjson`, in any case), if any.
+fn list_format(path: &Path) -> Option<ListFormat> {
+    match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
+        "csv" => Some(ListFormat::Csv),
+        "jsonl" | "ndjson" => Some(ListFormat::Jsonl),
+        _ => None,
+    }
+}
+
+/// Whether `path` names a list by its extension (whether or not it exists).
+pub fn is_list(path: &Path) -> bool {
+    list_format(path).is_some()
+}
+
+/// Whether `text` is a URI (`scheme://...` or a `data:` URI) rather than a plain path.
+pub fn is_uri(text: &str) -> bool {
+    // `data:` URIs carry the image itself and have no `//`.
+    text.get(..5).is_some_and(|s| s.eq_ignore_ascii_case("data:")) || text.contains("://")
 }
 
 fn load_folder(dir: &Path) -> Result<Vec<Example>, DatasetError> {
@@ -87,9 +146,7 @@ fn load_folder(dir: &Path) -> Result<Vec<Example>, DatasetError> {
 
 /// A plain relative path resolves against `base`; URIs and absolute paths stay as they are.
 fn resolve(uri: &str, base: &Path) -> String {
-    // `data:` URIs carry the image itself and have no `//`.
-    let is_data = uri.get(..5).is_some_and(|s| s.eq_ignore_ascii_case("data:"));
-    if is_data || uri.contains("://") || Path::new(uri).is_absolute() {
+    if is_uri(uri) || Path::new(uri).is_absolute() {
         uri.to_string()
     } else {
         base.join(uri).to_string_lossy().into_owned()
@@ -101,42 +158,54 @@ fn bad_line(path: &Path, line: usize, reason: String) -> DatasetError {
     DatasetError::Line { path: path.into(), line, reason }
 }
 
-/// The example on line `line` of the list at `path`.
-fn example(uri: &str, label: &str, base: &Path, path: &Path, line: usize) -> Result<Example, DatasetError> {
-    let (uri, label) = (uri.trim(), label.trim());
+/// The entry on line `line` of the list at `path`; an empty label is no label.
+fn entry(uri: &str, label: Option<&str>, base: &Path, path: &Path, line: usize) -> Result<ListEntry, DatasetError> {
+    let uri = uri.trim();
     if uri.is_empty() {
         return Err(bad_line(path, line, "the uri is empty".into()));
     }
-    if label.is_empty() {
-        return Err(bad_line(path, line, format!("{uri} has an empty label")));
-    }
-    Ok(Example { uri: resolve(uri, base), label: label.to_string() })
+    let label = label.map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned);
+    Ok(ListEntry { uri: resolve(uri, base), label, line })
 }
 
-fn parse_csv(path: &Path, text: &str, base: &Path) -> Result<Vec<Example>, DatasetError> {
+fn parse_csv(path: &Path, text: &str, base: &Path) -> Result<Vec<ListEntry>, DatasetError> {
     let mut reader = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(text.as_bytes());
     let mut out = Vec::new();
-    let mut columns = (0, 1);
+    let mut columns = (0, Some(1));
     for (i, record) in reader.records().enumerate() {
-        let line = i + 1;
-        let record = record.map_err(|e| bad_line(path, line, e.to_string()))?;
+        let record = record.map_err(|e| {
+            let line = e.position().map_or(i + 1, |p| line_at(text, p.byte()));
+            bad_line(path, line, e.to_string())
+        })?;
+        let line = record.position().map_or(i + 1, |p| line_at(text, p.byte()));
         if record.iter().all(|f| f.trim().is_empty()) {
             continue;
         }
         if i == 0 {
             let names: Vec<String> = record.iter().map(|f| f.trim().to_ascii_lowercase()).collect();
             let find = |wanted: &[&str]| names.iter().position(|n| wanted.contains(&n.as_str()));
-            if let (Some(u), Some(l)) = (find(&["uri", "path", "url"]), find(&["label", "class"])) {
-                columns = (u, l);
+            if let Some(u) = find(&["uri", "path", "url"]) {
+                columns = (u, find(&["label", "class"]));
                 continue;
             }
         }
-        let (Some(uri), Some(label)) = (record.get(columns.0), record.get(columns.1)) else {
+        let Some(uri) = record.get(columns.0) else {
             return Err(bad_line(path, line, format!("expected uri,label but found {} field(s)", record.len())));
         };
-        out.push(example(uri, label, base, path, line)?);
+        out.push(entry(uri, columns.1.and_then(|l| record.get(l)), base, path, line)?);
     }
     Ok(out)
+}
+
+/// The line (from 1) of the record that starts at `byte`. The reader skips blank lines and
+/// puts a record's start before those it skipped, so they are stepped over here.
+fn line_at(text: &str, byte: u64) -> usize {
+    let bytes = text.as_bytes();
+    let mut at = (byte as usize).min(bytes.len());
+    while at < bytes.len() && matches!(bytes[at], b'\n' | b'\r') {
+        at += 1;
+    }
+    bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1
 }
 
 #[derive(serde::Deserialize)]
@@ -146,7 +215,7 @@ struct JsonExample {
     label: Option<String>,
 }
 
-fn parse_jsonl(path: &Path, text: &str, base: &Path) -> Result<Vec<Example>, DatasetError> {
+fn parse_jsonl(path: &Path, text: &str, base: &Path) -> Result<Vec<ListEntry>, DatasetError> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -154,8 +223,7 @@ fn parse_jsonl(path: &Path, text: &str, base: &Path) -> Result<Vec<Example>, Dat
         }
         let parsed: JsonExample = serde_json::from_str(line)
             .map_err(|e| bad_line(path, i + 1, format!("not a {{\"uri\": ..., \"label\": ...}} object: {e}")))?;
-        let label = parsed.label.ok_or_else(|| bad_line(path, i + 1, format!("{} has no label", parsed.uri)))?;
-        out.push(example(&parsed.uri, &label, base, path, i + 1)?);
+        out.push(entry(&parsed.uri, parsed.label.as_deref(), base, path, i + 1)?);
     }
     Ok(out)
 }
@@ -261,6 +329,31 @@ mod tests {
         assert!(err.contains("list.jsonl, line 3"), "{err}");
         std::fs::write(&jsonl, "{\"uri\":\"a.png\",\"label\":\"x\"}\n{\"path\":\"/b.png\",\"label\":\"y\"}\n").unwrap();
         assert_eq!(load(&jsonl).unwrap()[1], Example { uri: "/b.png".into(), label: "y".into() });
+    }
+
+    #[test]
+    fn lists_may_leave_labels_out_but_datasets_may_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("uris.CSV");
+        std::fs::write(&csv, "uri\ns3://b/cat/1.png\n\r\n\n a.png \n").unwrap();
+        let got = read_list(&csv).unwrap();
+        let want = [("s3://b/cat/1.png".to_owned(), 2), (dir.path().join("a.png").to_string_lossy().into_owned(), 5)];
+        assert_eq!(got.iter().map(|e| (e.uri.clone(), e.line)).collect::<Vec<_>>(), want);
+        assert!(got.iter().all(|e| e.label.is_none()));
+        let err = load(&csv).unwrap_err().to_string();
+        assert!(err.contains("uris.CSV, line 2") && err.contains("s3://b/cat/1.png has no label"), "{err}");
+        let mixed = dir.path().join("mixed.csv");
+        std::fs::write(&mixed, "a.png,cat\nb.png,\nc.png\n").unwrap();
+        let labels: Vec<Option<String>> = read_list(&mixed).unwrap().into_iter().map(|e| e.label).collect();
+        assert_eq!(labels, [Some("cat".to_owned()), None, None]);
+        let jsonl = dir.path().join("l.jsonl");
+        std::fs::write(&jsonl, "{\"uri\":\"data:image/png;base64,AA\"}\n").unwrap();
+        assert_eq!(
+            read_list(&jsonl).unwrap(),
+            [ListEntry { uri: "data:image/png;base64,AA".into(), label: None, line: 1 }]
+        );
+        assert!(is_list(Path::new("x.JSONL")) && !is_list(Path::new("x.png")));
+        assert!(is_uri("S3://b/k") && is_uri("DATA:image/png,x") && !is_uri("/a/b.png"));
     }
 
     #[test]
