@@ -83,8 +83,9 @@ pub struct FetchConfig {
     /// `host` matches is sent. Secrets come from the environment or files, never the config
     /// file; see [`auth::HttpAuthRule`]. Default none.
     pub http_auth: Vec<auth::HttpAuthRule>,
-    /// `s3://` URIs: endpoint, region, credentials (`[fetch.s3]`; see [`store::S3Config`]).
-    pub s3: store::S3Config,
+    /// Object stores: `s3://`, `gs://` and `az://` URIs, one table each (`[fetch.stores.s3]`,
+    /// `[fetch.stores.gcs]`, `[fetch.stores.azure]`; see [`store::StoresConfig`]).
+    pub stores: store::StoresConfig,
 }
 
 impl Default for FetchConfig {
@@ -103,7 +104,7 @@ impl Default for FetchConfig {
             allowed_networks: Vec::new(),
             max_per_host: 8,
             http_auth: Vec::new(),
-            s3: store::S3Config::default(),
+            stores: store::StoresConfig::default(),
         }
     }
 }
@@ -192,7 +193,7 @@ pub enum FetchError {
         attempts: u32,
     },
 
-    /// An `s3://` object that could not be read: `not_found`, `unauthorized`, `forbidden`,
+    /// An `s3://`, `gs://` or `az://` object that could not be read: `not_found`, `unauthorized`, `forbidden`,
     /// `http_status`, `network`, `timeout` or `store_config` (see [`store::StoreError`]).
     #[error(transparent)]
     Store(#[from] store::StoreError),
@@ -326,8 +327,8 @@ pub struct Fetcher {
     per_host: Arc<auth::HostLimiter>,
     /// The address policy, for object-store endpoints (ureq's resolver holds its own copy).
     policy: Arc<address::AddressPolicy>,
-    /// Clients of the `s3://` buckets seen so far.
-    s3: Arc<store::S3Stores>,
+    /// Clients of the object-store buckets seen so far.
+    stores: Arc<store::Stores>,
 }
 
 /// Folders no image is read from, whatever `file_roots` says: kernel and device files.
@@ -371,7 +372,7 @@ impl Fetcher {
             credentials: Arc::new(credentials),
             per_host,
             policy: Arc::new(policy),
-            s3: Arc::default(),
+            stores: Arc::default(),
         })
     }
 
@@ -412,7 +413,7 @@ impl Fetcher {
     pub fn fetch_with_attempts(&self, uri: &str, max_bytes: u64) -> FetchOutcome {
         match self.target(uri) {
             Ok(Target::Http) => self.fetch_http(uri, max_bytes),
-            Ok(Target::S3) => self.s3.fetch(uri, max_bytes, &self.config, &self.policy),
+            Ok(Target::Store) => self.stores.fetch(uri, max_bytes, &self.config, &self.policy),
             Ok(Target::Data) => {
                 let result = data_uri_bytes(uri, max_bytes);
                 // Nothing to retry; a refused URI, as elsewhere, counts no attempt.
@@ -436,12 +437,12 @@ impl Fetcher {
         match scheme {
             Some(s) if s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https") => return Ok(Target::Http),
             Some(s) if s.eq_ignore_ascii_case("data") => return Ok(Target::Data),
-            Some(s) if s.eq_ignore_ascii_case("s3") => return Ok(Target::S3),
+            Some(s) if store::Scheme::from_name(s).is_some() => return Ok(Target::Store),
             Some(s) if !s.eq_ignore_ascii_case("file") => {
                 let supported = if self.config.allow_file {
-                    "http://, https://, s3://, data:, file:// and plain file paths"
+                    "http://, https://, s3://, gs://, az://, data:, file:// and plain file paths"
                 } else {
-                    "http://, https://, s3:// and data: (local files are disabled)"
+                    "http://, https://, s3://, gs://, az:// and data: (local files are disabled)"
                 };
                 return Err(FetchError::UnsupportedScheme { uri: uri.into(), scheme: s.into(), supported });
             }
@@ -610,7 +611,8 @@ fn lexically_inside(path: &Path, root: &Path) -> bool {
 
 enum Target {
     Http,
-    S3,
+    /// `s3://`, `gs://` or `az://`.
+    Store,
     Data,
     File(PathBuf),
 }
@@ -1328,18 +1330,18 @@ mod tests {
             assert_eq!(error.kind(), "forbidden_local_file", "{uri}");
             assert_eq!(attempts, 0);
         }
-        let (error, _) = fetch_err(&fetcher, "gs://bucket/cat.jpg", 1024);
+        let (error, _) = fetch_err(&fetcher, "hdfs://bucket/cat.jpg", 1024);
         assert!(error.to_string().contains("local files are disabled"), "{error}");
     }
 
     #[test]
     fn unknown_schemes_are_unsupported() {
         let fetcher = fetcher(fast_config());
-        for (uri, scheme) in [("gs://bucket/cat.jpg", "gs"), ("ftp://host/cat.jpg", "ftp")] {
+        for (uri, scheme) in [("hdfs://bucket/cat.jpg", "hdfs"), ("ftp://host/cat.jpg", "ftp")] {
             let (error, attempts) = fetch_err(&fetcher, uri, 1024);
             assert_eq!(error.kind(), "unsupported_scheme");
             assert!(matches!(&error, FetchError::UnsupportedScheme { scheme: s, .. } if s == scheme));
-            assert!(error.to_string().contains("http://, https://, s3://, data:, file://"), "{error}");
+            assert!(error.to_string().contains("http://, https://, s3://, gs://, az://, data:, file://"), "{error}");
             assert_eq!(attempts, 0);
         }
     }
