@@ -192,6 +192,34 @@ fn azure_objects_are_fetched_and_a_wrong_key_is_unauthorized() {
     assert_eq!((outcome.result.unwrap_err().kind(), outcome.attempts), ("store_config", 0));
 }
 
+/// `service_account` (a key file's path) and `service_account_key` (its JSON) are read: a file
+/// that is not there cannot make a client, and a key that turns OAuth off (object_store's switch
+/// for emulators, since fake-gcs-server could not check a token) reads the objects.
+#[test]
+fn gcs_service_account_settings_are_read() {
+    let (bucket, objects) = uploaded(Store::Gcs, "account");
+    let uri = format!("gs://{bucket}/{}", objects[0].0);
+    let with = |path: Option<String>, key: Option<String>| {
+        let mut stores = Store::Gcs.config("");
+        stores.gcs = GcsConfig { service_account: path, service_account_key: key, ..stores.gcs };
+        stores.gcs.anonymous = false;
+        fetcher(stores, &["127.0.0.1"]).fetch_with_attempts(&uri, 1 << 20)
+    };
+    let missing = with(Some("/nonexistent/dlpipe-sa.json".into()), None);
+    assert_eq!((missing.result.unwrap_err().kind(), missing.attempts), ("store_config", 0));
+    let key = serde_json::json!({
+        "client_email": "reader@dlpipe.iam.gserviceaccount.com", "private_key": "", "private_key_id": "",
+        "disable_oauth": true,
+    })
+    .to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sa.json");
+    std::fs::write(&path, &key).unwrap();
+    let image = std::fs::read(&objects[0].1).unwrap();
+    assert_eq!(with(Some(path.display().to_string()), None).result.unwrap(), image);
+    assert_eq!(with(None, Some(key)).result.unwrap(), image);
+}
+
 #[test]
 fn a_gcs_base_url_by_name_obeys_the_address_policy() {
     let mut stores = Store::Gcs.config("");
