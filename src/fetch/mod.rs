@@ -14,6 +14,9 @@
 //! - `data:` URIs (RFC 2397), the image bytes in the URI itself, e.g.
 //!   `data:image/png;base64,iVBOR...`. The media type is ignored (the decoder sniffs the format);
 //!   the size limit is checked on the length of the text, before anything is decoded.
+//! - `s3://bucket/key`, `gs://bucket/key` and `az://container/blob`: objects in AWS S3 (or an
+//!   S3-compatible store), Google Cloud Storage and Azure Blob Storage, read with object_store
+//!   under the same limits and retries ([`store`], settings `[fetch.stores.*]`).
 //!
 //! A [`Fetcher`] is cheap to clone and safe to share: the decode threads of a worker all use one,
 //! so they share its pool of keep-alive connections.
@@ -114,7 +117,7 @@ impl Default for FetchConfig {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum FetchError {
-    /// `unsupported_scheme`: a scheme other than http, https or file.
+    /// `unsupported_scheme`: a scheme other than http, https, s3, gs, az, data or file.
     #[error("{uri}: unsupported URI scheme `{scheme}:`; supported: {supported}")]
     UnsupportedScheme { uri: String, scheme: String, supported: &'static str },
 
@@ -193,8 +196,9 @@ pub enum FetchError {
         attempts: u32,
     },
 
-    /// An `s3://`, `gs://` or `az://` object that could not be read: `not_found`, `unauthorized`, `forbidden`,
-    /// `http_status`, `network`, `timeout` or `store_config` (see [`store::StoreError`]).
+    /// An `s3://`, `gs://` or `az://` object that could not be read: `not_found`,
+    /// `unauthorized`, `forbidden`, `http_status`, `network`, `timeout` or `store_config` (see
+    /// [`store::StoreError`]).
     #[error(transparent)]
     Store(#[from] store::StoreError),
 
