@@ -32,6 +32,8 @@ image: setup
 test: setup
 	scripts/kafka start
 	scripts/s3 start
+	scripts/gcs start
+	scripts/azure start
 	$(CARGO) test $(PROFILE_FLAGS) --workspace --no-fail-fast -- --show-output
 
 # Coverage-guided fuzzing (cargo-fuzz, libFuzzer, stable Rust) of the record parsers and of image
@@ -56,3 +58,5 @@ services-stop:
 	scripts/kafka stop
 	scripts/prometheus stop
 	scripts/s3 stop
+	scripts/gcs stop
+	scripts/azure stop

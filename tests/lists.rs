@@ -91,7 +91,7 @@ impl Cli {
         let toml = format!(
             "[model]\ndir = \"{models}\"\nbatch_size = 16\n\n[kafka]\nbrokers = \"{brokers}\"\n\n\
              [train]\nfeature_cache = \"{cache}\"\n\n[fetch]\nallowed_networks = [\"127.0.0.0/8\"]\n\n\
-             [fetch.s3]\nendpoint = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
+             [fetch.stores.s3]\nendpoint = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
             s.endpoint,
             s.key_id,
             s.secret,

@@ -232,7 +232,7 @@ fn wave(topic: &str, wave: usize, good: usize, skip: usize) -> (usize, usize) {
     let bad = [
         record(&format!("w{wave}-missing"), &common::root().join("data/no-such-image.png"), "bag"),
         "{\"id\": \"broken".to_owned(),
-        serde_json::json!({"id": format!("w{wave}-s3"), "uri": "gs://bucket/cat.jpg"}).to_string(),
+        serde_json::json!({"id": format!("w{wave}-s3"), "uri": "hdfs://bucket/cat.jpg"}).to_string(),
     ];
     for (i, payload) in bad.iter().enumerate() {
         messages.insert(5 * i + 1, (i as i32 % 2, format!("w{wave}-bad{i}"), payload.clone()));

@@ -104,7 +104,11 @@ fn one_prediction_per_good_record_and_one_dead_letter_per_bad_input() {
         ("text", record("text", &text, None), "unsupported_format"),
         ("truncated", record("truncated", &truncated, None), "undecodable"),
         ("badjson", "{\"id\": \"badjson\", \"uri\": ".to_string(), "malformed_json"),
-        ("scheme", serde_json::json!({"id": "scheme", "uri": "gs://bucket/cat.jpg"}).to_string(), "unsupported_scheme"),
+        (
+            "scheme",
+            serde_json::json!({"id": "scheme", "uri": "hdfs://bucket/cat.jpg"}).to_string(),
+            "unsupported_scheme",
+        ),
         ("oversized", record("oversized", &oversized, None), "too_large"),
         ("http404", serde_json::json!({"id": "http404", "uri": http_404_server()}).to_string(), "not_found"),
         // Server-side request forgery: the cloud metadata address is refused, not fetched.
@@ -143,7 +147,7 @@ fn one_prediction_per_good_record_and_one_dead_letter_per_bad_input() {
         assert_eq!(kinds.get(id), Some(kind), "{id}: {dead:?}");
     }
     let scheme = dead.iter().find(|d| d["id"] == "scheme").unwrap();
-    assert!(scheme["error"].as_str().unwrap().contains("gs://bucket/cat.jpg"), "the error names the input: {scheme}");
+    assert!(scheme["error"].as_str().unwrap().contains("hdfs://bucket/cat.jpg"), "the error names the input: {scheme}");
     // Any producer may name any file: the dead letter says what it is, never what it says.
     let text = dead.iter().find(|d| d["id"] == "text").unwrap();
     assert!(text["error"].as_str().unwrap().contains("bytes of text"), "{text}");

@@ -5,7 +5,7 @@ mod common;
 
 use common::run::{messages, read_topic, Run};
 use common::{fashion, produce};
-use dlpipe::fetch::store::S3Config;
+use dlpipe::fetch::store::{S3Config, StoresConfig};
 use dlpipe::fetch::{FetchConfig, Fetcher};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -81,7 +81,7 @@ fn objects_are_fetched_and_failures_get_distinct_kinds() {
         images.iter().enumerate().map(|(i, (p, c))| (format!("{c}/{i}.png"), p.clone())).collect();
     upload(&bucket, &objects);
     let config = |secret: &str, allowed: &[&str]| FetchConfig {
-        s3: s3_config(secret),
+        stores: StoresConfig { s3: s3_config(secret), ..StoresConfig::default() },
         allowed_networks: allowed.iter().map(|a| a.to_string()).collect(),
         max_retries: 0,
         ..FetchConfig::default()
@@ -111,7 +111,8 @@ fn objects_are_fetched_and_failures_get_distinct_kinds() {
 #[test]
 fn a_store_endpoint_by_name_obeys_the_address_policy() {
     let s3 = S3Config { endpoint: Some(server().endpoint.replace("127.0.0.1", "localhost")), ..s3_config("x") };
-    let fetcher = Fetcher::new(FetchConfig { s3, max_retries: 0, ..FetchConfig::default() }).unwrap();
+    let stores = StoresConfig { s3, ..StoresConfig::default() };
+    let fetcher = Fetcher::new(FetchConfig { stores, max_retries: 0, ..FetchConfig::default() }).unwrap();
     let error = fetcher.fetch("s3://any-bucket/x.png", 1 << 20).unwrap_err();
     assert_eq!(error.kind(), "forbidden_address", "{error}");
 }
@@ -140,7 +141,7 @@ fn s3_uris_predict_exactly_as_the_files_they_name() {
     let s = server();
     let store = |secret: &str| {
         format!(
-            "epochs = {{ by = \"offsets\", records = 4 }}\n[fetch.s3]\nendpoint = \"{}\"\naccess_key_id = \"{}\"\n\
+            "epochs = {{ by = \"offsets\", records = 4 }}\n[fetch.stores.s3]\nendpoint = \"{}\"\naccess_key_id = \"{}\"\n\
              secret_access_key = \"{secret}\"\n",
             s.endpoint, s.key_id
         )
@@ -214,7 +215,10 @@ fn a_throttling_store_is_retried_and_the_stream_loses_nothing() {
     upload(&bucket, &objects);
     let proxy = SlowDown::start(2);
     let config = |max_retries| FetchConfig {
-        s3: S3Config { endpoint: Some(proxy.endpoint.clone()), ..s3_config(&server().secret) },
+        stores: StoresConfig {
+            s3: S3Config { endpoint: Some(proxy.endpoint.clone()), ..s3_config(&server().secret) },
+            ..StoresConfig::default()
+        },
         allowed_networks: vec!["127.0.0.1".into()],
         max_retries,
         backoff_initial_ms: 20,
@@ -243,7 +247,7 @@ fn a_throttling_store_is_retried_and_the_stream_loses_nothing() {
         .collect();
     let s = server();
     let extra = format!(
-        "[fetch.s3]\nendpoint = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
+        "[fetch.stores.s3]\nendpoint = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
         proxy.endpoint, s.key_id, s.secret
     );
     let input = common::unique("s3slow");

@@ -4,7 +4,9 @@
 
 use super::bench_learning::{learning_table, LearningArgs};
 use super::load_featurizer;
+use anyhow::Context;
 use dlpipe::config::{Config, DeliveryGuarantee, HeadKind, StartFrom};
+use dlpipe::fetch::Fetcher;
 use dlpipe::image::{decode, list_images, Preprocess};
 use dlpipe::kafka::{ensure_topic, Publisher, TopicSpec};
 use dlpipe::pipeline::{run as run_pipeline, RunOptions};
@@ -42,6 +44,11 @@ pub struct BenchArgs {
     /// and `dlpipe run`'s pipeline, against the model's own forward pass at model.batch_size.
     #[arg(long, value_name = "RECORDS")]
     pipeline: Option<usize>,
+    /// Also time the pipeline from an object store: the photos are uploaded under this prefix
+    /// (e.g. `s3://dlpipe/bench/`: the bucket must exist; `[fetch.stores.*]` say where the store is
+    /// and the credentials) and the same runs are timed from there beside `file://`.
+    #[arg(long, value_name = "PREFIX", requires = "pipeline")]
+    store: Option<String>,
     /// Timely workers of the pipeline benchmark.
     #[arg(long, default_value_t = 1)]
     workers: usize,
@@ -305,6 +312,11 @@ fn pipeline_table(config: &Config, args: &BenchArgs, records: usize) -> anyhow::
         .iter()
         .map(|p| Ok(format!("file://{}", std::fs::canonicalize(p)?.display())))
         .collect::<std::io::Result<_>>()?;
+    let fetcher = Fetcher::new(config.fetch.clone())?;
+    let mut sources = vec![uris];
+    if let Some(prefix) = &args.store {
+        sources.push(upload(&fetcher, prefix, &photos)?);
+    }
 
     let batch = config.model.batch_size;
     let featurizer = load_featurizer(config, None, args.device.as_deref())?;
@@ -321,10 +333,14 @@ fn pipeline_table(config: &Config, args: &BenchArgs, records: usize) -> anyhow::
     let paced = ((rate * args.latency_seconds) as usize).max(10);
 
     let mut rows = Vec::new();
-    for &delivery in &args.delivery {
-        let throughput = backlog_run(config, args, &uris, delivery, records)?;
-        let latencies = paced_run(config, args, &uris, delivery, rate, paced)?;
-        rows.push((delivery, throughput, latencies));
+    for uris in &sources {
+        let fetch_ms = fetch_cost_ms(&fetcher, uris, config.image.max_encoded_bytes)?;
+        for &delivery in &args.delivery {
+            let throughput = backlog_run(config, args, uris, delivery, records)?;
+            let latencies = paced_run(config, args, uris, delivery, rate, paced)?;
+            let scheme = dlpipe::fetch::UriScheme::of(&uris[0]).as_str();
+            rows.push((scheme, fetch_ms, delivery, throughput, latencies));
+        }
     }
     println!(
         "\n## end to end through Kafka ({} worker(s), batch {batch}, imagenet head, epochs {})\n",
@@ -335,17 +351,20 @@ fn pipeline_table(config: &Config, args: &BenchArgs, records: usize) -> anyhow::
         }
     );
     println!(
-        "Latency of {paced} records at {rate:.1}/s: until predicted, and until visible to a read_committed consumer.\n"
+        "{} photos, each fetched {} times in the backlog. Latency of {paced} records at {rate:.1}/s: until \
+         predicted, and until visible to a read_committed consumer.\n",
+        photos.len(),
+        records.div_ceil(photos.len())
     );
     println!(
-        "| delivery | forward pass alone | pipeline, {records} records backlog | ratio | predicted p50 | visible p50 | \
-         visible p99 | visible max |"
+        "| source | one fetch | delivery | forward pass alone | pipeline, {records} records backlog | ratio | \
+         predicted p50 | visible p50 | visible p99 | visible max |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
-    for (delivery, throughput, l) in rows {
+    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (scheme, fetch_ms, delivery, throughput, l) in rows {
         println!(
-            "| {delivery} | {forward:.1} images/s | {throughput:.1} images/s | {:.0}% | {:.0} ms | {:.0} ms | {:.0} ms | \
-             {:.0} ms |",
+            "| {scheme} | {fetch_ms:.2} ms | {delivery} | {forward:.1} images/s | {throughput:.1} images/s | {:.0}% | \
+             {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms |",
             100.0 * throughput / forward,
             quantile(&l.predicted, 0.5),
             quantile(&l.visible, 0.5),
@@ -354,11 +373,41 @@ fn pipeline_table(config: &Config, args: &BenchArgs, records: usize) -> anyhow::
         );
     }
     println!(
-        "\n(Backlog runs include loading the model and joining the topic: about a second. Visible latency runs \
-         from handing the record to the producer to the prediction's arrival at the consumer; predicted, from \
-         the input's Kafka timestamp to the prediction.)"
+        "\n(One fetch: the mean time to fetch one photo on one thread, sequentially, so the cost an image \
+         adds to a fetch thread; the pipeline runs fetch_threads of them at once. Backlog runs include loading \
+         the model and joining the topic: about a second. Visible latency runs from handing the record to the \
+         producer to the prediction's arrival at the consumer; predicted, from the input's Kafka timestamp to \
+         the prediction.)"
     );
     Ok(())
+}
+
+/// Uploads each photo under `prefix` (`s3://bucket/some/prefix/`), returning their URIs.
+fn upload(fetcher: &Fetcher, prefix: &str, photos: &[PathBuf]) -> anyhow::Result<Vec<String>> {
+    let prefix = if prefix.ends_with('/') { prefix.to_owned() } else { format!("{prefix}/") };
+    let mut uris = Vec::new();
+    for photo in photos {
+        let name = photo.file_name().and_then(|n| n.to_str()).context("a photo without a UTF-8 file name")?;
+        let uri = format!("{prefix}{name}");
+        let bytes = std::fs::read(photo).with_context(|| format!("reading {}", photo.display()))?;
+        fetcher.put(&uri, bytes).with_context(|| format!("uploading the photos for --store to {prefix}"))?;
+        uris.push(uri);
+    }
+    Ok(uris)
+}
+
+/// Mean milliseconds to fetch one of `uris` on one thread (after one untimed round, which opens
+/// the connections).
+fn fetch_cost_ms(fetcher: &Fetcher, uris: &[String], max_bytes: u64) -> anyhow::Result<f64> {
+    for uri in uris {
+        fetcher.fetch(uri, max_bytes)?;
+    }
+    let rounds_per_s = measure(Duration::from_secs(2), 3, || {
+        for uri in uris {
+            fetcher.fetch(uri, max_bytes).expect("fetched in the first round");
+        }
+    });
+    Ok(1000.0 / (rounds_per_s * uris.len() as f64))
 }
 
 /// A config of its own topics and group for one benchmark run of `delivery`.

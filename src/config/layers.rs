@@ -80,7 +80,7 @@ impl Config {
         let mut config: Config = toml::Value::Table(table).try_into().map_err(ConfigError::Toml)?;
         let invalid = |error| ConfigError::Invalid { path: label.into(), error: Box::new(error) };
         config.kafka.resolve_env(env.clone()).map_err(invalid)?;
-        config.fetch.s3.resolve_env(&env).map_err(invalid)?;
+        config.fetch.stores.resolve_env(&env).map_err(invalid)?;
         config.validate().map_err(invalid)?;
         let env_names = env
             .iter()
@@ -256,11 +256,13 @@ fn lookup<'a>(table: &'a toml::Table, path: &[String]) -> Option<&'a toml::Value
 }
 
 /// Whether the config key `path` holds a secret: a key that names a password, secret or token,
-/// and the SASL and private-key properties of Kafka (the SASL mechanism excepted).
+/// a key ending in `_key` (an Azure access key, a GCS service account key), and the SASL and
+/// private-key properties of Kafka (the SASL mechanism excepted).
 pub fn is_secret_key(path: &[String]) -> bool {
     let Some(key) = path.last() else { return false };
     let kafka_property = path.len() == 3 && path[0] == "kafka" && path[1] == "properties";
     ["password", "secret", "token"].iter().any(|word| key.contains(word))
+        || key.ends_with("_key")
         || kafka_property
             && (super::is_secret_property(key)
                 || key.starts_with("ssl.key")

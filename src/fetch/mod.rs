@@ -14,6 +14,9 @@
 //! - `data:` URIs (RFC 2397), the image bytes in the URI itself, e.g.
 //!   `data:image/png;base64,iVBOR...`. The media type is ignored (the decoder sniffs the format);
 //!   the size limit is checked on the length of the text, before anything is decoded.
+//! - `s3://bucket/key`, `gs://bucket/key` and `az://container/blob`: objects in AWS S3 (or an
+//!   S3-compatible store), Google Cloud Storage and Azure Blob Storage, read with object_store
+//!   under the same limits and retries ([`store`], settings `[fetch.stores.*]`).
 //!
 //! A [`Fetcher`] is cheap to clone and safe to share: the decode threads of a worker all use one,
 //! so they share its pool of keep-alive connections.
@@ -85,8 +88,9 @@ pub struct FetchConfig {
     /// `host` matches is sent. Secrets come from the environment or files, never the config
     /// file; see [`auth::HttpAuthRule`]. Default none.
     pub http_auth: Vec<auth::HttpAuthRule>,
-    /// `s3://` URIs: endpoint, region, credentials (`[fetch.s3]`; see [`store::S3Config`]).
-    pub s3: store::S3Config,
+    /// Object stores: `s3://`, `gs://` and `az://` URIs, one table each (`[fetch.stores.s3]`,
+    /// `[fetch.stores.gcs]`, `[fetch.stores.azure]`; see [`store::StoresConfig`]).
+    pub stores: store::StoresConfig,
 }
 
 impl Default for FetchConfig {
@@ -105,7 +109,7 @@ impl Default for FetchConfig {
             allowed_networks: Vec::new(),
             max_per_host: 8,
             http_auth: Vec::new(),
-            s3: store::S3Config::default(),
+            stores: store::StoresConfig::default(),
         }
     }
 }
@@ -115,7 +119,7 @@ impl Default for FetchConfig {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum FetchError {
-    /// `unsupported_scheme`: a scheme other than http, https or file.
+    /// `unsupported_scheme`: a scheme other than http, https, s3, gs, az, data or file.
     #[error("{uri}: unsupported URI scheme `{scheme}:`; supported: {supported}")]
     UnsupportedScheme { uri: String, scheme: String, supported: &'static str },
 
@@ -194,8 +198,9 @@ pub enum FetchError {
         attempts: u32,
     },
 
-    /// An `s3://` object that could not be read: `not_found`, `unauthorized`, `forbidden`,
-    /// `http_status`, `network`, `timeout` or `store_config` (see [`store::StoreError`]).
+    /// An `s3://`, `gs://` or `az://` object that could not be read: `not_found`,
+    /// `unauthorized`, `forbidden`, `http_status`, `network`, `timeout` or `store_config` (see
+    /// [`store::StoreError`]).
     #[error(transparent)]
     Store(#[from] store::StoreError),
 
@@ -328,8 +333,8 @@ pub struct Fetcher {
     per_host: Arc<auth::HostLimiter>,
     /// The address policy, for object-store endpoints (ureq's resolver holds its own copy).
     policy: Arc<address::AddressPolicy>,
-    /// Clients of the `s3://` buckets seen so far.
-    s3: Arc<store::S3Stores>,
+    /// Clients of the object-store buckets seen so far.
+    stores: Arc<store::Stores>,
 }
 
 /// Folders no image is read from, whatever `file_roots` says: kernel and device files.
@@ -375,7 +380,7 @@ impl Fetcher {
             credentials: Arc::new(credentials),
             per_host,
             policy: Arc::new(policy),
-            s3: Arc::default(),
+            stores: Arc::default(),
         })
     }
 
@@ -416,7 +421,7 @@ impl Fetcher {
     pub fn fetch_with_attempts(&self, uri: &str, max_bytes: u64) -> FetchOutcome {
         match self.target(uri) {
             Ok(Target::Http) => self.fetch_http(uri, max_bytes),
-            Ok(Target::S3) => self.s3.fetch(uri, max_bytes, &self.config, &self.policy),
+            Ok(Target::Store) => self.stores.fetch(uri, max_bytes, &self.config, &self.policy),
             Ok(Target::Data) => {
                 let result = data_uri_bytes(uri, max_bytes);
                 // Nothing to retry; a refused URI, as elsewhere, counts no attempt.
@@ -438,15 +443,29 @@ impl Fetcher {
         self.target(uri).map(|_| ())
     }
 
-    /// The URIs of the objects under an object-store prefix (`s3://bucket/photos/`), recursively,
-    /// sorted by key; see [`store::S3Stores::list`]. Other schemes cannot be listed.
+    /// The URIs of the objects under an object-store prefix (`s3://bucket/photos/`,
+    /// `gs://bucket/photos/`, `az://container/photos/`), recursively, sorted by key; see
+    /// [`store::Stores::list`]. Other schemes cannot be listed.
     pub fn list(&self, prefix_uri: &str) -> Result<Vec<String>, FetchError> {
         match self.target(prefix_uri)? {
-            Target::S3 => self.s3.list(prefix_uri, &self.config, &self.policy),
+            Target::Store => self.stores.list(prefix_uri, &self.config, &self.policy),
             _ => Err(FetchError::UnsupportedScheme {
                 uri: prefix_uri.into(),
                 scheme: scheme(prefix_uri).unwrap_or("file").into(),
-                supported: "s3:// (object-store prefixes; list local folders as paths)",
+                supported: "s3://, gs:// and az:// (object-store prefixes; list local folders as paths)",
+            }),
+        }
+    }
+
+    /// Writes `bytes` as the object-store object `uri` (`dlpipe bench --store` uploads its photos
+    /// with it); one request, not retried. Other schemes cannot be written.
+    pub fn put(&self, uri: &str, bytes: Vec<u8>) -> Result<(), FetchError> {
+        match self.target(uri)? {
+            Target::Store => self.stores.put(uri, bytes, &self.config, &self.policy),
+            _ => Err(FetchError::UnsupportedScheme {
+                uri: uri.into(),
+                scheme: scheme(uri).unwrap_or("file").into(),
+                supported: "s3://, gs:// and az:// (objects are written to object stores only)",
             }),
         }
     }
@@ -460,12 +479,12 @@ impl Fetcher {
         match scheme {
             Some(s) if s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https") => return Ok(Target::Http),
             Some(s) if s.eq_ignore_ascii_case("data") => return Ok(Target::Data),
-            Some(s) if s.eq_ignore_ascii_case("s3") => return Ok(Target::S3),
+            Some(s) if store::Scheme::from_name(s).is_some() => return Ok(Target::Store),
             Some(s) if !s.eq_ignore_ascii_case("file") => {
                 let supported = if self.config.allow_file {
-                    "http://, https://, s3://, data:, file:// and plain file paths"
+                    "http://, https://, s3://, gs://, az://, data:, file:// and plain file paths"
                 } else {
-                    "http://, https://, s3:// and data: (local files are disabled)"
+                    "http://, https://, s3://, gs://, az:// and data: (local files are disabled)"
                 };
                 return Err(FetchError::UnsupportedScheme { uri: uri.into(), scheme: s.into(), supported });
             }
@@ -634,7 +653,8 @@ fn lexically_inside(path: &Path, root: &Path) -> bool {
 
 enum Target {
     Http,
-    S3,
+    /// `s3://`, `gs://` or `az://`.
+    Store,
     Data,
     File(PathBuf),
 }
@@ -671,7 +691,7 @@ fn data_uri_bytes(uri: &str, max_bytes: u64) -> Result<Vec<u8>, FetchError> {
 /// Where an image comes from, for metrics: one of a fixed list, so that labels stay bounded
 /// whatever URIs producers send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Scheme {
+pub enum UriScheme {
     File,
     Http,
     Https,
@@ -685,48 +705,48 @@ pub enum Scheme {
     Other,
 }
 
-impl Scheme {
+impl UriScheme {
     /// Every scheme, in the order of [`index`](Self::index).
-    pub const ALL: [Scheme; 9] = [
-        Scheme::File,
-        Scheme::Http,
-        Scheme::Https,
-        Scheme::S3,
-        Scheme::Gs,
-        Scheme::Az,
-        Scheme::Data,
-        Scheme::Inline,
-        Scheme::Other,
+    pub const ALL: [UriScheme; 9] = [
+        UriScheme::File,
+        UriScheme::Http,
+        UriScheme::Https,
+        UriScheme::S3,
+        UriScheme::Gs,
+        UriScheme::Az,
+        UriScheme::Data,
+        UriScheme::Inline,
+        UriScheme::Other,
     ];
 
     /// The scheme of a URI; plain paths are files.
-    pub fn of(uri: &str) -> Scheme {
-        let Some(s) = scheme(uri) else { return Scheme::File };
+    pub fn of(uri: &str) -> UriScheme {
+        let Some(s) = scheme(uri) else { return UriScheme::File };
         let is = |name: &str| s.eq_ignore_ascii_case(name);
         match () {
-            _ if is("file") => Scheme::File,
-            _ if is("http") => Scheme::Http,
-            _ if is("https") => Scheme::Https,
-            _ if is("s3") => Scheme::S3,
-            _ if is("gs") => Scheme::Gs,
-            _ if is("az") || is("abfs") || is("abfss") => Scheme::Az,
-            _ if is("data") => Scheme::Data,
-            _ => Scheme::Other,
+            _ if is("file") => UriScheme::File,
+            _ if is("http") => UriScheme::Http,
+            _ if is("https") => UriScheme::Https,
+            _ if is("s3") => UriScheme::S3,
+            _ if is("gs") => UriScheme::Gs,
+            _ if is("az") => UriScheme::Az,
+            _ if is("data") => UriScheme::Data,
+            _ => UriScheme::Other,
         }
     }
 
     /// The metric label.
     pub fn as_str(self) -> &'static str {
         match self {
-            Scheme::File => "file",
-            Scheme::Http => "http",
-            Scheme::Https => "https",
-            Scheme::S3 => "s3",
-            Scheme::Gs => "gs",
-            Scheme::Az => "az",
-            Scheme::Data => "data",
-            Scheme::Inline => "inline",
-            Scheme::Other => "other",
+            UriScheme::File => "file",
+            UriScheme::Http => "http",
+            UriScheme::Https => "https",
+            UriScheme::S3 => "s3",
+            UriScheme::Gs => "gs",
+            UriScheme::Az => "az",
+            UriScheme::Data => "data",
+            UriScheme::Inline => "inline",
+            UriScheme::Other => "other",
         }
     }
 
@@ -1422,18 +1442,18 @@ mod tests {
             assert_eq!(error.kind(), "forbidden_local_file", "{uri}");
             assert_eq!(attempts, 0);
         }
-        let (error, _) = fetch_err(&fetcher, "gs://bucket/cat.jpg", 1024);
+        let (error, _) = fetch_err(&fetcher, "hdfs://bucket/cat.jpg", 1024);
         assert!(error.to_string().contains("local files are disabled"), "{error}");
     }
 
     #[test]
     fn unknown_schemes_are_unsupported() {
         let fetcher = fetcher(fast_config());
-        for (uri, scheme) in [("gs://bucket/cat.jpg", "gs"), ("ftp://host/cat.jpg", "ftp")] {
+        for (uri, scheme) in [("hdfs://bucket/cat.jpg", "hdfs"), ("ftp://host/cat.jpg", "ftp")] {
             let (error, attempts) = fetch_err(&fetcher, uri, 1024);
             assert_eq!(error.kind(), "unsupported_scheme");
             assert!(matches!(&error, FetchError::UnsupportedScheme { scheme: s, .. } if s == scheme));
-            assert!(error.to_string().contains("http://, https://, s3://, data:, file://"), "{error}");
+            assert!(error.to_string().contains("http://, https://, s3://, gs://, az://, data:, file://"), "{error}");
             assert_eq!(attempts, 0);
         }
     }
@@ -1647,20 +1667,21 @@ mod tests {
     #[test]
     fn schemes_are_a_fixed_list_for_metrics() {
         for (uri, want) in [
-            ("/data/a.png", Scheme::File),
-            ("images/a.png", Scheme::File),
-            ("FILE:///a.png", Scheme::File),
-            ("https://example.com/a.jpg", Scheme::Https),
-            ("s3://bucket/a.jpg", Scheme::S3),
-            ("gs://bucket/a.jpg", Scheme::Gs),
-            ("abfs://container/a.jpg", Scheme::Az),
-            ("data:image/png;base64,AA==", Scheme::Data),
-            ("ftp://example.com/a.jpg", Scheme::Other),
-            ("x-unheard-of-scheme-1://a", Scheme::Other),
+            ("/data/a.png", UriScheme::File),
+            ("images/a.png", UriScheme::File),
+            ("FILE:///a.png", UriScheme::File),
+            ("https://example.com/a.jpg", UriScheme::Https),
+            ("s3://bucket/a.jpg", UriScheme::S3),
+            ("gs://bucket/a.jpg", UriScheme::Gs),
+            ("az://container/a.jpg", UriScheme::Az),
+            ("abfs://container/a.jpg", UriScheme::Other),
+            ("data:image/png;base64,AA==", UriScheme::Data),
+            ("ftp://example.com/a.jpg", UriScheme::Other),
+            ("x-unheard-of-scheme-1://a", UriScheme::Other),
         ] {
-            assert_eq!(Scheme::of(uri), want, "{uri}");
+            assert_eq!(UriScheme::of(uri), want, "{uri}");
         }
-        for (i, scheme) in Scheme::ALL.iter().enumerate() {
+        for (i, scheme) in UriScheme::ALL.iter().enumerate() {
             assert_eq!(scheme.index(), i, "{scheme:?}");
         }
     }

@@ -10,7 +10,7 @@
 //!
 //! Label cardinality is bounded by the deployment, never by the data: `worker` by the number of
 //! timely workers, `partition` by the input topic's partitions, `reason` and `kind` by the fixed
-//! lists of error kinds, `scheme` by the fixed list of [`Scheme`](crate::fetch::Scheme)s,
+//! lists of error kinds, `scheme` by the fixed list of [`UriScheme`](crate::fetch::UriScheme)s,
 //! `class` by `learner.max_classes`, `device` by `model.devices`.
 
 pub mod devices;

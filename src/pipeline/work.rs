@@ -6,7 +6,7 @@
 use super::PipelineError;
 use crate::batch::preprocess_into;
 use crate::config::Config;
-use crate::fetch::{Fetcher, Scheme};
+use crate::fetch::{Fetcher, UriScheme};
 use crate::image::decode;
 use crate::metrics::Metrics;
 use crate::model::{Featurizer, ModelError};
@@ -48,12 +48,12 @@ impl Work {
         let fetch: Fetch = Arc::new(move |record: &ImageRecord| {
             let started = Instant::now();
             let (scheme, bytes, retries) = match &record.image {
-                Some(image) => (Scheme::Inline, inline_bytes(record, image, limits.max_encoded_bytes), 0),
+                Some(image) => (UriScheme::Inline, inline_bytes(record, image, limits.max_encoded_bytes), 0),
                 None => {
                     let outcome = fetcher.fetch_with_attempts(&record.uri, limits.max_encoded_bytes);
                     let retries = outcome.retries();
                     let bytes = outcome.result.map_err(|e| PrepareError::new(e.kind(), e.to_string()));
-                    (Scheme::of(&record.uri), bytes, retries)
+                    (UriScheme::of(&record.uri), bytes, retries)
                 }
             };
             fetch_metrics.observe(scheme, started, &bytes, retries);
@@ -92,7 +92,7 @@ impl Work {
     }
 }
 
-/// One worker's fetch metrics by [`Scheme`]: the handles of each scheme are made on its first
+/// One worker's fetch metrics by [`UriScheme`]: the handles of each scheme are made on its first
 /// image, so that only the schemes a deployment uses appear in `/metrics`.
 struct FetchMetrics {
     worker: String,
@@ -100,7 +100,7 @@ struct FetchMetrics {
     bytes: IntCounterVec,
     retries: IntCounterVec,
     errors: IntCounterVec,
-    by_scheme: [OnceLock<SchemeHandles>; Scheme::ALL.len()],
+    by_scheme: [OnceLock<SchemeHandles>; UriScheme::ALL.len()],
 }
 
 struct SchemeHandles {
@@ -121,7 +121,7 @@ impl FetchMetrics {
         }
     }
 
-    fn observe(&self, scheme: Scheme, started: Instant, bytes: &Result<Vec<u8>, PrepareError>, retries: u32) {
+    fn observe(&self, scheme: UriScheme, started: Instant, bytes: &Result<Vec<u8>, PrepareError>, retries: u32) {
         let handles = self.by_scheme[scheme.index()].get_or_init(|| {
             let labels = [self.worker.as_str(), scheme.as_str()];
             SchemeHandles {
