@@ -374,7 +374,7 @@ fn pipeline_table(config: &Config, args: &BenchArgs, records: usize) -> anyhow::
     }
     println!(
         "\n(One fetch: the mean time to fetch one photo on one thread, sequentially, so the cost an image \
-         adds to a fetch thread; the pipeline runs fetch_threads of them at once. Backlog runs include loading \
+         adds to a fetch thread; the pipeline runs up to pipeline.max_decoding of them at once. Backlog runs include loading \
          the model and joining the topic: about a second. Visible latency runs from handing the record to the \
          producer to the prediction's arrival at the consumer; predicted, from the input's Kafka timestamp to \
          the prediction.)"

@@ -1,7 +1,7 @@
 //! `dlpipe produce`: publish image records (`{"id","uri","label"?}`) to a topic, or
 //! (`--feedback`) their labels as feedback records (`{"id","label"}`), with the same ids.
 //! Inputs are image files, folders, lists of URIs (`.csv` / `.jsonl`, as `train` reads them) and
-//! object-store prefixes (`s3://bucket/photos/`).
+//! object-store prefixes (`s3://bucket/photos/`, `gs://`, `az://`).
 //! `--inline` puts each image's bytes in the record (`{"id","image":"<base64>","label"?}`),
 //! `--raw` sends them as the message value with the id and label in headers (for
 //! `pipeline.input_format = "raw"`).
@@ -54,7 +54,7 @@ pub struct ProduceArgs {
     partitions: Option<i32>,
     /// Image files; folders (searched recursively); lists of URIs, `.csv` (uri[,label]) or
     /// `.jsonl` ({"uri","label"?}), each URI checked line by line; object-store prefixes,
-    /// `s3://bucket/photos/` (every image below it, recursively, in key order).
+    /// `s3://bucket/photos/`, `gs://...` or `az://...` (every image below it, recursively, in key order).
     #[arg(required = true, value_name = "DIR|FILES|LIST|PREFIX")]
     inputs: Vec<String>,
 }
