@@ -149,6 +149,18 @@ impl InputMessage<'_> {
     }
 }
 
+/// A base64 `data:` URI is an image carried in the record, as an `image` field is: its size is
+/// judged by `image.max_encoded_bytes` (not the URI limit, which keeps outputs small), and the
+/// outputs name it by its media type (`data:image/png;base64`), never copying the bytes.
+/// Percent-encoded `data:` URIs stay URIs (fetched as such, within the URI limit).
+fn carried_by_data_uri(uri: String) -> (String, Option<InlineImage>) {
+    let is_data = uri.get(..5).is_some_and(|s| s.eq_ignore_ascii_case("data:"));
+    let Some((media, payload)) = uri.split_once(',').filter(|(media, _)| is_data && media.ends_with(";base64")) else {
+        return (uri, None);
+    };
+    (media.to_owned(), Some(InlineImage::Base64(payload.to_owned())))
+}
+
 impl ImageRecord {
     /// Parses a Kafka payload: JSON `{"id": "...", "uri": "...", "label": "..."}` (id and label
     /// optional; numbers are accepted for both; `"image": "<base64>"` in place of or beside
@@ -216,6 +228,10 @@ impl ImageRecord {
             ));
         } else {
             (m.default_id(), text.to_owned(), None, None)
+        };
+        let (uri, image) = match image {
+            None => carried_by_data_uri(uri),
+            image => (uri, image),
         };
         Self::checked(
             m,
@@ -787,6 +803,31 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(d.error_kind, "too_large");
+    }
+
+    /// A photo as a base64 `data:` URI is far over the URI limit; it is an image the record
+    /// carries, limited by the image limit instead, and outputs name only its media type.
+    #[test]
+    fn base64_data_uris_are_images_carried_in_the_record() {
+        let spec = |max_image_bytes| InputSpec { format: InputFormat::Json, max_image_bytes };
+        let photo = "QUJD".repeat(10_000); // 40,000 characters, 30,000 bytes
+        let payload = format!(r#"{{"id":"p","uri":"data:image/jpeg;base64,{photo}"}}"#);
+        let m = InputMessage { payload: Some(payload.as_bytes()), ..Default::default() };
+        let r = ImageRecord::parse_message(&spec(1 << 20), &m).unwrap();
+        assert_eq!(
+            (r.uri.as_str(), r.image.as_ref().map(InlineImage::decoded_len)),
+            ("data:image/jpeg;base64", Some(30_000))
+        );
+        let dead = ImageRecord::parse_message(&spec(10_000), &m).unwrap_err();
+        assert_eq!(dead.error_kind, "too_large", "{dead:?}");
+        assert!(!dead.raw.contains("QUJD"), "the dead letter quotes the image: {}", dead.raw);
+        // Percent-encoded data: URIs, and bare ones, stay URIs.
+        for uri in ["data:,text", "data:image/png,%89PNG", "DATA:image/png;base64"] {
+            let payload = format!(r#"{{"uri":"{uri}"}}"#);
+            let m = InputMessage { payload: Some(payload.as_bytes()), ..Default::default() };
+            let r = ImageRecord::parse_message(&spec(1 << 20), &m).unwrap();
+            assert_eq!((r.uri.as_str(), r.image), (uri, None));
+        }
     }
 
     #[test]

@@ -391,11 +391,18 @@ impl Fetcher {
         let outside = |reason: &str| FetchError::ForbiddenLocalFile { uri: uri.into(), reason: reason.into() };
         let canonical = match std::fs::canonicalize(path) {
             Ok(canonical) => canonical,
-            // Unresolvable: missing (say so only inside the roots) or unreadable.
-            Err(_) if self.roots.is_empty() || self.roots.iter().any(|r| lexically_inside(path, r)) => {
-                return Ok(path.to_owned())
+            // Unresolvable: missing (say so only inside the roots) or unreadable. Its folder is
+            // resolved as the roots are, so that a root reached through a link still counts.
+            Err(_) => {
+                let folder = path.parent().and_then(|p| std::fs::canonicalize(p).ok());
+                let resolved = folder.zip(path.file_name()).map(|(folder, name)| folder.join(name));
+                let inside =
+                    |r: &PathBuf| lexically_inside(path, r) || resolved.as_ref().is_some_and(|p| p.starts_with(r));
+                if self.roots.is_empty() || self.roots.iter().any(inside) {
+                    return Ok(path.to_owned());
+                }
+                return Err(outside(OUTSIDE_ROOTS));
             }
-            Err(_) => return Err(outside(OUTSIDE_ROOTS)),
         };
         if SYSTEM_DIRS.iter().any(|d| canonical.starts_with(d)) {
             return Err(outside("system files (/proc, /sys, /dev) are never read"));
@@ -1619,6 +1626,12 @@ mod tests {
         assert_eq!(confined.fetch(&uri(&root.join("cat.jpg")), 100).unwrap(), b"cat");
         let missing = confined.fetch(&uri(&root.join("dog.jpg")), 100).unwrap_err();
         assert_eq!(missing.kind(), "not_found", "inside the roots, a missing file is said to be missing");
+        // The same through a link to the root folder (a clone whose data/ is a symlink).
+        let linked = dir.path().join("linked");
+        std::os::unix::fs::symlink(&root, &linked).unwrap();
+        let missing = confined.fetch(&uri(&linked.join("dog.jpg")), 100).unwrap_err();
+        assert_eq!(missing.kind(), "not_found", "{missing}");
+        assert_eq!(confined.fetch(&uri(&linked.join("cat.jpg")), 100).unwrap(), b"cat");
         // Outside: through `..`, a link, an absolute path, a missing file, a system file. Every
         // one gets the same answer, with nothing about the file itself.
         let escapes = [

@@ -48,7 +48,14 @@ impl Work {
         let fetch: Fetch = Arc::new(move |record: &ImageRecord| {
             let started = Instant::now();
             let (scheme, bytes, retries) = match &record.image {
-                Some(image) => (UriScheme::Inline, inline_bytes(record, image, limits.max_encoded_bytes), 0),
+                Some(image) => {
+                    // A base64 data: URI arrives as an image the record carries (its uri the media type).
+                    let scheme = match UriScheme::of(&record.uri) {
+                        UriScheme::Data => UriScheme::Data,
+                        _ => UriScheme::Inline,
+                    };
+                    (scheme, inline_bytes(record, image, limits.max_encoded_bytes), 0)
+                }
                 None => {
                     let outcome = fetcher.fetch_with_attempts(&record.uri, limits.max_encoded_bytes);
                     let retries = outcome.retries();
