@@ -278,6 +278,44 @@ pub struct ModelConfig {
     pub batch_size: usize,
     /// libtorch intra-op threads per process; 0 leaves libtorch's default (one per core).
     pub intra_op_threads: usize,
+    /// Arithmetic of the forward pass: "auto" picks bf16 where the CPU computes it natively
+    /// (AVX-512 BF16 or AMX) or on CUDA, f32 elsewhere; an explicit precision always wins.
+    pub precision: Precision,
+}
+
+/// `model.precision`: which export of a model runs (`NAME` for f32, `NAME_bf16`, `NAME_f16`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::Auto => "auto",
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
+        })
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Precision, String> {
+        match s.trim() {
+            "auto" => Ok(Precision::Auto),
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            "f16" => Ok(Precision::F16),
+            other => Err(format!("precision {other:?} is not one of auto, f32, bf16, f16")),
+        }
+    }
 }
 
 impl Default for ModelConfig {
@@ -288,6 +326,7 @@ impl Default for ModelConfig {
             devices: vec!["cpu".into()],
             batch_size: 8,
             intra_op_threads: 0,
+            precision: Precision::Auto,
         }
     }
 }

@@ -3,8 +3,9 @@
 
 mod common;
 
+use dlpipe::config::Precision;
 use dlpipe::image::{read_file, ImageLimits};
-use dlpipe::model::{top_k, Featurizer, ModelError};
+use dlpipe::model::{resolve_precision, top_k, CpuFeatures, Featurizer, ModelError};
 use fast_image_resize::Resizer;
 use tch::Device;
 
@@ -230,8 +231,10 @@ fn featurize_writes_a_npy_matrix_and_its_index() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let (rows, cols, values) = dlpipe::npy::read_f32(&out_file).unwrap();
     assert_eq!((rows, cols), (2, 1280));
-    // The rows are the model's features of those files: compare with a direct forward pass.
-    let featurizer = Featurizer::load(&common::model_manifest("mobilenet_v2"), Device::Cpu).unwrap();
+    // The rows are the model's features of those files: compare with a direct forward pass of
+    // the export model.precision = "auto" (the default) runs here.
+    let auto = resolve_precision("mobilenet_v2", &common::root().join("models"), Precision::Auto, &[Device::Cpu]);
+    let featurizer = Featurizer::load(&auto.unwrap(), Device::Cpu).unwrap();
     let image = read_file(&common::sample("coffee.jpg"), &ImageLimits::default()).unwrap();
     let mut input = vec![0f32; featurizer.preprocess().tensor_len()];
     featurizer.preprocess().run(&image, &mut Resizer::new(), &mut input).unwrap();
@@ -249,7 +252,14 @@ fn featurize_writes_a_npy_matrix_and_its_index() {
 
 #[test]
 fn features_do_not_depend_on_how_images_are_batched() {
-    let featurizer = Featurizer::load(&common::model_manifest("efficientnet_lite0"), Device::Cpu).unwrap();
+    // bf16 too: the stream's determinism across worker counts rests on it at "auto".
+    for model in ["efficientnet_lite0", "efficientnet_lite0_bf16"] {
+        batch_invariance(model);
+    }
+}
+
+fn batch_invariance(model: &str) {
+    let featurizer = Featurizer::load(&common::model_manifest(model), Device::Cpu).unwrap();
     let pre = featurizer.preprocess();
     let len = pre.tensor_len();
     let names = ["chelsea_cat.jpg", "coffee.jpg", "rocket.jpg"];
@@ -261,7 +271,11 @@ fn features_do_not_depend_on_how_images_are_batched() {
     let together = featurizer.forward(&batch, 3).unwrap();
     for i in 0..3 {
         let alone = featurizer.forward(&batch[i * len..(i + 1) * len], 1).unwrap();
-        assert!(alone.features_row(0) == together.features_row(i), "{}: bit-identical alone and in a batch", names[i]);
+        assert!(
+            alone.features_row(0) == together.features_row(i),
+            "{model} {}: bit-identical alone and in a batch",
+            names[i]
+        );
         assert!(alone.logits_row(0) == together.logits_row(i));
     }
 }
@@ -312,4 +326,51 @@ fn cmyk_jpeg_and_palette_gif_become_rgb() {
     );
     let p = *read_file(&gif, &ImageLimits::default()).unwrap().get_pixel(3, 3);
     assert!(p[1] > 215 && p[0] < 40 && p[2] < 40, "green: {p:?}");
+}
+
+#[test]
+fn model_precision_picks_the_export_auto_by_the_cpus_bf16_and_explicit_ones_or_a_clear_error() {
+    let models = common::root().join("models");
+    let pick = |name: &str, precision: Precision, devices: &[Device]| {
+        resolve_precision(name, &models, precision, devices)
+            .map(|p| p.file_name().unwrap().to_str().unwrap().to_owned())
+    };
+    let cpu = [Device::Cpu];
+    assert_eq!(pick("efficientnet_lite0", Precision::F32, &cpu).unwrap(), "efficientnet_lite0.json");
+    assert_eq!(pick("efficientnet_lite0", Precision::Bf16, &cpu).unwrap(), "efficientnet_lite0_bf16.json");
+    assert_eq!(pick("efficientnet_lite0_bf16", Precision::F32, &cpu).unwrap(), "efficientnet_lite0.json");
+    assert_eq!(pick("efficientnet_lite0_bf16", Precision::Auto, &cpu).unwrap(), "efficientnet_lite0_bf16.json");
+    let native = CpuFeatures::detect().native_bf16();
+    println!("this CPU: {:?}, native bf16 {native}", CpuFeatures::detect().names());
+    let auto = if native { "mobilenet_v2_bf16.json" } else { "mobilenet_v2.json" };
+    assert_eq!(pick("mobilenet_v2", Precision::Auto, &cpu).unwrap(), auto);
+
+    let f16 = pick("efficientnet_lite0", Precision::F16, &cpu).unwrap_err().to_string();
+    assert!(f16.contains("model.precision = \"f16\"") && f16.contains("CPU"), "{f16}");
+    // A model with only its f32 export: "auto" runs it in f32, an explicit bf16 is an error
+    // that says how to export one.
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["mobilenet_v2.json", "mobilenet_v2.pt"] {
+        std::os::unix::fs::symlink(models.join(file), dir.path().join(file)).unwrap();
+    }
+    let only_f32 = |precision| resolve_precision("mobilenet_v2", dir.path(), precision, &cpu);
+    assert_eq!(only_f32(Precision::Auto).unwrap(), dir.path().join("mobilenet_v2.json"));
+    let bf16 = only_f32(Precision::Bf16).unwrap_err().to_string();
+    assert!(bf16.contains("model.precision = \"bf16\"") && bf16.contains("--dtype bf16"), "{bf16}");
+}
+
+#[test]
+fn an_impossible_precision_stops_the_command_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("f16.toml");
+    let models = common::root().join("models");
+    std::fs::write(&config, format!("[model]\ndir = {:?}\nprecision = \"f16\"\n", models.display().to_string()))
+        .unwrap();
+    let out = common::dlpipe(&["-c", config.to_str().unwrap(), "predict", "data/samples/coffee.jpg"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("model.precision = \"f16\""), "{stderr}");
+    std::fs::write(&config, "[model]\nprecision = \"f8\"\n").unwrap();
+    let out = common::dlpipe(&["-c", config.to_str().unwrap(), "predict", "data/samples/coffee.jpg"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("precision") && stderr.contains("bf16"), "{stderr}");
 }

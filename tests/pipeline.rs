@@ -801,12 +801,18 @@ fn the_features_topic_carries_each_predicted_records_features_as_dlpipe_featuriz
 
     let got = read_topic(&features_topic, images.len() + 1, Duration::from_secs(5));
     assert_eq!(got.len(), images.len(), "one features message per predicted record, none for the dead letter");
+    // model.precision = "auto": the bf16 export where this CPU computes bf16 natively.
+    let auto = if dlpipe::model::CpuFeatures::detect().native_bf16() {
+        "efficientnet_lite0_bf16"
+    } else {
+        "efficientnet_lite0"
+    };
     let manifest: Value =
-        serde_json::from_str(&std::fs::read_to_string(common::model_manifest("efficientnet_lite0")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(common::model_manifest(auto)).unwrap()).unwrap();
     let by_uri: BTreeMap<String, Vec<f32>> = got
         .iter()
         .map(|m| {
-            assert_eq!(m["model"], "efficientnet_lite0");
+            assert_eq!(m["model"], auto);
             assert_eq!(m["model_sha256"], manifest["sha256"], "{}", m["id"]);
             let features: Vec<f32> =
                 m["features"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();

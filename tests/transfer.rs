@@ -74,7 +74,13 @@ fn train_evaluate_and_predict_on_fashion_mnist() {
 
     // What the file records.
     let classifier = dlpipe::transfer::Classifier::load(Path::new(&p("first.safetensors"))).unwrap();
-    assert_eq!(classifier.featurizer_name.as_deref(), Some("efficientnet_lite0"));
+    // model.precision = "auto": the bf16 export where this CPU computes bf16 natively.
+    let auto = if dlpipe::model::CpuFeatures::detect().native_bf16() {
+        "efficientnet_lite0_bf16"
+    } else {
+        "efficientnet_lite0"
+    };
+    assert_eq!(classifier.featurizer_name.as_deref(), Some(auto));
     assert_eq!(classifier.model.num_classes(), 10);
     assert_eq!(classifier.model.dim(), 1280);
     let record = classifier.training.as_ref().expect("a training record");

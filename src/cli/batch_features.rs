@@ -3,11 +3,13 @@
 
 use anyhow::Context;
 use dlpipe::config::Config;
+use dlpipe::config::Precision;
 use dlpipe::fetch::{FetchConfig, Fetcher};
-use dlpipe::model::{parse_device, resolve, Featurizer};
+use dlpipe::model::{parse_device, resolve, resolve_precision, Featurizer};
 use dlpipe::transfer::{extract_features, Features, FeaturizeOptions};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+use tch::Device;
 
 /// Flags for featurizing, shared by the batch commands.
 #[derive(clap::Args, Debug, Clone)]
@@ -26,17 +28,47 @@ pub struct FeaturizeFlags {
     pub no_cache: bool,
 }
 
-/// Loads model `name` once per device (the flags' devices, or all of the config's).
+/// Loads model `name` in model.precision once per device (the flags' devices, or all of the
+/// config's).
 pub fn load_featurizers(config: &Config, name: &str, flags: &FeaturizeFlags) -> anyhow::Result<Vec<Featurizer>> {
+    load_featurizers_in(config, name, Some(config.model.precision), flags)
+}
+
+/// [`load_featurizers`] of the export a classifier recorded, unless the user chose a model or a
+/// precision: "auto" must not swap the features a classifier was trained on for another export's.
+pub fn load_classifier_featurizers(
+    config: &Config,
+    name: &str,
+    chosen_by_user: bool,
+    flags: &FeaturizeFlags,
+) -> anyhow::Result<Vec<Featurizer>> {
+    if chosen_by_user || config.model.precision != Precision::Auto {
+        return load_featurizers(config, name, flags);
+    }
+    tracing::info!(model = name, "model.precision = \"auto\": running the export the classifier was trained on");
+    load_featurizers_in(config, name, None, flags)
+}
+
+fn load_featurizers_in(
+    config: &Config,
+    name: &str,
+    precision: Option<Precision>,
+    flags: &FeaturizeFlags,
+) -> anyhow::Result<Vec<Featurizer>> {
     if config.model.intra_op_threads > 0 {
         tch::set_num_threads(config.model.intra_op_threads as i32);
     }
-    let manifest = resolve(name, &config.model.dir)?;
-    let devices = if flags.devices.is_empty() { &config.model.devices } else { &flags.devices };
+    let names = if flags.devices.is_empty() { &config.model.devices } else { &flags.devices };
+    let devices: Vec<Device> = names.iter().map(|d| parse_device(d)).collect::<Result<_, _>>()?;
+    let manifest = match precision {
+        Some(precision) => resolve_precision(name, &config.model.dir, precision, &devices)?,
+        None => resolve(name, &config.model.dir)?,
+    };
     let started = Instant::now();
     let featurizers = devices
         .iter()
-        .map(|d| Featurizer::load(&manifest, parse_device(d)?).with_context(|| format!("loading model {name} on {d}")))
+        .zip(names)
+        .map(|(device, d)| Featurizer::load(&manifest, *device).with_context(|| format!("loading model {name} on {d}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
     tracing::info!(
         model = %featurizers[0].manifest().name,

@@ -5,7 +5,7 @@
 use super::bench_learning::{learning_table, LearningArgs};
 use super::load_featurizer;
 use anyhow::Context;
-use dlpipe::config::{Config, DeliveryGuarantee, HeadKind, StartFrom};
+use dlpipe::config::{Config, DeliveryGuarantee, HeadKind, Precision, StartFrom};
 use dlpipe::fetch::Fetcher;
 use dlpipe::image::{decode, list_images, Preprocess};
 use dlpipe::kafka::{ensure_topic, Publisher, TopicSpec};
@@ -19,16 +19,20 @@ use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Models to time the forward pass of (names in models/, e.g. efficientnet_lite0_bf16).
-    #[arg(long, value_delimiter = ',', default_values_t = ["efficientnet_lite0".to_string(), "efficientnet_lite0_bf16".into(), "mobilenet_v2".into(), "mobilenet_v2_bf16".into()])]
+    /// Models to time the forward pass of (names in models/), each at every one of --precisions.
+    #[arg(long, value_delimiter = ',', default_values_t = ["efficientnet_lite0".to_string(), "mobilenet_v2".into()])]
     models: Vec<String>,
+    /// Precisions (model.precision) to time side by side, in the forward-pass table and in
+    /// the pipeline benchmark: auto, f32, bf16, f16.
+    #[arg(long, value_delimiter = ',', default_values_t = [Precision::F32, Precision::Bf16])]
+    precisions: Vec<Precision>,
     /// Batch sizes of the forward pass.
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8, 32, 64])]
     batch_sizes: Vec<usize>,
     /// Device for the forward pass [default: first of model.devices].
     #[arg(long)]
     device: Option<String>,
-    /// Minimum measuring time per cell, in seconds.
+    /// Minimum measuring time per cell, in seconds (the pipeline's model-alone rate: 2.5x).
     #[arg(long, default_value_t = 2.0)]
     seconds: f64,
     /// Photos for the decode benchmark.
@@ -121,7 +125,9 @@ pub fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
         forward_table(config, &args, min)?;
     }
     if let Some(records) = args.pipeline {
-        pipeline_table(config, &args, records)?;
+        for &precision in &args.precisions {
+            pipeline_table(&with_precision(config, precision), &args, records)?;
+        }
     }
     if let Some(ids) = args.feedback_join {
         feedback_join_table(ids)?;
@@ -273,16 +279,35 @@ fn print_table(header: [&str; 2], rows: Vec<(String, String)>) {
     }
 }
 
+/// `config` with model.precision = `precision`.
+/// Runs the model a few times before it is timed: the allocator, oneDNN's or cuDNN's choice of
+/// algorithms, and TorchScript's profiling executor, which optimises the graph on the second
+/// run of a shape (seconds on this CPU) and would otherwise be counted as forward time.
+fn warm_up(featurizer: &dlpipe::model::Featurizer, input: &[f32], batch: usize) -> anyhow::Result<()> {
+    for _ in 0..3 {
+        featurizer.forward(input, batch)?;
+    }
+    Ok(())
+}
+
+fn with_precision(config: &Config, precision: Precision) -> Config {
+    let mut config = config.clone();
+    config.model.precision = precision;
+    config
+}
+
 fn forward_table(config: &Config, args: &BenchArgs, min: Duration) -> anyhow::Result<()> {
     println!("\n## forward pass (images/s; libtorch {} thread(s))\n", tch::get_num_threads());
     let header: Vec<String> = args.batch_sizes.iter().map(|b| format!("batch {b}")).collect();
-    println!("| model | device | {} |", header.join(" | "));
-    println!("|---|---|{}", "---:|".repeat(args.batch_sizes.len()));
-    for model in &args.models {
-        let featurizer = match load_featurizer(config, Some(model), args.device.as_deref()) {
+    println!("| model | precision | device | {} |", header.join(" | "));
+    println!("|---|---|---|{}", "---:|".repeat(args.batch_sizes.len()));
+    let runs = args.models.iter().flat_map(|m| args.precisions.iter().map(move |p| (m, *p)));
+    for (model, precision) in runs {
+        let featurizer = match load_featurizer(&with_precision(config, precision), Some(model), args.device.as_deref())
+        {
             Ok(f) => f,
             Err(e) => {
-                println!("| {model} | | {e:#} |");
+                println!("| {model} | {precision} | | {e:#} |");
                 continue;
             }
         };
@@ -290,13 +315,14 @@ fn forward_table(config: &Config, args: &BenchArgs, min: Duration) -> anyhow::Re
         let mut cells = Vec::new();
         for &batch in &args.batch_sizes {
             let input: Vec<f32> = (0..batch * len).map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0).collect();
-            featurizer.forward(&input, batch)?; // warm-up: allocator, oneDNN / cuDNN algorithm choice
+            warm_up(&featurizer, &input, batch)?;
             let batches_per_s = measure(min, 3, || {
                 featurizer.forward(&input, batch).expect("forward ran in warm-up");
             });
             cells.push(format!("{:.1}", batches_per_s * batch as f64));
         }
-        println!("| {model} | {:?} | {} |", featurizer.device(), cells.join(" | "));
+        let name = &featurizer.manifest().name;
+        println!("| {name} | {precision} | {:?} | {} |", featurizer.device(), cells.join(" | "));
     }
     Ok(())
 }
@@ -322,11 +348,12 @@ fn pipeline_table(config: &Config, args: &BenchArgs, records: usize) -> anyhow::
     let featurizer = load_featurizer(config, None, args.device.as_deref())?;
     let len = featurizer.preprocess().tensor_len();
     let input: Vec<f32> = (0..batch * len).map(|i| ((i * 7919) % 255) as f32 / 128.0 - 1.0).collect();
-    featurizer.forward(&input, batch)?;
+    warm_up(&featurizer, &input, batch)?;
     let forward = batch as f64
-        * measure(Duration::from_secs(5), 3, || {
+        * measure(Duration::from_secs_f64(2.5 * args.seconds), 3, || {
             featurizer.forward(&input, batch).expect("forward ran in warm-up");
         });
+    let model = featurizer.manifest().name.clone();
     drop(featurizer);
     let rate = args.latency_rate.unwrap_or(forward / 2.0);
     anyhow::ensure!(rate > 0.0, "--latency-rate must be positive");
@@ -343,7 +370,8 @@ fn pipeline_table(config: &Config, args: &BenchArgs, records: usize) -> anyhow::
         }
     }
     println!(
-        "\n## end to end through Kafka ({} worker(s), batch {batch}, imagenet head, epochs {})\n",
+        "\n## end to end through Kafka ({model}, precision {}, {} worker(s), batch {batch}, imagenet head, epochs {})\n",
+        config.model.precision,
         args.workers,
         match config.pipeline.epochs {
             EpochPolicy::Time { millis } => format!("of {millis} ms"),

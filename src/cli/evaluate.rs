@@ -2,7 +2,7 @@
 //! on labelled images: accuracy, per-class precision/recall/F1, macro-F1, log-loss and the
 //! confusion matrix, as a table, as JSON, and as PNG charts.
 
-use super::batch_features::{featurize_uris, load_featurizers, FeaturizeFlags};
+use super::batch_features::{featurize_uris, load_classifier_featurizers, FeaturizeFlags};
 use anyhow::Context;
 use dlpipe::config::Config;
 use dlpipe::transfer::{dataset, evaluate, plot, Classifier, Evaluation};
@@ -97,7 +97,7 @@ pub fn run(config: &Config, args: EvaluateArgs) -> anyhow::Result<()> {
     }
 
     let model_name = classifier.featurizer_model(args.model.as_deref())?.to_string();
-    let featurizers = load_featurizers(config, &model_name, &args.featurize)?;
+    let featurizers = load_classifier_featurizers(config, &model_name, args.model.is_some(), &args.featurize)?;
     classifier.check_featurizer(featurizers[0].manifest())?;
     let uris: Vec<String> = examples.iter().map(|e| e.uri.clone()).collect();
     let features = featurize_uris(config, featurizers, &uris, &args.featurize)?;

@@ -1,7 +1,7 @@
 //! `dlpipe predict`: for each image, the top-k classes with names: the pretrained model's own
 //! (ImageNet) classes, or with `--classifier` those of a classifier trained on its features.
 
-use super::batch_features::{featurize_uris, load_featurizers, FeaturizeFlags};
+use super::batch_features::{featurize_uris, load_classifier_featurizers, FeaturizeFlags};
 use super::load_featurizer;
 use anyhow::Context;
 use dlpipe::batch::{preprocess_into, run_inputs, InputOutcome};
@@ -214,7 +214,7 @@ fn with_classifier(config: &Config, args: &PredictArgs, path: &std::path::Path, 
         no_cache: true,
     };
     let model_name = classifier.featurizer_model(args.model.as_deref())?.to_string();
-    let featurizers = load_featurizers(config, &model_name, &flags)?;
+    let featurizers = load_classifier_featurizers(config, &model_name, args.model.is_some(), &flags)?;
     classifier.check_featurizer(featurizers[0].manifest())?;
     let features = featurize_uris(config, featurizers, uris, &flags)?;
     let classes = classifier.model.classes();

@@ -4,7 +4,7 @@
 use anyhow::Context;
 use dlpipe::config::Config;
 use dlpipe::kafka::{client_config, ensure_topic, wait_for_cluster, TopicSpec};
-use dlpipe::model::{resolve, Manifest};
+use dlpipe::model::{resolve_precision, Manifest};
 use dlpipe::pipeline::{model_topic, promotions};
 use dlpipe::transfer::classifier::{classifier_id, Classifier};
 use dlpipe_operators::{EpochPolicy, PromotionRole};
@@ -38,7 +38,15 @@ pub struct PromoteArgs {
 
 pub fn run(config: &Config, args: PromoteArgs) -> anyhow::Result<()> {
     let classifier = Classifier::load(&args.classifier)?;
-    let manifest = Manifest::load(&resolve(&config.model.name, &config.model.dir)?)?;
+    // The stream's export at its precision; a device this machine lacks still decides "auto".
+    let devices: Vec<tch::Device> = config
+        .model
+        .devices
+        .iter()
+        .map(|d| if d.trim().starts_with("cuda") { tch::Device::Cuda(0) } else { tch::Device::Cpu })
+        .collect();
+    let manifest = resolve_precision(&config.model.name, &config.model.dir, config.model.precision, &devices)?;
+    let manifest = Manifest::load(&manifest)?;
     classifier.check_featurizer(&manifest)?;
     let bytes = std::fs::read(&args.classifier).with_context(|| format!("reading {}", args.classifier.display()))?;
     let role = if args.shadow { PromotionRole::Shadow } else { PromotionRole::Champion };

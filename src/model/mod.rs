@@ -4,9 +4,11 @@
 
 mod featurizer;
 mod manifest;
+mod precision;
 
 pub use featurizer::{parse_device, Featurizer, Outputs};
 pub use manifest::{resolve, Dtype, InputSpec, Manifest, OutputKind, WeightsSource};
+pub use precision::{resolve_precision, wanted_dtype, CpuFeatures};
 
 use std::path::PathBuf;
 
@@ -31,6 +33,9 @@ pub enum ModelError {
         #[source]
         source: tch::TchError,
     },
+    /// `model.precision` asks for what this model or device cannot run.
+    #[error("{0}")]
+    Precision(String),
     #[error("device {0:?} is not available: {1}")]
     Device(String, String),
     #[error("forward pass of {model} failed: {source}")]

@@ -43,7 +43,7 @@ pub use model_topic::{Checkpoint, CheckpointError, CheckpointInfo};
 use crate::config::{Config, DeliveryGuarantee, HeadKind};
 use crate::metrics::kafka::LagContext;
 use crate::metrics::{Metrics, Readiness, WorkerMetrics};
-use crate::model::{parse_device, resolve, Featurizer, Manifest, OutputKind};
+use crate::model::{parse_device, resolve_precision, Featurizer, Manifest, OutputKind};
 use crate::transfer::classifier::featurizer_metadata;
 use dataflow::{Classifier, Dataflow};
 use dlpipe_operators::{
@@ -233,7 +233,9 @@ fn run_worker(
         .transpose()?;
 
     let device = &config.model.devices[index % config.model.devices.len()];
-    let featurizer = Featurizer::load(&resolve(&config.model.name, &config.model.dir)?, parse_device(device)?)?;
+    let devices: Vec<_> = config.model.devices.iter().map(|d| parse_device(d)).collect::<Result<_, _>>()?;
+    let manifest = resolve_precision(&config.model.name, &config.model.dir, config.model.precision, &devices)?;
+    let featurizer = Featurizer::load(&manifest, parse_device(device)?)?;
     let manifest = featurizer.manifest().clone();
     tracing::info!(worker = index, model = manifest.name, device, "model loaded");
     let metrics = shared.metrics.for_worker(index, &p.input_topic);
