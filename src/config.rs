@@ -208,6 +208,11 @@ pub struct PipelineConfig {
     /// Replication factor of the topics dlpipe creates: 1 for the local single broker, 3 for a
     /// production cluster.
     pub topic_replication_factor: i32,
+    /// `min.insync.replicas` of the topics dlpipe creates: how many replicas must have a write
+    /// before the broker acknowledges it (dlpipe's producers all wait for every in-sync replica).
+    /// 0 leaves the cluster's default; 2 with 3 replicas survives one broker down without
+    /// losing an acknowledged record.
+    pub topic_min_insync_replicas: i32,
     /// Checkpoint the online learner (model topic, snapshot file, the group's offsets) every
     /// this many epochs. 0 turns checkpoints off: a restart then starts a new classifier at
     /// the group's committed offsets.
@@ -227,6 +232,17 @@ pub struct PipelineConfig {
     /// records in flight is stalled: `dlpipe_pipeline_stalled_seconds` says so, `/readyz`
     /// answers 503 and the status line names what it waits for. 0 turns the check off.
     pub stall_after_secs: u64,
+}
+
+impl PipelineConfig {
+    /// Properties every topic dlpipe creates gets from this section (beside a topic's own).
+    pub fn topic_properties(&self) -> Vec<(&'static str, String)> {
+        let mut properties = Vec::new();
+        if self.topic_min_insync_replicas > 0 {
+            properties.push(("min.insync.replicas", self.topic_min_insync_replicas.to_string()));
+        }
+        properties
+    }
 }
 
 impl Default for PipelineConfig {
@@ -255,6 +271,7 @@ impl Default for PipelineConfig {
             create_topics: true,
             topic_partitions: 4,
             topic_replication_factor: 1,
+            topic_min_insync_replicas: 0,
             checkpoint_every_epochs: 10,
             snapshot_dir: "out/snapshots".into(),
             snapshot_retain: 5,
@@ -603,6 +620,13 @@ impl Config {
                 p.topic_partitions, p.topic_replication_factor
             )));
         }
+        if !(0..=p.topic_replication_factor).contains(&p.topic_min_insync_replicas) {
+            return Err(invalid_value(format!(
+                "pipeline.topic_min_insync_replicas ({}) must be 0 (the cluster's default) up to \
+                 pipeline.topic_replication_factor ({}): more in-sync replicas than replicas refuse every write",
+                p.topic_min_insync_replicas, p.topic_replication_factor
+            )));
+        }
         match p.epochs {
             EpochPolicy::Time { millis: 0 } => return Err(invalid_value("pipeline.epochs.millis must be at least 1")),
             EpochPolicy::Offsets { records: 0 } => {
@@ -926,6 +950,8 @@ mod tests {
             ("[pipeline]\ntop_k = 0\n", "pipeline.top_k"),
             ("[pipeline]\nmax_decoding = 0\n", "pipeline.max_decoding"),
             ("[pipeline]\ntopic_replication_factor = 0\n", "topic_replication_factor"),
+            ("[pipeline]\ntopic_min_insync_replicas = 2\n", "pipeline.topic_min_insync_replicas (2)"),
+            ("[pipeline]\ntopic_min_insync_replicas = -1\n", "pipeline.topic_min_insync_replicas (-1)"),
             ("[fetch]\ntimeout_ms = 0\n", "fetch.timeout_ms"),
             ("[image]\nmax_aspect_ratio = 0\n", "max_aspect_ratio"),
             ("[model]\nbatch_size = 0\n", "model.batch_size"),

@@ -1,13 +1,17 @@
 // Asks a Kafka cluster whether it serves clients, the way dlpipe will use it, and prints the
 // nodes it answers with. `scripts/kafka` uses it to tell "ready" apart from "something listens on
 // the port". Run with Java's single-file source launcher:
-//   java -cp 'libs/*' Probe.java BOOTSTRAP TIMEOUT_MS [metadata|ready]
+//   java -cp 'libs/*' Probe.java BOOTSTRAP TIMEOUT_MS [metadata|ready|replicated]
 //
 //   metadata  the cluster answers a metadata request (DescribeCluster).
 //   ready     also: the group coordinator answers (FindCoordinator + OffsetFetch of a group, what
 //             `dlpipe run` does first) and the transaction coordinator hands out a producer id
 //             (what idempotent and transactional producers do first). A broker that has just
 //             started answers metadata seconds before it has loaded its coordinators.
+//   replicated  also: every partition of every topic (the internal ones too) has a leader and
+//             all its replicas in sync. A restarted broker of a cluster serves clients before it
+//             has caught up; a rolling restart waits for this before it stops the next broker,
+//             or partitions would drop below min.insync.replicas.
 //
 // DLPIPE_KAFKA_PROPERTIES may name a file of client properties in librdkafka's names, the same
 // keys as dlpipe's [kafka.properties] (security.protocol, sasl.mechanism, sasl.username,
@@ -32,7 +36,8 @@ public class Probe {
     public static void main(String[] args) throws Exception {
         String bootstrap = args[0];
         int timeoutMs = Integer.parseInt(args[1]);
-        boolean ready = args.length > 2 && args[2].equals("ready");
+        String mode = args.length > 2 ? args[2] : "metadata";
+        boolean ready = mode.equals("ready") || mode.equals("replicated");
         Properties props = clientProperties(System.getenv("DLPIPE_KAFKA_PROPERTIES"));
         props.put(AdminClientConfig.BOOTSTRAP_SERVERS_CONFIG, bootstrap);
         props.put(AdminClientConfig.REQUEST_TIMEOUT_MS_CONFIG, timeoutMs);
@@ -65,11 +70,33 @@ public class Probe {
                 }
                 readiness = ", coordinators ready";
             }
+            if (mode.equals("replicated")) {
+                step = "the replicas";
+                readiness += ", " + replicated(admin, timeoutMs);
+            }
             System.out.println("cluster " + id + " nodes " + nodes + readiness);
         } catch (Exception e) {
             System.err.println("no answer from " + bootstrap + " (" + step + "): " + e);
             System.exit(1);
         }
+    }
+
+    // How many partitions there are, or an exception naming one without a leader or with a
+    // replica out of sync.
+    static String replicated(Admin admin, int timeoutMs) throws Exception {
+        var listing = new org.apache.kafka.clients.admin.ListTopicsOptions().listInternal(true);
+        var names = admin.listTopics(listing).names().get(timeoutMs, TimeUnit.MILLISECONDS);
+        int partitions = 0;
+        for (var topic : admin.describeTopics(names).allTopicNames().get(timeoutMs, TimeUnit.MILLISECONDS).values()) {
+            for (var p : topic.partitions()) {
+                if (p.leader() == null || p.leader().isEmpty() || p.isr().size() < p.replicas().size()) {
+                    throw new IllegalStateException(topic.name() + "-" + p.partition() + " has leader "
+                        + p.leader() + ", " + p.isr().size() + " of " + p.replicas().size() + " replicas in sync");
+                }
+                partitions++;
+            }
+        }
+        return partitions + " partitions fully replicated";
     }
 
     // librdkafka's property names to the Java client's.

@@ -477,7 +477,9 @@ fn backlog_run(
     p.stop_at_end = true;
     p.epochs = EpochPolicy::Offsets { records: 64 };
     let partitions = (2 * args.workers).max(2) as i32;
-    let spec = TopicSpec { partitions, replication_factor: p.topic_replication_factor, configs: &[] };
+    let properties = p.topic_properties();
+    let shared: Vec<(&str, &str)> = properties.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let spec = TopicSpec { partitions, replication_factor: p.topic_replication_factor, configs: &shared };
     ensure_topic(&config.kafka, &p.input_topic, spec)?;
     let publisher = Publisher::new(&config.kafka)?;
     for i in 0..records {
@@ -508,7 +510,9 @@ fn paced_run(
     let p = config.pipeline.clone();
     let partitions = (2 * args.workers).max(2) as i32;
     for topic in [&p.input_topic, &p.predictions_topic] {
-        let spec = TopicSpec { partitions, replication_factor: p.topic_replication_factor, configs: &[] };
+        let properties = p.topic_properties();
+        let shared: Vec<(&str, &str)> = properties.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let spec = TopicSpec { partitions, replication_factor: p.topic_replication_factor, configs: &shared };
         ensure_topic(&config.kafka, topic, spec)?;
     }
     let reader: BaseConsumer = dlpipe::kafka::client_config(&config.kafka)

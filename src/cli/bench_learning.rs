@@ -160,8 +160,10 @@ fn learning_run(
     p.features_topic = String::new();
     p.model_topic = format!("{}-models", p.group_id);
     p.snapshot_dir = snapshots.clone();
+    let properties = p.topic_properties();
+    let shared: Vec<(&str, &str)> = properties.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let spec =
-        TopicSpec { partitions: p.topic_partitions, replication_factor: p.topic_replication_factor, configs: &[] };
+        TopicSpec { partitions: p.topic_partitions, replication_factor: p.topic_replication_factor, configs: &shared };
     ensure_topic(&config.kafka, &p.input_topic, spec)?;
     let publisher = Publisher::new(&config.kafka)?;
     for (i, e) in train.iter().enumerate() {

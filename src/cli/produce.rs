@@ -169,7 +169,9 @@ fn prepare_topic(config: &Config, args: &ProduceArgs, topic: &str) -> anyhow::Re
     let p = &config.pipeline;
     if p.create_topics {
         let partitions = args.partitions.unwrap_or(p.topic_partitions);
-        let spec = TopicSpec { partitions, replication_factor: p.topic_replication_factor, configs: &[] };
+        let properties = p.topic_properties();
+        let shared: Vec<(&str, &str)> = properties.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let spec = TopicSpec { partitions, replication_factor: p.topic_replication_factor, configs: &shared };
         ensure_topic(&config.kafka, topic, spec)?;
     } else {
         let consumer: rdkafka::consumer::BaseConsumer = client_config(&config.kafka).create()?;

@@ -60,7 +60,9 @@ pub fn run(config: &Config, args: PromoteArgs) -> anyhow::Result<()> {
 
     let (kafka, p) = (&config.kafka, &config.pipeline);
     wait_for_cluster(kafka)?;
-    let configs = model_topic::topic_configs();
+    let properties = p.topic_properties();
+    let shared = properties.iter().map(|(k, v)| (*k, v.as_str()));
+    let configs: Vec<(&str, &str)> = model_topic::topic_configs().into_iter().chain(shared).collect();
     let spec = TopicSpec { partitions: 1, replication_factor: p.topic_replication_factor, configs: &configs };
     ensure_topic(kafka, &p.model_topic, spec).with_context(|| format!("creating model topic {}", p.model_topic))?;
     let producer: BaseProducer<Delivered> = client_config(kafka)

@@ -26,9 +26,11 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// Creates the topics the pipeline uses that do not exist yet (worker 0, with create_topics).
 pub(super) fn create_topics(config: &Config) -> Result<(), PipelineError> {
     let p = &config.pipeline;
+    let properties = p.topic_properties();
+    let shared: Vec<(&str, &str)> = properties.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let spec =
-        TopicSpec { partitions: p.topic_partitions, replication_factor: p.topic_replication_factor, configs: &[] };
-    let model_configs = model_topic::topic_configs();
+        TopicSpec { partitions: p.topic_partitions, replication_factor: p.topic_replication_factor, configs: &shared };
+    let model_configs: Vec<(&str, &str)> = model_topic::topic_configs().into_iter().chain(shared.clone()).collect();
     let model_spec = TopicSpec { partitions: 1, configs: &model_configs, ..spec };
     let mut topics = vec![
         (p.input_topic.as_str(), spec),
