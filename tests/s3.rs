@@ -261,6 +261,49 @@ fn a_throttling_store_is_retried_and_the_stream_loses_nothing() {
     assert!(read_topic(&run.dead, 1, Duration::from_secs(2)).is_empty());
 }
 
+/// With no credentials in the config or the environment, they come from a profile of the shared
+/// credentials file, as `aws configure` writes it: `dlpipe predict` reads the object with the
+/// right secret there, and is refused (`unauthorized`) with a wrong one.
+#[test]
+fn credentials_come_from_an_aws_profile() {
+    let bucket = bucket_name("profile");
+    let (path, class) = fashion(1, 700).remove(0);
+    upload(&bucket, &[(format!("{class}/0.png"), path)]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let s = server();
+    std::fs::write(
+        &config,
+        format!("[fetch]\nallowed_networks = [\"127.0.0.1\"]\n[fetch.stores.s3]\nendpoint = \"{}\"\n", s.endpoint),
+    )
+    .unwrap();
+    let predict = |secret: &str| {
+        let credentials = dir.path().join("credentials");
+        let profile = format!("[dlpipe-test]\naws_access_key_id = {}\naws_secret_access_key = {secret}\n", s.key_id);
+        std::fs::write(&credentials, profile).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_dlpipe"))
+            .arg("-c")
+            .arg(&config)
+            .args(["predict", "--json", &format!("s3://{bucket}/{class}/0.png")])
+            .current_dir(common::root())
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env_remove("AWS_SESSION_TOKEN")
+            .env("HOME", dir.path())
+            .env("AWS_SHARED_CREDENTIALS_FILE", &credentials)
+            .env("AWS_PROFILE", "dlpipe-test")
+            .output()
+            .unwrap();
+        let line = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().to_owned();
+        serde_json::from_str::<Value>(&line)
+            .unwrap_or_else(|e| panic!("{e}: {line}\n{}", String::from_utf8_lossy(&out.stderr)))
+    };
+    let good = predict(&s.secret);
+    assert!(good["top_k"].as_array().is_some_and(|t| !t.is_empty()), "{good}");
+    let wrong = predict("not-the-secret");
+    assert_eq!(wrong["error_kind"], "unauthorized", "{wrong}");
+}
+
 fn file_name(path: &std::path::Path) -> String {
     path.file_name().unwrap().to_string_lossy().into_owned()
 }

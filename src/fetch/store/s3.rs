@@ -9,9 +9,11 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Settings for `s3://` URIs (`[fetch.stores.s3]`). Every field is optional; unset credentials
-/// come from the standard AWS environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
-/// `AWS_SESSION_TOKEN`, `AWS_REGION`, `AWS_ENDPOINT_URL`, web identity, ECS/EKS container
-/// credentials, then the instance metadata service).
+/// come from the standard AWS chain: the environment (`AWS_ACCESS_KEY_ID`,
+/// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`, `AWS_ENDPOINT_URL`), the shared
+/// credentials and config files (`~/.aws/credentials` and `~/.aws/config`, or
+/// `AWS_SHARED_CREDENTIALS_FILE` / `AWS_CONFIG_FILE`; profile `AWS_PROFILE`, else `default`),
+/// web identity, ECS/EKS container credentials, then the instance metadata service.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct S3Config {
@@ -100,8 +102,19 @@ pub(super) fn build(
         .with_virtual_hosted_style_request(!s3.path_style)
         .with_skip_signature(s3.anonymous)
         .with_retry(retry);
-    let region = s3.region.clone().or_else(|| std::env::var("AWS_REGION").ok());
+    let env = |name: &str| std::env::var(name).ok();
+    let profile = Profile::read(&env);
+    let region = s3.region.clone().or_else(|| env("AWS_REGION")).or(profile.region);
     builder = builder.with_region(region.unwrap_or_else(|| "us-east-1".into()));
+    // The profile's keys stand in for the environment's, below the config's.
+    if builder.get_config_value(&AmazonS3ConfigKey::AccessKeyId).is_none() {
+        if let (Some(id), Some(secret)) = (profile.access_key_id, profile.secret_access_key) {
+            builder = builder.with_access_key_id(id).with_secret_access_key(secret);
+            if let Some(token) = profile.session_token {
+                builder = builder.with_token(token);
+            }
+        }
+    }
     if let Some(endpoint) = &s3.endpoint {
         builder = builder.with_endpoint(endpoint);
     }
@@ -119,4 +132,98 @@ pub(super) fn build(
     let options = options.with_allow_http(endpoint.as_deref().is_some_and(|e| e.starts_with("http://")));
     let store = builder.with_client_options(options).build()?;
     Ok(Built { store: std::sync::Arc::new(store), endpoint })
+}
+
+/// What the shared AWS files say of one profile. object_store reads the environment but not
+/// these files, which is where a developer's `aws configure` puts credentials.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Profile {
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+    session_token: Option<String>,
+    region: Option<String>,
+}
+
+impl Profile {
+    /// The profile `AWS_PROFILE` (else `default`) of the credentials and config files; files
+    /// that are missing or unreadable count as empty.
+    fn read(env: &dyn Fn(&str) -> Option<String>) -> Profile {
+        let home = env("HOME").unwrap_or_default();
+        let file = |var: &str, default: &str| {
+            let path = env(var).unwrap_or_else(|| format!("{home}/.aws/{default}"));
+            std::fs::read_to_string(path).unwrap_or_default()
+        };
+        let name = env("AWS_PROFILE").unwrap_or_else(|| "default".into());
+        let mut credentials = ini_section(&file("AWS_SHARED_CREDENTIALS_FILE", "credentials"), &name);
+        // ~/.aws/config names profiles `[profile x]`, except `[default]`.
+        let config_section = if name == "default" { name.clone() } else { format!("profile {name}") };
+        let mut config = ini_section(&file("AWS_CONFIG_FILE", "config"), &config_section);
+        let mut take = |key: &str| credentials.remove(key).or_else(|| config.remove(key));
+        Profile {
+            access_key_id: take("aws_access_key_id"),
+            secret_access_key: take("aws_secret_access_key"),
+            session_token: take("aws_session_token"),
+            region: take("region"),
+        }
+    }
+}
+
+/// The `key = value` lines of section `[name]` of an INI text (comments `#` and `;`).
+fn ini_section(text: &str, name: &str) -> BTreeMap<String, String> {
+    let mut inside = false;
+    let mut out = BTreeMap::new();
+    for line in text.lines().map(str::trim) {
+        if let Some(section) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            inside = section.trim() == name;
+        } else if inside && !line.starts_with(['#', ';']) {
+            if let Some((key, value)) = line.split_once('=') {
+                out.insert(key.trim().to_ascii_lowercase(), value.trim().to_owned());
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profiles_come_from_the_shared_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let credentials = dir.path().join("credentials");
+        let config = dir.path().join("config");
+        std::fs::write(
+            &credentials,
+            "[default]\naws_access_key_id = AKDEFAULT\naws_secret_access_key = s1\n\n# a comment\n[ci]\n\
+             aws_access_key_id=AKCI\naws_secret_access_key=s2\naws_session_token=t2\n",
+        )
+        .unwrap();
+        std::fs::write(&config, "[default]\nregion = eu-west-1\n[profile ci]\nregion = us-west-2\n").unwrap();
+        let env = |profile: Option<&str>| {
+            let (credentials, config) = (credentials.display().to_string(), config.display().to_string());
+            let profile = profile.map(str::to_owned);
+            move |name: &str| match name {
+                "AWS_SHARED_CREDENTIALS_FILE" => Some(credentials.clone()),
+                "AWS_CONFIG_FILE" => Some(config.clone()),
+                "AWS_PROFILE" => profile.clone(),
+                _ => None,
+            }
+        };
+        let default = Profile::read(&env(None));
+        assert_eq!(
+            default,
+            Profile {
+                access_key_id: Some("AKDEFAULT".into()),
+                secret_access_key: Some("s1".into()),
+                session_token: None,
+                region: Some("eu-west-1".into())
+            }
+        );
+        let ci = Profile::read(&env(Some("ci")));
+        assert_eq!((ci.access_key_id.as_deref(), ci.session_token.as_deref()), (Some("AKCI"), Some("t2")));
+        assert_eq!(ci.region.as_deref(), Some("us-west-2"));
+        assert_eq!(Profile::read(&env(Some("absent"))), Profile::default());
+        assert_eq!(Profile::read(&|_: &str| Some("/no/such/file".to_owned())), Profile::default());
+    }
 }
