@@ -4,6 +4,7 @@
 mod common;
 
 use common::run::{messages, read_topic, Run};
+use common::s3::{bucket_with, signed as server};
 use common::{fashion, produce};
 use dlpipe::fetch::store::{S3Config, StoresConfig};
 use dlpipe::fetch::{FetchConfig, Fetcher};
@@ -11,51 +12,7 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::Duration;
-
-/// The server's endpoint and its access key id and secret, starting it on first use.
-struct Server {
-    endpoint: String,
-    key_id: String,
-    secret: String,
-}
-
-fn server() -> &'static Server {
-    static SERVER: OnceLock<Server> = OnceLock::new();
-    SERVER.get_or_init(|| {
-        let script = common::root().join("scripts/s3");
-        let status = Command::new(&script).arg("start").status().expect("run scripts/s3");
-        assert!(status.success(), "scripts/s3 start failed; see its output above");
-        let text = |arg: &str| String::from_utf8(Command::new(&script).arg(arg).output().unwrap().stdout).unwrap();
-        let env = std::fs::read_to_string(text("env").trim()).unwrap();
-        let value = |name: &str| {
-            env.lines().find_map(|l| l.strip_prefix(&format!("{name}="))).unwrap_or_else(|| panic!("{name}")).to_owned()
-        };
-        Server {
-            endpoint: text("url").trim().to_owned(),
-            key_id: value("AWS_ACCESS_KEY_ID"),
-            secret: value("AWS_SECRET_ACCESS_KEY"),
-        }
-    })
-}
-
-/// Creates `bucket` and uploads each file under its key, through the server's own API (boto3).
-fn upload(bucket: &str, objects: &[(String, PathBuf)]) {
-    let s = server();
-    let list: Vec<Value> = objects.iter().map(|(k, p)| serde_json::json!([k, p])).collect();
-    let script = "import sys, json, boto3\n\
-        url, key, secret, bucket, objects = sys.argv[1:6]\n\
-        s3 = boto3.client('s3', endpoint_url=url, region_name='us-east-1', aws_access_key_id=key, aws_secret_access_key=secret)\n\
-        s3.create_bucket(Bucket=bucket)\n\
-        for k, p in json.loads(objects): s3.upload_file(p, bucket, k)\n";
-    let status = Command::new(common::python())
-        .args(["-c", script, &s.endpoint, &s.key_id, &s.secret, bucket])
-        .arg(serde_json::to_string(&list).unwrap())
-        .status()
-        .unwrap();
-    assert!(status.success(), "uploading to {bucket} failed");
-}
 
 fn s3_config(secret: &str) -> S3Config {
     let s = server();
@@ -67,19 +24,12 @@ fn s3_config(secret: &str) -> S3Config {
     }
 }
 
-fn bucket_name(prefix: &str) -> String {
-    // Bucket names: lower case, at most 63 characters.
-    let unique = common::unique(prefix).to_ascii_lowercase();
-    unique[..unique.len().min(63)].to_owned()
-}
-
 #[test]
 fn objects_are_fetched_and_failures_get_distinct_kinds() {
-    let bucket = bucket_name("fetch");
     let images = fashion(3, 0);
     let objects: Vec<(String, PathBuf)> =
         images.iter().enumerate().map(|(i, (p, c))| (format!("{c}/{i}.png"), p.clone())).collect();
-    upload(&bucket, &objects);
+    let bucket = bucket_with(server(), "fetch", &objects);
     let config = |secret: &str, allowed: &[&str]| FetchConfig {
         stores: StoresConfig { s3: s3_config(secret), ..StoresConfig::default() },
         allowed_networks: allowed.iter().map(|a| a.to_string()).collect(),
@@ -122,10 +72,9 @@ fn a_store_endpoint_by_name_obeys_the_address_policy() {
 #[test]
 fn s3_uris_predict_exactly_as_the_files_they_name() {
     let images = fashion(30, 300);
-    let bucket = bucket_name("stream");
     let objects: Vec<(String, PathBuf)> =
         images.iter().map(|(p, c)| (format!("{c}/{}", file_name(p)), p.clone())).collect();
-    upload(&bucket, &objects);
+    let bucket = bucket_with(server(), "stream", &objects);
     let by_file = messages(&images, "r", 2, |i| i % 3 != 2);
     let by_s3: Vec<(i32, String, String)> = by_file
         .iter()
@@ -208,11 +157,10 @@ impl Drop for SlowDown {
 /// In the stream every throttled record is still predicted.
 #[test]
 fn a_throttling_store_is_retried_and_the_stream_loses_nothing() {
-    let bucket = bucket_name("slowdown");
     let images = fashion(6, 600);
     let objects: Vec<(String, PathBuf)> =
         images.iter().map(|(p, c)| (format!("{c}/{}", file_name(p)), p.clone())).collect();
-    upload(&bucket, &objects);
+    let bucket = bucket_with(server(), "slowdown", &objects);
     let proxy = SlowDown::start(2);
     let config = |max_retries| FetchConfig {
         stores: StoresConfig {
@@ -266,9 +214,8 @@ fn a_throttling_store_is_retried_and_the_stream_loses_nothing() {
 /// right secret there, and is refused (`unauthorized`) with a wrong one.
 #[test]
 fn credentials_come_from_an_aws_profile() {
-    let bucket = bucket_name("profile");
     let (path, class) = fashion(1, 700).remove(0);
-    upload(&bucket, &[(format!("{class}/0.png"), path)]);
+    let bucket = bucket_with(server(), "profile", &[(format!("{class}/0.png"), path)]);
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");
     let s = server();

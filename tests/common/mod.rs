@@ -5,6 +5,7 @@
 
 pub mod broker;
 pub mod run;
+pub mod s3;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
