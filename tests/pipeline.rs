@@ -3,14 +3,14 @@
 
 mod common;
 
-use common::run::{messages, read_topic, record, succeeds, Run};
+use common::run::{messages, predictions_by_id, read_topic, record, succeeds, with_uris, Run};
 
 use common::{fashion, free_port, produce, tarpit_server, KillOnDrop, FASHION_CLASSES as CLASSES};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -158,13 +158,6 @@ fn one_prediction_per_good_record_and_one_dead_letter_per_bad_input() {
     assert!(dead.iter().all(|d| d["raw"].is_string() && d["error"].is_string()));
 }
 
-fn predictions_by_id(topic: &str, n: usize) -> BTreeMap<String, (String, u64)> {
-    read_topic(topic, n, Duration::from_secs(5))
-        .into_iter()
-        .map(|p| (p["id"].as_str().unwrap().to_owned(), (p["top_k"].to_string(), p["model_version"].as_u64().unwrap())))
-        .collect()
-}
-
 /// The image bytes in the record (a `data:` URI) are the same input as the file they came from:
 /// the same stream sent both ways learns and predicts the same, bit for bit.
 #[test]
@@ -172,16 +165,11 @@ fn data_uris_predict_exactly_as_the_files_they_carry() {
     use base64::Engine;
     let images = fashion(30, 300);
     let by_file = messages(&images, "r", 2, |i| i % 3 != 2);
-    let inline: Vec<(i32, String, String)> = by_file
-        .iter()
-        .zip(&images)
-        .map(|((partition, id, payload), (path, _))| {
-            let mut record: Value = serde_json::from_str(payload).unwrap();
-            let text = base64::engine::general_purpose::STANDARD.encode(std::fs::read(path).unwrap());
-            record["uri"] = format!("data:image/png;base64,{text}").into();
-            (*partition, id.clone(), record.to_string())
-        })
-        .collect();
+    let data_uri = |path: &PathBuf| {
+        let text = base64::engine::general_purpose::STANDARD.encode(std::fs::read(path).unwrap());
+        format!("data:image/png;base64,{text}")
+    };
+    let inline = with_uris(&by_file, images.iter().map(|(path, _)| data_uri(path)));
     let extra = "epochs = { by = \"offsets\", records = 4 }\n";
     let runs: Vec<Run> = [("datafile", &by_file), ("datainline", &inline)]
         .iter()

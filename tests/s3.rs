@@ -3,13 +3,12 @@
 
 mod common;
 
-use common::run::{messages, read_topic, Run};
+use common::run::{file_name, messages, predictions_by_id, read_topic, with_uris, Run};
 use common::s3::{bucket_with, signed as server};
 use common::{fashion, produce};
 use dlpipe::fetch::store::{S3Config, StoresConfig};
 use dlpipe::fetch::{FetchConfig, Fetcher};
 use serde_json::Value;
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -76,15 +75,7 @@ fn s3_uris_predict_exactly_as_the_files_they_name() {
         images.iter().map(|(p, c)| (format!("{c}/{}", file_name(p)), p.clone())).collect();
     let bucket = bucket_with(server(), "stream", &objects);
     let by_file = messages(&images, "r", 2, |i| i % 3 != 2);
-    let by_s3: Vec<(i32, String, String)> = by_file
-        .iter()
-        .zip(&objects)
-        .map(|((partition, id, payload), (key, _))| {
-            let mut record: Value = serde_json::from_str(payload).unwrap();
-            record["uri"] = format!("s3://{bucket}/{key}").into();
-            (*partition, id.clone(), record.to_string())
-        })
-        .collect();
+    let by_s3 = with_uris(&by_file, objects.iter().map(|(key, _)| format!("s3://{bucket}/{key}")));
     let missing = serde_json::json!({"id": "missing", "uri": format!("s3://{bucket}/none.png")}).to_string();
     let by_s3 = [by_s3, vec![(0, "missing".into(), missing)]].concat();
     let s = server();
@@ -249,16 +240,4 @@ fn credentials_come_from_an_aws_profile() {
     assert!(good["top_k"].as_array().is_some_and(|t| !t.is_empty()), "{good}");
     let wrong = predict("not-the-secret");
     assert_eq!(wrong["error_kind"], "unauthorized", "{wrong}");
-}
-
-fn file_name(path: &std::path::Path) -> String {
-    path.file_name().unwrap().to_string_lossy().into_owned()
-}
-
-/// `id → (top_k, model version)` of the predictions on `topic`: the scores, bit for bit.
-fn predictions_by_id(topic: &str, n: usize) -> BTreeMap<String, (String, u64)> {
-    read_topic(topic, n, Duration::from_secs(5))
-        .into_iter()
-        .map(|p| (p["id"].as_str().unwrap().to_owned(), (p["top_k"].to_string(), p["model_version"].as_u64().unwrap())))
-        .collect()
 }

@@ -7,12 +7,11 @@
 
 mod common;
 
-use common::run::{messages, read_topic, Run};
+use common::run::{file_name, messages, predictions_by_id, read_topic, with_uris, Run};
 use common::{fashion, produce};
 use dlpipe::fetch::store::{AzureConfig, GcsConfig, StoresConfig};
 use dlpipe::fetch::{FetchConfig, Fetcher};
 use serde_json::Value;
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
@@ -269,15 +268,7 @@ fn store_uris_predict_exactly_as_the_files_they_name() {
         let objects: Vec<(String, PathBuf)> =
             images.iter().map(|(p, c)| (format!("{c}/{}", file_name(p)), p.clone())).collect();
         upload(store, &bucket, &objects);
-        let by_store: Vec<(i32, String, String)> = by_file
-            .iter()
-            .zip(&objects)
-            .map(|((partition, id, payload), (key, _))| {
-                let mut record: Value = serde_json::from_str(payload).unwrap();
-                record["uri"] = format!("{scheme}://{bucket}/{key}").into();
-                (*partition, id.clone(), record.to_string())
-            })
-            .collect();
+        let by_store = with_uris(&by_file, objects.iter().map(|(key, _)| format!("{scheme}://{bucket}/{key}")));
         let missing = serde_json::json!({"id": "missing", "uri": format!("{scheme}://{bucket}/none.png")}).to_string();
         let by_store = [by_store, vec![(0, "missing".into(), missing)]].concat();
         let store_run = run(&format!("stores{scheme}"), &by_store, &store.config_toml(AZURITE_KEY));
@@ -296,16 +287,4 @@ fn store_uris_predict_exactly_as_the_files_they_name() {
             }
         }
     }
-}
-
-fn file_name(path: &std::path::Path) -> String {
-    path.file_name().unwrap().to_string_lossy().into_owned()
-}
-
-/// `id → (top_k, model version)` of the predictions on `topic`: the scores, bit for bit.
-fn predictions_by_id(topic: &str, n: usize) -> BTreeMap<String, (String, u64)> {
-    read_topic(topic, n, Duration::from_secs(5))
-        .into_iter()
-        .map(|p| (p["id"].as_str().unwrap().to_owned(), (p["top_k"].to_string(), p["model_version"].as_u64().unwrap())))
-        .collect()
 }

@@ -17,6 +17,23 @@ pub fn record(id: &str, path: &Path, label: Option<&str>) -> String {
     v.to_string()
 }
 
+/// `messages` (as [`messages`] makes them) with each record's `uri` replaced by the next of
+/// `uris`: the same stream, its images read from elsewhere.
+pub fn with_uris(
+    messages: &[(i32, String, String)],
+    uris: impl IntoIterator<Item = String>,
+) -> Vec<(i32, String, String)> {
+    messages
+        .iter()
+        .zip(uris)
+        .map(|((partition, id, payload), uri)| {
+            let mut record: serde_json::Value = serde_json::from_str(payload).unwrap();
+            record["uri"] = uri.into();
+            (*partition, id.clone(), record.to_string())
+        })
+        .collect()
+}
+
 /// One record per image: id `{prefix}{i}`, partition i mod `partitions`, labelled where
 /// `labelled(i)`; as `(partition, key, payload)` for [`produce`].
 pub fn messages(
@@ -209,4 +226,17 @@ pub fn assert_same_learner(got: &dlpipe::pipeline::Checkpoint, want: &dlpipe::pi
     }
     assert_eq!(got.info.prequential, want.info.prequential, "{what}: prequential metrics");
     assert_eq!(got.info.learned_offsets, want.info.learned_offsets, "{what}: learned offsets");
+}
+
+/// `id → (top_k, model version)` of the predictions on `topic`: the scores, bit for bit.
+pub fn predictions_by_id(topic: &str, n: usize) -> BTreeMap<String, (String, u64)> {
+    read_topic(topic, n, Duration::from_secs(5))
+        .into_iter()
+        .map(|p| (p["id"].as_str().unwrap().to_owned(), (p["top_k"].to_string(), p["model_version"].as_u64().unwrap())))
+        .collect()
+}
+
+/// The file name of `path`, for object keys.
+pub fn file_name(path: &std::path::Path) -> String {
+    path.file_name().unwrap().to_string_lossy().into_owned()
 }
