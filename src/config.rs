@@ -38,6 +38,7 @@ pub struct Config {
     pub drift: DriftConfig,
     pub train: TrainConfig,
     pub metrics: MetricsConfig,
+    pub cluster: ClusterConfig,
 }
 
 /// Defaults of `dlpipe train` (each has a command-line flag too).
@@ -469,6 +470,22 @@ impl Default for MetricsConfig {
     }
 }
 
+/// The processes of a cluster (`dlpipe run -n`): how soon a lost peer stops them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// A peer process that neither answers nor acknowledges for this long is lost (its host is
+    /// down or cut off), and so is one that left before the dataflow was done: every process
+    /// then stops, naming it. A killed peer is noticed at once.
+    pub peer_timeout_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig { peer_timeout_ms: 10_000 }
+    }
+}
+
 /// Why a configuration cannot be used. The messages name the file (where there is one) and the
 /// key, and say what would work.
 #[derive(Debug, thiserror::Error)]
@@ -578,6 +595,11 @@ impl Config {
             return Err(invalid_value(
                 "fetch.timeout_ms, connect_timeout_ms and total_timeout_ms must be at least 1: without them one \
                  stalled server holds a fetch thread forever",
+            ));
+        }
+        if self.cluster.peer_timeout_ms < 1000 {
+            return Err(invalid_value(
+                "cluster.peer_timeout_ms must be at least 1000: TCP keepalive probes a silent peer once a second",
             ));
         }
         if self.fetch.max_per_host == 0 {

@@ -38,7 +38,21 @@ pub enum PipelineError {
     /// Another worker of the process failed, so this one stopped.
     #[error("worker {index}: stopped because another worker of this process failed")]
     AnotherWorkerFailed { index: usize },
+    /// A process of the cluster was lost (see `cluster`): this one stops too.
+    #[error(
+        "lost process {process} of the cluster ({address}): {loss}. This process stops too: restart the \
+         whole cluster, which continues from the newest checkpoint"
+    )]
+    PeerLost { process: usize, address: String, loss: super::cluster::Loss },
+    #[error(transparent)]
+    Cluster(#[from] super::cluster::ClusterError),
     /// A worker thread panicked.
     #[error("a worker panicked: {0}")]
     Panicked(String),
+}
+
+impl PipelineError {
+    pub(super) fn lost(loss: super::cluster::PeerLoss) -> PipelineError {
+        PipelineError::PeerLost { process: loss.process, address: loss.address, loss: loss.loss }
+    }
 }

@@ -16,6 +16,7 @@
 //! | file | what it owns |
 //! |---|---|
 //! | `mod.rs` | `run`: the timely workers of a process; `run_worker`: one worker, step by step |
+//! | `cluster.rs` | a cluster's connections (timely's, with keepalive), and noticing a lost peer |
 //! | `kafka.rs` | topics, the worker's consumers and producer, where each partition starts |
 //! | `work.rs` | fetch, decode and preprocess, and the forward pass: what the lanes run |
 //! | `heads.rs` | the classifiers behind `learn_predict` (online learner, ImageNet classes) |
@@ -26,6 +27,7 @@
 //! | `promotions.rs` | classifiers `dlpipe promote` announces on the model topic: read by worker 0, into `learn_predict` |
 //! | `error.rs` | [`PipelineError`]: why a run could not start or had to stop |
 
+pub mod cluster;
 mod dataflow;
 mod error;
 mod heads;
@@ -58,6 +60,8 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use timely::communication::allocator::zero_copy::initialize::CommsGuard;
+use timely::communication::AllocatorBuilder;
 use timely::CommunicationConfig;
 use work::Work;
 
@@ -136,7 +140,10 @@ pub fn run(options: RunOptions) -> Result<Vec<WorkerSummary>, PipelineError> {
     // Set when any local worker fails: the others stop too, rather than wait for its progress.
     let failed = Arc::new(AtomicBool::new(false));
     let fetched_bytes = Arc::new(ByteBudget::new(config.pipeline.max_fetched_bytes));
-    let guards = timely::execute(timely_config, move |worker| {
+    let peer_timeout = Duration::from_millis(config.cluster.peer_timeout_ms);
+    let (builders, network) = communication(timely_config.communication, peer_timeout, &readiness)?;
+    let peers = network.as_ref().map(|n| Arc::clone(&n.1));
+    let guards = timely::execute::execute_from(builders, Box::new(()), timely_config.worker, move |worker| {
         // Every log line of this worker's thread names it (an error span: on whatever the
         // filter lets through, warnings included, not only at info).
         let _span = tracing::error_span!("worker", worker = worker.index()).entered();
@@ -146,10 +153,15 @@ pub fn run(options: RunOptions) -> Result<Vec<WorkerSummary>, PipelineError> {
             local_workers,
             failed: &failed,
             fetched_bytes: &fetched_bytes,
+            peers: peers.as_deref().map(|p| (p, peer_timeout)),
         };
         let continues = checkpoints && !fresh && init_model.is_none();
         let start = Start { init_model: init_model.as_deref(), restored: restored.as_deref(), checkpoints, continues };
-        let result = run_worker(worker, &config, start, &stop, shared);
+        // A panic (a lost peer poisons timely's queues) fails the process as an error does.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_worker(worker, &config, start, &stop, shared)
+        }))
+        .unwrap_or_else(|panic| Err(PipelineError::Panicked(panic_message(&*panic))));
         if result.is_err() {
             // Not ready from now on; the other workers see `failed` within one step. Dropping
             // the dataflow lets this worker end (timely would otherwise keep stepping it,
@@ -163,19 +175,75 @@ pub fn run(options: RunOptions) -> Result<Vec<WorkerSummary>, PipelineError> {
         result
     })
     .map_err(PipelineError::Timely)?;
+    outcome(guards.join(), network)
+}
+
+/// What the workers' results say: their summaries, or the error that stopped the run.
+fn outcome(
+    results: Vec<Result<Result<WorkerSummary, PipelineError>, String>>,
+    network: Option<(CommsGuard, Arc<cluster::PeerWatch>)>,
+) -> Result<Vec<WorkerSummary>, PipelineError> {
     let mut summaries = Vec::new();
     let mut errors = Vec::new();
-    for result in guards.join() {
-        match result.map_err(PipelineError::Panicked).and_then(|r| r) {
+    for result in results {
+        // Timely's own panics, after the worker's function (stepping what is left of a dataflow
+        // on poisoned queues), come as the payload's debug text: "Any { .. }".
+        match result.map_err(|panic| PipelineError::Panicked(format!("timely: {panic}"))).and_then(|r| r) {
             Ok(summary) => summaries.push(summary),
             Err(error) => errors.push(error),
         }
     }
-    // The error that stopped the run, not the "another worker failed" of the workers it stopped.
-    errors.sort_by_key(|e| matches!(e, PipelineError::AnotherWorkerFailed { .. }));
+    if let Some((threads, watch)) = network {
+        if errors.is_empty() {
+            drop(threads); // joins timely's communication threads: the peers said goodbye
+        } else {
+            // Joining would wait on live peers' sockets, and panic on the failed ones' threads.
+            std::mem::forget(threads);
+            if let Some(loss) = watch.first() {
+                // The panics of poisoned queues say nothing; the lost peer does.
+                errors.retain(
+                    |e| !matches!(e, PipelineError::Panicked(m) if m.starts_with("timely: ") || cluster::is_poisoned(m)),
+                );
+                errors.push(PipelineError::lost(loss));
+            }
+        }
+    }
+    // The error that stopped the run: this process's own first, then a lost peer, then the
+    // "another worker failed" of the workers it stopped.
+    errors.sort_by_key(|e| match e {
+        PipelineError::AnotherWorkerFailed { .. } => 2,
+        PipelineError::PeerLost { .. } => 1,
+        _ => 0,
+    });
     match errors.into_iter().next() {
         Some(error) => Err(error),
         None => Ok(summaries),
+    }
+}
+
+/// What a panic said, where it said it in words.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(message), _) => (*message).to_owned(),
+        (_, Some(message)) => message.clone(),
+        _ => "a panic without a message".into(),
+    }
+}
+
+/// Timely's allocators: its own for one process; for a cluster, dlpipe's connections
+/// ([`cluster`]), with timely's communication threads and what watches the peers.
+#[allow(clippy::type_complexity)]
+fn communication(
+    config: CommunicationConfig,
+    peer_timeout: Duration,
+    readiness: &Arc<Readiness>,
+) -> Result<(Vec<AllocatorBuilder>, Option<(CommsGuard, Arc<cluster::PeerWatch>)>), PipelineError> {
+    match config {
+        CommunicationConfig::Cluster { threads, process, addresses, .. } => {
+            let connected = cluster::connect(addresses, process, threads, peer_timeout, Arc::clone(readiness))?;
+            Ok((connected.builders, Some((connected.threads, connected.watch))))
+        }
+        other => Ok((other.try_build().map_err(PipelineError::Timely)?.0, None)),
     }
 }
 
@@ -208,6 +276,8 @@ struct Shared<'a> {
     failed: &'a Arc<AtomicBool>,
     /// The process's bound on bytes between fetching and decoding.
     fetched_bytes: &'a Arc<ByteBudget>,
+    /// A cluster's peers, and how long one may be gone before this process stops.
+    peers: Option<(&'a cluster::PeerWatch, Duration)>,
 }
 
 /// One worker: its Kafka clients and partitions, its model and classifier, its dataflow, and

@@ -59,6 +59,11 @@ pub(super) fn run(
         if shared.failed.load(Ordering::SeqCst) {
             return Err(PipelineError::AnotherWorkerFailed { index });
         }
+        // A peer that closed its connections cleanly before the dataflow was done (it stopped
+        // on an error of its own) leaves this worker waiting for progress that will not come.
+        if let Some(loss) = shared.peers.and_then(|(watch, timeout)| watch.lost_for(timeout)) {
+            return Err(PipelineError::lost(loss));
+        }
         if last_refresh.elapsed() >= Duration::from_secs(1) {
             last_refresh = Instant::now();
             telemetry.refresh(index, probes, &watched, shared);
