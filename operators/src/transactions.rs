@@ -1,14 +1,103 @@
 //! Kafka transactions, as both transactional writers use them (the exactly-once sink, and the
-//! checkpoint writer in the library): committing and aborting with retries, and telling a
-//! fenced producer from a passing failure.
+//! checkpoint writer in the library): committing and aborting with retries, telling a fenced
+//! producer from a passing failure, and [`bounded`]: a transactional call that does not
+//! return in time stops the process rather than hang it.
 
 use crate::retry::Backoff;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, Producer, PurgeConfig};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// How long a transaction's calls may take before the attempt counts as failed.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long past its own timeout a transactional call may go on before [`bounded`] gives up on
+/// it.
+pub const OVERDUE_AFTER: Duration = Duration::from_secs(30);
+
+/// The process's exit code when a call overran: EX_TEMPFAIL, "try again" (a restart does).
+pub const OVERDUE_EXIT_CODE: i32 = 75;
+
+/// Runs `call`, a librdkafka transactional call given `timeout`, under the process's
+/// [`Watchdog`]: if it has not returned `OVERDUE_AFTER` past its timeout, the process logs what
+/// hung and exits with [`OVERDUE_EXIT_CODE`] for the orchestrator to restart it. librdkafka
+/// 2.12 can block in `send_offsets_to_transaction` past its timeout while the transaction
+/// coordinator moves to another broker (confluentinc/librdkafka#5456, #5511), and nothing can
+/// cancel the call; a restart is safe, as the next producer of the transactional id aborts
+/// the open transaction.
+pub fn bounded<T>(what: &str, timeout: Duration, call: impl FnOnce() -> T) -> T {
+    static PROCESS: OnceLock<Watchdog> = OnceLock::new();
+    let watchdog = PROCESS.get_or_init(|| {
+        Watchdog::new(|what, after| {
+            tracing::error!(
+                "{what} has not returned after {after:?} (librdkafka ignores its timeout while the transaction \
+                 coordinator moves; confluentinc/librdkafka#5456): exiting with code {OVERDUE_EXIT_CODE} for the \
+                 orchestrator to restart this process, whose transaction the restart aborts"
+            );
+            std::process::exit(OVERDUE_EXIT_CODE);
+        })
+    });
+    watchdog.bounded(what, timeout + OVERDUE_AFTER, call)
+}
+
+/// A thread that calls `overdue` for a call still running past its deadline.
+pub struct Watchdog {
+    state: Arc<(Mutex<Calls>, Condvar)>,
+}
+
+#[derive(Default)]
+struct Calls {
+    next_id: u64,
+    /// Running calls: deadline, what, and when each began.
+    running: BTreeMap<u64, (Instant, String, Instant)>,
+}
+
+impl Watchdog {
+    /// Starts the watching thread; `overdue(what, running_for)` is called (once per call) for a
+    /// call past its deadline.
+    pub fn new(overdue: impl Fn(&str, Duration) + Send + 'static) -> Watchdog {
+        let state: Arc<(Mutex<Calls>, Condvar)> = Arc::default();
+        let watched = Arc::clone(&state);
+        std::thread::Builder::new()
+            .name("dlpipe:watchdog".into())
+            .spawn(move || {
+                let (calls, changed) = &*watched;
+                let mut guard = calls.lock().expect("not poisoned");
+                loop {
+                    let now = Instant::now();
+                    let late: Vec<u64> = guard.running.iter().filter(|(_, c)| c.0 <= now).map(|(id, _)| *id).collect();
+                    for id in late {
+                        let (_, what, began) = guard.running.remove(&id).expect("listed");
+                        overdue(&what, began.elapsed());
+                    }
+                    let next = guard.running.values().map(|c| c.0).min();
+                    let wait = next.map_or(Duration::from_secs(3600), |d| d.saturating_duration_since(now));
+                    guard = changed.wait_timeout(guard, wait).expect("not poisoned").0;
+                }
+            })
+            .expect("a thread for the watchdog");
+        Watchdog { state }
+    }
+
+    /// Runs `call`, watched for `limit`.
+    pub fn bounded<T>(&self, what: &str, limit: Duration, call: impl FnOnce() -> T) -> T {
+        let (calls, changed) = &*self.state;
+        let id = {
+            let mut guard = calls.lock().expect("not poisoned");
+            guard.next_id += 1;
+            let id = guard.next_id;
+            let now = Instant::now();
+            guard.running.insert(id, (now + limit, what.to_owned(), now));
+            id
+        };
+        changed.notify_one();
+        let result = call();
+        calls.lock().expect("not poisoned").running.remove(&id);
+        result
+    }
+}
 
 /// Commits the open transaction, retrying the commit itself while it fails retriably (a
 /// timed-out commit may have succeeded: aborting and redoing it could publish twice).
@@ -19,7 +108,9 @@ pub fn commit_retrying<C: rdkafka::producer::ProducerContext>(
     // `commit_transaction` flushes first, polling 100 ms at a time: on a local broker that
     // was the whole cost of a transaction. Flushing here in 1 ms polls leaves it nothing to wait for.
     serve_until_empty(producer, Instant::now() + TIMEOUT);
-    retrying("committing a transaction", give_up_after, || producer.commit_transaction(TIMEOUT))
+    retrying("committing a transaction", give_up_after, || {
+        bounded("committing a transaction", TIMEOUT, || producer.commit_transaction(TIMEOUT))
+    })
 }
 
 /// Aborts the open transaction, retrying while the abort fails retriably (a coordinator that
@@ -33,7 +124,7 @@ pub fn abort_retrying<C: rdkafka::producer::ProducerContext>(
     retrying("aborting a transaction", give_up_after, || {
         producer.purge(PurgeConfig::default().queue().inflight());
         serve_until_empty(producer, Instant::now() + TIMEOUT);
-        producer.abort_transaction(TIMEOUT)
+        bounded("aborting a transaction", TIMEOUT, || producer.abort_transaction(TIMEOUT))
     })
 }
 
@@ -82,4 +173,23 @@ pub fn is_fenced(error: &KafkaError) -> bool {
                 | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
         )
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    #[test]
+    fn a_call_past_its_limit_is_reported_once_and_one_in_time_never() {
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let watchdog = Watchdog::new(move |what, after| tx.lock().unwrap().send((what.to_owned(), after)).unwrap());
+        assert_eq!(watchdog.bounded("quick", Duration::from_millis(200), || 7), 7);
+        watchdog.bounded("stuck", Duration::from_millis(100), || std::thread::sleep(Duration::from_millis(400)));
+        let (what, after) = rx.recv_timeout(Duration::from_secs(1)).unwrap();
+        assert_eq!(what, "stuck");
+        assert!(after >= Duration::from_millis(100) && after < Duration::from_millis(400), "{after:?}");
+        assert!(rx.recv_timeout(Duration::from_millis(500)).is_err(), "reported once, and 'quick' never");
+    }
 }

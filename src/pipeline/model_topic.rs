@@ -27,7 +27,7 @@ use crate::learn::{DriftConfig, PageHinkley, PageHinkleyState, Prequential, Preq
 use crate::metrics::kafka::LagContext;
 use crate::model::Manifest;
 use crate::transfer::classifier::KEY_FEATURIZER_SHA256;
-use dlpipe_operators::transactions::{abort_retrying, commit_retrying, is_fenced, is_fenced_or_fatal};
+use dlpipe_operators::transactions::{abort_retrying, bounded, commit_retrying, is_fenced, is_fenced_or_fatal};
 use dlpipe_operators::{CheckpointStore, ClassifierId, Epoch, WriteError};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
@@ -463,8 +463,8 @@ impl CheckpointWriter {
                     let group = self.committer.group_metadata().ok_or_else(|| {
                         WriteError::Fatal(format!("the consumer of group {:?} has no group metadata", self.group_id))
                     })?;
-                    self.producer
-                        .send_offsets_to_transaction(list, &group, timeout)
+                    let what = "adding the group's offsets to a checkpoint";
+                    bounded(what, timeout, || self.producer.send_offsets_to_transaction(list, &group, timeout))
                         .map_err(|e| classify("cannot add the group's offsets to the checkpoint", e))
                 }
                 None => Ok(()),

@@ -39,7 +39,7 @@ use crate::error::OperatorError;
 use crate::metrics::SinkMetrics;
 use crate::records::Epoch;
 use crate::retry::Backoff;
-use crate::transactions::{abort_retrying, commit_retrying, is_fenced, is_fenced_or_fatal, TIMEOUT};
+use crate::transactions::{abort_retrying, bounded, commit_retrying, is_fenced, is_fenced_or_fatal, TIMEOUT};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -391,8 +391,8 @@ fn send_and_commit<'a, C: ConsumerContext>(
         let group = consumer
             .group_metadata()
             .ok_or_else(|| Failure::Fatal("the input consumer has no group metadata".into()))?;
-        producer
-            .send_offsets_to_transaction(&offsets, &group, TIMEOUT)
+        let what = "adding the input offsets to the transaction";
+        bounded(what, TIMEOUT, || producer.send_offsets_to_transaction(&offsets, &group, TIMEOUT))
             .map_err(|e| classify("cannot add the input offsets to the transaction", e))?;
     }
     commit_retrying(producer, spec.give_up_after).map_err(|e| classify("cannot commit the outputs' transaction", e))?;
