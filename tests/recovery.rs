@@ -143,20 +143,36 @@ impl Process {
 
 /// `run`'s processes: one process of two workers, or two processes of one worker each.
 fn spawn(run: &Run, processes: usize) -> Vec<Process> {
+    match processes {
+        1 => cluster(run, 1, 2, true),
+        _ => cluster(run, processes, 1, true),
+    }
+}
+
+/// `run` as `processes` processes of `workers` workers each (a hostfile on loopback when more
+/// than one), to the end of the input with `stop_at_end`, else until killed.
+fn cluster(run: &Run, processes: usize, workers: usize, stop_at_end: bool) -> Vec<Process> {
     let quiet = |mut c: std::process::Command| {
         let log = run.dir.path().join(format!("{}.log", common::unique("process")));
         let child = c.stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
         Process { child: KillOnDrop(child), log }
     };
+    let workers = workers.to_string();
+    let mut args = vec!["-w", workers.as_str()];
+    if stop_at_end {
+        args.push("--stop-at-end");
+    }
     if processes == 1 {
-        return vec![quiet(run.command(&["--stop-at-end", "-w", "2"]))];
+        return vec![quiet(run.command(&args))];
     }
     let hosts = run.dir.path().join(format!("hosts-{}", common::unique("h")));
-    std::fs::write(&hosts, format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port())).unwrap();
-    let hosts = hosts.to_str().unwrap().to_owned();
+    let lines: String = (0..processes).map(|_| format!("127.0.0.1:{}\n", free_port())).collect();
+    std::fs::write(&hosts, lines).unwrap();
+    let (hosts, n) = (hosts.to_str().unwrap().to_owned(), processes.to_string());
     (0..processes)
         .map(|p| {
-            quiet(run.command(&["--stop-at-end", "-w", "1", "-n", "2", "-p", &p.to_string(), "--hostfile", &hosts]))
+            let p = p.to_string();
+            quiet(run.command(&[args.as_slice(), &["-n", &n, "-p", &p, "--hostfile", &hosts]].concat()))
         })
         .collect()
 }
@@ -423,4 +439,261 @@ fn a_replay_for_the_learner_never_moves_the_committed_offsets_back() {
     assert_eq!(latest(&run).model.updates(), 40, "the records between the checkpoint and the commits learned again");
     let (_, count) = predictions(&run, 30);
     assert_eq!(count, 20 + 4, "records 10 to 17 of each partition are not published again");
+}
+
+/// Where `read_committed` readers of a topic stand: per partition, the last stable offset (what
+/// they can read up to) and the high watermark (what is written, committed or not).
+struct Stability {
+    committed: rdkafka::consumer::BaseConsumer,
+    uncommitted: rdkafka::consumer::BaseConsumer,
+    topic: String,
+    partitions: Vec<i32>,
+}
+
+impl Stability {
+    fn of(run: &Run, topic: &str) -> Stability {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let consumer = |isolation: &str| -> BaseConsumer {
+            dlpipe::kafka::client_config(&run.kafka())
+                .set("group.id", common::unique("stability"))
+                .set("isolation.level", isolation)
+                .set("enable.auto.commit", "false")
+                .create()
+                .unwrap()
+        };
+        let (committed, uncommitted) = (consumer("read_committed"), consumer("read_uncommitted"));
+        let metadata = committed.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+        let partitions: Vec<i32> =
+            metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+        assert!(!partitions.is_empty(), "topic {topic} has no partitions");
+        Stability { committed, uncommitted, topic: topic.to_owned(), partitions }
+    }
+
+    /// Per partition: (last stable offset, high watermark).
+    fn offsets(&self) -> BTreeMap<i32, (i64, i64)> {
+        use rdkafka::consumer::Consumer;
+        let timeout = Duration::from_secs(10);
+        self.partitions
+            .iter()
+            .map(|&p| {
+                let stable = self.committed.fetch_watermarks(&self.topic, p, timeout).unwrap().1;
+                let high = self.uncommitted.fetch_watermarks(&self.topic, p, timeout).unwrap().1;
+                (p, (stable, high))
+            })
+            .collect()
+    }
+
+    /// The key (the record id) of the message at `offset` of `partition`, committed or not.
+    fn key_at(&self, partition: i32, offset: i64) -> String {
+        use rdkafka::consumer::Consumer;
+        let mut assignment = rdkafka::TopicPartitionList::new();
+        assignment.add_partition_offset(&self.topic, partition, rdkafka::Offset::Offset(offset)).unwrap();
+        self.uncommitted.assign(&assignment).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            assert!(Instant::now() < deadline, "no message at {partition}:{offset} of {}", self.topic);
+            if let Some(Ok(message)) = self.uncommitted.poll(Duration::from_millis(100)) {
+                use rdkafka::Message;
+                return String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();
+            }
+        }
+    }
+}
+
+/// Waits (120 s at most) for `run`'s newest checkpoint to have learned more than `after`
+/// examples, while `children` run; returns its count.
+fn checkpoint_after(run: &Run, children: &mut [Process], after: u64, what: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(c) = read_latest(&run.kafka(), &run.model_topic, &run.group).unwrap() {
+            if c.model.updates() > after {
+                return c.model.updates();
+            }
+        }
+        for c in children.iter_mut() {
+            assert!(c.child.0.try_wait().unwrap().is_none(), "{what}: a process ended:\n{}", c.log());
+        }
+        assert!(Instant::now() < deadline, "{what}: no checkpoint past {after} updates in 120 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Makes a producer with worker `index`'s transactional id of `run`'s group and initialises it,
+/// as that worker does at start: this fences the id's earlier producer and aborts its open
+/// transaction.
+fn fence_worker(run: &Run, index: usize) {
+    use rdkafka::producer::{BaseProducer, Producer};
+    let id = dlpipe::pipeline::worker_ids::transactional_id(&run.group, index);
+    let producer: BaseProducer =
+        dlpipe::kafka::client_config(&run.kafka()).set("transactional.id", &id).create().unwrap();
+    producer.init_transactions(Duration::from_secs(30)).unwrap();
+}
+
+/// Sends `signal` (`STOP`, `CONT`) to every process of `children`.
+fn signal(children: &[Process], signal: &str) {
+    let pids: Vec<String> = children.iter().map(|c| c.child.0.id().to_string()).collect();
+    let status = std::process::Command::new("kill").arg(format!("-{signal}")).args(&pids).status().unwrap();
+    assert!(status.success(), "kill -{signal} {pids:?}");
+}
+
+/// Runs `run` as three processes of one worker each, and kills them (SIGKILL) while a worker
+/// index that the next run (of `next_workers`) will not have holds a transaction open on the
+/// predictions topic: the transaction stays open, and `read_committed` readers wait behind it
+/// until something aborts it. Record `{prefix}i` is in input partition i mod 3: worker i mod 3's.
+///
+/// A transaction is open for milliseconds, so the processes are stopped (SIGSTOP) whenever one
+/// is seen open, and killed if the first open one of a partition is a removed worker's, else
+/// continued. Tries again (each try a restart from the checkpoint) if what the kill left open
+/// was not a removed worker's after all; returns the examples learned by then and what was
+/// left open. The first try runs until it has written a checkpoint past `after` examples.
+fn kill_in_a_removed_workers_transaction(run: &Run, prefix: &str, after: u64, next_workers: usize) -> (u64, String) {
+    let stability = Stability::of(run, &run.predictions);
+    let unstable = || -> Vec<(i32, i64)> {
+        stability.offsets().into_iter().filter(|(_, (stable, high))| stable < high).map(|(p, (s, _))| (p, s)).collect()
+    };
+    for attempt in 0..8 {
+        let mut children = cluster(run, 3, 1, false);
+        if attempt == 0 {
+            checkpoint_after(run, &mut children, after, "three processes");
+        }
+        let alive = |children: &mut Vec<Process>| {
+            for c in children.iter_mut() {
+                assert!(c.child.0.try_wait().unwrap().is_none(), "three processes: one ended:\n{}", c.log());
+            }
+        };
+        // What the last run left open is aborted as the workers start (each fences its own
+        // index); then the first transaction seen open is where the kill lands.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !unstable().is_empty() {
+            alive(&mut children);
+            assert!(Instant::now() < deadline, "three processes: earlier transactions not aborted in 120 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let worker = |id: &str| id.strip_prefix(prefix).and_then(|i| i.parse::<usize>().ok()).map(|i| i % 3);
+        loop {
+            alive(&mut children);
+            assert!(Instant::now() < deadline, "three processes: no transaction of a removed worker in 120 s");
+            if unstable().is_empty() {
+                continue;
+            }
+            signal(&children, "STOP");
+            // A commit already on its way to the coordinator completes meanwhile.
+            std::thread::sleep(Duration::from_millis(50));
+            let removed = |(p, offset)| worker(&stability.key_at(p, offset)).is_some_and(|w| w >= next_workers);
+            if unstable().into_iter().any(removed) {
+                break;
+            }
+            signal(&children, "CONT");
+        }
+        // All at once: no process commits after another died.
+        for c in children.iter_mut() {
+            c.child.0.kill().unwrap();
+        }
+        drop(children);
+        // What the next run's worker 0 aborts by starting; what stays open is a removed index's.
+        for index in 0..next_workers {
+            fence_worker(run, index);
+        }
+        let learned = latest(run).model.updates();
+        let open: Vec<String> = unstable()
+            .into_iter()
+            .map(|(p, offset)| format!("{p}:{offset} ({})", stability.key_at(p, offset)))
+            .collect();
+        println!("try {attempt}: killed after {learned} updates; open then: {open:?}");
+        if !open.is_empty() {
+            return (learned, format!("transactions of removed workers open at {}", open.join(", ")));
+        }
+    }
+    panic!("no kill in 8 tries left a transaction of a removed worker open");
+}
+
+/// 2 workers, then 3 processes, then 1 worker, each run killed (SIGKILL) mid-stream but the
+/// last; checks that every record is predicted (once under exactly-once), that the classifier
+/// ends as an uninterrupted run's, and how long `read_committed` readers of the predictions
+/// wait, after the scale-down, for what the killed run left.
+fn rescale(name: &str, exactly_once: bool, reference: &Checkpoint, input: &str, n: usize, prefix: &str) {
+    let delivery = if exactly_once { "exactly_once" } else { "at_least_once" };
+    let run = Run::new(name, input, &rescale_config(delivery));
+    let started = Instant::now();
+    let mut first = cluster(&run, 1, 2, false);
+    let learned = checkpoint_after(&run, &mut first, 0, "two workers");
+    drop(first);
+    let (learned, open) = if exactly_once {
+        kill_in_a_removed_workers_transaction(&run, prefix, learned, 1)
+    } else {
+        let mut second = cluster(&run, 3, 1, false);
+        (checkpoint_after(&run, &mut second, learned, "three processes"), "no transactions".to_owned())
+    };
+    let stability = Stability::of(&run, &run.predictions);
+    let killed = Instant::now();
+    let written = stability.offsets();
+    let last = cluster(&run, 1, 1, true);
+    // The scale-down's readers: how long until they can read past all the killed run wrote.
+    let deadline = killed + Duration::from_secs(120);
+    let stalled = loop {
+        let now = stability.offsets();
+        if written.iter().all(|(p, (_, high))| now[p].0 >= *high) {
+            break killed.elapsed();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{delivery}: readers still wait after 120 s: {now:?} (at the kill: {written:?})"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let whole_log = last[0].log.clone();
+    let log = to_end(last, &format!("{delivery}: the scaled-down run"));
+    let context = format!("{delivery}: killed after {learned} updates with {open}; the last run's log ends:\n{log}");
+    println!(
+        "rescale {delivery}: killed after {learned} of {} updates with {open}; read_committed readers waited {:.2} s \
+         after the kill for the scaled-down run; {:.1} s in all",
+        reference.model.updates(),
+        stalled.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(learned < reference.model.updates(), "{context}\nthe runs were not killed mid-stream");
+    assert_same_learner(&latest(&run), reference, &context);
+    let outputs = read_topic_on(&run.kafka(), &run.predictions, 4 * n, Duration::from_secs(5));
+    let ids: BTreeSet<&str> = outputs.iter().map(|p| p["id"].as_str().unwrap()).collect();
+    let missing: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).filter(|id| !ids.contains(id.as_str())).collect();
+    assert!(missing.is_empty(), "{context}\nno prediction for {missing:?}");
+    if exactly_once {
+        assert_eq!(outputs.len(), n, "{context}\npredictions published twice");
+        let whole_log = std::fs::read_to_string(&whole_log).unwrap();
+        let fenced: Vec<&str> = whole_log.lines().filter(|l| l.contains("fenced the transactional id")).collect();
+        let summary = whole_log.lines().find(|l| l.contains("fenced the removed worker indexes"));
+        println!("rescale {delivery}: {}", summary.unwrap_or("no fencing logged"));
+        assert_eq!(fenced.len(), 2, "{context}\nworker indexes 1 and 2 are fenced:\n{whole_log}");
+        for index in [1, 2] {
+            let id = dlpipe::pipeline::worker_ids::transactional_id(&run.group, index);
+            assert!(fenced.iter().any(|l| l.contains(&id)), "{context}\n{id} not fenced:\n{whole_log}");
+        }
+    }
+    // Start-up (the fence is the first thing a worker does) and an epoch, far below the
+    // transaction timeout (60 s) that readers would wait otherwise.
+    assert!(stalled < Duration::from_secs(15), "{context}\nread_committed readers waited {stalled:?}");
+}
+
+/// The pipeline config of the rescale test: small offset epochs, a checkpoint every 4.
+fn rescale_config(delivery: &str) -> String {
+    format!(
+        "epochs = {{ by = \"offsets\", records = 3 }}\ncheckpoint_every_epochs = 4\nmax_backlog = 8\n\
+         delivery = \"{delivery}\"\n"
+    )
+}
+
+#[test]
+fn rescaling_from_two_workers_to_three_processes_to_one_fences_removed_workers_and_loses_nothing() {
+    const N: usize = 180;
+    let prefix = "q";
+    let input = common::unique("rescale-images");
+    produce(&input, 3, &messages(&fashion(N, 11000), prefix, 3, |i| i % 5 != 2));
+    let reference = Run::new("rescaleref", &input, &rescale_config("at_least_once"));
+    let started = Instant::now();
+    to_end(cluster(&reference, 1, 1, true), "the uninterrupted run");
+    println!("rescale: the uninterrupted run took {:.1} s", started.elapsed().as_secs_f64());
+    let want = latest(&reference);
+    assert_eq!(want.model.updates(), 144);
+    rescale("rescalex", true, &want, &input, N, prefix);
+    rescale("rescale", false, &want, &input, N, prefix);
 }

@@ -26,6 +26,8 @@ pub enum PipelineError {
     Serve(#[from] crate::metrics::ServeError),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    WorkerIds(#[from] super::worker_ids::WorkerIdsError),
     /// The configured head cannot work with the model.
     #[error("head {head} needs {needs}, and model {model} has none")]
     Head { head: &'static str, needs: &'static str, model: String },

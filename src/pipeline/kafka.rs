@@ -4,7 +4,7 @@
 //! (`kafka.retry_timeout_secs`), and fails with what to do otherwise.
 
 use super::model_topic::{self, Checkpoint};
-use super::PipelineError;
+use super::{worker_ids, PipelineError};
 use crate::config::{Config, DeliveryGuarantee, KafkaConfig, StartFrom};
 use crate::kafka::{client_config, ensure_topics, topic_partitions, with_retry, TopicSpec};
 use crate::metrics::kafka::{LagContext, STATISTICS_INTERVAL_MS};
@@ -66,10 +66,19 @@ pub(super) fn input_consumer(
     Ok((consumer, mine))
 }
 
-/// The producer of the worker's outputs. With exactly-once delivery it is transactional and
-/// initialised, which fences an earlier instance of the worker (aborting its open
-/// transaction): make it before reading the committed offsets, so no zombie commits behind them.
-pub(super) fn output_producer(config: &Config, index: usize) -> Result<BaseProducer<SinkContext>, PipelineError> {
+/// The producer of worker `index` of `peers`' outputs. With exactly-once delivery it is
+/// transactional and initialised, which fences an earlier instance of the worker (aborting its
+/// open transaction): make it before reading the committed offsets, so no zombie commits behind
+/// them. Before it, the worker's index is registered, and worker 0 fences the indexes this run
+/// no longer has ([`worker_ids`]).
+pub(super) fn output_producer(
+    config: &Config,
+    index: usize,
+    peers: usize,
+) -> Result<BaseProducer<SinkContext>, PipelineError> {
+    if config.pipeline.delivery == DeliveryGuarantee::ExactlyOnce {
+        worker_ids::prepare(config, index, peers)?;
+    }
     Ok(match config.pipeline.delivery {
         DeliveryGuarantee::AtLeastOnce => client_config(&config.kafka)
             .set("enable.idempotence", "true")
@@ -300,7 +309,7 @@ pub(super) fn transactional_producer(
     group_id: &str,
     index: usize,
 ) -> Result<BaseProducer<SinkContext>, PipelineError> {
-    let id = format!("dlpipe-{group_id}-worker-{index}");
+    let id = worker_ids::transactional_id(group_id, index);
     let producer: BaseProducer<SinkContext> = client_config(kafka)
         .set("transactional.id", &id)
         .set("linger.ms", "5")

@@ -25,6 +25,7 @@
 //! | `stall.rs` | noticing a worker whose published frontier stands still |
 //! | `model_topic.rs` | the learner's checkpoints in the model topic: written (the `checkpoint` operator's store), read back at start-up |
 //! | `promotions.rs` | classifiers `dlpipe promote` announces on the model topic: read by worker 0, into `learn_predict` |
+//! | `worker_ids.rs` | exactly-once transactional ids: worker indexes registered in the model topic, removed ones fenced at start |
 //! | `error.rs` | [`PipelineError`]: why a run could not start or had to stop |
 
 pub mod cluster;
@@ -37,6 +38,7 @@ pub mod promotions;
 mod run_loop;
 mod stall;
 mod work;
+pub mod worker_ids;
 
 pub use error::PipelineError;
 pub use heads::{online_head as online_lr_head, ImagenetHead, LearnerState, OnlineLrHead};
@@ -295,7 +297,7 @@ fn run_worker(
         kafka::create_topics(config)?;
     }
     let (consumer, partitions) = kafka::input_consumer(config, index, peers, shared.metrics)?;
-    let producer = kafka::output_producer(config, index)?;
+    let producer = kafka::output_producer(config, index, peers)?;
     let learned = LearnFrom::of(start.restored, start.continues, p.start_from);
     let input = kafka::assign_input(&consumer, config, index, &partitions, learned)?;
     let feedback = (!p.feedback_topic.is_empty())
@@ -312,7 +314,10 @@ fn run_worker(
     let online = online_head(config, &manifest, &start, index, &metrics)?;
     let promotions = promotion_reader(config, &start, &online, index)?;
     let classifier = classifier(&online, feedback, promotions, &input.starts, &manifest);
-    let checkpoints = checkpoints(config, &start, &online, &consumer, &manifest, index, shared.metrics)?;
+    let mut checkpoints = checkpoints(config, &start, &online, &consumer, &manifest, index, shared.metrics)?;
+    if let (Some(Some(writer)), DeliveryGuarantee::ExactlyOnce) = (&mut checkpoints, p.delivery) {
+        writer.registered_workers = Some(peers);
+    }
 
     let (backlog, fatal): (SharedBacklog, Fatal) = Default::default();
     let dataflow = Dataflow {

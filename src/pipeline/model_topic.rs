@@ -11,7 +11,8 @@
 //! group's, so a second pipeline of the same group fences the first.
 //!
 //! With a shadow classifier (`dlpipe promote --shadow`), its state goes in the same transaction,
-//! right after the checkpoint, under `checkpoint/<group id>/shadow`.
+//! right after the checkpoint, under `checkpoint/<group id>/shadow`; under exactly-once delivery
+//! the run's worker count follows, under `workers/<group id>` ([`super::worker_ids`]).
 //!
 //! `dlpipe run` reads the newest checkpoint of its group at start-up ([`read_latest`]) and
 //! resumes from it: the classifier and its prequential metrics continue, each partition is
@@ -393,6 +394,9 @@ pub struct CheckpointWriter {
     pub files: Option<SnapshotFiles>,
     pub written: prometheus::IntCounter,
     pub write_seconds: prometheus::Histogram,
+    /// Exactly-once: the run's worker count, registered again in every checkpoint transaction
+    /// (see [`super::worker_ids`]).
+    pub registered_workers: Option<usize>,
     last_file_version: Option<u64>,
 }
 
@@ -423,6 +427,7 @@ impl CheckpointWriter {
             files,
             written,
             write_seconds,
+            registered_workers: None,
             last_file_version: None,
         }
     }
@@ -455,8 +460,11 @@ impl CheckpointWriter {
         let send = |key: &String, payload: &[u8]| {
             self.producer.send(BaseRecord::to(&self.model_topic).key(key).payload(payload)).map_err(|(e, _)| e)
         };
+        let registration =
+            self.registered_workers.map(|w| (super::worker_ids::registry_key(&self.group_id), w.to_string()));
         let sent = send(&key, bytes)
             .and_then(|()| shadow.map_or(Ok(()), |shadow| send(&shadow_key, shadow)))
+            .and_then(|()| registration.as_ref().map_or(Ok(()), |(key, workers)| send(key, workers.as_bytes())))
             .map_err(|e| classify(&format!("cannot send a checkpoint to {}", self.model_topic), e))
             .and_then(|()| match offsets {
                 Some(list) => {
