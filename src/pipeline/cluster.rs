@@ -352,15 +352,22 @@ fn accept(
             tracing::warn!(from, "a connection that is not a dlpipe peer: {error}");
             continue;
         }
+        if &message[..8] != HELLO {
+            // Not a peer (or one of another dlpipe version, whose log says it got no answer).
+            tracing::warn!(from, "a connection that is not a dlpipe peer of this version: ignored");
+            continue;
+        }
         let word = |at: usize| u64::from_le_bytes(message[at..at + 8].try_into().expect("8 bytes")) as usize;
         let (peer, peer_processes) = (word(8), word(16));
-        if &message[..8] != HELLO {
-            return Err(handshake("not a dlpipe process of this version".into()));
-        }
         if peer_processes != processes || peer <= process || peer >= processes {
             return Err(handshake(format!(
                 "it says it is process {peer} of {peer_processes}, and this is process {process} of {processes}: \
                  start every process with the same -n and hostfile"
+            )));
+        }
+        if accepted[peer - process - 1].is_some() {
+            return Err(handshake(format!(
+                "a second process says it is process {peer}: give each process its own -p (or pod ordinal)"
             )));
         }
         stream.set_read_timeout(None).map_err(|e| handshake(e.to_string()))?;
@@ -435,6 +442,23 @@ mod tests {
         watch.record(0, Loss::Closed);
         assert!(!readiness.is_ready());
         assert_eq!(watch.first().unwrap().process, 1, "the first loss is the one reported");
+    }
+
+    #[test]
+    fn a_stray_connection_is_ignored_and_the_peer_after_it_accepted() {
+        let addresses = free_addresses(2);
+        let listener = TcpListener::bind(&addresses[0]).unwrap();
+        let address = addresses[0].clone();
+        let clients = std::thread::spawn(move || {
+            let mut stray = TcpStream::connect(&address).unwrap();
+            stray.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            let mut peer = TcpStream::connect(&address).unwrap();
+            hello(&mut peer, 1, 2).unwrap();
+            (stray, peer)
+        });
+        let accepted = accept(listener, 0, 2, 1).unwrap();
+        let (_stray, peer) = clients.join().unwrap();
+        assert_eq!(accepted[0].peer_addr().unwrap(), peer.local_addr().unwrap());
     }
 
     #[test]
