@@ -36,7 +36,11 @@ pub fn bounded<T>(what: &str, timeout: Duration, call: impl FnOnce() -> T) -> T 
                  coordinator moves; confluentinc/librdkafka#5456): exiting with code {OVERDUE_EXIT_CODE} for the \
                  orchestrator to restart this process, whose transaction the restart aborts"
             );
-            std::process::exit(OVERDUE_EXIT_CODE);
+            // `_exit`, not `exit`: the C++ static destructors `exit` runs (libtorch's,
+            // librdkafka's) crash while other threads still use them, and the orchestrator
+            // would see SIGSEGV instead of this code (tests/watchdog.rs: 1 of 2 runs).
+            // SAFETY: `_exit` ends the process at once; nothing of this process runs after it.
+            unsafe { libc::_exit(OVERDUE_EXIT_CODE) }
         })
     });
     watchdog.bounded(what, timeout + OVERDUE_AFTER, call)
