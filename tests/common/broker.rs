@@ -122,10 +122,16 @@ impl Broker {
 }
 
 /// The first of `n` consecutive ports that are free on loopback.
+/// `n` consecutive free ports, below the system's ephemeral range (32768 and up on Linux): a
+/// port picked from that range, free when picked, can be taken as the source port of any
+/// outgoing connection before the broker binds it (seen once: "Address already in use" at a
+/// cluster's start).
 fn free_ports(n: u16) -> u16 {
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    let mut rng = dlpipe::transfer::dataset::SplitMix64(u64::from(seed) ^ u64::from(std::process::id()));
     loop {
-        let port = free_port();
-        if port < u16::MAX - n && (1..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", port + i)).is_ok()) {
+        let port = 20_000 + rng.below(12_000) as u16;
+        if (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", port + i)).is_ok()) {
             break port;
         }
     }
