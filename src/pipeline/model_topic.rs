@@ -299,30 +299,15 @@ pub fn read_latest(kafka: &KafkaConfig, topic: &str, group_id: &str) -> Result<O
         consumer.assign(&assignment)?;
         let mut newest: Option<(i64, Vec<u8>)> = None;
         let mut shadows: Vec<(i64, Vec<u8>)> = Vec::new();
-        loop {
-            if Instant::now() > deadline {
-                let topic = topic.to_owned();
-                return Err(CheckpointError::ReadTimeout { topic, start, end }.into());
+        let read = read_window(&consumer, end, deadline, |offset, message_key, payload| {
+            if message_key == Some(key.as_bytes()) {
+                newest = Some((offset, payload.to_vec()));
+            } else if message_key == Some(shadow_key.as_bytes()) {
+                shadows.push((offset, payload.to_vec()));
             }
-            let message = match consumer.poll(Duration::from_millis(200)) {
-                None => continue,
-                Some(Err(KafkaError::PartitionEOF(_))) => break,
-                Some(Err(error)) if crate::kafka::retry::is_retriable(&error) => continue,
-                Some(Err(error)) => return Err(error.into()),
-                Some(Ok(message)) => message,
-            };
-            if message.offset() >= end {
-                break;
-            }
-            let payload = || message.payload().map(<[u8]>::to_vec).unwrap_or_default();
-            if message.key() == Some(key.as_bytes()) {
-                newest = Some((message.offset(), payload()));
-            } else if message.key() == Some(shadow_key.as_bytes()) {
-                shadows.push((message.offset(), payload()));
-            }
-            if message.offset() >= end - 1 {
-                break;
-            }
+        })?;
+        if !read {
+            return Err(CheckpointError::ReadTimeout { topic: topic.to_owned(), start, end }.into());
         }
         if let Some((offset, bytes)) = newest {
             let checkpoint = Checkpoint::decode(&bytes).map_err(|e| CheckpointError::Newest {
@@ -338,6 +323,37 @@ pub fn read_latest(kafka: &KafkaConfig, topic: &str, group_id: &str) -> Result<O
         end = start;
     }
     Ok(None)
+}
+
+/// Reads the assigned window of a model topic up to offset `end` (exclusive) or its last stable
+/// offset, handing each message's offset, key and payload to `each`. False if `deadline` passed
+/// first (each caller names its own timeout).
+pub(super) fn read_window(
+    consumer: &BaseConsumer<ReadsToEnd>,
+    end: i64,
+    deadline: Instant,
+    mut each: impl FnMut(i64, Option<&[u8]>, &[u8]),
+) -> Result<bool, PipelineError> {
+    loop {
+        if Instant::now() > deadline {
+            return Ok(false);
+        }
+        let message = match consumer.poll(Duration::from_millis(200)) {
+            None => continue,
+            // With read_committed, at the last stable offset.
+            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(true),
+            Some(Err(error)) if crate::kafka::retry::is_retriable(&error) => continue,
+            Some(Err(error)) => return Err(error.into()),
+            Some(Ok(message)) => message,
+        };
+        if message.offset() >= end {
+            return Ok(true);
+        }
+        each(message.offset(), message.key(), message.payload().unwrap_or_default());
+        if message.offset() >= end - 1 {
+            return Ok(true);
+        }
+    }
 }
 
 /// The model topic's settings: compacted (the newest checkpoint of each group is kept), segments

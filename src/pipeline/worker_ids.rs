@@ -22,9 +22,8 @@ use super::PipelineError;
 use crate::config::{Config, KafkaConfig};
 use crate::kafka::{client_config, topic_partitions, with_retry, Publisher, ReadsToEnd};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseProducer, Producer};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
@@ -140,27 +139,13 @@ pub fn registered(kafka: &KafkaConfig, topic: &str, group_id: &str, may_appear: 
         assignment.add_partition_offset(topic, 0, Offset::Offset(start))?;
         consumer.assign(&assignment)?;
         let mut newest: Option<(i64, Vec<u8>)> = None;
-        loop {
-            if Instant::now() > deadline {
-                return Err(WorkerIdsError::ReadTimeout { topic: topic.to_owned(), start, end }.into());
+        let read = super::model_topic::read_window(&consumer, end, deadline, |offset, message_key, payload| {
+            if message_key == Some(key.as_bytes()) {
+                newest = Some((offset, payload.to_vec()));
             }
-            let message = match consumer.poll(Duration::from_millis(200)) {
-                None => continue,
-                // With read_committed, at the last stable offset.
-                Some(Err(KafkaError::PartitionEOF(_))) => break,
-                Some(Err(error)) if crate::kafka::retry::is_retriable(&error) => continue,
-                Some(Err(error)) => return Err(error.into()),
-                Some(Ok(message)) => message,
-            };
-            if message.offset() >= end {
-                break;
-            }
-            if message.key() == Some(key.as_bytes()) {
-                newest = Some((message.offset(), message.payload().unwrap_or_default().to_vec()));
-            }
-            if message.offset() >= end - 1 {
-                break;
-            }
+        })?;
+        if !read {
+            return Err(WorkerIdsError::ReadTimeout { topic: topic.to_owned(), start, end }.into());
         }
         if let Some((offset, payload)) = newest {
             let payload = String::from_utf8_lossy(&payload).into_owned();
