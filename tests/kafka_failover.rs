@@ -36,7 +36,8 @@ struct Pipeline {
     run: Run,
     input: String,
     child: KillOnDrop,
-    log: PathBuf,
+    /// The log of each run, the current one last.
+    logs: Vec<PathBuf>,
     /// Ids sent so far (acknowledged or not), filled by the feeder.
     sent: Arc<Mutex<Vec<String>>>,
     feeder: Option<JoinHandle<u64>>,
@@ -63,7 +64,7 @@ impl Pipeline {
         let (child, log) = run.spawn(&["-w", "2"]);
         let seen = Arc::new(Mutex::new(Vec::new()));
         read_live(kafka, run.predictions.clone(), Arc::clone(&seen), Arc::clone(stop));
-        Pipeline { delivery, run, input, child, log, sent, feeder, seen, restarts: 0 }
+        Pipeline { delivery, run, input, child, logs: vec![log], sent, feeder, seen, restarts: 0 }
     }
 
     /// Fails the test if the run stopped, except where a transactional call overran its bound
@@ -75,15 +76,18 @@ impl Pipeline {
         self.restarts += 1;
         eprintln!("{}: a transactional call overran {what}; restarting the run", self.delivery);
         let (child, log) = self.run.spawn(&["-w", "2"]);
-        (self.child, self.log) = (child, log);
+        self.child = child;
+        self.logs.push(log);
     }
 
     fn seen(&self) -> usize {
         self.seen.lock().unwrap().len()
     }
 
+    /// Every run's log, in order.
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        let each = self.logs.iter().map(|log| std::fs::read_to_string(log).unwrap_or_default());
+        each.collect::<Vec<_>>().join("\n--- the run restarted ---\n")
     }
 
     /// Waits until the reader has seen `more` predictions beyond `from` (the pipeline goes on).
@@ -165,6 +169,39 @@ fn read_live(
             }
         }
     });
+}
+
+/// Where each message of `topic` is, by key (partition, offset), read at `isolation`.
+fn keys_at(kafka: &dlpipe::config::KafkaConfig, topic: &str, isolation: &str) -> BTreeMap<String, (i32, i64)> {
+    let consumer: BaseConsumer = dlpipe::kafka::client_config(kafka)
+        .set("group.id", common::unique("failover-keys"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", isolation)
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut at = BTreeMap::new();
+    let mut idle_since = Instant::now();
+    while idle_since.elapsed() < Duration::from_secs(5) {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+            at.insert(key, (m.partition(), m.offset()));
+            idle_since = Instant::now();
+        }
+    }
+    at
+}
+
+/// The offsets `group` has committed for the partitions of `topic`.
+fn group_offsets(kafka: &dlpipe::config::KafkaConfig, group: &str, topic: &str) -> Vec<(i32, rdkafka::Offset)> {
+    let consumer: BaseConsumer = dlpipe::kafka::client_config(kafka).set("group.id", group).create().unwrap();
+    let mut list = rdkafka::TopicPartitionList::new();
+    for partition in 0..2 {
+        list.add_partition(topic, partition);
+    }
+    let committed = consumer.committed_offsets(list, Duration::from_secs(10)).unwrap();
+    committed.elements().iter().map(|e| (e.partition(), e.offset())).collect()
 }
 
 /// The node that leads partition `partition` of `topic` now.
@@ -277,10 +314,17 @@ fn check(p: &mut Pipeline, broker: &Broker, sent: &BTreeSet<String>, phases: &[(
             let dead = read_topic_on(&kafka, &p.run.dead, usize::MAX, Duration::from_secs(3));
             let dead: Vec<&Value> =
                 dead.iter().filter(|d| missing.iter().any(|m| d.to_string().contains(*m))).collect();
+            // Where they are in the input, whether an uncommitted (aborted or open) transaction
+            // holds their outputs, and where the group's offsets stand.
+            let at = keys_at(&kafka, &p.input, "read_committed");
+            let uncommitted = keys_at(&kafka, &p.run.predictions, "read_uncommitted");
+            let missing: Vec<_> = missing.into_iter().map(|m| (m, at.get(m), uncommitted.get(m))).collect();
             panic!(
-                "{}: {} records never predicted: {missing:?}; their dead letters: {dead:?}\n{}",
+                "{}: {} records never predicted (id, input (partition, offset), output read uncommitted): \
+                 {missing:?}; their dead letters: {dead:?}; the group's offsets: {:?}\n{}",
                 p.delivery,
                 missing.len(),
+                group_offsets(&kafka, &p.run.group, &p.input),
                 p.log()
             );
         }
@@ -313,8 +357,9 @@ fn check(p: &mut Pipeline, broker: &Broker, sent: &BTreeSet<String>, phases: &[(
     }
     let log = p.log();
     let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
+    let skipped = log.lines().filter(|l| l.contains("offsets skipped")).count();
     println!(
-        "kafka failover ({}): {} warnings in the log, the first: {:?}",
+        "kafka failover ({}): {} warnings in the log, the first: {:?}; {skipped} input gaps logged (debug)",
         p.delivery,
         warnings.len(),
         warnings.first()

@@ -1,6 +1,6 @@
 //! Liveness of offset epochs on a real broker: uneven, backlogged and quiet inputs finish (or
 //! become visible) as promised, and the classifier is the one a run of any other layout, or
-//! without interruption, learns.
+//! without interruption, learns; and the source skips no record on the way.
 
 mod common;
 
@@ -12,7 +12,7 @@ use dlpipe_operators::{
     kafka_source, learn_predict, AssignedConsumer, Backlog, ClassScore, Epoch, EpochPolicy, Featured, Head,
     LabelledExample, PartitionRange, Predict, SharedBacklog, SourceMetrics, SourceSpec,
 };
-use rdkafka::consumer::BaseConsumer;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::Value;
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
@@ -238,6 +238,69 @@ fn every_combination_of_workers_partitions_backlog_and_epoch_size_finishes() {
             outcome.peak_backlogs
         );
     }
+}
+
+/// A partition whose fetch started before its split (librdkafka assigns asynchronously) has its
+/// first records on the consumer's queue and later ones on its own: the source must take them
+/// all, in order. (It once took the later ones and sought past the first: in 1 of 8 runs of
+/// the exactly-once failover test the first 7 or 8 records of a partition were never
+/// predicted, their offsets committed.)
+#[test]
+fn records_fetched_before_the_split_are_read_and_none_is_skipped() {
+    let topic = common::unique("split");
+    let records = |from: usize| -> Vec<(i32, String, String)> {
+        (from..from + 20)
+            .map(|i| {
+                (0, format!("r{i}"), serde_json::json!({"id": format!("r{i}"), "uri": "file:///x.png"}).to_string())
+            })
+            .collect()
+    };
+    produce(&topic, 1, &records(0));
+    let consumer: Arc<BaseConsumer> = Arc::new(
+        dlpipe::kafka::client_config(&common::kafka_config())
+            .set("group.id", common::unique("split"))
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap(),
+    );
+    let ranges = vec![PartitionRange { partition: 0, start: 0, end: Some(40) }];
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    assignment.add_partition_offset(&topic, 0, rdkafka::Offset::Offset(0)).unwrap();
+    consumer.assign(&assignment).unwrap();
+    // The fetch starts and forwards the first 20 to the consumer's queue (nothing polls it).
+    std::thread::sleep(Duration::from_secs(2));
+    let assigned = AssignedConsumer::split(consumer, &topic, &ranges).unwrap();
+    produce(&topic, 1, &records(20));
+    // The next 20 reach the partition's own queue.
+    std::thread::sleep(Duration::from_secs(2));
+    let spec = SourceSpec {
+        topic,
+        partitions: ranges,
+        epochs: EpochPolicy::Offsets { records: 10 },
+        max_backlog: 1000,
+        max_poll: 256,
+        input: dlpipe_operators::records::InputSpec::JSON_URIS,
+    };
+    let taken = timely::execute_directly(move |worker| {
+        let taken = Rc::new(RefCell::new(Vec::new()));
+        let seen = Rc::clone(&taken);
+        let probe = worker.dataflow::<Epoch, _, _>(|scope| {
+            let backlog: SharedBacklog = Rc::default();
+            let stop = Arc::new(AtomicBool::new(false));
+            kafka_source(scope, assigned, spec, backlog, stop, SourceMetrics::default())
+                .inspect(move |r: &Result<dlpipe_operators::ImageRecord, _>| {
+                    seen.borrow_mut().push(r.as_ref().expect("a valid record").offset)
+                })
+                .probe()
+                .0
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !probe.done() && Instant::now() < deadline {
+            worker.step_or_park(Some(Duration::from_millis(5)));
+        }
+        taken.take()
+    });
+    assert_eq!(taken, (0..40).collect::<Vec<i64>>(), "every record once, in offset order");
 }
 
 /// The newest checkpoint of a run's group.

@@ -23,11 +23,12 @@
 //! backlog exceeds `max_backlog` by at most the records of its oldest epoch (with offset
 //! epochs, `records` per partition).
 //!
-//! **Failures:** librdkafka assigns asynchronously, and starting a partition's fetch forwards
-//! it to the consumer's own queue again, undoing an early split. A record that comes on that
-//! queue is therefore not taken: its partition is split again and sought back to where the
-//! source is (so the bound holds from the first record). Consumer errors are logged; the client
-//! retries them.
+//! **Failures:** librdkafka assigns asynchronously: a partition whose fetch started before its
+//! split sends its first records to the consumer's own queue, and later ones to its own. A
+//! record that comes on the consumer's queue is therefore not taken, nor is anything of its
+//! partition's queue in that activation (taking a later record there would skip it): the
+//! partition is split again and sought back to where the source is, and not read until a seek
+//! succeeds. Consumer errors are logged; the client retries them.
 //!
 //! The queues are polled with a zero timeout and the operator re-activates itself, so the
 //! worker thread never blocks on Kafka. The source tells the backlog which partitions are not
@@ -209,6 +210,9 @@ fn messages<'scope, C: ConsumerContext + 'static, T: Clone + 'static>(
         let topic = spec.topic;
         let AssignedConsumer { consumer, mut queues } = consumer;
         let mut reader = Reader::new(&spec.partitions, spec.epochs, spec.max_backlog);
+        // Partitions whose records came on the consumer's queue: not read until their own
+        // queue is back and sought to where the source is.
+        let mut unsplit = BTreeSet::new();
         let mut capability = reader.least_epoch().map(|epoch| capability.delayed(&epoch));
         let max_poll = spec.max_poll;
         move |output| {
@@ -222,15 +226,18 @@ fn messages<'scope, C: ConsumerContext + 'static, T: Clone + 'static>(
             let in_backlog = || backlog.as_ref().map(|b| (b.borrow().len(), b.borrow().oldest_epoch()));
             // First the consumer's own queue (its events: statistics, errors), then the
             // partitions' queues in the order `Reader::next_to_read` chooses.
-            let (mut taken, mut consumer_idle, mut idle) = (0, false, BTreeSet::new());
-            let mut unsplit = BTreeSet::new();
+            let (mut taken, mut consumer_idle) = (0, false);
+            let mut idle = unsplit.clone();
             while taken < max_poll {
                 let result = if !consumer_idle {
                     match consumer.poll(Duration::ZERO) {
-                        // Its fetch started after the split and undid it (see "Failures"):
-                        // not taken; the partition is split again and sought back.
+                        // Its fetch started before the split (see "Failures"): not taken, and
+                        // nor is anything of its own queue, which may already hold later
+                        // records (taking one would skip these); it is split again and sought
+                        // back to the first record not taken.
                         Some(Ok(message)) if reader.wants(message.partition(), message.offset()) => {
                             unsplit.insert(message.partition());
+                            idle.insert(message.partition());
                             continue;
                         }
                         Some(result) => result,
@@ -266,9 +273,9 @@ fn messages<'scope, C: ConsumerContext + 'static, T: Clone + 'static>(
                 }
                 taken += 1;
             }
-            for partition in unsplit {
-                resplit(&consumer, &mut queues, &topic, partition, reader.partitions[&partition].next);
-            }
+            unsplit.retain(|partition| {
+                !resplit(&consumer, &mut queues, &topic, *partition, reader.partitions[partition].next)
+            });
             if taken < max_poll {
                 skip_control_records(&*consumer, &topic, &mut reader.partitions);
             }
@@ -316,6 +323,17 @@ impl<C: ConsumerContext> AssignedConsumer<C> {
             assignment.add_partition_offset(topic, p.partition, Offset::Offset(p.start))?;
         }
         consumer.assign(&assignment)?;
+        Self::split(consumer, topic, partitions)
+    }
+
+    /// Splits `partitions` of `topic`, already assigned to `consumer`, each into its queue. Where
+    /// a partition's fetch has started, records of it wait on the consumer's own queue: the
+    /// source takes none of them and seeks the partition back (see "Failures").
+    pub fn split(
+        consumer: Arc<BaseConsumer<C>>,
+        topic: &str,
+        partitions: &[PartitionRange],
+    ) -> KafkaResult<AssignedConsumer<C>> {
         let mut queues = BTreeMap::new();
         for p in partitions {
             let queue = consumer.split_partition_queue(topic, p.partition).ok_or_else(|| {
@@ -333,21 +351,25 @@ impl<C: ConsumerContext> AssignedConsumer<C> {
 }
 
 /// Gives `partition` a queue of its own again and reads it from `next` (the records that came
-/// on the consumer's queue were not taken; seeking drops what is still fetched there).
+/// on the consumer's queue were not taken; seeking drops what is still fetched there). Whether
+/// it did: a partition whose seek failed is not read (its queue may hold records past `next`)
+/// until a later try succeeds.
 fn resplit<C: ConsumerContext>(
     consumer: &Arc<BaseConsumer<C>>,
     queues: &mut BTreeMap<i32, PartitionQueue<C>>,
     topic: &str,
     partition: i32,
     next: i64,
-) {
+) -> bool {
     if let Some(queue) = consumer.split_partition_queue(topic, partition) {
         queues.insert(partition, queue);
     }
     if let Err(error) = consumer.seek(topic, partition, rdkafka::Offset::Offset(next), Duration::from_secs(10)) {
         tracing::warn!(topic, partition, next, %error, "cannot seek a partition back to its queue; retrying");
+        return false;
     }
     tracing::debug!(topic, partition, next, "partition given its own queue again");
+    true
 }
 
 /// The source's partitions, where each is, and which one to read next.
@@ -441,6 +463,10 @@ impl Reader {
         let state = self.partitions.get_mut(&partition)?;
         if state.finished() || offset < state.next {
             return None;
+        }
+        if offset > state.next {
+            // Transaction markers and compaction leave gaps; anything else would be a loss.
+            tracing::debug!(partition, from = state.next, to = offset, "offsets skipped");
         }
         state.next = offset + 1;
         self.cursor = partition + 1;

@@ -251,9 +251,14 @@ impl<C: ConsumerContext> ExactlyOnce<C> {
             committed.extend(waiting);
             retired.push((hold, positions));
         }
+        // Per partition: the least and greatest offset of the records published, and how many.
+        let mut published: BTreeMap<i32, (i64, i64, usize)> = BTreeMap::new();
         for sent in committed.iter().map(|o| &o.sent).filter(|s| s.is_record_output()) {
             backlog.done(sent.partition, sent.offset);
+            let range = published.entry(sent.partition).or_insert((sent.offset, sent.offset, 0));
+            *range = (range.0.min(sent.offset), range.1.max(sent.offset), range.2 + 1);
         }
+        tracing::debug!(?complete, ?published, next_offsets = ?self.committed, "transaction committed");
         self.open_since = (ledger.waiting() > 0).then(Instant::now);
         retired
     }
