@@ -23,12 +23,18 @@
 //! backlog exceeds `max_backlog` by at most the records of its oldest epoch (with offset
 //! epochs, `records` per partition).
 //!
-//! **Failures:** librdkafka assigns asynchronously: a partition whose fetch started before its
-//! split sends its first records to the consumer's own queue, and later ones to its own. A
-//! record that comes on the consumer's queue is therefore not taken, nor is anything of its
-//! partition's queue in that activation (taking a later record there would skip it): the
-//! partition is split again and sought back to where the source is, and not read until a seek
-//! succeeds. Consumer errors are logged; the client retries them.
+//! **Failures:** a record is never taken past an earlier one still on another queue (offsets
+//! may have gaps, so the source cannot tell a skipped record from a transaction marker):
+//! - each partition is split into its queue before it is assigned: librdkafka starts a fetch
+//!   asynchronously, and one started before the split sends its first records to the
+//!   consumer's own queue and later ones to the partition's;
+//! - should a record still come on the consumer's queue, it is not taken, nor is anything of
+//!   its partition's queue in that activation: the partition is split again, sought back to
+//!   where the source is, and not read until a seek succeeds;
+//! - the consumer's queue counts as drained only when it is empty: `poll` also returns nothing
+//!   after serving a log or statistics event, with messages behind it.
+//!
+//! Consumer errors are logged; the client retries them.
 //!
 //! The queues are polled with a zero timeout and the operator re-activates itself, so the
 //! worker thread never blocks on Kafka. The source tells the backlog which partitions are not
@@ -226,7 +232,7 @@ fn messages<'scope, C: ConsumerContext + 'static, T: Clone + 'static>(
             let in_backlog = || backlog.as_ref().map(|b| (b.borrow().len(), b.borrow().oldest_epoch()));
             // First the consumer's own queue (its events: statistics, errors), then the
             // partitions' queues in the order `Reader::next_to_read` chooses.
-            let (mut taken, mut consumer_idle) = (0, false);
+            let (mut taken, mut consumer_idle, mut events) = (0, false, 0);
             let mut idle = unsplit.clone();
             while taken < max_poll {
                 let result = if !consumer_idle {
@@ -241,6 +247,12 @@ fn messages<'scope, C: ConsumerContext + 'static, T: Clone + 'static>(
                             continue;
                         }
                         Some(result) => result,
+                        // A log or statistics event was served, not a message: `poll` says
+                        // nothing then, though messages may wait behind it.
+                        None if events < max_poll && consumer_queue_len(&consumer) > 0 => {
+                            events += 1;
+                            continue;
+                        }
                         None => {
                             consumer_idle = true;
                             continue;
@@ -310,9 +322,9 @@ pub struct AssignedConsumer<C: ConsumerContext> {
 }
 
 impl<C: ConsumerContext> AssignedConsumer<C> {
-    /// Assigns `consumer` to `partitions` of `topic` at their start offsets, and splits each
-    /// into its queue at once (before anything is fetched into the consumer's own queue;
-    /// assigning again would undo the split).
+    /// Splits each of `partitions` of `topic` into its queue, then assigns `consumer` to them at
+    /// their start offsets: split first, no fetch ever sends a record to the consumer's own
+    /// queue (librdkafka starts a fetch asynchronously, and one started before the split does).
     pub fn assign(
         consumer: Arc<BaseConsumer<C>>,
         topic: &str,
@@ -322,8 +334,9 @@ impl<C: ConsumerContext> AssignedConsumer<C> {
         for p in partitions {
             assignment.add_partition_offset(topic, p.partition, Offset::Offset(p.start))?;
         }
-        consumer.assign(&assignment)?;
-        Self::split(consumer, topic, partitions)
+        let assigned = Self::split(consumer, topic, partitions)?;
+        assigned.consumer.assign(&assignment)?;
+        Ok(assigned)
     }
 
     /// Splits `partitions` of `topic`, already assigned to `consumer`, each into its queue. Where
@@ -347,6 +360,25 @@ impl<C: ConsumerContext> AssignedConsumer<C> {
     /// The consumer (for the group's offsets and metadata).
     pub fn consumer(&self) -> &Arc<BaseConsumer<C>> {
         &self.consumer
+    }
+}
+
+/// Messages and events waiting on the queue `consumer.poll` serves (the consumer's, or the main
+/// queue of a consumer without a group).
+fn consumer_queue_len<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> usize {
+    use rdkafka::bindings::rd_kafka_queue_length;
+    use rdkafka::bindings::{rd_kafka_queue_destroy, rd_kafka_queue_get_consumer, rd_kafka_queue_get_main};
+    let client = consumer.client().native_ptr();
+    // SAFETY: `client` is the live handle `consumer` owns; each queue handle got here is a new
+    // reference, released before returning.
+    unsafe {
+        let mut queue = rd_kafka_queue_get_consumer(client);
+        if queue.is_null() {
+            queue = rd_kafka_queue_get_main(client);
+        }
+        let len = rd_kafka_queue_length(queue);
+        rd_kafka_queue_destroy(queue);
+        len
     }
 }
 
