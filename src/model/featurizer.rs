@@ -80,7 +80,8 @@ pub struct Featurizer {
 struct OnDevice {
     /// [`Preprocess::lut`] on the device: 3 x 256 f32.
     lut: Tensor,
-    /// [0, 256, 512] as [1, 3, 1, 1] i64 on the device: channel c's bytes index table c.
+    /// [0, 256, 512] i32 on the device, added along a crop's last (channel) axis: channel c's
+    /// bytes index table c.
     channel_offsets: Tensor,
     /// CUDA only: pinned host memory the batch is staged in, grown to the largest batch seen.
     staging: Option<Tensor>,
@@ -93,7 +94,7 @@ impl OnDevice {
     fn new(preprocess: &Preprocess, device: Device) -> OnDevice {
         OnDevice {
             lut: Tensor::from_slice(preprocess.lut()).to_device(device),
-            channel_offsets: Tensor::from_slice(&[0i64, 256, 512]).view([1, 3, 1, 1]).to_device(device),
+            channel_offsets: Tensor::from_slice(&[0i32, 256, 512]).to_device(device),
             staging: None,
             copy_pending: false,
         }
@@ -249,12 +250,17 @@ impl Featurizer {
         let model = &self.manifest.name;
         let forward_err = |source| ModelError::Forward { model: model.clone(), source };
         let out = tch::no_grad(|| -> Result<Vec<Tensor>, ModelError> {
-            // NHWC bytes to NCHW bytes first (a quarter of the f32's traffic), then each byte
-            // through its channel's table: the table's values, exactly, in the model's layout.
-            let index =
-                crops.view([rows as i64, i64::from(h), i64::from(w), 3]).permute([0, 3, 1, 2]).to_kind(Kind::Int64)
-                    + channel_offsets;
-            let input = lut.take(&index).to_kind(self.manifest.input.dtype.kind());
+            // Each byte through its channel's table: the table's values, exactly. i32 indices
+            // and index_select, in the crops' own NHWC order: on CPU a third of the time of i64
+            // and `take` in NCHW order. The result is NCHW as the model takes it, laid out
+            // channels-last in memory, as the exported models convert their input to first.
+            let shape = [rows as i64, i64::from(h), i64::from(w), 3];
+            let index = crops.view(shape).to_kind(Kind::Int) + channel_offsets;
+            let input = lut
+                .index_select(0, &index.view([-1]))
+                .view(shape)
+                .permute([0, 3, 1, 2])
+                .to_kind(self.manifest.input.dtype.kind());
             let result = self.module.forward_is(&[IValue::Tensor(input)]).map_err(forward_err)?;
             Ok(match result {
                 IValue::Tensor(t) => vec![t],
