@@ -1,6 +1,8 @@
 //! RGB8 image in, normalised CHW f32 tensor data out, exactly as torchvision's
 //! `Resize(shorter_side) → CenterCrop → ToTensor → Normalize` does it on a PIL image, which is
-//! how the models were trained and how the parity test checks us.
+//! how the models were trained and how the parity test checks us. In two steps: `crop` (the
+//! resized, centre-cropped RGB bytes the stream carries) and `normalise` (a per-channel table,
+//! which the model's device applies to a batch of crops with the same values).
 //!
 //! Resizing uses fast_image_resize's convolution with a bilinear filter: the same antialiased
 //! separable filter as PIL's `Image.resize(BILINEAR)`, in SIMD, about 10x faster than `image`'s.
