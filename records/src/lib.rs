@@ -346,8 +346,8 @@ pub(crate) fn value_to_string(v: serde_json::Value) -> String {
 }
 
 /// A record with its image resized and centre-cropped to the model's input size: HWC RGB bytes.
-/// Bytes, not normalised f32: a quarter of the memory in the backlog and between workers; the
-/// model's device normalises them.
+/// Bytes, not normalised f32: a quarter of the memory in the backlog, and of what crosses to
+/// the device; the model's device normalises them.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Decoded {
     pub record: ImageRecord,
