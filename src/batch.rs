@@ -27,11 +27,11 @@ pub enum InputOutcome<'a, E> {
     Failed(E),
 }
 
-/// A batch of prepared inputs: which inputs made it, and their pixels back to back.
+/// A batch of prepared inputs: which inputs made it, and their crops back to back.
 struct Prepared<E> {
     /// For each input of the batch, its position among the good ones, or why it failed.
     slots: Vec<Result<usize, E>>,
-    pixels: Vec<f32>,
+    crops: Vec<u8>,
     good: usize,
 }
 
@@ -49,10 +49,10 @@ pub fn run_files(
     mut on_file: impl FnMut(usize, &PathBuf, FileOutcome<'_>),
 ) -> Result<(), ModelError> {
     let preprocess = featurizer.preprocess();
-    let prepare = |i: usize, out: &mut [f32]| -> Result<(), FileError> {
+    let prepare = |i: usize, out: &mut [u8]| -> Result<(), FileError> {
         let path = &paths[i];
         let image = read_file(path, limits)?;
-        preprocess_into(preprocess, &image, out).map_err(|source| FileError::Preprocess { path: path.clone(), source })
+        crop_into(preprocess, &image, out).map_err(|source| FileError::Preprocess { path: path.clone(), source })
     };
     run_inputs(featurizer, paths.len(), batch_size, prepare, |i, outcome| {
         let outcome = match outcome {
@@ -63,24 +63,25 @@ pub fn run_files(
     })
 }
 
-/// Resizes, crops and normalises `image` into `out` with this thread's resizer.
-pub fn preprocess_into(preprocess: &Preprocess, image: &RgbImage, out: &mut [f32]) -> Result<(), PreprocessError> {
-    RESIZER.with(|r| preprocess.run(image, &mut r.borrow_mut(), out))
+/// Resizes and centre-crops `image` into `out` (the model's input bytes; its device normalises
+/// them) with this thread's resizer.
+pub fn crop_into(preprocess: &Preprocess, image: &RgbImage, out: &mut [u8]) -> Result<(), PreprocessError> {
+    RESIZER.with(|r| preprocess.crop(image, &mut r.borrow_mut(), out))
 }
 
 /// Runs `featurizer` over inputs `0..count` in batches of `batch_size`, calling
-/// `on_input(index, outcome)` once per input, in order. `prepare(index, pixels)` fills an
-/// input's model-ready pixels (read, decode, preprocess) or says why it cannot; it runs on
+/// `on_input(index, outcome)` once per input, in order. `prepare(index, crop)` fills an
+/// input's crop (read, decode, resize, crop) or says why it cannot; it runs on
 /// rayon's pool, one batch ahead, while the model runs the previous batch on the calling thread.
 pub fn run_inputs<E: Send>(
     featurizer: &Featurizer,
     count: usize,
     batch_size: usize,
-    prepare: impl Fn(usize, &mut [f32]) -> Result<(), E> + Sync,
+    prepare: impl Fn(usize, &mut [u8]) -> Result<(), E> + Sync,
     mut on_input: impl FnMut(usize, InputOutcome<'_, E>),
 ) -> Result<(), ModelError> {
     let batch_size = batch_size.max(1);
-    let len = featurizer.preprocess().tensor_len();
+    let len = featurizer.preprocess().crop_len();
     // A channel of one: at most one batch waits, prepared, while the model runs another.
     let (tx, rx) = mpsc::sync_channel::<Prepared<E>>(1);
     let prepare = &prepare;
@@ -89,26 +90,26 @@ pub fn run_inputs<E: Send>(
             let mut start = 0;
             while start < count {
                 let end = (start + batch_size).min(count);
-                let prepared: Vec<Result<Vec<f32>, E>> = (start..end)
+                let prepared: Vec<Result<Vec<u8>, E>> = (start..end)
                     .into_par_iter()
                     .map(|i| {
-                        let mut out = vec![0f32; len];
+                        let mut out = vec![0u8; len];
                         prepare(i, &mut out).map(|_| out)
                     })
                     .collect();
-                let mut pixels = Vec::with_capacity((end - start) * len);
+                let mut crops = Vec::with_capacity((end - start) * len);
                 let mut good = 0;
                 let slots = prepared
                     .into_iter()
                     .map(|r| {
                         r.map(|p| {
-                            pixels.extend_from_slice(&p);
+                            crops.extend_from_slice(&p);
                             good += 1;
                             good - 1
                         })
                     })
                     .collect();
-                if tx.send(Prepared { slots, pixels, good }).is_err() {
+                if tx.send(Prepared { slots, crops, good }).is_err() {
                     return; // the consumer stopped on an error
                 }
                 start = end;
@@ -116,7 +117,7 @@ pub fn run_inputs<E: Send>(
         });
         let mut index = 0;
         for batch in rx {
-            let outputs = if batch.good > 0 { Some(featurizer.forward(&batch.pixels, batch.good)?) } else { None };
+            let outputs = if batch.good > 0 { Some(featurizer.forward(&batch.crops, batch.good)?) } else { None };
             for slot in batch.slots {
                 let outcome = match slot {
                     Ok(row) => {

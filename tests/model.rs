@@ -4,20 +4,17 @@
 mod common;
 
 use dlpipe::config::Precision;
-use dlpipe::image::{read_file, ImageLimits};
+use dlpipe::image::{read_file, ImageLimits, Preprocess};
 use dlpipe::model::{resolve_precision, top_k, CpuFeatures, Featurizer, ModelError};
 use fast_image_resize::Resizer;
-use tch::Device;
+use std::path::{Path, PathBuf};
+use tch::{Device, IValue, Tensor};
 
 #[test]
 fn forward_pass_on_cpu_gives_features_and_logits() {
     let featurizer = Featurizer::load(&common::model_manifest("efficientnet_lite0"), Device::Cpu).unwrap();
     let pre = featurizer.preprocess();
-    let mut batch = vec![0f32; 2 * pre.tensor_len()];
-    for (i, name) in ["chelsea_cat.jpg", "coffee.jpg"].iter().enumerate() {
-        let image = read_file(&common::sample(name), &ImageLimits::default()).unwrap();
-        pre.run(&image, &mut Resizer::new(), &mut batch[i * pre.tensor_len()..(i + 1) * pre.tensor_len()]).unwrap();
-    }
+    let batch = crops(pre, &[common::sample("chelsea_cat.jpg"), common::sample("coffee.jpg")]);
     let out = featurizer.forward(&batch, 2).unwrap();
     let features = out.features.as_ref().unwrap();
     assert_eq!(features.len(), 2 * 1280);
@@ -236,8 +233,8 @@ fn featurize_writes_a_npy_matrix_and_its_index() {
     let auto = resolve_precision("mobilenet_v2", &common::root().join("models"), Precision::Auto, &[Device::Cpu]);
     let featurizer = Featurizer::load(&auto.unwrap(), Device::Cpu).unwrap();
     let image = read_file(&common::sample("coffee.jpg"), &ImageLimits::default()).unwrap();
-    let mut input = vec![0f32; featurizer.preprocess().tensor_len()];
-    featurizer.preprocess().run(&image, &mut Resizer::new(), &mut input).unwrap();
+    let mut input = vec![0u8; featurizer.preprocess().crop_len()];
+    featurizer.preprocess().crop(&image, &mut Resizer::new(), &mut input).unwrap();
     let direct = featurizer.forward(&input, 1).unwrap();
     let row1 = &values[1280..];
     let max_diff = row1.iter().zip(direct.features_row(0).unwrap()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
@@ -261,13 +258,9 @@ fn features_do_not_depend_on_how_images_are_batched() {
 fn batch_invariance(model: &str) {
     let featurizer = Featurizer::load(&common::model_manifest(model), Device::Cpu).unwrap();
     let pre = featurizer.preprocess();
-    let len = pre.tensor_len();
+    let len = pre.crop_len();
     let names = ["chelsea_cat.jpg", "coffee.jpg", "rocket.jpg"];
-    let mut batch = vec![0f32; names.len() * len];
-    for (i, name) in names.iter().enumerate() {
-        let image = read_file(&common::sample(name), &ImageLimits::default()).unwrap();
-        pre.run(&image, &mut Resizer::new(), &mut batch[i * len..(i + 1) * len]).unwrap();
-    }
+    let batch = crops(pre, &names.map(common::sample));
     let together = featurizer.forward(&batch, 3).unwrap();
     for i in 0..3 {
         let alone = featurizer.forward(&batch[i * len..(i + 1) * len], 1).unwrap();
@@ -278,6 +271,69 @@ fn batch_invariance(model: &str) {
         );
         assert!(alone.logits_row(0) == together.logits_row(i));
     }
+}
+
+/// The crops of `paths`, back to back: the model's input bytes.
+fn crops(pre: &Preprocess, paths: &[PathBuf]) -> Vec<u8> {
+    let mut batch = vec![0u8; paths.len() * pre.crop_len()];
+    for (path, out) in paths.iter().zip(batch.chunks_exact_mut(pre.crop_len())) {
+        let image = read_file(path, &ImageLimits::default()).unwrap();
+        pre.crop(&image, &mut Resizer::new(), out).unwrap();
+    }
+    batch
+}
+
+#[test]
+fn crops_normalised_on_the_device_give_the_features_of_host_normalised_input_bit_for_bit() {
+    let photos = [common::sample("chelsea_cat.jpg"), common::sample("rocket.jpg")];
+    let fashion: Vec<PathBuf> = common::fashion(2, 0).into_iter().map(|(path, _)| path).collect();
+    // efficientnet_lite0 normalises every channel alike; mobilenet_v2 (ImageNet's mean and
+    // std) checks that each channel goes through its own table.
+    for model in ["efficientnet_lite0", "efficientnet_lite0_bf16", "mobilenet_v2", "mobilenet_v2_bf16"] {
+        let manifest = common::model_manifest(model);
+        let featurizer = Featurizer::load(&manifest, Device::Cpu).unwrap();
+        for paths in [&photos[..1], &fashion[..1], &[&photos[..], &fashion[..]].concat()[..]] {
+            let batch = crops(featurizer.preprocess(), paths);
+            let ours = featurizer.forward(&batch, paths.len()).unwrap();
+            let (features, logits) = host_normalised_outputs(&manifest, &featurizer, &batch, paths.len());
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let what = format!("{model}, batch of {}", paths.len());
+            assert_eq!(bits(ours.features.as_ref().unwrap()), bits(&features), "{what}: features");
+            assert_eq!(bits(ours.logits.as_ref().unwrap()), bits(&logits), "{what}: logits");
+        }
+    }
+}
+
+/// The reference for the device-side normalisation: the crops normalised on the host by
+/// `Preprocess::normalise`, through the model file loaded by tch directly (a pair for a single
+/// image, as `Featurizer::forward` runs it); the features and logits of the `n` images.
+fn host_normalised_outputs(manifest: &Path, featurizer: &Featurizer, crops: &[u8], n: usize) -> (Vec<f32>, Vec<f32>) {
+    let pre = featurizer.preprocess();
+    let mut input = vec![0f32; n * pre.tensor_len()];
+    for (crop, out) in crops.chunks_exact(pre.crop_len()).zip(input.chunks_exact_mut(pre.tensor_len())) {
+        pre.normalise(crop, out);
+    }
+    let rows = n.max(2);
+    let input = input.repeat(rows / n);
+    let mut module =
+        tch::CModule::load_on_device(manifest.parent().unwrap().join(&featurizer.manifest().file), Device::Cpu)
+            .unwrap();
+    module.set_eval();
+    let (h, w) = pre.output_size();
+    let input = Tensor::from_slice(&input)
+        .view([rows as i64, 3, i64::from(h), i64::from(w)])
+        .to_kind(featurizer.manifest().input.dtype.kind());
+    let IValue::Tuple(out) = tch::no_grad(|| module.forward_is(&[IValue::Tensor(input)])).unwrap() else {
+        panic!("the model returns (features, logits)")
+    };
+    let host = |value: &IValue| {
+        let IValue::Tensor(t) = value else { panic!("a tensor") };
+        let t = t.narrow(0, 0, n as i64).to_kind(tch::Kind::Float).contiguous();
+        let mut values = vec![0f32; t.numel()];
+        t.copy_data(&mut values, t.numel());
+        values
+    };
+    (host(&out[0]), host(&out[1]))
 }
 
 /// Writes an image with PIL (the reference library), so the test covers files as cameras and

@@ -37,7 +37,7 @@ fn child() {
     let manifest = common::model_manifest("efficientnet_lite0");
     let featurizer = Featurizer::load(&manifest, tch::Device::Cpu).unwrap();
     std::thread::spawn(move || {
-        let input = vec![0.1f32; 2 * featurizer.preprocess().tensor_len()];
+        let input = vec![140u8; 2 * featurizer.preprocess().crop_len()];
         loop {
             featurizer.forward(&input, 2).unwrap();
         }

@@ -1,6 +1,8 @@
 //! RGB8 image in, normalised CHW f32 tensor data out, exactly as torchvision's
 //! `Resize(shorter_side) → CenterCrop → ToTensor → Normalize` does it on a PIL image, which is
-//! how the models were trained and how the parity test checks us.
+//! how the models were trained and how the parity test checks us. In two steps: `crop` (the
+//! resized, centre-cropped RGB bytes the stream carries) and `normalise` (a per-channel table,
+//! which the model's device applies to a batch of crops with the same values).
 //!
 //! Resizing uses fast_image_resize's convolution with a bilinear filter: the same antialiased
 //! separable filter as PIL's `Image.resize(BILINEAR)`, in SIMD, about 10x faster than `image`'s.
@@ -81,10 +83,33 @@ impl Preprocess {
         (self.height, self.width)
     }
 
-    /// Writes `image`, prepared, into `out` (length [`Self::tensor_len`]) as CHW. `resizer` holds
-    /// scratch buffers; keep one per thread and reuse it.
+    /// Number of bytes of one crop: 3 x height x width, RGB interleaved (HWC).
+    pub fn crop_len(&self) -> usize {
+        3 * self.height as usize * self.width as usize
+    }
+
+    /// The normalisation table, channel after channel: entry `256 * c + v` is byte `v` of
+    /// channel `c`, normalised. A device can normalise crops with it and match [`Self::normalise`]
+    /// bit for bit.
+    pub fn lut(&self) -> &[f32] {
+        self.lut.as_flattened()
+    }
+
+    /// Writes `image`, prepared, into `out` (length [`Self::tensor_len`]) as CHW: [`Self::crop`]
+    /// then [`Self::normalise`]. `resizer` holds scratch buffers; keep one per thread and reuse it.
     pub fn run(&self, image: &RgbImage, resizer: &mut Resizer, out: &mut [f32]) -> Result<(), PreprocessError> {
         assert_eq!(out.len(), self.tensor_len(), "output slice has the wrong length");
+        let mut crop = vec![0u8; self.crop_len()];
+        self.crop(image, resizer, &mut crop)?;
+        self.normalise(&crop, out);
+        Ok(())
+    }
+
+    /// Writes `image`, resized and centre-cropped, into `out` (length [`Self::crop_len`]) as HWC
+    /// RGB bytes: a quarter of the normalised f32, so the stream holds and ships these and the
+    /// model's device normalises them. `resizer` holds scratch buffers; keep one per thread.
+    pub fn crop(&self, image: &RgbImage, resizer: &mut Resizer, out: &mut [u8]) -> Result<(), PreprocessError> {
+        assert_eq!(out.len(), self.crop_len(), "crop slice has the wrong length");
         let (w, h) = image.dimensions();
         if w == 0 || h == 0 {
             return Err(PreprocessError::Invalid(format!("image is {w}x{h}")));
@@ -113,20 +138,26 @@ impl Preprocess {
         }
         let left = center_offset(pw, self.width) as usize;
         let top = center_offset(ph, self.height) as usize;
-        let (cw, ch, pw) = (self.width as usize, self.height as usize, pw as usize);
-        let plane = cw * ch;
-        let (r_out, rest) = out.split_at_mut(plane);
-        let (g_out, b_out) = rest.split_at_mut(plane);
-        for y in 0..ch {
-            let row = &pixels[((top + y) * pw + left) * 3..][..cw * 3];
-            let o = y * cw;
-            for (x, px) in row.chunks_exact(3).enumerate() {
-                r_out[o + x] = self.lut[0][px[0] as usize];
-                g_out[o + x] = self.lut[1][px[1] as usize];
-                b_out[o + x] = self.lut[2][px[2] as usize];
-            }
+        let (row_len, pw) = (self.width as usize * 3, pw as usize);
+        for (y, out_row) in out.chunks_exact_mut(row_len).enumerate() {
+            out_row.copy_from_slice(&pixels[((top + y) * pw + left) * 3..][..row_len]);
         }
         Ok(())
+    }
+
+    /// Normalises a crop (HWC bytes, as [`Self::crop`] writes it) into `out` (length
+    /// [`Self::tensor_len`]) as CHW f32, through the per-channel table.
+    pub fn normalise(&self, crop: &[u8], out: &mut [f32]) {
+        assert_eq!(crop.len(), self.crop_len(), "crop has the wrong length");
+        assert_eq!(out.len(), self.tensor_len(), "output slice has the wrong length");
+        let plane = self.width as usize * self.height as usize;
+        let (r_out, rest) = out.split_at_mut(plane);
+        let (g_out, b_out) = rest.split_at_mut(plane);
+        for (i, px) in crop.chunks_exact(3).enumerate() {
+            r_out[i] = self.lut[0][px[0] as usize];
+            g_out[i] = self.lut[1][px[1] as usize];
+            b_out[i] = self.lut[2][px[2] as usize];
+        }
     }
 }
 
@@ -180,6 +211,23 @@ mod tests {
         // Plane R, row 0: [(0-0.5)/0.5, (1-0.5)/0.5]; plane B at (1,0): (0.2-0.5)/0.5.
         assert_eq!(&out[0..2], &[-1.0, 1.0]);
         assert!((out[8 + 1] - (-0.6)).abs() < 1e-6, "{}", out[9]);
+    }
+
+    #[test]
+    fn crops_the_centre_as_hwc_bytes() {
+        // 4x4 stays 4x4 (shorter side 4), the 2x2 crop starts at (1, 1).
+        let pre = Preprocess::new(2, 2, 4, [0.5; 3], [0.5; 3]).unwrap();
+        let image = RgbImage::from_fn(4, 4, |x, y| Rgb([x as u8 * 10 + y as u8, 100 + x as u8, 200 + y as u8]));
+        let mut crop = vec![0u8; pre.crop_len()];
+        pre.crop(&image, &mut Resizer::new(), &mut crop).unwrap();
+        assert_eq!(crop, [11, 101, 201, 21, 102, 201, 12, 101, 202, 22, 102, 202]);
+        let mut normalised = vec![0.0; pre.tensor_len()];
+        pre.normalise(&crop, &mut normalised);
+        let mut run = vec![0.0; pre.tensor_len()];
+        pre.run(&image, &mut Resizer::new(), &mut run).unwrap();
+        assert_eq!(normalised, run);
+        // CHW: the G plane's first value is the first pixel's green byte, through channel 1's table.
+        assert_eq!(normalised[4], pre.lut()[256 + 101]);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //!
 //! **In:** `Decoded` records. **Out:** per record, `Ok(Featured)` at the record's epoch.
 //! **Failures:** a forward pass that fails (or panics: tch panics on some libtorch errors) is
-//! never the records' fault (their pixels are already checked and shaped), and it is often
+//! never the records' fault (their crops are already checked and shaped), and it is often
 //! transient (a CUDA out-of-memory while another process holds the device). So the batch is run
 //! again, up to `MODEL_ATTEMPTS` times with growing pauses; if it still fails, the operator sets
 //! `fatal` and stops: the worker exits, nothing past the batch is committed, and the records are
@@ -47,16 +47,16 @@ pub struct Batching {
 pub const MODEL_ATTEMPTS: u32 = 4;
 
 /// Runs `model` on one batch, retrying failures and panics; the last error if all attempts fail.
-fn forward_with_retries<M, E>(model: &mut M, pixels: &[f32], n: usize) -> Result<Vec<ModelRow>, OperatorError>
+fn forward_with_retries<M, E>(model: &mut M, crops: &[u8], n: usize) -> Result<Vec<ModelRow>, OperatorError>
 where
-    M: FnMut(&[f32], usize) -> Result<Vec<ModelRow>, E>,
+    M: FnMut(&[u8], usize) -> Result<Vec<ModelRow>, E>,
     E: std::fmt::Display,
 {
     // Quadrupling pauses (0.1, 0.4, 1.6 s): a device that is briefly out of memory recovers.
     let mut pause = Backoff::new(Duration::from_millis(100), Duration::from_millis(1600)).growing_by(4);
     let mut attempt = 1;
     loop {
-        let result = catch_unwind(AssertUnwindSafe(|| model(pixels, n).map_err(|e| e.to_string())))
+        let result = catch_unwind(AssertUnwindSafe(|| model(crops, n).map_err(|e| e.to_string())))
             .unwrap_or_else(|panic| Err(format!("panicked: {}", crate::fetch_decode::panic_message(panic.as_ref()))))
             .and_then(|rows| {
                 if rows.len() == n {
@@ -77,7 +77,7 @@ where
     }
 }
 
-/// `model` gets the batch's pixels, concatenated, and the number of images; `metrics` gauges
+/// `model` gets the batch's crops (RGB bytes), concatenated, and the number of images; `metrics` gauges
 /// the records waiting for a batch. The output's error side is kept for records the operator
 /// may one day refuse itself; today it carries nothing.
 pub fn featurize<'scope, M, E>(
@@ -88,7 +88,7 @@ pub fn featurize<'scope, M, E>(
     metrics: FeaturizeMetrics,
 ) -> StreamVec<'scope, Epoch, Result<Featured, DeadLetter>>
 where
-    M: FnMut(&[f32], usize) -> Result<Vec<ModelRow>, E> + 'static,
+    M: FnMut(&[u8], usize) -> Result<Vec<ModelRow>, E> + 'static,
     E: std::fmt::Display,
 {
     let scope = decoded.scope();
@@ -97,7 +97,7 @@ where
         let mut waiting: Vec<(Epoch, Decoded)> = Vec::new();
         let mut caps: BTreeMap<Epoch, Capability<Epoch>> = BTreeMap::new();
         let mut oldest: Option<Instant> = None;
-        let mut pixels: Vec<f32> = Vec::new();
+        let mut crops: Vec<u8> = Vec::new();
         let mut waiting_gauge = GaugeShare::new(metrics.waiting.clone());
         move |(input, frontier), output| {
             input.for_each_stamp(|cap, data| {
@@ -122,11 +122,11 @@ where
                 let take = waiting.len().min(batching.max_batch);
                 let batch: Vec<(Epoch, Decoded)> = waiting.drain(..take).collect();
                 oldest = if waiting.is_empty() { None } else { Some(Instant::now()) };
-                pixels.clear();
+                crops.clear();
                 for (_, d) in &batch {
-                    pixels.extend_from_slice(&d.pixels);
+                    crops.extend_from_slice(&d.crop);
                 }
-                match forward_with_retries(&mut model, &pixels, batch.len()) {
+                match forward_with_retries(&mut model, &crops, batch.len()) {
                     Ok(rows) => {
                         for ((epoch, d), (features, logits)) in batch.into_iter().zip(rows) {
                             output.session(&caps[&epoch]).give(Ok(Featured { record: d.record, features, logits }));
@@ -156,7 +156,7 @@ where
 
 /// [`featurize()`] as a method of a stream of decoded records.
 pub trait Featurize<'scope> {
-    /// Runs `model` over micro-batches of the records' pixels on this worker; each record
+    /// Runs `model` over micro-batches of the records' crops on this worker; each record
     /// with its features (and logits) at its epoch.
     ///
     /// ```
@@ -170,12 +170,12 @@ pub trait Featurize<'scope> {
     ///         record: ImageRecord {
     ///             id: offset.to_string(), uri: "mem://x".into(), label: None, partition: 0, offset, kafka_ts_ms: None, image: None,
     ///         },
-    ///         pixels: vec![offset as f32, 1.0],
+    ///         crop: vec![offset as u8, 1],
     ///     };
-    ///     // A "model" over images of 2 pixels: their sum is the one feature; no logits. Its
+    ///     // A "model" over images of 2 bytes: their sum is the one feature; no logits. Its
     ///     // error is anything that displays (a real model's is the device's).
-    ///     let model = |pixels: &[f32], n: usize| -> Result<_, String> {
-    ///         Ok((0..n).map(|i| (vec![pixels[2 * i] + pixels[2 * i + 1]], None)).collect())
+    ///     let model = |crops: &[u8], n: usize| -> Result<_, String> {
+    ///         Ok((0..n).map(|i| (vec![f32::from(crops[2 * i]) + f32::from(crops[2 * i + 1])], None)).collect())
     ///     };
     ///     let batching = Batching { max_batch: 8, max_wait: Duration::from_millis(5) };
     ///     vec![decoded(1), decoded(2), decoded(3)]
@@ -195,7 +195,7 @@ pub trait Featurize<'scope> {
         metrics: FeaturizeMetrics,
     ) -> StreamVec<'scope, Epoch, Result<Featured, DeadLetter>>
     where
-        M: FnMut(&[f32], usize) -> Result<Vec<ModelRow>, E> + 'static,
+        M: FnMut(&[u8], usize) -> Result<Vec<ModelRow>, E> + 'static,
         E: std::fmt::Display;
 }
 
@@ -208,7 +208,7 @@ impl<'scope> Featurize<'scope> for StreamVec<'scope, Epoch, Decoded> {
         metrics: FeaturizeMetrics,
     ) -> StreamVec<'scope, Epoch, Result<Featured, DeadLetter>>
     where
-        M: FnMut(&[f32], usize) -> Result<Vec<ModelRow>, E> + 'static,
+        M: FnMut(&[u8], usize) -> Result<Vec<ModelRow>, E> + 'static,
         E: std::fmt::Display,
     {
         featurize(self, batching, model, fatal, metrics)
@@ -239,14 +239,14 @@ mod tests {
             kafka_ts_ms: None,
             image: None,
         };
-        Decoded { record, pixels: vec![i as f32] }
+        Decoded { record, crop: vec![i as u8] }
     }
 
     /// Runs 10 records through `featurize` with `model`, stepping until the dataflow is done or
     /// `fatal` is set; returns the outputs and the fatal error.
     fn run<M>(model: M) -> (Vec<Result<Featured, DeadLetter>>, Option<String>)
     where
-        M: FnMut(&[f32], usize) -> Result<Vec<ModelRow>, String> + Send + Sync + 'static,
+        M: FnMut(&[u8], usize) -> Result<Vec<ModelRow>, String> + Send + Sync + 'static,
     {
         timely::execute_directly(move |worker| {
             let fatal: Fatal = Rc::new(RefCell::new(None));
@@ -282,8 +282,8 @@ mod tests {
         })
     }
 
-    fn rows(pixels: &[f32]) -> Vec<ModelRow> {
-        pixels.iter().map(|p| (vec![*p * 2.0], None)).collect()
+    fn rows(crops: &[u8]) -> Vec<ModelRow> {
+        crops.iter().map(|p| (vec![f32::from(*p) * 2.0], None)).collect()
     }
 
     #[test]
@@ -291,10 +291,10 @@ mod tests {
         // The first batch fails, then panics, then works; the later batches work.
         let calls = Arc::new(AtomicUsize::new(0));
         let seen = Arc::clone(&calls);
-        let (out, fatal) = run(move |pixels, _n| match seen.fetch_add(1, Ordering::SeqCst) {
+        let (out, fatal) = run(move |crops, _n| match seen.fetch_add(1, Ordering::SeqCst) {
             0 => Err("CUDA out of memory".into()),
             1 => panic!("libtorch threw"),
-            _ => Ok(rows(pixels)),
+            _ => Ok(rows(crops)),
         });
         assert_eq!(fatal, None);
         assert_eq!(out.len(), 10);
@@ -325,9 +325,9 @@ mod tests {
             let seen: Rc<RefCell<Vec<u64>>> = Rc::default();
             let probe = Handle::new();
             let (model_ticks, model_seen) = (Rc::clone(&ticks), Rc::clone(&seen));
-            let model = move |pixels: &[f32], _n: usize| {
+            let model = move |crops: &[u8], _n: usize| {
                 model_seen.borrow_mut().push(model_ticks.get());
-                Ok::<_, String>(rows(pixels))
+                Ok::<_, String>(rows(crops))
             };
             let batching = Batching { max_batch: 2, max_wait: Duration::from_secs(60) };
             worker.dataflow::<Epoch, _, _>(|scope| {

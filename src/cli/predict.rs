@@ -4,7 +4,7 @@
 use super::batch_features::{featurize_uris, load_classifier_featurizers, FeaturizeFlags};
 use super::load_featurizer;
 use anyhow::Context;
-use dlpipe::batch::{preprocess_into, run_inputs, InputOutcome};
+use dlpipe::batch::{crop_into, run_inputs, InputOutcome};
 use dlpipe::config::Config;
 use dlpipe::fetch::Fetcher;
 use dlpipe::image::{decode, list_images, read_file};
@@ -73,13 +73,13 @@ fn input_images(inputs: &[String], fetcher: &Fetcher) -> anyhow::Result<Vec<Stri
     Ok(images)
 }
 
-/// The model-ready pixels of one image (a local path or a URI) into `out`.
+/// The crop (the model's input bytes) of one image (a local path or a URI) into `out`.
 fn prepare_image(
     image: &str,
     fetcher: &Fetcher,
     limits: &dlpipe::image::ImageLimits,
     preprocess: &dlpipe::image::Preprocess,
-    out: &mut [f32],
+    out: &mut [u8],
 ) -> Result<(), Failure> {
     let failed = |kind: &'static str, message: String| Failure { message, kind };
     let pixels = if dataset::is_uri(image) {
@@ -88,7 +88,7 @@ fn prepare_image(
     } else {
         read_file(Path::new(image), limits).map_err(|e| failed(e.kind(), e.to_string()))?
     };
-    preprocess_into(preprocess, &pixels, out).map_err(|e| failed(e.kind(), format!("{}: {e}", shown(image))))
+    crop_into(preprocess, &pixels, out).map_err(|e| failed(e.kind(), format!("{}: {e}", shown(image))))
 }
 
 /// How an image is named in the output: as given, but a long `data:` URI cut short.
@@ -147,7 +147,7 @@ pub fn run(config: &Config, args: PredictArgs) -> anyhow::Result<()> {
     let mut failed = 0usize;
     let mut write_result: std::io::Result<()> = Ok(());
     let preprocess = featurizer.preprocess();
-    let prepare = |i: usize, out: &mut [f32]| prepare_image(&images[i], &fetcher, &config.image, preprocess, out);
+    let prepare = |i: usize, out: &mut [u8]| prepare_image(&images[i], &fetcher, &config.image, preprocess, out);
     let batch_size = args.batch_size.unwrap_or(config.model.batch_size);
     run_inputs(&featurizer, images.len(), batch_size, prepare, |i, outcome| {
         progress.inc(1);

@@ -163,14 +163,14 @@ pub const DEFINITIONS: &[MetricDef] = &[
         H,
         &["worker"],
         B::Seconds,
-        "Decoding, resizing and normalising one fetched image.",
+        "Decoding, resizing and centre-cropping one fetched image (the model's device normalises the crop).",
     ),
     def(
         "dlpipe_featurize_duration_seconds",
         H,
         &["worker", "device", "model"],
         B::Seconds,
-        "One forward pass of the CNN over a micro-batch.",
+        "One forward pass of the CNN over a micro-batch, normalising its crops on the device included.",
     ),
     def(
         "dlpipe_featurize_batch_records",

@@ -164,7 +164,7 @@ impl Lanes<'_> {
             records.fetch_decode(self.max_decoding, prepare, self.fetch_metrics.clone()).probe_with(self.probes.0);
         let (decoded, undecodable) = decoded.ok_err::<Vec<_>, _, Vec<DeadLetter>, _, _>(|r| r);
         let model = Rc::clone(&self.work.model);
-        let model = move |pixels: &[f32], n: usize| model.borrow_mut()(pixels, n);
+        let model = move |crops: &[u8], n: usize| model.borrow_mut()(crops, n);
         let featured = decoded
             .featurize(self.batching, model, Rc::clone(self.fatal), self.featurize_metrics.clone())
             .probe_with(self.probes.1);

@@ -1,10 +1,10 @@
 //! The work `fetch_decode` and `featurize` schedule for one worker: fetching a record's image
-//! (fetch threads), decoding and preprocessing it (rayon's pool, with `batch`'s
-//! preprocessing), and the forward pass on the worker's device (the worker thread). Each
+//! (fetch threads), decoding, resizing and cropping it (rayon's pool, with `batch`'s
+//! cropping), and the forward pass on the worker's device (the worker thread). Each
 //! step observes its duration metric.
 
 use super::PipelineError;
-use crate::batch::preprocess_into;
+use crate::batch::crop_into;
 use crate::config::Config;
 use crate::fetch::{Fetcher, UriScheme};
 use crate::image::decode;
@@ -20,10 +20,10 @@ use std::time::Instant;
 
 /// Fetches a record's encoded image.
 pub(super) type Fetch = Arc<dyn Fn(&ImageRecord) -> Result<Vec<u8>, PrepareError> + Send + Sync>;
-/// Decodes and preprocesses a record's image into model-ready pixels.
-pub(super) type Decode = Arc<dyn Fn(&ImageRecord, &[u8]) -> Result<Vec<f32>, PrepareError> + Send + Sync>;
-/// One forward pass over `n` images' pixels: each image's features and logits.
-pub(super) type Model = Rc<RefCell<dyn FnMut(&[f32], usize) -> Result<Vec<ModelRow>, ModelError>>>;
+/// Decodes, resizes and centre-crops a record's image into the model's input bytes.
+pub(super) type Decode = Arc<dyn Fn(&ImageRecord, &[u8]) -> Result<Vec<u8>, PrepareError> + Send + Sync>;
+/// One forward pass over `n` images' crops: each image's features and logits.
+pub(super) type Model = Rc<RefCell<dyn FnMut(&[u8], usize) -> Result<Vec<ModelRow>, ModelError>>>;
 
 /// The worker's work, shared by its labelled and unlabelled lanes.
 pub(super) struct Work {
@@ -71,30 +71,26 @@ impl Work {
             let started = Instant::now();
             let image =
                 decode(bytes, &limits).map_err(|e| PrepareError::new(e.kind(), format!("{}: {e}", record.uri)))?;
-            let mut pixels = vec![0f32; preprocess.tensor_len()];
-            preprocess_into(&preprocess, &image, &mut pixels)
+            let mut crop = vec![0u8; preprocess.crop_len()];
+            crop_into(&preprocess, &image, &mut crop)
                 .map_err(|e| PrepareError::new(e.kind(), format!("{}: {e}", record.uri)))?;
             decode_seconds.observe(started.elapsed().as_secs_f64());
-            Ok(pixels)
+            Ok(crop)
         });
         let model_name = featurizer.manifest().name.clone();
         let labels = [worker, device, model_name.as_str()];
         let forward_seconds = metrics.featurize_seconds.with_label_values(&labels);
         let batch_records = metrics.featurize_batch.with_label_values(&labels);
-        let model: Model =
-            Rc::new(RefCell::new(move |pixels: &[f32], n: usize| -> Result<Vec<ModelRow>, ModelError> {
-                let started = Instant::now();
-                let out = featurizer.forward(pixels, n)?;
-                forward_seconds.observe(started.elapsed().as_secs_f64());
-                batch_records.observe(n as f64);
-                let row = |i| {
-                    (
-                        out.features_row(i).map(<[f32]>::to_vec).unwrap_or_default(),
-                        out.logits_row(i).map(<[f32]>::to_vec),
-                    )
-                };
-                Ok((0..n).map(row).collect())
-            }));
+        let model: Model = Rc::new(RefCell::new(move |crops: &[u8], n: usize| -> Result<Vec<ModelRow>, ModelError> {
+            let started = Instant::now();
+            let out = featurizer.forward(crops, n)?;
+            forward_seconds.observe(started.elapsed().as_secs_f64());
+            batch_records.observe(n as f64);
+            let row = |i| {
+                (out.features_row(i).map(<[f32]>::to_vec).unwrap_or_default(), out.logits_row(i).map(<[f32]>::to_vec))
+            };
+            Ok((0..n).map(row).collect())
+        }));
         Ok(Work { fetch, decode, model })
     }
 }

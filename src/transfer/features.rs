@@ -2,7 +2,7 @@
 //! model on every configured device where it does not.
 
 use super::cache::{content_hash, CacheError, ContentHash, FeatureCache};
-use crate::batch::{preprocess_into, run_inputs, InputOutcome};
+use crate::batch::{crop_into, run_inputs, InputOutcome};
 use crate::fetch::{FetchError, Fetcher};
 use crate::image::{decode, DecodeError, ImageLimits, PreprocessError};
 use crate::model::{Featurizer, ModelError, OutputKind};
@@ -155,12 +155,12 @@ pub fn extract_features(
                 let (cache, results, featurizing, hashes) = (&cache, &results, &featurizing, &hashes);
                 scope.spawn(move || -> Result<(), FeaturizeError> {
                     let preprocess = featurizer.preprocess();
-                    let prepare = |k: usize, out: &mut [f32]| -> Result<(), ImageError> {
+                    let prepare = |k: usize, out: &mut [u8]| -> Result<(), ImageError> {
                         let uri = &uris[mine[k]];
                         let bytes = options.fetcher.fetch(uri, max_bytes)?;
                         let image = decode(&bytes, &options.limits)
                             .map_err(|source| ImageError::Decode { uri: uri.clone(), source })?;
-                        preprocess_into(preprocess, &image, out)
+                        crop_into(preprocess, &image, out)
                             .map_err(|source| ImageError::Preprocess { uri: uri.clone(), source })
                     };
                     let mut since_flush = 0;
