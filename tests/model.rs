@@ -5,7 +5,7 @@ mod common;
 
 use dlpipe::config::Precision;
 use dlpipe::image::{read_file, ImageLimits, Preprocess};
-use dlpipe::model::{resolve_precision, top_k, CpuFeatures, Featurizer, ModelError};
+use dlpipe::model::{resolve_precision, top_k, CpuFeatures, Featurizer, ModelError, Normalise};
 use fast_image_resize::Resizer;
 use std::path::{Path, PathBuf};
 use tch::{Device, IValue, Tensor};
@@ -284,22 +284,25 @@ fn crops(pre: &Preprocess, paths: &[PathBuf]) -> Vec<u8> {
 }
 
 #[test]
-fn crops_normalised_on_the_device_give_the_features_of_host_normalised_input_bit_for_bit() {
+fn crops_normalised_on_the_host_or_the_device_give_the_features_of_host_normalised_input_bit_for_bit() {
     let photos = [common::sample("chelsea_cat.jpg"), common::sample("rocket.jpg")];
     let fashion: Vec<PathBuf> = common::fashion(2, 0).into_iter().map(|(path, _)| path).collect();
     // efficientnet_lite0 normalises every channel alike; mobilenet_v2 (ImageNet's mean and
     // std) checks that each channel goes through its own table.
     for model in ["efficientnet_lite0", "efficientnet_lite0_bf16", "mobilenet_v2", "mobilenet_v2_bf16"] {
         let manifest = common::model_manifest(model);
-        let featurizer = Featurizer::load(&manifest, Device::Cpu).unwrap();
-        for paths in [&photos[..1], &fashion[..1], &[&photos[..], &fashion[..]].concat()[..]] {
-            let batch = crops(featurizer.preprocess(), paths);
-            let ours = featurizer.forward(&batch, paths.len()).unwrap();
-            let (features, logits) = host_normalised_outputs(&manifest, &featurizer, &batch, paths.len());
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            let what = format!("{model}, batch of {}", paths.len());
-            assert_eq!(bits(ours.features.as_ref().unwrap()), bits(&features), "{what}: features");
-            assert_eq!(bits(ours.logits.as_ref().unwrap()), bits(&logits), "{what}: logits");
+        // The CPU's own path (on the host), then a GPU's (tensor operations), on the CPU.
+        for normalise in [Normalise::OnHost, Normalise::OnDevice] {
+            let featurizer = Featurizer::load(&manifest, Device::Cpu).unwrap().normalising(normalise);
+            for paths in [&photos[..1], &fashion[..1], &[&photos[..], &fashion[..]].concat()[..]] {
+                let batch = crops(featurizer.preprocess(), paths);
+                let ours = featurizer.forward(&batch, paths.len()).unwrap();
+                let (features, logits) = host_normalised_outputs(&manifest, &featurizer, &batch, paths.len());
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                let what = format!("{model} normalised {normalise:?}, batch of {}", paths.len());
+                assert_eq!(bits(ours.features.as_ref().unwrap()), bits(&features), "{what}: features");
+                assert_eq!(bits(ours.logits.as_ref().unwrap()), bits(&logits), "{what}: logits");
+            }
         }
     }
 }

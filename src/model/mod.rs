@@ -6,7 +6,7 @@ mod featurizer;
 mod manifest;
 mod precision;
 
-pub use featurizer::{parse_device, Featurizer, Outputs};
+pub use featurizer::{parse_device, Featurizer, Normalise, Outputs};
 pub use manifest::{resolve, Dtype, InputSpec, Manifest, OutputKind, WeightsSource};
 pub use precision::{resolve_precision, wanted_dtype, CpuFeatures};
 
