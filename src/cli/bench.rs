@@ -353,16 +353,9 @@ fn pipeline_table(config: &Config, args: &BenchArgs, records: usize) -> anyhow::
     }
 
     let batch = config.model.batch_size;
-    let featurizer = load_featurizer(config, None, args.device.as_deref())?;
-    let input = synthetic_crops(&featurizer, batch);
-    warm_up(&featurizer, &input, batch)?;
-    let forward = batch as f64
-        * measure(Duration::from_secs_f64(2.5 * args.seconds), 3, || {
-            featurizer.forward(&input, batch).expect("forward ran in warm-up");
-        });
-    let model = featurizer.manifest().name.clone();
-    drop(featurizer);
-    let rate = args.latency_rate.unwrap_or(forward / 2.0);
+    let (before, model) = forward_alone(config, args, batch)?;
+    let load_before = load_average();
+    let rate = args.latency_rate.unwrap_or(before.images_per_s / 2.0);
     anyhow::ensure!(rate > 0.0, "--latency-rate must be positive");
     let paced = ((rate * args.latency_seconds) as usize).max(10);
 
@@ -376,6 +369,10 @@ fn pipeline_table(config: &Config, args: &BenchArgs, records: usize) -> anyhow::
             rows.push((scheme, fetch_ms, delivery, throughput, latencies));
         }
     }
+    // Again after the runs: a shared machine's load moves, and the ratio means something only
+    // if the model alone ran at the same rate before and after.
+    let (after, _) = forward_alone(config, args, batch)?;
+    let forward = (before.images_per_s + after.images_per_s) / 2.0;
     println!(
         "\n## end to end through Kafka ({model}, precision {}, {} worker(s), batch {batch}, imagenet head, epochs {})\n",
         config.model.precision,
@@ -408,6 +405,19 @@ fn pipeline_table(config: &Config, args: &BenchArgs, records: usize) -> anyhow::
         );
     }
     println!(
+        "\nForward pass alone: {:.1} images/s before the runs, using {:.2} cores; {:.1} after, using {:.2} (the \
+         ratio is against their mean). Load average {:.2} before, {:.2} after, on {} cores: where the model alone \
+         got far fewer cores than libtorch's {} threads, other processes held them and the figures say little.",
+        before.images_per_s,
+        before.cores,
+        after.images_per_s,
+        after.cores,
+        load_before,
+        load_average(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        tch::get_num_threads(),
+    );
+    println!(
         "\n(One fetch: the mean time to fetch one photo on one thread, sequentially, so the cost an image \
          adds to a fetch thread; the pipeline runs up to pipeline.max_decoding of them at once. Backlog runs include loading \
          the model and joining the topic: about a second. Visible latency runs from handing the record to the \
@@ -415,6 +425,44 @@ fn pipeline_table(config: &Config, args: &BenchArgs, records: usize) -> anyhow::
          the prediction.)"
     );
     Ok(())
+}
+
+/// The model's own forward rate at `batch`, and how many cores the process used meanwhile.
+struct ForwardAlone {
+    images_per_s: f64,
+    cores: f64,
+}
+
+/// Times the forward pass of the config's model alone on synthetic crops (for 2.5x
+/// `--seconds`); also its name.
+fn forward_alone(config: &Config, args: &BenchArgs, batch: usize) -> anyhow::Result<(ForwardAlone, String)> {
+    let featurizer = load_featurizer(config, None, args.device.as_deref())?;
+    let input = synthetic_crops(&featurizer, batch);
+    warm_up(&featurizer, &input, batch)?;
+    let (cpu, wall) = (cpu_seconds(), Instant::now());
+    let batches_per_s = measure(Duration::from_secs_f64(2.5 * args.seconds), 3, || {
+        featurizer.forward(&input, batch).expect("forward ran in warm-up");
+    });
+    let cores = (cpu_seconds() - cpu) / wall.elapsed().as_secs_f64();
+    Ok((ForwardAlone { images_per_s: batches_per_s * batch as f64, cores }, featurizer.manifest().name.clone()))
+}
+
+/// CPU seconds this process has used (user and system, all threads).
+fn cpu_seconds() -> f64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given; RUSAGE_SELF is always valid.
+    let usage = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+        usage.assume_init()
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+/// The one-minute load average (0 where /proc is not there).
+fn load_average() -> f64 {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    text.split_whitespace().next().and_then(|l| l.parse().ok()).unwrap_or(0.0)
 }
 
 /// Uploads each photo under `prefix` (`s3://bucket/some/prefix/`), returning their URIs.
