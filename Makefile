@@ -45,8 +45,8 @@ fuzz:
 
 # Recovery under SIGKILL at random points, SOAK_RUNS seeds per test (`make test` runs 5): every
 # record keeps its prediction and the classifier ends bit-identical to an uninterrupted run.
-# Then Kafka brokers failing (a 3-node cluster of the test's own) under an exactly-once
-# pipeline, and under both delivery modes at once (`make test` runs the at-least-once one).
+# Then Kafka brokers failing (a 3-node cluster of the test's own) under an at-least-once
+# pipeline, and under both delivery modes at once (`make test` runs the exactly-once one).
 SOAK_RUNS ?= 50
 soak: setup
 	scripts/kafka start
