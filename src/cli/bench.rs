@@ -90,8 +90,8 @@ pub fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
     let min = Duration::from_secs_f64(args.seconds);
     // The stream's decode stage: the crop's bytes; the model's device normalises them.
     println!("## decode + resize + crop (one thread, to 224x224 RGB bytes; resize 256, centre crop)\n");
-    println!("| input | images | mean size | images/s per core |");
-    println!("|---|---:|---|---:|");
+    println!("| input | images | mean size | images/s per core | decode alone | share of the time in decode |");
+    println!("|---|---:|---|---:|---:|---:|");
     let pre = Preprocess::new(224, 224, 256, [0.5; 3], [0.5; 3])?;
     for (label, folder, take) in
         [("photos (JPEG)", &args.photos, usize::MAX), ("Fashion-MNIST (PNG 28x28)", &args.small, 500)]
@@ -116,10 +116,19 @@ pub fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
                 pre.crop(&image, &mut resizer, &mut out).expect("valid");
             }
         });
+        // Decode alone: what is left on the host if resize and crop moved to the model's device.
+        let decoded_per_s = measure(min, 1, || {
+            for bytes in &encoded {
+                std::hint::black_box(decode(bytes, &config.image).expect("decoded above"));
+            }
+        });
+        let n = encoded.len() as f64;
         println!(
-            "| {label} | {} | ~{side:.0}x{side:.0} px | {:.0} |",
+            "| {label} | {} | ~{side:.0}x{side:.0} px | {:.0} | {:.0} | {:.0}% |",
             encoded.len(),
-            sets_per_s * encoded.len() as f64
+            sets_per_s * n,
+            decoded_per_s * n,
+            100.0 * sets_per_s / decoded_per_s
         );
     }
     if !args.no_forward {
