@@ -3,7 +3,8 @@
 //! - a broker that has just started (its coordinators still loading) while dlpipe starts too;
 //! - a secured listener: SASL_SSL with SCRAM, a CA generated here, the user created with the
 //!   broker's own tool, the password only in the environment; zstd-compressed input;
-//! - refusals that no wait cures (a wrong password, a missing topic) fail fast and say what to do.
+//! - refusals that no wait cures (a wrong password, a missing topic) fail fast and say what to do;
+//! - `scripts/kafka reset`: the broker stopped, its topics gone.
 
 mod common;
 
@@ -260,4 +261,36 @@ fn a_missing_input_topic_is_an_error_and_not_created_when_dlpipe_does_not_create
         "a topic was created: {:?}",
         metadata.topics().iter().map(|t| t.name()).filter(|n| n.starts_with(&name)).collect::<Vec<_>>()
     );
+}
+
+/// The topics a cluster has now.
+fn topics(kafka: &dlpipe::config::KafkaConfig) -> Vec<String> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = dlpipe::kafka::client_config(kafka).create().unwrap();
+    let metadata = consumer.fetch_metadata(None, Duration::from_secs(10)).unwrap();
+    metadata.topics().iter().map(|t| t.name().to_owned()).collect()
+}
+
+/// `scripts/kafka reset` stops the broker and deletes its data and log: started again, it is a
+/// new, empty broker (a clone's broker collects every test's topics, and loads each at start).
+#[test]
+fn reset_stops_the_broker_and_deletes_its_topics() {
+    let broker = Broker::new(None);
+    broker.start();
+    let kafka = broker.kafka_config();
+    let topic = common::unique("reset");
+    let spec = dlpipe::kafka::TopicSpec { partitions: 1, replication_factor: 1, configs: &[] };
+    dlpipe::kafka::ensure_topic(&kafka, &topic, spec).unwrap();
+    assert!(topics(&kafka).contains(&topic));
+    let data = broker.home.path().join(format!("data-{}", broker.port));
+    assert!(data.is_dir());
+
+    let reset = broker.script(&["reset"]).output().unwrap();
+    assert!(reset.status.success(), "scripts/kafka reset failed: {}", text(&reset));
+    assert!(!data.exists(), "the data folder is gone: {}", text(&reset));
+    let status = broker.script(&["status"]).output().unwrap();
+    assert!(!status.status.success(), "no broker answers after a reset: {}", text(&status));
+
+    broker.start();
+    assert!(!topics(&kafka).contains(&topic), "a broker started after a reset has none of the old topics");
 }
