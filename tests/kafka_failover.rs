@@ -86,8 +86,7 @@ impl Pipeline {
 
     /// Every run's log, in order.
     fn log(&self) -> String {
-        let each = self.logs.iter().map(|log| std::fs::read_to_string(log).unwrap_or_default());
-        each.collect::<Vec<_>>().join("\n--- the run restarted ---\n")
+        common::run::logs(&self.logs)
     }
 
     /// Waits until the reader has seen `more` predictions beyond `from` (the pipeline goes on).

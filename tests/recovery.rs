@@ -6,7 +6,7 @@
 mod common;
 
 use common::broker::Broker;
-use common::run::{assert_same_learner, messages, read_topic_on, Run};
+use common::run::{assert_same_learner, logs, messages, read_topic_on, Run};
 use common::{fashion, free_port, produce, produce_on, KillOnDrop};
 use dlpipe::pipeline::model_topic::{read_latest, Checkpoint};
 use dlpipe::transfer::dataset::SplitMix64;
@@ -296,10 +296,6 @@ fn a_broker_restart_mid_stream_loses_nothing_and_the_pipeline_goes_on() {
         let run = Run::on(&broker.plaintext(), &format!("restart-{delivery}"), &input, &extra);
         let (mut child, log_file) = run.spawn(&["--stop-at-end", "-w", "2"]);
         let mut log_files = vec![log_file];
-        let log = |files: &[std::path::PathBuf]| {
-            let each = files.iter().map(|f| std::fs::read_to_string(f).unwrap_or_default());
-            each.collect::<Vec<_>>().join("\n--- the run restarted ---\n")
-        };
         // Mid-stream: a first checkpoint is written, most records are still to come.
         let deadline = Instant::now() + Duration::from_secs(120);
         let at_stop = loop {
@@ -307,8 +303,8 @@ fn a_broker_restart_mid_stream_loses_nothing_and_the_pipeline_goes_on() {
                 Some(c) if c.model.updates() >= 12 => break c.model.updates(),
                 _ => {}
             }
-            assert!(child.0.try_wait().unwrap().is_none(), "{delivery}: the run ended early:\n{}", log(&log_files));
-            assert!(Instant::now() < deadline, "{delivery}: no checkpoint in 120 s:\n{}", log(&log_files));
+            assert!(child.0.try_wait().unwrap().is_none(), "{delivery}: the run ended early:\n{}", logs(&log_files));
+            assert!(Instant::now() < deadline, "{delivery}: no checkpoint in 120 s:\n{}", logs(&log_files));
             std::thread::sleep(Duration::from_millis(100));
         };
         // Longer than a transaction call waits (30 s): calls time out, and aborts meet a queue of
@@ -319,7 +315,7 @@ fn a_broker_restart_mid_stream_loses_nothing_and_the_pipeline_goes_on() {
         assert!(
             child.0.try_wait().unwrap().is_none(),
             "{delivery}: the run did not wait for the broker (it had learned {at_stop} of 192):\n{}",
-            log(&log_files)
+            logs(&log_files)
         );
         broker.start();
         // A transactional call that librdkafka let hang past its bound (librdkafka#5456; the
@@ -339,11 +335,11 @@ fn a_broker_restart_mid_stream_loses_nothing_and_the_pipeline_goes_on() {
             assert!(
                 Instant::now() < deadline,
                 "{delivery}: the run did not finish after the restart:\n{}",
-                log(&log_files)
+                logs(&log_files)
             );
             std::thread::sleep(Duration::from_millis(100));
         };
-        assert!(status.success(), "{delivery}: the run failed across the broker restart:\n{}", log(&log_files));
+        assert!(status.success(), "{delivery}: the run failed across the broker restart:\n{}", logs(&log_files));
         assert!(at_stop < 192, "{delivery}: the broker stopped after the stream ended");
         assert_same_learner(&latest(&run), &want, &format!("{delivery}: across a broker restart"));
         let outputs = read_topic_on(&kafka, &run.predictions, 4 * N, Duration::from_secs(5));
@@ -351,7 +347,7 @@ fn a_broker_restart_mid_stream_loses_nothing_and_the_pipeline_goes_on() {
         let missing: Vec<String> = (0..N).map(|i| format!("r{i}")).filter(|id| !ids.contains(id.as_str())).collect();
         assert!(missing.is_empty(), "{delivery}: no prediction for {missing:?}");
         let twice = outputs.len() - ids.len();
-        let log = log(&log_files);
+        let log = logs(&log_files);
         let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
         println!("broker restart ({delivery}): {} warnings, the first: {:?}", warnings.len(), warnings.first());
         println!(

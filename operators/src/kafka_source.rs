@@ -236,24 +236,20 @@ fn messages<'scope, C: ConsumerContext + 'static, T: Clone + 'static>(
             let mut idle = unsplit.clone();
             while taken < max_poll {
                 let result = if !consumer_idle {
-                    match consumer.poll(Duration::ZERO) {
-                        // Its fetch started before the split (see "Failures"): not taken, and
-                        // nor is anything of its own queue, which may already hold later
-                        // records (taking one would skip these); it is split again and sought
-                        // back to the first record not taken.
-                        Some(Ok(message)) if reader.wants(message.partition(), message.offset()) => {
-                            unsplit.insert(message.partition());
-                            idle.insert(message.partition());
+                    match poll_consumer_queue(&consumer, &reader, events < max_poll) {
+                        Polled::Result(result) => result,
+                        // Nor is anything of its own queue taken in this activation, which may
+                        // already hold later records (taking one would skip these).
+                        Polled::Unsplit(partition) => {
+                            unsplit.insert(partition);
+                            idle.insert(partition);
                             continue;
                         }
-                        Some(result) => result,
-                        // A log or statistics event was served, not a message: `poll` says
-                        // nothing then, though messages may wait behind it.
-                        None if events < max_poll && consumer_queue_len(&consumer) > 0 => {
+                        Polled::Event => {
                             events += 1;
                             continue;
                         }
-                        None => {
+                        Polled::Drained => {
                             consumer_idle = true;
                             continue;
                         }
@@ -285,17 +281,8 @@ fn messages<'scope, C: ConsumerContext + 'static, T: Clone + 'static>(
                 }
                 taken += 1;
             }
-            unsplit.retain(|partition| {
-                !resplit(&consumer, &mut queues, &topic, *partition, reader.partitions[partition].next)
-            });
-            if taken < max_poll {
-                skip_control_records(&*consumer, &topic, &mut reader.partitions);
-            }
-            let least = reader.least_epoch();
-            if let Some(backlog) = &backlog {
-                backlog.borrow_mut().set_unread(least.map(|epoch| reader.unread(epoch)).unwrap_or_default());
-            }
-            match least {
+            let drained = taken < max_poll;
+            match settle(&consumer, &mut queues, &topic, &mut reader, &mut unsplit, backlog.as_ref(), drained) {
                 Some(epoch) => {
                     cap.downgrade(&epoch.max(*cap.time()));
                     if taken == max_poll {
@@ -360,6 +347,59 @@ impl<C: ConsumerContext> AssignedConsumer<C> {
     /// The consumer (for the group's offsets and metadata).
     pub fn consumer(&self) -> &Arc<BaseConsumer<C>> {
         &self.consumer
+    }
+}
+
+/// After an activation's reads: splits again what came on the consumer's queue, steps over
+/// transaction markers once the queues are `drained`, and tells the backlog what is unread.
+/// The least epoch a future message can have.
+fn settle<C: ConsumerContext>(
+    consumer: &Arc<BaseConsumer<C>>,
+    queues: &mut BTreeMap<i32, PartitionQueue<C>>,
+    topic: &str,
+    reader: &mut Reader,
+    unsplit: &mut BTreeSet<i32>,
+    backlog: Option<&SharedBacklog>,
+    drained: bool,
+) -> Option<Epoch> {
+    unsplit.retain(|partition| !resplit(consumer, queues, topic, *partition, reader.partitions[partition].next));
+    if drained {
+        skip_control_records(&**consumer, topic, &mut reader.partitions);
+    }
+    let least = reader.least_epoch();
+    if let Some(backlog) = backlog {
+        backlog.borrow_mut().set_unread(least.map(|epoch| reader.unread(epoch)).unwrap_or_default());
+    }
+    least
+}
+
+/// What one poll of the consumer's own queue gave.
+enum Polled<'a> {
+    /// A message or an error, for [`Reader::accept`].
+    Result(KafkaResult<BorrowedMessage<'a>>),
+    /// A record the source wants of a partition whose fetch started before its split (see
+    /// "Failures"): not taken; the partition is split again and sought back to it.
+    Unsplit(i32),
+    /// A log or statistics event was served, not a message: `poll` says nothing then, though
+    /// messages may wait behind it.
+    Event,
+    /// The queue is empty (or `events_allowed` was false).
+    Drained,
+}
+
+/// Polls the consumer's own queue once, without waiting.
+fn poll_consumer_queue<'a, C: ConsumerContext>(
+    consumer: &'a BaseConsumer<C>,
+    reader: &Reader,
+    events_allowed: bool,
+) -> Polled<'a> {
+    match consumer.poll(Duration::ZERO) {
+        Some(Ok(message)) if reader.wants(message.partition(), message.offset()) => {
+            Polled::Unsplit(message.partition())
+        }
+        Some(result) => Polled::Result(result),
+        None if events_allowed && consumer_queue_len(consumer) > 0 => Polled::Event,
+        None => Polled::Drained,
     }
 }
 

@@ -181,6 +181,12 @@ impl Run {
     }
 }
 
+/// The logs of a run and of its restarts, in order, one after the other.
+pub fn logs(files: &[PathBuf]) -> String {
+    let each = files.iter().map(|f| std::fs::read_to_string(f).unwrap_or_default());
+    each.collect::<Vec<_>>().join("\n--- the run restarted ---\n")
+}
+
 /// Waits for a process that [`Run::spawn`] started to exit successfully; fails the test with
 /// its log if it fails or has not ended within `limit` (a stalled dataflow). Returns the log.
 pub fn succeeds(child: &mut super::KillOnDrop, log: &Path, limit: Duration) -> String {
