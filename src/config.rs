@@ -299,6 +299,39 @@ pub struct ModelConfig {
     /// Arithmetic of the forward pass: "auto" picks bf16 where the CPU computes it natively
     /// (AVX-512 BF16 or AMX) or on CUDA, f32 elsewhere; an explicit precision always wins.
     pub precision: Precision,
+    /// Where images are resized and centre-cropped: "auto" is the model's device when every
+    /// device is CUDA, the host elsewhere; see [`ResizeOn`].
+    pub resize_on: ResizeOn,
+    /// With `resize_on` at the device, the largest image (decoded pixels) sent to it as
+    /// decoded; larger ones are resized on the host. The default, 256 x 256, sends every image
+    /// that is upscaled and keeps a record's bytes in the backlog near a crop's.
+    pub device_resize_max_pixels: u64,
+}
+
+/// `model.resize_on`: where an image is resized and centre-cropped to the model's input.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResizeOn {
+    /// The device when every model device is CUDA (one place for all, so that features do not
+    /// depend on the worker), the host elsewhere.
+    #[default]
+    Auto,
+    /// On the decoding threads, with SIMD (fast_image_resize): the stream carries crops.
+    Host,
+    /// On the model's device, for images up to `device_resize_max_pixels`: the stream carries
+    /// them as decoded.
+    Device,
+}
+
+impl ResizeOn {
+    /// Host or Device: what "auto" means where every device is CUDA (`all_cuda`) or not.
+    pub fn resolve(self, all_cuda: bool) -> ResizeOn {
+        match self {
+            ResizeOn::Auto if all_cuda => ResizeOn::Device,
+            ResizeOn::Auto => ResizeOn::Host,
+            explicit => explicit,
+        }
+    }
 }
 
 /// `model.precision`: which export of a model runs (`NAME` for f32, `NAME_bf16`, `NAME_f16`).
@@ -345,6 +378,8 @@ impl Default for ModelConfig {
             batch_size: 8,
             intra_op_threads: 0,
             precision: Precision::Auto,
+            resize_on: ResizeOn::Auto,
+            device_resize_max_pixels: 256 * 256,
         }
     }
 }

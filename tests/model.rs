@@ -6,6 +6,7 @@ mod common;
 use dlpipe::config::Precision;
 use dlpipe::image::{read_file, ImageLimits, Preprocess};
 use dlpipe::model::{resolve_precision, top_k, CpuFeatures, Featurizer, ModelError, Normalise};
+use dlpipe_operators::Pixels;
 use fast_image_resize::Resizer;
 use std::path::{Path, PathBuf};
 use tch::{Device, IValue, Tensor};
@@ -432,4 +433,83 @@ fn an_impossible_precision_stops_the_command_naming_the_key() {
     let out = common::dlpipe(&["-c", config.to_str().unwrap(), "predict", "data/samples/coffee.jpg"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("precision") && stderr.contains("bf16"), "{stderr}");
+}
+
+/// `paths` decoded, as the stream carries an image for the device to resize.
+fn decoded(paths: &[PathBuf]) -> Vec<Pixels> {
+    paths
+        .iter()
+        .map(|path| {
+            let image = read_file(path, &ImageLimits::default()).unwrap();
+            let (width, height) = image.dimensions();
+            Pixels::Image { width, height, rgb: image.into_raw() }
+        })
+        .collect()
+}
+
+#[test]
+fn images_resized_on_the_device_match_the_hosts_crops() {
+    let photos: Vec<PathBuf> =
+        ["chelsea_cat.jpg", "coffee.jpg", "astronaut.jpg", "motorcycle.jpg"].map(common::sample).to_vec();
+    let fashion: Vec<PathBuf> = common::fashion(10, 0).into_iter().map(|(path, _)| path).collect();
+    let source = common::model_manifest("efficientnet_lite0");
+    // PIL's bicubic too: the same model under a manifest that asks for it.
+    let dir = tempfile::tempdir().unwrap();
+    let mut bicubic: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&source).unwrap()).unwrap();
+    bicubic["input"]["interpolation"] = "bicubic".into();
+    bicubic["file"] = source.with_extension("pt").to_str().unwrap().into();
+    std::fs::write(dir.path().join("bicubic.json"), bicubic.to_string()).unwrap();
+    for manifest in [source, dir.path().join("bicubic.json")] {
+        let featurizer = Featurizer::load(&manifest, Device::Cpu).unwrap();
+        let pre = featurizer.preprocess();
+        let filter = if pre.bicubic() { "bicubic" } else { "bilinear" };
+        // A few bytes in a thousand differ, where the host's fixed-point sums and the device's
+        // float ones round apart (by two where bicubic's lobes add up); bilinear upscaling, none.
+        let limits = if pre.bicubic() { [(0.005, 2), (0.01, 2)] } else { [(0.002, 1), (0.0, 0)] };
+        for (paths, (most_off, most_far)) in [&photos, &fashion].into_iter().zip(limits) {
+            let images = decoded(paths);
+            let on_device = featurizer.crops_on_device(&images.iter().collect::<Vec<_>>()).unwrap();
+            let on_host = crops(pre, paths);
+            let off = on_device.iter().zip(&on_host).filter(|(d, h)| d != h).count();
+            let furthest = on_device.iter().zip(&on_host).map(|(d, h)| d.abs_diff(*h)).max().unwrap();
+            let share = off as f64 / on_host.len() as f64;
+            println!(
+                "{filter}, {} images: {off} of {} bytes off the host's by at most {furthest}",
+                paths.len(),
+                on_host.len()
+            );
+            assert!(
+                furthest <= most_far && share <= most_off,
+                "{filter} {paths:?}: {share:.4} of the bytes off by up to {furthest}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_batch_of_crops_and_images_of_several_sizes_gives_each_images_own_features() {
+    // What the stream runs with model.resize_on = "device": photos cropped by the host beside
+    // 28x28 images sent as decoded (and a 56x40 one, another size in the same batch).
+    let featurizer = Featurizer::load(&common::model_manifest("efficientnet_lite0"), Device::Cpu).unwrap();
+    let pre = featurizer.preprocess();
+    let fashion: Vec<PathBuf> = common::fashion(3, 0).into_iter().map(|(path, _)| path).collect();
+    let photo = common::sample("coffee.jpg");
+    let small = image::imageops::thumbnail(&read_file(&photo, &ImageLimits::default()).unwrap(), 56, 40);
+    let mut batch = vec![Pixels::Crop(crops(pre, std::slice::from_ref(&photo)))];
+    batch.extend(decoded(&fashion));
+    batch.push(Pixels::Image { width: 56, height: 40, rgb: small.into_raw() });
+    let together = featurizer.forward_pixels(&batch.iter().collect::<Vec<_>>()).unwrap();
+    for (i, pixels) in batch.iter().enumerate() {
+        let alone = featurizer.forward_pixels(&[pixels]).unwrap();
+        assert!(alone.features_row(0) == together.features_row(i), "image {i}: bit-identical alone and in the batch");
+    }
+    // Fashion-MNIST resized on the device is the host's crop exactly: the same features.
+    let host = featurizer.forward(&crops(pre, &fashion), 3).unwrap();
+    for (i, path) in fashion.iter().enumerate() {
+        assert!(host.features_row(i) == together.features_row(i + 1), "{}", path.display());
+    }
+    // An image the host would refuse is an error naming the model, not a panic.
+    let bad = Pixels::Image { width: 3, height: 2, rgb: vec![0; 5] };
+    let err = featurizer.forward_pixels(&[&bad, &batch[0]]).unwrap_err();
+    assert!(err.to_string().contains("3x2 image of 5 bytes"), "{err}");
 }

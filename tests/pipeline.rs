@@ -323,7 +323,7 @@ fn oversized_inline_images_are_dead_letters_before_decoding_and_raw_messages_wit
 }
 
 #[test]
-fn one_worker_two_workers_and_two_processes_learn_and_predict_the_same() {
+fn one_worker_two_workers_two_processes_and_resizing_on_the_device_learn_and_predict_the_same() {
     let input = common::unique("det-images");
     let images = fashion(60, 100);
     let messages = messages(&images, "r", 4, |i| i % 5 != 4);
@@ -334,6 +334,11 @@ fn one_worker_two_workers_and_two_processes_learn_and_predict_the_same() {
     one.to_end(&["-w", "1"]);
     let two = Run::new("det2", &input, extra);
     two.to_end(&["-w", "2"]);
+    // The 28x28 images resized by the model's device (here the CPU's libtorch): its crops are
+    // the host's, byte for byte, so nothing downstream may differ either.
+    let device = Run::new("detd", &input, extra).with_model("resize_on = \"device\"");
+    let log = device.to_end(&["-w", "2"]);
+    assert!(log.contains("resize_on=Device"), "the images went to the device as decoded:\n{log}");
 
     let procs = Run::new("detp", &input, extra);
     let hostfile = procs.dir.path().join("hosts");
@@ -362,7 +367,7 @@ fn one_worker_two_workers_and_two_processes_learn_and_predict_the_same() {
     let reference = predictions_by_id(&one.predictions, images.len());
     assert_eq!(reference.len(), images.len());
     assert!(reference.values().any(|(_, v)| *v > 0), "later records are predicted by a model that has learned");
-    for run in [&two, &procs] {
+    for run in [&two, &device, &procs] {
         assert_eq!(
             predictions_by_id(&run.predictions, images.len()),
             reference,
@@ -372,7 +377,7 @@ fn one_worker_two_workers_and_two_processes_learn_and_predict_the_same() {
     }
     let (model, _) = dlpipe::learn::SoftmaxRegression::load(&one.latest_snapshot()).unwrap();
     assert_eq!(model.updates(), 48, "every labelled record learned once");
-    for run in [&two, &procs] {
+    for run in [&two, &device, &procs] {
         let (other, _) = dlpipe::learn::SoftmaxRegression::load(&run.latest_snapshot()).unwrap();
         assert_eq!(other.classes(), model.classes());
         assert_eq!(other.updates(), model.updates());

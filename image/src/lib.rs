@@ -6,7 +6,7 @@ mod decode;
 mod preprocess;
 
 pub use decode::{decode, DecodeError, ImageLimits};
-pub use preprocess::{Preprocess, PreprocessError};
+pub use preprocess::{Preprocess, PreprocessError, ResizePlan};
 
 use image::RgbImage;
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 //!
 //! **In:** `Decoded` records. **Out:** per record, `Ok(Featured)` at the record's epoch.
 //! **Failures:** a forward pass that fails (or panics: tch panics on some libtorch errors) is
-//! never the records' fault (their crops are already checked and shaped), and it is often
+//! never the records' fault (their pixels are already checked and shaped), and it is often
 //! transient (a CUDA out-of-memory while another process holds the device). So the batch is run
 //! again, up to `MODEL_ATTEMPTS` times with growing pauses; if it still fails, the operator sets
 //! `fatal` and stops: the worker exits, nothing past the batch is committed, and the records are
@@ -22,7 +22,7 @@
 
 use crate::error::OperatorError;
 use crate::metrics::{FeaturizeMetrics, GaugeShare};
-use crate::records::{DeadLetter, Decoded, Epoch, Featured};
+use crate::records::{DeadLetter, Decoded, Epoch, Featured, Pixels};
 use crate::retry::Backoff;
 use crate::Fatal;
 use std::collections::BTreeMap;
@@ -47,16 +47,16 @@ pub struct Batching {
 pub const MODEL_ATTEMPTS: u32 = 4;
 
 /// Runs `model` on one batch, retrying failures and panics; the last error if all attempts fail.
-fn forward_with_retries<M, E>(model: &mut M, crops: &[u8], n: usize) -> Result<Vec<ModelRow>, OperatorError>
+fn forward_with_retries<M, E>(model: &mut M, images: &[&Pixels]) -> Result<Vec<ModelRow>, OperatorError>
 where
-    M: FnMut(&[u8], usize) -> Result<Vec<ModelRow>, E>,
+    M: FnMut(&[&Pixels]) -> Result<Vec<ModelRow>, E>,
     E: std::fmt::Display,
 {
     // Quadrupling pauses (0.1, 0.4, 1.6 s): a device that is briefly out of memory recovers.
     let mut pause = Backoff::new(Duration::from_millis(100), Duration::from_millis(1600)).growing_by(4);
-    let mut attempt = 1;
+    let (n, mut attempt) = (images.len(), 1);
     loop {
-        let result = catch_unwind(AssertUnwindSafe(|| model(crops, n).map_err(|e| e.to_string())))
+        let result = catch_unwind(AssertUnwindSafe(|| model(images).map_err(|e| e.to_string())))
             .unwrap_or_else(|panic| Err(format!("panicked: {}", crate::fetch_decode::panic_message(panic.as_ref()))))
             .and_then(|rows| {
                 if rows.len() == n {
@@ -77,7 +77,7 @@ where
     }
 }
 
-/// `model` gets the batch's crops (RGB bytes), concatenated, and the number of images; `metrics` gauges
+/// `model` gets the batch's images (crops or images as decoded, RGB bytes); `metrics` gauges
 /// the records waiting for a batch. The output's error side is kept for records the operator
 /// may one day refuse itself; today it carries nothing.
 pub fn featurize<'scope, M, E>(
@@ -88,7 +88,7 @@ pub fn featurize<'scope, M, E>(
     metrics: FeaturizeMetrics,
 ) -> StreamVec<'scope, Epoch, Result<Featured, DeadLetter>>
 where
-    M: FnMut(&[u8], usize) -> Result<Vec<ModelRow>, E> + 'static,
+    M: FnMut(&[&Pixels]) -> Result<Vec<ModelRow>, E> + 'static,
     E: std::fmt::Display,
 {
     let scope = decoded.scope();
@@ -97,7 +97,6 @@ where
         let mut waiting: Vec<(Epoch, Decoded)> = Vec::new();
         let mut caps: BTreeMap<Epoch, Capability<Epoch>> = BTreeMap::new();
         let mut oldest: Option<Instant> = None;
-        let mut crops: Vec<u8> = Vec::new();
         let mut waiting_gauge = GaugeShare::new(metrics.waiting.clone());
         move |(input, frontier), output| {
             input.for_each_stamp(|cap, data| {
@@ -122,11 +121,8 @@ where
                 let take = waiting.len().min(batching.max_batch);
                 let batch: Vec<(Epoch, Decoded)> = waiting.drain(..take).collect();
                 oldest = if waiting.is_empty() { None } else { Some(Instant::now()) };
-                crops.clear();
-                for (_, d) in &batch {
-                    crops.extend_from_slice(&d.crop);
-                }
-                match forward_with_retries(&mut model, &crops, batch.len()) {
+                let images: Vec<&Pixels> = batch.iter().map(|(_, d)| &d.pixels).collect();
+                match forward_with_retries(&mut model, &images) {
                     Ok(rows) => {
                         for ((epoch, d), (features, logits)) in batch.into_iter().zip(rows) {
                             output.session(&caps[&epoch]).give(Ok(Featured { record: d.record, features, logits }));
@@ -156,11 +152,11 @@ where
 
 /// [`featurize()`] as a method of a stream of decoded records.
 pub trait Featurize<'scope> {
-    /// Runs `model` over micro-batches of the records' crops on this worker; each record
+    /// Runs `model` over micro-batches of the records' pixels on this worker; each record
     /// with its features (and logits) at its epoch.
     ///
     /// ```
-    /// use dlpipe_operators::{Batching, Decoded, Featurize, ImageRecord};
+    /// use dlpipe_operators::{Batching, Decoded, Featurize, ImageRecord, Pixels};
     /// use std::time::Duration;
     /// use timely::dataflow::operators::vec::ToStream;
     /// use timely::dataflow::operators::Inspect;
@@ -170,12 +166,12 @@ pub trait Featurize<'scope> {
     ///         record: ImageRecord {
     ///             id: offset.to_string(), uri: "mem://x".into(), label: None, partition: 0, offset, kafka_ts_ms: None, image: None,
     ///         },
-    ///         crop: vec![offset as u8, 1],
+    ///         pixels: Pixels::Crop(vec![offset as u8, 1]),
     ///     };
     ///     // A "model" over images of 2 bytes: their sum is the one feature; no logits. Its
     ///     // error is anything that displays (a real model's is the device's).
-    ///     let model = |crops: &[u8], n: usize| -> Result<_, String> {
-    ///         Ok((0..n).map(|i| (vec![f32::from(crops[2 * i]) + f32::from(crops[2 * i + 1])], None)).collect())
+    ///     let model = |images: &[&Pixels]| -> Result<_, String> {
+    ///         Ok(images.iter().map(|p| (vec![p.bytes().iter().map(|b| f32::from(*b)).sum()], None)).collect())
     ///     };
     ///     let batching = Batching { max_batch: 8, max_wait: Duration::from_millis(5) };
     ///     vec![decoded(1), decoded(2), decoded(3)]
@@ -195,7 +191,7 @@ pub trait Featurize<'scope> {
         metrics: FeaturizeMetrics,
     ) -> StreamVec<'scope, Epoch, Result<Featured, DeadLetter>>
     where
-        M: FnMut(&[u8], usize) -> Result<Vec<ModelRow>, E> + 'static,
+        M: FnMut(&[&Pixels]) -> Result<Vec<ModelRow>, E> + 'static,
         E: std::fmt::Display;
 }
 
@@ -208,7 +204,7 @@ impl<'scope> Featurize<'scope> for StreamVec<'scope, Epoch, Decoded> {
         metrics: FeaturizeMetrics,
     ) -> StreamVec<'scope, Epoch, Result<Featured, DeadLetter>>
     where
-        M: FnMut(&[u8], usize) -> Result<Vec<ModelRow>, E> + 'static,
+        M: FnMut(&[&Pixels]) -> Result<Vec<ModelRow>, E> + 'static,
         E: std::fmt::Display,
     {
         featurize(self, batching, model, fatal, metrics)
@@ -239,14 +235,14 @@ mod tests {
             kafka_ts_ms: None,
             image: None,
         };
-        Decoded { record, crop: vec![i as u8] }
+        Decoded { record, pixels: Pixels::Crop(vec![i as u8]) }
     }
 
     /// Runs 10 records through `featurize` with `model`, stepping until the dataflow is done or
     /// `fatal` is set; returns the outputs and the fatal error.
     fn run<M>(model: M) -> (Vec<Result<Featured, DeadLetter>>, Option<String>)
     where
-        M: FnMut(&[u8], usize) -> Result<Vec<ModelRow>, String> + Send + Sync + 'static,
+        M: FnMut(&[&Pixels]) -> Result<Vec<ModelRow>, String> + Send + Sync + 'static,
     {
         timely::execute_directly(move |worker| {
             let fatal: Fatal = Rc::new(RefCell::new(None));
@@ -282,8 +278,8 @@ mod tests {
         })
     }
 
-    fn rows(crops: &[u8]) -> Vec<ModelRow> {
-        crops.iter().map(|p| (vec![f32::from(*p) * 2.0], None)).collect()
+    fn rows(images: &[&Pixels]) -> Vec<ModelRow> {
+        images.iter().map(|p| (vec![f32::from(p.bytes()[0]) * 2.0], None)).collect()
     }
 
     #[test]
@@ -291,10 +287,10 @@ mod tests {
         // The first batch fails, then panics, then works; the later batches work.
         let calls = Arc::new(AtomicUsize::new(0));
         let seen = Arc::clone(&calls);
-        let (out, fatal) = run(move |crops, _n| match seen.fetch_add(1, Ordering::SeqCst) {
+        let (out, fatal) = run(move |images| match seen.fetch_add(1, Ordering::SeqCst) {
             0 => Err("CUDA out of memory".into()),
             1 => panic!("libtorch threw"),
-            _ => Ok(rows(crops)),
+            _ => Ok(rows(images)),
         });
         assert_eq!(fatal, None);
         assert_eq!(out.len(), 10);
@@ -308,7 +304,7 @@ mod tests {
 
     #[test]
     fn a_model_that_keeps_failing_stops_the_worker_without_dead_letters() {
-        let (out, fatal) = run(|_, _| Err("device lost".into()));
+        let (out, fatal) = run(|_| Err("device lost".into()));
         let fatal = fatal.expect("fatal is set");
         assert!(fatal.contains("device lost") && fatal.contains(&MODEL_ATTEMPTS.to_string()), "{fatal}");
         assert!(out.is_empty(), "nothing may be published for records the model never saw: {out:?}");
@@ -325,9 +321,9 @@ mod tests {
             let seen: Rc<RefCell<Vec<u64>>> = Rc::default();
             let probe = Handle::new();
             let (model_ticks, model_seen) = (Rc::clone(&ticks), Rc::clone(&seen));
-            let model = move |crops: &[u8], _n: usize| {
+            let model = move |images: &[&Pixels]| {
                 model_seen.borrow_mut().push(model_ticks.get());
-                Ok::<_, String>(rows(crops))
+                Ok::<_, String>(rows(images))
             };
             let batching = Batching { max_batch: 2, max_wait: Duration::from_secs(60) };
             worker.dataflow::<Epoch, _, _>(|scope| {

@@ -1,4 +1,4 @@
-//! `fetch_decode`: records in, model-sized crops (RGB bytes) out; fetching on the operator's own threads,
+//! `fetch_decode`: records in, their images' pixels (RGB bytes) out; fetching on the operator's own threads,
 //! decoding on rayon's pool.
 //!
 //! **In:** `ImageRecord`s. **Out:** per record, `Ok(Decoded)` or `Err(DeadLetter)` when it
@@ -21,7 +21,7 @@
 //! becomes that record's dead letter, kind `internal_error`; the pipeline goes on.
 
 use crate::metrics::{FetchDecodeMetrics, GaugeShare};
-use crate::records::{DeadLetter, Decoded, Epoch, ImageRecord};
+use crate::records::{DeadLetter, Decoded, Epoch, ImageRecord, Pixels};
 use std::collections::{BTreeMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
@@ -46,7 +46,7 @@ impl PrepareError {
     }
 }
 
-/// The work behind `fetch_decode`: bytes for a record, then the crop from the bytes.
+/// The work behind `fetch_decode`: bytes for a record, then the pixels from the bytes.
 pub struct Prepare<F, D> {
     /// Blocking I/O: runs on the operator's fetch threads.
     pub fetch: F,
@@ -101,7 +101,7 @@ pub fn fetch_decode<'scope, F, D>(
 ) -> StreamVec<'scope, Epoch, Result<Decoded, DeadLetter>>
 where
     F: Fn(&ImageRecord) -> Result<Vec<u8>, PrepareError> + Send + Sync + 'static,
-    D: Fn(&ImageRecord, &[u8]) -> Result<Vec<u8>, PrepareError> + Send + Sync + 'static,
+    D: Fn(&ImageRecord, &[u8]) -> Result<Pixels, PrepareError> + Send + Sync + 'static,
 {
     let worker = records.scope().worker();
     let index = worker.index();
@@ -171,7 +171,7 @@ where
                     budget.acquire(held);
                     rayon::spawn(move || {
                         let result = match guarded("decoding", &record, || decode(&record, &bytes)) {
-                            Ok(crop) => Ok(Decoded { record, crop }),
+                            Ok(pixels) => Ok(Decoded { record, pixels }),
                             Err(e) => Err(record.dead_letter(&e.kind, e.message)),
                         };
                         drop(bytes);
@@ -248,7 +248,7 @@ pub trait FetchDecode<'scope> {
     /// that cannot be is a dead letter. Each output at its record's epoch.
     ///
     /// ```
-    /// use dlpipe_operators::{ByteBudget, FetchDecode, ImageRecord, Prepare};
+    /// use dlpipe_operators::{ByteBudget, FetchDecode, ImageRecord, Pixels, Prepare};
     /// use std::sync::Arc;
     /// use timely::dataflow::operators::vec::ToStream;
     /// use timely::dataflow::operators::Inspect;
@@ -258,9 +258,9 @@ pub trait FetchDecode<'scope> {
     ///         id: id.into(), uri: format!("mem://{id}"), label: None, partition: 0, offset: 0, kafka_ts_ms: None, image: None,
     ///     };
     ///     let prepare = Prepare {
-    ///         // The bytes behind a URI, and the crop (the model's input bytes) of those bytes.
+    ///         // The bytes behind a URI, and the pixels (the model's input bytes) of those bytes.
     ///         fetch: |r: &ImageRecord| Ok(r.uri.as_bytes().to_vec()),
-    ///         decode: |_r: &ImageRecord, bytes: &[u8]| Ok(vec![bytes.len() as u8]),
+    ///         decode: |_r: &ImageRecord, bytes: &[u8]| Ok(Pixels::Crop(vec![bytes.len() as u8])),
     ///         budget: Arc::new(ByteBudget::new(1 << 20)),
     ///     };
     ///     vec![record("a"), record("bb")]
@@ -268,7 +268,7 @@ pub trait FetchDecode<'scope> {
     ///         .fetch_decode(4, prepare, Default::default())
     ///         .inspect(|decoded| {
     ///             let decoded = decoded.as_ref().expect("fetched and decoded");
-    ///             assert_eq!(decoded.crop, vec![decoded.record.uri.len() as u8]);
+    ///             assert_eq!(decoded.pixels, Pixels::Crop(vec![decoded.record.uri.len() as u8]));
     ///         });
     /// });
     /// ```
@@ -280,7 +280,7 @@ pub trait FetchDecode<'scope> {
     ) -> StreamVec<'scope, Epoch, Result<Decoded, DeadLetter>>
     where
         F: Fn(&ImageRecord) -> Result<Vec<u8>, PrepareError> + Send + Sync + 'static,
-        D: Fn(&ImageRecord, &[u8]) -> Result<Vec<u8>, PrepareError> + Send + Sync + 'static;
+        D: Fn(&ImageRecord, &[u8]) -> Result<Pixels, PrepareError> + Send + Sync + 'static;
 }
 
 impl<'scope> FetchDecode<'scope> for StreamVec<'scope, Epoch, ImageRecord> {
@@ -292,7 +292,7 @@ impl<'scope> FetchDecode<'scope> for StreamVec<'scope, Epoch, ImageRecord> {
     ) -> StreamVec<'scope, Epoch, Result<Decoded, DeadLetter>>
     where
         F: Fn(&ImageRecord) -> Result<Vec<u8>, PrepareError> + Send + Sync + 'static,
-        D: Fn(&ImageRecord, &[u8]) -> Result<Vec<u8>, PrepareError> + Send + Sync + 'static,
+        D: Fn(&ImageRecord, &[u8]) -> Result<Pixels, PrepareError> + Send + Sync + 'static,
     {
         fetch_decode(self, max_in_flight, prepare, metrics)
     }
@@ -328,7 +328,7 @@ mod tests {
     ) -> Vec<Result<Decoded, DeadLetter>>
     where
         F: Fn(&ImageRecord) -> Result<Vec<u8>, PrepareError> + Send + Sync + 'static,
-        D: Fn(&ImageRecord, &[u8]) -> Result<Vec<u8>, PrepareError> + Send + Sync + 'static,
+        D: Fn(&ImageRecord, &[u8]) -> Result<Pixels, PrepareError> + Send + Sync + 'static,
     {
         run_with(records, max_in_flight, Prepare { fetch, decode, budget: Arc::new(ByteBudget::new(u64::MAX)) })
     }
@@ -341,7 +341,7 @@ mod tests {
     ) -> Vec<Result<Decoded, DeadLetter>>
     where
         F: Fn(&ImageRecord) -> Result<Vec<u8>, PrepareError> + Send + Sync + 'static,
-        D: Fn(&ImageRecord, &[u8]) -> Result<Vec<u8>, PrepareError> + Send + Sync + 'static,
+        D: Fn(&ImageRecord, &[u8]) -> Result<Pixels, PrepareError> + Send + Sync + 'static,
     {
         let captured = timely::execute_directly(move |worker| {
             let (tx, rx) = mpsc::channel();
@@ -389,7 +389,7 @@ mod tests {
                 if bytes == b"panic-decode" {
                     panic!("decoder bug {}", 42)
                 } else {
-                    Ok(vec![bytes.len() as u8])
+                    Ok(Pixels::Crop(vec![bytes.len() as u8]))
                 }
             },
         );
@@ -400,7 +400,7 @@ mod tests {
                 (7, Err(d)) => {
                     assert!(d.error_kind == "internal_error" && d.error.contains("decoder bug 42"), "{d:?}")
                 }
-                (_, Ok(d)) => assert_eq!(d.crop, vec![2]),
+                (_, Ok(d)) => assert_eq!(d.pixels, Pixels::Crop(vec![2])),
                 (i, other) => panic!("record {i}: {other:?}"),
             }
         }
@@ -429,7 +429,7 @@ mod tests {
                 }
                 Ok(vec![0])
             },
-            |_, _| Ok(vec![0]),
+            |_, _| Ok(Pixels::Crop(vec![0])),
         );
         assert_eq!(out.len(), 32);
         let quick = quick_done.lock().unwrap();
@@ -454,7 +454,7 @@ mod tests {
                 p.fetch_max(now.max(b.held()), Ordering::SeqCst);
                 std::thread::sleep(Duration::from_millis(20));
                 h.fetch_sub(bytes.len() as u64, Ordering::SeqCst);
-                Ok(vec![0])
+                Ok(Pixels::Crop(vec![0]))
             },
             budget: Arc::clone(&budget),
         };

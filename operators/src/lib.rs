@@ -60,7 +60,7 @@ pub use metrics::{
 };
 pub use records::{
     ClassScore, ClassifierId, DeadLetter, Decoded, Epoch, Featured, Feedback, ImageRecord, LabelledExample, ModelId,
-    Outcome, Position, Prediction, Promotion, PromotionRole,
+    Outcome, Pixels, Position, Prediction, Promotion, PromotionRole,
 };
 
 /// A fatal error the worker loop must stop on: a message the broker refused for good (dropping

@@ -345,13 +345,31 @@ pub(crate) fn value_to_string(v: serde_json::Value) -> String {
     }
 }
 
-/// A record with its image resized and centre-cropped to the model's input size: HWC RGB bytes.
-/// Bytes, not normalised f32: a quarter of the memory in the backlog, and of what crosses to
-/// the device; the model's device normalises them.
+/// A record with its image's pixels, ready for the model's device.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Decoded {
     pub record: ImageRecord,
-    pub crop: Vec<u8>,
+    pub pixels: Pixels,
+}
+
+/// A decoded image's RGB bytes, interleaved (HWC). Bytes, not normalised f32: a quarter of the
+/// memory in the backlog, and of what crosses to the device; the model's device normalises them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Pixels {
+    /// Resized and centre-cropped to the model's input size by the host.
+    Crop(Vec<u8>),
+    /// As decoded, `width` x `height`: the model's device resizes and crops it (for small
+    /// images, fewer bytes than their crop, and the upscaling off the host's CPU).
+    Image { width: u32, height: u32, rgb: Vec<u8> },
+}
+
+impl Pixels {
+    /// The RGB bytes.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Pixels::Crop(bytes) | Pixels::Image { rgb: bytes, .. } => bytes,
+        }
+    }
 }
 
 /// A record with the model's outputs.

@@ -1,5 +1,8 @@
-//! A TorchScript model on one device: batches of cropped images (RGB bytes) in, pooled features
-//! and/or logits out. sparkdl's DeepImageFeaturizer, minus Spark.
+//! A TorchScript model on one device: batches of images (RGB bytes) in, pooled features and/or
+//! logits out. sparkdl's DeepImageFeaturizer, minus Spark.
+//!
+//! An image arrives cropped by the host, or as decoded (`model.resize_on = "device"`), when
+//! the device resizes and crops it first, as the host would ([`Featurizer::forward_pixels`]).
 //!
 //! On a GPU the crops are normalised on the device, through the same per-channel table as
 //! [`Preprocess::normalise`] (a table, not arithmetic, so the result is bit for bit the host's):
@@ -12,7 +15,9 @@
 use super::manifest::{Manifest, OutputKind, WeightsSource};
 use super::ModelError;
 use crate::image::Preprocess;
+use dlpipe_operators::records::Pixels;
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use tch::{CModule, Device, IValue, Kind, Tensor};
@@ -114,9 +119,9 @@ impl OnDevice {
         }
     }
 
-    /// Copies `batch` into the pinned staging buffer and starts its asynchronous copy to
-    /// `device`; the flat u8 tensor there.
-    fn stage(&mut self, batch: &[u8], device: Device) -> Tensor {
+    /// Copies `parts`, back to back, into the pinned staging buffer and starts their
+    /// asynchronous copy to `device`; the flat u8 tensor there.
+    fn stage(&mut self, parts: &[&[u8]], device: Device) -> Tensor {
         if self.copy_pending {
             // A failed batch's copy may still be reading the buffer we are about to overwrite.
             if let Device::Cuda(index) = device {
@@ -124,16 +129,21 @@ impl OnDevice {
             }
             self.copy_pending = false;
         }
-        let len = batch.len() as i64;
+        let len: usize = parts.iter().map(|part| part.len()).sum();
         let staging = match &self.staging {
-            Some(staging) if staging.numel() >= batch.len() => staging,
-            _ => self.staging.insert(Tensor::empty([len], (Kind::Uint8, Device::Cpu)).pin_memory(device)),
+            Some(staging) if staging.numel() >= len => staging,
+            _ => self.staging.insert(Tensor::empty([len as i64], (Kind::Uint8, Device::Cpu)).pin_memory(device)),
         };
         // SAFETY: `staging` is a contiguous u8 CPU tensor of at least `len` bytes that nothing
         // else reads or writes: no copy out of it is pending (above), and `self` is borrowed
         // mutably, under the featurizer's lock.
-        unsafe { std::slice::from_raw_parts_mut(staging.data_ptr().cast::<u8>(), batch.len()) }.copy_from_slice(batch);
-        let on_device = staging.narrow(0, 0, len).to_device_(device, Kind::Uint8, true, false);
+        let mut buffer = unsafe { std::slice::from_raw_parts_mut(staging.data_ptr().cast::<u8>(), len) };
+        for part in parts {
+            let (head, rest) = buffer.split_at_mut(part.len());
+            head.copy_from_slice(part);
+            buffer = rest;
+        }
+        let on_device = staging.narrow(0, 0, len as i64).to_device_(device, Kind::Uint8, true, false);
         self.copy_pending = true;
         on_device
     }
@@ -229,27 +239,72 @@ impl Featurizer {
     }
 
     /// Runs `n` crops laid out contiguously as `n x H x W x 3` bytes (what [`Preprocess::crop`]
-    /// writes) through the model, normalising them on its device.
+    /// writes) through the model.
     pub fn forward(&self, batch: &[u8], n: usize) -> Result<Outputs, ModelError> {
         assert_eq!(batch.len(), n * self.preprocess.crop_len(), "batch length does not match n images");
+        let crops: Vec<&[u8]> = batch.chunks_exact(self.preprocess.crop_len()).collect();
+        self.forward_crops(&crops)
+    }
+
+    /// Runs a batch of the stream's images through the model: crops the host made, and images
+    /// as decoded, which are resized and cropped here, on the model's device, the way
+    /// [`Preprocess::crop`] does it on the host (see [`device_crops`]).
+    pub fn forward_pixels(&self, images: &[&Pixels]) -> Result<Outputs, ModelError> {
+        if images.iter().all(|pixels| matches!(pixels, Pixels::Crop(_))) {
+            let crops: Vec<&[u8]> = images.iter().map(|pixels| pixels.bytes()).collect();
+            return self.forward_crops(&crops);
+        }
+        let n = images.len();
+        let images = if n == 1 { vec![images[0], images[0]] } else { images.to_vec() };
+        let parts: Vec<&[u8]> = images.iter().map(|pixels| pixels.bytes()).collect();
+        let kind = self.manifest.input.dtype.kind();
+        let mut on_device = self.on_device.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let flat = if self.device.is_cuda() {
+            on_device.stage(&parts, self.device)
+        } else {
+            Tensor::from_slice(&parts.concat())
+        };
+        let input = tch::no_grad(|| -> Result<Tensor, ModelError> {
+            let crops = device_crops(&flat, &images, &self.preprocess).map_err(|e| self.mismatch(e))?;
+            let (h, w) = self.preprocess.output_size();
+            Ok(normalised(&crops, &on_device, (images.len(), h, w), kind))
+        })?;
+        let outputs = self.run(input, n, images.len())?;
+        // The outputs are on the host: the stream has run past the copy out of staging.
+        on_device.copy_pending = false;
+        Ok(outputs)
+    }
+
+    /// The crops the model's device makes of `images` (as [`Self::forward_pixels`] does), back
+    /// on the host as `n x H x W x 3` bytes: what tests compare with the host's and `dlpipe
+    /// bench` times.
+    pub fn crops_on_device(&self, images: &[&Pixels]) -> Result<Vec<u8>, ModelError> {
+        let parts: Vec<&[u8]> = images.iter().map(|pixels| pixels.bytes()).collect();
+        let flat = Tensor::from_slice(&parts.concat()).to_device(self.device);
+        let crops = tch::no_grad(|| device_crops(&flat, images, &self.preprocess)).map_err(|e| self.mismatch(e))?;
+        let len = images.len() * self.preprocess.crop_len();
+        let mut bytes = vec![0u8; len];
+        crops.view([-1]).to_device(Device::Cpu).copy_data(&mut bytes, len);
+        Ok(bytes)
+    }
+
+    /// Runs crops, each `H x W x 3` bytes, through the model, normalising them where
+    /// `self.normalise` says.
+    fn forward_crops(&self, crops: &[&[u8]]) -> Result<Outputs, ModelError> {
         // libtorch's CPU convolutions take a different path for a batch of one, whose results
         // differ from the same image's in any larger batch in the last bits. Features must not
         // depend on how records happened to be batched (the stream's learner is deterministic
         // across worker counts only if its inputs are), so a single image runs as a pair.
-        let padded;
-        let (batch, rows) = if n == 1 {
-            padded = [batch, batch].concat();
-            (&padded[..], 2)
-        } else {
-            (batch, n)
-        };
+        let n = crops.len();
+        let crops = if n == 1 { vec![crops[0], crops[0]] } else { crops.to_vec() };
+        let rows = crops.len();
         let (h, w) = self.preprocess.output_size();
         let kind = self.manifest.input.dtype.kind();
         match (self.normalise, self.device.is_cuda()) {
             (Normalise::OnHost, _) => {
-                let (crop_len, len) = (self.preprocess.crop_len(), self.preprocess.tensor_len());
+                let len = self.preprocess.tensor_len();
                 let mut pixels = vec![0f32; rows * len];
-                for (crop, out) in batch.chunks_exact(crop_len).zip(pixels.chunks_exact_mut(len)) {
+                for (crop, out) in crops.iter().zip(pixels.chunks_exact_mut(len)) {
                     self.preprocess.normalise(crop, out);
                 }
                 let shape = [rows as i64, 3, i64::from(h), i64::from(w)];
@@ -259,8 +314,8 @@ impl Featurizer {
             }
             (Normalise::OnDevice, true) => {
                 let mut on_device = self.on_device.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                let crops = on_device.stage(batch, self.device);
-                let input = tch::no_grad(|| normalised(&crops, &on_device, (rows, h, w), kind));
+                let flat = on_device.stage(&crops, self.device);
+                let input = tch::no_grad(|| normalised(&flat, &on_device, (rows, h, w), kind));
                 let outputs = self.run(input, n, rows)?;
                 // The outputs are on the host: the stream has run past the copy out of staging.
                 on_device.copy_pending = false;
@@ -268,7 +323,8 @@ impl Featurizer {
             }
             (Normalise::OnDevice, false) => {
                 let on_device = self.on_device.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                let input = tch::no_grad(|| normalised(&Tensor::from_slice(batch), &on_device, (rows, h, w), kind));
+                let flat = Tensor::from_slice(&crops.concat());
+                let input = tch::no_grad(|| normalised(&flat, &on_device, (rows, h, w), kind));
                 drop(on_device);
                 self.run(input, n, rows)
             }
@@ -328,6 +384,64 @@ impl Featurizer {
     fn mismatch(&self, reason: String) -> ModelError {
         ModelError::Mismatch { path: self.path.clone(), reason }
     }
+}
+
+/// `images` (their bytes back to back in `flat`, u8 on the device) as crops of the model's
+/// input size: `rows x H x W x 3` u8. A host's crop is taken as it is; an image as decoded is
+/// resized and cropped as [`Preprocess::crop`] does it, in the host's order and rounding: the
+/// vertical pass rounded to bytes, then the horizontal one (in float throughout, 12-18% of the
+/// bytes would be one off the host's; this way, 0.14% of a photo's, none of Fashion-MNIST's;
+/// `tests/model.rs`). Only the crop's rows go through the horizontal pass. Images of one size
+/// are resized together: one call per size in the batch. An image that [`Preprocess::plan`]
+/// refuses is an error (the host checked it before sending it).
+fn device_crops(flat: &Tensor, images: &[&Pixels], preprocess: &Preprocess) -> Result<Tensor, String> {
+    let (crop_h, crop_w) = preprocess.output_size();
+    let (crop_h, crop_w) = (i64::from(crop_h), i64::from(crop_w));
+    let mut crops: Vec<Option<Tensor>> = images.iter().map(|_| None).collect();
+    let mut by_size: BTreeMap<(u32, u32), Vec<(usize, Tensor)>> = BTreeMap::new();
+    let mut offset = 0;
+    for (i, pixels) in images.iter().enumerate() {
+        let len = pixels.bytes().len() as i64;
+        let bytes = flat.narrow(0, offset, len);
+        offset += len;
+        match pixels {
+            Pixels::Crop(_) if len == crop_h * crop_w * 3 => crops[i] = Some(bytes.view([crop_h, crop_w, 3])),
+            Pixels::Crop(_) => return Err(format!("a crop of {len} bytes, not {crop_w}x{crop_h}x3")),
+            Pixels::Image { width, height, .. } if len == i64::from(*width) * i64::from(*height) * 3 => by_size
+                .entry((*width, *height))
+                .or_default()
+                .push((i, bytes.view([i64::from(*height), i64::from(*width), 3]))),
+            Pixels::Image { width, height, .. } => return Err(format!("a {width}x{height} image of {len} bytes")),
+        }
+    }
+    for ((width, height), members) in by_size {
+        let plan = preprocess.plan(width, height).map_err(|e| e.to_string())?;
+        let stacked = Tensor::stack(&members.iter().map(|(_, image)| image).collect::<Vec<_>>(), 0);
+        // N x C x H x W, as torch's resampling takes it.
+        let mut x = stacked.permute([0, 3, 1, 2]).to_kind(Kind::Float);
+        let resample = |x: &Tensor, size: [i64; 2]| {
+            let resized = if preprocess.bicubic() {
+                x.internal_upsample_bicubic2d_aa(size, false, None, None)
+            } else {
+                x.internal_upsample_bilinear2d_aa(size, false, None, None)
+            };
+            // The host's rounding of its fixed-point sums: half up.
+            (resized + 0.5).floor().clamp(0.0, 255.0)
+        };
+        if plan.height != height {
+            x = resample(&x, [i64::from(plan.height), i64::from(width)]);
+        }
+        x = x.narrow(2, i64::from(plan.top), crop_h);
+        if plan.width != width {
+            x = resample(&x, [crop_h, i64::from(plan.width)]);
+        }
+        let resized = x.narrow(3, i64::from(plan.left), crop_w).permute([0, 2, 3, 1]).to_kind(Kind::Uint8);
+        for (j, (i, _)) in members.into_iter().enumerate() {
+            crops[i] = Some(resized.get(j as i64));
+        }
+    }
+    let crops: Vec<Tensor> = crops.into_iter().map(|crop| crop.expect("every image placed")).collect();
+    Ok(Tensor::stack(&crops, 0))
 }
 
 /// `crops` (`rows` crops of h x w, flat u8 on the device) through the table of `on_device`, as

@@ -22,7 +22,7 @@ use crate::metrics::WorkerMetrics;
 use dlpipe_operators::{
     checkpoint, feedback_join, kafka_feedback_source, kafka_source, AssignedConsumer, Batching, ByteBudget, DeadLetter,
     Delivery, Epoch, Fatal, Featured, Featurize, Feedback, FetchDecode, ImageRecord, KafkaSink, LabelledExample,
-    LearnPredict, Outcome, Prepare, SharedBacklog, SinkSpec, SourceSpec,
+    LearnPredict, Outcome, Pixels, Prepare, SharedBacklog, SinkSpec, SourceSpec,
 };
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -164,7 +164,7 @@ impl Lanes<'_> {
             records.fetch_decode(self.max_decoding, prepare, self.fetch_metrics.clone()).probe_with(self.probes.0);
         let (decoded, undecodable) = decoded.ok_err::<Vec<_>, _, Vec<DeadLetter>, _, _>(|r| r);
         let model = Rc::clone(&self.work.model);
-        let model = move |crops: &[u8], n: usize| model.borrow_mut()(crops, n);
+        let model = move |images: &[&Pixels]| model.borrow_mut()(images);
         let featured = decoded
             .featurize(self.batching, model, Rc::clone(self.fatal), self.featurize_metrics.clone())
             .probe_with(self.probes.1);

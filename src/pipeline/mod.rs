@@ -309,7 +309,8 @@ fn run_worker(
     let manifest = resolve_precision(&config.model.name, &config.model.dir, config.model.precision, &devices)?;
     let featurizer = Featurizer::load(&manifest, parse_device(device)?)?;
     let manifest = featurizer.manifest().clone();
-    tracing::info!(worker = index, model = manifest.name, device, "model loaded");
+    let resize_on = config.model.resize_on.resolve(devices.iter().all(|d| d.is_cuda()));
+    tracing::info!(worker = index, model = manifest.name, device, ?resize_on, "model loaded");
     let metrics = shared.metrics.for_worker(index, &p.input_topic);
     let online = online_head(config, &manifest, &start, index, &metrics)?;
     let promotions = promotion_reader(config, &start, &online, index)?;
@@ -328,7 +329,7 @@ fn run_worker(
         backlog: Rc::clone(&backlog),
         stop: Arc::clone(stop),
         fatal: Rc::clone(&fatal),
-        work: Work::new(config, featurizer, device, shared.metrics, &index.to_string())?,
+        work: Work::new(config, featurizer, device, resize_on, shared.metrics, &index.to_string())?,
         fetched_bytes: Arc::clone(shared.fetched_bytes),
         max_decoding: p.max_decoding,
         batching: Batching { max_batch: config.model.batch_size, max_wait: Duration::from_millis(p.max_batch_wait_ms) },

@@ -1,17 +1,17 @@
 //! The work `fetch_decode` and `featurize` schedule for one worker: fetching a record's image
 //! (fetch threads), decoding, resizing and cropping it (rayon's pool, with `batch`'s
-//! cropping), and the forward pass on the worker's device (the worker thread). Each
-//! step observes its duration metric.
+//! cropping; or, with `model.resize_on` at the device, decoding only), and the forward pass on
+//! the worker's device (the worker thread). Each step observes its duration metric.
 
 use super::PipelineError;
 use crate::batch::crop_into;
-use crate::config::Config;
+use crate::config::{Config, ResizeOn};
 use crate::fetch::{Fetcher, UriScheme};
 use crate::image::decode;
 use crate::metrics::Metrics;
 use crate::model::{Featurizer, ModelError};
 use dlpipe_operators::records::InlineImage;
-use dlpipe_operators::{ImageRecord, ModelRow, PrepareError};
+use dlpipe_operators::{ImageRecord, ModelRow, Pixels, PrepareError};
 use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -20,10 +20,11 @@ use std::time::Instant;
 
 /// Fetches a record's encoded image.
 pub(super) type Fetch = Arc<dyn Fn(&ImageRecord) -> Result<Vec<u8>, PrepareError> + Send + Sync>;
-/// Decodes, resizes and centre-crops a record's image into the model's input bytes.
-pub(super) type Decode = Arc<dyn Fn(&ImageRecord, &[u8]) -> Result<Vec<u8>, PrepareError> + Send + Sync>;
-/// One forward pass over `n` images' crops: each image's features and logits.
-pub(super) type Model = Rc<RefCell<dyn FnMut(&[u8], usize) -> Result<Vec<ModelRow>, ModelError>>>;
+/// Decodes a record's image into the pixels the model's device takes: a crop (resized and
+/// centre-cropped here), or the image as decoded for the device to resize.
+pub(super) type Decode = Arc<dyn Fn(&ImageRecord, &[u8]) -> Result<Pixels, PrepareError> + Send + Sync>;
+/// One forward pass over a batch of images: each image's features and logits.
+pub(super) type Model = Rc<RefCell<dyn FnMut(&[&Pixels]) -> Result<Vec<ModelRow>, ModelError>>>;
 
 /// The worker's work, shared by its labelled and unlabelled lanes.
 pub(super) struct Work {
@@ -38,6 +39,7 @@ impl Work {
         config: &Config,
         featurizer: Featurizer,
         device: &str,
+        resize_on: ResizeOn,
         metrics: &Metrics,
         worker: &str,
     ) -> Result<Work, PipelineError> {
@@ -67,23 +69,36 @@ impl Work {
             bytes
         });
         let preprocess = featurizer.preprocess().clone();
+        let device_max_pixels = (resize_on == ResizeOn::Device).then_some(config.model.device_resize_max_pixels);
         let decode: Decode = Arc::new(move |record: &ImageRecord, bytes: &[u8]| {
             let started = Instant::now();
+            let unprocessable =
+                |e: crate::image::PreprocessError| PrepareError::new(e.kind(), format!("{}: {e}", record.uri));
             let image =
                 decode(bytes, &limits).map_err(|e| PrepareError::new(e.kind(), format!("{}: {e}", record.uri)))?;
-            let mut crop = vec![0u8; preprocess.crop_len()];
-            crop_into(&preprocess, &image, &mut crop)
-                .map_err(|e| PrepareError::new(e.kind(), format!("{}: {e}", record.uri)))?;
+            let (width, height) = image.dimensions();
+            let pixels = match device_max_pixels {
+                Some(max) if u64::from(width) * u64::from(height) <= max => {
+                    // Refused here, with the record's URI, not by the device.
+                    preprocess.plan(width, height).map_err(unprocessable)?;
+                    Pixels::Image { width, height, rgb: image.into_raw() }
+                }
+                _ => {
+                    let mut crop = vec![0u8; preprocess.crop_len()];
+                    crop_into(&preprocess, &image, &mut crop).map_err(unprocessable)?;
+                    Pixels::Crop(crop)
+                }
+            };
             decode_seconds.observe(started.elapsed().as_secs_f64());
-            Ok(crop)
+            Ok(pixels)
         });
         let model_name = featurizer.manifest().name.clone();
         let labels = [worker, device, model_name.as_str()];
         let forward_seconds = metrics.featurize_seconds.with_label_values(&labels);
         let batch_records = metrics.featurize_batch.with_label_values(&labels);
-        let model: Model = Rc::new(RefCell::new(move |crops: &[u8], n: usize| -> Result<Vec<ModelRow>, ModelError> {
-            let started = Instant::now();
-            let out = featurizer.forward(crops, n)?;
+        let model: Model = Rc::new(RefCell::new(move |images: &[&Pixels]| -> Result<Vec<ModelRow>, ModelError> {
+            let (started, n) = (Instant::now(), images.len());
+            let out = featurizer.forward_pixels(images)?;
             forward_seconds.observe(started.elapsed().as_secs_f64());
             batch_records.observe(n as f64);
             let row = |i| {

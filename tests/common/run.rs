@@ -142,6 +142,14 @@ impl Run {
         Run { dir, predictions, dead, group, model_topic, brokers: brokers.to_owned() }
     }
 
+    /// This run with `lines` added to its config's `[model]` section.
+    pub fn with_model(self, lines: &str) -> Run {
+        let path = self.config();
+        let toml = std::fs::read_to_string(&path).unwrap().replacen("[model]\n", &format!("[model]\n{lines}\n"), 1);
+        std::fs::write(&path, toml).unwrap();
+        self
+    }
+
     /// A Kafka config section for this run's cluster.
     pub fn kafka(&self) -> dlpipe::config::KafkaConfig {
         super::kafka_config_for(&self.brokers)
