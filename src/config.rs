@@ -323,6 +323,28 @@ pub enum ResizeOn {
     Device,
 }
 
+impl std::fmt::Display for ResizeOn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ResizeOn::Auto => "auto",
+            ResizeOn::Host => "host",
+            ResizeOn::Device => "device",
+        })
+    }
+}
+
+impl std::str::FromStr for ResizeOn {
+    type Err = String;
+    fn from_str(s: &str) -> Result<ResizeOn, String> {
+        match s.trim() {
+            "auto" => Ok(ResizeOn::Auto),
+            "host" => Ok(ResizeOn::Host),
+            "device" => Ok(ResizeOn::Device),
+            other => Err(format!("resize_on {other:?} is not one of auto, host, device")),
+        }
+    }
+}
+
 impl ResizeOn {
     /// Host or Device: what "auto" means where every device is CUDA (`all_cuda`) or not.
     pub fn resolve(self, all_cuda: bool) -> ResizeOn {

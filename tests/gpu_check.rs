@@ -30,9 +30,16 @@ fn gpu_check_dry_run_prints_every_table_per_precision() {
     }
     // The pipeline's table per precision, each with its model-alone rate and the stream's.
     for (model, precision) in [("efficientnet_lite0", "f32"), ("efficientnet_lite0_bf16", "bf16")] {
-        let header = format!("## end to end through Kafka ({model}, precision {precision}, 1 worker(s)");
+        let header =
+            format!("## end to end through Kafka ({model}, precision {precision}, resize on host, 1 worker(s)");
         assert!(stdout.contains(&header), "no pipeline table for {precision}:\n{stdout}");
     }
-    assert_eq!(stdout.matches("| at_least_once | ").count(), 2, "{stdout}");
+    // The small images' runs, resized on the host and then on the device (the CPU here).
+    for resize in ["host", "device"] {
+        let header = format!("## end to end through Kafka (efficientnet_lite0, precision f32, resize on {resize}, 1");
+        assert!(stdout.contains(&header), "no pipeline table resizing on the {resize}:\n{stdout}");
+    }
+    assert_eq!(stdout.matches("| at_least_once | ").count(), 4, "{stdout}");
+    assert!(stdout.contains("| resize + crop on cpu |"), "the decode table times the device's resize: {stdout}");
     assert!(stdout.contains("no GPU measured (dry run)") && stdout.contains("gpu-check done"), "{stdout}");
 }

@@ -5,7 +5,7 @@ mod common;
 
 use dlpipe::config::Precision;
 use dlpipe::image::{read_file, ImageLimits, Preprocess};
-use dlpipe::model::{resolve_precision, top_k, CpuFeatures, Featurizer, ModelError, Normalise};
+use dlpipe::model::{crops_on_device, resolve_precision, top_k, CpuFeatures, Featurizer, ModelError, Normalise};
 use dlpipe_operators::Pixels;
 use fast_image_resize::Resizer;
 use std::path::{Path, PathBuf};
@@ -468,7 +468,7 @@ fn images_resized_on_the_device_match_the_hosts_crops() {
         let limits = if pre.bicubic() { [(0.005, 2), (0.01, 2)] } else { [(0.002, 1), (0.0, 0)] };
         for (paths, (most_off, most_far)) in [&photos, &fashion].into_iter().zip(limits) {
             let images = decoded(paths);
-            let on_device = featurizer.crops_on_device(&images.iter().collect::<Vec<_>>()).unwrap();
+            let on_device = crops_on_device(&images.iter().collect::<Vec<_>>(), pre, Device::Cpu).unwrap();
             let on_host = crops(pre, paths);
             let off = on_device.iter().zip(&on_host).filter(|(d, h)| d != h).count();
             let furthest = on_device.iter().zip(&on_host).map(|(d, h)| d.abs_diff(*h)).max().unwrap();
@@ -508,7 +508,7 @@ fn a_batch_of_crops_and_images_of_several_sizes_gives_each_images_own_features()
     for (i, path) in fashion.iter().enumerate() {
         assert!(host.features_row(i) == together.features_row(i + 1), "{}", path.display());
     }
-    // An image the host would refuse is an error naming the model, not a panic.
+    // Pixels that are not the image they claim to be: an error, not a panic.
     let bad = Pixels::Image { width: 3, height: 2, rgb: vec![0; 5] };
     let err = featurizer.forward_pixels(&[&bad, &batch[0]]).unwrap_err();
     assert!(err.to_string().contains("3x2 image of 5 bytes"), "{err}");

@@ -265,7 +265,7 @@ impl Featurizer {
             Tensor::from_slice(&parts.concat())
         };
         let input = tch::no_grad(|| -> Result<Tensor, ModelError> {
-            let crops = device_crops(&flat, &images, &self.preprocess).map_err(|e| self.mismatch(e))?;
+            let crops = device_crops(&flat, &images, &self.preprocess)?;
             let (h, w) = self.preprocess.output_size();
             Ok(normalised(&crops, &on_device, (images.len(), h, w), kind))
         })?;
@@ -273,19 +273,6 @@ impl Featurizer {
         // The outputs are on the host: the stream has run past the copy out of staging.
         on_device.copy_pending = false;
         Ok(outputs)
-    }
-
-    /// The crops the model's device makes of `images` (as [`Self::forward_pixels`] does), back
-    /// on the host as `n x H x W x 3` bytes: what tests compare with the host's and `dlpipe
-    /// bench` times.
-    pub fn crops_on_device(&self, images: &[&Pixels]) -> Result<Vec<u8>, ModelError> {
-        let parts: Vec<&[u8]> = images.iter().map(|pixels| pixels.bytes()).collect();
-        let flat = Tensor::from_slice(&parts.concat()).to_device(self.device);
-        let crops = tch::no_grad(|| device_crops(&flat, images, &self.preprocess)).map_err(|e| self.mismatch(e))?;
-        let len = images.len() * self.preprocess.crop_len();
-        let mut bytes = vec![0u8; len];
-        crops.view([-1]).to_device(Device::Cpu).copy_data(&mut bytes, len);
-        Ok(bytes)
     }
 
     /// Runs crops, each `H x W x 3` bytes, through the model, normalising them where
@@ -386,6 +373,19 @@ impl Featurizer {
     }
 }
 
+/// The crops `device` makes of `images` (as [`Featurizer::forward_pixels`] does before the
+/// model), back on the host as `n x H x W x 3` bytes: what tests compare with the host's and
+/// `dlpipe bench` times.
+pub fn crops_on_device(images: &[&Pixels], preprocess: &Preprocess, device: Device) -> Result<Vec<u8>, ModelError> {
+    let parts: Vec<&[u8]> = images.iter().map(|pixels| pixels.bytes()).collect();
+    let flat = Tensor::from_slice(&parts.concat()).to_device(device);
+    let crops = tch::no_grad(|| device_crops(&flat, images, preprocess))?;
+    let len = images.len() * preprocess.crop_len();
+    let mut bytes = vec![0u8; len];
+    crops.view([-1]).to_device(Device::Cpu).copy_data(&mut bytes, len);
+    Ok(bytes)
+}
+
 /// `images` (their bytes back to back in `flat`, u8 on the device) as crops of the model's
 /// input size: `rows x H x W x 3` u8. A host's crop is taken as it is; an image as decoded is
 /// resized and cropped as [`Preprocess::crop`] does it, in the host's order and rounding: the
@@ -394,7 +394,7 @@ impl Featurizer {
 /// `tests/model.rs`). Only the crop's rows go through the horizontal pass. Images of one size
 /// are resized together: one call per size in the batch. An image that [`Preprocess::plan`]
 /// refuses is an error (the host checked it before sending it).
-fn device_crops(flat: &Tensor, images: &[&Pixels], preprocess: &Preprocess) -> Result<Tensor, String> {
+fn device_crops(flat: &Tensor, images: &[&Pixels], preprocess: &Preprocess) -> Result<Tensor, ModelError> {
     let (crop_h, crop_w) = preprocess.output_size();
     let (crop_h, crop_w) = (i64::from(crop_h), i64::from(crop_w));
     let mut crops: Vec<Option<Tensor>> = images.iter().map(|_| None).collect();
@@ -406,16 +406,20 @@ fn device_crops(flat: &Tensor, images: &[&Pixels], preprocess: &Preprocess) -> R
         offset += len;
         match pixels {
             Pixels::Crop(_) if len == crop_h * crop_w * 3 => crops[i] = Some(bytes.view([crop_h, crop_w, 3])),
-            Pixels::Crop(_) => return Err(format!("a crop of {len} bytes, not {crop_w}x{crop_h}x3")),
+            Pixels::Crop(_) => {
+                return Err(ModelError::Pixels(format!("a crop of {len} bytes, not {crop_w}x{crop_h}x3")))
+            }
             Pixels::Image { width, height, .. } if len == i64::from(*width) * i64::from(*height) * 3 => by_size
                 .entry((*width, *height))
                 .or_default()
                 .push((i, bytes.view([i64::from(*height), i64::from(*width), 3]))),
-            Pixels::Image { width, height, .. } => return Err(format!("a {width}x{height} image of {len} bytes")),
+            Pixels::Image { width, height, .. } => {
+                return Err(ModelError::Pixels(format!("a {width}x{height} image of {len} bytes")))
+            }
         }
     }
     for ((width, height), members) in by_size {
-        let plan = preprocess.plan(width, height).map_err(|e| e.to_string())?;
+        let plan = preprocess.plan(width, height).map_err(|e| ModelError::Pixels(e.to_string()))?;
         let stacked = Tensor::stack(&members.iter().map(|(_, image)| image).collect::<Vec<_>>(), 0);
         // N x C x H x W, as torch's resampling takes it.
         let mut x = stacked.permute([0, 3, 1, 2]).to_kind(Kind::Float);

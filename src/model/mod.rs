@@ -6,7 +6,7 @@ mod featurizer;
 mod manifest;
 mod precision;
 
-pub use featurizer::{parse_device, Featurizer, Normalise, Outputs};
+pub use featurizer::{crops_on_device, parse_device, Featurizer, Normalise, Outputs};
 pub use manifest::{resolve, Dtype, InputSpec, Manifest, OutputKind, WeightsSource};
 pub use precision::{resolve_precision, wanted_dtype, CpuFeatures};
 
@@ -38,6 +38,9 @@ pub enum ModelError {
     Precision(String),
     #[error("device {0:?} is not available: {1}")]
     Device(String, String),
+    /// Pixels the device cannot make a crop of (the host checks them before sending them).
+    #[error("cannot crop the batch on the device: {0}")]
+    Pixels(String),
     #[error("forward pass of {model} failed: {source}")]
     Forward {
         model: String,
