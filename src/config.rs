@@ -195,6 +195,10 @@ pub struct PipelineConfig {
     /// Records of one worker being fetched and decoded at once, in each lane (labelled and
     /// unlabelled records are prepared apart).
     pub max_decoding: usize,
+    /// Niceness of the decoding threads (rayon's pool), 0-19: below the model's threads, so
+    /// that decoding takes the cores the model leaves rather than stalling its parallel
+    /// regions; 0 treats them alike.
+    pub decode_nice: i32,
     /// Encoded bytes held between fetching and decoding, by all workers of a process together;
     /// fetch threads wait for room beyond it (one larger input still goes through, alone).
     pub max_fetched_bytes: u64,
@@ -267,6 +271,7 @@ impl Default for PipelineConfig {
             top_k: 3,
             max_backlog: 1024,
             max_decoding: 64,
+            decode_nice: 10,
             max_fetched_bytes: 512 << 20,
             max_batch_wait_ms: 20,
             create_topics: true,
@@ -716,6 +721,9 @@ impl Config {
         if p.max_backlog == 0 || p.max_decoding == 0 {
             return Err(invalid_value("pipeline.max_backlog and pipeline.max_decoding must be at least 1"));
         }
+        if !(0..=19).contains(&p.decode_nice) {
+            return Err(invalid_value("pipeline.decode_nice must be 0 to 19 (a niceness; 0 is the model's)"));
+        }
         if p.max_fetched_bytes == 0 {
             return Err(invalid_value("pipeline.max_fetched_bytes must be at least 1"));
         }
@@ -1028,6 +1036,7 @@ mod tests {
             ("[pipeline]\ngroup_id = \" \"\n", "pipeline.group_id is empty"),
             ("[pipeline]\ntop_k = 0\n", "pipeline.top_k"),
             ("[pipeline]\nmax_decoding = 0\n", "pipeline.max_decoding"),
+            ("[pipeline]\ndecode_nice = -5\n", "pipeline.decode_nice"),
             ("[pipeline]\ntopic_replication_factor = 0\n", "topic_replication_factor"),
             ("[pipeline]\ntopic_min_insync_replicas = 2\n", "pipeline.topic_min_insync_replicas (2)"),
             ("[pipeline]\ntopic_min_insync_replicas = -1\n", "pipeline.topic_min_insync_replicas (-1)"),

@@ -966,3 +966,35 @@ fn http_auth_sends_the_token_to_its_host_only_and_never_shows_it() {
         assert!(error.contains("no fetch.http_auth rule matches host 127.0.0.1"), "{error}");
     }
 }
+
+#[test]
+fn decoding_threads_run_at_pipeline_decode_nice_below_the_model() {
+    let input = common::unique("nice-images");
+    produce(&input, 2, &messages(&fashion(4, 0), "n", 2, |_| true));
+    let run = Run::new("nice", &input, "");
+    let (child, log) = run.spawn(&[]);
+    let tasks = PathBuf::from(format!("/proc/{}/task", child.0.id()));
+    // Each thread's name and niceness (field 19 of its stat, the 17th after the name).
+    let threads = || -> Vec<(String, i32)> {
+        let Ok(entries) = std::fs::read_dir(&tasks) else { return Vec::new() };
+        entries
+            .filter_map(|e| {
+                let path = e.ok()?.path();
+                let name = std::fs::read_to_string(path.join("comm")).ok()?.trim().to_owned();
+                let stat = std::fs::read_to_string(path.join("stat")).ok()?;
+                let nice = stat.rsplit_once(')')?.1.split_whitespace().nth(16)?.parse().ok()?;
+                Some((name, nice))
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = threads();
+    while !seen.iter().any(|(name, _)| name.starts_with("dlpipe-decode")) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        seen = threads();
+    }
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    let decoding: Vec<i32> = seen.iter().filter(|(n, _)| n.starts_with("dlpipe-decode")).map(|(_, v)| *v).collect();
+    assert!(!decoding.is_empty() && decoding.iter().all(|n| *n == 10), "decoding threads at nice 10: {seen:?}\n{log}");
+    assert!(seen.iter().any(|(n, nice)| n == "dlpipe" && *nice == 0), "the main thread stays at 0: {seen:?}");
+}

@@ -102,6 +102,7 @@ pub fn run(options: RunOptions) -> Result<Vec<WorkerSummary>, PipelineError> {
     if config.model.intra_op_threads > 0 {
         tch::set_num_threads(config.model.intra_op_threads as i32);
     }
+    work::start_decoding_pool(config.pipeline.decode_nice);
     // One clear error, before any worker starts, for a cluster that cannot be reached or
     // refuses dlpipe; a cluster that is still starting is waited for.
     crate::kafka::wait_for_cluster(&config.kafka)?;

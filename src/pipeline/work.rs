@@ -110,6 +110,31 @@ impl Work {
     }
 }
 
+/// Builds rayon's global pool, where records are decoded and cropped, with its threads named
+/// `dlpipe-decode-N` at niceness `nice` (`pipeline.decode_nice`). A pool that exists already
+/// (an earlier run in this process) keeps its threads as they are.
+pub(super) fn start_decoding_pool(nice: i32) {
+    let built = rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("dlpipe-decode-{i}"))
+        .start_handler(move |_| lower_this_threads_priority(nice))
+        .build_global();
+    if built.is_err() {
+        tracing::debug!("rayon's pool exists already: its threads keep their priority");
+    }
+}
+
+fn lower_this_threads_priority(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    // On Linux, PRIO_PROCESS with who = 0 is the calling thread, not the whole process.
+    // SAFETY: setpriority takes integers and changes only this thread's niceness.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+        let error = std::io::Error::last_os_error();
+        tracing::warn!(nice, %error, "cannot lower a decoding thread's priority; it competes with the model's");
+    }
+}
+
 /// One worker's fetch metrics by [`UriScheme`]: the handles of each scheme are made on its first
 /// image, so that only the schemes a deployment uses appear in `/metrics`.
 struct FetchMetrics {
