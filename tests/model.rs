@@ -513,3 +513,37 @@ fn a_batch_of_crops_and_images_of_several_sizes_gives_each_images_own_features()
     let err = featurizer.forward_pixels(&[&bad, &batch[0]]).unwrap_err();
     assert!(err.to_string().contains("3x2 image of 5 bytes"), "{err}");
 }
+
+#[test]
+fn featurize_and_predict_follow_model_resize_on_and_give_the_hosts_results_on_fashion_mnist() {
+    // The batch commands resize where the stream would; on 28x28 images the device's crops are
+    // the host's byte for byte, so features and predictions are too.
+    let dir = tempfile::tempdir().unwrap();
+    let images: Vec<String> = common::fashion(12, 40).into_iter().map(|(p, _)| p.display().to_string()).collect();
+    let run = |resize_on: &str, args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_dlpipe"))
+            .args(args)
+            .args(&images)
+            .current_dir(common::root())
+            .env_remove("DLPIPE_CONFIG")
+            .env("DLPIPE__MODEL__RESIZE_ON", resize_on)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        out
+    };
+    let mut features = Vec::new();
+    for resize_on in ["host", "device"] {
+        let npy = dir.path().join(format!("{resize_on}.npy"));
+        let out = run(resize_on, &["featurize", "--no-cache", "-o", npy.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(&format!("resize_on={resize_on}")), "{stderr}");
+        features.push(dlpipe::npy::read_f32(&npy).unwrap());
+    }
+    assert_eq!(features[0].0, 12);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&features[0].2), bits(&features[1].2), "the same features, bit for bit");
+    let predictions = ["host", "device"].map(|r| run(r, &["predict", "--json"]).stdout);
+    assert!(!predictions[0].is_empty() && predictions[0] == predictions[1], "the same predictions");
+}
+

@@ -4,7 +4,7 @@
 
 mod common;
 
-use dlpipe::batch::{run_files, FileOutcome};
+use dlpipe::batch::{run_files, FileOutcome, Resizing};
 use dlpipe::image::ImageLimits;
 use dlpipe::model::{top_k, Featurizer};
 use std::process::Command;
@@ -35,7 +35,7 @@ fn parity(model: &str) {
     let featurizer = Featurizer::load(&manifest, tch::Device::Cpu).unwrap();
     let names = featurizer.manifest().class_names.clone();
     let mut worst = 1f64;
-    run_files(&featurizer, &ImageLimits::default(), &paths, 4, |i, path, outcome| {
+    run_files(&featurizer, &ImageLimits::default(), Resizing::ON_HOST, &paths, 4, |i, path, outcome| {
         let FileOutcome::Done { outputs, row } = outcome else { panic!("{} failed", path.display()) };
         let want = &reference["images"][i];
         let want_features: Vec<f64> =

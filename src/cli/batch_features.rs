@@ -3,6 +3,7 @@
 
 use anyhow::Context;
 use dlpipe::config::Config;
+use dlpipe::batch::Resizing;
 use dlpipe::config::Precision;
 use dlpipe::fetch::{FetchConfig, Fetcher};
 use dlpipe::model::{parse_device, resolve, resolve_precision, Featurizer};
@@ -98,12 +99,15 @@ pub fn featurize_uris(
     let cache_dir: Option<&Path> = (!flags.no_cache && !cache_dir.as_os_str().is_empty()).then_some(&cache_dir);
     // The user names these files; file_roots guard the stream against its producers.
     let fetcher = Fetcher::new(FetchConfig { file_roots: Vec::new(), ..config.fetch.clone() })?;
+    let resizing = Resizing::of(&config.model, featurizers.iter().all(|f| f.device().is_cuda()));
+    tracing::info!(resize_on = %resizing.describe(), "where images are resized");
     let options = FeaturizeOptions {
         fetcher: &fetcher,
         limits: config.image,
         batch_size: flags.batch_size.unwrap_or(config.model.batch_size),
         cache_dir,
         progress: true,
+        resizing,
     };
     let features = extract_features(featurizers, uris, &options)?;
     let failed: Vec<_> = features.failures().collect();

@@ -4,13 +4,14 @@
 use super::batch_features::{featurize_uris, load_classifier_featurizers, FeaturizeFlags};
 use super::load_featurizer;
 use anyhow::Context;
-use dlpipe::batch::{crop_into, run_inputs, InputOutcome};
+use dlpipe::batch::{run_inputs, InputOutcome, Resizing};
 use dlpipe::config::Config;
 use dlpipe::fetch::Fetcher;
 use dlpipe::image::{decode, list_images, read_file};
 use dlpipe::model::ClassProbability;
 use dlpipe::model::{top_k, OutputKind, WeightsSource};
 use dlpipe::transfer::{dataset, Classifier};
+use dlpipe_operators::Pixels;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -79,8 +80,8 @@ fn prepare_image(
     fetcher: &Fetcher,
     limits: &dlpipe::image::ImageLimits,
     preprocess: &dlpipe::image::Preprocess,
-    out: &mut [u8],
-) -> Result<(), Failure> {
+    resizing: Resizing,
+) -> Result<Pixels, Failure> {
     let failed = |kind: &'static str, message: String| Failure { message, kind };
     let pixels = if dataset::is_uri(image) {
         let bytes = fetcher.fetch(image, limits.max_encoded_bytes).map_err(|e| failed(e.kind(), e.to_string()))?;
@@ -88,7 +89,7 @@ fn prepare_image(
     } else {
         read_file(Path::new(image), limits).map_err(|e| failed(e.kind(), e.to_string()))?
     };
-    crop_into(preprocess, &pixels, out).map_err(|e| failed(e.kind(), format!("{}: {e}", shown(image))))
+    resizing.pixels(preprocess, pixels).map_err(|e| failed(e.kind(), format!("{}: {e}", shown(image))))
 }
 
 /// How an image is named in the output: as given, but a long `data:` URI cut short.
@@ -147,7 +148,8 @@ pub fn run(config: &Config, args: PredictArgs) -> anyhow::Result<()> {
     let mut failed = 0usize;
     let mut write_result: std::io::Result<()> = Ok(());
     let preprocess = featurizer.preprocess();
-    let prepare = |i: usize, out: &mut [u8]| prepare_image(&images[i], &fetcher, &config.image, preprocess, out);
+    let resizing = Resizing::of(&config.model, featurizer.device().is_cuda());
+    let prepare = |i: usize| prepare_image(&images[i], &fetcher, &config.image, preprocess, resizing);
     let batch_size = args.batch_size.unwrap_or(config.model.batch_size);
     run_inputs(&featurizer, images.len(), batch_size, prepare, |i, outcome| {
         progress.inc(1);

@@ -47,6 +47,7 @@ pub use model_topic::{Checkpoint, CheckpointError, CheckpointInfo};
 use crate::config::{Config, DeliveryGuarantee, HeadKind};
 use crate::metrics::kafka::LagContext;
 use crate::metrics::{Metrics, Readiness, WorkerMetrics};
+use crate::batch::Resizing;
 use crate::model::{parse_device, resolve_precision, Featurizer, Manifest, OutputKind};
 use crate::transfer::classifier::featurizer_metadata;
 use dataflow::{Classifier, Dataflow};
@@ -310,8 +311,8 @@ fn run_worker(
     let manifest = resolve_precision(&config.model.name, &config.model.dir, config.model.precision, &devices)?;
     let featurizer = Featurizer::load(&manifest, parse_device(device)?)?;
     let manifest = featurizer.manifest().clone();
-    let resize_on = config.model.resize_on.resolve(devices.iter().all(|d| d.is_cuda()));
-    tracing::info!(worker = index, model = manifest.name, device, ?resize_on, "model loaded");
+    let resizing = Resizing::of(&config.model, devices.iter().all(|d| d.is_cuda()));
+    tracing::info!(worker = index, model = manifest.name, device, resize_on = %resizing.describe(), "model loaded");
     let metrics = shared.metrics.for_worker(index, &p.input_topic);
     let online = online_head(config, &manifest, &start, index, &metrics)?;
     let promotions = promotion_reader(config, &start, &online, index)?;
@@ -330,7 +331,7 @@ fn run_worker(
         backlog: Rc::clone(&backlog),
         stop: Arc::clone(stop),
         fatal: Rc::clone(&fatal),
-        work: Work::new(config, featurizer, device, resize_on, shared.metrics, &index.to_string())?,
+        work: Work::new(config, featurizer, device, resizing, shared.metrics, &index.to_string())?,
         fetched_bytes: Arc::clone(shared.fetched_bytes),
         max_decoding: p.max_decoding,
         batching: Batching { max_batch: config.model.batch_size, max_wait: Duration::from_millis(p.max_batch_wait_ms) },

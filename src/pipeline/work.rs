@@ -4,8 +4,8 @@
 //! the worker's device (the worker thread). Each step observes its duration metric.
 
 use super::PipelineError;
-use crate::batch::crop_into;
-use crate::config::{Config, ResizeOn};
+use crate::batch::Resizing;
+use crate::config::Config;
 use crate::fetch::{Fetcher, UriScheme};
 use crate::image::decode;
 use crate::metrics::Metrics;
@@ -39,7 +39,7 @@ impl Work {
         config: &Config,
         featurizer: Featurizer,
         device: &str,
-        resize_on: ResizeOn,
+        resizing: Resizing,
         metrics: &Metrics,
         worker: &str,
     ) -> Result<Work, PipelineError> {
@@ -69,26 +69,13 @@ impl Work {
             bytes
         });
         let preprocess = featurizer.preprocess().clone();
-        let device_max_pixels = (resize_on == ResizeOn::Device).then_some(config.model.device_resize_max_pixels);
         let decode: Decode = Arc::new(move |record: &ImageRecord, bytes: &[u8]| {
             let started = Instant::now();
-            let unprocessable =
-                |e: crate::image::PreprocessError| PrepareError::new(e.kind(), format!("{}: {e}", record.uri));
             let image =
                 decode(bytes, &limits).map_err(|e| PrepareError::new(e.kind(), format!("{}: {e}", record.uri)))?;
-            let (width, height) = image.dimensions();
-            let pixels = match device_max_pixels {
-                Some(max) if u64::from(width) * u64::from(height) <= max => {
-                    // Refused here, with the record's URI, not by the device.
-                    preprocess.plan(width, height).map_err(unprocessable)?;
-                    Pixels::Image { width, height, rgb: image.into_raw() }
-                }
-                _ => {
-                    let mut crop = vec![0u8; preprocess.crop_len()];
-                    crop_into(&preprocess, &image, &mut crop).map_err(unprocessable)?;
-                    Pixels::Crop(crop)
-                }
-            };
+            let pixels = resizing
+                .pixels(&preprocess, image)
+                .map_err(|e| PrepareError::new(e.kind(), format!("{}: {e}", record.uri)))?;
             decode_seconds.observe(started.elapsed().as_secs_f64());
             Ok(pixels)
         });

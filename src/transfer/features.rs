@@ -2,10 +2,11 @@
 //! model on every configured device where it does not.
 
 use super::cache::{content_hash, CacheError, ContentHash, FeatureCache};
-use crate::batch::{crop_into, run_inputs, InputOutcome};
+use crate::batch::{run_inputs, InputOutcome, Resizing};
 use crate::fetch::{FetchError, Fetcher};
 use crate::image::{decode, DecodeError, ImageLimits, PreprocessError};
 use crate::model::{Featurizer, ModelError, OutputKind};
+use dlpipe_operators::Pixels;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -108,12 +109,19 @@ pub struct FeaturizeOptions<'a> {
     pub cache_dir: Option<&'a std::path::Path>,
     /// Show progress bars on stderr.
     pub progress: bool,
+    /// Where images are resized (the cache keeps the features of each choice apart).
+    pub resizing: Resizing,
 }
 
-/// The cache key of a featurizer: its model's sha256 and input spec.
-pub fn cache_key(featurizer: &Featurizer) -> String {
+/// The cache key of a featurizer: its model's sha256 and input spec, and where images are
+/// resized when that is not the host (the device's crops differ from the host's in a few
+/// bytes of a photo).
+pub fn cache_key(featurizer: &Featurizer, resizing: Resizing) -> String {
     let manifest = featurizer.manifest();
-    let spec = serde_json::to_string(&manifest.input).expect("serialisable");
+    let mut spec = serde_json::to_string(&manifest.input).expect("serialisable");
+    if resizing != Resizing::ON_HOST {
+        spec.push_str(&resizing.describe());
+    }
     FeatureCache::key(manifest.sha256.as_deref().unwrap_or(&manifest.file), &spec)
 }
 
@@ -136,7 +144,7 @@ pub fn extract_features(
     let dim = manifest.feature_dim;
     let max_bytes = options.limits.max_encoded_bytes;
     let cache = match options.cache_dir {
-        Some(dir) => Some(FeatureCache::open(dir, &cache_key(first), dim)?),
+        Some(dir) => Some(FeatureCache::open(dir, &cache_key(first, options.resizing), dim)?),
         None => None,
     };
     let Lookup { results, hashes, cached } = look_up(cache.as_ref(), uris, options);
@@ -155,12 +163,14 @@ pub fn extract_features(
                 let (cache, results, featurizing, hashes) = (&cache, &results, &featurizing, &hashes);
                 scope.spawn(move || -> Result<(), FeaturizeError> {
                     let preprocess = featurizer.preprocess();
-                    let prepare = |k: usize, out: &mut [u8]| -> Result<(), ImageError> {
+                    let prepare = |k: usize| -> Result<Pixels, ImageError> {
                         let uri = &uris[mine[k]];
                         let bytes = options.fetcher.fetch(uri, max_bytes)?;
                         let image = decode(&bytes, &options.limits)
                             .map_err(|source| ImageError::Decode { uri: uri.clone(), source })?;
-                        crop_into(preprocess, &image, out)
+                        options
+                            .resizing
+                            .pixels(preprocess, image)
                             .map_err(|source| ImageError::Preprocess { uri: uri.clone(), source })
                     };
                     let mut since_flush = 0;

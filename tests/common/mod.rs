@@ -195,6 +195,7 @@ pub fn cached_features(uris: &[String]) -> (dlpipe::model::Manifest, dlpipe::tra
         batch_size: config.model.batch_size,
         cache_dir: Some(&cache),
         progress: false,
+        resizing: dlpipe::batch::Resizing::ON_HOST,
     };
     let features = dlpipe::transfer::extract_features(vec![featurizer], uris, &options).unwrap();
     (manifest, features)
