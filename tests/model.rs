@@ -546,4 +546,3 @@ fn featurize_and_predict_follow_model_resize_on_and_give_the_hosts_results_on_fa
     let predictions = ["host", "device"].map(|r| run(r, &["predict", "--json"]).stdout);
     assert!(!predictions[0].is_empty() && predictions[0] == predictions[1], "the same predictions");
 }
-

@@ -2,8 +2,8 @@
 //! every device, featurizing a dataset (cached), reporting images without features.
 
 use anyhow::Context;
-use dlpipe::config::Config;
 use dlpipe::batch::Resizing;
+use dlpipe::config::Config;
 use dlpipe::config::Precision;
 use dlpipe::fetch::{FetchConfig, Fetcher};
 use dlpipe::model::{parse_device, resolve, resolve_precision, Featurizer};

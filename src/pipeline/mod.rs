@@ -44,10 +44,10 @@ pub use error::PipelineError;
 pub use heads::{online_head as online_lr_head, ImagenetHead, LearnerState, OnlineLrHead};
 pub use model_topic::{Checkpoint, CheckpointError, CheckpointInfo};
 
+use crate::batch::Resizing;
 use crate::config::{Config, DeliveryGuarantee, HeadKind};
 use crate::metrics::kafka::LagContext;
 use crate::metrics::{Metrics, Readiness, WorkerMetrics};
-use crate::batch::Resizing;
 use crate::model::{parse_device, resolve_precision, Featurizer, Manifest, OutputKind};
 use crate::transfer::classifier::featurizer_metadata;
 use dataflow::{Classifier, Dataflow};
