@@ -462,9 +462,12 @@ fn pipeline_table(config: &Config, args: &BenchArgs, records: usize) -> anyhow::
         );
     }
     println!(
-        "\nForward pass alone: {:.1} images/s before the runs, using {:.2} cores; {:.1} after, using {:.2} (the \
+        "\nForward pass alone ({} instance(s) at once, one per worker, at model.intra_op_threads {}): {:.1} images/s \
+         before the runs, using {:.2} cores; {:.1} after, using {:.2} (the \
          ratio is against their mean). Load average {:.2} before, {:.2} after, on {} cores: where the model alone \
          got far fewer cores than libtorch's {} threads, other processes held them and the figures say little.",
+        args.workers.max(1),
+        config.model.intra_op_threads,
         before.images_per_s,
         before.cores,
         after.images_per_s,
@@ -492,17 +495,39 @@ struct ForwardAlone {
 }
 
 /// Times the forward pass of the config's model alone on synthetic crops (for 2.5x
-/// `--seconds`); also its name.
+/// `--seconds`): one instance per pipeline worker, each on the device the pipeline gives that
+/// worker and at model.intra_op_threads, all at once, so that the pipeline's workers are
+/// compared with what their models do together. Also the model's name.
 fn forward_alone(config: &Config, args: &BenchArgs, batch: usize) -> anyhow::Result<(ForwardAlone, String)> {
-    let featurizer = load_featurizer(config, None, args.device.as_deref())?;
-    let input = synthetic_crops(&featurizer, batch);
-    warm_up(&featurizer, &input, batch)?;
+    let workers = args.workers.max(1);
+    let devices = &config.model.devices;
+    let featurizers: Vec<_> = (0..workers)
+        .map(|w| load_featurizer(config, None, Some(&devices[w % devices.len()])))
+        .collect::<anyhow::Result<_>>()?;
+    let name = featurizers[0].manifest().name.clone();
+    let input = synthetic_crops(&featurizers[0], batch);
+    for featurizer in &featurizers {
+        warm_up(featurizer, &input, batch)?;
+    }
     let (cpu, wall) = (cpu_seconds(), Instant::now());
-    let batches_per_s = measure(Duration::from_secs_f64(2.5 * args.seconds), 3, || {
-        featurizer.forward(&input, batch).expect("forward ran in warm-up");
+    let min = Duration::from_secs_f64(2.5 * args.seconds);
+    let rates: Vec<f64> = std::thread::scope(|scope| {
+        let handles: Vec<_> = featurizers
+            .iter()
+            .map(|featurizer| {
+                let input = &input;
+                scope.spawn(move || {
+                    measure(min, 3, || {
+                        featurizer.forward(input, batch).expect("forward ran in warm-up");
+                    })
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a forward pass panicked")).collect()
     });
     let cores = (cpu_seconds() - cpu) / wall.elapsed().as_secs_f64();
-    Ok((ForwardAlone { images_per_s: batches_per_s * batch as f64, cores }, featurizer.manifest().name.clone()))
+    let images_per_s = rates.iter().sum::<f64>() * batch as f64;
+    Ok((ForwardAlone { images_per_s, cores }, name))
 }
 
 /// CPU seconds this process has used (user and system, all threads).
