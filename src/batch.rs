@@ -112,7 +112,7 @@ pub fn run_files(
 
 /// Resizes and centre-crops `image` into `out` (the model's input bytes; its device normalises
 /// them) with this thread's resizer.
-pub fn crop_into(preprocess: &Preprocess, image: &RgbImage, out: &mut [u8]) -> Result<(), PreprocessError> {
+fn crop_into(preprocess: &Preprocess, image: &RgbImage, out: &mut [u8]) -> Result<(), PreprocessError> {
     RESIZER.with(|r| preprocess.crop(image, &mut r.borrow_mut(), out))
 }
 
