@@ -299,7 +299,8 @@ pub struct ModelConfig {
     pub devices: Vec<String>,
     /// Images per forward pass.
     pub batch_size: usize,
-    /// libtorch intra-op threads per process; 0 leaves libtorch's default (one per core).
+    /// libtorch intra-op threads per model; 0 shares libtorch's default (one per core) among the
+    /// process's workers ([`crate::model::set_intra_op_threads`]).
     pub intra_op_threads: usize,
     /// Arithmetic of the forward pass: "auto" picks bf16 where the CPU computes it natively
     /// (AVX-512 BF16 or AMX) or on CUDA, f32 elsewhere; an explicit precision always wins.

@@ -181,4 +181,16 @@ fn json_logs_of_a_bad_record_name_the_worker_partition_offset_and_id() {
     for line in assigned {
         assert_eq!(line["span"]["worker"], line["fields"]["worker"], "{line}");
     }
+    // model.intra_op_threads = 0: the two workers' models share the cores, not one team each of
+    // every core.
+    let threads = logs
+        .iter()
+        .find(|l| l["fields"]["message"] == "libtorch intra-op threads per model")
+        .unwrap_or_else(|| panic!("libtorch's threads not logged:\n{stderr}"));
+    let fields = &threads["fields"];
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let default = fields["libtorch_default"].as_u64().unwrap_or_else(|| panic!("{threads}"));
+    assert!((1..=cores).contains(&default), "{threads}");
+    assert_eq!((&fields["instances"], &fields["configured"]), (&2.into(), &0.into()), "{threads}");
+    assert_eq!(fields["threads"].as_u64(), Some((default / 2).max(1)), "{threads}");
 }

@@ -6,7 +6,7 @@ use dlpipe::batch::Resizing;
 use dlpipe::config::Config;
 use dlpipe::config::Precision;
 use dlpipe::fetch::{FetchConfig, Fetcher};
-use dlpipe::model::{parse_device, resolve, resolve_precision, Featurizer};
+use dlpipe::model::{parse_device, resolve, resolve_precision, set_intra_op_threads, Featurizer};
 use dlpipe::transfer::{extract_features, Features, FeaturizeOptions};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -56,10 +56,9 @@ fn load_featurizers_in(
     precision: Option<Precision>,
     flags: &FeaturizeFlags,
 ) -> anyhow::Result<Vec<Featurizer>> {
-    if config.model.intra_op_threads > 0 {
-        tch::set_num_threads(config.model.intra_op_threads as i32);
-    }
     let names = if flags.devices.is_empty() { &config.model.devices } else { &flags.devices };
+    // One model per device, all featurizing at once (`extract_features`).
+    set_intra_op_threads(config.model.intra_op_threads, names.len());
     let devices: Vec<Device> = names.iter().map(|d| parse_device(d)).collect::<Result<_, _>>()?;
     let manifest = match precision {
         Some(precision) => resolve_precision(name, &config.model.dir, precision, &devices)?,

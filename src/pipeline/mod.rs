@@ -100,9 +100,6 @@ pub struct RunOptions {
 pub fn run(options: RunOptions) -> Result<Vec<WorkerSummary>, PipelineError> {
     let RunOptions { config, timely: mut timely_config, metrics_port_offset, init_model, fresh, stop } = options;
     config.validate_run()?;
-    if config.model.intra_op_threads > 0 {
-        tch::set_num_threads(config.model.intra_op_threads as i32);
-    }
     work::start_decoding_pool(config.pipeline.decode_nice);
     // One clear error, before any worker starts, for a cluster that cannot be reached or
     // refuses dlpipe; a cluster that is still starting is waited for.
@@ -133,6 +130,7 @@ pub fn run(options: RunOptions) -> Result<Vec<WorkerSummary>, PipelineError> {
         CommunicationConfig::Process(n) | CommunicationConfig::ProcessBinary(n) => *n,
         CommunicationConfig::Cluster { threads, .. } => *threads,
     };
+    crate::model::set_intra_op_threads(config.model.intra_op_threads, local_workers);
     let metrics = Arc::new(Metrics::new());
     let readiness = Arc::new(Readiness::new(local_workers, Arc::clone(&stop)));
     if !config.metrics.listen.trim().is_empty() {
