@@ -286,6 +286,16 @@ impl Publisher {
             });
             record = record.headers(owned);
         }
+        self.enqueue(topic, record)
+    }
+
+    /// Queues one message to `partition` rather than the key's: the benchmarks spread a backlog
+    /// evenly over the workers with it.
+    pub fn send_to_partition(&self, topic: &str, partition: i32, key: &str, payload: &str) -> Result<(), KafkaError> {
+        self.enqueue(topic, BaseRecord::to(topic).partition(partition).key(key).payload(payload.as_bytes()))
+    }
+
+    fn enqueue(&self, topic: &str, mut record: BaseRecord<'_, str, [u8]>) -> Result<(), KafkaError> {
         loop {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
