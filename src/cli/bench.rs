@@ -174,7 +174,7 @@ pub fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
          libtorch thread.)"
     );
     if !args.no_forward {
-        // On a thread of its own, whose OpenMP team ends with it (see `forward_alone`).
+        // On a thread of its own, as the workers run the model (see `forward_alone`).
         std::thread::scope(|scope| scope.spawn(|| forward_table(config, &args, min)).join())
             .expect("the forward-pass table panicked")?;
     }
@@ -515,9 +515,9 @@ fn forward_alone(config: &Config, args: &BenchArgs, batch: usize) -> anyhow::Res
     let name = featurizers[0].manifest().name.clone();
     let input = synthetic_crops(&featurizers[0], batch);
     let min = Duration::from_secs_f64(2.5 * args.seconds);
-    // Warmed up and timed on threads of their own, like the workers' models: a thread that runs
-    // the model keeps an OpenMP team while it lives, and a team too many (the main thread's)
-    // makes libgomp's threads sleep instead of spin while waiting (slower forward passes).
+    // Warmed up and timed on threads of their own, as the workers run the model: libgomp's
+    // threads run it at another rate on a process's first thread than on the others (README,
+    // Benchmarks).
     let warm = std::sync::Barrier::new(featurizers.len() + 1);
     let (rates, cores) = std::thread::scope(|scope| -> anyhow::Result<(Vec<f64>, f64)> {
         let handles: Vec<_> = featurizers
