@@ -511,6 +511,7 @@ fn forward_alone(config: &Config, args: &BenchArgs, batch: usize) -> anyhow::Res
     let featurizers: Vec<_> = (0..workers)
         .map(|w| load_featurizer(config, None, Some(&devices[w % devices.len()])))
         .collect::<anyhow::Result<_>>()?;
+    // After loading, which set them for one model: `workers` of them run at once here.
     set_intra_op_threads(config.model.intra_op_threads, workers);
     let name = featurizers[0].manifest().name.clone();
     let input = synthetic_crops(&featurizers[0], batch);
