@@ -10,7 +10,7 @@ mod threads;
 pub use featurizer::{crops_on_device, parse_device, Featurizer, Normalise, Outputs};
 pub use manifest::{resolve, Dtype, InputSpec, Manifest, OutputKind, WeightsSource};
 pub use precision::{resolve_precision, wanted_dtype, CpuFeatures};
-pub use threads::{intra_op_threads_for, set_intra_op_threads};
+pub use threads::set_intra_op_threads;
 
 use std::path::PathBuf;
 

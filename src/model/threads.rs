@@ -2,10 +2,9 @@
 //!
 //! libtorch's thread count is process-wide, and each thread that runs a model gets an OpenMP
 //! team of that many threads. Left at libtorch's default (one per core) with `W` workers, `W`
-//! teams contend for the cores and each operation's barrier waits on a preempted thread: on 2
-//! cores at bf16, 2 workers of 2 threads each streamed 115-126 Fashion-MNIST images/s, of 1 thread
-//! each 132-138 (three interleaved pairs; README, Benchmarks). So `model.intra_op_threads = 0`
-//! divides the default among the instances.
+//! teams contend for the cores: on 2 cores at bf16, 2 workers of 2 threads each streamed
+//! 115-126 Fashion-MNIST images/s, of 1 thread each 132-138 (three interleaved pairs; README,
+//! Benchmarks). So `model.intra_op_threads = 0` divides the default among the instances.
 
 use std::sync::OnceLock;
 
@@ -23,7 +22,7 @@ fn libtorch_default() -> usize {
 
 /// Threads per instance: `configured` when set, else `default` shared by `instances` (at least
 /// one each).
-pub fn intra_op_threads_for(configured: usize, default: usize, instances: usize) -> usize {
+fn intra_op_threads_for(configured: usize, default: usize, instances: usize) -> usize {
     match configured {
         0 => (default / instances.max(1)).max(1),
         n => n,
