@@ -34,7 +34,7 @@ test: setup
 	scripts/s3 start
 	scripts/gcs start
 	scripts/azure start
-	$(CARGO) test $(PROFILE_FLAGS) --workspace --no-fail-fast -- --show-output
+	CARGO=$(CARGO) scripts/test
 
 # Coverage-guided fuzzing (cargo-fuzz, libFuzzer, stable Rust) of the record parsers and of image
 # decoding with preprocessing, FUZZ_SECONDS per target; a crash leaves its input in

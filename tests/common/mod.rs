@@ -183,6 +183,10 @@ impl Drop for KillOnDrop {
 /// EfficientNet-Lite0's manifest and the features of `uris` (file paths or URIs), in order, from
 /// the project's feature cache (the model computes those it lacks, on the CPU, and fills it).
 pub fn cached_features(uris: &[String]) -> (dlpipe::model::Manifest, dlpipe::transfer::Features) {
+    // One at a time: a binary's tests ask for the same images at once, and the second then reads
+    // what the first wrote to the cache instead of computing it again beside it.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let config = dlpipe::config::Config::default();
     let device = dlpipe::model::parse_device("cpu").unwrap();
     let featurizer = dlpipe::model::Featurizer::load(&model_manifest("efficientnet_lite0"), device).unwrap();
