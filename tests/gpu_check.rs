@@ -39,7 +39,18 @@ fn gpu_check_dry_run_prints_every_table_per_precision() {
         let header = format!("## end to end through Kafka (efficientnet_lite0, precision f32, resize on {resize}, 1");
         assert!(stdout.contains(&header), "no pipeline table resizing on the {resize}:\n{stdout}");
     }
-    assert_eq!(stdout.matches("| at_least_once | ").count(), 4, "{stdout}");
+    // Per table, one backlog run (the model alone, the stream and their ratio) and one paced run.
+    let backlogs: Vec<&str> = stdout.lines().filter(|l| l.starts_with("| file | at_least_once | ")).collect();
+    assert_eq!(backlogs.len(), 4, "{stdout}");
+    for row in backlogs {
+        let figures: Vec<f64> = row
+            .split('|')
+            .skip(3)
+            .filter_map(|c| c.split_whitespace().next()?.trim_end_matches('%').parse().ok())
+            .collect();
+        assert!(figures.len() == 4 && figures.iter().all(|f| *f > 0.0), "{row}");
+    }
+    assert_eq!(stdout.matches(" ms | at_least_once | ").count(), 4, "{stdout}");
     assert!(stdout.contains("| resize + crop on cpu |"), "the decode table times the device's resize: {stdout}");
     assert!(stdout.contains("no GPU measured (dry run)") && stdout.contains("gpu-check done"), "{stdout}");
 }

@@ -55,6 +55,10 @@ pub struct BenchArgs {
     /// and the credentials) and the same runs are timed from there beside `file://`.
     #[arg(long, value_name = "PREFIX", requires = "pipeline")]
     store: Option<String>,
+    /// Backlog runs of the pipeline benchmark per source and delivery, each against the model
+    /// alone timed just before and after it.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
     /// Where the pipeline benchmark resizes images (auto, host, device) [default: model.resize_on].
     #[arg(long)]
     resize_on: Option<ResizeOn>,
@@ -412,26 +416,21 @@ fn pipeline_table(config: &Config, args: &BenchArgs, records: usize) -> anyhow::
     }
 
     let batch = config.model.batch_size;
-    let (before, model) = forward_alone(config, args, batch)?;
     let load_before = load_average();
-    let rate = args.latency_rate.unwrap_or(before.images_per_s / 2.0);
+    let Bracketed { runs, first_alone, model, alone_cores: (min_cores, max_cores) } =
+        bracketed_backlog_runs(config, args, &sources, records, batch)?;
+    let load_after = load_average();
+    let rate = args.latency_rate.unwrap_or(first_alone / 2.0);
     anyhow::ensure!(rate > 0.0, "--latency-rate must be positive");
     let paced = ((rate * args.latency_seconds) as usize).max(10);
-
-    let mut rows = Vec::new();
+    let mut latency_rows = Vec::new();
     for uris in &sources {
         let fetch_ms = fetch_cost_ms(&fetcher, uris, config.image.max_encoded_bytes)?;
         for &delivery in &args.delivery {
-            let throughput = backlog_run(config, args, uris, delivery, records)?;
             let latencies = paced_run(config, args, uris, delivery, rate, paced)?;
-            let scheme = dlpipe::fetch::UriScheme::of(&uris[0]).as_str();
-            rows.push((scheme, fetch_ms, delivery, throughput, latencies));
+            latency_rows.push((dlpipe::fetch::UriScheme::of(&uris[0]).as_str(), fetch_ms, delivery, latencies));
         }
     }
-    // Again after the runs: a shared machine's load moves, and the ratio means something only
-    // if the model alone ran at the same rate before and after.
-    let (after, _) = forward_alone(config, args, batch)?;
-    let forward = (before.images_per_s + after.images_per_s) / 2.0;
     println!(
         "\n## end to end through Kafka ({model}, precision {}, resize on {}, {} worker(s), batch {batch}, imagenet head, \
          epochs {})\n",
@@ -444,23 +443,47 @@ fn pipeline_table(config: &Config, args: &BenchArgs, records: usize) -> anyhow::
         }
     );
     println!(
-        "{} photos, each fetched {} times in the backlog. Latency of {paced} records at {rate:.1}/s: until \
-         predicted, and until visible to a read_committed consumer.\n",
+        "A backlog of {records} records ({} photos, each fetched {} times), {} run(s) per source and delivery.\n",
         photos.len(),
-        records.div_ceil(photos.len())
+        records.div_ceil(photos.len()),
+        args.runs
     );
-    println!(
-        "| source | one fetch | delivery | forward pass alone | pipeline, {records} records backlog | \
-         sustained (middle 80%) | ratio | predicted p50 | visible p50 | visible p99 | visible max |"
-    );
-    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for (scheme, fetch_ms, delivery, throughput, l) in rows {
+    println!("| source | delivery | forward pass alone | pipeline, whole run | sustained (middle 80%) | ratio |");
+    println!("|---|---|---:|---:|---:|---:|");
+    let mut ratios = Vec::new();
+    for BacklogRun { scheme, delivery, forward, throughput } in runs {
+        let ratio = throughput.sustained / forward;
+        ratios.push(ratio);
         println!(
-            "| {scheme} | {fetch_ms:.2} ms | {delivery} | {forward:.1} images/s | {:.1} images/s | {:.1} images/s | \
-             {:.0}% | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms |",
+            "| {scheme} | {delivery} | {forward:.1} images/s | {:.1} images/s | {:.1} images/s | {:.0}% |",
             throughput.wall,
             throughput.sustained,
-            100.0 * throughput.sustained / forward,
+            100.0 * ratio
+        );
+    }
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "\nRatio: median {:.0}%, lowest {:.0}%, highest {:.0}%. Forward pass alone: {} instance(s) at once, one per \
+         worker, {} libtorch thread(s) each, timed before and after every backlog run (the ratio is against the mean \
+         of the two), using {min_cores:.2}-{max_cores:.2} cores. Load average {load_before:.2} before, \
+         {load_after:.2} after, on {} cores: where the model alone got far fewer cores than its {} threads, other \
+         processes held them and the figures say little. The whole run's images/s include loading the model and \
+         joining the group, about a second; the sustained rate is over the middle 80% of the predictions (their \
+         Kafka timestamps), without the run's start and end.",
+        100.0 * quantile(&ratios, 0.5),
+        100.0 * quantile(&ratios, 0.0),
+        100.0 * quantile(&ratios, 1.0),
+        args.workers.max(1),
+        tch::get_num_threads(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        args.workers.max(1) * tch::get_num_threads() as usize,
+    );
+    println!("\nLatency of {paced} records at {rate:.1}/s: until predicted, and until visible to a read_committed consumer.\n");
+    println!("| source | one fetch | delivery | predicted p50 | visible p50 | visible p99 | visible max |");
+    println!("|---|---:|---|---:|---:|---:|---:|");
+    for (scheme, fetch_ms, delivery, l) in latency_rows {
+        println!(
+            "| {scheme} | {fetch_ms:.2} ms | {delivery} | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms |",
             quantile(&l.predicted, 0.5),
             quantile(&l.visible, 0.5),
             quantile(&l.visible, 0.99),
@@ -468,31 +491,60 @@ fn pipeline_table(config: &Config, args: &BenchArgs, records: usize) -> anyhow::
         );
     }
     println!(
-        "\nForward pass alone ({} instance(s) at once, one per worker, {} libtorch thread(s) each): {:.1} images/s \
-         before the runs, using {:.2} cores; {:.1} after, using {:.2} (the \
-         ratio is against their mean). Load average {:.2} before, {:.2} after, on {} cores: where the model alone \
-         got far fewer cores than its {} threads, other processes held them and the figures say little.",
-        args.workers.max(1),
-        tch::get_num_threads(),
-        before.images_per_s,
-        before.cores,
-        after.images_per_s,
-        after.cores,
-        load_before,
-        load_average(),
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        args.workers.max(1) * tch::get_num_threads() as usize,
-    );
-    println!(
         "\n(One fetch: the mean time to fetch one photo on one thread, sequentially, so the cost an image \
-         adds to a fetch thread; the pipeline runs up to pipeline.max_decoding of them at once. The backlog's \
-         images/s over the whole run include loading the model and joining the group, about a second; the \
-         sustained rate is over the middle 80% of the predictions (their Kafka timestamps), without the run's start \
-         and end, and the ratio is of that. Visible latency runs from handing the record to the \
-         producer to the prediction's arrival at the consumer; predicted, from the input's Kafka timestamp to \
-         the prediction.)"
+         adds to a fetch thread; the pipeline runs up to pipeline.max_decoding of them at once. Visible latency \
+         runs from handing the record to the producer to the prediction's arrival at the consumer; predicted, \
+         from the input's Kafka timestamp to the prediction.)"
     );
     Ok(())
+}
+
+/// One backlog run, and the model alone's images/s around it.
+struct BacklogRun {
+    scheme: &'static str,
+    delivery: DeliveryGuarantee,
+    forward: f64,
+    throughput: Throughput,
+}
+
+/// Backlog runs with the model alone timed around each, the name of the model, its first
+/// timing, and the fewest and most cores it used.
+struct Bracketed {
+    runs: Vec<BacklogRun>,
+    first_alone: f64,
+    model: String,
+    alone_cores: (f64, f64),
+}
+
+/// `args.runs` backlog runs per source and delivery, each between two timings of the model
+/// alone (one shared with the next run), its `forward` the mean of the two: this machine's speed
+/// moves by more than the 10% being judged within minutes, so a timing long before or after a
+/// run is not the rate it ran beside.
+fn bracketed_backlog_runs(
+    config: &Config,
+    args: &BenchArgs,
+    sources: &[Vec<String>],
+    records: usize,
+    batch: usize,
+) -> anyhow::Result<Bracketed> {
+    let (mut alone, model) = forward_alone(config, args, batch)?;
+    let first_alone = alone.images_per_s;
+    let mut alone_cores = (alone.cores, alone.cores);
+    let mut runs = Vec::new();
+    for uris in sources {
+        let scheme = dlpipe::fetch::UriScheme::of(&uris[0]).as_str();
+        for &delivery in &args.delivery {
+            for _ in 0..args.runs {
+                let throughput = backlog_run(config, args, uris, delivery, records)?;
+                let (after, _) = forward_alone(config, args, batch)?;
+                alone_cores = (alone_cores.0.min(after.cores), alone_cores.1.max(after.cores));
+                let forward = (alone.images_per_s + after.images_per_s) / 2.0;
+                runs.push(BacklogRun { scheme, delivery, forward, throughput });
+                alone = after;
+            }
+        }
+    }
+    Ok(Bracketed { runs, first_alone, model, alone_cores })
 }
 
 /// The model's own forward rate at `batch`, and how many cores the process used meanwhile.
