@@ -178,7 +178,7 @@ pub fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
          libtorch thread.)"
     );
     if !args.no_forward {
-        // On a thread of its own, as the workers run the model (see `forward_alone`).
+        // On a thread of its own, as the workers run the model (see `ModelAlone::time`).
         std::thread::scope(|scope| scope.spawn(|| forward_table(config, &args, min)).join())
             .expect("the forward-pass table panicked")?;
     }
@@ -470,7 +470,7 @@ fn pipeline_table(config: &Config, args: &BenchArgs, records: usize) -> anyhow::
          processes held them and the figures say little. The whole run's images/s include loading the model and \
          joining the group, about a second; the sustained rate is over the middle 80% of the predictions (their \
          Kafka timestamps), without the run's start and end.",
-        100.0 * quantile(&ratios, 0.5),
+        100.0 * (ratios[(ratios.len() - 1) / 2] + ratios[ratios.len() / 2]) / 2.0,
         100.0 * quantile(&ratios, 0.0),
         100.0 * quantile(&ratios, 1.0),
         args.workers.max(1),
@@ -527,7 +527,8 @@ fn bracketed_backlog_runs(
     records: usize,
     batch: usize,
 ) -> anyhow::Result<Bracketed> {
-    let (mut alone, model) = forward_alone(config, args, batch)?;
+    let model = ModelAlone::load(config, args, batch)?;
+    let mut alone = model.time(config, args, batch)?;
     let first_alone = alone.images_per_s;
     let mut alone_cores = (alone.cores, alone.cores);
     let mut runs = Vec::new();
@@ -536,7 +537,7 @@ fn bracketed_backlog_runs(
         for &delivery in &args.delivery {
             for _ in 0..args.runs {
                 let throughput = backlog_run(config, args, uris, delivery, records)?;
-                let (after, _) = forward_alone(config, args, batch)?;
+                let after = model.time(config, args, batch)?;
                 alone_cores = (alone_cores.0.min(after.cores), alone_cores.1.max(after.cores));
                 let forward = (alone.images_per_s + after.images_per_s) / 2.0;
                 runs.push(BacklogRun { scheme, delivery, forward, throughput });
@@ -544,7 +545,7 @@ fn bracketed_backlog_runs(
             }
         }
     }
-    Ok(Bracketed { runs, first_alone, model, alone_cores })
+    Ok(Bracketed { runs, first_alone, model: model.featurizers[0].manifest().name.clone(), alone_cores })
 }
 
 /// The model's own forward rate at `batch`, and how many cores the process used meanwhile.
@@ -553,48 +554,59 @@ struct ForwardAlone {
     cores: f64,
 }
 
-/// Times the forward pass of the config's model alone on synthetic crops (for 2.5x
-/// `--seconds`): one instance per pipeline worker, each on the device the pipeline gives that
-/// worker and at model.intra_op_threads, all at once, so that the pipeline's workers are
-/// compared with what their models do together. Also the model's name.
-fn forward_alone(config: &Config, args: &BenchArgs, batch: usize) -> anyhow::Result<(ForwardAlone, String)> {
-    let workers = args.workers.max(1);
-    let devices = &config.model.devices;
-    let featurizers: Vec<_> = (0..workers)
-        .map(|w| load_featurizer(config, None, Some(&devices[w % devices.len()])))
-        .collect::<anyhow::Result<_>>()?;
-    // After loading, which set them for one model: `workers` of them run at once here.
-    set_intra_op_threads(config.model.intra_op_threads, workers);
-    let name = featurizers[0].manifest().name.clone();
-    let input = synthetic_crops(&featurizers[0], batch);
-    let min = Duration::from_secs_f64(2.5 * args.seconds);
-    // Warmed up and timed on threads of their own, as the workers run the model: libgomp's
-    // threads run it at another rate on a process's first thread than on the others (README,
-    // Benchmarks).
-    let warm = std::sync::Barrier::new(featurizers.len() + 1);
-    let (rates, cores) = std::thread::scope(|scope| -> anyhow::Result<(Vec<f64>, f64)> {
-        let handles: Vec<_> = featurizers
-            .iter()
-            .map(|featurizer| {
-                let (input, warm) = (&input, &warm);
-                scope.spawn(move || -> anyhow::Result<f64> {
-                    let warmed = warm_up(featurizer, input, batch);
-                    warm.wait();
-                    warmed?;
-                    Ok(measure(min, 3, || {
-                        featurizer.forward(input, batch).expect("forward ran in warm-up");
-                    }))
+/// The config's model as the pipeline's workers run it: one instance per worker, each on the
+/// device the pipeline gives that worker; loaded once for every timing of it alone.
+struct ModelAlone {
+    featurizers: Vec<dlpipe::model::Featurizer>,
+    input: Vec<u8>,
+}
+
+impl ModelAlone {
+    fn load(config: &Config, args: &BenchArgs, batch: usize) -> anyhow::Result<ModelAlone> {
+        let devices = &config.model.devices;
+        let featurizers: Vec<_> = (0..args.workers.max(1))
+            .map(|w| load_featurizer(config, None, Some(&devices[w % devices.len()])))
+            .collect::<anyhow::Result<_>>()?;
+        let input = synthetic_crops(&featurizers[0], batch);
+        Ok(ModelAlone { featurizers, input })
+    }
+
+    /// Times the forward pass alone on synthetic crops (for 2.5x `--seconds`), every instance at
+    /// once at model.intra_op_threads, so that the pipeline's workers are compared with what
+    /// their models do together.
+    fn time(&self, config: &Config, args: &BenchArgs, batch: usize) -> anyhow::Result<ForwardAlone> {
+        let (featurizers, input) = (&self.featurizers, &self.input);
+        // Loading set them for one model, a pipeline run for its own workers: these run at once.
+        set_intra_op_threads(config.model.intra_op_threads, featurizers.len());
+        let min = Duration::from_secs_f64(2.5 * args.seconds);
+        // Warmed up and timed on threads of their own, as the workers run the model: libgomp's
+        // threads run it at another rate on a process's first thread than on the others (README,
+        // Benchmarks).
+        let warm = std::sync::Barrier::new(featurizers.len() + 1);
+        let (rates, cores) = std::thread::scope(|scope| -> anyhow::Result<(Vec<f64>, f64)> {
+            let handles: Vec<_> = featurizers
+                .iter()
+                .map(|featurizer| {
+                    let warm = &warm;
+                    scope.spawn(move || -> anyhow::Result<f64> {
+                        let warmed = warm_up(featurizer, input, batch);
+                        warm.wait();
+                        warmed?;
+                        Ok(measure(min, 3, || {
+                            featurizer.forward(input, batch).expect("forward ran in warm-up");
+                        }))
+                    })
                 })
-            })
-            .collect();
-        warm.wait();
-        let (cpu, wall) = (cpu_seconds(), Instant::now());
-        let rates =
-            handles.into_iter().map(|h| h.join().expect("a forward pass panicked")).collect::<Result<_, _>>()?;
-        Ok((rates, (cpu_seconds() - cpu) / wall.elapsed().as_secs_f64()))
-    })?;
-    let images_per_s = rates.iter().sum::<f64>() * batch as f64;
-    Ok((ForwardAlone { images_per_s, cores }, name))
+                .collect();
+            warm.wait();
+            let (cpu, wall) = (cpu_seconds(), Instant::now());
+            let rates =
+                handles.into_iter().map(|h| h.join().expect("a forward pass panicked")).collect::<Result<_, _>>()?;
+            Ok((rates, (cpu_seconds() - cpu) / wall.elapsed().as_secs_f64()))
+        })?;
+        let images_per_s = rates.iter().sum::<f64>() * batch as f64;
+        Ok(ForwardAlone { images_per_s, cores })
+    }
 }
 
 /// CPU seconds this process has used (user and system, all threads).
