@@ -17,7 +17,7 @@ fn main() -> ExitCode {
                 cli::LogFormat::Json => tracing::error!(error = format!("{error:#}"), "dlpipe failed"),
                 cli::LogFormat::Text => eprintln!("error: {error:#}"),
             }
-            ExitCode::FAILURE
+            cli::exit_code(&error)
         }
     }
 }

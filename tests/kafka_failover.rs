@@ -15,7 +15,7 @@ mod common;
 use common::broker::Broker;
 use common::run::{read_topic_on, record, Run};
 use common::{fashion, KillOnDrop};
-use dlpipe_operators::transactions::OVERDUE_EXIT_CODE;
+use dlpipe_operators::transactions::RESTART_EXIT_CODE;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::Message;
 use serde_json::Value;
@@ -72,7 +72,7 @@ impl Pipeline {
     fn supervise(&mut self, what: &str) {
         let Some(status) = self.child.0.try_wait().unwrap() else { return };
         let log = self.log();
-        assert_eq!(status.code(), Some(OVERDUE_EXIT_CODE), "{}: the run stopped {what}:\n{log}", self.delivery);
+        assert_eq!(status.code(), Some(RESTART_EXIT_CODE), "{}: the run stopped {what}:\n{log}", self.delivery);
         self.restarts += 1;
         eprintln!("{}: a transactional call overran {what}; restarting the run", self.delivery);
         let (child, log) = self.run.spawn(&["-w", "2"]);

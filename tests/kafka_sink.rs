@@ -53,6 +53,7 @@ impl Topics {
             features_topic: None,
             starts,
             give_up_after: Duration::from_secs(30),
+            transaction_timeout: Duration::from_secs(60),
             partial_commit_after: None,
         }
     }
@@ -264,4 +265,45 @@ fn exactly_once_commits_each_epoch_with_its_offsets_and_sends_no_replay() {
     published.retain(|k| k != "p0-o0" && k != "p0-o1");
     assert_eq!(topics.published(), published, "each output once, replays never");
     assert_eq!(topics.committed(), BTreeMap::from([(0, 6), (1, 6)]));
+}
+
+/// A transaction the broker aborted at its `transaction.timeout.ms` and one whose producer was
+/// fenced by another of the same id fail alike (fenced); `outlived` tells them apart by how long
+/// each was open, and only the first stops a run for a restart (exit 75) instead of for good.
+#[test]
+fn a_transaction_the_broker_expired_is_told_apart_from_one_another_producer_fenced() {
+    use dlpipe_operators::transactions::{is_fenced, outlived};
+    let topic = common::unique("txn-expiry");
+    let spec = dlpipe::kafka::TopicSpec { partitions: 1, replication_factor: 1, configs: &[] };
+    dlpipe::kafka::ensure_topic(&common::kafka_config(), &topic, spec).unwrap();
+    let timeout = Duration::from_secs(2);
+    let open = |id: &str| {
+        let producer: BaseProducer = dlpipe::kafka::client_config(&common::kafka_config())
+            .set("transactional.id", id)
+            .set("transaction.timeout.ms", timeout.as_millis().to_string())
+            .create()
+            .unwrap();
+        producer.init_transactions(Duration::from_secs(30)).unwrap();
+        producer.begin_transaction().unwrap();
+        producer.send(rdkafka::producer::BaseRecord::to(&topic).key("k").payload("v")).unwrap();
+        producer.flush(Duration::from_secs(30)).unwrap(); // the partition is in the transaction
+        (producer, Instant::now())
+    };
+
+    // Fenced by another producer of the id, well within the timeout.
+    let id = common::unique("txn-fenced");
+    let (first, began) = open(&id);
+    let (_second, _) = open(&id);
+    let error = first.commit_transaction(Duration::from_secs(30)).unwrap_err();
+    assert!(is_fenced(&error), "{error}");
+    assert!(!outlived(&error, began.elapsed(), timeout), "fenced after {:?}: {error}", began.elapsed());
+
+    // Left open: the coordinator aborts it once it is older than the timeout (it looks every
+    // `transaction.abort.timed.out.transaction.cleanup.interval.ms`, 10 s by default).
+    let (producer, began) = open(&common::unique("txn-expired"));
+    std::thread::sleep(timeout + Duration::from_secs(12));
+    let error = producer.commit_transaction(Duration::from_secs(30)).unwrap_err();
+    assert!(is_fenced(&error), "{error}");
+    assert!(outlived(&error, began.elapsed(), timeout), "after {:?}: {error}", began.elapsed());
+    println!("expired after {:.1} s: {error}", began.elapsed().as_secs_f64());
 }

@@ -10,7 +10,7 @@ use common::run::{assert_same_learner, logs, messages, read_topic_on, Run};
 use common::{fashion, free_port, produce, produce_on, KillOnDrop};
 use dlpipe::pipeline::model_topic::{read_latest, Checkpoint};
 use dlpipe::transfer::dataset::SplitMix64;
-use dlpipe_operators::transactions::OVERDUE_EXIT_CODE;
+use dlpipe_operators::transactions::RESTART_EXIT_CODE;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Stdio;
@@ -284,9 +284,12 @@ fn a_broker_restart_mid_stream_loses_nothing_and_the_pipeline_goes_on() {
     let input = common::unique("restart-images");
     produce_on(&kafka, &input, 2, &messages(&fashion(N, 10000), "r", 2, |i| i % 5 != 2));
     for delivery in ["at_least_once", "exactly_once"] {
+        // The broker stays away longer than the transactions' timeout (a minute by default; 10 s
+        // here, so that every run meets it, as a slow machine's 36-51 s broker start-up did): the
+        // coordinator aborts the transactions open at the kill and fences their producers.
         let extra = format!(
             "epochs = {{ by = \"offsets\", records = 3 }}\ncheckpoint_every_epochs = 4\nmax_backlog = 8\n\
-             delivery = \"{delivery}\"\n"
+             delivery = \"{delivery}\"\n\n[kafka.properties]\n\"transaction.timeout.ms\" = \"10000\"\n"
         );
         let reference = Run::on(&broker.plaintext(), &format!("rref-{delivery}"), &input, &extra);
         reference.to_end(&["-w", "2"]);
@@ -319,12 +322,13 @@ fn a_broker_restart_mid_stream_loses_nothing_and_the_pipeline_goes_on() {
         );
         broker.start();
         // A transactional call that librdkafka let hang past its bound (librdkafka#5456; the
-        // broker is away for longer than the bound) ends the run with exit code 75: restarted,
-        // as an orchestrator does, it continues from the checkpoint.
+        // broker is away for longer than the bound), or a transaction the broker aborted as
+        // expired, ends the run with exit code 75: restarted, as an orchestrator does, it
+        // continues from the checkpoint.
         let (deadline, mut restarts) = (Instant::now() + Duration::from_secs(300), 0);
         let status = loop {
             match child.0.try_wait().unwrap() {
-                Some(status) if status.code() == Some(OVERDUE_EXIT_CODE) && restarts < 2 => {
+                Some(status) if status.code() == Some(RESTART_EXIT_CODE) && restarts < 2 => {
                     restarts += 1;
                     let (again, log_file) = run.spawn(&["--stop-at-end", "-w", "2"]);
                     (child, log_files) = (again, [log_files, vec![log_file]].concat());
@@ -348,12 +352,15 @@ fn a_broker_restart_mid_stream_loses_nothing_and_the_pipeline_goes_on() {
         assert!(missing.is_empty(), "{delivery}: no prediction for {missing:?}");
         let twice = outputs.len() - ids.len();
         let log = logs(&log_files);
+        let (hung, expired) =
+            (log.matches("has not returned after").count(), log.matches("longer than transaction.timeout.ms").count());
+        assert!(hung + expired >= restarts, "{delivery}: a run exited 75 without saying why:\n{log}");
         let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
         println!("broker restart ({delivery}): {} warnings, the first: {:?}", warnings.len(), warnings.first());
         println!(
             "broker restart ({delivery}): killed at {at_stop} of 192 updates; {} predictions for {N} records \
-             ({twice} published twice); {restarts} restarts after a call overran; the classifier equals the \
-             uninterrupted one",
+             ({twice} published twice); {restarts} restarts ({hung} calls overran, {expired} transactions expired); \
+             the classifier equals the uninterrupted one",
             outputs.len()
         );
         if delivery == "exactly_once" {

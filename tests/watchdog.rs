@@ -6,7 +6,7 @@
 mod common;
 
 use dlpipe::model::Featurizer;
-use dlpipe_operators::transactions::{bounded, OVERDUE_AFTER, OVERDUE_EXIT_CODE};
+use dlpipe_operators::transactions::{bounded, OVERDUE_AFTER, RESTART_EXIT_CODE};
 use rdkafka::producer::BaseProducer;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -27,7 +27,7 @@ fn a_hung_transactional_call_ends_a_busy_process_with_the_overdue_code() {
         .unwrap();
     let took = started.elapsed();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(OVERDUE_EXIT_CODE), "{:?}\n{stderr}", output.status);
+    assert_eq!(output.status.code(), Some(RESTART_EXIT_CODE), "{:?}\n{stderr}", output.status);
     assert!(took >= OVERDUE_AFTER && took < OVERDUE_AFTER + Duration::from_secs(30), "took {took:?}");
 }
 

@@ -27,7 +27,8 @@
 //! written, except the final one at `Epoch::MAX`, which is always kept.
 //!
 //! **Failures:** a write that may succeed later ([`WriteError::Retry`]) is tried again a
-//! second later; one that fails for good sets `fatal`, which stops the worker.
+//! second later; one that fails for good, or whose transaction the broker aborted as expired,
+//! sets `fatal`, which stops the worker.
 
 use crate::records::{Epoch, Position};
 use crate::Fatal;
@@ -65,6 +66,11 @@ pub enum WriteError {
     Retry(String),
     /// Never will be (another pipeline of the same group took over): the worker stops.
     Fatal(String),
+    /// The broker aborted the write's transaction, open past `transaction.timeout.ms`: the
+    /// worker stops for a restart to go on ([`OperatorError::TransactionExpired`]).
+    ///
+    /// [`OperatorError::TransactionExpired`]: crate::error::OperatorError::TransactionExpired
+    Expired(String),
 }
 
 /// A store for the workers that write no checkpoints (all but worker 0).
@@ -214,6 +220,10 @@ pub fn checkpoint<'scope, S: CheckpointStore>(
                         }
                         Some((_, Err(WriteError::Fatal(error)))) => {
                             *fatal.borrow_mut() = Some(crate::error::OperatorError::Checkpoint(error));
+                            retry_at = Some(Instant::now() + RETRY);
+                        }
+                        Some((_, Err(WriteError::Expired(error)))) => {
+                            *fatal.borrow_mut() = Some(crate::error::OperatorError::TransactionExpired(error));
                             retry_at = Some(Instant::now() + RETRY);
                         }
                     }

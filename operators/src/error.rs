@@ -15,6 +15,12 @@ pub enum OperatorError {
     /// Exactly-once: a transaction kept failing, or the producer was fenced.
     #[error("{0}")]
     Transaction(String),
+    /// A transaction (of outputs, or of a checkpoint) stayed open past `transaction.timeout.ms`,
+    /// the brokers unreachable, and the broker aborted it: a restart continues from the
+    /// committed offsets (the process exits with
+    /// [`RESTART_EXIT_CODE`](crate::transactions::RESTART_EXIT_CODE)).
+    #[error("{0}")]
+    TransactionExpired(String),
     /// The model kept failing on a batch.
     #[error("the model failed {attempts} times on a batch of {images} images: {error}")]
     Model { attempts: u32, images: usize, error: String },

@@ -17,12 +17,14 @@ pub const TIMEOUT: Duration = Duration::from_secs(30);
 /// it: a call that keeps its timeout has returned by then.
 pub const OVERDUE_AFTER: Duration = Duration::from_secs(10);
 
-/// The process's exit code when a call overran: EX_TEMPFAIL, "try again" (a restart does).
-pub const OVERDUE_EXIT_CODE: i32 = 75;
+/// The process's exit code when it stops for a restart to go on: EX_TEMPFAIL, "try again". A
+/// transactional call overran ([`bounded`]), or the broker aborted a transaction that outlived
+/// `transaction.timeout.ms` ([`outlived`]).
+pub const RESTART_EXIT_CODE: i32 = 75;
 
 /// Runs `call`, a librdkafka transactional call given `timeout`, under the process's
 /// [`Watchdog`]: if it has not returned `OVERDUE_AFTER` past its timeout, the process logs what
-/// hung and exits with [`OVERDUE_EXIT_CODE`] for the orchestrator to restart it. librdkafka
+/// hung and exits with [`RESTART_EXIT_CODE`] for the orchestrator to restart it. librdkafka
 /// 2.12 can block in `send_offsets_to_transaction` past its timeout while the transaction
 /// coordinator moves to another broker (confluentinc/librdkafka#5456, #5511), and nothing can
 /// cancel the call; a restart is safe, as the next producer of the transactional id aborts
@@ -33,14 +35,14 @@ pub fn bounded<T>(what: &str, timeout: Duration, call: impl FnOnce() -> T) -> T 
         Watchdog::new(|what, after| {
             tracing::error!(
                 "{what} has not returned after {after:?} (librdkafka ignores its timeout while the transaction \
-                 coordinator moves; confluentinc/librdkafka#5456): exiting with code {OVERDUE_EXIT_CODE} for the \
+                 coordinator moves; confluentinc/librdkafka#5456): exiting with code {RESTART_EXIT_CODE} for the \
                  orchestrator to restart this process, whose transaction the restart aborts"
             );
             // `_exit`, not `exit`: the C++ static destructors `exit` runs (libtorch's,
             // librdkafka's) crash while other threads still use them, and the orchestrator
             // would see SIGSEGV instead of this code (tests/watchdog.rs: 1 of 2 runs).
             // SAFETY: `_exit` ends the process at once; nothing of this process runs after it.
-            unsafe { libc::_exit(OVERDUE_EXIT_CODE) }
+            unsafe { libc::_exit(RESTART_EXIT_CODE) }
         })
     });
     watchdog.bounded(what, timeout + OVERDUE_AFTER, call)
@@ -163,6 +165,29 @@ fn serve_until_empty<C: rdkafka::producer::ProducerContext>(producer: &BaseProdu
 /// this producer is broken for good.
 pub fn is_fenced_or_fatal(error: &KafkaError) -> bool {
     is_fenced(error) || matches!(error, KafkaError::Transaction(e) if e.is_fatal())
+}
+
+/// Whether `error`, met by a transaction open for `open_for`, fenced the producer because the
+/// broker aborted the transaction at the producer's `transaction_timeout`, not because another
+/// producer of the id took over. Both bump the id's epoch and read alike; but a coordinator
+/// times out only a transaction it has held for longer than that (it counts from the first
+/// partition added, after the producer began), so a younger one was fenced by another producer.
+/// An outlived transaction means the brokers were unreachable for that long: nothing of it
+/// was committed, and a restart continues from the committed offsets.
+pub fn outlived(error: &KafkaError, open_for: Duration, transaction_timeout: Duration) -> bool {
+    is_fenced(error) && open_for >= transaction_timeout
+}
+
+/// What a worker whose transaction [`outlived`] its timeout says as it stops.
+pub fn outlived_message(what: &str, error: &KafkaError, open_for: Duration, transaction_timeout: Duration) -> String {
+    format!(
+        "{what}: {error}. The transaction was open for {:.0} s, longer than transaction.timeout.ms ({} ms): the \
+         brokers were unreachable for that long and aborted it. Exiting with code {RESTART_EXIT_CODE} for the \
+         orchestrator to restart this process, which continues from the committed offsets (a larger \
+         transaction.timeout.ms in [kafka.properties] rides out longer outages)",
+        open_for.as_secs_f64(),
+        transaction_timeout.as_millis()
+    )
 }
 
 /// Whether `error` says another producer of the same transactional id took over (or that

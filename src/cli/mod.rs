@@ -88,6 +88,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// The process's exit status for `error`: EX_TEMPFAIL where a restart continues the run (see
+/// [`PipelineError::wants_restart`](dlpipe::pipeline::PipelineError::wants_restart)), else 1.
+pub fn exit_code(error: &anyhow::Error) -> std::process::ExitCode {
+    let restart = error
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<dlpipe::pipeline::PipelineError>())
+        .any(|e| e.wants_restart());
+    match restart {
+        true => std::process::ExitCode::from(dlpipe_operators::transactions::RESTART_EXIT_CODE as u8),
+        false => std::process::ExitCode::FAILURE,
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -124,4 +137,21 @@ pub fn load_featurizer(config: &Config, model: Option<&str>, device: Option<&str
     };
     let mut featurizers = batch_features::load_featurizers(config, model.unwrap_or(&config.model.name), &flags)?;
     Ok(featurizers.remove(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exit_code;
+    use dlpipe::pipeline::PipelineError;
+    use dlpipe_operators::OperatorError;
+    use std::process::ExitCode;
+
+    #[test]
+    fn an_expired_transaction_exits_for_a_restart_and_other_failures_with_1() {
+        let stopped = |error: OperatorError| anyhow::Error::new(PipelineError::Worker { index: 1, error });
+        let expired = stopped(OperatorError::TransactionExpired("expired".into())).context("dlpipe run");
+        assert_eq!(exit_code(&expired), ExitCode::from(75));
+        assert_eq!(exit_code(&stopped(OperatorError::Transaction("fenced".into()))), ExitCode::FAILURE);
+        assert_eq!(exit_code(&anyhow::anyhow!("bad config")), ExitCode::FAILURE);
+    }
 }

@@ -72,6 +72,13 @@ pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
     config
 }
 
+/// The transactional producers' `transaction.timeout.ms`: as `[kafka.properties]` sets it, else
+/// librdkafka's default, a minute. (librdkafka refuses a value that is not a number.)
+pub fn transaction_timeout(kafka: &KafkaConfig) -> Duration {
+    let millis = kafka.properties.get("transaction.timeout.ms").and_then(|v| v.trim().parse().ok());
+    Duration::from_millis(millis.unwrap_or(60_000))
+}
+
 /// The retry policy of `kafka`'s start-up calls.
 pub fn retry_policy(kafka: &KafkaConfig) -> RetryPolicy {
     RetryPolicy::new(Duration::from_secs(kafka.retry_timeout_secs))

@@ -54,6 +54,13 @@ pub enum PipelineError {
 }
 
 impl PipelineError {
+    /// Whether a restart continues the run (the process then exits with
+    /// [`RESTART_EXIT_CODE`](dlpipe_operators::transactions::RESTART_EXIT_CODE)): a
+    /// transaction expired while the brokers were away.
+    pub fn wants_restart(&self) -> bool {
+        matches!(self, PipelineError::Worker { error: OperatorError::TransactionExpired(_), .. })
+    }
+
     pub(super) fn lost(loss: super::cluster::PeerLoss) -> PipelineError {
         PipelineError::PeerLost { process: loss.process, address: loss.address, loss: loss.loss }
     }

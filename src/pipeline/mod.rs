@@ -446,6 +446,7 @@ fn sink_spec(config: &Config, manifest: &Manifest, starts: Vec<Position>) -> Sin
         features_topic: (!p.features_topic.is_empty()).then(|| p.features_topic.clone()),
         starts,
         give_up_after: Duration::from_secs(config.kafka.retry_timeout_secs),
+        transaction_timeout: crate::kafka::transaction_timeout(&config.kafka),
         partial_commit_after: (p.delivery == DeliveryGuarantee::ExactlyOnce && p.partial_commit_ms > 0)
             .then(|| Duration::from_millis(p.partial_commit_ms)),
     }

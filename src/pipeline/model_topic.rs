@@ -28,7 +28,9 @@ use crate::learn::{DriftConfig, PageHinkley, PageHinkleyState, Prequential, Preq
 use crate::metrics::kafka::LagContext;
 use crate::model::Manifest;
 use crate::transfer::classifier::KEY_FEATURIZER_SHA256;
-use dlpipe_operators::transactions::{abort_retrying, bounded, commit_retrying, is_fenced, is_fenced_or_fatal};
+use dlpipe_operators::transactions::{
+    abort_retrying, bounded, commit_retrying, is_fenced, is_fenced_or_fatal, outlived, outlived_message,
+};
 use dlpipe_operators::{CheckpointStore, ClassifierId, Epoch, WriteError};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
@@ -458,7 +460,12 @@ impl CheckpointWriter {
     ) -> Result<(), WriteError> {
         let timeout = Duration::from_secs(30);
         let group_id = self.group_id.clone();
+        let (began, transaction_timeout) = (Instant::now(), crate::kafka::transaction_timeout(&self.kafka));
         let fenced = |what: &str, error: &KafkaError| {
+            let open_for = began.elapsed();
+            if outlived(error, open_for, transaction_timeout) {
+                return WriteError::Expired(outlived_message(what, error, open_for, transaction_timeout));
+            }
             WriteError::Fatal(format!(
                 "{what}: {error}. Another `dlpipe run` of group {group_id:?} has started and fenced this one (two \
                  pipelines must not share a group_id); this one stops"

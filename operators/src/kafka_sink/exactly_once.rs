@@ -21,7 +21,8 @@
 //! replaced by a small dead letter of kind `output_too_large` and the transaction is tried
 //! again. Any other failure is retried with backoff (a broker restarting, a coordinator
 //! moving) for up to `SinkSpec::give_up_after`, then sets `fatal`; a fenced producer sets it
-//! at once. A commit that fails retriably is retried as it is, never aborted and redone
+//! at once, as an expired transaction does (the brokers were away past
+//! `SinkSpec::transaction_timeout` and aborted it: the process exits for a restart). A commit that fails retriably is retried as it is, never aborted and redone
 //! (it may have succeeded). A transaction that cannot be aborted (a coordinator that came
 //! back from a crash without it) is left to a new producer of the same transactional id,
 //! whose initialisation fences the old one and aborts what it had open. Nothing is committed
@@ -39,7 +40,9 @@ use crate::error::OperatorError;
 use crate::metrics::SinkMetrics;
 use crate::records::Epoch;
 use crate::retry::Backoff;
-use crate::transactions::{abort_retrying, bounded, commit_retrying, is_fenced, is_fenced_or_fatal, TIMEOUT};
+use crate::transactions::{
+    abort_retrying, bounded, commit_retrying, is_fenced, is_fenced_or_fatal, outlived, outlived_message, TIMEOUT,
+};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -66,6 +69,8 @@ enum Failure {
     Renew(String),
     /// The producer is fenced or broken for good.
     Fatal(String),
+    /// The broker aborted the transaction, open past `transaction.timeout.ms` ([`outlived`]).
+    Expired(String),
 }
 
 /// Makes this worker's transactional producer again (initialised: it fences the old one).
@@ -160,6 +165,10 @@ impl<C: ConsumerContext> ExactlyOnce<C> {
             Err(Failure::Fatal(error)) => {
                 metrics.failed.inc();
                 return Err(OperatorError::Transaction(error));
+            }
+            Err(Failure::Expired(error)) => {
+                metrics.failed.inc();
+                return Err(OperatorError::TransactionExpired(error));
             }
         }
         let again = (!ledger.epochs.is_empty()).then_some(Duration::from_millis(2));
@@ -311,24 +320,29 @@ impl<C: ConsumerContext> ExactlyOnce<C> {
     /// next offsets of their partitions for the group. Aborted on any failure.
     fn transact<H>(&mut self, ledger: &mut Ledger<H>, spec: &SinkSpec, complete: &[Epoch]) -> Result<(), Failure> {
         let producer = &self.producer.producer;
-        producer.begin_transaction().map_err(|e| classify("cannot begin a transaction", e))?;
+        let open = Open { since: Instant::now(), timeout: spec.transaction_timeout };
+        producer.begin_transaction().map_err(|e| open.classify("cannot begin a transaction", e))?;
         let next = self.next_offsets(ledger, complete);
         let staged = self.partial.iter_mut().flat_map(|p| p.outgoing.iter_mut());
         let epochs = ledger.epochs.iter_mut().filter(|(e, _)| complete.contains(e));
         let slots = staged.chain(epochs.flat_map(|(_, entry)| entry.waiting.iter_mut()));
-        let result = send_and_commit(producer, &*self.consumer, spec, slots, &next);
+        let result = send_and_commit(producer, &*self.consumer, spec, &open, slots, &next);
         match &result {
             Ok(()) => self.committed.extend(next),
             Err(Failure::Retry(error)) => {
                 // Nothing of it becomes visible. A producer that cannot abort cannot go on. The
                 // reports of the purged messages are taken from the context by the caller.
                 if let Err(abort) = abort_retrying(producer, spec.give_up_after) {
-                    let error = format!("{error}; aborting the transaction failed too: {abort}");
+                    let error = format!("{error}; aborting the transaction failed too");
                     // A producer whose abort failed is broken (librdkafka raises
                     // INVALID_TXN_STATE from a restarted coordinator as fatal), but unless it
                     // was fenced, a new one may go on: nothing of this transaction was
                     // committed, and its initialisation aborts it.
-                    return Err(if is_fenced(&abort) { Failure::Fatal(error) } else { Failure::Renew(error) });
+                    return Err(if is_fenced(&abort) {
+                        open.classify(&error, abort)
+                    } else {
+                        Failure::Renew(format!("{error}: {abort}"))
+                    });
                 }
             }
             Err(_) => {}
@@ -358,6 +372,7 @@ fn send_and_commit<'a, C: ConsumerContext>(
     producer: &BaseProducer<SinkContext>,
     consumer: &BaseConsumer<C>,
     spec: &SinkSpec,
+    open: &Open,
     slots: impl Iterator<Item = &'a mut Outgoing>,
     next: &BTreeMap<i32, i64>,
 ) -> Result<(), Failure> {
@@ -398,22 +413,37 @@ fn send_and_commit<'a, C: ConsumerContext>(
             .ok_or_else(|| Failure::Fatal("the input consumer has no group metadata".into()))?;
         let what = "adding the input offsets to the transaction";
         bounded(what, TIMEOUT, || producer.send_offsets_to_transaction(&offsets, &group, TIMEOUT))
-            .map_err(|e| classify("cannot add the input offsets to the transaction", e))?;
+            .map_err(|e| open.classify("cannot add the input offsets to the transaction", e))?;
     }
-    commit_retrying(producer, spec.give_up_after).map_err(|e| classify("cannot commit the outputs' transaction", e))?;
+    commit_retrying(producer, spec.give_up_after)
+        .map_err(|e| open.classify("cannot commit the outputs' transaction", e))?;
     producer.poll(Duration::ZERO);
     Ok(())
 }
 
-/// A fenced producer (another instance of this worker took over) or a fatal producer error
-/// ends the worker; anything else is worth another transaction.
-fn classify(what: &str, error: KafkaError) -> Failure {
-    if is_fenced_or_fatal(&error) {
-        Failure::Fatal(format!(
-            "{what}: {error}. Another instance of this worker (a later `dlpipe run` of the same group) has fenced it"
-        ))
-    } else {
-        Failure::Retry(format!("{what}: {error}"))
+/// The transaction in progress: since when, and the producer's `transaction.timeout.ms`.
+struct Open {
+    since: Instant,
+    timeout: Duration,
+}
+
+impl Open {
+    /// A transaction the broker aborted as expired, a fenced producer (another instance of
+    /// this worker took over) or a fatal producer error ends the worker; anything else is worth
+    /// another transaction.
+    fn classify(&self, what: &str, error: KafkaError) -> Failure {
+        let open_for = self.since.elapsed();
+        if outlived(&error, open_for, self.timeout) {
+            Failure::Expired(outlived_message(what, &error, open_for, self.timeout))
+        } else if is_fenced(&error) {
+            Failure::Fatal(format!(
+                "{what}: {error}. Another instance of this worker (a later `dlpipe run` of the same group) has fenced it"
+            ))
+        } else if is_fenced_or_fatal(&error) {
+            Failure::Fatal(format!("{what}: {error}"))
+        } else {
+            Failure::Retry(format!("{what}: {error}"))
+        }
     }
 }
 

@@ -81,6 +81,9 @@ pub struct SinkSpec {
     /// How long exactly-once delivery retries a failing transaction before it stops the
     /// worker (at-least-once, the producer retries each message itself).
     pub give_up_after: Duration,
+    /// Exactly-once: the producer's `transaction.timeout.ms`. A transaction open longer than
+    /// this that is fenced was aborted by the broker (`transactions::outlived`).
+    pub transaction_timeout: Duration,
     /// Exactly-once: once an output of an epoch that is still open has waited this long, the
     /// outputs that can be (every record before them in their partition is published) are
     /// committed in a transaction of their own, with their offsets, before the epoch closes
@@ -129,6 +132,7 @@ pub trait KafkaSink<'scope> {
     ///         features_topic: None,
     ///         starts: Vec::new(),
     ///         give_up_after: Duration::from_secs(60),
+    ///         transaction_timeout: Duration::from_secs(60),
     ///         partial_commit_after: None,
     ///     };
     ///     worker.dataflow::<u64, _, _>(|scope| {
