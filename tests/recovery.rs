@@ -6,7 +6,7 @@
 mod common;
 
 use common::broker::Broker;
-use common::run::{assert_same_learner, logs, messages, read_topic_on, Run};
+use common::run::{assert_same_learner, logs, messages, read_topic_on, succeeds, Run};
 use common::{fashion, free_port, produce, produce_on, KillOnDrop};
 use dlpipe::pipeline::model_topic::{read_latest, Checkpoint};
 use dlpipe::transfer::dataset::SplitMix64;
@@ -275,97 +275,124 @@ fn killing_one_of_two_exactly_once_processes_publishes_every_output_once_and_lea
 /// and goes on, or, where librdkafka let a transactional call hang past its bound, exits 75 and
 /// is restarted; every record gets its prediction, exactly once under exactly-once, and the
 /// classifier ends bit-identical to an uninterrupted run's.
+/// One delivery mode's run across the broker's restart, and the run of it without one.
+struct AcrossRestart {
+    delivery: &'static str,
+    run: Run,
+    child: KillOnDrop,
+    log_files: Vec<std::path::PathBuf>,
+    /// Updates of its newest checkpoint when the broker was killed.
+    at_stop: u64,
+    restarts: usize,
+}
+
 #[test]
 fn a_broker_restart_mid_stream_loses_nothing_and_the_pipeline_goes_on() {
     const N: usize = 240;
+    const ARGS: [&str; 3] = ["--stop-at-end", "-w", "2"];
     let broker = Broker::new(None);
     broker.start();
     let kafka = broker.kafka_config();
     let input = common::unique("restart-images");
     produce_on(&kafka, &input, 2, &messages(&fashion(N, 10000), "r", 2, |i| i % 5 != 2));
-    for delivery in ["at_least_once", "exactly_once"] {
-        // The broker stays away longer than the transactions' timeout (a minute by default; 10 s
-        // here, so that every run meets it, as a slow machine's 36-51 s broker start-up did): the
-        // coordinator aborts the transactions open at the kill and fences their producers.
-        let extra = format!(
+    // Both delivery modes at once, through one outage. The broker stays away longer than the
+    // transactions' timeout (a minute by default; 10 s here, so that every run meets it, as a
+    // slow machine's 36-51 s broker start-up did): the coordinator aborts the transactions open
+    // at the kill and fences their producers.
+    let config = |delivery: &str| {
+        format!(
             "epochs = {{ by = \"offsets\", records = 3 }}\ncheckpoint_every_epochs = 4\nmax_backlog = 8\n\
              delivery = \"{delivery}\"\n\n[kafka.properties]\n\"transaction.timeout.ms\" = \"10000\"\n"
-        );
-        let reference = Run::on(&broker.plaintext(), &format!("rref-{delivery}"), &input, &extra);
-        reference.to_end(&["-w", "2"]);
-        let want = latest(&reference);
-        assert_eq!(want.model.updates(), 192);
-
-        let run = Run::on(&broker.plaintext(), &format!("restart-{delivery}"), &input, &extra);
-        let (mut child, log_file) = run.spawn(&["--stop-at-end", "-w", "2"]);
-        let mut log_files = vec![log_file];
-        // Mid-stream: a first checkpoint is written, most records are still to come.
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let at_stop = loop {
-            match read_latest(&kafka, &run.model_topic, &run.group).unwrap() {
-                Some(c) if c.model.updates() >= 12 => break c.model.updates(),
-                _ => {}
-            }
-            assert!(child.0.try_wait().unwrap().is_none(), "{delivery}: the run ended early:\n{}", logs(&log_files));
-            assert!(Instant::now() < deadline, "{delivery}: no checkpoint in 120 s:\n{}", logs(&log_files));
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        // Longer than a transaction call waits (30 s): calls time out, and aborts meet a queue of
-        // messages that cannot be delivered.
-        const DOWN: Duration = Duration::from_secs(32);
-        broker.kill();
-        std::thread::sleep(DOWN);
-        assert!(
-            child.0.try_wait().unwrap().is_none(),
-            "{delivery}: the run did not wait for the broker (it had learned {at_stop} of 192):\n{}",
-            logs(&log_files)
-        );
-        broker.start();
-        // A transactional call that librdkafka let hang past its bound (librdkafka#5456; the
-        // broker is away for longer than the bound), or a transaction the broker aborted as
-        // expired, ends the run with exit code 75: restarted, as an orchestrator does, it
-        // continues from the checkpoint.
-        let (deadline, mut restarts) = (Instant::now() + Duration::from_secs(300), 0);
+        )
+    };
+    let mut runs: Vec<AcrossRestart> = ["at_least_once", "exactly_once"]
+        .into_iter()
+        .map(|delivery| {
+            let run = Run::on(&broker.plaintext(), &format!("restart-{delivery}"), &input, &config(delivery));
+            let (child, log_file) = run.spawn(&ARGS);
+            AcrossRestart { delivery, run, child, log_files: vec![log_file], at_stop: 0, restarts: 0 }
+        })
+        .collect();
+    // Mid-stream: a first checkpoint is written, most records are still to come.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while runs.iter().any(|r| r.at_stop < 12) {
+        for r in &mut runs {
+            let latest = read_latest(&kafka, &r.run.model_topic, &r.run.group).unwrap();
+            r.at_stop = latest.map_or(0, |c| c.model.updates());
+            let log = || logs(&r.log_files);
+            assert!(r.child.0.try_wait().unwrap().is_none(), "{}: the run ended early:\n{}", r.delivery, log());
+            assert!(Instant::now() < deadline, "{}: no checkpoint in 120 s:\n{}", r.delivery, log());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Longer than a transaction call waits (30 s): calls time out, and aborts meet a queue of
+    // messages that cannot be delivered.
+    const DOWN: Duration = Duration::from_secs(32);
+    broker.kill();
+    std::thread::sleep(DOWN);
+    for r in &mut runs {
+        let (delivery, at_stop, log) = (r.delivery, r.at_stop, logs(&r.log_files));
+        let waited = r.child.0.try_wait().unwrap().is_none();
+        assert!(waited, "{delivery}: the run did not wait for the broker (it had learned {at_stop} of 192):\n{log}");
+    }
+    broker.start();
+    // A transactional call that librdkafka let hang past its bound (librdkafka#5456; the
+    // broker is away for longer than the bound), or a transaction the broker aborted as
+    // expired, ends a run with exit code 75: restarted, as an orchestrator does, it continues
+    // from the checkpoint.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    for r in &mut runs {
         let status = loop {
-            match child.0.try_wait().unwrap() {
-                Some(status) if status.code() == Some(RESTART_EXIT_CODE) && restarts < 2 => {
-                    restarts += 1;
-                    let (again, log_file) = run.spawn(&["--stop-at-end", "-w", "2"]);
-                    (child, log_files) = (again, [log_files, vec![log_file]].concat());
+            match r.child.0.try_wait().unwrap() {
+                Some(status) if status.code() == Some(RESTART_EXIT_CODE) && r.restarts < 2 => {
+                    r.restarts += 1;
+                    let (again, log_file) = r.run.spawn(&ARGS);
+                    r.child = again;
+                    r.log_files.push(log_file);
                 }
                 Some(status) => break status,
                 None => {}
             }
-            assert!(
-                Instant::now() < deadline,
-                "{delivery}: the run did not finish after the restart:\n{}",
-                logs(&log_files)
-            );
+            let log = || logs(&r.log_files);
+            assert!(Instant::now() < deadline, "{}: the run did not finish after the restart:\n{}", r.delivery, log());
             std::thread::sleep(Duration::from_millis(100));
         };
-        assert!(status.success(), "{delivery}: the run failed across the broker restart:\n{}", logs(&log_files));
-        assert!(at_stop < 192, "{delivery}: the broker stopped after the stream ended");
-        assert_same_learner(&latest(&run), &want, &format!("{delivery}: across a broker restart"));
-        let outputs = read_topic_on(&kafka, &run.predictions, 4 * N, Duration::from_secs(5));
+        let (delivery, log) = (r.delivery, logs(&r.log_files));
+        assert!(status.success(), "{delivery}: the run failed across the broker restart:\n{log}");
+        assert!(r.at_stop < 192, "{delivery}: the broker stopped after the stream ended");
+        let (hung, expired) =
+            (log.matches("has not returned after").count(), log.matches("longer than transaction.timeout.ms").count());
+        assert!(hung + expired >= r.restarts, "{delivery}: a run exited 75 without saying why:\n{log}");
+        let outputs = read_topic_on(&kafka, &r.run.predictions, 4 * N, Duration::from_secs(5));
         let ids: BTreeSet<&str> = outputs.iter().map(|p| p["id"].as_str().unwrap()).collect();
         let missing: Vec<String> = (0..N).map(|i| format!("r{i}")).filter(|id| !ids.contains(id.as_str())).collect();
         assert!(missing.is_empty(), "{delivery}: no prediction for {missing:?}");
         let twice = outputs.len() - ids.len();
-        let log = logs(&log_files);
-        let (hung, expired) =
-            (log.matches("has not returned after").count(), log.matches("longer than transaction.timeout.ms").count());
-        assert!(hung + expired >= restarts, "{delivery}: a run exited 75 without saying why:\n{log}");
-        let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
-        println!("broker restart ({delivery}): {} warnings, the first: {:?}", warnings.len(), warnings.first());
-        println!(
-            "broker restart ({delivery}): killed at {at_stop} of 192 updates; {} predictions for {N} records \
-             ({twice} published twice); {restarts} restarts ({hung} calls overran, {expired} transactions expired); \
-             the classifier equals the uninterrupted one",
-            outputs.len()
-        );
         if delivery == "exactly_once" {
             assert_eq!(twice, 0, "predictions published twice under exactly-once");
         }
+        println!(
+            "broker restart ({delivery}): killed at {} of 192 updates; {} predictions for {N} records ({twice} \
+             published twice); {} restarts ({hung} calls overran, {expired} transactions expired)",
+            r.at_stop,
+            outputs.len(),
+            r.restarts
+        );
+    }
+    // The uninterrupted runs, both at once: the classifier each mode ends with.
+    let references: Vec<_> = runs
+        .iter()
+        .map(|r| {
+            let reference = Run::on(&broker.plaintext(), &format!("rref-{}", r.delivery), &input, &config(r.delivery));
+            let (child, log) = reference.spawn(&ARGS);
+            (reference, child, log)
+        })
+        .collect();
+    for (r, (reference, mut child, log)) in runs.iter().zip(references) {
+        succeeds(&mut child, &log, Duration::from_secs(300));
+        let want = latest(&reference);
+        assert_eq!(want.model.updates(), 192);
+        assert_same_learner(&latest(&r.run), &want, &format!("{}: across a broker restart", r.delivery));
     }
 }
 

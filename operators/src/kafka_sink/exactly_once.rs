@@ -22,11 +22,12 @@
 //! again. Any other failure is retried with backoff (a broker restarting, a coordinator
 //! moving) for up to `SinkSpec::give_up_after`, then sets `fatal`; a fenced producer sets it
 //! at once, as an expired transaction does (the brokers were away past
-//! `SinkSpec::transaction_timeout` and aborted it: the process exits for a restart). A commit that fails retriably is retried as it is, never aborted and redone
-//! (it may have succeeded). A transaction that cannot be aborted (a coordinator that came
-//! back from a crash without it) is left to a new producer of the same transactional id,
-//! whose initialisation fences the old one and aborts what it had open. Nothing is committed
-//! past an output that is not in a committed transaction.
+//! `SinkSpec::transaction_timeout` and aborted it: the process exits for a restart). A commit
+//! that fails retriably is retried as it is, never aborted and redone (it may have succeeded).
+//! A transaction that cannot be aborted (a coordinator that came back from a crash without it)
+//! is left to a new producer of the same transactional id, whose initialisation fences the old
+//! one and aborts what it had open. Nothing is committed past an output that is not in a
+//! committed transaction.
 //! **Replays:** outcomes of records before a partition's `published` start are not sent
 //! (an earlier run's transaction has them); they count for progress and positions, and the
 //! offsets a transaction commits never go below that start (a replay committing its own lower
