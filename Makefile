@@ -43,7 +43,8 @@ FUZZ_SECONDS ?= 120
 fuzz:
 	scripts/fuzz $(FUZZ_SECONDS)
 
-# Recovery under SIGKILL at random points, SOAK_RUNS seeds per test (`make test` runs 5): every
+# Recovery under SIGKILL at random points, SOAK_RUNS seeds per test (`make test` runs 3, drawn
+# anew each run; DLPIPE_SOAK_SEED=N starts them at N): every
 # record keeps its prediction and the classifier ends bit-identical to an uninterrupted run.
 # Then Kafka brokers failing (a 3-node cluster of the test's own) under an at-least-once
 # pipeline, and under both delivery modes at once (`make test` runs the exactly-once one).

@@ -86,9 +86,16 @@ fn a_restart_with_no_flags_continues_the_classifier_and_fresh_starts_over() {
     assert_eq!(got["f0"].1, 0, "the first new record is predicted by a new classifier");
 }
 
-/// Seeds of the kill test: `DLPIPE_SOAK_RUNS` (5 by default; `make soak` runs 50).
-fn soak_runs() -> u64 {
-    std::env::var("DLPIPE_SOAK_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5)
+/// Seeds of the kill test: `DLPIPE_SOAK_RUNS` of them (3 by default; `make soak` runs 50) from
+/// `DLPIPE_SOAK_SEED`, else from one drawn anew by each run, so that successive runs try other
+/// kill points; a failure names its seed, and `DLPIPE_SOAK_SEED` replays it.
+fn soak_seeds() -> std::ops::Range<u64> {
+    let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+    let runs = var("DLPIPE_SOAK_RUNS").unwrap_or(3);
+    let drawn =
+        || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 % 1_000_000;
+    let first = var("DLPIPE_SOAK_SEED").unwrap_or_else(drawn);
+    first..first + runs
 }
 
 /// Runs `spawn()`'s processes, killing them with SIGKILL at random moments within `span` (a
@@ -220,7 +227,9 @@ fn soak(name: &str, processes: usize, exactly_once: bool) {
     let want = latest(&reference);
     assert_eq!(want.model.updates(), 96);
 
-    for seed in 0..soak_runs() {
+    let seeds = soak_seeds();
+    println!("{name}: seeds {seeds:?} (DLPIPE_SOAK_SEED={} replays them)", seeds.start);
+    for seed in seeds {
         let mut rng = SplitMix64(seed);
         let run = Run::new(&format!("{name}{seed}"), &input, &extra);
         let killed_at =
