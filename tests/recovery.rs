@@ -295,10 +295,39 @@ struct AcrossRestart {
     restarts: usize,
 }
 
+impl AcrossRestart {
+    const ARGS: [&str; 3] = ["--stop-at-end", "-w", "2"];
+
+    /// Waits for the run to end (until `deadline`), restarting it, as an orchestrator does,
+    /// when it exits 75 (twice at most); returns how the last one ended.
+    fn wait_restarting(&mut self, deadline: Instant) -> std::process::ExitStatus {
+        loop {
+            match self.child.0.try_wait().unwrap() {
+                Some(status) if status.code() == Some(RESTART_EXIT_CODE) && self.restarts < 2 => {
+                    self.restarts += 1;
+                    let (again, log_file) = self.run.spawn(&Self::ARGS);
+                    self.child = again;
+                    self.log_files.push(log_file);
+                }
+                Some(status) => return status,
+                None => {}
+            }
+            let log = || logs(&self.log_files);
+            assert!(
+                Instant::now() < deadline,
+                "{}: the run did not finish after the restart:\n{}",
+                self.delivery,
+                log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 #[test]
 fn a_broker_restart_mid_stream_loses_nothing_and_the_pipeline_goes_on() {
     const N: usize = 240;
-    const ARGS: [&str; 3] = ["--stop-at-end", "-w", "2"];
+    const ARGS: [&str; 3] = AcrossRestart::ARGS;
     let broker = Broker::new(None);
     broker.start();
     let kafka = broker.kafka_config();
@@ -351,21 +380,7 @@ fn a_broker_restart_mid_stream_loses_nothing_and_the_pipeline_goes_on() {
     // from the checkpoint.
     let deadline = Instant::now() + Duration::from_secs(300);
     for r in &mut runs {
-        let status = loop {
-            match r.child.0.try_wait().unwrap() {
-                Some(status) if status.code() == Some(RESTART_EXIT_CODE) && r.restarts < 2 => {
-                    r.restarts += 1;
-                    let (again, log_file) = r.run.spawn(&ARGS);
-                    r.child = again;
-                    r.log_files.push(log_file);
-                }
-                Some(status) => break status,
-                None => {}
-            }
-            let log = || logs(&r.log_files);
-            assert!(Instant::now() < deadline, "{}: the run did not finish after the restart:\n{}", r.delivery, log());
-            std::thread::sleep(Duration::from_millis(100));
-        };
+        let status = r.wait_restarting(deadline);
         let (delivery, log) = (r.delivery, logs(&r.log_files));
         assert!(status.success(), "{delivery}: the run failed across the broker restart:\n{log}");
         assert!(r.at_stop < 192, "{delivery}: the broker stopped after the stream ended");
